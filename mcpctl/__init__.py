@@ -1,0 +1,1 @@
+"""mcpctl: the command-line client of mcpresd."""

@@ -1,0 +1,3 @@
+from mcpctl.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The Typer application: global options in the callback, one module per command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpctl import exitcodes
+from mcpctl.commands import allocate, allocations, events, release, resource, resources, status
+from mcpresd.protocol import VERSION, default_socket_path
+
+EXIT_CODES = "\n\n".join(f"{code}  {meaning}" for code, meaning in exitcodes.TABLE)
+
+app = typer.Typer(
+    name="mcpctl",
+    help="Allocate, release and inspect this machine's resources through mcpresd.",
+    epilog=f"Exit codes:\n\n{EXIT_CODES}",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mcpctl {VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    socket: Annotated[
+        str | None,
+        typer.Option(
+            "--socket",
+            envvar="MCPRES_SOCKET",
+            metavar="PATH",
+            help="Daemon socket (default: $XDG_RUNTIME_DIR/mcpres/mcpresd.sock, else /tmp/mcpres-UID/mcpresd.sock).",
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    ctx.obj = {"socket": socket or default_socket_path()}
+
+
+for module in (status, resources, allocations, allocate, release, events):
+    module.register(app)
+app.add_typer(resource.app, name="resource")
+
+
+def run_app(args: list[str]) -> int:
+    try:
+        app(args=args, prog_name="mcpctl", standalone_mode=True)
+    except SystemExit as exit:
+        code = exit.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

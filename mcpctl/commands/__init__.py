@@ -1,0 +1,1 @@
+"""One module per mcpctl command: parse, call, render."""

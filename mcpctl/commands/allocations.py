@@ -1,0 +1,49 @@
+"""`mcpctl allocations`: active (or all) allocations, or the details of some."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from mcpctl.output import call, fancy, plain_table, print_json
+from mcpctl.view import age, items_text
+from mcpresd.protocol import Method
+
+
+def allocations(
+    ctx: typer.Context,
+    ids: Annotated[list[str] | None, typer.Argument(help="Show only these allocations (any state).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include released allocations.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=100_000)] = 1000,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """List allocations (active ones unless --all), or the ones named.
+
+    Examples: mcpctl allocations; mcpctl allocations --all --json; mcpctl allocations 3f9c2e1b7d4a5e6f
+    """
+    if ids:
+        rows = [call(ctx, Method.ALLOCATIONS_GET, {"id": allocation_id}) for allocation_id in ids]
+    else:
+        rows = call(ctx, Method.ALLOCATIONS_LIST, {"state": "all" if all_ else "active", "limit": limit})
+    if json_output:
+        print_json(rows)
+    elif fancy():
+        from mcpctl import render
+
+        render.allocations(rows)
+    else:
+        now = time.time()
+        plain_table(
+            ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE"),
+            [
+                (a["id"], a["state"], a["priority"], items_text(a), a["tool_id"] or "-",
+                 str(a["holder_pid"] or "-"), age(now - a["created_at"]))
+                for a in rows
+            ],
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(allocations)

@@ -1,0 +1,83 @@
+"""`mcpctl resource add|remove|refresh`: custom resources and rediscovery."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from mcpctl.output import call, print_json, usage
+from mcpresd.protocol import Method, UnitError, format_amount, parse_amount
+
+app = typer.Typer(help="Register or remove custom resources; rediscover the host's.", no_args_is_help=True)
+
+
+@app.command()
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name, e.g. licence:matlab or slot:render.")],
+    capacity: Annotated[str, typer.Option("--capacity", metavar="N", help="How much there is (a number or a size).")],
+    unit: Annotated[str, typer.Option("--unit", metavar="U", help="Unit shown beside amounts.")] = "units",
+    cost: Annotated[
+        float | None, typer.Option("--cost", metavar="X", min=0, help="Cost per unit-hour, for accounting.")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="A label; repeat for more.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the new resource as JSON.")] = False,
+) -> None:
+    """Register a custom resource (a licence pool, tool slots, ...).
+
+    Example: mcpctl resource add licence:matlab --capacity 4 --unit seats
+    """
+    try:
+        amount = parse_amount(capacity)
+    except UnitError as error:
+        usage(f"--capacity: {error}")
+    labels: dict[str, Any] = {}
+    for entry in label or []:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            usage(f"--label takes KEY=VALUE, got {entry!r}")
+        labels[key] = value
+    params: dict[str, Any] = {"name": name, "capacity": amount, "unit": unit, "labels": labels}
+    if cost is not None:
+        params["cost_per_unit_hour"] = cost
+    resource = call(ctx, Method.RESOURCES_ADD, params)
+    if json_output:
+        print_json(resource)
+    else:
+        print(f"added {resource['name']} ({format_amount(resource['capacity'], resource['unit'])})")
+
+
+@app.command()
+def remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name of the resource.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the removed resource as JSON.")] = False,
+) -> None:
+    """Remove a resource; refused while any active allocation holds it.
+
+    Example: mcpctl resource remove licence:matlab
+    """
+    resource = call(ctx, Method.RESOURCES_REMOVE, {"name": name})
+    if json_output:
+        print_json(resource)
+    else:
+        print(f"removed {resource['name']}")
+
+
+@app.command()
+def refresh(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the changes as JSON.")] = False,
+) -> None:
+    """Rediscover CPUs, memory, disks, network interfaces and GPUs now.
+
+    Example: mcpctl resource refresh
+    """
+    result = call(ctx, Method.RESOURCES_REFRESH)
+    if json_output:
+        print_json(result)
+    else:
+        print("\n".join(result["changes"]) or "no changes")

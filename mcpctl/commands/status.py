@@ -1,0 +1,35 @@
+"""`mcpctl status`: is the daemon up, and what does it hold."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpctl.output import call, fancy, print_json
+from mcpresd.protocol import Method
+
+
+def status(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Show the daemon's version, uptime, socket, database and counts.
+
+    Example: mcpctl status
+    """
+    data = call(ctx, Method.DAEMON_STATUS)
+    if json_output:
+        print_json(data)
+        return
+    from mcpctl import render
+
+    if fancy():
+        render.status(data)
+    else:
+        for label, value in render.status_rows(data):
+            print(f"{label}: {value}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(status)

@@ -1,0 +1,116 @@
+"""A fast path for `mcpctl allocate` and `mcpctl release`, the commands shell scripts run in loops.
+
+Importing Typer costs more than the whole allocation (see bench/). This parser
+accepts exactly the options the Typer commands define (a test keeps the two in
+step) and hands anything else (help, typos, unknown options) to Typer, which
+stays the single source of help and usage errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mcpctl.actions import AllocateOptions, run_allocate, run_release
+from mcpresd.protocol import default_socket_path
+
+ALLOCATE_VALUES = {
+    "--cpu": "cpu",
+    "--mem": "mem",
+    "--gpu": "gpu",
+    "--priority": "priority",
+    "--tool": "tool",
+    "--exec": "exec_id",
+    "--key": "key",
+    "--holder-pid": "holder_pid",
+}
+ALLOCATE_LISTS = {"--disk": "disk", "--res": "res"}
+ALLOCATE_FLAGS = {"--json": "json", "--env": "env"}
+RELEASE_FLAGS = {"--json": "json"}
+GLOBAL_VALUES = {"--socket": "socket"}
+
+
+def try_fast(argv: Sequence[str]) -> int | None:
+    """Run allocate or release without Typer if `argv` is plainly well-formed; else None."""
+    args = list(argv)
+    socket_path = None
+    while args and args[0].startswith("--socket"):
+        value, args = _take_value(args, "--socket")
+        if value is None:
+            return None
+        socket_path = value
+    if not args:
+        return None
+    command, rest = args[0], args[1:]
+    runner = _COMMANDS.get(command)
+    if runner is None:
+        return None
+    return runner(socket_path or default_socket_path(), rest)
+
+
+def _take_value(args: list[str], option: str) -> tuple[str | None, list[str]]:
+    head = args[0]
+    if head == option:
+        if len(args) < 2 or args[1].startswith("-") and len(args[1]) > 1 and not _is_number(args[1]):
+            return None, args
+        return args[1], args[2:]
+    if head.startswith(option + "="):
+        return head[len(option) + 1 :], args[1:]
+    return None, args
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _allocate(socket_path: str, args: list[str]) -> int | None:
+    values: dict[str, str] = {}
+    lists: dict[str, list[str]] = {"disk": [], "res": []}
+    flags: set[str] = set()
+    while args:
+        head = args[0]
+        name = head.split("=", 1)[0]
+        if name in ALLOCATE_VALUES or name in ALLOCATE_LISTS:
+            value, args = _take_value(args, name)
+            if value is None:
+                return None
+            if name in ALLOCATE_LISTS:
+                lists[ALLOCATE_LISTS[name]].append(value)
+            elif ALLOCATE_VALUES[name] in values:
+                return None
+            else:
+                values[ALLOCATE_VALUES[name]] = value
+        elif head in ALLOCATE_FLAGS:
+            flags.add(ALLOCATE_FLAGS[head])
+            args = args[1:]
+        else:
+            return None
+    if len(flags) > 1:
+        return None
+    holder_text = values.pop("holder_pid", None)
+    holder_pid = None
+    if holder_text is not None:
+        if not holder_text.isdigit():
+            return None
+        holder_pid = int(holder_text)
+    options = AllocateOptions(
+        **values,
+        disk=lists["disk"],
+        res=lists["res"],
+        holder_pid=holder_pid,
+        output=next(iter(flags), "id"),
+    )
+    return run_allocate(socket_path, options)
+
+
+def _release(socket_path: str, args: list[str]) -> int | None:
+    ids = [a for a in args if a not in RELEASE_FLAGS]
+    if not ids or any(a.startswith("-") for a in ids):
+        return None
+    return run_release(socket_path, ids, "json" if "--json" in args else "text")
+
+
+_COMMANDS: dict[str, Callable[[str, list[str]], int | None]] = {"allocate": _allocate, "release": _release}

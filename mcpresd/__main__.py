@@ -1,0 +1,3 @@
+from mcpresd.cli import main
+
+raise SystemExit(main())

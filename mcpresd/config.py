@@ -1,0 +1,182 @@
+"""Daemon configuration: embedded defaults, then the TOML file, then command-line options.
+
+Rules:
+- Unknown keys and bad values are errors that name the key; the daemon refuses
+  to start rather than guess.
+- Paths default to per-user locations: the socket under $XDG_RUNTIME_DIR (else
+  a private directory in /tmp), the database under $XDG_STATE_HOME/mcpresd/
+  (else ~/.local/state/mcpresd/; $STATE_DIRECTORY when systemd provides one).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mcpresd.core.model import Resource
+from mcpresd.params import InvalidParams, check_custom_name, check_text
+from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_size
+
+DEFAULT_MEMORY_RESERVE = 1 << 30
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an option is invalid."""
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = field(default_factory=default_socket_path)
+    database: str = field(default_factory=lambda: default_database_path())
+    socket_mode: int = 0o600
+    gpu_replay: str | None = None
+    memory_reserve: int = DEFAULT_MEMORY_RESERVE
+    default_link_bytes_per_s: float = 125_000_000.0
+    log_level: str = "info"
+    resources: tuple[Resource, ...] = ()
+
+
+def default_database_path() -> str:
+    state_directory = os.environ.get("STATE_DIRECTORY")
+    if state_directory:
+        return os.path.join(state_directory.split(":")[0], "mcpresd.db")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "mcpresd", "mcpresd.db")
+
+
+_KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
+         "log_level", "resources"}
+_RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
+
+
+def load(path: str | Path | None, **overrides: Any) -> Config:
+    """Defaults, then the file at `path` (if any), then non-None `overrides`."""
+    config = Config()
+    if path is not None:
+        config = _apply_file(config, Path(path))
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    if "socket_mode" in changes:
+        changes["socket_mode"] = _parse_mode(changes["socket_mode"], "--socket-mode")
+    if "log_level" in changes:
+        changes["log_level"] = _parse_log_level(changes["log_level"], "--log-level")
+    return replace(config, **changes)
+
+
+def _apply_file(config: Config, path: Path) -> Config:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})")
+    changes: dict[str, Any] = {}
+    for key in ("socket", "database", "gpu_replay"):
+        if key in data:
+            value = data[key]
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: {key} must be a string path")
+            if value:
+                changes[key] = os.path.expanduser(value)
+    if "socket_mode" in data:
+        changes["socket_mode"] = _parse_mode(data["socket_mode"], f"{path}: socket_mode")
+    if "memory_reserve" in data:
+        changes["memory_reserve"] = _size(data["memory_reserve"], f"{path}: memory_reserve", allow_zero=True)
+    if "default_link_speed" in data:
+        changes["default_link_bytes_per_s"] = float(_size(data["default_link_speed"], f"{path}: default_link_speed"))
+    if "log_level" in data:
+        changes["log_level"] = _parse_log_level(data["log_level"], f"{path}: log_level")
+    if "resources" in data:
+        changes["resources"] = _resources(data["resources"], path)
+    return replace(config, **changes)
+
+
+def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: resources must be an array of tables ([[resources]])")
+    resources: list[Resource] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"{path}: resources[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(entry) - _RESOURCE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_RESOURCE_KEYS))})")
+        try:
+            name = check_text(entry.get("name"), "name", 200)
+            check_custom_name(name)
+        except InvalidParams as error:
+            raise ConfigError(f"{where}: {error.message}") from None
+        if name in seen:
+            raise ConfigError(f"{where}: resource {name!r} is declared twice")
+        seen.add(name)
+        capacity = entry.get("capacity")
+        if not is_valid_number(capacity) or capacity <= 0:
+            raise ConfigError(f"{where} ({name}): capacity must be a positive number")
+        cost = entry.get("cost_per_unit_hour")
+        if cost is not None and (not is_valid_number(cost) or cost < 0):
+            raise ConfigError(f"{where} ({name}): cost_per_unit_hour must be a number >= 0")
+        unit = entry.get("unit", "units")
+        if not isinstance(unit, str) or not unit:
+            raise ConfigError(f"{where} ({name}): unit must be a non-empty string")
+        labels = entry.get("labels", {})
+        if not isinstance(labels, dict) or not all(
+            isinstance(v, (str, bool)) or is_valid_number(v) for v in labels.values()
+        ):
+            raise ConfigError(f"{where} ({name}): labels must be a table of strings, numbers or booleans")
+        resources.append(
+            Resource(
+                name=name,
+                type=ResourceType.CUSTOM,
+                capacity=float(capacity),
+                unit=unit,
+                labels=labels,
+                cost_per_unit_hour=None if cost is None else float(cost),
+                source="config",
+            )
+        )
+    return tuple(resources)
+
+
+def _size(value: Any, where: str, allow_zero: bool = False) -> int:
+    if allow_zero and value in (0, "0"):
+        return 0
+    if is_valid_number(value) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except UnitError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    raise ConfigError(f"{where}: expected a size such as 2G or a number of bytes")
+
+
+def _parse_mode(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an octal mode such as 0600 or 0660, got {value!r}") from None
+    else:
+        raise ConfigError(f"{where}: expected an octal mode string such as \"0660\"")
+    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+        raise ConfigError(f"{where}: mode {oct(mode)} must keep read and write for the owner (e.g. 0600, 0660)")
+    return mode
+
+
+def _parse_log_level(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{where}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()

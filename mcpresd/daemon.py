@@ -1,0 +1,131 @@
+"""The one place that wires mcpresd together: config -> store -> broker -> server.
+
+Lifecycle: start -> serve until stop -> shut down. Signal handlers only set the
+stop event. Shutdown closes the listener, lets requests in flight finish (with
+a timeout), stops the store thread after its last commit, and removes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from mcpresd.config import Config
+from mcpresd.core.model import Resource
+from mcpresd.protocol import MAX_MESSAGE_BYTES
+from mcpresd.rpc import Dispatcher
+from mcpresd.samplers.host import discover
+from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
+from mcpresd.server import Server, StoreThread, bind_unix_socket, remove_socket
+from mcpresd.service import Broker
+from mcpresd.store import Store
+
+log = logging.getLogger("mcpresd")
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("mcpresd")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class Daemon:
+    """mcpresd as a library: `await Daemon(config).serve(stop)` runs it until `stop` is set."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.nvml: Nvml | None = None
+        self.started = asyncio.Event()
+
+    def open_gpus(self) -> Nvml | None:
+        if self.config.gpu_replay:
+            return ReplayNvml(self.config.gpu_replay)
+        return open_nvml(log)
+
+    def discover(self) -> list[Resource]:
+        return discover(
+            memory_reserve=self.config.memory_reserve,
+            nvml=self.nvml,
+            default_link_bytes_per_s=self.config.default_link_bytes_per_s,
+        )
+
+    def _make_broker(self) -> Broker:
+        store = Store(self.config.database)
+        if not store.integrity_ok():
+            raise RuntimeError(
+                f"database {self.config.database} failed its integrity check; restore a backup"
+                " or move the file aside to start afresh"
+            )
+        broker = Broker(
+            store,
+            socket_path=self.config.socket,
+            gpu_source=self.nvml.source if self.nvml else "none",
+            clock=self.clock,
+        )
+        with store.transaction():
+            for change in broker.reconcile_resources(self.discover(), self.config.resources):
+                log.info("resources: %s", change)
+            for allocation_id in broker.reap_dead_holders("holder exited while the daemon was down"):
+                log.info("released %s: its holder exited while the daemon was down", allocation_id)
+        return broker
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self.nvml = self.open_gpus()
+        store_thread = StoreThread(self._make_broker)
+        await loop.run_in_executor(None, store_thread.start, loop)
+        server = Server(Dispatcher(store_thread.submit, self.discover))
+        sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
+        inode = os.fstat(sock.fileno()).st_ino
+        listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=MAX_MESSAGE_BYTES)
+        try:
+            assert store_thread.broker is not None
+            log.info(
+                "serving on %s (database %s, %d resources, GPUs: %s)",
+                self.config.socket,
+                self.config.database,
+                len(store_thread.broker.ledger),
+                store_thread.broker.gpu_source,
+            )
+            self.started.set()
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            listener.close()
+            await server.close_all(SHUTDOWN_GRACE_S)
+            remove_socket(self.config.socket, inode)
+            await loop.run_in_executor(None, store_thread.stop)
+            if self.nvml is not None:
+                self.nvml.close()
+            log.info("stopped")
+
+
+def run(config: Config) -> int:
+    """Run the daemon in the foreground until SIGINT or SIGTERM; return the exit status."""
+    configure_logging(config.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await Daemon(config).serve(stop)
+
+    try:
+        asyncio.run(main())
+    except Exception as error:  # noqa: BLE001 - the one place start-up failures become an exit status
+        log.error("%s", error)
+        log.debug("details", exc_info=True)
+        return 1
+    return 0

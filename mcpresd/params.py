@@ -1,0 +1,315 @@
+"""Parameter validation: raw JSON-RPC params in, typed commands out.
+
+Rules:
+- Runs on the event loop before anything is queued for the store, so a bad
+  request never opens a transaction.
+- Rejects unknown fields, wrong types, NaN, infinities, negative or zero
+  amounts, strings that are not valid Unicode, and oversize values, each with a
+  message that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mcpresd.core.model import Demand
+from mcpresd.protocol import (
+    MAX_DEMANDS,
+    MAX_NAME_LENGTH,
+    MAX_TEXT_LENGTH,
+    AllocationState,
+    Priority,
+    ResourceType,
+    is_valid_number,
+)
+
+RESERVED_PREFIXES = ("disk:", "net:", "gpu:")
+RESERVED_NAMES = frozenset({"cpu", "memory", *(t.value for t in ResourceType)})
+
+
+class InvalidParams(ValueError):
+    """Parameters do not match the method's shape."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+@dataclass(frozen=True)
+class AllocateCommand:
+    demands: tuple[Demand, ...]
+    priority: Priority
+    tool_id: str | None
+    execution_id: str | None
+    idempotency_key: str | None
+    holder_pid: int | None
+
+
+@dataclass(frozen=True)
+class ReleaseCommand:
+    id: str
+
+
+@dataclass(frozen=True)
+class GetAllocationCommand:
+    id: str
+
+
+@dataclass(frozen=True)
+class ListAllocationsCommand:
+    state: AllocationState | None
+    limit: int
+
+
+@dataclass(frozen=True)
+class ListResourcesCommand:
+    type: ResourceType | None
+
+
+@dataclass(frozen=True)
+class AddResourceCommand:
+    name: str
+    capacity: float
+    unit: str
+    labels: dict[str, str | int | float | bool | None]
+    cost_per_unit_hour: float | None
+
+
+@dataclass(frozen=True)
+class RemoveResourceCommand:
+    name: str
+
+
+@dataclass(frozen=True)
+class ListEventsCommand:
+    after_id: int
+    limit: int
+    allocation_id: str | None
+
+
+class _Fields:
+    """Reads fields off a params object, remembering which were used."""
+
+    def __init__(self, params: Any, allowed: frozenset[str]) -> None:
+        if params is None or params == []:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParams("params must be an object with named fields")
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise InvalidParams(
+                f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed)) or 'none'})",
+                unknown[0],
+            )
+        self.params: dict[str, Any] = params
+
+    def text(self, name: str, *, required: bool = False, limit: int = MAX_TEXT_LENGTH) -> str | None:
+        value = self.params.get(name)
+        if value is None:
+            if required:
+                raise InvalidParams(f"{name} is required", name)
+            return None
+        return check_text(value, name, limit)
+
+    def number(self, name: str, *, required: bool = False, minimum: float | None = None) -> float | None:
+        value = self.params.get(name)
+        if value is None:
+            if required:
+                raise InvalidParams(f"{name} is required", name)
+            return None
+        if not is_valid_number(value):
+            raise InvalidParams(f"{name} must be a finite number, got {_describe(value)}", name)
+        if minimum is not None and value < minimum:
+            raise InvalidParams(f"{name} must be at least {minimum:g}, got {value!r}", name)
+        return float(value)
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self.params.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidParams(f"{name} must be an integer, got {_describe(value)}", name)
+        if not minimum <= value <= maximum:
+            raise InvalidParams(f"{name} must be between {minimum} and {maximum}, got {value}", name)
+        return value
+
+
+def check_text(value: Any, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
+    if not isinstance(value, str):
+        raise InvalidParams(f"{field} must be a string, got {_describe(value)}", field)
+    if not value:
+        raise InvalidParams(f"{field} must not be empty", field)
+    if len(value) > limit:
+        raise InvalidParams(f"{field} is longer than {limit} characters", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParams(f"{field} is not valid Unicode (lone surrogate)", field) from None
+    if any(ord(c) < 32 for c in value):
+        raise InvalidParams(f"{field} must not contain control characters", field)
+    return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def no_params(params: Any) -> NoParams:
+    _Fields(params, frozenset())
+    return NoParams()
+
+
+def allocate(params: Any) -> AllocateCommand:
+    fields = _Fields(
+        params,
+        frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid"}),
+    )
+    raw = fields.params.get("resources")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidParams("resources must be a non-empty array of {resource, amount}", "resources")
+    if len(raw) > MAX_DEMANDS:
+        raise InvalidParams(f"at most {MAX_DEMANDS} resources per request", "resources")
+    demands = []
+    for index, entry in enumerate(raw):
+        where = f"resources[{index}]"
+        if not isinstance(entry, dict) or set(entry) - {"resource", "amount"}:
+            raise InvalidParams(f"{where} must be an object with fields resource and amount", where)
+        selector = check_text(entry.get("resource"), f"{where}.resource", MAX_NAME_LENGTH)
+        amount = entry.get("amount")
+        if not is_valid_number(amount):
+            raise InvalidParams(f"{where}.amount must be a finite number, got {_describe(amount)}", f"{where}.amount")
+        if amount <= 0:
+            raise InvalidParams(f"{where}.amount must be greater than 0, got {amount!r}", f"{where}.amount")
+        demands.append(Demand(selector, float(amount)))
+    priority_text = fields.text("priority") or Priority.NORMAL.value
+    try:
+        priority = Priority(priority_text)
+    except ValueError:
+        raise InvalidParams(
+            f"priority must be one of {', '.join(p.value for p in Priority)}, got {priority_text!r}", "priority"
+        ) from None
+    holder = fields.params.get("holder_pid")
+    if holder is not None and (isinstance(holder, bool) or not isinstance(holder, int) or not 0 < holder < 1 << 31):
+        raise InvalidParams(f"holder_pid must be a positive process id, got {_describe(holder)}", "holder_pid")
+    return AllocateCommand(
+        demands=tuple(demands),
+        priority=priority,
+        tool_id=fields.text("tool_id", limit=MAX_NAME_LENGTH),
+        execution_id=fields.text("execution_id", limit=MAX_NAME_LENGTH),
+        idempotency_key=fields.text("idempotency_key", limit=MAX_NAME_LENGTH),
+        holder_pid=holder,
+    )
+
+
+def release(params: Any) -> ReleaseCommand:
+    fields = _Fields(params, frozenset({"id"}))
+    return ReleaseCommand(id=_required_text(fields, "id"))
+
+
+def get_allocation(params: Any) -> GetAllocationCommand:
+    fields = _Fields(params, frozenset({"id"}))
+    return GetAllocationCommand(id=_required_text(fields, "id"))
+
+
+def list_allocations(params: Any) -> ListAllocationsCommand:
+    fields = _Fields(params, frozenset({"state", "limit"}))
+    state_text = fields.text("state") or AllocationState.ACTIVE.value
+    state: AllocationState | None
+    if state_text == "all":
+        state = None
+    else:
+        try:
+            state = AllocationState(state_text)
+        except ValueError:
+            raise InvalidParams(f"state must be active, released or all, got {state_text!r}", "state") from None
+    return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=100_000))
+
+
+def list_resources(params: Any) -> ListResourcesCommand:
+    fields = _Fields(params, frozenset({"type"}))
+    kind = fields.text("type")
+    if kind is None:
+        return ListResourcesCommand(type=None)
+    try:
+        return ListResourcesCommand(type=ResourceType(kind))
+    except ValueError:
+        raise InvalidParams(
+            f"type must be one of {', '.join(t.value for t in ResourceType)}, got {kind!r}", "type"
+        ) from None
+
+
+def add_resource(params: Any) -> AddResourceCommand:
+    fields = _Fields(params, frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"}))
+    name = _required_text(fields, "name")
+    check_custom_name(name)
+    capacity = fields.number("capacity", required=True)
+    assert capacity is not None
+    if capacity <= 0:
+        raise InvalidParams(f"capacity must be greater than 0, got {capacity:g}", "capacity")
+    labels = fields.params.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise InvalidParams("labels must be an object of simple values", "labels")
+    for key, value in labels.items():
+        check_text(key, "labels key", MAX_NAME_LENGTH)
+        if isinstance(value, str):
+            check_text(value, f"labels.{key}")
+        elif value is not None and not isinstance(value, bool) and not is_valid_number(value):
+            raise InvalidParams(f"labels.{key} must be a string, number, boolean or null", f"labels.{key}")
+    return AddResourceCommand(
+        name=name,
+        capacity=capacity,
+        unit=fields.text("unit", limit=MAX_NAME_LENGTH) or "units",
+        labels=labels,
+        cost_per_unit_hour=fields.number("cost_per_unit_hour", minimum=0),
+    )
+
+
+def check_custom_name(name: str) -> None:
+    if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIXES):
+        raise InvalidParams(
+            f"{name!r} is reserved for discovered resources; pick another name (e.g. licence:{name})", "name"
+        )
+    if any(c.isspace() or c in ",=" for c in name):
+        raise InvalidParams(f"resource name {name!r} must not contain spaces, ',' or '='", "name")
+
+
+def remove_resource(params: Any) -> RemoveResourceCommand:
+    fields = _Fields(params, frozenset({"name"}))
+    return RemoveResourceCommand(name=_required_text(fields, "name"))
+
+
+def list_events(params: Any) -> ListEventsCommand:
+    fields = _Fields(params, frozenset({"after_id", "limit", "allocation_id"}))
+    return ListEventsCommand(
+        after_id=fields.integer("after_id", 0, minimum=0, maximum=1 << 62),
+        limit=fields.integer("limit", 100, minimum=1, maximum=10_000),
+        allocation_id=fields.text("allocation_id", limit=MAX_NAME_LENGTH),
+    )
+
+
+def _required_text(fields: _Fields, name: str) -> str:
+    value = fields.text(name, required=True, limit=MAX_NAME_LENGTH)
+    assert value is not None
+    return value

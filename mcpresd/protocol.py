@@ -1,0 +1,256 @@
+"""The contract between mcpresd and its clients, written once.
+
+Rules of this module:
+- Standard library only, and cheap to import: `mcpctl allocate` imports it on
+  every call, so nothing here may pull in json-schema, typing machinery at
+  run time, Rich or sqlite.
+- Method names, parameter and result shapes, error codes, framing limits and
+  the unit parsers used on both sides live here and nowhere else.
+- Framing: one UTF-8 JSON text per line (JSON-RPC 2.0), blank lines ignored,
+  at most MAX_MESSAGE_BYTES per line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from enum import IntEnum, StrEnum
+from typing import Any, Literal, NotRequired, TypedDict
+
+from mcpresd import __version__
+
+VERSION = __version__
+JSONRPC = "2.0"
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_NESTING = 32
+MAX_BATCH = 1000
+MAX_NAME_LENGTH = 200
+MAX_TEXT_LENGTH = 1000
+MAX_DEMANDS = 64
+
+
+class Method(StrEnum):
+    """Every JSON-RPC method the daemon serves."""
+
+    DAEMON_STATUS = "daemon.status"
+    RESOURCES_LIST = "resources.list"
+    RESOURCES_ADD = "resources.add"
+    RESOURCES_REMOVE = "resources.remove"
+    RESOURCES_REFRESH = "resources.refresh"
+    ALLOCATE = "allocate"
+    RELEASE = "release"
+    ALLOCATIONS_LIST = "allocations.list"
+    ALLOCATIONS_GET = "allocations.get"
+    EVENTS_LIST = "events.list"
+
+
+class ErrorCode(IntEnum):
+    """JSON-RPC error codes: the reserved ones, then mcpres's own (1000-1999)."""
+
+    PARSE_ERROR = -32700
+    INVALID_REQUEST = -32600
+    METHOD_NOT_FOUND = -32601
+    INVALID_PARAMS = -32602
+    INTERNAL_ERROR = -32603
+
+    UNKNOWN_RESOURCE = 1001
+    INSUFFICIENT_CAPACITY = 1002
+    ALLOCATION_NOT_FOUND = 1003
+    ALREADY_RELEASED = 1004
+    RESOURCE_EXISTS = 1005
+    RESOURCE_IN_USE = 1006
+    IDEMPOTENCY_CONFLICT = 1007
+    PERMISSION_DENIED = 1008
+    INVALID_HOLDER = 1009
+    STORAGE_ERROR = 1010
+    NEVER_FITS = 1011
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class AllocationState(StrEnum):
+    ACTIVE = "active"
+    RELEASED = "released"
+
+
+class ResourceType(StrEnum):
+    CPU = "cpu"
+    MEMORY = "memory"
+    DISK = "disk"
+    NETWORK = "network"
+    GPU = "gpu"
+    CUSTOM = "custom"
+
+
+# -- wire shapes ------------------------------------------------------------
+
+Labels = dict[str, str | int | float | bool | None]
+
+
+class ResourceDict(TypedDict):
+    name: str
+    type: str
+    capacity: float
+    unit: str
+    labels: Labels
+    uuid: str | None
+    cost_per_unit_hour: float | None
+    source: Literal["discovered", "config", "api"]
+    allocated: float
+    free: float
+
+
+class DemandDict(TypedDict):
+    """One line of a request: a resource name, a GPU UUID, or a type (`gpu`)."""
+
+    resource: str
+    amount: float
+
+
+class AllocateParams(TypedDict):
+    resources: list[DemandDict]
+    priority: NotRequired[str]
+    tool_id: NotRequired[str | None]
+    execution_id: NotRequired[str | None]
+    idempotency_key: NotRequired[str | None]
+    holder_pid: NotRequired[int | None]
+
+
+class ItemDict(TypedDict):
+    resource: str
+    type: str
+    amount: float
+    unit: str
+    uuid: str | None
+
+
+class AllocationDict(TypedDict):
+    id: str
+    state: str
+    items: list[ItemDict]
+    priority: str
+    tool_id: str | None
+    execution_id: str | None
+    idempotency_key: str | None
+    owner_uid: int
+    requester_pid: int | None
+    holder_pid: int | None
+    created_at: float
+    released_at: float | None
+    release_reason: str | None
+
+
+class StatusDict(TypedDict):
+    version: str
+    pid: int
+    uptime_s: float
+    socket: str
+    database: str
+    resources: int
+    allocations: dict[str, int]
+    gpu_source: str
+
+
+class ErrorDict(TypedDict):
+    code: int
+    message: str
+    data: NotRequired[dict[str, Any]]
+
+
+# -- framing ----------------------------------------------------------------
+
+
+def request(method: str, params: dict[str, Any] | list[Any] | None = None, id: int | str | None = 1) -> dict[str, Any]:
+    message: dict[str, Any] = {"jsonrpc": JSONRPC, "method": method}
+    if params is not None:
+        message["params"] = params
+    if id is not None:
+        message["id"] = id
+    return message
+
+
+# -- paths ------------------------------------------------------------------
+
+
+def default_runtime_dir() -> str:
+    """Where a per-user daemon puts its socket: $XDG_RUNTIME_DIR, else a private /tmp dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "mcpres")
+    return os.path.join("/tmp", f"mcpres-{os.getuid()}")
+
+
+def default_socket_path() -> str:
+    env = os.environ.get("MCPRES_SOCKET")
+    if env:
+        return env
+    return os.path.join(default_runtime_dir(), "mcpresd.sock")
+
+
+# -- units ------------------------------------------------------------------
+
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+class UnitError(ValueError):
+    """A size, amount or duration could not be parsed."""
+
+
+def parse_size(text: str) -> int:
+    """Parse `512M`, `8G`, `1.5T`, `8GiB` or plain bytes into bytes (binary multiples)."""
+    lowered = text.strip().lower()
+    if lowered.endswith("ib"):
+        lowered = lowered[:-2]
+    elif lowered.endswith("b"):
+        lowered = lowered[:-1]
+    suffix = lowered[-1:] if lowered[-1:].isalpha() else ""
+    number = lowered[: len(lowered) - len(suffix)] if suffix else lowered
+    if suffix not in _SIZE_SUFFIXES or not number:
+        raise UnitError(f"not a size: {text!r} (use bytes or a number with K, M, G, T or P, e.g. 512M, 8G, 1.5T)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise UnitError(f"not a size: {text!r} (use bytes or a number with K, M, G, T or P, e.g. 512M, 8G, 1.5T)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UnitError(f"a size must be positive and finite, got {text!r}")
+    result = int(value * _SIZE_SUFFIXES[suffix])
+    if result <= 0:
+        raise UnitError(f"a size must be at least one byte, got {text!r}")
+    return result
+
+
+def parse_amount(text: str) -> float:
+    """Parse a positive finite number (`2`, `0.5`); sizes are accepted too (`8G`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return float(parse_size(text))
+    if not math.isfinite(value) or value <= 0:
+        raise UnitError(f"an amount must be a positive finite number, got {text!r}")
+    return value
+
+
+def format_size(value: float) -> str:
+    """Bytes to a short human size: 8589934592 -> '8G', 1536 -> '1.5K'."""
+    for suffix, factor in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if abs(value) >= factor:
+            scaled = value / factor
+            return f"{scaled:.1f}".rstrip("0").rstrip(".") + suffix
+    return f"{value:g}"
+
+
+def format_amount(value: float, unit: str) -> str:
+    if unit == "bytes" or unit == "bytes/s":
+        return format_size(value) + ("/s" if unit == "bytes/s" else "")
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{text} {unit}" if unit else text
+
+
+def is_valid_number(value: object) -> bool:
+    """A JSON number that is a real, finite amount (bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,292 @@
+"""The Unix-socket server and the store thread.
+
+Rules:
+- The store (one SQLite connection and the broker over it) lives on one thread,
+  `StoreThread`. Requests that arrive together are run in one transaction
+  (group commit); each caller's future resolves only after that COMMIT.
+- A failed batch is rolled back, the ledger rebuilt, and its requests retried
+  one per transaction, so one bad request never fails its neighbours.
+- The socket is created with a umask (never briefly world-accessible); a stale
+  socket file is replaced only after a connect to it was refused; the socket is
+  removed on exit if it is still ours.
+- Every connection is identified by SO_PEERCRED. A line over the size limit gets
+  an error and the connection is closed; other clients are never affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import queue
+import socket
+import sqlite3
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mcpresd.core.errors import DomainError
+from mcpresd.protocol import MAX_MESSAGE_BYTES, ErrorCode
+from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
+from mcpresd.service import Broker, Caller
+from mcpresd.store import StorageError
+
+log = logging.getLogger("mcpresd.server")
+
+MAX_GROUP = 512
+_STOP = object()
+_Outcome = tuple["asyncio.Future[Any]", bool, Any]
+
+
+class StoreThread:
+    """Owns the broker and its SQLite connection; runs jobs in grouped transactions."""
+
+    def __init__(self, make_broker: Callable[[], Broker]) -> None:
+        self._make_broker = make_broker
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mcpresd-store", daemon=True)
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.broker: Broker | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def submit(self, job: StoreJob) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._jobs.put((job, future))
+        return future
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(_STOP)
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self.broker = self._make_broker()
+        except BaseException as error:  # noqa: BLE001 - reported to the starting thread
+            self._startup_error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is _STOP:
+                    break
+                batch = [first]
+                stopping = False
+                while len(batch) < MAX_GROUP:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        stopping = True
+                        break
+                    batch.append(job)
+                self._deliver(self._run_batch(batch))
+                if stopping:
+                    break
+        finally:
+            self.broker.store.close()
+
+    def _run_batch(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]]) -> list[_Outcome]:
+        broker = self.broker
+        assert broker is not None
+        outcomes: list[_Outcome] = []
+        try:
+            broker.store.begin()
+            for job, future in batch:
+                try:
+                    outcomes.append((future, True, job(broker)))
+                except DomainError as error:
+                    outcomes.append((future, False, error))
+            broker.store.commit()
+            return outcomes
+        except Exception as error:
+            self._recover(broker)
+            if len(batch) == 1:
+                return [(batch[0][1], False, _storage_error(error))]
+            log.warning("a grouped transaction of %d requests failed (%s); retrying one by one", len(batch), error)
+            return [outcome for job in batch for outcome in self._run_batch([job])]
+
+    @staticmethod
+    def _recover(broker: Broker) -> None:
+        try:
+            broker.store.rollback()
+        except sqlite3.Error as error:
+            log.error("rollback failed: %s", error)
+        broker.reload()
+
+    def _deliver(self, outcomes: list[_Outcome]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_resolve, outcomes)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+
+def _storage_error(error: Exception) -> Exception:
+    if isinstance(error, sqlite3.Error):
+        return StorageError(str(error))
+    return error
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    for future, ok, value in outcomes:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+# -- the listening socket ---------------------------------------------------
+
+
+class SocketInUse(RuntimeError):
+    """Another daemon answers on the socket path."""
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Create, bind and listen on a Unix socket at `path` with `mode`, safely."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    _remove_if_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_if_stale(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as error:
+        if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            log.info("removing stale socket %s", path)
+            os.unlink(path)
+            return
+        raise SocketInUse(f"cannot tell whether {path} is in use ({error.strerror}); not replacing it") from None
+    finally:
+        probe.close()
+    raise SocketInUse(f"another daemon is serving {path}; stop it first or choose another --socket")
+
+
+def remove_socket(path: str, inode: int) -> None:
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def peer_credentials(sock: socket.socket | None) -> Caller:
+    if sock is None:
+        return Caller(uid=-1, gid=-1, pid=None)
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return Caller(uid=uid, gid=gid, pid=pid or None)
+
+
+class Server:
+    """Serves JSON-RPC lines on accepted connections."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._connections: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        caller = peer_credentials(writer.get_extra_info("socket"))
+        dispatcher = self._dispatcher
+        task = asyncio.current_task()
+        assert task is not None
+        busy = self._busy
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as eof:
+                line = eof.partial
+                if not line.strip():
+                    return
+            except asyncio.LimitOverrunError:
+                writer.write(encode(error_response(
+                    None, ErrorCode.INVALID_REQUEST,
+                    f"message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection")))
+                await writer.drain()
+                return
+            if not line.strip():
+                continue
+            busy.add(task)
+            try:
+                response = await dispatcher.handle_line(line, caller)
+            finally:
+                busy.discard(task)
+            if response is not None:
+                writer.write(response)
+                await writer.drain()
+            if self._closing or (reader.at_eof() and not line.endswith(b"\n")):
+                return
+
+    async def close_all(self, timeout: float) -> None:
+        """Cancel idle connections, let those mid-request finish for up to `timeout` seconds."""
+        self._closing = True
+        for task in self._connections - self._busy:
+            task.cancel()
+        if not self._connections:
+            return
+        _, pending = await asyncio.wait(set(self._connections), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)

@@ -1,0 +1,333 @@
+"""SQLite storage: schema, migrations, and the statements the service runs.
+
+Rules:
+- One connection, opened and used by one thread (the store thread in `mcpresd.server`).
+- WAL with synchronous=FULL: a COMMIT that returned is on disk.
+- Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
+  requests into one transaction and replies only after it commits.
+- Schema changes are registered migrations; CHECK constraints back the core's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mcpresd.core.model import Allocation, AllocationItem, Resource
+from mcpresd.protocol import AllocationState, Priority, ResourceType
+
+MIGRATIONS_NAME = "mcpresd"
+
+SCHEMA_V1 = """
+CREATE TABLE resources (
+    name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
+    type TEXT NOT NULL CHECK (type IN ('cpu', 'memory', 'disk', 'network', 'gpu', 'custom')),
+    capacity REAL NOT NULL CHECK (capacity > 0),
+    unit TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+    uuid TEXT UNIQUE,
+    cost_per_unit_hour REAL CHECK (cost_per_unit_hour IS NULL OR cost_per_unit_hour >= 0),
+    source TEXT NOT NULL CHECK (source IN ('discovered', 'config', 'api')),
+    created_at REAL NOT NULL
+);
+CREATE TABLE allocations (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('active', 'released')),
+    priority TEXT NOT NULL CHECK (priority IN ('low', 'normal', 'high', 'critical')),
+    tool_id TEXT,
+    execution_id TEXT,
+    idempotency_key TEXT,
+    request_digest TEXT,
+    owner_uid INTEGER NOT NULL CHECK (owner_uid >= 0),
+    requester_pid INTEGER,
+    holder_pid INTEGER CHECK (holder_pid IS NULL OR holder_pid > 0),
+    holder_start INTEGER,
+    created_at REAL NOT NULL,
+    released_at REAL,
+    release_reason TEXT,
+    CHECK ((state = 'active') = (released_at IS NULL))
+);
+CREATE UNIQUE INDEX allocations_by_key ON allocations (owner_uid, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX allocations_active ON allocations (state) WHERE state = 'active';
+CREATE TABLE allocation_items (
+    allocation_id TEXT NOT NULL REFERENCES allocations (id),
+    resource TEXT NOT NULL,
+    amount REAL NOT NULL CHECK (amount > 0),
+    PRIMARY KEY (allocation_id, resource)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    allocation_id TEXT,
+    resource TEXT,
+    uid INTEGER,
+    detail TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
+);
+CREATE INDEX events_by_allocation ON events (allocation_id) WHERE allocation_id IS NOT NULL;
+"""
+
+
+def _migrations() -> Any:
+    from sqlite_utils import Migrations
+
+    migrations = Migrations(MIGRATIONS_NAME)
+
+    @migrations()
+    def m001_initial_schema(db: Any) -> None:
+        db.executescript(SCHEMA_V1)
+
+    return migrations
+
+
+class StorageError(Exception):
+    """The database could not be read or written."""
+
+
+class Store:
+    """The daemon's SQLite database."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        from sqlite_utils import Database
+
+        _migrations().apply(Database(self.conn))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -----------------------------------------------------
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    # -- resources --------------------------------------------------------
+
+    def load_resources(self) -> list[Resource]:
+        rows = self.conn.execute(
+            "SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source FROM resources"
+        ).fetchall()
+        return [
+            Resource(
+                name=name,
+                type=ResourceType(kind),
+                capacity=capacity,
+                unit=unit,
+                labels=json.loads(labels),
+                uuid=uuid,
+                cost_per_unit_hour=cost,
+                source=source,
+            )
+            for name, kind, capacity, unit, labels, uuid, cost, source in rows
+        ]
+
+    def insert_resource(self, resource: Resource, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*_resource_row(resource), now),
+        )
+
+    def update_resource(self, resource: Resource) -> None:
+        self.conn.execute(
+            "UPDATE resources SET type = ?, capacity = ?, unit = ?, labels = ?, uuid = ?,"
+            " cost_per_unit_hour = ?, source = ? WHERE name = ?",
+            (*_resource_row(resource)[1:], resource.name),
+        )
+
+    def delete_resource(self, name: str) -> None:
+        self.conn.execute("DELETE FROM resources WHERE name = ?", (name,))
+
+    # -- allocations ------------------------------------------------------
+
+    def insert_allocation(self, allocation: Allocation, request_digest: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO allocations (id, state, priority, tool_id, execution_id, idempotency_key, request_digest,"
+            " owner_uid, requester_pid, holder_pid, holder_start, created_at, released_at, release_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                allocation.id,
+                allocation.state.value,
+                allocation.priority.value,
+                allocation.tool_id,
+                allocation.execution_id,
+                allocation.idempotency_key,
+                request_digest,
+                allocation.owner_uid,
+                allocation.requester_pid,
+                allocation.holder_pid,
+                allocation.holder_start,
+                allocation.created_at,
+                allocation.released_at,
+                allocation.release_reason,
+            ),
+        )
+        self.conn.executemany(
+            "INSERT INTO allocation_items (allocation_id, resource, amount) VALUES (?, ?, ?)",
+            [(allocation.id, item.resource, item.amount) for item in allocation.items],
+        )
+
+    def mark_released(self, allocation_id: str, now: float, reason: str) -> None:
+        self.conn.execute(
+            "UPDATE allocations SET state = 'released', released_at = ?, release_reason = ?"
+            " WHERE id = ? AND state = 'active'",
+            (now, reason, allocation_id),
+        )
+
+    def request_digest(self, allocation_id: str) -> str | None:
+        row = self.conn.execute("SELECT request_digest FROM allocations WHERE id = ?", (allocation_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def get_allocation(self, allocation_id: str) -> Allocation | None:
+        rows = self._select_allocations("WHERE a.id = ?", (allocation_id,))
+        return rows[0] if rows else None
+
+    def find_by_key(self, owner_uid: int, key: str) -> Allocation | None:
+        rows = self._select_allocations("WHERE a.owner_uid = ? AND a.idempotency_key = ?", (owner_uid, key))
+        return rows[0] if rows else None
+
+    def load_active(self) -> list[Allocation]:
+        return self._select_allocations("WHERE a.state = 'active'", ())
+
+    def list_allocations(self, state: str | None, limit: int) -> list[Allocation]:
+        if state is None:
+            return self._select_allocations("ORDER BY a.created_at DESC LIMIT ?", (limit,))
+        return self._select_allocations("WHERE a.state = ? ORDER BY a.created_at DESC LIMIT ?", (state, limit))
+
+    def count_allocations(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in AllocationState}
+        for state, count in self.conn.execute("SELECT state, count(*) FROM allocations GROUP BY state"):
+            counts[state] = count
+        return counts
+
+    def _select_allocations(self, where: str, args: tuple[Any, ...]) -> list[Allocation]:
+        rows = self.conn.execute(
+            "SELECT a.id, a.state, a.priority, a.tool_id, a.execution_id, a.idempotency_key, a.owner_uid,"
+            " a.requester_pid, a.holder_pid, a.holder_start, a.created_at, a.released_at, a.release_reason"
+            f" FROM allocations a {where}",
+            args,
+        ).fetchall()
+        if not rows:
+            return []
+        items: dict[str, list[AllocationItem]] = {row[0]: [] for row in rows}
+        ids = list(items)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for allocation_id, resource, amount in self.conn.execute(
+                f"SELECT allocation_id, resource, amount FROM allocation_items WHERE allocation_id IN ({marks})",
+                chunk,
+            ):
+                items[allocation_id].append(AllocationItem(resource, amount))
+        return [
+            Allocation(
+                id=row[0],
+                state=AllocationState(row[1]),
+                items=tuple(items[row[0]]),
+                priority=Priority(row[2]),
+                tool_id=row[3],
+                execution_id=row[4],
+                idempotency_key=row[5],
+                owner_uid=row[6],
+                requester_pid=row[7],
+                holder_pid=row[8],
+                holder_start=row[9],
+                created_at=row[10],
+                released_at=row[11],
+                release_reason=row[12],
+            )
+            for row in rows
+        ]
+
+    # -- events -----------------------------------------------------------
+
+    def insert_event(
+        self,
+        now: float,
+        kind: str,
+        *,
+        allocation_id: str | None = None,
+        resource: str | None = None,
+        uid: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (now, kind, allocation_id, resource, uid, json.dumps(detail or {}, separators=(",", ":"))),
+        )
+
+    def list_events(self, after_id: int, limit: int, allocation_id: str | None = None) -> list[dict[str, Any]]:
+        where = "WHERE id > ?"
+        args: list[Any] = [after_id]
+        if allocation_id is not None:
+            where += " AND allocation_id = ?"
+            args.append(allocation_id)
+        rows = self.conn.execute(
+            f"SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events {where} ORDER BY id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [
+            {
+                "id": row[0],
+                "ts": row[1],
+                "kind": row[2],
+                "allocation_id": row[3],
+                "resource": row[4],
+                "uid": row[5],
+                "detail": json.loads(row[6]),
+            }
+            for row in reversed(rows)
+        ]
+
+    def integrity_ok(self) -> bool:
+        return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+
+
+def _resource_row(resource: Resource) -> tuple[Any, ...]:
+    return (
+        resource.name,
+        resource.type.value,
+        resource.capacity,
+        resource.unit,
+        json.dumps(dict(resource.labels), separators=(",", ":")),
+        resource.uuid,
+        resource.cost_per_unit_hour,
+        resource.source,
+    )
+
+
+def items_of(allocations: Iterable[Allocation]) -> Iterator[AllocationItem]:
+    for allocation in allocations:
+        yield from allocation.items

@@ -1,0 +1,159 @@
+"""Shared fixtures: a real mcpresd on a temporary socket and database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcpctl.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+GPU_CAPTURE = FIXTURES / "h100-nvml-capture.json"
+H100_UUID = "GPU-ba485a4c-f4ba-e6ae-4d48-e42a77690a6e"
+
+CONFIG = """
+memory_reserve = "0"
+
+[[resources]]
+name = "licence"
+capacity = 2
+unit = "seats"
+cost_per_unit_hour = 1.5
+
+[[resources]]
+name = "slot"
+capacity = 10
+unit = "slots"
+"""
+
+
+class DaemonProcess:
+    """mcpresd run as a user runs it, as a subprocess of this interpreter."""
+
+    def __init__(self, tmp: Path, *, config: str = CONFIG, gpu_replay: Path | None = GPU_CAPTURE,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.tmp = tmp
+        self.socket = str(tmp / "mcpresd.sock")
+        self.db = str(tmp / "state" / "mcpresd.db")
+        self.config_path = tmp / "mcpresd.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp / "mcpresd.log"
+        self.args = [sys.executable, "-m", "mcpresd", "--config", str(self.config_path), "--socket", self.socket,
+                     "--db", self.db, *extra_args]
+        if gpu_replay is not None:
+            self.args += ["--gpu-replay", str(gpu_replay)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mcpresd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(self.socket)
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mcpresd did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self) -> Client:
+        return Client(self.socket, timeout=10.0)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        with self.client() as client:
+            return client.call(method, params)
+
+    def raw(self, data: bytes, *, shutdown: bool = True, timeout: float = 5.0) -> list[Any]:
+        """Send raw bytes on a fresh connection; return every JSON line the daemon answered."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket)
+            sock.sendall(data)
+            if shutdown:
+                sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except (ConnectionResetError, TimeoutError):
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return [json.loads(line) for line in b"".join(chunks).splitlines() if line.strip()]
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of the state tables, read straight from the database file."""
+        conn = sqlite3.connect(self.db)
+        try:
+            return {
+                table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+                for table in ("resources", "allocations", "allocation_items")
+            }
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def bin_dir() -> Path:
+    """The directory of the installed `mcpctl` and `mcpresd` commands (the test interpreter's venv)."""
+    return Path(sys.executable).parent
+
+
+def run_cli(*args: str, socket_path: str | None = None, env: dict[str, str] | None = None,
+            input: str | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run the installed mcpctl as a user would."""
+    full_env = dict(os.environ)
+    full_env.pop("MCPRES_SOCKET", None)
+    if socket_path is not None:
+        full_env["MCPRES_SOCKET"] = socket_path
+    full_env.update(env or {})
+    mcpctl = str(Path(sys.executable).parent / "mcpctl")
+    return subprocess.run([mcpctl, *args], capture_output=True, text=True, env=full_env, input=input,
+                          timeout=timeout)

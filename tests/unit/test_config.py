@@ -1,0 +1,81 @@
+"""The daemon's configuration: defaults, the TOML file, overrides, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcpresd import config
+from mcpresd.protocol import ResourceType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mcpresd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_config_file_loads() -> None:
+    loaded = config.load(ROOT / "config" / "mcpresd.toml")
+    assert loaded.socket_mode == 0o600
+
+
+def test_defaults_are_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("MCPRES_SOCKET", raising=False)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    loaded = config.load(None)
+    assert loaded.socket == str(tmp_path / "run" / "mcpres" / "mcpresd.sock")
+    assert loaded.database == str(tmp_path / "state" / "mcpresd" / "mcpresd.db")
+
+
+def test_without_a_runtime_dir_the_socket_goes_to_a_private_tmp_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("MCPRES_SOCKET", raising=False)
+    assert config.load(None).socket.startswith("/tmp/mcpres-")
+
+
+def test_custom_resources_are_declared_in_the_file(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, """
+memory_reserve = "2G"
+[[resources]]
+name = "licence:matlab"
+capacity = 4
+unit = "seats"
+cost_per_unit_hour = 0.5
+"""))
+    assert loaded.memory_reserve == 2 << 30
+    (resource,) = loaded.resources
+    assert (resource.name, resource.type, resource.capacity, resource.unit, resource.cost_per_unit_hour) == (
+        "licence:matlab", ResourceType.CUSTOM, 4.0, "seats", 0.5)
+
+
+def test_options_override_the_file(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, 'socket = "/tmp/a.sock"\n'), socket="/tmp/b.sock", socket_mode="0660")
+    assert loaded.socket == "/tmp/b.sock" and loaded.socket_mode == 0o660
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("sockt = 'x'", "unknown key"),
+    ("memory_reserve = 'lots'", "memory_reserve"),
+    ("socket_mode = '0200'", "socket_mode"),
+    ("log_level = 'loud'", "log_level"),
+    ("[[resources]]\nname = 'cpu'\ncapacity = 1", "reserved"),
+    ("[[resources]]\nname = 'x'\ncapacity = 0", "capacity"),
+    ("[[resources]]\nname = 'x'\ncapacity = 1\n[[resources]]\nname = 'x'\ncapacity = 1", "twice"),
+    ("[[resources]]\nname = 'x'\ncapacity = 1\ncolour = 'red'", "unknown key"),
+    ("not toml at all [", "not valid TOML"),
+])
+def test_bad_config_is_refused_with_a_message_naming_the_problem(tmp_path: Path, text: str, complaint: str) -> None:
+    with pytest.raises(config.ConfigError, match=complaint):
+        config.load(write(tmp_path, text))
+
+
+def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
