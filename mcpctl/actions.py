@@ -111,6 +111,8 @@ def rpc_failure(error: RpcError) -> int:
         hint = " (try later, ask for less, or see `mcpctl allocations`)"
     elif error.code == 1001:
         hint = " (see `mcpctl resources`)"
+    if hint.strip() in error.message:
+        hint = ""
     return fail(error.message + hint, exitcodes.for_error(error.code))
 
 

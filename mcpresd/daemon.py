@@ -87,7 +87,8 @@ class Daemon:
         await loop.run_in_executor(None, store_thread.start, loop)
         server = Server(Dispatcher(store_thread.submit, self.discover))
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
-        inode = os.fstat(sock.fileno()).st_ino
+        # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
+        inode = os.lstat(self.config.socket).st_ino
         listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=MAX_MESSAGE_BYTES)
         try:
             assert store_thread.broker is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from enum import IntEnum, StrEnum
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
 from mcpresd import __version__
 
@@ -251,6 +251,11 @@ def format_amount(value: float, unit: str) -> str:
     return f"{text} {unit}" if unit else text
 
 
-def is_valid_number(value: object) -> bool:
+def is_valid_number(value: object) -> TypeGuard[int | float]:
     """A JSON number that is a real, finite amount (bool is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 400 digits)
+        return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,8 @@ def error_response(id: Any, code: ErrorCode, message: str, data: dict[str, Any] 
 
 
 def encode(message: Any) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+    # ASCII with \u escapes: a lone surrogate echoed from a request (an id, an unknown field name) stays valid JSON.
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
 
 class Dispatcher:
@@ -164,7 +166,9 @@ class _Failure:
 
 
 def _valid_id(id: Any) -> bool:
-    return id is None or isinstance(id, str) or (isinstance(id, (int, float)) and not isinstance(id, bool))
+    if isinstance(id, float):
+        return math.isfinite(id)  # 1e400 parses to inf, which cannot be written back: reject it before it runs
+    return id is None or isinstance(id, str) or (isinstance(id, int) and not isinstance(id, bool))
 
 
 def _envelope_problem(message: Any, id: Any) -> str | None:
@@ -175,7 +179,7 @@ def _envelope_problem(message: Any, id: Any) -> str | None:
     if not isinstance(message.get("method"), str):
         return "a request must have a string method"
     if id is not _NO_ID and not _valid_id(id):
-        return "id must be a string, a number or null"
+        return "id must be a string, a finite number or null"
     if "params" in message and not isinstance(message["params"], (dict, list)):
         return "params must be an object or an array"
     return None

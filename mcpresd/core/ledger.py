@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import math
+from bisect import insort
 from collections.abc import Callable, Iterable, Sequence
 
 from mcpresd.core.errors import (
@@ -84,8 +85,8 @@ class Ledger:
         self._resources[resource.name] = resource
         if resource.uuid is not None:
             self._by_uuid[resource.uuid] = resource.name
-        self._by_type.setdefault(resource.type, []).append(resource.name)
-        self._by_type[resource.type].sort(key=lambda name: _order_key(self._resources[name]))
+        insort(self._by_type.setdefault(resource.type, []), resource.name,
+               key=lambda name: _order_key(self._resources[name]))
 
     def check_removable(self, name: str) -> Resource:
         resource = self.get(name)
@@ -119,10 +120,9 @@ class Ledger:
         self._resources[old.name] = resource
         if resource.uuid is not None:
             self._by_uuid[resource.uuid] = resource.name
-        if old.type is not resource.type:
-            self._by_type[old.type].remove(old.name)
-            self._by_type.setdefault(resource.type, []).append(resource.name)
-        self._by_type[resource.type].sort(key=lambda n: _order_key(self._resources[n]))
+        self._by_type[old.type].remove(old.name)
+        insort(self._by_type.setdefault(resource.type, []), resource.name,
+               key=lambda name: _order_key(self._resources[name]))
 
     # -- holdings ---------------------------------------------------------
 
@@ -256,4 +256,4 @@ def _merge(items: list[AllocationItem]) -> list[AllocationItem]:
     totals: dict[str, float] = {}
     for item in items:
         totals[item.resource] = totals.get(item.resource, 0.0) + item.amount
-    return [AllocationItem(name, amount) for name, amount in totals.items()]
+    return [AllocationItem(name, totals[name]) for name in sorted(totals)]

@@ -32,6 +32,7 @@ def grant(ledger: Ledger, *demands: tuple[str, float]) -> tuple[AllocationItem, 
 def test_a_request_for_several_resources_is_granted_whole() -> None:
     ledger = host()
     items = grant(ledger, ("cpu", 2), ("memory", 8 << 30), ("gpu", 1), ("licence", 1))
+    assert [i.resource for i in items] == sorted(i.resource for i in items)
     assert {i.resource: i.amount for i in items} == {"cpu": 2, "memory": 8 << 30, "gpu:0": 1, "licence": 1}
     assert ledger.free("cpu") == 2 and ledger.free("licence") == 1
 

@@ -1,0 +1,219 @@
+"""Foundation benchmark: throughput, latency, CLI wall time and daemon memory.
+
+Run:  .venv/bin/python bench/bench_foundation.py [--quick]
+
+It starts mcpresd on temporary paths and prints:
+- durable allocate+release pairs per second, and allocate p50/p99 latency,
+  over persistent connections at 1 and 200 concurrent clients;
+- whole-process `mcpctl allocate` and `mcpctl release` wall time (median of 20)
+  from a non-editable install in its own virtualenv, beside `python -c pass`
+  from the same interpreter;
+- daemon RSS idle and with 10,000 custom resources.
+Every load loop is bounded in count and time. Figures are medians unless named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURE = ROOT / "tests" / "fixtures" / "h100-nvml-capture.json"
+
+
+def start_daemon(tmp: Path, python: str, config: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(tmp / "bench.sock")
+    cfg = tmp / "bench.toml"
+    cfg.write_text(config)
+    proc = subprocess.Popen(
+        [python, "-m", "mcpresd", "--config", str(cfg), "--socket", sock, "--db", str(tmp / "bench.db"),
+         "--gpu-replay", str(CAPTURE), "--log-level", "warning"],
+        cwd=tmp,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(sock)
+            return proc, sock
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("daemon did not start")
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- load clients (run in worker processes) ----------------------------------
+
+ALLOC = b'{"jsonrpc":"2.0","id":1,"method":"allocate","params":{"resources":[{"resource":"slots","amount":1}]}}\n'
+
+
+async def _client(sock_path: str, until: float, max_pairs: int, latencies: list[float]) -> int:
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    pairs = 0
+    try:
+        while pairs < max_pairs and time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(ALLOC)
+            reply = await reader.readline()
+            latencies.append(time.perf_counter() - started)
+            at = reply.find(b'"result":{"id":"')
+            if at < 0:
+                raise RuntimeError(f"allocate failed: {reply[:300]!r}")
+            allocation_id = reply[at + 16 : reply.index(b'"', at + 16)]
+            writer.write(b'{"jsonrpc":"2.0","id":2,"method":"release","params":{"id":"%s"}}\n' % allocation_id)
+            release = await reader.readline()
+            if b'"result"' not in release:
+                raise RuntimeError(f"release failed: {release[:300]!r}")
+            pairs += 1
+    finally:
+        writer.close()
+    return pairs
+
+
+def _worker(sock_path: str, clients: int, seconds: float, max_pairs: int, start_at: float,
+            out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def main() -> tuple[int, list[float]]:
+        latencies: list[float] = []
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        until = time.perf_counter() + seconds
+        counts = await asyncio.gather(*(_client(sock_path, until, max_pairs, latencies) for _ in range(clients)))
+        return sum(counts), latencies
+
+    out.put(asyncio.run(main()))
+
+
+def load(sock_path: str, clients: int, seconds: float, processes: int) -> dict[str, float]:
+    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    per_process = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    start_at = time.time() + 0.5
+    workers = [multiprocessing.Process(target=_worker, args=(sock_path, n, seconds, 200_000, start_at, queue))
+               for n in per_process if n]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 60) for _ in workers]
+    for worker in workers:
+        worker.join(10)
+    pairs = sum(r[0] for r in results)
+    latencies = sorted(x for r in results for x in r[1])
+    return {
+        "clients": clients,
+        "pairs_per_s": pairs / seconds,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+    }
+
+
+# -- whole-process CLI timings ------------------------------------------------
+
+
+def bench_venv(path: Path) -> Path:
+    python = path / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True)
+    else:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
+                       check=True)
+    return python
+
+
+def wall(argv: list[str], runs: int, env: dict[str, str]) -> tuple[float, list[str]]:
+    times = []
+    outputs = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
+        times.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv} failed: {done.stderr}")
+        outputs.append(done.stdout.strip())
+    return statistics.median(times) * 1000, outputs
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--quick", action="store_true", help="shorter runs (CI smoke)")
+    cli.add_argument("--venv", default=str(ROOT / "bench" / ".venv"), help="venv for the non-editable install")
+    args = cli.parse_args()
+    seconds = 2.0 if args.quick else 5.0
+    python = str(bench_venv(Path(args.venv)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    with tempfile.TemporaryDirectory() as tmp_text:
+        tmp = Path(tmp_text)
+        proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
+        try:
+            time.sleep(0.5)
+            idle_rss = rss_mib(proc.pid)
+            print(f"python: {python}")
+            print(f"machine: {os.cpu_count()} CPUs")
+            for clients, processes in ((1, 1), (200, 2)):
+                result = load(sock, clients, seconds, processes)
+                print(f"persistent connections, {clients:>3} client(s): {result['pairs_per_s']:>8.0f} "
+                      f"durable allocate+release/s  allocate p50 {result['p50_ms']:.3f} ms  "
+                      f"p99 {result['p99_ms']:.3f} ms")
+            env["MCPRES_SOCKET"] = sock
+            bindir = Path(python).parent
+            pass_ms, _ = wall([python, "-c", "pass"], 20, env)
+            alloc_ms, ids = wall([str(bindir / "mcpctl"), "allocate", "--res", "slots=1"], 20, env)
+            release_ms = statistics.median(
+                wall([str(bindir / "mcpctl"), "release", allocation_id], 1, env)[0] for allocation_id in ids)
+            print(f"whole process (median of 20): python -c pass {pass_ms:.1f} ms  "
+                  f"mcpctl allocate {alloc_ms:.1f} ms  mcpctl release {release_ms:.1f} ms")
+            print(f"daemon RSS idle: {idle_rss:.1f} MiB")
+        finally:
+            stop_daemon(proc)
+
+        proc, sock = start_daemon(tmp / "big" if (tmp / "big").mkdir() is None else tmp, python)
+        try:
+            started = time.perf_counter()
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(sock)
+                stream = conn.makefile("rwb")
+                batch = []
+                for index in range(10_000):
+                    batch.append({"jsonrpc": "2.0", "id": index, "method": "resources.add",
+                                  "params": {"name": f"res-{index}", "capacity": 4}})
+                    if len(batch) == 500:
+                        stream.write(json.dumps(batch).encode() + b"\n")
+                        stream.flush()
+                        replies = json.loads(stream.readline())
+                        assert all("result" in r for r in replies), replies[:1]
+                        batch = []
+            elapsed = time.perf_counter() - started
+            time.sleep(0.5)
+            print(f"daemon RSS with 10,000 custom resources: {rss_mib(proc.pid):.1f} MiB "
+                  f"(registered in {elapsed:.1f} s)")
+        finally:
+            stop_daemon(proc)
+
+
+if __name__ == "__main__":
+    main()
