@@ -5,7 +5,7 @@
 | 0    | success                                                     |
 | 1    | error: the daemon refused the request (see the message)     |
 | 2    | usage: bad options or arguments                             |
-| 3    | not available now: the request does not fit (or timed out) |
+| 3    | not available now: the request does not fit right now       |
 | 4    | permission denied                                           |
 | 5    | the daemon is unreachable (not running, wrong --socket)     |
 """

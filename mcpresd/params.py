@@ -268,7 +268,9 @@ def add_resource(params: Any) -> AddResourceCommand:
     assert capacity is not None
     if capacity <= 0:
         raise InvalidParams(f"capacity must be greater than 0, got {capacity:g}", "capacity")
-    labels = fields.params.get("labels") or {}
+    labels = fields.params.get("labels")
+    if labels is None:
+        labels = {}
     if not isinstance(labels, dict):
         raise InvalidParams("labels must be an object of simple values", "labels")
     for key, value in labels.items():

@@ -22,7 +22,6 @@ from mcpresd import __version__
 VERSION = __version__
 JSONRPC = "2.0"
 MAX_MESSAGE_BYTES = 1024 * 1024
-MAX_NESTING = 32
 MAX_BATCH = 1000
 MAX_NAME_LENGTH = 200
 MAX_TEXT_LENGTH = 1000

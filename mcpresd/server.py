@@ -165,6 +165,7 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
+    _check_directory(directory)
     _remove_if_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
@@ -179,6 +180,22 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     sock.listen(4096)
     sock.setblocking(False)
     return sock
+
+
+class UnsafeDirectory(RuntimeError):
+    """The socket's directory could be changed by another user."""
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a directory another user owns or may write to (they could swap the socket for theirs)."""
+    info = os.stat(directory)
+    if info.st_uid not in (os.getuid(), 0):
+        raise UnsafeDirectory(f"{directory} belongs to uid {info.st_uid}, not to you; choose another --socket")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectory(
+            f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"run `chmod go-w {directory}` or choose another --socket"
+        )
 
 
 def _remove_if_stale(path: str) -> None:

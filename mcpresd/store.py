@@ -206,6 +206,10 @@ class Store:
             (now, reason, allocation_id),
         )
 
+    def last_allocation_id(self) -> str | None:
+        row = self.conn.execute("SELECT max(id) FROM allocations").fetchone()
+        return None if row is None else row[0]
+
     def request_digest(self, allocation_id: str) -> str | None:
         row = self.conn.execute("SELECT request_digest FROM allocations WHERE id = ?", (allocation_id,)).fetchone()
         return None if row is None else row[0]
@@ -285,7 +289,7 @@ class Store:
     ) -> None:
         self.conn.execute(
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (now, kind, allocation_id, resource, uid, json.dumps(detail or {}, separators=(",", ":"))),
+            (now, kind, allocation_id, resource, uid, json.dumps(detail, separators=(",", ":")) if detail else "{}"),
         )
 
     def list_events(self, after_id: int, limit: int, allocation_id: str | None = None) -> list[dict[str, Any]]:
@@ -294,10 +298,14 @@ class Store:
         if allocation_id is not None:
             where += " AND allocation_id = ?"
             args.append(allocation_id)
+        # From a cursor: the oldest events after it (so a reader can page forward); else the newest ones.
+        order = "ASC" if after_id else "DESC"
         rows = self.conn.execute(
-            f"SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events {where} ORDER BY id DESC LIMIT ?",
+            f"SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events {where} ORDER BY id {order} LIMIT ?",
             (*args, limit),
         ).fetchall()
+        if order == "ASC":
+            rows.reverse()
         return [
             {
                 "id": row[0],

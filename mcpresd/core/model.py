@@ -63,3 +63,11 @@ class Allocation:
     @property
     def is_active(self) -> bool:
         return self.state is AllocationState.ACTIVE
+
+    def released(self, now: float, reason: str) -> Allocation:
+        # Spelled out rather than dataclasses.replace: this is on the release path and replace() is ~5x slower.
+        return Allocation(
+            self.id, AllocationState.RELEASED, self.items, self.priority, self.owner_uid, self.created_at,
+            self.tool_id, self.execution_id, self.idempotency_key, self.requester_pid, self.holder_pid,
+            self.holder_start, now, reason,
+        )
