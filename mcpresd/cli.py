@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mcpresd: {error}", file=sys.stderr)
         return 2
+    # The daemon serves a Unix socket and never speaks TLS: keep asyncio from loading OpenSSL (~4 MiB of RSS).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from mcpresd.daemon import run
 
     return run(config)

@@ -153,7 +153,7 @@ def check_text(value: Any, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidParams(f"{field} is not valid Unicode (lone surrogate)", field) from None
-    if any(ord(c) < 32 for c in value):
+    if not value.isprintable() and any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidParams(f"{field} must not contain control characters", field)
     return value
 
@@ -181,11 +181,13 @@ def no_params(params: Any) -> NoParams:
     return NoParams()
 
 
+_ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid"})
+_DEMAND_FIELDS = frozenset({"resource", "amount"})
+_PRIORITIES = {p.value: p for p in Priority}
+
+
 def allocate(params: Any) -> AllocateCommand:
-    fields = _Fields(
-        params,
-        frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid"}),
-    )
+    fields = _Fields(params, _ALLOCATE_FIELDS)
     raw = fields.params.get("resources")
     if not isinstance(raw, list) or not raw:
         raise InvalidParams("resources must be a non-empty array of {resource, amount}", "resources")
@@ -194,7 +196,7 @@ def allocate(params: Any) -> AllocateCommand:
     demands = []
     for index, entry in enumerate(raw):
         where = f"resources[{index}]"
-        if not isinstance(entry, dict) or set(entry) - {"resource", "amount"}:
+        if not isinstance(entry, dict) or not _DEMAND_FIELDS.issuperset(entry):
             raise InvalidParams(f"{where} must be an object with fields resource and amount", where)
         selector = check_text(entry.get("resource"), f"{where}.resource", MAX_NAME_LENGTH)
         amount = entry.get("amount")
@@ -204,12 +206,9 @@ def allocate(params: Any) -> AllocateCommand:
             raise InvalidParams(f"{where}.amount must be greater than 0, got {amount!r}", f"{where}.amount")
         demands.append(Demand(selector, float(amount)))
     priority_text = fields.text("priority") or Priority.NORMAL.value
-    try:
-        priority = Priority(priority_text)
-    except ValueError:
-        raise InvalidParams(
-            f"priority must be one of {', '.join(p.value for p in Priority)}, got {priority_text!r}", "priority"
-        ) from None
+    priority = _PRIORITIES.get(priority_text)
+    if priority is None:
+        raise InvalidParams(f"priority must be one of {', '.join(_PRIORITIES)}, got {priority_text!r}", "priority")
     holder = fields.params.get("holder_pid")
     if holder is not None and (isinstance(holder, bool) or not isinstance(holder, int) or not 0 < holder < 1 << 31):
         raise InvalidParams(f"holder_pid must be a positive process id, got {_describe(holder)}", "holder_pid")

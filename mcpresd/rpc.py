@@ -95,7 +95,7 @@ class Dispatcher:
 
     async def handle_line(self, line: bytes, caller: Caller) -> bytes | None:
         try:
-            message = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+            message = _DECODER.decode(line.decode("utf-8"))
         except UnicodeDecodeError as error:
             return encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid UTF-8 ({error.reason})"))
         except RecursionError:
@@ -158,6 +158,9 @@ class Dispatcher:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,8 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,7 +77,7 @@ class AllocationIds:
         ms = max(int(self._clock() * 1000), self._last_ms)
         if ms != self._last_ms:
             self._last_ms = ms
-            self._sequence = secrets.randbits(19)
+            self._sequence = int.from_bytes(os.urandom(3), "big") >> 5
         else:
             self._sequence += 1
             if self._sequence >= 1 << 20:
@@ -348,7 +346,8 @@ def _may_manage(caller: Caller, allocation: Allocation) -> bool:
 
 
 def _digest(command: p.AllocateCommand) -> str:
-    canonical = json.dumps(
+    """The request in canonical form, kept beside its idempotency key to spot a key reused for another request."""
+    return json.dumps(
         [
             sorted((d.selector, d.amount) for d in command.demands),
             command.priority.value,
@@ -357,4 +356,3 @@ def _digest(command: p.AllocateCommand) -> str:
         ],
         separators=(",", ":"),
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

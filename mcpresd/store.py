@@ -73,15 +73,20 @@ CREATE INDEX events_by_allocation ON events (allocation_id) WHERE allocation_id 
 """
 
 
+def m001_initial_schema(db: Any) -> None:
+    db.executescript(SCHEMA_V1)
+
+
+# Registered in order; never edit one that has shipped, add the next.
+MIGRATIONS = (m001_initial_schema,)
+
+
 def _migrations() -> Any:
     from sqlite_utils import Migrations
 
     migrations = Migrations(MIGRATIONS_NAME)
-
-    @migrations()
-    def m001_initial_schema(db: Any) -> None:
-        db.executescript(SCHEMA_V1)
-
+    for migration in MIGRATIONS:
+        migrations()(migration)
     return migrations
 
 
@@ -104,9 +109,20 @@ class Store:
         self._migrate()
 
     def _migrate(self) -> None:
+        if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
+            return  # nothing to do: skip importing sqlite_utils (~5 MiB of RSS and ~60 ms of start-up)
         from sqlite_utils import Database
 
         _migrations().apply(Database(self.conn))
+
+    def _applied_migrations(self) -> set[str]:
+        try:
+            rows = self.conn.execute(
+                "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATIONS_NAME,)
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return set()
+        return {row[0] for row in rows}
 
     def close(self) -> None:
         self.conn.close()

@@ -1,0 +1,41 @@
+"""The store: migrations are registered, applied once, and recorded by sqlite-utils."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, Store
+
+
+def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    Store(path).close()
+    rows = sqlite3.connect(path).execute(
+        "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATIONS_NAME,)).fetchall()
+    assert [r[0] for r in rows] == [m.__name__ for m in MIGRATIONS]
+
+
+def test_the_database_is_durable_wal_with_full_sync(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    store.close()
+
+
+def test_check_constraints_back_the_rules(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    for statement in (
+        "INSERT INTO resources VALUES ('x', 'custom', 0, 'u', '{}', NULL, NULL, 'api', 0)",
+        "INSERT INTO resources VALUES ('x', 'bogus', 1, 'u', '{}', NULL, NULL, 'api', 0)",
+        "INSERT INTO allocations (id, state, priority, owner_uid, created_at) VALUES ('a', 'active', 'urgent', 0, 0)",
+        "INSERT INTO allocations (id, state, priority, owner_uid, created_at, released_at)"
+        " VALUES ('a', 'active', 'low', 0, 0, 1)",
+    ):
+        try:
+            store.conn.execute(statement)
+        except sqlite3.IntegrityError:
+            continue
+        raise AssertionError(f"accepted: {statement}")
+    store.close()
