@@ -93,7 +93,7 @@ def _allocate(socket_path: str, args: list[str]) -> int | None:
     holder_text = values.pop("holder_pid", None)
     holder_pid = None
     if holder_text is not None:
-        if not holder_text.isdigit():
+        if not holder_text.isdigit() or int(holder_text) < 1:
             return None
         holder_pid = int(holder_text)
     options = AllocateOptions(
