@@ -21,7 +21,7 @@ from mcpresd.protocol import MAX_MESSAGE_BYTES
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
-from mcpresd.server import Server, StoreThread, bind_unix_socket, remove_socket
+from mcpresd.server import BACKLOG, Server, StoreThread, bind_unix_socket, remove_socket
 from mcpresd.service import Broker
 from mcpresd.store import Store
 
@@ -89,7 +89,7 @@ class Daemon:
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
         # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
         inode = os.lstat(self.config.socket).st_ino
-        listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=MAX_MESSAGE_BYTES)
+        listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=MAX_MESSAGE_BYTES, backlog=BACKLOG)
         try:
             assert store_thread.broker is not None
             log.info(

@@ -37,6 +37,8 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.server")
 
 MAX_GROUP = 512
+# asyncio re-listens with its own default of 100 unless told: a burst of clients would be refused.
+BACKLOG = 4096
 _STOP = object()
 _Outcome = tuple["asyncio.Future[Any]", bool, Any]
 
@@ -177,7 +179,7 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
-    sock.listen(4096)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
