@@ -182,16 +182,23 @@ def main() -> None:
             env["MCPRES_SOCKET"] = sock
             bindir = Path(python).parent
             pass_ms, _ = wall([python, "-c", "pass"], 20, env)
+            floor_ms, _ = wall([python, "-c", "import json, socket"], 20, env)
             alloc_ms, ids = wall([str(bindir / "mcpctl"), "allocate", "--res", "slots=1"], 20, env)
             release_ms = statistics.median(
                 wall([str(bindir / "mcpctl"), "release", allocation_id], 1, env)[0] for allocation_id in ids)
             print(f"whole process (median of 20): python -c pass {pass_ms:.1f} ms  "
+                  f"python -c 'import json, socket' {floor_ms:.1f} ms  "
                   f"mcpctl allocate {alloc_ms:.1f} ms  mcpctl release {release_ms:.1f} ms")
-            print(f"daemon RSS idle: {idle_rss:.1f} MiB")
+            print(f"daemon RSS idle, first start (migrations applied): {idle_rss:.1f} MiB")
         finally:
             stop_daemon(proc)
+        proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
+        time.sleep(0.5)
+        print(f"daemon RSS idle, restarted: {rss_mib(proc.pid):.1f} MiB")
+        stop_daemon(proc)
 
-        proc, sock = start_daemon(tmp / "big" if (tmp / "big").mkdir() is None else tmp, python)
+        (tmp / "big").mkdir()
+        proc, sock = start_daemon(tmp / "big", python)
         try:
             started = time.perf_counter()
             with socket.socket(socket.AF_UNIX) as conn:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from mcpresd.protocol import JSONRPC, MAX_MESSAGE_BYTES
 

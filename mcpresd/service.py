@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcpresd import params as p
 from mcpresd.core.errors import (
@@ -31,16 +31,11 @@ from mcpresd.core.errors import (
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, Resource
 from mcpresd.holders import is_alive, process_start_time
-from mcpresd.protocol import (
-    VERSION,
-    AllocationDict,
-    AllocationState,
-    ItemDict,
-    ResourceDict,
-    ResourceType,
-    StatusDict,
-)
+from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store, items_of
+
+if TYPE_CHECKING:
+    from mcpresd.protocol import AllocationDict, ItemDict, ResourceDict, StatusDict
 
 
 @dataclass(frozen=True)
