@@ -16,7 +16,8 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.rpc")
 
 StoreJob = Callable[[Broker], Any]
-Submit = Callable[[StoreJob], Awaitable[Any]]
+Submit = Callable[[StoreJob], "asyncio.Future[Any]"]
 
 
 @dataclass(frozen=True)
@@ -86,74 +87,130 @@ def encode(message: Any) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
 
+Reply = Callable[[bytes | None], None]
+Done = Callable[["dict[str, Any] | None"], None]
+
+
 class Dispatcher:
-    """Turns one line from a client into at most one line back."""
+    """Turns one line from a client into at most one line back, through a callback.
+
+    Callback-based rather than a coroutine per request: a store job's future calls
+    back when its transaction has committed, which costs far less than a task.
+    `reply` is called exactly once per line, with None when nothing is to be sent.
+    """
 
     def __init__(self, submit: Submit, discover: Callable[[], list[Resource]]) -> None:
         self._submit = submit
         self._discover = discover
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def handle_line(self, line: bytes, caller: Caller) -> bytes | None:
+    def handle_line(self, line: bytes, caller: Caller, reply: Reply) -> None:
         try:
             message = _DECODER.decode(line.decode("utf-8"))
         except UnicodeDecodeError as error:
-            return encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid UTF-8 ({error.reason})"))
+            reply(encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid UTF-8 ({error.reason})")))
+            return
         except RecursionError:
-            return encode(error_response(None, ErrorCode.PARSE_ERROR, "message is nested too deeply"))
+            reply(encode(error_response(None, ErrorCode.PARSE_ERROR, "message is nested too deeply")))
+            return
         except ValueError as error:
-            return encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid JSON ({error})"))
-        if isinstance(message, list):
-            return await self._handle_batch(message, caller)
-        response = await self.handle_message(message, caller)
-        return None if response is None else encode(response)
+            reply(encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid JSON ({error})")))
+            return
+        if not isinstance(message, list):
+            self.handle_message(message, caller, lambda response: reply(None if response is None else encode(response)))
+        elif not message:
+            reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, "an empty batch is not a request")))
+        elif len(message) > MAX_BATCH:
+            reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, f"a batch holds at most {MAX_BATCH} requests")))
+        else:
+            _Batch(message, caller, self, reply)
 
-    async def _handle_batch(self, batch: list[Any], caller: Caller) -> bytes | None:
-        if not batch:
-            return encode(error_response(None, ErrorCode.INVALID_REQUEST, "an empty batch is not a request"))
-        if len(batch) > MAX_BATCH:
-            return encode(error_response(None, ErrorCode.INVALID_REQUEST, f"a batch holds at most {MAX_BATCH} requests"))
-        responses = await asyncio.gather(*(self.handle_message(m, caller) for m in batch))
-        replies = [r for r in responses if r is not None]
-        return encode(replies) if replies else None
-
-    async def handle_message(self, message: Any, caller: Caller) -> dict[str, Any] | None:
+    def handle_message(self, message: Any, caller: Caller, done: Done) -> None:
         id = message.get("id", _NO_ID) if isinstance(message, dict) else _NO_ID
         problem = _envelope_problem(message, id)
         if problem is not None:
-            return error_response(None if id is _NO_ID or not _valid_id(id) else id, ErrorCode.INVALID_REQUEST, problem)
-        result = await self._call(message["method"], message.get("params"), caller)
-        if id is _NO_ID:
-            return None
-        if isinstance(result, _Failure):
-            return {"jsonrpc": JSONRPC, "id": id, "error": result.error}
-        return {"jsonrpc": JSONRPC, "id": id, "result": result}
+            done(error_response(None if id is _NO_ID or not _valid_id(id) else id, ErrorCode.INVALID_REQUEST, problem))
+            return
 
-    async def _call(self, method: str, raw_params: Any, caller: Caller) -> Any:
+        def finish(result: Any) -> None:
+            if id is _NO_ID:
+                done(None)
+            elif isinstance(result, _Failure):
+                done({"jsonrpc": JSONRPC, "id": id, "error": result.error})
+            else:
+                done({"jsonrpc": JSONRPC, "id": id, "result": result})
+
+        self._call(message["method"], message.get("params"), caller, finish)
+
+    def _call(self, method: str, raw_params: Any, caller: Caller, finish: Callable[[Any], None]) -> None:
         try:
             handler = HANDLERS[Method(method)]
         except ValueError:
-            return _Failure(error_object(ErrorCode.METHOD_NOT_FOUND, f"method not found: {method!r}"))
+            finish(_Failure(error_object(ErrorCode.METHOD_NOT_FOUND, f"method not found: {method!r}")))
+            return
         try:
             command = handler.parse(raw_params)
         except params.InvalidParams as error:
-            return _Failure(error_object(ErrorCode.INVALID_PARAMS, error.message, {"type": "InvalidParams",
-                                                                                   "field": error.field}))
+            finish(_Failure(error_object(ErrorCode.INVALID_PARAMS, error.message,
+                                         {"type": "InvalidParams", "field": error.field})))
+            return
+        run = handler.run
+        if handler.discovers:
+            task = asyncio.get_running_loop().create_task(self._discover_then(method, run, caller, finish))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        future = self._submit(lambda broker: run(broker, caller, command))
+        future.add_done_callback(lambda f: finish(_outcome(method, f)))
+
+    async def _discover_then(self, method: str, run: Callable[[Broker, Caller, Any], Any], caller: Caller,
+                             finish: Callable[[Any], None]) -> None:
         try:
-            if handler.discovers:
-                command = await asyncio.get_running_loop().run_in_executor(None, self._discover)
-            run = handler.run
-            return await self._submit(lambda broker: run(broker, caller, command))
-        except errors.DomainError as error:
-            return _Failure(error_object(ERROR_CODES[type(error)], error.message, {"type": type(error).__name__,
-                                                                                   **error.data}))
-        except StorageError as error:
-            log.error("storage error in %s: %s", method, error)
-            return _Failure(error_object(ErrorCode.STORAGE_ERROR, f"the database could not be written: {error}",
-                                         {"type": "StorageError"}))
+            discovered = await asyncio.get_running_loop().run_in_executor(None, self._discover)
         except Exception:
-            log.exception("internal error in %s", method)
-            return _Failure(error_object(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log",
-                                         {"type": "InternalError"}))
+            log.exception("discovery failed")
+            finish(_Failure(error_object(ErrorCode.INTERNAL_ERROR, "discovery failed; see the daemon's log",
+                                         {"type": "InternalError"})))
+            return
+        future = self._submit(lambda broker: run(broker, caller, discovered))
+        future.add_done_callback(lambda f: finish(_outcome(method, f)))
+
+
+class _Batch:
+    """Collects the replies of a batch and sends them as one array once all are in."""
+
+    def __init__(self, messages: list[Any], caller: Caller, dispatcher: Dispatcher, reply: Reply) -> None:
+        self._responses: list[dict[str, Any] | None] = [None] * len(messages)
+        self._left = len(messages)
+        self._reply = reply
+        for index, message in enumerate(messages):
+            dispatcher.handle_message(message, caller, partial(self._done, index))
+
+    def _done(self, index: int, response: dict[str, Any] | None) -> None:
+        self._responses[index] = response
+        self._left -= 1
+        if self._left == 0:
+            replies = [r for r in self._responses if r is not None]
+            self._reply(encode(replies) if replies else None)
+
+
+def _outcome(method: str, future: asyncio.Future[Any]) -> Any:
+    """A committed job's result, or its error translated at this one place."""
+    if future.cancelled():
+        return _Failure(error_object(ErrorCode.INTERNAL_ERROR, "the daemon is shutting down", {"type": "InternalError"}))
+    error = future.exception()
+    if error is None:
+        return future.result()
+    if isinstance(error, errors.DomainError):
+        return _Failure(error_object(ERROR_CODES[type(error)], error.message, {"type": type(error).__name__,
+                                                                               **error.data}))
+    if isinstance(error, StorageError):
+        log.error("storage error in %s: %s", method, error)
+        return _Failure(error_object(ErrorCode.STORAGE_ERROR, f"the database could not be written: {error}",
+                                     {"type": "StorageError"}))
+    log.error("internal error in %s", method, exc_info=error)
+    return _Failure(error_object(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log",
+                                 {"type": "InternalError"}))
 
 
 def _reject_constant(name: str) -> Any:

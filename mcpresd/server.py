@@ -25,7 +25,9 @@ import sqlite3
 import stat
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from mcpresd.core.errors import DomainError
@@ -239,73 +241,132 @@ def peer_credentials(sock: socket.socket | None) -> Caller:
 
 
 class Server:
-    """Serves JSON-RPC lines on accepted connections."""
+    """Accepts connections and tracks them, for shutdown and for what holds allocations."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
-        self._connections: set[asyncio.Task[None]] = set()
-        self._busy: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self.dispatcher = dispatcher
+        self.connections: set[Connection] = set()
+        self.closing = False
+
+    def protocol(self) -> Connection:
+        return Connection(self)
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, BrokenPipeError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        caller = peer_credentials(writer.get_extra_info("socket"))
-        dispatcher = self._dispatcher
-        task = asyncio.current_task()
-        assert task is not None
-        busy = self._busy
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as eof:
-                line = eof.partial
-                if not line.strip():
-                    return
-            except asyncio.LimitOverrunError:
-                writer.write(encode(error_response(
-                    None, ErrorCode.INVALID_REQUEST,
-                    f"message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection")))
-                await writer.drain()
-                return
-            if not line.strip():
-                continue
-            busy.add(task)
-            try:
-                response = await dispatcher.handle_line(line, caller)
-            finally:
-                busy.discard(task)
-            if response is not None:
-                writer.write(response)
-                await writer.drain()
-            if self._closing or (reader.at_eof() and not line.endswith(b"\n")):
-                return
+        return len(self.connections)
 
     async def close_all(self, timeout: float) -> None:
-        """Cancel idle connections, let those mid-request finish for up to `timeout` seconds."""
-        self._closing = True
-        for task in self._connections - self._busy:
-            task.cancel()
-        if not self._connections:
-            return
-        _, pending = await asyncio.wait(set(self._connections), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        """Stop reading everywhere, let requests in flight finish for up to `timeout` seconds, then close."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.stop_reading()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(c.in_flight for c in self.connections) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            connection.close()
+
+
+class _Slot:
+    __slots__ = ("data", "ready")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.ready = False
+
+
+class Connection(asyncio.Protocol):
+    """One client: splits its bytes into lines, dispatches each, writes the replies."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._dispatcher = server.dispatcher
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._eof = False
+        self._reading = True
+        self.in_flight = 0
+        self._slots: deque[_Slot] = deque()
+        self.caller = Caller(uid=-1, gid=-1, pid=None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.caller = peer_credentials(transport.get_extra_info("socket"))
+        self._server.connections.add(self)
+        if self._server.closing:
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        scanned = len(self._buffer)  # the kept partial line has no newline: search only the new bytes
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while True:
+            end = buffer.find(b"\n", scanned if start == 0 else start)
+            if end < 0:
+                break
+            if end - start > MAX_MESSAGE_BYTES:
+                self._too_long()
+                return
+            line = buffer[start:end]
+            start = end + 1
+            if line.strip():
+                self._dispatch(line)
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_MESSAGE_BYTES:
+            self._too_long()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        line, self._buffer = self._buffer, b""
+        if line.strip():
+            self._dispatch(line)  # a last message without its newline is still a message
+        if self.in_flight:
+            return True  # keep the transport open until the replies are written
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        self.stop_reading()  # the client is not reading its replies: stop taking requests from it
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._reading and not self._server.closing:
+            self._reading = True
+            self._transport.resume_reading()
+
+    def stop_reading(self) -> None:
+        if self._transport is not None and self._reading and not self._eof:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _dispatch(self, line: bytes) -> None:
+        self.in_flight += 1
+        slot = _Slot()
+        self._slots.append(slot)
+        self._dispatcher.handle_line(line, self.caller, partial(self._reply, slot))
+
+    def _reply(self, slot: _Slot, data: bytes | None) -> None:
+        # Replies leave in the order the requests came, whatever order they finished in.
+        slot.data, slot.ready = data, True
+        slots = self._slots
+        while slots and slots[0].ready:
+            done = slots.popleft()
+            self.in_flight -= 1
+            if done.data is not None and self._transport is not None:
+                self._transport.write(done.data)
+        if self._transport is not None and self.in_flight == 0 and (self._eof or self._server.closing):
+            self._transport.close()
+
+    def _too_long(self) -> None:
+        self._buffer = b""
+        if self._transport is not None:
+            self._transport.write(encode(error_response(
+                None, ErrorCode.INVALID_REQUEST, f"message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection")))
+            self._transport.close()
