@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 from mcpresd.config import Config
 from mcpresd.core.model import Resource
-from mcpresd.protocol import MAX_MESSAGE_BYTES
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
@@ -89,7 +88,7 @@ class Daemon:
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
         # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
         inode = os.lstat(self.config.socket).st_ino
-        listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=MAX_MESSAGE_BYTES, backlog=BACKLOG)
+        listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         try:
             assert store_thread.broker is not None
             log.info(
