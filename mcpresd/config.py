@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mcpresd.core.model import Resource
+from mcpresd.core.strategies import Strategy
+from mcpresd.service import Policy
 from mcpresd.params import InvalidParams, check_custom_name, check_text
-from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_size
+from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -38,6 +40,8 @@ class Config:
     default_link_bytes_per_s: float = 125_000_000.0
     log_level: str = "info"
     resources: tuple[Resource, ...] = ()
+    policy: Policy = Policy()
+    tick_interval: float = 0.25
 
 
 def default_database_path() -> str:
@@ -49,7 +53,8 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources"}
+         "log_level", "resources", "scheduler"}
+_SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval"}
 _RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
 
 
@@ -97,7 +102,53 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["log_level"] = _parse_log_level(data["log_level"], f"{path}: log_level")
     if "resources" in data:
         changes["resources"] = _resources(data["resources"], path)
+    if "scheduler" in data:
+        changes.update(_scheduler(data["scheduler"], path))
     return replace(config, **changes)
+
+
+def _scheduler(table: Any, path: Path) -> dict[str, Any]:
+    where = f"{path}: [scheduler]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _SCHEDULER_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_SCHEDULER_KEYS))})")
+    policy = Policy()
+    changes: dict[str, Any] = {}
+    if "aging_interval" in table:
+        policy = replace(policy, aging_interval=_duration(table["aging_interval"], f"{where} aging_interval"))
+    if "preempt_grace" in table:
+        policy = replace(policy, preempt_grace=_duration(table["preempt_grace"], f"{where} preempt_grace"))
+    if "preemption" in table:
+        if not isinstance(table["preemption"], bool):
+            raise ConfigError(f"{where} preemption must be true or false")
+        policy = replace(policy, preemption=table["preemption"])
+    if "default_strategy" in table:
+        try:
+            policy = replace(policy, default_strategy=Strategy(table["default_strategy"]).value)
+        except ValueError:
+            raise ConfigError(f"{where} default_strategy must be one of {', '.join(s.value for s in Strategy)}") from None
+    if "tick_interval" in table:
+        tick = _duration(table["tick_interval"], f"{where} tick_interval")
+        if not 0.01 <= tick <= 10:
+            raise ConfigError(f"{where} tick_interval must be between 10ms and 10s")
+        changes["tick_interval"] = tick
+    changes["policy"] = policy
+    return changes
+
+
+def _duration(value: Any, where: str) -> float:
+    if is_valid_number(value) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        try:
+            seconds = parse_duration(value)
+        except UnitError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if seconds is not None:
+            return seconds
+    raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h")
 
 
 def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:

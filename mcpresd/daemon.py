@@ -21,7 +21,8 @@ from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import BACKLOG, Server, StoreThread, bind_unix_socket, remove_socket
-from mcpresd.service import Broker
+from mcpresd.service import Broker, Outbox
+from mcpresd.watch import HolderWatch, send_signal
 from mcpresd.store import Store
 
 log = logging.getLogger("mcpresd")
@@ -46,6 +47,9 @@ class Daemon:
         self.clock = clock
         self.nvml: Nvml | None = None
         self.started = asyncio.Event()
+        self.server: Server | None = None
+        self.watch: HolderWatch | None = None
+        self.store_thread: StoreThread | None = None
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -71,20 +75,55 @@ class Daemon:
             socket_path=self.config.socket,
             gpu_source=self.nvml.source if self.nvml else "none",
             clock=self.clock,
+            policy=self.config.policy,
         )
         with store.transaction():
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
                 log.info("resources: %s", change)
-            for allocation_id in broker.reap_dead_holders("holder exited while the daemon was down"):
-                log.info("released %s: its holder exited while the daemon was down", allocation_id)
+            for allocation_id in broker.recover():
+                log.info("ended %s: its holder went away while the daemon was down", allocation_id)
         return broker
+
+    # -- what the loop does after each commit, and what it reports to the store --
+
+    def _committed(self, outbox: Outbox) -> None:
+        assert self.server is not None and self.watch is not None
+        self.server.publish(outbox.events)
+        for pid, start in outbox.watch:
+            self.watch.add(pid, start)
+        for pid, start, signum in outbox.signals:
+            send_signal(pid, start, signum)
+
+    def _submit_quietly(self, job: Callable[[Broker], object], what: str) -> None:
+        assert self.store_thread is not None
+
+        def logged(future: asyncio.Future[object]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.error("%s failed: %s", what, future.exception())
+
+        self.store_thread.submit(job).add_done_callback(logged)
+
+    def _holder_exited(self, pid: int, start: int | None) -> None:
+        self._submit_quietly(lambda broker: broker.holder_exited(pid, start), f"releasing for holder {pid}")
+
+    def _connection_closed(self, connection: int) -> None:
+        self._submit_quietly(lambda broker: broker.connection_closed(connection), "closing a connection")
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.tick_interval)
+            except TimeoutError:
+                self._submit_quietly(lambda broker: broker.tick(), "tick")
 
     async def serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
-        store_thread = StoreThread(self._make_broker)
+        self.watch = HolderWatch(loop, self._holder_exited)
+        self.store_thread = store_thread = StoreThread(self._make_broker, self._committed)
+        self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed)
         await loop.run_in_executor(None, store_thread.start, loop)
-        server = Server(Dispatcher(store_thread.submit, self.discover))
+        ticker = loop.create_task(self._tick(stop))
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
         # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
         inode = os.lstat(self.config.socket).st_ino
@@ -103,7 +142,9 @@ class Daemon:
             log.info("shutting down")
         finally:
             listener.close()
+            ticker.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
+            self.watch.close()
             remove_socket(self.config.socket, inode)
             await loop.run_in_executor(None, store_thread.stop)
             if self.nvml is not None:

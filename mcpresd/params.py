@@ -14,7 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mcpresd.core.model import Demand
+from mcpresd.core.constraints import parse_selector
+from mcpresd.core.errors import DomainError
+from mcpresd.core.model import Demand, Request
+from mcpresd.core.strategies import Strategy
 from mcpresd.protocol import (
     MAX_DEMANDS,
     MAX_NAME_LENGTH,
@@ -45,12 +48,43 @@ class NoParams:
 
 @dataclass(frozen=True)
 class AllocateCommand:
-    demands: tuple[Demand, ...]
+    request: Request
     priority: Priority
     tool_id: str | None
     execution_id: str | None
     idempotency_key: str | None
     holder_pid: int | None
+    wait: float | None = 0.0
+    detach: bool = False
+    ttl: float | None = None
+    preemptible: bool = False
+    signal_holder: bool = False
+
+    @property
+    def demands(self) -> tuple[Demand, ...]:
+        return self.request.demands
+
+
+@dataclass(frozen=True)
+class WaitCommand:
+    id: str
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class RenewCommand:
+    id: str
+    ttl: float | None
+
+
+@dataclass(frozen=True)
+class ExplainCommand:
+    id: str
+
+
+@dataclass(frozen=True)
+class SubscribeCommand:
+    after_id: int | None
 
 
 @dataclass(frozen=True)
@@ -131,6 +165,12 @@ class _Fields:
             raise InvalidParams(f"{name} must be at least {minimum:g}, got {value!r}", name)
         return float(value)
 
+    def flag(self, name: str) -> bool:
+        value = self.params.get(name, False)
+        if not isinstance(value, bool):
+            raise InvalidParams(f"{name} must be true or false, got {_describe(value)}", name)
+        return value
+
     def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
         value = self.params.get(name, default)
         if value is None:
@@ -181,8 +221,12 @@ def no_params(params: Any) -> NoParams:
     return NoParams()
 
 
-_ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid"})
-_DEMAND_FIELDS = frozenset({"resource", "amount"})
+_ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid",
+                              "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible",
+                              "signal_holder"})
+_DEMAND_FIELDS = frozenset({"resource", "amount", "max"})
+_STRATEGIES = {s.value: s for s in Strategy}
+MAX_WAIT_S = 365 * 86400.0
 _PRIORITIES = {p.value: p for p in Priority}
 
 
@@ -204,7 +248,11 @@ def allocate(params: Any) -> AllocateCommand:
             raise InvalidParams(f"{where}.amount must be a finite number, got {_describe(amount)}", f"{where}.amount")
         if amount <= 0:
             raise InvalidParams(f"{where}.amount must be greater than 0, got {amount!r}", f"{where}.amount")
-        demands.append(Demand(selector, float(amount)))
+        most = entry.get("max")
+        if most is not None and (not is_valid_number(most) or most < amount):
+            raise InvalidParams(f"{where}.max must be a finite number no less than amount, got {_describe(most)}",
+                                f"{where}.max")
+        demands.append(Demand(selector, float(amount), None if most is None else float(most)))
     priority_text = fields.text("priority") or Priority.NORMAL.value
     priority = _PRIORITIES.get(priority_text)
     if priority is None:
@@ -212,14 +260,72 @@ def allocate(params: Any) -> AllocateCommand:
     holder = fields.params.get("holder_pid")
     if holder is not None and (isinstance(holder, bool) or not isinstance(holder, int) or not 0 < holder < 1 << 31):
         raise InvalidParams(f"holder_pid must be a positive process id, got {_describe(holder)}", "holder_pid")
+    strategy_text = fields.text("strategy")
+    if strategy_text is not None and strategy_text not in _STRATEGIES:
+        raise InvalidParams(f"strategy must be one of {', '.join(_STRATEGIES)}, got {strategy_text!r}", "strategy")
+    selectors = fields.params.get("where") or []
+    if not isinstance(selectors, list) or len(selectors) > MAX_DEMANDS:
+        raise InvalidParams(f"where must be an array of at most {MAX_DEMANDS} selectors", "where")
+    for index, text in enumerate(selectors):
+        check_text(text, f"where[{index}]", MAX_NAME_LENGTH)
+        try:
+            parse_selector(text)
+        except DomainError as error:
+            raise InvalidParams(error.message, f"where[{index}]") from None
+    ttl = fields.number("ttl")
+    if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
+        raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
     return AllocateCommand(
-        demands=tuple(demands),
+        request=Request(tuple(demands), strategy_text, tuple(selectors), fields.number("max_cost", minimum=0)),
         priority=priority,
         tool_id=fields.text("tool_id", limit=MAX_NAME_LENGTH),
         execution_id=fields.text("execution_id", limit=MAX_NAME_LENGTH),
         idempotency_key=fields.text("idempotency_key", limit=MAX_NAME_LENGTH),
         holder_pid=holder,
+        wait=_wait(fields, "wait"),
+        detach=fields.flag("detach"),
+        ttl=ttl,
+        preemptible=fields.flag("preemptible"),
+        signal_holder=fields.flag("signal_holder"),
     )
+
+
+def _wait(fields: _Fields, name: str) -> float | None:
+    """Seconds to wait, 0 by default; the string "forever" for no limit."""
+    value = fields.params.get(name, 0)
+    if value == "forever":
+        return None
+    if not is_valid_number(value) or not 0 <= value <= MAX_WAIT_S:
+        raise InvalidParams(f'{name} must be seconds between 0 and {MAX_WAIT_S:g}, or "forever"; got {_describe(value)}',
+                            name)
+    return float(value)
+
+
+def wait_for(params: Any) -> WaitCommand:
+    fields = _Fields(params, frozenset({"id", "timeout"}))
+    return WaitCommand(id=_required_text(fields, "id"), timeout=_wait(fields, "timeout") if "timeout" in fields.params
+                       else None)
+
+
+def renew(params: Any) -> RenewCommand:
+    fields = _Fields(params, frozenset({"id", "ttl"}))
+    ttl = fields.number("ttl")
+    if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
+        raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
+    return RenewCommand(id=_required_text(fields, "id"), ttl=ttl)
+
+
+def explain(params: Any) -> ExplainCommand:
+    fields = _Fields(params, frozenset({"id"}))
+    return ExplainCommand(id=_required_text(fields, "id"))
+
+
+def subscribe(params: Any) -> SubscribeCommand:
+    fields = _Fields(params, frozenset({"after_id"}))
+    after = fields.params.get("after_id")
+    if after is None:
+        return SubscribeCommand(after_id=None)
+    return SubscribeCommand(after_id=fields.integer("after_id", 0, minimum=0, maximum=1 << 62))
 
 
 def release(params: Any) -> ReleaseCommand:
@@ -242,7 +348,8 @@ def list_allocations(params: Any) -> ListAllocationsCommand:
         try:
             state = AllocationState(state_text)
         except ValueError:
-            raise InvalidParams(f"state must be active, released or all, got {state_text!r}", "state") from None
+            raise InvalidParams(f"state must be one of {', '.join(s.value for s in AllocationState)} or all,"
+                                f" got {state_text!r}", "state") from None
     return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=100_000))
 
 

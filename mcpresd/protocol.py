@@ -45,7 +45,15 @@ class Method(StrEnum):
     RELEASE = "release"
     ALLOCATIONS_LIST = "allocations.list"
     ALLOCATIONS_GET = "allocations.get"
+    ALLOCATIONS_WAIT = "allocations.wait"
+    ALLOCATIONS_RENEW = "allocations.renew"
+    ALLOCATIONS_EXPLAIN = "allocations.explain"
     EVENTS_LIST = "events.list"
+    EVENTS_SUBSCRIBE = "events.subscribe"
+
+
+EVENT_NOTIFICATION = "event"
+"""Method name of the notifications a subscribed connection receives: params is one event."""
 
 
 class ErrorCode(IntEnum):
@@ -68,6 +76,8 @@ class ErrorCode(IntEnum):
     INVALID_HOLDER = 1009
     STORAGE_ERROR = 1010
     NEVER_FITS = 1011
+    WAIT_TIMEOUT = 1012
+    WITHDRAWN = 1013
 
 
 class Priority(StrEnum):
@@ -78,8 +88,10 @@ class Priority(StrEnum):
 
 
 class AllocationState(StrEnum):
+    QUEUED = "queued"
     ACTIVE = "active"
     RELEASED = "released"
+    WITHDRAWN = "withdrawn"
 
 
 class ResourceType(StrEnum):
@@ -145,9 +157,17 @@ if TYPE_CHECKING:
         owner_uid: int
         requester_pid: int | None
         holder_pid: int | None
+        holder: str
         created_at: float
+        granted_at: float | None
         released_at: float | None
         release_reason: str | None
+        wait_until: float | None
+        ttl_s: float | None
+        expires_at: float | None
+        preemptible: bool
+        preempt_at: float | None
+        request: dict[str, Any] | None
 
 
     class StatusDict(TypedDict):
@@ -159,6 +179,7 @@ if TYPE_CHECKING:
         resources: int
         allocations: dict[str, int]
         gpu_source: str
+        decision_cache: dict[str, int]
 
 
     class ErrorDict(TypedDict):
@@ -225,6 +246,41 @@ def parse_amount(text: str) -> float:
         return float(parse_size(text))
     if not math.isfinite(value) or value <= 0:
         raise UnitError(f"an amount must be a positive finite number, got {text!r}")
+    return value
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from `30`, `30s`, `10m`, `2h`, `1h30m`, `500ms`, `1d`; `forever` gives None (no limit)."""
+    raw = text.strip().lower()
+    if raw in ("forever", "inf", "infinite", "none"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+        number = ""
+        rest = raw
+        if not rest:
+            raise UnitError(f"not a duration: {text!r}") from None
+        while rest:
+            digits = len(rest) - len(rest.lstrip("0123456789."))
+            number, rest = rest[:digits], rest[digits:]
+            unit = "ms" if rest.startswith("ms") else rest[:1]
+            if not number or unit not in _DURATION_UNITS:
+                raise UnitError(
+                    f"not a duration: {text!r} (use seconds or a number with ms, s, m, h or d, e.g. 30s, 10m, 1h30m,"
+                    " or 'forever')"
+                ) from None
+            try:
+                value += float(number) * _DURATION_UNITS[unit]
+            except ValueError:
+                raise UnitError(f"not a duration: {text!r}") from None
+            rest = rest[len(unit):]
+    if not math.isfinite(value) or value < 0:
+        raise UnitError(f"a duration must be zero or more seconds, got {text!r}")
     return value
 
 

@@ -19,7 +19,7 @@ import math
 from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mcpresd import params
 from mcpresd.core import errors
@@ -36,9 +36,23 @@ Submit = Callable[[StoreJob], "asyncio.Future[Any]"]
 
 @dataclass(frozen=True)
 class Handler:
+    """How one method is served: parse its params, run it on the store; optionally wait or subscribe."""
+
     parse: Callable[[Any], Any]
-    run: Callable[[Broker, Caller, Any], Any]
+    run: Callable[..., Any]
     discovers: bool = False
+    waits: bool = False
+    subscribes: bool = False
+
+
+class Peer(Protocol):
+    """The connection a request came on: who sent it, and a way to push notifications to it."""
+
+    caller: Caller
+
+    def notify(self, data: bytes) -> None: ...
+
+    def subscribe(self) -> None: ...
 
 
 HANDLERS: dict[Method, Handler] = {
@@ -47,11 +61,15 @@ HANDLERS: dict[Method, Handler] = {
     Method.RESOURCES_ADD: Handler(params.add_resource, Broker.resources_add),
     Method.RESOURCES_REMOVE: Handler(params.remove_resource, Broker.resources_remove),
     Method.RESOURCES_REFRESH: Handler(params.no_params, Broker.resources_refresh, discovers=True),
-    Method.ALLOCATE: Handler(params.allocate, Broker.allocate),
+    Method.ALLOCATE: Handler(params.allocate, Broker.allocate, waits=True),
     Method.RELEASE: Handler(params.release, Broker.release),
     Method.ALLOCATIONS_LIST: Handler(params.list_allocations, Broker.allocations_list),
     Method.ALLOCATIONS_GET: Handler(params.get_allocation, Broker.allocations_get),
+    Method.ALLOCATIONS_WAIT: Handler(params.wait_for, Broker.allocations_wait, waits=True),
+    Method.ALLOCATIONS_RENEW: Handler(params.renew, Broker.allocations_renew),
+    Method.ALLOCATIONS_EXPLAIN: Handler(params.explain, Broker.allocations_explain),
     Method.EVENTS_LIST: Handler(params.list_events, Broker.events_list),
+    Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
 }
 
 ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
@@ -66,6 +84,8 @@ ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
     errors.IdempotencyConflict: ErrorCode.IDEMPOTENCY_CONFLICT,
     errors.PermissionDenied: ErrorCode.PERMISSION_DENIED,
     errors.InvalidHolder: ErrorCode.INVALID_HOLDER,
+    errors.WaitTimeout: ErrorCode.WAIT_TIMEOUT,
+    errors.Withdrawn: ErrorCode.WITHDRAWN,
 }
 
 _NO_ID = object()
@@ -104,7 +124,7 @@ class Dispatcher:
         self._discover = discover
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def handle_line(self, line: bytes, caller: Caller, reply: Reply) -> None:
+    def handle_line(self, line: bytes, peer: Peer, reply: Reply) -> None:
         try:
             message = _DECODER.decode(line.decode("utf-8"))
         except UnicodeDecodeError as error:
@@ -117,15 +137,15 @@ class Dispatcher:
             reply(encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid JSON ({error})")))
             return
         if not isinstance(message, list):
-            self.handle_message(message, caller, lambda response: reply(None if response is None else encode(response)))
+            self.handle_message(message, peer, lambda response: reply(None if response is None else encode(response)))
         elif not message:
             reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, "an empty batch is not a request")))
         elif len(message) > MAX_BATCH:
             reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, f"a batch holds at most {MAX_BATCH} requests")))
         else:
-            _Batch(message, caller, self, reply)
+            _Batch(message, peer, self, reply)
 
-    def handle_message(self, message: Any, caller: Caller, done: Done) -> None:
+    def handle_message(self, message: Any, peer: Peer, done: Done) -> None:
         id = message.get("id", _NO_ID) if isinstance(message, dict) else _NO_ID
         problem = _envelope_problem(message, id)
         if problem is not None:
@@ -140,9 +160,9 @@ class Dispatcher:
             else:
                 done({"jsonrpc": JSONRPC, "id": id, "result": result})
 
-        self._call(message["method"], message.get("params"), caller, finish)
+        self._call(message["method"], message.get("params"), peer, finish)
 
-    def _call(self, method: str, raw_params: Any, caller: Caller, finish: Callable[[Any], None]) -> None:
+    def _call(self, method: str, raw_params: Any, peer: Peer, finish: Callable[[Any], None]) -> None:
         try:
             handler = HANDLERS[Method(method)]
         except ValueError:
@@ -155,13 +175,43 @@ class Dispatcher:
                                          {"type": "InvalidParams", "field": error.field})))
             return
         run = handler.run
+        caller = peer.caller
         if handler.discovers:
             task = asyncio.get_running_loop().create_task(self._discover_then(method, run, caller, finish))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
+        if handler.waits:
+            self._call_and_wait(method, run, caller, command, finish)
+            return
         future = self._submit(lambda broker: run(broker, caller, command))
+        if handler.subscribes:
+            peer.subscribe()  # before the reply: no event committed after the reply's snapshot is missed
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
+
+    def _call_and_wait(self, method: str, run: Callable[..., Any], caller: Caller, command: Any,
+                       finish: Callable[[Any], None]) -> None:
+        """Run a job that may leave the request queued; then answer when it settles (or the wait times out)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        future = self._submit(lambda broker: run(broker, caller, command, waiter))
+
+        def first(f: asyncio.Future[Any]) -> None:
+            result = _outcome(method, f)
+            if isinstance(result, _Failure) or result.get("state") != "queued" or getattr(command, "detach", False):
+                finish(result)
+                return
+            timeout = getattr(command, "timeout", None)
+            timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter, result["id"])
+
+            def settled(w: asyncio.Future[Any]) -> None:
+                if timer is not None:
+                    timer.cancel()
+                finish(_outcome(method, w))
+
+            waiter.add_done_callback(settled)
+
+        future.add_done_callback(first)
 
     async def _discover_then(self, method: str, run: Callable[[Broker, Caller, Any], Any], caller: Caller,
                              finish: Callable[[Any], None]) -> None:
@@ -176,15 +226,21 @@ class Dispatcher:
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
 
 
+def _time_out(waiter: asyncio.Future[Any], allocation_id: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(errors.WaitTimeout(
+            f"still queued after the wait's timeout; {allocation_id} stays queued", id=allocation_id))
+
+
 class _Batch:
     """Collects the replies of a batch and sends them as one array once all are in."""
 
-    def __init__(self, messages: list[Any], caller: Caller, dispatcher: Dispatcher, reply: Reply) -> None:
+    def __init__(self, messages: list[Any], peer: Peer, dispatcher: Dispatcher, reply: Reply) -> None:
         self._responses: list[dict[str, Any] | None] = [None] * len(messages)
         self._left = len(messages)
         self._reply = reply
         for index, message in enumerate(messages):
-            dispatcher.handle_message(message, caller, partial(self._done, index))
+            dispatcher.handle_message(message, peer, partial(self._done, index))
 
     def _done(self, index: int, response: dict[str, Any] | None) -> None:
         self._responses[index] = response

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -31,9 +32,9 @@ from functools import partial
 from typing import Any
 
 from mcpresd.core.errors import DomainError
-from mcpresd.protocol import MAX_MESSAGE_BYTES, ErrorCode
+from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, ErrorCode
 from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
-from mcpresd.service import Broker, Caller
+from mcpresd.service import Broker, Caller, Outbox
 from mcpresd.store import StorageError
 
 log = logging.getLogger("mcpresd.server")
@@ -48,8 +49,9 @@ _Outcome = tuple["asyncio.Future[Any]", bool, Any]
 class StoreThread:
     """Owns the broker and its SQLite connection; runs jobs in grouped transactions."""
 
-    def __init__(self, make_broker: Callable[[], Broker]) -> None:
+    def __init__(self, make_broker: Callable[[], Broker], on_commit: Callable[[Outbox], None]) -> None:
         self._make_broker = make_broker
+        self._on_commit = on_commit
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mcpresd-store", daemon=True)
         self._ready = threading.Event()
@@ -83,6 +85,7 @@ class StoreThread:
             self._ready.set()
             return
         self._ready.set()
+        self._deliver([], self.broker.take_outbox())  # what start-up recovery found: holders to watch
         try:
             while True:
                 first = self._jobs.get()
@@ -99,7 +102,8 @@ class StoreThread:
                         stopping = True
                         break
                     batch.append(job)
-                self._deliver(self._run_batch(batch))
+                outcomes = self._run_batch(batch)
+                self._deliver(outcomes, self.broker.take_outbox())
                 if stopping:
                     break
         finally:
@@ -133,12 +137,18 @@ class StoreThread:
             log.error("rollback failed: %s", error)
         broker.reload()
 
-    def _deliver(self, outcomes: list[_Outcome]) -> None:
+    def _deliver(self, outcomes: list[_Outcome], outbox: Outbox) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_resolve, outcomes)
+            self._loop.call_soon_threadsafe(self._committed, outcomes, outbox)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
+
+    def _committed(self, outcomes: list[_Outcome], outbox: Outbox) -> None:
+        _resolve(outcomes)
+        if outbox:
+            _resolve([(waiter, not isinstance(outcome, BaseException), outcome) for waiter, outcome in outbox.settled])
+            self._on_commit(outbox)
 
 
 def _storage_error(error: Exception) -> Exception:
@@ -232,21 +242,36 @@ def remove_socket(path: str, inode: int) -> None:
         pass
 
 
-def peer_credentials(sock: socket.socket | None) -> Caller:
+def peer_credentials(sock: socket.socket | None, connection: int) -> Caller:
     if sock is None:
-        return Caller(uid=-1, gid=-1, pid=None)
+        return Caller(uid=-1, gid=-1, pid=None, connection=connection)
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
-    return Caller(uid=uid, gid=gid, pid=pid or None)
+    return Caller(uid=uid, gid=gid, pid=pid or None, connection=connection)
 
 
 class Server:
     """Accepts connections and tracks them, for shutdown and for what holds allocations."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[int], None] = lambda connection: None) -> None:
         self.dispatcher = dispatcher
         self.connections: set[Connection] = set()
+        self.subscribers: set[Connection] = set()
         self.closing = False
+        self.on_close = on_close
+        self._ids = itertools.count(1)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        """Push events to subscribed connections as JSON-RPC notifications."""
+        if not self.subscribers:
+            return
+        for event in events:
+            line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
+            for connection in list(self.subscribers):
+                connection.notify(line)
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -287,12 +312,13 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
-        self.caller = Caller(uid=-1, gid=-1, pid=None)
+        self.id = server.next_id()
+        self.caller = Caller(uid=-1, gid=-1, pid=None, connection=self.id)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self.caller = peer_credentials(transport.get_extra_info("socket"))
+        self.caller = peer_credentials(transport.get_extra_info("socket"), self.id)
         self._server.connections.add(self)
         if self._server.closing:
             self.close()
@@ -327,7 +353,16 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
+        self._server.subscribers.discard(self)
         self._transport = None
+        self._server.on_close(self.id)
+
+    def subscribe(self) -> None:
+        self._server.subscribers.add(self)
+
+    def notify(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def pause_writing(self) -> None:
         self.stop_reading()  # the client is not reading its replies: stop taking requests from it
@@ -350,7 +385,7 @@ class Connection(asyncio.Protocol):
         self.in_flight += 1
         slot = _Slot()
         self._slots.append(slot)
-        self._dispatcher.handle_line(line, self.caller, partial(self._reply, slot))
+        self._dispatcher.handle_line(line, self, partial(self._reply, slot))
 
     def _reply(self, slot: _Slot, data: bytes | None) -> None:
         # Replies leave in the order the requests came, whatever order they finished in.

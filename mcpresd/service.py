@@ -8,6 +8,10 @@ Rules:
 - The ledger mirrors the committed database. After a failed commit the owner
   calls `reload()`, which rebuilds it from the database.
 - `now` comes from the injected clock; ids from the injected id source.
+- What the event loop must act on after the commit (replies to waiting callers,
+  events for subscribers, holders to watch, signals to send) is collected in
+  `outbox` and handed over by the store thread only after the COMMIT.
+- After every change that can free capacity, `schedule()` serves the queue.
 """
 
 from __future__ import annotations
@@ -16,23 +20,30 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mcpresd import params as p
+from mcpresd.core import queue
 from mcpresd.core.errors import (
     AllocationNotFound,
     AlreadyReleased,
+    DomainError,
     IdempotencyConflict,
+    InsufficientCapacity,
     InvalidHolder,
+    InvalidRequest,
     ResourceExists,
     ResourceInUse,
+    WaitTimeout,
+    Withdrawn,
 )
-from mcpresd.core.ledger import Ledger
-from mcpresd.core.model import Allocation, Resource
+from mcpresd.core.ledger import Ledger, Observation
+from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, process_start_time
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
-from mcpresd.store import Store, items_of
+from mcpresd.store import Store
 
 if TYPE_CHECKING:
     from mcpresd.protocol import AllocationDict, ItemDict, ResourceDict, StatusDict
@@ -45,9 +56,33 @@ class Caller:
     uid: int
     gid: int
     pid: int | None
+    connection: int | None = None
 
 
 SYSTEM = Caller(uid=os.getuid(), gid=os.getgid(), pid=None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Scheduling settings from the config."""
+
+    aging_interval: float = 300.0
+    preemption: bool = False
+    preempt_grace: float = 10.0
+    default_strategy: str = "first-fit"
+
+
+@dataclass
+class Outbox:
+    """What the event loop must do once the transaction that produced it has committed."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    settled: list[tuple[Any, Any]] = field(default_factory=list)
+    watch: list[tuple[int, int | None]] = field(default_factory=list)
+    signals: list[tuple[int, int | None, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.settled or self.watch or self.signals)
 
 
 class AllocationIds:
@@ -92,22 +127,43 @@ class Broker:
         gpu_source: str = "none",
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] | None = None,
+        policy: Policy = Policy(),
     ) -> None:
         self.store = store
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
         self.gpu_source = gpu_source
+        self.policy = policy
         self.started_at = clock()
         self.ledger = Ledger()
-        self.active: dict[str, Allocation] = {}
+        self.live: dict[str, Allocation] = {}
+        self.outbox = Outbox()
+        # Loop-side futures of callers waiting for a queued request, and the connections that wait.
+        self._waiters: dict[str, list[Any]] = {}
+        self._attended: dict[str, set[int]] = {}
         self.reload()
 
     def reload(self) -> None:
-        """Rebuild the in-memory ledger and active allocations from committed state."""
-        active = self.store.load_active()
-        self.active = {allocation.id: allocation for allocation in active}
-        self.ledger = Ledger(self.store.load_resources(), items_of(active))
+        """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
+        live = self.store.load_live()
+        self.live = {allocation.id: allocation for allocation in live}
+        self.ledger = Ledger(self.store.load_resources(),
+                             (item for allocation in live if allocation.is_active for item in allocation.items))
+        self.ledger.default_strategy = self.policy.default_strategy
+        self.outbox = Outbox()
+
+    def take_outbox(self) -> Outbox:
+        outbox, self.outbox = self.outbox, Outbox()
+        return outbox
+
+    @property
+    def queued(self) -> list[Allocation]:
+        return [a for a in self.live.values() if a.is_queued]
+
+    @property
+    def active(self) -> list[Allocation]:
+        return [a for a in self.live.values() if a.is_active]
 
     # -- start-up ---------------------------------------------------------
 
@@ -131,7 +187,7 @@ class Broker:
                         changes.append(f"kept {resource.name}: {error.message}")
                         continue
                     self.store.update_resource(resource)
-                    self.store.insert_event(now, "resource.changed", resource=resource.name)
+                    self._event(now, "resource.changed", resource=resource.name)
                     changes.append(f"changed {resource.name}")
             for stale in [r for r in self.ledger.resources() if r.source == source and r.name not in names]:
                 try:
@@ -140,19 +196,27 @@ class Broker:
                     changes.append(f"kept {stale.name}: gone from the {source} set but still allocated")
                     continue
                 self.store.delete_resource(stale.name)
-                self.store.insert_event(now, "resource.removed", resource=stale.name, detail={"reason": source})
+                self._event(now, "resource.removed", resource=stale.name, detail={"reason": source})
                 changes.append(f"removed {stale.name}")
+        if changes:
+            self.schedule()
         return changes
 
-    def reap_dead_holders(self, reason: str) -> list[str]:
-        """Release active allocations whose holder process is gone (pid reuse included)."""
-        released = []
-        for allocation in list(self.active.values()):
-            if allocation.holder_pid is not None and not is_alive(allocation.holder_pid, allocation.holder_start):
-                self._release(allocation, "holder_exited", SYSTEM, detail={"holder_pid": allocation.holder_pid,
-                                                                             "why": reason})
-                released.append(allocation.id)
-        return released
+    def recover(self) -> list[str]:
+        """On start: end what lost its holder while the daemon was down, then watch the rest."""
+        ended = []
+        for allocation in list(self.live.values()):
+            if allocation.holder_kind is HolderKind.CONNECTION:
+                self._end(allocation, "connection_closed", detail={"why": "the daemon restarted"})
+                ended.append(allocation.id)
+            elif allocation.holder_pid is not None and not is_alive(allocation.holder_pid, allocation.holder_start):
+                self._end(allocation, "holder_exited", detail={"holder_pid": allocation.holder_pid,
+                                                               "why": "holder exited while the daemon was down"})
+                ended.append(allocation.id)
+            elif allocation.holder_pid is not None:
+                self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+        self.schedule()
+        return ended
 
     # -- daemon -----------------------------------------------------------
 
@@ -166,6 +230,7 @@ class Broker:
             "resources": len(self.ledger),
             "allocations": self.store.count_allocations(),
             "gpu_source": self.gpu_source,
+            "decision_cache": {"hits": self.ledger.cache_hits, "misses": self.ledger.cache_misses},
         }
 
     # -- resources --------------------------------------------------------
@@ -190,13 +255,15 @@ class Broker:
             source="api",
         )
         self._add_resource(resource, self.clock(), uid=caller.uid)
+        self.schedule()
         return self.resource_dict(resource)
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
         resource = self.ledger.check_removable(command.name)
         self.store.delete_resource(resource.name)
-        self.store.insert_event(self.clock(), "resource.removed", resource=resource.name, uid=caller.uid)
+        self._event(self.clock(), "resource.removed", resource=resource.name, uid=caller.uid)
         self.ledger.remove(resource.name)
+        self.schedule()
         return self.resource_dict(resource)
 
     def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
@@ -208,8 +275,14 @@ class Broker:
     def _add_resource(self, resource: Resource, now: float, uid: int | None = None) -> None:
         self.ledger.add(resource)
         self.store.insert_resource(resource, now)
-        self.store.insert_event(now, "resource.added", resource=resource.name, uid=uid,
-                                detail={"capacity": resource.capacity, "unit": resource.unit})
+        self._event(now, "resource.added", resource=resource.name, uid=uid,
+                    detail={"capacity": resource.capacity, "unit": resource.unit})
+
+    def observe(self, observations: dict[str, Observation]) -> None:
+        """Measured load from the samplers, for the least-loaded and performance strategies."""
+        for name, observation in observations.items():
+            if name in self.ledger:
+                self.ledger.observe(name, observation)
 
     def resource_dict(self, resource: Resource) -> ResourceDict:
         used = self.ledger.used(resource.name)
@@ -226,31 +299,36 @@ class Broker:
             "free": max(0.0, resource.capacity - used),
         }
 
-    # -- allocations ------------------------------------------------------
+    # -- allocating and the queue -----------------------------------------
 
-    def allocate(self, caller: Caller, command: p.AllocateCommand) -> AllocationDict:
+    def allocate(self, caller: Caller, command: p.AllocateCommand, waiter: Any = None) -> AllocationDict:
+        """Grant now, queue, or refuse. A queued, attended request answers `waiter` when it settles."""
         digest = None
         if command.idempotency_key is not None:
             digest = _digest(command)
             earlier = self.store.find_by_key(caller.uid, command.idempotency_key)
             if earlier is not None:
-                if self._digest_of(earlier.id) != digest:
+                if self.store.request_digest(earlier.id) != digest:
                     raise IdempotencyConflict(
                         f"idempotency key {command.idempotency_key!r} was used for a different request",
                         id=earlier.id,
                     )
+                earlier = self.live.get(earlier.id, earlier)
+                if earlier.is_queued and waiter is not None and not command.detach:
+                    self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
         holder_start = None
         if command.holder_pid is not None:
             holder_start = process_start_time(command.holder_pid)
             if holder_start is None:
                 raise InvalidHolder(f"holder process {command.holder_pid} does not exist", holder_pid=command.holder_pid)
-        items = self.ledger.plan(command.demands)
+        if command.signal_holder and command.holder_pid is None:
+            raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
         now = self.clock()
         allocation = Allocation(
             id=self.new_id(),
-            state=AllocationState.ACTIVE,
-            items=items,
+            state=AllocationState.QUEUED,
+            items=(),
             priority=command.priority,
             owner_uid=caller.uid,
             created_at=now,
@@ -260,51 +338,276 @@ class Broker:
             requester_pid=caller.pid,
             holder_pid=command.holder_pid,
             holder_start=holder_start,
+            request=command.request,
+            holder_kind=HolderKind.PID if command.holder_pid is not None else HolderKind.CONNECTION,
+            connection_id=caller.connection,
+            wait_until=None if command.wait is None else now + command.wait,
+            ttl_s=command.ttl,
+            preemptible=command.preemptible,
+            signal_holder=command.signal_holder,
         )
+        items = self._grant_now(allocation)
+        if items is not None:
+            granted = allocation.granted(items, now)
+            self.store.insert_allocation(granted, digest)
+            self._start(granted, "allocated")
+            return self.allocation_dict(granted)
+        if command.wait == 0:
+            self.ledger.plan_request(command.request)  # raises why it does not fit (or never can)
+            raise InsufficientCapacity("it fits, but requests queued before it keep what it needs",
+                                       shortfalls=[], queued=len(self.queued))
+        try:
+            self.ledger.plan_request(command.request)  # a request that can never fit is refused, not queued
+        except InsufficientCapacity:
+            pass
         self.store.insert_allocation(allocation, digest)
-        self.store.insert_event(now, "allocated", allocation_id=allocation.id, uid=caller.uid)
-        self.ledger.hold(items)
-        self.active[allocation.id] = allocation
-        return self.allocation_dict(allocation)
+        self.live[allocation.id] = allocation
+        self._event(now, "queued", allocation_id=allocation.id, uid=caller.uid,
+                    detail={"position": self._position(allocation)})
+        if allocation.holder_pid is not None:
+            self.outbox.watch.append((allocation.holder_pid, holder_start))
+        if waiter is not None and not command.detach:
+            self._attend(allocation.id, caller, waiter)
+        self.schedule()
+        return self.allocation_dict(self.live.get(allocation.id, allocation))
 
-    def _digest_of(self, allocation_id: str) -> str | None:
-        return self.store.request_digest(allocation_id)
+    def _grant_now(self, allocation: Allocation) -> tuple[AllocationItem, ...] | None:
+        """Items if the request may be granted at once: it fits and no queued request is served before it."""
+        assert allocation.request is not None
+        if self.queued:
+            ledger, now = self.ledger, self.clock()
+            result = queue.schedule(ledger, [*self.queued, allocation], now, self.policy.aging_interval)
+            for grant in result.grants:
+                ledger.unhold(grant.items)  # a dry run: schedule() below applies the others for real
+            mine = [g.items for g in result.grants if g.allocation.id == allocation.id]
+            return mine[0] if mine else None
+        try:
+            return self.ledger.plan_request(allocation.request)
+        except InsufficientCapacity:
+            return None
+
+    def _attend(self, allocation_id: str, caller: Caller, waiter: Any) -> None:
+        self._waiters.setdefault(allocation_id, []).append(waiter)
+        if caller.connection is not None:
+            self._attended.setdefault(allocation_id, set()).add(caller.connection)
+
+    def _start(self, allocation: Allocation, kind: str) -> None:
+        self.ledger.hold(allocation.items)
+        self.live[allocation.id] = allocation
+        self._event(self.clock(), kind, allocation_id=allocation.id, uid=allocation.owner_uid,
+                    detail={"items": {i.resource: i.amount for i in allocation.items}})
+        if allocation.holder_pid is not None:
+            self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+
+    def schedule(self) -> None:
+        """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
+        if not any(a.is_queued for a in self.live.values()):
+            return
+        now = self.clock()
+        result = queue.schedule(self.ledger, self.queued, now, self.policy.aging_interval)
+        for grant in result.grants:
+            granted = grant.allocation.granted(grant.items, now)
+            self.ledger.unhold(grant.items)  # _start holds them again, with the event
+            self.store.mark_granted(granted)
+            self._start(granted, "allocated")
+            self._settle(granted.id, self.allocation_dict(granted))
+        for rejection in result.rejections:
+            self._end(rejection.allocation, "rejected", detail={"why": rejection.error.message})
+        if self.policy.preemption and result.head is not None:
+            self._preempt_for(result.head, now)
+
+    def _preempt_for(self, head: Allocation, now: float) -> None:
+        victims = queue.choose_victims(self.ledger, head, self.active, now, self.policy.aging_interval)
+        for victim in victims:
+            marked = victim.changed(preempt_at=now + self.policy.preempt_grace)
+            self.live[victim.id] = marked
+            self.store.update_lease(marked)
+            self._event(now, "preempted", allocation_id=victim.id, uid=victim.owner_uid,
+                        detail={"for": head.id, "grace_s": self.policy.preempt_grace})
+            if victim.signal_holder and victim.holder_pid is not None:
+                self.outbox.signals.append((victim.holder_pid, victim.holder_start, signal.SIGTERM))
+
+    def _settle(self, allocation_id: str, outcome: Any) -> None:
+        for waiter in self._waiters.pop(allocation_id, []):
+            self.outbox.settled.append((waiter, outcome))
+        self._attended.pop(allocation_id, None)
+
+    def _end(self, allocation: Allocation, reason: str, caller: Caller = SYSTEM,
+             detail: dict[str, Any] | None = None) -> Allocation:
+        """Release an active allocation or withdraw a queued one, with an event saying why."""
+        now = self.clock()
+        state = AllocationState.RELEASED if allocation.is_active else AllocationState.WITHDRAWN
+        ended = allocation.ended(state, now, reason)
+        self.store.mark_ended(ended)
+        self._event(now, reason if state is AllocationState.RELEASED or reason == "withdrawn" else "withdrawn",
+                    allocation_id=allocation.id, uid=caller.uid,
+                    detail={**(detail or {}), **({"reason": reason} if state is AllocationState.WITHDRAWN else {})})
+        self.live.pop(allocation.id, None)
+        if allocation.is_active:
+            self.ledger.unhold(allocation.items)
+        else:
+            error: DomainError = (WaitTimeout if reason == "timeout" else Withdrawn)(
+                f"request {allocation.id} was withdrawn: {_WHY.get(reason, reason)}", id=allocation.id, reason=reason)
+            self._settle(allocation.id, error)
+        return ended
 
     def release(self, caller: Caller, command: p.ReleaseCommand) -> AllocationDict:
         allocation = self._visible(caller, command.id)
-        if not allocation.is_active:
+        if allocation.state in (AllocationState.RELEASED, AllocationState.WITHDRAWN):
             why = "" if allocation.release_reason == "released" else f" ({allocation.release_reason})"
             raise AlreadyReleased(
-                f"allocation {allocation.id} was already released{why}",
+                f"allocation {allocation.id} was already {allocation.state.value}{why}",
                 id=allocation.id,
                 released_at=allocation.released_at,
             )
-        return self.allocation_dict(self._release(allocation, "released", caller))
+        ended = self._end(allocation, "released" if allocation.is_active else "cancelled", caller)
+        self.schedule()
+        return self.allocation_dict(ended)
 
-    def _release(self, allocation: Allocation, reason: str, caller: Caller,
-                 detail: dict[str, Any] | None = None) -> Allocation:
+    def allocations_wait(self, caller: Caller, command: p.WaitCommand, waiter: Any = None) -> AllocationDict:
+        allocation = self._visible(caller, command.id)
+        if allocation.is_queued and waiter is not None:
+            self._waiters.setdefault(allocation.id, []).append(waiter)
+        elif allocation.state is AllocationState.WITHDRAWN:
+            raise (WaitTimeout if allocation.release_reason == "timeout" else Withdrawn)(
+                f"request {allocation.id} was withdrawn: {_WHY.get(allocation.release_reason or '', '')}",
+                id=allocation.id, reason=allocation.release_reason)
+        return self.allocation_dict(allocation)
+
+    def allocations_renew(self, caller: Caller, command: p.RenewCommand) -> AllocationDict:
+        allocation = self._visible(caller, command.id)
+        if allocation.state in (AllocationState.RELEASED, AllocationState.WITHDRAWN):
+            raise AlreadyReleased(f"allocation {allocation.id} was already {allocation.state.value}", id=allocation.id)
+        ttl = command.ttl or allocation.ttl_s
+        if ttl is None:
+            raise InvalidRequest(f"allocation {allocation.id} has no TTL; give one to set it", field="ttl")
         now = self.clock()
-        self.store.mark_released(allocation.id, now, reason)
-        self.store.insert_event(now, reason, allocation_id=allocation.id, uid=caller.uid, detail=detail)
-        self.ledger.unhold(allocation.items)
-        del self.active[allocation.id]
-        return allocation.released(now, reason)
+        base = now if allocation.is_active else None
+        renewed = allocation.changed(ttl_s=ttl, expires_at=None if base is None else base + ttl)
+        self.live[allocation.id] = renewed
+        self.store.update_lease(renewed)
+        self._event(now, "renewed", allocation_id=allocation.id, uid=caller.uid,
+                    detail={"ttl_s": ttl, "expires_at": renewed.expires_at})
+        return self.allocation_dict(renewed)
+
+    def allocations_explain(self, caller: Caller, command: p.ExplainCommand) -> dict[str, Any]:
+        allocation = self._visible(caller, command.id)
+        if not allocation.is_queued:
+            return {"id": allocation.id, "state": allocation.state.value, "queued": False,
+                    "summary": f"allocation {allocation.id} is {allocation.state.value}, not queued"}
+        now = self.clock()
+        why = queue.explain(self.ledger, allocation, self.queued, self.active, now, self.policy.aging_interval)
+        return {
+            "id": allocation.id,
+            "state": allocation.state.value,
+            "queued": True,
+            "position": why.position,
+            "queue_length": why.queue_length,
+            "effective_priority": list(queue.RANK)[queue.effective_rank(allocation, now, self.policy.aging_interval)],
+            "waited_s": round(now - allocation.created_at, 3),
+            "wait_until": allocation.wait_until,
+            "fits_now": why.fits_now,
+            "shortfalls": list(why.shortfalls),
+            "blockers": [
+                {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
+                 "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
+                 "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
+                for blocker, held in why.blockers
+            ],
+            "ahead": why.head.id if why.head else None,
+            "suggestion": why.suggestion,
+            "estimate": why.estimate,
+            "estimate_basis": why.basis,
+        }
+
+    def events_subscribe(self, caller: Caller, command: p.SubscribeCommand) -> dict[str, Any]:
+        last = self.store.last_event_id()
+        backlog = [] if command.after_id is None else self.store.list_events(command.after_id, 10_000)
+        return {"subscribed": True, "last_id": last, "backlog": backlog}
+
+    # -- leases: holders, connections, TTLs, deadlines ---------------------
+
+    def holder_exited(self, pid: int, start: int | None) -> list[str]:
+        """The watcher saw `pid` exit: end everything it held or waited for."""
+        ended = []
+        for allocation in list(self.live.values()):
+            if allocation.holder_pid == pid and (start is None or allocation.holder_start in (None, start)):
+                if is_alive(pid, allocation.holder_start):
+                    continue  # a reused pid: the watched process is gone, this one is not it
+                self._end(allocation, "holder_exited", detail={"holder_pid": pid})
+                ended.append(allocation.id)
+        if ended:
+            self.schedule()
+        return ended
+
+    def connection_closed(self, connection: int) -> list[str]:
+        """A client went away: release what its connection held, withdraw what only it waited for."""
+        ended = []
+        for allocation in list(self.live.values()):
+            if allocation.holder_kind is HolderKind.CONNECTION and allocation.connection_id == connection:
+                self._end(allocation, "connection_closed")
+                ended.append(allocation.id)
+        for allocation_id, connections in list(self._attended.items()):
+            connections.discard(connection)
+            waiting = self.live.get(allocation_id)
+            if not connections and waiting is not None and waiting.is_queued:
+                self._end(waiting, "disconnected")
+                ended.append(allocation_id)
+        if ended:
+            self.schedule()
+        return ended
+
+    def tick(self) -> None:
+        """Expire TTLs, time out waits, revoke preempted allocations after their grace, re-run aging."""
+        now = self.clock()
+        changed = False
+        for allocation in list(self.live.values()):
+            if allocation.is_queued and allocation.wait_until is not None and allocation.wait_until <= now:
+                self._end(allocation, "timeout")
+                changed = True
+            elif allocation.is_active and allocation.expires_at is not None and allocation.expires_at <= now:
+                self._end(allocation, "expired", detail={"ttl_s": allocation.ttl_s})
+                changed = True
+            elif allocation.is_active and allocation.preempt_at is not None and allocation.preempt_at <= now:
+                self._end(allocation, "revoked", detail={"why": "preempted; the grace period ran out"})
+                if allocation.signal_holder and allocation.holder_pid is not None:
+                    self.outbox.signals.append((allocation.holder_pid, allocation.holder_start, signal.SIGKILL))
+                changed = True
+        if changed or (self.queued and self.policy.aging_interval > 0):
+            self.schedule()
+
+    # -- reading ----------------------------------------------------------
 
     def allocations_get(self, caller: Caller, command: p.GetAllocationCommand) -> AllocationDict:
         return self.allocation_dict(self._visible(caller, command.id))
 
     def allocations_list(self, caller: Caller, command: p.ListAllocationsCommand) -> list[AllocationDict]:
         state = None if command.state is None else command.state.value
-        return [self.allocation_dict(a) for a in self.store.list_allocations(state, command.limit)]
+        if state in ("active", "queued"):
+            rows = sorted((a for a in self.live.values() if a.state.value == state), key=lambda a: a.id,
+                          reverse=True)[: command.limit]
+            return [self.allocation_dict(a) for a in rows]
+        return [self.allocation_dict(self.live.get(a.id, a)) for a in self.store.list_allocations(state, command.limit)]
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:
         return self.store.list_events(command.after_id, command.limit, command.allocation_id)
 
     def _visible(self, caller: Caller, allocation_id: str) -> Allocation:
-        allocation = self.active.get(allocation_id) or self.store.get_allocation(allocation_id)
+        allocation = self.live.get(allocation_id) or self.store.get_allocation(allocation_id)
         if allocation is None or not _may_manage(caller, allocation):
             raise AllocationNotFound(f"no allocation with id {allocation_id!r}", id=allocation_id)
         return allocation
+
+    def _position(self, allocation: Allocation) -> int:
+        ordered = queue.order(self.queued, self.clock(), self.policy.aging_interval)
+        return next((i for i, a in enumerate(ordered, 1) if a.id == allocation.id), 0)
+
+    def _event(self, now: float, kind: str, *, allocation_id: str | None = None, resource: str | None = None,
+               uid: int | None = None, detail: dict[str, Any] | None = None) -> None:
+        event_id = self.store.insert_event(now, kind, allocation_id=allocation_id, resource=resource, uid=uid,
+                                           detail=detail)
+        self.outbox.events.append({"id": event_id, "ts": now, "kind": kind, "allocation_id": allocation_id,
+                                   "resource": resource, "uid": uid, "detail": detail or {}})
 
     def allocation_dict(self, allocation: Allocation) -> AllocationDict:
         items: list[ItemDict] = []
@@ -319,6 +622,7 @@ class Broker:
                     "uuid": resource.uuid if resource else None,
                 }
             )
+        request = allocation.request
         return {
             "id": allocation.id,
             "state": allocation.state.value,
@@ -330,10 +634,34 @@ class Broker:
             "owner_uid": allocation.owner_uid,
             "requester_pid": allocation.requester_pid,
             "holder_pid": allocation.holder_pid,
+            "holder": allocation.holder_kind.value,
             "created_at": allocation.created_at,
+            "granted_at": allocation.granted_at,
             "released_at": allocation.released_at,
             "release_reason": allocation.release_reason,
+            "wait_until": allocation.wait_until,
+            "ttl_s": allocation.ttl_s,
+            "expires_at": allocation.expires_at,
+            "preemptible": allocation.preemptible,
+            "preempt_at": allocation.preempt_at,
+            "request": None if request is None else {
+                "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
+                              for d in request.demands],
+                "strategy": request.strategy or self.policy.default_strategy,
+                "where": list(request.where),
+                "max_cost": request.max_cost,
+            },
         }
+
+
+_WHY = {
+    "timeout": "its wait ran out",
+    "cancelled": "it was cancelled",
+    "disconnected": "the waiting client disconnected",
+    "holder_exited": "its holder process exited",
+    "connection_closed": "its connection closed",
+    "rejected": "it can no longer be served",
+}
 
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
@@ -342,12 +670,16 @@ def _may_manage(caller: Caller, allocation: Allocation) -> bool:
 
 def _digest(command: p.AllocateCommand) -> str:
     """The request in canonical form, kept beside its idempotency key to spot a key reused for another request."""
+    request = command.request
     return json.dumps(
         [
-            sorted((d.selector, d.amount) for d in command.demands),
+            sorted((d.selector, d.amount, d.most) for d in request.demands),
             command.priority.value,
             command.tool_id,
             command.execution_id,
+            request.strategy or "",
+            sorted(request.where),
+            request.max_cost,
         ],
         separators=(",", ":"),
     )

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mcpresd.core.model import Allocation, AllocationItem, Resource
+from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
 from mcpresd.protocol import AllocationState, Priority, ResourceType
 
 MIGRATIONS_NAME = "mcpresd"
@@ -36,7 +36,7 @@ CREATE TABLE resources (
 );
 CREATE TABLE allocations (
     id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('active', 'released')),
+    state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'released', 'withdrawn')),
     priority TEXT NOT NULL CHECK (priority IN ('low', 'normal', 'high', 'critical')),
     tool_id TEXT,
     execution_id TEXT,
@@ -49,11 +49,21 @@ CREATE TABLE allocations (
     created_at REAL NOT NULL,
     released_at REAL,
     release_reason TEXT,
-    CHECK ((state = 'active') = (released_at IS NULL))
+    request TEXT CHECK (request IS NULL OR json_valid(request)),
+    holder_kind TEXT NOT NULL DEFAULT 'pid' CHECK (holder_kind IN ('pid', 'connection', 'none')),
+    granted_at REAL,
+    wait_until REAL,
+    ttl_s REAL CHECK (ttl_s IS NULL OR ttl_s > 0),
+    expires_at REAL,
+    preemptible INTEGER NOT NULL DEFAULT 0 CHECK (preemptible IN (0, 1)),
+    signal_holder INTEGER NOT NULL DEFAULT 0 CHECK (signal_holder IN (0, 1)),
+    preempt_at REAL,
+    CHECK ((state IN ('queued', 'active')) = (released_at IS NULL)),
+    CHECK ((state = 'active') = (granted_at IS NOT NULL) OR state IN ('released', 'withdrawn'))
 );
 CREATE UNIQUE INDEX allocations_by_key ON allocations (owner_uid, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-CREATE INDEX allocations_active ON allocations (state) WHERE state = 'active';
+CREATE INDEX allocations_live ON allocations (state) WHERE state IN ('queued', 'active');
 CREATE TABLE allocation_items (
     allocation_id TEXT NOT NULL REFERENCES allocations (id),
     resource TEXT NOT NULL,
@@ -190,36 +200,40 @@ class Store:
 
     def insert_allocation(self, allocation: Allocation, request_digest: str | None = None) -> None:
         self.conn.execute(
-            "INSERT INTO allocations (id, state, priority, tool_id, execution_id, idempotency_key, request_digest,"
-            " owner_uid, requester_pid, holder_pid, holder_start, created_at, released_at, release_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                allocation.id,
-                allocation.state.value,
-                allocation.priority.value,
-                allocation.tool_id,
-                allocation.execution_id,
-                allocation.idempotency_key,
-                request_digest,
-                allocation.owner_uid,
-                allocation.requester_pid,
-                allocation.holder_pid,
-                allocation.holder_start,
-                allocation.created_at,
-                allocation.released_at,
-                allocation.release_reason,
-            ),
+            f"INSERT INTO allocations ({_COLUMNS}, request_digest) VALUES ({_MARKS}, ?)",
+            (*_row(allocation), request_digest),
         )
+        if allocation.items:
+            self.insert_items(allocation.id, allocation.items)
+
+    def insert_items(self, allocation_id: str, items: tuple[AllocationItem, ...]) -> None:
         self.conn.executemany(
             "INSERT INTO allocation_items (allocation_id, resource, amount) VALUES (?, ?, ?)",
-            [(allocation.id, item.resource, item.amount) for item in allocation.items],
+            [(allocation_id, item.resource, item.amount) for item in items],
         )
 
-    def mark_released(self, allocation_id: str, now: float, reason: str) -> None:
+    def mark_ended(self, allocation: Allocation) -> None:
+        """Record a release or withdrawal (`allocation` is the ended value)."""
         self.conn.execute(
-            "UPDATE allocations SET state = 'released', released_at = ?, release_reason = ?"
-            " WHERE id = ? AND state = 'active'",
-            (now, reason, allocation_id),
+            "UPDATE allocations SET state = ?, released_at = ?, release_reason = ?, preempt_at = NULL WHERE id = ?",
+            (allocation.state.value, allocation.released_at, allocation.release_reason, allocation.id),
+        )
+
+    def mark_granted(self, allocation: Allocation) -> None:
+        """Record a queued request's grant (`allocation` is the granted value)."""
+        self.conn.execute(
+            "UPDATE allocations SET state = 'active', granted_at = ?, expires_at = ?, wait_until = NULL WHERE id = ?",
+            (allocation.granted_at, allocation.expires_at, allocation.id),
+        )
+        self.insert_items(allocation.id, allocation.items)
+
+    def update_lease(self, allocation: Allocation) -> None:
+        """Record a changed TTL, expiry, preemption deadline or holder."""
+        self.conn.execute(
+            "UPDATE allocations SET ttl_s = ?, expires_at = ?, preempt_at = ?, holder_kind = ?, holder_pid = ?,"
+            " holder_start = ? WHERE id = ?",
+            (allocation.ttl_s, allocation.expires_at, allocation.preempt_at, allocation.holder_kind.value,
+             allocation.holder_pid, allocation.holder_start, allocation.id),
         )
 
     def last_allocation_id(self) -> str | None:
@@ -231,20 +245,21 @@ class Store:
         return None if row is None else row[0]
 
     def get_allocation(self, allocation_id: str) -> Allocation | None:
-        rows = self._select_allocations("WHERE a.id = ?", (allocation_id,))
+        rows = self._select_allocations("WHERE id = ?", (allocation_id,))
         return rows[0] if rows else None
 
     def find_by_key(self, owner_uid: int, key: str) -> Allocation | None:
-        rows = self._select_allocations("WHERE a.owner_uid = ? AND a.idempotency_key = ?", (owner_uid, key))
+        rows = self._select_allocations("WHERE owner_uid = ? AND idempotency_key = ?", (owner_uid, key))
         return rows[0] if rows else None
 
-    def load_active(self) -> list[Allocation]:
-        return self._select_allocations("WHERE a.state = 'active'", ())
+    def load_live(self) -> list[Allocation]:
+        """Queued and active allocations."""
+        return self._select_allocations("WHERE state IN ('queued', 'active') ORDER BY id", ())
 
     def list_allocations(self, state: str | None, limit: int) -> list[Allocation]:
         if state is None:
-            return self._select_allocations("ORDER BY a.created_at DESC LIMIT ?", (limit,))
-        return self._select_allocations("WHERE a.state = ? ORDER BY a.created_at DESC LIMIT ?", (state, limit))
+            return self._select_allocations("ORDER BY id DESC LIMIT ?", (limit,))
+        return self._select_allocations("WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
 
     def count_allocations(self) -> dict[str, int]:
         counts = {state.value: 0 for state in AllocationState}
@@ -253,12 +268,7 @@ class Store:
         return counts
 
     def _select_allocations(self, where: str, args: tuple[Any, ...]) -> list[Allocation]:
-        rows = self.conn.execute(
-            "SELECT a.id, a.state, a.priority, a.tool_id, a.execution_id, a.idempotency_key, a.owner_uid,"
-            " a.requester_pid, a.holder_pid, a.holder_start, a.created_at, a.released_at, a.release_reason"
-            f" FROM allocations a {where}",
-            args,
-        ).fetchall()
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM allocations {where}", args).fetchall()
         if not rows:
             return []
         items: dict[str, list[AllocationItem]] = {row[0]: [] for row in rows}
@@ -271,25 +281,7 @@ class Store:
                 chunk,
             ):
                 items[allocation_id].append(AllocationItem(resource, amount))
-        return [
-            Allocation(
-                id=row[0],
-                state=AllocationState(row[1]),
-                items=tuple(items[row[0]]),
-                priority=Priority(row[2]),
-                tool_id=row[3],
-                execution_id=row[4],
-                idempotency_key=row[5],
-                owner_uid=row[6],
-                requester_pid=row[7],
-                holder_pid=row[8],
-                holder_start=row[9],
-                created_at=row[10],
-                released_at=row[11],
-                release_reason=row[12],
-            )
-            for row in rows
-        ]
+        return [_allocation(row, tuple(items[row[0]])) for row in rows]
 
     # -- events -----------------------------------------------------------
 
@@ -302,11 +294,16 @@ class Store:
         resource: str | None = None,
         uid: int | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> None:
-        self.conn.execute(
+    ) -> int:
+        cursor = self.conn.execute(
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (now, kind, allocation_id, resource, uid, json.dumps(detail, separators=(",", ":")) if detail else "{}"),
         )
+        return int(cursor.lastrowid or 0)
+
+    def last_event_id(self) -> int:
+        row = self.conn.execute("SELECT max(id) FROM events").fetchone()
+        return int(row[0] or 0)
 
     def list_events(self, after_id: int, limit: int, allocation_id: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE id > ?"
@@ -337,6 +334,54 @@ class Store:
 
     def integrity_ok(self) -> bool:
         return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+
+
+_FIELDS = (
+    "id", "state", "priority", "tool_id", "execution_id", "idempotency_key", "owner_uid", "requester_pid",
+    "holder_pid", "holder_start", "created_at", "released_at", "release_reason", "request", "holder_kind",
+    "granted_at", "wait_until", "ttl_s", "expires_at", "preemptible", "signal_holder", "preempt_at",
+)
+_COLUMNS = ", ".join(_FIELDS)
+_MARKS = ", ".join("?" * len(_FIELDS))
+
+
+def _row(a: Allocation) -> tuple[Any, ...]:
+    return (
+        a.id, a.state.value, a.priority.value, a.tool_id, a.execution_id, a.idempotency_key, a.owner_uid,
+        a.requester_pid, a.holder_pid, a.holder_start, a.created_at, a.released_at, a.release_reason,
+        None if a.request is None else _request_json(a.request), a.holder_kind.value, a.granted_at, a.wait_until,
+        a.ttl_s, a.expires_at, int(a.preemptible), int(a.signal_holder), a.preempt_at,
+    )
+
+
+def _allocation(row: tuple[Any, ...], items: tuple[AllocationItem, ...]) -> Allocation:
+    return Allocation(
+        id=row[0], state=AllocationState(row[1]), items=items, priority=Priority(row[2]), owner_uid=row[6],
+        created_at=row[10], tool_id=row[3], execution_id=row[4], idempotency_key=row[5], requester_pid=row[7],
+        holder_pid=row[8], holder_start=row[9], released_at=row[11], release_reason=row[12],
+        request=None if row[13] is None else _request_from_json(row[13]), holder_kind=HolderKind(row[14]),
+        granted_at=row[15], wait_until=row[16], ttl_s=row[17], expires_at=row[18], preemptible=bool(row[19]),
+        signal_holder=bool(row[20]), preempt_at=row[21],
+    )
+
+
+def _request_json(request: Request) -> str:
+    return json.dumps({
+        "demands": [[d.selector, d.amount, d.most] for d in request.demands],
+        "strategy": request.strategy,
+        "where": list(request.where),
+        "max_cost": request.max_cost,
+    }, separators=(",", ":"))
+
+
+def _request_from_json(text: str) -> Request:
+    data = json.loads(text)
+    return Request(
+        demands=tuple(Demand(selector, amount, most) for selector, amount, most in data["demands"]),
+        strategy=data["strategy"],
+        where=tuple(data["where"]),
+        max_cost=data["max_cost"],
+    )
 
 
 def _resource_row(resource: Resource) -> tuple[Any, ...]:

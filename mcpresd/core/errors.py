@@ -56,3 +56,11 @@ class PermissionDenied(DomainError):
 
 class InvalidHolder(DomainError):
     """The named holder process does not exist."""
+
+
+class WaitTimeout(DomainError):
+    """A queued request's wait ran out; nothing is held."""
+
+
+class Withdrawn(DomainError):
+    """A queued request was withdrawn (cancelled, its holder exited, its client went away)."""

@@ -4,9 +4,13 @@ Rules:
 - Nothing is ever over-committed: `plan` grants a whole request or raises, and
   the daemon applies plans one at a time on the store's thread.
 - A GPU is a device of capacity 1: a request for `gpu` is either a whole number
-  of distinct idle devices or one fraction below 1 of a single device, packed
-  onto the device with the least room that still fits (two 0.5 share one).
-- Several demands on one resource in a request add up.
+  of distinct idle devices or one fraction below 1 of a single device.
+- Several demands on one resource in a request add up. A demand with `most`
+  gets the most that fits between its amount and `most`.
+- Which resource a typed demand (`gpu`, `disk`, ...) gets is the strategy's
+  choice among those matching the request's `where` selectors; several GPUs are
+  kept close (same NUMA node, then same PCI root) where that is known.
+- An equal request against unchanged state reuses the previous decision.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import math
 from bisect import insort
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
+from mcpresd.core.constraints import Selector, matches_all, parse_selector, pick_local, request_cost
 from mcpresd.core.errors import (
     InsufficientCapacity,
     InvalidRequest,
@@ -23,17 +29,31 @@ from mcpresd.core.errors import (
     ResourceInUse,
     UnknownResource,
 )
-from mcpresd.core.model import AllocationItem, Demand, Resource
+from mcpresd.core.model import AllocationItem, Demand, Request, Resource
+from mcpresd.core.strategies import Candidate, Strategy, rank
 from mcpresd.protocol import ResourceType
 
 EPSILON = 1e-9
+CACHE_SIZE = 256
 
 _Room = Callable[[Resource], float]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a sampler measured of a resource: utilisation 0..1 and free device memory in bytes."""
+
+    load: float | None = None
+    memory_free: int | None = None
 
 
 def _order_key(resource: Resource) -> tuple[int, str]:
     index = resource.labels.get("index")
     return (index if isinstance(index, int) and not isinstance(index, bool) else 1 << 30, resource.name)
+
+
+def parse_where(where: Sequence[str]) -> tuple[Selector, ...]:
+    return tuple(parse_selector(text) for text in where)
 
 
 class Ledger:
@@ -44,6 +64,13 @@ class Ledger:
         self._by_uuid: dict[str, str] = {}
         self._used: dict[str, float] = {}
         self._by_type: dict[ResourceType, list[str]] = {}
+        self._cursor: dict[ResourceType, int] = {}
+        self.observed: dict[str, Observation] = {}
+        self.default_strategy = Strategy.FIRST_FIT.value
+        self.version = 0
+        self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...]]] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
         for resource in resources:
             self.add(resource)
         self.hold(held)
@@ -87,6 +114,7 @@ class Ledger:
             self._by_uuid[resource.uuid] = resource.name
         insort(self._by_type.setdefault(resource.type, []), resource.name,
                key=lambda name: _order_key(self._resources[name]))
+        self.version += 1
 
     def check_removable(self, name: str) -> Resource:
         resource = self.get(name)
@@ -105,6 +133,7 @@ class Ledger:
         if resource.uuid is not None:
             self._by_uuid.pop(resource.uuid, None)
         self._by_type[resource.type].remove(resource.name)
+        self.version += 1
         return resource
 
     def replace(self, resource: Resource) -> None:
@@ -123,24 +152,64 @@ class Ledger:
         self._by_type[old.type].remove(old.name)
         insort(self._by_type.setdefault(resource.type, []), resource.name,
                key=lambda name: _order_key(self._resources[name]))
+        self.version += 1
+
+    def observe(self, name: str, observation: Observation) -> None:
+        if self.observed.get(name) != observation:
+            self.observed[name] = observation
+            self.version += 1
 
     # -- holdings ---------------------------------------------------------
 
     def hold(self, items: Iterable[AllocationItem]) -> None:
         for item in items:
             self._used[item.resource] = self._used.get(item.resource, 0.0) + item.amount
+            resource = self._resources.get(item.resource)
+            if resource is not None and resource.is_device:
+                self._cursor[resource.type] = self._position(resource) + 1
+        self.version += 1
 
     def unhold(self, items: Iterable[AllocationItem]) -> None:
         for item in items:
             left = self._used.get(item.resource, 0.0) - item.amount
             self._used[item.resource] = 0.0 if left < EPSILON else left
+        self.version += 1
+
+    def _position(self, resource: Resource) -> int:
+        return self._by_type[resource.type].index(resource.name)
 
     # -- fitting ----------------------------------------------------------
 
-    def plan(self, demands: Sequence[Demand]) -> tuple[AllocationItem, ...]:
+    def plan_request(self, request: Request) -> tuple[AllocationItem, ...]:
+        return self.plan(request.demands, strategy=Strategy(request.strategy or self.default_strategy),
+                         where=parse_where(request.where),
+                         max_cost=request.max_cost)
+
+    def plan(
+        self,
+        demands: Sequence[Demand],
+        *,
+        strategy: Strategy = Strategy.FIRST_FIT,
+        where: Sequence[Selector] = (),
+        max_cost: float | None = None,
+    ) -> tuple[AllocationItem, ...]:
         """Choose what to grant for all demands at once, or raise without changing anything."""
         if not demands:
             raise InvalidRequest("a request must ask for at least one resource")
+        key = (tuple(demands), strategy, tuple(s.text for s in where), max_cost)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == self.version:
+            self.cache_hits += 1
+            return cached[1]
+        self.cache_misses += 1
+        items = self._plan(demands, strategy, where, max_cost)
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = (self.version, items)
+        return items
+
+    def _plan(self, demands: Sequence[Demand], strategy: Strategy, where: Sequence[Selector],
+              max_cost: float | None) -> tuple[AllocationItem, ...]:
         tentative: dict[str, float] = {}
         shortfalls: list[dict[str, object]] = []
         granted: list[AllocationItem] = []
@@ -153,13 +222,16 @@ class Ledger:
                 raise InvalidRequest(
                     f"amount for {demand.selector!r} must be a positive finite number", resource=demand.selector
                 )
+            if demand.most is not None and demand.most < demand.amount:
+                raise InvalidRequest(f"the most asked of {demand.selector!r} is less than the least",
+                                     resource=demand.selector)
             resource = self.find(demand.selector)
             if resource is not None:
                 chosen = self._plan_named(resource, demand, room)
             else:
-                chosen = self._plan_typed(demand, room)
+                chosen = self._plan_typed(demand, room, strategy, where)
             if chosen is None:
-                shortfalls.append(self._shortfall(demand, room))
+                shortfalls.append(self._shortfall(demand, room, where))
                 continue
             for item in chosen:
                 tentative[item.resource] = tentative.get(item.resource, 0.0) + item.amount
@@ -167,7 +239,15 @@ class Ledger:
         if shortfalls:
             parts = ", ".join(f"{s['resource']}: asked {s['requested']:g}, free {s['free']:g}" for s in shortfalls)
             raise InsufficientCapacity(f"not enough free now ({parts})", shortfalls=shortfalls)
-        return tuple(_merge(granted))
+        items = tuple(_merge(granted))
+        if max_cost is not None:
+            cost = request_cost([(self._resources[i.resource], i.amount) for i in items])
+            if cost > max_cost + EPSILON:
+                raise InsufficientCapacity(
+                    f"the grant would cost {cost:g} per hour, more than the maximum of {max_cost:g}",
+                    shortfalls=[], cost=cost, max_cost=max_cost,
+                )
+        return items
 
     def _plan_named(self, resource: Resource, demand: Demand, room: _Room) -> list[AllocationItem] | None:
         if resource.is_device and demand.amount > resource.capacity + EPSILON:
@@ -178,36 +258,118 @@ class Ledger:
         if demand.amount > resource.capacity + EPSILON:
             raise NeverFits(
                 f"{resource.name} has a capacity of {resource.capacity:g}, less than the {demand.amount:g} asked",
-                shortfalls=[self._shortfall(demand, room)],
+                shortfalls=[self._shortfall(demand, room, ())],
             )
-        if demand.amount <= room(resource) + EPSILON:
-            return [AllocationItem(resource.name, demand.amount)]
+        available = room(resource)
+        if demand.amount <= available + EPSILON:
+            amount = demand.amount if demand.most is None else min(demand.most, max(demand.amount, available))
+            return [AllocationItem(resource.name, amount)]
         return None
 
-    def _plan_typed(self, demand: Demand, room: _Room) -> list[AllocationItem] | None:
+    def _candidates(self, kind: ResourceType, where: Sequence[Selector], room: _Room) -> list[Candidate]:
+        candidates = []
+        for position, name in enumerate(self._by_type.get(kind, [])):
+            resource = self._resources[name]
+            if where and not matches_all(where, resource):
+                continue
+            observed = self.observed.get(name)
+            candidates.append(Candidate(
+                resource=resource,
+                free=max(0.0, room(resource)),
+                load=observed.load if observed else None,
+                memory_free=observed.memory_free if observed else None,
+                position=position,
+            ))
+        return candidates
+
+    def _plan_typed(self, demand: Demand, room: _Room, strategy: Strategy,
+                    where: Sequence[Selector]) -> list[AllocationItem] | None:
         try:
             kind = ResourceType(demand.selector)
         except ValueError:
             raise UnknownResource(
                 f"no resource named {demand.selector!r} (see `mcpctl resources`)", resource=demand.selector
             ) from None
-        names = self._by_type.get(kind, [])
-        if not names:
+        if not self._by_type.get(kind):
             raise UnknownResource(f"this host has no {kind.value} resource", resource=demand.selector)
-        candidates = [self._resources[name] for name in names]
+        candidates = self._candidates(kind, where, room)
+        if not candidates:
+            raise NeverFits(f"no {kind.value} resource matches {', '.join(s.text for s in where)}",
+                            resource=demand.selector)
+        cursor = self._cursor.get(kind, 0)
         if kind is ResourceType.GPU:
-            return _plan_devices(candidates, demand.amount, room)
-        for resource in candidates:
-            if demand.amount <= room(resource) + EPSILON:
-                return [AllocationItem(resource.name, demand.amount)]
-        if all(demand.amount > r.capacity + EPSILON for r in candidates):
-            raise NeverFits(
-                f"no {kind.value} resource is large enough for {demand.amount:g}",
-                shortfalls=[self._shortfall(demand, room)],
-            )
-        return None
+            return self._plan_devices(candidates, demand, strategy, cursor)
+        if all(demand.amount > c.resource.capacity + EPSILON for c in candidates):
+            raise NeverFits(f"no {kind.value} resource is large enough for {demand.amount:g}",
+                            shortfalls=[self._shortfall(demand, room, where)])
+        ranked = rank(strategy, candidates, demand.amount, cursor)
+        if not ranked:
+            return None
+        best = ranked[0]
+        amount = demand.amount if demand.most is None else min(demand.most, max(demand.amount, best.free))
+        return [AllocationItem(best.resource.name, amount)]
 
-    def _shortfall(self, demand: Demand, room: _Room) -> dict[str, object]:
+    def _plan_devices(self, candidates: list[Candidate], demand: Demand, strategy: Strategy,
+                      cursor: int) -> list[AllocationItem] | None:
+        amount = demand.amount
+        if amount >= 1:
+            if abs(amount - round(amount)) > EPSILON or (demand.most is not None
+                                                          and abs(demand.most - round(demand.most)) > EPSILON):
+                raise InvalidRequest(f"ask for a whole number of GPUs or a fraction below 1 of one, not {amount:g}",
+                                     resource="gpu")
+            count = round(amount)
+            if count > len(candidates):
+                raise NeverFits(
+                    f"this host has {len(candidates)} matching GPU(s), fewer than the {count} asked",
+                    shortfalls=[{"resource": "gpu", "requested": amount, "free": 0.0,
+                                 "capacity": float(len(candidates))}],
+                )
+            idle = [c for c in candidates if c.free >= c.resource.capacity - EPSILON]
+            most = count if demand.most is None else round(demand.most)
+            ranked = [c.resource for c in rank(strategy, idle, 1.0, cursor)]
+            take = min(most, len(ranked))
+            if take < count:
+                return None
+            chosen = pick_local(ranked, take)
+            if chosen is None:
+                return None
+            return [AllocationItem(d.name, d.capacity) for d in chosen]
+        if demand.most is not None and demand.most >= 1:
+            raise InvalidRequest("a GPU share is a fraction below 1 of one device; ask for whole GPUs otherwise",
+                                 resource="gpu")
+        ranked_shares = rank(strategy, candidates, amount, cursor)
+        if not ranked_shares:
+            return None
+        best = ranked_shares[0]
+        share = amount if demand.most is None else min(demand.most, max(amount, best.free))
+        return [AllocationItem(best.resource.name, share)]
+
+    def reserve(self, request: Request) -> tuple[AllocationItem, ...]:
+        """What is free now towards a blocked request: held for it so smaller requests cannot take it."""
+        where = parse_where(request.where)
+        kept: list[AllocationItem] = []
+        for demand in request.demands:
+            resource = self.find(demand.selector)
+            if resource is not None:
+                if self.free(resource.name) > EPSILON:
+                    kept.append(AllocationItem(resource.name, min(self.free(resource.name), demand.amount)))
+                continue
+            try:
+                kind = ResourceType(demand.selector)
+            except ValueError:
+                continue
+            members = [self._resources[n] for n in self._by_type.get(kind, [])
+                       if not where or matches_all(where, self._resources[n])]
+            if kind is ResourceType.GPU and demand.amount >= 1:
+                idle = [d for d in members if self.used(d.name) <= EPSILON]
+                kept.extend(AllocationItem(d.name, d.capacity) for d in idle[: round(demand.amount)])
+            elif members:
+                roomiest = max(members, key=lambda r: (self.free(r.name), -_order_key(r)[0]))
+                if self.free(roomiest.name) > EPSILON:
+                    kept.append(AllocationItem(roomiest.name, min(self.free(roomiest.name), demand.amount)))
+        return tuple(kept)
+
+    def _shortfall(self, demand: Demand, room: _Room, where: Sequence[Selector]) -> dict[str, object]:
         resource = self.find(demand.selector)
         if resource is not None:
             return {
@@ -216,7 +378,8 @@ class Ledger:
                 "free": max(0.0, room(resource)),
                 "capacity": resource.capacity,
             }
-        members = [self._resources[n] for n in self._by_type.get(ResourceType(demand.selector), [])]
+        members = [self._resources[n] for n in self._by_type.get(ResourceType(demand.selector), [])
+                   if not where or matches_all(where, self._resources[n])]
         if demand.selector == ResourceType.GPU.value and demand.amount >= 1:
             free = float(sum(1 for r in members if room(r) >= r.capacity - EPSILON))
         else:
@@ -227,29 +390,6 @@ class Ledger:
             "free": max(0.0, free),
             "capacity": float(sum(r.capacity for r in members)),
         }
-
-
-def _plan_devices(devices: list[Resource], amount: float, room: _Room) -> list[AllocationItem] | None:
-    if amount >= 1:
-        if abs(amount - round(amount)) > EPSILON:
-            raise InvalidRequest(
-                f"ask for a whole number of GPUs or a fraction below 1 of one, not {amount:g}", resource="gpu"
-            )
-        count = round(amount)
-        if count > len(devices):
-            raise NeverFits(
-                f"this host has {len(devices)} GPU(s), fewer than the {count} asked",
-                shortfalls=[{"resource": "gpu", "requested": amount, "free": 0.0, "capacity": float(len(devices))}],
-            )
-        idle = [d for d in devices if room(d) >= d.capacity - EPSILON]
-        if len(idle) < count:
-            return None
-        return [AllocationItem(d.name, d.capacity) for d in idle[:count]]
-    fitting = [d for d in devices if room(d) + EPSILON >= amount]
-    if not fitting:
-        return None
-    tightest = min(fitting, key=lambda d: (room(d), _order_key(d)))
-    return [AllocationItem(tightest.name, amount)]
 
 
 def _merge(items: list[AllocationItem]) -> list[AllocationItem]:
