@@ -42,6 +42,7 @@ class Config:
     resources: tuple[Resource, ...] = ()
     policy: Policy = Policy()
     tick_interval: float = 0.25
+    sample_interval: float = 5.0
 
 
 def default_database_path() -> str:
@@ -53,7 +54,8 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler"}
+         "log_level", "resources", "scheduler", "monitor"}
+_MONITOR_KEYS = {"interval"}
 _SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval"}
 _RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
 
@@ -104,6 +106,15 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["resources"] = _resources(data["resources"], path)
     if "scheduler" in data:
         changes.update(_scheduler(data["scheduler"], path))
+    if "monitor" in data:
+        monitor = data["monitor"]
+        if not isinstance(monitor, dict) or set(monitor) - _MONITOR_KEYS:
+            raise ConfigError(f"{path}: [monitor] takes only {', '.join(sorted(_MONITOR_KEYS))}")
+        if "interval" in monitor:
+            interval = _duration(monitor["interval"], f"{path}: [monitor] interval")
+            if not 0.5 <= interval <= 3600:
+                raise ConfigError(f"{path}: [monitor] interval must be between 0.5s and 1h")
+            changes["sample_interval"] = interval
     return replace(config, **changes)
 
 

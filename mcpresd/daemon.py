@@ -18,6 +18,7 @@ from collections.abc import Callable
 from mcpresd.config import Config
 from mcpresd.core.model import Resource
 from mcpresd.rpc import Dispatcher
+from mcpresd.samplers.gpu import read_gpus
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import BACKLOG, Server, StoreThread, bind_unix_socket, remove_socket
@@ -116,6 +117,23 @@ class Daemon:
             except TimeoutError:
                 self._submit_quietly(lambda broker: broker.tick(), "tick")
 
+    async def _sample_gpus(self, stop: asyncio.Event) -> None:
+        """Read the GPUs every interval, off the loop, and hand the readings to the broker."""
+        nvml = self.nvml
+        assert nvml is not None
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                readings = await loop.run_in_executor(None, read_gpus, nvml)
+            except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
+                log.warning("GPU sampling failed: %s", error)
+            else:
+                self._submit_quietly(lambda broker: broker.observe_gpus(readings), "GPU observations")
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.sample_interval)
+            except TimeoutError:
+                pass
+
     async def serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
@@ -124,6 +142,7 @@ class Daemon:
         self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed)
         await loop.run_in_executor(None, store_thread.start, loop)
         ticker = loop.create_task(self._tick(stop))
+        sampler = loop.create_task(self._sample_gpus(stop)) if self.nvml is not None else None
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
         # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
         inode = os.lstat(self.config.socket).st_ino
@@ -143,6 +162,8 @@ class Daemon:
         finally:
             listener.close()
             ticker.cancel()
+            if sampler is not None:
+                sampler.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
             self.watch.close()
             remove_socket(self.config.socket, inode)

@@ -40,3 +40,28 @@ def is_alive(pid: int, start_time: int | None) -> bool:
     if current is None:
         return False
     return start_time is None or current == start_time
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    close = data.rfind(b")")
+    fields = data[close + 2 :].split()
+    try:
+        return int(fields[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def lineage(pid: int, limit: int = 64) -> tuple[int, ...]:
+    """`pid` and its ancestors up to init, nearest first (bounded: pid loops cannot happen, but a limit is cheap)."""
+    chain = [pid]
+    while len(chain) < limit:
+        parent = parent_pid(chain[-1])
+        if parent is None or parent <= 1 or parent in chain:
+            break
+        chain.append(parent)
+    return tuple(chain)

@@ -167,6 +167,7 @@ if TYPE_CHECKING:
         expires_at: float | None
         preemptible: bool
         preempt_at: float | None
+        risks: list[str]
         request: dict[str, Any] | None
 
 

@@ -126,7 +126,8 @@ class StoreThread:
             self._recover(broker)
             if len(batch) == 1:
                 return [(batch[0][1], False, _storage_error(error))]
-            log.warning("a grouped transaction of %d requests failed (%s); retrying one by one", len(batch), error)
+            log.warning("a grouped transaction of %d requests failed (%s); retrying one by one", len(batch), error,
+                        exc_info=not isinstance(error, sqlite3.Error))
             return [outcome for job in batch for outcome in self._run_batch([job])]
 
     @staticmethod

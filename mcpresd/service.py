@@ -41,6 +41,7 @@ from mcpresd.core.errors import (
 )
 from mcpresd.core.ledger import Ledger, Observation
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
+from mcpresd.core.risk import GpuReading, risk_notes
 from mcpresd.holders import is_alive, process_start_time
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
@@ -139,6 +140,8 @@ class Broker:
         self.ledger = Ledger()
         self.live: dict[str, Allocation] = {}
         self.outbox = Outbox()
+        self._last_pass: tuple[int, Allocation | None, tuple[AllocationItem, ...]] | None = None
+        self.risks: dict[str, list[str]] = {}
         # Loop-side futures of callers waiting for a queued request, and the connections that wait.
         self._waiters: dict[str, list[Any]] = {}
         self._attended: dict[str, set[int]] = {}
@@ -147,7 +150,13 @@ class Broker:
     def reload(self) -> None:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
         live = self.store.load_live()
-        self.live = {allocation.id: allocation for allocation in live}
+        self.live = {}
+        self._queued: dict[str, Allocation] = {}
+        self._by_connection: dict[int, set[str]] = {}
+        self._by_holder: dict[int, set[str]] = {}
+        self._timed: set[str] = set()
+        for allocation in live:
+            self._put(allocation)
         self.ledger = Ledger(self.store.load_resources(),
                              (item for allocation in live if allocation.is_active for item in allocation.items))
         self.ledger.default_strategy = self.policy.default_strategy
@@ -159,7 +168,33 @@ class Broker:
 
     @property
     def queued(self) -> list[Allocation]:
-        return [a for a in self.live.values() if a.is_queued]
+        return list(self._queued.values())
+
+    def _put(self, allocation: Allocation) -> None:
+        """Keep `live` (queued and active) and `_queued` in step with an allocation's new value."""
+        self.live[allocation.id] = allocation
+        if allocation.is_queued:
+            self._queued[allocation.id] = allocation
+        else:
+            self._queued.pop(allocation.id, None)
+        if allocation.holder_kind is HolderKind.CONNECTION and allocation.connection_id is not None:
+            self._by_connection.setdefault(allocation.connection_id, set()).add(allocation.id)
+        if allocation.holder_pid is not None:
+            self._by_holder.setdefault(allocation.holder_pid, set()).add(allocation.id)
+        if allocation.wait_until is not None or allocation.expires_at is not None or allocation.preempt_at is not None:
+            self._timed.add(allocation.id)
+        else:
+            self._timed.discard(allocation.id)
+
+    def _drop(self, allocation: Allocation) -> None:
+        self.live.pop(allocation.id, None)
+        self._queued.pop(allocation.id, None)
+        self._timed.discard(allocation.id)
+        for index, key in ((self._by_connection, allocation.connection_id), (self._by_holder, allocation.holder_pid)):
+            if key is not None and key in index:
+                index[key].discard(allocation.id)
+                if not index[key]:
+                    del index[key]
 
     @property
     def active(self) -> list[Allocation]:
@@ -278,11 +313,15 @@ class Broker:
         self._event(now, "resource.added", resource=resource.name, uid=uid,
                     detail={"capacity": resource.capacity, "unit": resource.unit})
 
-    def observe(self, observations: dict[str, Observation]) -> None:
-        """Measured load from the samplers, for the least-loaded and performance strategies."""
-        for name, observation in observations.items():
-            if name in self.ledger:
-                self.ledger.observe(name, observation)
+    def observe_gpus(self, readings: dict[str, GpuReading]) -> None:
+        """GPU readings: load and free memory for the strategies, and the risk notes grants carry."""
+        for name, reading in readings.items():
+            if name not in self.ledger:
+                continue
+            self.ledger.observe(name, Observation(reading.load, reading.memory_free))
+            holders = {a.holder_pid for a in self.live.values()
+                       if a.is_active and a.holder_pid is not None and any(i.resource == name for i in a.items)}
+            self.risks[name] = risk_notes(name, reading, holders)
 
     def resource_dict(self, resource: Resource) -> ResourceDict:
         used = self.ledger.used(resource.name)
@@ -361,9 +400,9 @@ class Broker:
         except InsufficientCapacity:
             pass
         self.store.insert_allocation(allocation, digest)
-        self.live[allocation.id] = allocation
+        self._put(allocation)
         self._event(now, "queued", allocation_id=allocation.id, uid=caller.uid,
-                    detail={"position": self._position(allocation)})
+                    detail={"queue_length": len(self._queued)})
         if allocation.holder_pid is not None:
             self.outbox.watch.append((allocation.holder_pid, holder_start))
         if waiter is not None and not command.detach:
@@ -374,7 +413,18 @@ class Broker:
     def _grant_now(self, allocation: Allocation) -> tuple[AllocationItem, ...] | None:
         """Items if the request may be granted at once: it fits and no queued request is served before it."""
         assert allocation.request is not None
-        if self.queued:
+        if self._queued and self._last_pass is not None and self._last_pass[0] == self.ledger.version:
+            # Nothing changed since the last pass: the queue would come out the same, so only the head's
+            # reservation (if the head goes before this request) decides.
+            _, head, reservation = self._last_pass
+            now = self.clock()
+            ahead = head is not None and queue.effective_rank(head, now, self.policy.aging_interval) >= \
+                queue.effective_rank(allocation, now, self.policy.aging_interval)
+            try:
+                return self.ledger.plan_request(allocation.request, reservation if ahead else ())
+            except InsufficientCapacity:
+                return None
+        if self._queued:
             ledger, now = self.ledger, self.clock()
             result = queue.schedule(ledger, [*self.queued, allocation], now, self.policy.aging_interval)
             for grant in result.grants:
@@ -393,7 +443,7 @@ class Broker:
 
     def _start(self, allocation: Allocation, kind: str) -> None:
         self.ledger.hold(allocation.items)
-        self.live[allocation.id] = allocation
+        self._put(allocation)
         self._event(self.clock(), kind, allocation_id=allocation.id, uid=allocation.owner_uid,
                     detail={"items": {i.resource: i.amount for i in allocation.items}})
         if allocation.holder_pid is not None:
@@ -401,10 +451,11 @@ class Broker:
 
     def schedule(self) -> None:
         """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
-        if not any(a.is_queued for a in self.live.values()):
+        if not self._queued:
             return
         now = self.clock()
         result = queue.schedule(self.ledger, self.queued, now, self.policy.aging_interval)
+        self._last_pass = None
         for grant in result.grants:
             granted = grant.allocation.granted(grant.items, now)
             self.ledger.unhold(grant.items)  # _start holds them again, with the event
@@ -415,12 +466,14 @@ class Broker:
             self._end(rejection.allocation, "rejected", detail={"why": rejection.error.message})
         if self.policy.preemption and result.head is not None:
             self._preempt_for(result.head, now)
+        if self._queued and not result.grants and not result.rejections:
+            self._last_pass = (self.ledger.version, result.head, result.reservation)
 
     def _preempt_for(self, head: Allocation, now: float) -> None:
         victims = queue.choose_victims(self.ledger, head, self.active, now, self.policy.aging_interval)
         for victim in victims:
             marked = victim.changed(preempt_at=now + self.policy.preempt_grace)
-            self.live[victim.id] = marked
+            self._put(marked)
             self.store.update_lease(marked)
             self._event(now, "preempted", allocation_id=victim.id, uid=victim.owner_uid,
                         detail={"for": head.id, "grace_s": self.policy.preempt_grace})
@@ -442,7 +495,7 @@ class Broker:
         self._event(now, reason if state is AllocationState.RELEASED or reason == "withdrawn" else "withdrawn",
                     allocation_id=allocation.id, uid=caller.uid,
                     detail={**(detail or {}), **({"reason": reason} if state is AllocationState.WITHDRAWN else {})})
-        self.live.pop(allocation.id, None)
+        self._drop(allocation)
         if allocation.is_active:
             self.ledger.unhold(allocation.items)
         else:
@@ -484,7 +537,7 @@ class Broker:
         now = self.clock()
         base = now if allocation.is_active else None
         renewed = allocation.changed(ttl_s=ttl, expires_at=None if base is None else base + ttl)
-        self.live[allocation.id] = renewed
+        self._put(renewed)
         self.store.update_lease(renewed)
         self._event(now, "renewed", allocation_id=allocation.id, uid=caller.uid,
                     detail={"ttl_s": ttl, "expires_at": renewed.expires_at})
@@ -530,8 +583,8 @@ class Broker:
     def holder_exited(self, pid: int, start: int | None) -> list[str]:
         """The watcher saw `pid` exit: end everything it held or waited for."""
         ended = []
-        for allocation in list(self.live.values()):
-            if allocation.holder_pid == pid and (start is None or allocation.holder_start in (None, start)):
+        for allocation in [self.live[i] for i in sorted(self._by_holder.get(pid, ()))]:
+            if start is None or allocation.holder_start in (None, start):
                 if is_alive(pid, allocation.holder_start):
                     continue  # a reused pid: the watched process is gone, this one is not it
                 self._end(allocation, "holder_exited", detail={"holder_pid": pid})
@@ -543,10 +596,9 @@ class Broker:
     def connection_closed(self, connection: int) -> list[str]:
         """A client went away: release what its connection held, withdraw what only it waited for."""
         ended = []
-        for allocation in list(self.live.values()):
-            if allocation.holder_kind is HolderKind.CONNECTION and allocation.connection_id == connection:
-                self._end(allocation, "connection_closed")
-                ended.append(allocation.id)
+        for allocation in [self.live[i] for i in sorted(self._by_connection.get(connection, ()))]:
+            self._end(allocation, "connection_closed")
+            ended.append(allocation.id)
         for allocation_id, connections in list(self._attended.items()):
             connections.discard(connection)
             waiting = self.live.get(allocation_id)
@@ -561,7 +613,7 @@ class Broker:
         """Expire TTLs, time out waits, revoke preempted allocations after their grace, re-run aging."""
         now = self.clock()
         changed = False
-        for allocation in list(self.live.values()):
+        for allocation in [self.live[i] for i in sorted(self._timed)]:
             if allocation.is_queued and allocation.wait_until is not None and allocation.wait_until <= now:
                 self._end(allocation, "timeout")
                 changed = True
@@ -597,10 +649,6 @@ class Broker:
         if allocation is None or not _may_manage(caller, allocation):
             raise AllocationNotFound(f"no allocation with id {allocation_id!r}", id=allocation_id)
         return allocation
-
-    def _position(self, allocation: Allocation) -> int:
-        ordered = queue.order(self.queued, self.clock(), self.policy.aging_interval)
-        return next((i for i, a in enumerate(ordered, 1) if a.id == allocation.id), 0)
 
     def _event(self, now: float, kind: str, *, allocation_id: str | None = None, resource: str | None = None,
                uid: int | None = None, detail: dict[str, Any] | None = None) -> None:
@@ -644,6 +692,8 @@ class Broker:
             "expires_at": allocation.expires_at,
             "preemptible": allocation.preemptible,
             "preempt_at": allocation.preempt_at,
+            "risks": [note for item in allocation.items for note in self.risks.get(item.resource, ())]
+            if allocation.is_active else [],
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from mcpresd.core.constraints import Selector, matches_all, parse_selector, pick_local, request_cost
 from mcpresd.core.errors import (
+    DomainError,
     InsufficientCapacity,
     InvalidRequest,
     NeverFits,
@@ -68,7 +69,7 @@ class Ledger:
         self.observed: dict[str, Observation] = {}
         self.default_strategy = Strategy.FIRST_FIT.value
         self.version = 0
-        self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...]]] = {}
+        self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...] | DomainError]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         for resource in resources:
@@ -180,10 +181,30 @@ class Ledger:
 
     # -- fitting ----------------------------------------------------------
 
-    def plan_request(self, request: Request) -> tuple[AllocationItem, ...]:
-        return self.plan(request.demands, strategy=Strategy(request.strategy or self.default_strategy),
-                         where=parse_where(request.where),
-                         max_cost=request.max_cost)
+    def plan_request(self, request: Request,
+                     reserved: Sequence[AllocationItem] = ()) -> tuple[AllocationItem, ...]:
+        """Plan a stored request; `reserved` counts as held (without changing the ledger or its cache)."""
+        if reserved:
+            kept: dict[str, float] = {}
+            for item in reserved:
+                kept[item.resource] = kept.get(item.resource, 0.0) + item.amount
+            return self._plan(request.demands, Strategy(request.strategy or self.default_strategy),
+                              parse_where(request.where), request.max_cost, kept)
+        key = (request.key, self.default_strategy)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == self.version:
+            self.cache_hits += 1
+            if isinstance(cached[1], DomainError):
+                raise cached[1].with_traceback(None)
+            return cached[1]
+        try:
+            items = self.plan(request.demands, strategy=Strategy(request.strategy or self.default_strategy),
+                              where=parse_where(request.where), max_cost=request.max_cost)
+        except DomainError as error:
+            self._cache[key] = (self.version, error)
+            raise
+        self._cache[key] = (self.version, items)
+        return items
 
     def plan(
         self,
@@ -200,17 +221,23 @@ class Ledger:
         cached = self._cache.get(key)
         if cached is not None and cached[0] == self.version:
             self.cache_hits += 1
+            if isinstance(cached[1], DomainError):
+                raise cached[1].with_traceback(None)
             return cached[1]
         self.cache_misses += 1
-        items = self._plan(demands, strategy, where, max_cost)
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
+        try:
+            items = self._plan(demands, strategy, where, max_cost)
+        except DomainError as error:
+            self._cache[key] = (self.version, error)  # "does not fit" is a decision too
+            raise
         self._cache[key] = (self.version, items)
         return items
 
     def _plan(self, demands: Sequence[Demand], strategy: Strategy, where: Sequence[Selector],
-              max_cost: float | None) -> tuple[AllocationItem, ...]:
-        tentative: dict[str, float] = {}
+              max_cost: float | None, reserved: dict[str, float] | None = None) -> tuple[AllocationItem, ...]:
+        tentative: dict[str, float] = dict(reserved) if reserved else {}
         shortfalls: list[dict[str, object]] = []
         granted: list[AllocationItem] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Literal
 
 from mcpresd.protocol import AllocationState, Priority, ResourceType
@@ -50,6 +51,11 @@ class Request:
     strategy: str | None = None
     where: tuple[str, ...] = ()
     max_cost: float | None = None
+
+    @cached_property
+    def key(self) -> tuple[object, ...]:
+        """A hashable identity for equal requests, computed once (the dataclass hash walks every field)."""
+        return (tuple((d.selector, d.amount, d.most) for d in self.demands), self.strategy, self.where, self.max_cost)
 
 
 class HolderKind(StrEnum):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from mcpresd.core.errors import DomainError, InsufficientCapacity
 from mcpresd.core.ledger import Ledger
@@ -37,7 +38,17 @@ def effective_rank(allocation: Allocation, now: float, aging_interval: float) ->
 
 def order(queued: Iterable[Allocation], now: float, aging_interval: float) -> list[Allocation]:
     """Queued requests in the order they are served."""
-    return sorted(queued, key=lambda a: (-effective_rank(a, now, aging_interval), a.created_at, a.id))
+    # effective_rank inlined: this runs on every pass over the whole queue.
+    if aging_interval > 0:
+        keyed = [(-min(TOP, RANK[a.priority] + int(max(0.0, now - a.created_at) // aging_interval)), a.created_at, a.id,
+                  a) for a in queued]
+    else:
+        keyed = [(-RANK[a.priority], a.created_at, a.id, a) for a in queued]
+    keyed.sort(key=_sort_key)
+    return [entry[3] for entry in keyed]
+
+
+_sort_key = itemgetter(0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,11 @@ def schedule(ledger: Ledger, queued: Iterable[Allocation], now: float, aging_int
     rejections: list[Rejection] = []
     head: Allocation | None = None
     reservation: tuple[AllocationItem, ...] = ()
+    blocked: set[tuple[object, ...]] = set()
     for allocation in order(queued, now, aging_interval):
         assert allocation.request is not None
+        if allocation.request.key in blocked:
+            continue  # capacity only shrinks during a pass: an equal request that did not fit still does not
         try:
             items = ledger.plan_request(allocation.request)
         except InsufficientCapacity:
@@ -77,6 +91,8 @@ def schedule(ledger: Ledger, queued: Iterable[Allocation], now: float, aging_int
                 head = allocation
                 reservation = ledger.reserve(allocation.request)
                 ledger.hold(reservation)
+            else:
+                blocked.add(allocation.request.key)
             continue
         except DomainError as error:
             rejections.append(Rejection(allocation, error))
