@@ -18,6 +18,9 @@ from typing import Any
 
 from mcpresd.core.model import Resource
 from mcpresd.core.strategies import Strategy
+from mcpresd.core.alerts import default_rules, rule_from_config
+from mcpresd.core.errors import DomainError
+from mcpresd.monitor import MonitorPolicy
 from mcpresd.service import Policy
 from mcpresd.params import InvalidParams, check_custom_name, check_text
 from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
@@ -42,7 +45,12 @@ class Config:
     resources: tuple[Resource, ...] = ()
     policy: Policy = Policy()
     tick_interval: float = 0.25
-    sample_interval: float = 5.0
+    monitor: MonitorPolicy = MonitorPolicy()
+    prometheus_file: str | None = None
+
+    @property
+    def sample_interval(self) -> float:
+        return self.monitor.interval
 
 
 def default_database_path() -> str:
@@ -54,8 +62,10 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler", "monitor"}
-_MONITOR_KEYS = {"interval"}
+         "log_level", "resources", "scheduler", "monitor", "alerts"}
+_MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
+                      "forecast_horizon"}
+_MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
 _SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval"}
 _RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
 
@@ -106,16 +116,46 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["resources"] = _resources(data["resources"], path)
     if "scheduler" in data:
         changes.update(_scheduler(data["scheduler"], path))
-    if "monitor" in data:
-        monitor = data["monitor"]
-        if not isinstance(monitor, dict) or set(monitor) - _MONITOR_KEYS:
-            raise ConfigError(f"{path}: [monitor] takes only {', '.join(sorted(_MONITOR_KEYS))}")
-        if "interval" in monitor:
-            interval = _duration(monitor["interval"], f"{path}: [monitor] interval")
-            if not 0.5 <= interval <= 3600:
-                raise ConfigError(f"{path}: [monitor] interval must be between 0.5s and 1h")
-            changes["sample_interval"] = interval
+    if "monitor" in data or "alerts" in data:
+        changes.update(_monitor(data.get("monitor", {}), data.get("alerts", []), path))
     return replace(config, **changes)
+
+
+def _monitor(table: Any, rules: Any, path: Path) -> dict[str, Any]:
+    where = f"{path}: [monitor]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _MONITOR_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_MONITOR_KEYS))})")
+    settings: dict[str, Any] = {key: _duration(table[key], f"{where} {key}") for key in _MONITOR_DURATIONS & set(table)}
+    if "interval" in settings and not 0.5 <= settings["interval"] <= 3600:
+        raise ConfigError(f"{where} interval must be between 0.5s and 1h")
+    for key in ("raw_points", "health_threshold"):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+                raise ConfigError(f"{where} {key} must be a whole number")
+            settings[key] = value
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"{path}: alerts must be an array of tables ([[alerts]])")
+    chosen = {} if table.get("default_alerts") is False else {r.name: r for r in default_rules()}
+    for index, rule in enumerate(rules):
+        converted = dict(rule)
+        for key in ("for", "keep_firing_for"):
+            if key in converted:
+                converted[key] = _duration(converted[key], f"{path}: alerts[{index}] {key}")
+        try:
+            parsed = rule_from_config(converted)
+        except DomainError as error:
+            raise ConfigError(f"{path}: alerts[{index}]: {error.message}") from None
+        chosen[parsed.name] = parsed
+    changes: dict[str, Any] = {"monitor": MonitorPolicy(**settings, rules=tuple(chosen.values()))}
+    if "prometheus_file" in table:
+        if not isinstance(table["prometheus_file"], str):
+            raise ConfigError(f"{where} prometheus_file must be a path")
+        changes["prometheus_file"] = os.path.expanduser(table["prometheus_file"]) or None
+    return changes
 
 
 def _scheduler(table: Any, path: Path) -> dict[str, Any]:

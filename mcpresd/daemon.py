@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from mcpresd.config import Config
 from mcpresd.core.model import Resource
+from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
-from mcpresd.samplers.gpu import read_gpus
+from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import BACKLOG, Server, StoreThread, bind_unix_socket, remove_socket
@@ -51,6 +52,8 @@ class Daemon:
         self.server: Server | None = None
         self.watch: HolderWatch | None = None
         self.store_thread: StoreThread | None = None
+        self._disks: list[tuple[str, str]] = []
+        self._links: list[str] = []
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -58,11 +61,14 @@ class Daemon:
         return open_nvml(log)
 
     def discover(self) -> list[Resource]:
-        return discover(
+        found = discover(
             memory_reserve=self.config.memory_reserve,
             nvml=self.nvml,
             default_link_bytes_per_s=self.config.default_link_bytes_per_s,
         )
+        self._disks = [(r.name, str(r.labels.get("mountpoint", r.name[5:]))) for r in found if r.name.startswith("disk:")]
+        self._links = [r.name[4:] for r in found if r.name.startswith("net:")]
+        return found
 
     def _make_broker(self) -> Broker:
         store = Store(self.config.database)
@@ -77,6 +83,7 @@ class Daemon:
             gpu_source=self.nvml.source if self.nvml else "none",
             clock=self.clock,
             policy=self.config.policy,
+            monitor=self.config.monitor,
         )
         with store.transaction():
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
@@ -117,18 +124,23 @@ class Daemon:
             except TimeoutError:
                 self._submit_quietly(lambda broker: broker.tick(), "tick")
 
-    async def _sample_gpus(self, stop: asyncio.Event) -> None:
-        """Read the GPUs every interval, off the loop, and hand the readings to the broker."""
-        nvml = self.nvml
-        assert nvml is not None
+    async def _sample(self, stop: asyncio.Event) -> None:
+        """One sampler for every client: read the host every interval, off the loop; the broker records it."""
+        assert self.server is not None
         loop = asyncio.get_running_loop()
+        sampler = HostSampler(self.nvml)
         while not stop.is_set():
+            disks, links = self._disks, self._links
             try:
-                readings = await loop.run_in_executor(None, read_gpus, nvml)
+                readings = await loop.run_in_executor(None, sampler.read, disks, links)
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
-                log.warning("GPU sampling failed: %s", error)
+                log.warning("sampling failed: %s", error)
             else:
-                self._submit_quietly(lambda broker: broker.observe_gpus(readings), "GPU observations")
+                processes = dict(sampler.gpu_processes)
+                stats = self.server.dispatcher.stats.take()
+                self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats), "sampling")
+                if self.config.prometheus_file:
+                    await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, readings)
             try:
                 await asyncio.wait_for(stop.wait(), self.config.sample_interval)
             except TimeoutError:
@@ -142,7 +154,7 @@ class Daemon:
         self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed)
         await loop.run_in_executor(None, store_thread.start, loop)
         ticker = loop.create_task(self._tick(stop))
-        sampler = loop.create_task(self._sample_gpus(stop)) if self.nvml is not None else None
+        sampler = loop.create_task(self._sample(stop))
         sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
         # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
         inode = os.lstat(self.config.socket).st_ino
@@ -162,8 +174,7 @@ class Daemon:
         finally:
             listener.close()
             ticker.cancel()
-            if sampler is not None:
-                sampler.cancel()
+            sampler.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
             self.watch.close()
             remove_socket(self.config.socket, inode)
@@ -171,6 +182,17 @@ class Daemon:
             if self.nvml is not None:
                 self.nvml.close()
             log.info("stopped")
+
+
+def write_prometheus(path: str, readings: dict[str, dict[str, float | str | None]]) -> None:
+    """The current values in the Prometheus text format, for node_exporter's textfile collector (atomic)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(prometheus_text(readings))
+        os.replace(temporary, path)
+    except OSError as error:
+        log.warning("cannot write %s: %s", path, error)
 
 
 def run(config: Config) -> int:

@@ -421,3 +421,55 @@ def _required_text(fields: _Fields, name: str) -> str:
     value = fields.text(name, required=True, limit=MAX_NAME_LENGTH)
     assert value is not None
     return value
+
+
+@dataclass(frozen=True)
+class MetricsCommand:
+    resource: str | None
+
+
+@dataclass(frozen=True)
+class HistoryCommand:
+    resource: str
+    metric: str
+    since: float
+
+
+@dataclass(frozen=True)
+class AlertsCommand:
+    all: bool
+
+
+@dataclass(frozen=True)
+class PredictCommand:
+    resource: str
+    metric: str
+    horizon: float
+
+
+def metrics_current(params: Any) -> MetricsCommand:
+    fields = _Fields(params, frozenset({"resource"}))
+    return MetricsCommand(resource=fields.text("resource", limit=MAX_NAME_LENGTH))
+
+
+def metrics_history(params: Any) -> HistoryCommand:
+    fields = _Fields(params, frozenset({"resource", "metric", "since"}))
+    since = fields.number("since") or 3600.0
+    if not 0 < since <= 30 * 86400:
+        raise InvalidParams(f"since must be seconds between 0 and 30 days, got {since:g}", "since")
+    return HistoryCommand(resource=_required_text(fields, "resource"),
+                          metric=fields.text("metric", limit=MAX_NAME_LENGTH) or "utilisation", since=since)
+
+
+def alerts_list(params: Any) -> AlertsCommand:
+    fields = _Fields(params, frozenset({"all"}))
+    return AlertsCommand(all=fields.flag("all"))
+
+
+def predict(params: Any) -> PredictCommand:
+    fields = _Fields(params, frozenset({"resource", "metric", "in"}))
+    horizon = fields.number("in") or 1800.0
+    if not 0 < horizon <= 30 * 86400:
+        raise InvalidParams(f"in must be seconds between 0 and 30 days, got {horizon:g}", "in")
+    return PredictCommand(resource=_required_text(fields, "resource"),
+                          metric=fields.text("metric", limit=MAX_NAME_LENGTH) or "utilisation", horizon=horizon)

@@ -50,6 +50,10 @@ class Method(StrEnum):
     ALLOCATIONS_EXPLAIN = "allocations.explain"
     EVENTS_LIST = "events.list"
     EVENTS_SUBSCRIBE = "events.subscribe"
+    METRICS_CURRENT = "metrics.current"
+    METRICS_HISTORY = "metrics.history"
+    ALERTS_LIST = "alerts.list"
+    PREDICT = "predict"
 
 
 EVENT_NOTIFICATION = "event"
@@ -120,6 +124,7 @@ if TYPE_CHECKING:
         source: Literal["discovered", "config", "api"]
         allocated: float
         free: float
+        health: dict[str, Any] | None
 
 
     class DemandDict(TypedDict):
@@ -309,3 +314,21 @@ def is_valid_number(value: object) -> TypeGuard[int | float]:
         return math.isfinite(value)
     except OverflowError:  # an integer too large for a float (JSON allows 400 digits)
         return False
+
+
+def prometheus_text(readings: dict[str, dict[str, float | str | None]]) -> str:
+    """Current values in the Prometheus text exposition format; unsupported and unknown values are left out."""
+    lines: list[str] = []
+    by_metric: dict[str, list[tuple[str, float]]] = {}
+    for resource, values in sorted(readings.items()):
+        for metric, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                name = "mcpres_" + "".join(c if c.isalnum() else "_" for c in metric)
+                by_metric.setdefault(name, []).append((resource, float(value)))
+    for name, samples in sorted(by_metric.items()):
+        lines.append(f"# TYPE {name} gauge")
+        for resource, value in samples:
+            label = resource.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{name}{{resource="{label}"}} {value:.17g}')
+    return "\n".join(lines) + "\n"
+

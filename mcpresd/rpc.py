@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ HANDLERS: dict[Method, Handler] = {
     Method.ALLOCATIONS_EXPLAIN: Handler(params.explain, Broker.allocations_explain),
     Method.EVENTS_LIST: Handler(params.list_events, Broker.events_list),
     Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
+    Method.METRICS_CURRENT: Handler(params.metrics_current, Broker.metrics_current),
+    Method.METRICS_HISTORY: Handler(params.metrics_history, Broker.metrics_history),
+    Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
+    Method.PREDICT: Handler(params.predict, Broker.predict),
 }
 
 ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
@@ -107,6 +112,39 @@ def encode(message: Any) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
 
+class RpcStats:
+    """Calls, errors and response times per method since the last `take()` (the daemon's own metrics)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, list[float]] = {}
+        self._errors: dict[str, int] = {}
+        self._since = time.monotonic()
+
+    def record(self, method: str, seconds: float, failed: bool) -> None:
+        key = method if method in _KNOWN else "unknown"
+        times = self._calls.setdefault(key, [])
+        if len(times) < 10_000:
+            times.append(seconds)
+        if failed:
+            self._errors[key] = self._errors.get(key, 0) + 1
+
+    def take(self) -> dict[str, dict[str, float]]:
+        now = time.monotonic()
+        span = max(1e-9, now - self._since)
+        figures = {}
+        for method, times in self._calls.items():
+            ordered = sorted(times)
+            figures[method] = {
+                "rate": len(times) / span,
+                "error_rate": self._errors.get(method, 0) / len(times),
+                "p50_ms": 1000 * ordered[len(ordered) // 2],
+                "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            }
+        self._calls, self._errors, self._since = {}, {}, now
+        return figures
+
+
+_KNOWN = frozenset(m.value for m in Method)
 Reply = Callable[[bytes | None], None]
 Done = Callable[["dict[str, Any] | None"], None]
 
@@ -122,6 +160,7 @@ class Dispatcher:
     def __init__(self, submit: Submit, discover: Callable[[], list[Resource]]) -> None:
         self._submit = submit
         self._discover = discover
+        self.stats = RpcStats()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def handle_line(self, line: bytes, peer: Peer, reply: Reply) -> None:
@@ -152,7 +191,11 @@ class Dispatcher:
             done(error_response(None if id is _NO_ID or not _valid_id(id) else id, ErrorCode.INVALID_REQUEST, problem))
             return
 
+        started = time.perf_counter()
+        method = message["method"]
+
         def finish(result: Any) -> None:
+            self.stats.record(method, time.perf_counter() - started, isinstance(result, _Failure))
             if id is _NO_ID:
                 done(None)
             elif isinstance(result, _Failure):

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import socket
 import sqlite3
 import stat
@@ -348,9 +349,22 @@ class Connection(asyncio.Protocol):
         line, self._buffer = self._buffer, b""
         if line.strip():
             self._dispatch(line)  # a last message without its newline is still a message
-        if self.in_flight:
-            return True  # keep the transport open until the replies are written
+        if self.in_flight and not self._peer_gone():
+            return True  # a half-close (shutdown(SHUT_WR)): keep the transport open until the replies are written
         return False
+
+    def _peer_gone(self) -> bool:
+        """True when the client closed its socket entirely (POLLHUP), not just its sending side.
+
+        A client that closes while it waits for a queued request must be noticed now, so that the request is
+        withdrawn; nothing would be written to it until the grant.
+        """
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)

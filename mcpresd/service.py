@@ -36,13 +36,14 @@ from mcpresd.core.errors import (
     InvalidRequest,
     ResourceExists,
     ResourceInUse,
+    UnknownResource,
     WaitTimeout,
     Withdrawn,
 )
 from mcpresd.core.ledger import Ledger, Observation
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
-from mcpresd.core.risk import GpuReading, risk_notes
 from mcpresd.holders import is_alive, process_start_time
+from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
 
@@ -129,6 +130,7 @@ class Broker:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] | None = None,
         policy: Policy = Policy(),
+        monitor: MonitorPolicy | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -146,6 +148,7 @@ class Broker:
         self._waiters: dict[str, list[Any]] = {}
         self._attended: dict[str, set[int]] = {}
         self.reload()
+        self.monitor = Monitor(self, monitor or MonitorPolicy())
 
     def reload(self) -> None:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
@@ -313,16 +316,6 @@ class Broker:
         self._event(now, "resource.added", resource=resource.name, uid=uid,
                     detail={"capacity": resource.capacity, "unit": resource.unit})
 
-    def observe_gpus(self, readings: dict[str, GpuReading]) -> None:
-        """GPU readings: load and free memory for the strategies, and the risk notes grants carry."""
-        for name, reading in readings.items():
-            if name not in self.ledger:
-                continue
-            self.ledger.observe(name, Observation(reading.load, reading.memory_free))
-            holders = {a.holder_pid for a in self.live.values()
-                       if a.is_active and a.holder_pid is not None and any(i.resource == name for i in a.items)}
-            self.risks[name] = risk_notes(name, reading, holders)
-
     def resource_dict(self, resource: Resource) -> ResourceDict:
         used = self.ledger.used(resource.name)
         return {
@@ -336,6 +329,7 @@ class Broker:
             "source": resource.source,
             "allocated": used,
             "free": max(0.0, resource.capacity - used),
+            "health": self.monitor.health_of(resource.name),
         }
 
     # -- allocating and the queue -----------------------------------------
@@ -596,15 +590,17 @@ class Broker:
     def connection_closed(self, connection: int) -> list[str]:
         """A client went away: release what its connection held, withdraw what only it waited for."""
         ended = []
-        for allocation in [self.live[i] for i in sorted(self._by_connection.get(connection, ()))]:
-            self._end(allocation, "connection_closed")
-            ended.append(allocation.id)
+        # Waits first: a request its own connection both held and waited on was withdrawn because its client
+        # disconnected (reason "disconnected", as docs/scheduling.md says), not released.
         for allocation_id, connections in list(self._attended.items()):
             connections.discard(connection)
             waiting = self.live.get(allocation_id)
             if not connections and waiting is not None and waiting.is_queued:
                 self._end(waiting, "disconnected")
                 ended.append(allocation_id)
+        for allocation in [self.live[i] for i in sorted(self._by_connection.get(connection, ()))]:
+            self._end(allocation, "connection_closed")
+            ended.append(allocation.id)
         if ended:
             self.schedule()
         return ended
@@ -649,6 +645,49 @@ class Broker:
         if allocation is None or not _may_manage(caller, allocation):
             raise AllocationNotFound(f"no allocation with id {allocation_id!r}", id=allocation_id)
         return allocation
+
+    def emit(self, now: float, kind: str, *, resource: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        """Record an event from the monitor (alerts, health) and push it to subscribers."""
+        self._event(now, kind, resource=resource, detail=detail)
+
+    # -- monitoring ---------------------------------------------------------
+
+    def record_samples(self, readings: dict[str, dict[str, float | str | None]],
+                       gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
+                       rpc: dict[str, dict[str, float]] | None = None) -> None:
+        if rpc:
+            readings["daemon"] = {f"rpc.{method}.{name}": value
+                                  for method, figures in rpc.items() for name, value in figures.items()}
+        self.monitor.record(self.clock(), readings, gpu_processes)
+
+    def metrics_current(self, caller: Caller, command: p.MetricsCommand) -> dict[str, Any]:
+        latest = self.monitor.latest
+        if command.resource is not None:
+            resource = self.ledger.find(command.resource)
+            name = resource.name if resource else command.resource
+            if resource is None and name != "daemon":
+                raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
+            latest = {name: latest.get(name, {})}
+        return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest}
+
+    def metrics_history(self, caller: Caller, command: p.HistoryCommand) -> dict[str, Any]:
+        resource = self.ledger.find(command.resource)
+        name = resource.name if resource else command.resource
+        if resource is None and name != "daemon":
+            raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
+        now = self.clock()
+        history = self.monitor.history(name, command.metric, now - command.since, now)
+        history["metrics"] = self.monitor.metrics.metrics_of(name)
+        return history
+
+    def alerts_list(self, caller: Caller, command: p.AlertsCommand) -> list[dict[str, Any]]:
+        return self.monitor.alert_list(command.all)
+
+    def predict(self, caller: Caller, command: p.PredictCommand) -> dict[str, Any]:
+        resource = self.ledger.find(command.resource)
+        if resource is None:
+            raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
+        return self.monitor.predict(resource.name, command.metric, command.horizon, self.clock())
 
     def _event(self, now: float, kind: str, *, allocation_id: str | None = None, resource: str | None = None,
                uid: int | None = None, detail: dict[str, Any] | None = None) -> None:

@@ -83,12 +83,57 @@ CREATE INDEX events_by_allocation ON events (allocation_id) WHERE allocation_id 
 """
 
 
+SCHEMA_V2_METRICS = """
+CREATE TABLE samples (
+    resource TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    ts REAL NOT NULL,
+    value REAL,
+    status TEXT NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'unsupported', 'unknown')),
+    CHECK ((status = 'ok') = (value IS NOT NULL))
+);
+CREATE INDEX samples_by_metric ON samples (resource, metric, ts);
+CREATE INDEX samples_by_time ON samples (ts);
+CREATE TABLE rollups (
+    resource TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    minute REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    avg REAL NOT NULL,
+    count INTEGER NOT NULL CHECK (count > 0),
+    PRIMARY KEY (resource, metric, minute)
+) WITHOUT ROWID;
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'firing', 'resolved')),
+    level TEXT NOT NULL CHECK (level IN ('info', 'warning', 'error', 'critical')),
+    since REAL NOT NULL,
+    fired_at REAL,
+    resolved_at REAL,
+    last_value REAL,
+    min REAL,
+    max REAL,
+    avg REAL,
+    unknown INTEGER NOT NULL DEFAULT 0 CHECK (unknown IN (0, 1)),
+    allocations TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(allocations))
+);
+CREATE UNIQUE INDEX alerts_open ON alerts (rule, resource) WHERE state != 'resolved';
+"""
+
+
 def m001_initial_schema(db: Any) -> None:
     db.executescript(SCHEMA_V1)
 
 
+def m002_metrics_and_alerts(db: Any) -> None:
+    db.executescript(SCHEMA_V2_METRICS)
+
+
 # Registered in order; never edit one that has shipped, add the next.
-MIGRATIONS = (m001_initial_schema,)
+MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts)
 
 
 def _migrations() -> Any:
@@ -400,3 +445,82 @@ def _resource_row(resource: Resource) -> tuple[Any, ...]:
 def items_of(allocations: Iterable[Allocation]) -> Iterator[AllocationItem]:
     for allocation in allocations:
         yield from allocation.items
+
+
+class MetricStore:
+    """Metric samples, their 1-minute roll-ups and alerts, on the broker's connection (same thread, same transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def insert_samples(self, rows: Iterable[tuple[str, str, float, float | None, str]]) -> None:
+        self.conn.executemany("INSERT INTO samples (resource, metric, ts, value, status) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def samples(self, resource: str, metric: str, since: float) -> list[tuple[float, float | None, str]]:
+        return self.conn.execute(
+            "SELECT ts, value, status FROM samples WHERE resource = ? AND metric = ? AND ts >= ? ORDER BY ts",
+            (resource, metric, since),
+        ).fetchall()
+
+    def samples_between(self, start: float, end: float) -> list[tuple[str, str, float, float]]:
+        return self.conn.execute(
+            "SELECT resource, metric, ts, value FROM samples WHERE ts >= ? AND ts < ? AND status = 'ok'",
+            (start, end),
+        ).fetchall()
+
+    def upsert_rollups(self, rows: Iterable[tuple[str, str, float, float, float, float, int]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO rollups (resource, metric, minute, min, max, avg, count) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def rollups(self, resource: str, metric: str, since: float) -> list[tuple[float, float, float, float, int]]:
+        return self.conn.execute(
+            "SELECT minute, min, max, avg, count FROM rollups WHERE resource = ? AND metric = ? AND minute >= ?"
+            " ORDER BY minute",
+            (resource, metric, since),
+        ).fetchall()
+
+    def metrics_of(self, resource: str) -> list[str]:
+        return [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT metric FROM samples WHERE resource = ? ORDER BY metric", (resource,))]
+
+    def retain(self, raw_cutoff: float, rollup_cutoff: float, points_per_metric: int) -> int:
+        """Delete raw samples older than `raw_cutoff` or beyond the newest `points_per_metric`, and old roll-ups."""
+        deleted = self.conn.execute("DELETE FROM samples WHERE ts < ?", (raw_cutoff,)).rowcount
+        for resource, metric, count in self.conn.execute(
+            "SELECT resource, metric, count(*) FROM samples GROUP BY resource, metric HAVING count(*) > ?",
+            (points_per_metric,),
+        ).fetchall():
+            deleted += self.conn.execute(
+                "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE resource = ? AND metric = ?"
+                " ORDER BY ts LIMIT ?)",
+                (resource, metric, count - points_per_metric),
+            ).rowcount
+        deleted += self.conn.execute("DELETE FROM rollups WHERE minute < ?", (rollup_cutoff,)).rowcount
+        return deleted
+
+    def save_alert(self, row: dict[str, Any]) -> int:
+        """Insert or update an alert; `row` carries its id once it has one."""
+        columns = ("rule", "resource", "state", "level", "since", "fired_at", "resolved_at", "last_value", "min",
+                   "max", "avg", "unknown", "allocations")
+        values = [row[c] if c != "allocations" else json.dumps(row[c]) for c in columns]
+        if row.get("id") is None:
+            cursor = self.conn.execute(
+                f"INSERT INTO alerts ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values)
+            return int(cursor.lastrowid or 0)
+        self.conn.execute(f"UPDATE alerts SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?",
+                          (*values, row["id"]))
+        return int(row["id"])
+
+    def alerts(self, include_resolved: bool, limit: int = 1000) -> list[dict[str, Any]]:
+        where = "" if include_resolved else "WHERE state != 'resolved'"
+        cursor = self.conn.execute(f"SELECT * FROM alerts {where} ORDER BY id DESC LIMIT ?", (limit,))
+        names = [d[0] for d in cursor.description]
+        rows = []
+        for row in cursor.fetchall():
+            entry = dict(zip(names, row))
+            entry["allocations"] = json.loads(entry["allocations"])
+            entry["unknown"] = bool(entry["unknown"])
+            rows.append(entry)
+        return rows

@@ -67,6 +67,7 @@ class Ledger:
         self._by_type: dict[ResourceType, list[str]] = {}
         self._cursor: dict[ResourceType, int] = {}
         self.observed: dict[str, Observation] = {}
+        self.blocked: dict[str, str] = {}
         self.default_strategy = Strategy.FIRST_FIT.value
         self.version = 0
         self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...] | DomainError]] = {}
@@ -154,6 +155,15 @@ class Ledger:
         insort(self._by_type.setdefault(resource.type, []), resource.name,
                key=lambda name: _order_key(self._resources[name]))
         self.version += 1
+
+    def block(self, name: str, reason: str | None) -> None:
+        """Keep a resource out of new grants (an unhealthy one) until unblocked with None."""
+        if reason is None:
+            if self.blocked.pop(name, None) is not None:
+                self.version += 1
+        elif self.blocked.get(name) != reason:
+            self.blocked[name] = reason
+            self.version += 1
 
     def observe(self, name: str, observation: Observation) -> None:
         if self.observed.get(name) != observation:
@@ -288,6 +298,8 @@ class Ledger:
                 shortfalls=[self._shortfall(demand, room, ())],
             )
         available = room(resource)
+        if resource.name in self.blocked:
+            return None
         if demand.amount <= available + EPSILON:
             amount = demand.amount if demand.most is None else min(demand.most, max(demand.amount, available))
             return [AllocationItem(resource.name, amount)]
@@ -302,7 +314,7 @@ class Ledger:
             observed = self.observed.get(name)
             candidates.append(Candidate(
                 resource=resource,
-                free=max(0.0, room(resource)),
+                free=0.0 if name in self.blocked else max(0.0, room(resource)),  # unhealthy: counted, not granted
                 load=observed.load if observed else None,
                 memory_free=observed.memory_free if observed else None,
                 position=position,

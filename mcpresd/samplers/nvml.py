@@ -171,8 +171,9 @@ class RealNvml:
 class ReplayNvml:
     """Plays back a recorded capture: devices from `idle`, samples from `load_trace`.
 
-    Each device walks `load_trace` in order, one entry per `sample` call, and holds the last
-    entry once the trace is exhausted (a capture without a trace samples its `idle` snapshot).
+    Each device walks `load_trace` and then `after` (the load ending) in order, one entry per
+    `sample` call, and holds the last entry once both are exhausted (a capture without a trace
+    samples its `idle` snapshot).
     Every device replays the same trace; a field a trace entry did not record (fan speed) is
     taken from that device's `idle` snapshot.
     """
@@ -182,7 +183,8 @@ class ReplayNvml:
         capture = _load_capture(Path(path))
         try:
             snapshots = _records(capture.get("idle"), "idle", allow_missing=False)
-            trace = _records(capture.get("load_trace"), "load_trace", allow_missing=True)
+            trace = (_records(capture.get("load_trace"), "load_trace", allow_missing=True)
+                     + _records(capture.get("after"), "after", allow_missing=True))
             self._facts = [_facts_from_snapshot(snapshot, position) for position, snapshot in enumerate(snapshots)]
             self._samples = [
                 [_sample_from_record({**snapshot, **entry}, f"load_trace[{i}]") for i, entry in enumerate(trace)]

@@ -68,16 +68,17 @@ def test_replay_lists_the_recorded_devices_with_their_facts(replay: ReplayNvml) 
     )
 
 
-def test_replay_walks_the_load_trace_in_order_then_holds_the_last_sample(
+def test_replay_walks_the_load_trace_then_the_load_ending_then_holds_the_last_sample(
     replay: ReplayNvml, capture: dict[str, Any]
 ) -> None:
-    trace = capture["load_trace"]
+    trace = capture["load_trace"] + capture["after"]
 
     seen = [replay.sample(0) for _ in range(len(trace) + 3)]
 
     assert [s["power_w"] for s in seen[: len(trace)]] == [entry["power_usage_mw"] / 1000 for entry in trace]
     assert [s["utilization_gpu"] for s in seen[: len(trace)]] == [entry["utilization"]["gpu"] for entry in trace]
     assert seen[len(trace) :] == [seen[len(trace) - 1]] * 3
+    assert seen[-1]["utilization_gpu"] < 10  # the load has ended: alerts on it can resolve
 
 
 def test_replay_shows_the_recorded_load_arriving(replay: ReplayNvml) -> None:
@@ -129,6 +130,7 @@ def test_recorded_failures_other_than_not_supported_read_as_none(tmp_path: Path,
 
 def test_a_capture_without_a_trace_samples_its_idle_snapshot(tmp_path: Path, capture: dict[str, Any]) -> None:
     del capture["load_trace"]
+    del capture["after"]
 
     sample = ReplayNvml(write_capture(tmp_path, capture)).sample(0)
 
@@ -153,12 +155,13 @@ def test_sampling_a_device_that_was_not_recorded_raises_gpu_error(replay: Replay
 
 
 def test_a_sample_is_a_copy_the_caller_may_change(replay: ReplayNvml, capture: dict[str, Any]) -> None:
-    for _ in capture["load_trace"]:
+    for _ in capture["load_trace"] + capture["after"]:
         replay.sample(0)
     held = replay.sample(0)
+    original = list(held["compute_processes"])  # type: ignore[call-overload]
     held["compute_processes"].append("junk")  # type: ignore[attr-defined]
 
-    assert replay.sample(0)["compute_processes"] == [{"pid": None, "used_memory": None}]
+    assert replay.sample(0)["compute_processes"] == original
 
 
 @pytest.mark.parametrize(

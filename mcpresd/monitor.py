@@ -1,0 +1,347 @@
+"""The monitor: samples in, history, alerts, health and forecasts out.
+
+Rules:
+- Runs on the store thread as part of the broker (`Broker.monitor`); `record()`
+  is one sampling round, in the same transaction as everything else.
+- Per resource it stores the measured values and `utilisation_rate`
+  (allocated / capacity, in %). A value the device does not offer is stored as
+  'unsupported', a failed read as 'unknown', never as 0.
+- History: raw samples for `raw_max_age` (at most `raw_points` per metric) and
+  1-minute roll-ups (min, max, avg, count) for `rollup_max_age`; a minute is
+  rolled up once it is over; `retain()` enforces both.
+- Alerts follow `mcpresd.core.alerts`; a transition that notifies becomes an
+  event (`alert.firing`, `alert.level`, `alert.resolved`), and a firing alert
+  names the allocations holding the resource, largest first.
+- Health (`mcpresd.core.health`) is scored every `health_interval`; a resource
+  below `health_threshold` is not granted until it recovers (events both ways).
+- Forecasts: a linear fit over `forecast_window` of raw samples. Every minute the
+  monitor also forecasts each utilisation `forecast_horizon` ahead and scores
+  those forecasts when their time comes (MAPE), so every forecast carries its
+  track record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mcpresd.core import alerts as alerting
+from mcpresd.core import forecast as forecasting
+from mcpresd.core import health as healthing
+from mcpresd.core.ledger import Observation
+from mcpresd.core.risk import GpuProcess, GpuReading, foreign_processes, risk_notes
+from mcpresd.core.rollup import minute_of, roll_up
+from mcpresd.store import MetricStore
+
+if TYPE_CHECKING:
+    from mcpresd.service import Broker
+
+Value = float | str | None
+Readings = dict[str, dict[str, Value]]
+UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True)
+class MonitorPolicy:
+    interval: float = 5.0
+    raw_max_age: float = 3600.0
+    raw_points: int = 1000
+    rollup_max_age: float = 86400.0
+    health_interval: float = 30.0
+    health_threshold: int = 50
+    forecast_window: float = 1800.0
+    forecast_horizon: float = 300.0
+    rules: tuple[alerting.AlertRule, ...] = field(default_factory=alerting.default_rules)
+
+
+@dataclass
+class _Open:
+    id: int | None
+    alert: alerting.Alert
+
+
+class Monitor:
+    def __init__(self, broker: Broker, policy: MonitorPolicy) -> None:
+        self.broker = broker
+        self.policy = policy
+        self.metrics = MetricStore(broker.store.conn)
+        self.latest: Readings = {}
+        self.latest_ts: float | None = None
+        self.alerts: dict[tuple[str, str], _Open] = {}
+        self.health: dict[str, healthing.Health] = {}
+        self.healthy: dict[str, bool] = {}
+        self._errors: dict[str, int] = {}
+        self._window: dict[str, deque[float]] = {}
+        self._last_health = -math.inf
+        self._last_minute: float | None = None
+        self._last_retain = -math.inf
+        self._forecasts: list[tuple[str, str, forecasting.Forecast]] = []
+        self._scored: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._load_open_alerts()
+
+    def _load_open_alerts(self) -> None:
+        rules = {r.name for r in self.policy.rules}
+        for row in self.metrics.alerts(include_resolved=False):
+            if row["rule"] not in rules:
+                continue
+            alert = alerting.Alert(
+                rule=row["rule"], resource=row["resource"], state=alerting.State(row["state"]),
+                level=alerting.Level(row["level"]), since=row["since"], fired_at=row["fired_at"],
+                last_value=row["last_value"], min=row["min"], max=row["max"],
+                total=(row["avg"] or 0.0), count=1 if row["avg"] is not None else 0, unknown=row["unknown"],
+            )
+            self.alerts[(row["rule"], row["resource"])] = _Open(row["id"], alert)
+
+    # -- one sampling round -----------------------------------------------
+
+    def record(self, now: float, readings: Readings,
+               gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]] | None = None) -> None:
+        broker = self.broker
+        ledger = broker.ledger
+        for resource in ledger.resources():
+            values = readings.setdefault(resource.name, {})
+            values["utilisation_rate"] = 100.0 * ledger.used(resource.name) / resource.capacity
+        rows: list[tuple[str, str, float, float | None, str]] = []
+        for resource_name, values in readings.items():
+            for metric, value in values.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    rows.append((resource_name, metric, now, value, "ok"))
+                elif value == UNSUPPORTED:
+                    rows.append((resource_name, metric, now, None, "unsupported"))
+                else:
+                    rows.append((resource_name, metric, now, None, "unknown"))
+                    self._errors[resource_name] = self._errors.get(resource_name, 0) + 1
+        self.metrics.insert_samples(rows)
+        self.latest, self.latest_ts = readings, now
+        self._observe_gpus(readings, gpu_processes or {})
+        self._evaluate_alerts(now, readings)
+        self._roll_up_finished_minutes(now)
+        self._forecast_and_score(now)
+        if now - self._last_health >= self.policy.health_interval:
+            self._check_health(now)
+        if now - self._last_retain >= 60.0:
+            self.retain(now)
+
+    def _observe_gpus(self, readings: Readings,
+                      processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]]) -> None:
+        broker = self.broker
+        for name, values in readings.items():
+            if not name.startswith("gpu:") or name not in broker.ledger:
+                continue
+            used, utilisation = values.get("memory_used"), values.get("utilisation")
+            resource = broker.ledger.get(name)
+            total = resource.labels.get("memory")
+            reading = GpuReading(
+                load=utilisation / 100 if isinstance(utilisation, float) else None,
+                memory_used=int(used) if isinstance(used, float) else None,
+                memory_total=total if isinstance(total, int) else None,
+                throttle_reasons=int(t) if isinstance(t := values.get("throttle_reasons"), float) else None,
+                processes=tuple(GpuProcess(pid, mem, lineage) for pid, mem, lineage in processes.get(name, [])),
+            )
+            broker.ledger.observe(name, Observation(reading.load, reading.memory_free))
+            holders = {a.holder_pid for a in broker.active
+                       if a.holder_pid is not None and any(i.resource == name for i in a.items)}
+            broker.risks[name] = risk_notes(name, reading, holders)
+            foreign = foreign_processes(reading, holders)
+            values["foreign_memory"] = float(sum(p.used_memory or 0 for p in foreign))
+
+    # -- alerts -----------------------------------------------------------
+
+    def _evaluate_alerts(self, now: float, readings: Readings) -> None:
+        ledger = self.broker.ledger
+        for rule in self.policy.rules:
+            metric = rule.metric.split(".", 1)[-1]
+            for resource in ledger.resources():
+                if not alerting.selects(rule, resource.name, resource.type.value):
+                    continue
+                key = (rule.name, resource.name)
+                opened = self.alerts.get(key)
+                raw = readings.get(resource.name, {}).get(metric)
+                value = raw if isinstance(raw, float) else None
+                if opened is None and value is None:
+                    continue
+                alert, transitions = alerting.evaluate(rule, opened.alert if opened else None, value, now,
+                                                       resource=resource.name)
+                if alert is None or alert.state is alerting.State.INACTIVE:
+                    if opened is not None and opened.id is not None:
+                        self.metrics.conn.execute("DELETE FROM alerts WHERE id = ?", (opened.id,))
+                    self.alerts.pop(key, None)
+                    continue
+                entry = opened or _Open(None, alert)
+                entry.alert = alert
+                allocations = self._holders_of(resource.name) if any(t.kind == "firing" for t in transitions) \
+                    else None
+                entry.id = self._save(entry, allocations)
+                if alert.state is alerting.State.RESOLVED:
+                    self.alerts.pop(key, None)
+                else:
+                    self.alerts[key] = entry
+                for transition in transitions:
+                    if transition.notify:
+                        self._announce(transition, alert, entry.id, allocations)
+
+    def _holders_of(self, resource: str) -> list[dict[str, Any]]:
+        held = []
+        for allocation in self.broker.active:
+            amount = sum(i.amount for i in allocation.items if i.resource == resource)
+            if amount > 0:
+                held.append({"id": allocation.id, "amount": amount, "tool_id": allocation.tool_id,
+                             "holder_pid": allocation.holder_pid, "owner_uid": allocation.owner_uid})
+        return sorted(held, key=lambda h: -float(h["amount"]))
+
+    def _save(self, entry: _Open, allocations: list[dict[str, Any]] | None) -> int:
+        alert = entry.alert
+        row = {
+            "id": entry.id, "rule": alert.rule, "resource": alert.resource, "state": alert.state.value,
+            "level": (alert.level or alerting.Level.INFO).value, "since": alert.since or 0.0,
+            "fired_at": alert.fired_at, "resolved_at": alert.resolved_at, "last_value": alert.last_value,
+            "min": alert.min, "max": alert.max, "avg": alert.avg, "unknown": int(alert.unknown),
+            "allocations": allocations if allocations is not None else self._stored_allocations(entry.id),
+        }
+        return self.metrics.save_alert(row)
+
+    def _stored_allocations(self, alert_id: int | None) -> list[dict[str, Any]]:
+        if alert_id is None:
+            return []
+        row = self.metrics.conn.execute("SELECT allocations FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return list(json.loads(row[0])) if row else []
+
+    def _announce(self, transition: alerting.Transition, alert: alerting.Alert, alert_id: int,
+                  allocations: list[dict[str, Any]] | None) -> None:
+        detail: dict[str, Any] = {
+            "alert_id": alert_id, "rule": transition.rule, "level": transition.level.value,
+            "value": transition.value,
+        }
+        if transition.previous is not None:
+            detail["previous_level"] = transition.previous.value
+        if allocations:
+            detail["allocations"] = allocations
+        if transition.kind == "resolved":
+            detail.update({"duration_s": alert.duration, "min": alert.min, "max": alert.max, "avg": alert.avg})
+        self.broker.emit(transition.at, f"alert.{transition.kind}", resource=transition.resource, detail=detail)
+
+    def alert_list(self, include_resolved: bool) -> list[dict[str, Any]]:
+        rows = self.metrics.alerts(include_resolved)
+        for row in rows:
+            row["duration_s"] = (row["resolved_at"] - row["fired_at"]) if row["resolved_at"] and row["fired_at"] \
+                else None
+        return rows
+
+    # -- history ------------------------------------------------------------
+
+    def _roll_up_finished_minutes(self, now: float) -> None:
+        minute = minute_of(now)
+        if self._last_minute is None:
+            self._last_minute = minute
+            return
+        if minute <= self._last_minute:
+            return
+        start, self._last_minute = self._last_minute, minute
+        grouped: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for resource, metric, ts, value in self.metrics.samples_between(start, minute):
+            grouped.setdefault((resource, metric), []).append((ts, value))
+        rows = [(resource, metric, r.minute_start, r.min, r.max, r.avg, r.count)
+                for (resource, metric), samples in grouped.items() for r in roll_up(samples)]
+        self.metrics.upsert_rollups(rows)
+
+    def retain(self, now: float) -> int:
+        self._last_retain = now
+        return self.metrics.retain(now - self.policy.raw_max_age, now - self.policy.rollup_max_age,
+                                   self.policy.raw_points)
+
+    def history(self, resource: str, metric: str, since: float, now: float) -> dict[str, Any]:
+        raw = self.metrics.samples(resource, metric, since)
+        rollups = self.metrics.rollups(resource, metric, since)
+        return {
+            "resource": resource, "metric": metric, "since": since, "now": now,
+            "points": [{"ts": ts, "value": value, "status": status} for ts, value, status in raw],
+            "rollups": [{"minute": m, "min": lo, "max": hi, "avg": avg, "count": n} for m, lo, hi, avg, n in rollups],
+        }
+
+    # -- forecasts ----------------------------------------------------------
+
+    def _points(self, resource: str, metric: str, now: float) -> list[tuple[float, float]]:
+        return [(ts, value) for ts, value, status in
+                self.metrics.samples(resource, metric, now - self.policy.forecast_window)
+                if status == "ok" and value is not None]
+
+    def _forecast_and_score(self, now: float) -> None:
+        due = [f for f in self._forecasts if f[2].target_time <= now]
+        if due:
+            self._forecasts = [f for f in self._forecasts if f[2].target_time > now]
+            for resource, metric, made in due:
+                actual = self.latest.get(resource, {}).get(metric)
+                if isinstance(actual, float):
+                    self._scored.setdefault((resource, metric), deque(maxlen=100)).append((made.predicted, actual))
+        if not self._forecasts or self._forecasts[-1][2].made_at <= now - 60:
+            for resource_name, values in self.latest.items():
+                if "utilisation" in values:
+                    fresh = forecasting.forecast(self._points(resource_name, "utilisation", now), now,
+                                                 self.policy.forecast_horizon)
+                    if fresh is not None:
+                        self._forecasts.append((resource_name, "utilisation", fresh))
+
+    def predict(self, resource: str, metric: str, horizon: float, now: float) -> dict[str, Any]:
+        points = self._points(resource, metric, now)
+        predicted = forecasting.value_in(points, now, horizon)
+        percent = metric.endswith("utilisation") or metric == "utilisation_rate"
+        threshold = 100.0 if percent else None
+        if percent and predicted is not None:
+            predicted = min(100.0, max(0.0, predicted))  # a percentage cannot leave 0..100, whatever the line says
+        until = forecasting.time_until(points, now, threshold) if threshold is not None and points else None
+        pairs = list(self._scored.get((resource, metric), ()))
+        return {
+            "resource": resource, "metric": metric, "now": now, "horizon_s": horizon,
+            "current": points[-1][1] if points else None, "predicted": predicted,
+            "threshold": threshold, "seconds_until_threshold": until,
+            "samples": len(points), "window_s": self.policy.forecast_window,
+            "accuracy": {"mape_pct": forecasting.mape(pairs), "scored": len(pairs),
+                         "horizon_s": self.policy.forecast_horizon},
+        }
+
+    # -- health -------------------------------------------------------------
+
+    def _check_health(self, now: float) -> None:
+        self._last_health = now
+        broker = self.broker
+        firing: dict[str, list[alerting.Level]] = {}
+        for (_, name), entry in self.alerts.items():
+            if entry.alert.state is alerting.State.FIRING and entry.alert.level is not None:
+                firing.setdefault(name, []).append(entry.alert.level)
+        for resource in broker.ledger.resources():
+            values = self.latest.get(resource.name, {})
+            utilisation = values.get("utilisation")
+            window = self._window.setdefault(resource.name, deque(maxlen=6))
+            if isinstance(utilisation, float):
+                window.append(utilisation)
+            throttle = values.get("throttle_reasons")
+            facts = healthing.HealthInput(
+                resource=resource.name,
+                firing=tuple(firing.get(resource.name, ())),
+                sampler_errors=self._errors.pop(resource.name, 0),
+                foreign_use=bool(values.get("foreign_memory")),
+                throttled=isinstance(throttle, float) and bool(int(throttle) & 0xEC),
+                utilisation=tuple(window),
+            )
+            health = healthing.score(facts)
+            self.health[resource.name] = health
+            was_ok = self.healthy.get(resource.name, True)
+            ok = healthing.gate(was_ok, health.score, self.policy.health_threshold)
+            self.healthy[resource.name] = ok
+            if ok != was_ok:
+                reason = "; ".join(health.reasons) or "recovered"
+                broker.ledger.block(resource.name, None if ok else f"health score {health.score}: {reason}")
+                broker.emit(now, "resource.healthy" if ok else "resource.unhealthy", resource=resource.name,
+                            detail={"score": health.score, "reasons": list(health.reasons)})
+                if ok:
+                    broker.schedule()
+
+    def health_of(self, resource: str) -> dict[str, Any] | None:
+        health = self.health.get(resource)
+        if health is None:
+            return None
+        return {"score": health.score, "reasons": list(health.reasons), "granted": self.healthy.get(resource, True)}
+
