@@ -1,4 +1,9 @@
-"""Allocation through the real daemon: atomic, never over-committed, durable, idempotent."""
+"""Allocation through the real daemon: atomic, never over-committed, durable, idempotent.
+
+Every allocation has a holder. `DaemonProcess.call` opens a connection per call, and an allocation
+without a holder_pid is held by its connection, so it would end as the call returns: allocations
+that must persist here are held by this test process (holder_pid=os.getpid()).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from tests.conftest import H100_UUID, DaemonProcess
 
 
 def allocate(daemon: DaemonProcess, *demands: tuple[str, float], **fields: Any) -> dict[str, Any]:
-    params = {"resources": [{"resource": r, "amount": a} for r, a in demands], **fields}
+    """Allocate, held by this test process unless `fields` name another holder."""
+    params = {"resources": [{"resource": r, "amount": a} for r, a in demands], "holder_pid": os.getpid(), **fields}
     result: dict[str, Any] = daemon.call(Method.ALLOCATE, params)
     return result
 
@@ -110,7 +116,8 @@ def test_concurrent_requests_never_over_commit(daemon: DaemonProcess) -> None:
         with daemon.client() as client:
             for _ in range(10):
                 try:
-                    result = client.call(Method.ALLOCATE, {"resources": [{"resource": "slot", "amount": 1}]})
+                    result = client.call(Method.ALLOCATE, {"resources": [{"resource": "slot", "amount": 1}],
+                                                           "holder_pid": os.getpid()})
                     with lock:
                         granted.append(result["id"])
                 except RpcError as error:
@@ -133,7 +140,7 @@ def test_concurrent_retries_with_one_key_create_one_allocation(daemon: DaemonPro
     def worker() -> None:
         with daemon.client() as client:
             ids.append(client.call(Method.ALLOCATE, {"resources": [{"resource": "slot", "amount": 1}],
-                                                     "idempotency_key": "same"})["id"])
+                                                     "idempotency_key": "same", "holder_pid": os.getpid()})["id"])
 
     threads = [threading.Thread(target=worker) for _ in range(20)]
     for thread in threads:

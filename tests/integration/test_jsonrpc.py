@@ -11,6 +11,7 @@ seeded daemon; the rest get their own.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,10 +144,12 @@ class Seed:
 
 
 def seed(daemon: DaemonProcess) -> Seed:
-    held = daemon.call("allocate", {"resources": [{"resource": "licence", "amount": 2}]})["id"]
+    """Allocations held by this test process: one made without a holder_pid would end with its connection."""
+    me = os.getpid()
+    held = daemon.call("allocate", {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": me})["id"]
     keyed = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}],
-                                     "idempotency_key": "seed-key"})["id"]
-    released = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}]})["id"]
+                                     "idempotency_key": "seed-key", "holder_pid": me})["id"]
+    released = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": me})["id"]
     daemon.call("release", {"id": released})
     return Seed(held=held, keyed=keyed, released=released)
 
@@ -414,12 +417,15 @@ def test_daemon_status_without_params_reports_version_uptime_and_counts(daemon: 
     assert status["version"] == __version__
     assert isinstance(status["uptime_s"], (int, float)) and status["uptime_s"] >= 0
     assert status["resources"] == len(daemon.call("resources.list")) > 0
-    assert status["allocations"] == {"active": 0, "released": 0}
+    assert status["allocations"] == {"active": 0, "queued": 0, "released": 0, "withdrawn": 0}
+    assert set(status["decision_cache"]) == {"hits", "misses"}
+    assert all(type(count) is int and count >= 0 for count in status["decision_cache"].values())
 
-    gone = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}]})["id"]
+    me = os.getpid()
+    gone = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": me})["id"]
     daemon.call("release", {"id": gone})
-    daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}]})
-    assert daemon.call("daemon.status")["allocations"] == {"active": 1, "released": 1}
+    daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": me})
+    assert daemon.call("daemon.status")["allocations"] == {"active": 1, "queued": 0, "released": 1, "withdrawn": 0}
 
 
 @pytest.mark.parametrize("params", ["{}", "[]"])
@@ -672,6 +678,6 @@ def test_after_all_the_bad_input_the_daemon_still_serves(daemon: DaemonProcess) 
     for data in cases:
         exchange(daemon, with_seed(data, ids) + b"\n")
     assert daemon.proc is not None and daemon.proc.poll() is None
-    assert daemon.call("daemon.status")["allocations"] == {"active": 2, "released": 1}
+    assert daemon.call("daemon.status")["allocations"] == {"active": 2, "queued": 0, "released": 1, "withdrawn": 0}
     log = daemon.log()
     assert "Traceback" not in log and "Unhandled exception" not in log, log[-3000:]
