@@ -44,7 +44,7 @@ class Config:
     log_level: str = "info"
     resources: tuple[Resource, ...] = ()
     policy: Policy = Policy()
-    tick_interval: float = 0.25
+    tick_interval: float = 5.0
     monitor: MonitorPolicy = MonitorPolicy()
     prometheus_file: str | None = None
 
@@ -182,8 +182,8 @@ def _scheduler(table: Any, path: Path) -> dict[str, Any]:
             raise ConfigError(f"{where} default_strategy must be one of {', '.join(s.value for s in Strategy)}") from None
     if "tick_interval" in table:
         tick = _duration(table["tick_interval"], f"{where} tick_interval")
-        if not 0.01 <= tick <= 10:
-            raise ConfigError(f"{where} tick_interval must be between 10ms and 10s")
+        if not 0.01 <= tick <= 60:
+            raise ConfigError(f"{where} tick_interval must be between 10ms and 60s")
         changes["tick_interval"] = tick
     changes["policy"] = policy
     return changes

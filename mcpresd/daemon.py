@@ -53,6 +53,7 @@ class Daemon:
         self.watch: HolderWatch | None = None
         self.store_thread: StoreThread | None = None
         self._disks: list[tuple[str, str]] = []
+        self._wake: asyncio.TimerHandle | None = None
         self._links: list[str] = []
 
     def open_gpus(self) -> Nvml | None:
@@ -101,6 +102,8 @@ class Daemon:
             self.watch.add(pid, start)
         for pid, start, signum in outbox.signals:
             send_signal(pid, start, signum)
+        if outbox.wake_at is not None:
+            self._wake_at(outbox.wake_at)
 
     def _submit_quietly(self, job: Callable[[Broker], object], what: str) -> None:
         assert self.store_thread is not None
@@ -117,12 +120,27 @@ class Daemon:
     def _connection_closed(self, connection: int) -> None:
         self._submit_quietly(lambda broker: broker.connection_closed(connection), "closing a connection")
 
+    def _wake_at(self, when: float) -> None:
+        """Run the broker's tick at wall-clock time `when` (the earliest deadline it reported), not before."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max(0.0, when - time.time())
+        if self._wake is not None and not self._wake.cancelled() and self._wake.when() <= due:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_at(due, self._tick_now)
+
+    def _tick_now(self) -> None:
+        self._wake = None
+        self._submit_quietly(lambda broker: broker.tick(), "tick")
+
     async def _tick(self, stop: asyncio.Event) -> None:
+        """A slow safety tick, in case a deadline was missed (a wall-clock jump); deadlines wake the broker."""
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.config.tick_interval)
             except TimeoutError:
-                self._submit_quietly(lambda broker: broker.tick(), "tick")
+                self._tick_now()
 
     async def _sample(self, stop: asyncio.Event) -> None:
         """One sampler for every client: read the host every interval, off the loop; the broker records it."""
@@ -174,6 +192,8 @@ class Daemon:
         finally:
             listener.close()
             ticker.cancel()
+            if self._wake is not None:
+                self._wake.cancel()
             sampler.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
             self.watch.close()

@@ -82,9 +82,11 @@ class Outbox:
     settled: list[tuple[Any, Any]] = field(default_factory=list)
     watch: list[tuple[int, int | None]] = field(default_factory=list)
     signals: list[tuple[int, int | None, int]] = field(default_factory=list)
+    wake_at: float | None = None
+    """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.settled or self.watch or self.signals)
+        return bool(self.events or self.settled or self.watch or self.signals or self.wake_at is not None)
 
 
 class AllocationIds:
@@ -167,7 +169,16 @@ class Broker:
 
     def take_outbox(self) -> Outbox:
         outbox, self.outbox = self.outbox, Outbox()
+        outbox.wake_at = self.next_wake()
         return outbox
+
+    def next_wake(self) -> float | None:
+        """The earliest time `tick()` has something to do, so the daemon sleeps until then instead of polling."""
+        times = [t for i in self._timed for t in (self.live[i].wait_until, self.live[i].expires_at,
+                                                    self.live[i].preempt_at) if t is not None]
+        if self._queued and self.policy.aging_interval > 0:
+            times.append(self.clock() + min(1.0, self.policy.aging_interval))  # aging reorders the queue over time
+        return min(times) if times else None
 
     @property
     def queued(self) -> list[Allocation]:
