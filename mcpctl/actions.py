@@ -3,22 +3,34 @@
 Rules: standard library and `mcpresd.protocol` only (this runs on every
 `mcpctl allocate` in a shell script). Output is for scripts: the id alone, JSON,
 or `export` lines; errors go to stderr with an exit code from `mcpctl.exitcodes`.
+A request that waits carries an idempotency key (generated when none is given),
+so resending it after a lost connection never allocates twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError
-from mcpresd.protocol import Method, Priority, UnitError, parse_amount, parse_size
+from mcpresd.protocol import Method, Priority, Strategy, UnitError, parse_amount, parse_duration, parse_size
+
+RECONNECT_S = 30.0
+"""How long a waiting request keeps trying to reach a daemon that went away (a restart), before exit 5."""
+REPLY_GRACE_S = 30.0
+"""How much longer than its own wait a waiting request gives the daemon to answer."""
+ANNOUNCE_AFTER_S = 0.3
+"""On a terminal, say that the request is queued once no answer came in this long."""
 
 
 class UsageError(ValueError):
@@ -29,10 +41,12 @@ class AllocateOptions:
     """The allocate command's options, as both the Typer command and the fast path read them.
 
     A plain class: a dataclass or NamedTuple would import `dataclasses` or `typing`
-    (~5-10 ms), and this module is on every `mcpctl allocate`.
+    (~5-10 ms), and this module is on every `mcpctl allocate`. Values stay the
+    strings the user typed; `allocate_params` checks and converts them.
     """
 
-    __slots__ = ("cpu", "mem", "gpu", "disk", "res", "priority", "tool", "exec_id", "key", "holder_pid", "output")
+    __slots__ = ("cpu", "mem", "gpu", "disk", "res", "priority", "tool", "exec_id", "key", "holder_pid", "output",
+                 "wait", "no_block", "ttl", "strategy", "where", "max_cost", "preemptible")
 
     def __init__(
         self,
@@ -47,11 +61,20 @@ class AllocateOptions:
         key: str | None = None,
         holder_pid: int | None = None,
         output: str = "id",
+        wait: str | None = None,
+        no_block: bool = False,
+        ttl: str | None = None,
+        strategy: str | None = None,
+        where: Sequence[str] = (),
+        max_cost: str | None = None,
+        preemptible: bool = False,
     ) -> None:
         self.cpu, self.mem, self.gpu = cpu, mem, gpu
         self.disk, self.res = tuple(disk), tuple(res)
         self.priority, self.tool, self.exec_id, self.key = priority, tool, exec_id, key
         self.holder_pid, self.output = holder_pid, output
+        self.wait, self.no_block, self.ttl = wait, no_block, ttl
+        self.strategy, self.where, self.max_cost, self.preemptible = strategy, tuple(where), max_cost, preemptible
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -71,17 +94,17 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     demands: list[dict[str, Any]] = []
     try:
         if options.cpu is not None:
-            demands.append({"resource": "cpu", "amount": _number(options.cpu, "--cpu")})
+            demands.append({"resource": "cpu", **_range(options.cpu, "--cpu", _number)})
         if options.mem is not None:
-            demands.append({"resource": "memory", "amount": parse_size(options.mem)})
+            demands.append({"resource": "memory", **_range(options.mem, "--mem", _size)})
         if options.gpu is not None:
-            demands.append({"resource": "gpu", "amount": _number(options.gpu, "--gpu")})
+            demands.append({"resource": "gpu", **_range(options.gpu, "--gpu", _number)})
         for entry in options.disk:
             mount, size = _pair(entry, "--disk", "MOUNT=SIZE, e.g. /=10G")
-            demands.append({"resource": f"disk:{mount}", "amount": parse_size(size)})
+            demands.append({"resource": f"disk:{mount}", **_range(size, "--disk", _size)})
         for entry in options.res:
             name, amount = _pair(entry, "--res", "NAME=AMOUNT, e.g. licence=1")
-            demands.append({"resource": name, "amount": parse_amount(amount)})
+            demands.append({"resource": name, **_range(amount, "--res", _amount)})
     except UnitError as error:
         raise UsageError(str(error)) from None
     if not demands:
@@ -97,7 +120,50 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
                          ("idempotency_key", options.key)):
         if value is not None:
             params[field] = value
+    if options.wait is not None:
+        wait = _duration(options.wait, "--wait")
+        params["wait"] = "forever" if wait is None else wait
+    if options.no_block:
+        if options.wait is None:
+            raise UsageError("--no-block goes with --wait: it prints the id at once, even if the request is queued")
+        if options.output == "env":
+            raise UsageError("--env needs the granted devices; it cannot go with --no-block")
+        params["detach"] = True
+    if options.ttl is not None:
+        ttl = _duration(options.ttl, "--ttl")
+        if ttl is None or ttl <= 0:
+            raise UsageError(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {options.ttl!r}")
+        params["ttl"] = ttl
+    if options.strategy is not None:
+        if options.strategy not in {s.value for s in Strategy}:
+            raise UsageError(f"--strategy must be one of {', '.join(Strategy)}, got {options.strategy!r}")
+        params["strategy"] = options.strategy
+    if options.where:
+        params["where"] = list(options.where)
+    if options.max_cost is not None:
+        try:
+            cost = float(options.max_cost)
+        except ValueError:
+            cost = -1.0
+        if not math.isfinite(cost) or cost < 0:
+            raise UsageError(f"--max-cost takes a cost per hour of zero or more, got {options.max_cost!r}")
+        params["max_cost"] = cost
+    if options.preemptible:
+        params["preemptible"] = True
     return params
+
+
+def _range(text: str, option: str, parse: Callable[[str, str], float]) -> dict[str, float]:
+    """`AMOUNT` or `MIN..MAX`: the daemon grants as much as fits between the two."""
+    low, sep, high = text.partition("..")
+    if not sep:
+        return {"amount": parse(text, option)}
+    if not low or not high:
+        raise UsageError(f"{option} takes an amount or a range MIN..MAX (e.g. 2..8), got {text!r}")
+    least, most = parse(low, option), parse(high, option)
+    if most < least:
+        raise UsageError(f"{option}: the range {text!r} ends below its start")
+    return {"amount": least, "max": most}
 
 
 def _number(text: str, option: str) -> float:
@@ -110,6 +176,21 @@ def _number(text: str, option: str) -> float:
     return value
 
 
+def _size(text: str, option: str) -> float:
+    return float(parse_size(text))
+
+
+def _amount(text: str, option: str) -> float:
+    return parse_amount(text)
+
+
+def _duration(text: str, option: str) -> float | None:
+    try:
+        return parse_duration(text)
+    except UnitError as error:
+        raise UsageError(f"{option}: {error}") from None
+
+
 def _pair(entry: str, option: str, shape: str) -> tuple[str, str]:
     name, sep, value = entry.rpartition("=")
     if not sep or not name or not value:
@@ -117,16 +198,44 @@ def _pair(entry: str, option: str, shape: str) -> tuple[str, str]:
     return name, value
 
 
+def format_duration(seconds: float | None) -> str:
+    """600 -> '10m', 90 -> '1m30s', 0.5 -> '0.5s', None -> 'forever'."""
+    if seconds is None:
+        return "forever"
+    if seconds < 60:
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+    parts = []
+    whole = int(round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return "".join(parts)
+
+
+def gpu_uuids(allocation: dict[str, Any]) -> list[str]:
+    """The granted GPUs by UUID (by name if one has none), each once, in grant order."""
+    seen: dict[str, None] = {}
+    for item in allocation["items"]:
+        if item["type"] == "gpu":
+            seen[item["uuid"] or item["resource"]] = None
+    return list(seen)
+
+
+def run_environment(allocation: dict[str, Any]) -> dict[str, str]:
+    """What a command run inside an allocation finds in its environment."""
+    return {
+        "MCPRES_ALLOCATION_ID": allocation["id"],
+        "CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids(allocation)),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+
+
 def env_lines(allocation: dict[str, Any]) -> list[str]:
     """`export` lines for eval: the allocation id and the granted GPUs by UUID."""
     import shlex
 
-    uuids = [item["uuid"] or item["resource"] for item in allocation["items"] if item["type"] == "gpu"]
-    return [
-        f"export MCPRES_ALLOCATION_ID={shlex.quote(allocation['id'])}",
-        f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(uuids))}",
-        "export CUDA_DEVICE_ORDER=PCI_BUS_ID",
-    ]
+    return [f"export {name}={shlex.quote(value)}" for name, value in run_environment(allocation).items()]
 
 
 def fail(message: str, code: int) -> int:
@@ -137,12 +246,90 @@ def fail(message: str, code: int) -> int:
 def rpc_failure(error: RpcError) -> int:
     hint = ""
     if error.code == 1002:
-        hint = " (try later, ask for less, or see `mcpctl allocations`)"
+        hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
     elif error.code == 1001:
         hint = " (see `mcpctl resources`)"
+    elif error.code == 1012 and isinstance(error.data, dict) and error.data.get("id") and not error.data.get("reason"):
+        hint = f" (see `mcpctl explain {error.data['id']}`)"
     if hint.strip() in error.message:
         hint = ""
     return fail(error.message + hint, exitcodes.for_error(error.code))
+
+
+def warn_risks(allocation: dict[str, Any]) -> None:
+    """On a terminal, the daemon's risk notes on a grant (a GPU busy outside mcpres, throttling) as warnings."""
+    if sys.stderr.isatty():
+        for note in allocation.get("risks") or ():
+            print(f"mcpctl: warning: {note}", file=sys.stderr)
+
+
+def unreachable(error: DaemonUnreachable) -> int:
+    return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
+
+
+def request_allocation(socket_path: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Send `allocate`; if it waits, wait for its answer, resending it if the daemon restarts meanwhile.
+
+    Raises RpcError, DaemonUnreachable or KeyboardInterrupt.
+    """
+    wait = params.get("wait", 0)
+    if wait == 0:
+        with Client(socket_path) as client:
+            result: dict[str, Any] = client.call(Method.ALLOCATE, params)
+            return result
+    if "idempotency_key" not in params:
+        import uuid
+
+        params["idempotency_key"] = uuid.uuid4().hex
+    if params.get("detach"):
+        with Client(socket_path) as client:
+            result = client.call(Method.ALLOCATE, params)
+            return result
+    limit = None if wait == "forever" else float(wait)
+    deadline = None if limit is None else time.monotonic() + limit
+    announce = sys.stderr.isatty()
+    lost_at: float | None = None
+    while True:
+        try:
+            with Client(socket_path, timeout=None if limit is None else limit + REPLY_GRACE_S) as client:
+                client.send(Method.ALLOCATE, params)
+                lost_at = None
+                if announce and not client.ready(ANNOUNCE_AFTER_S):
+                    _announce_queued(socket_path, params["idempotency_key"], limit, client)
+                announce = False
+                result = client.reply()
+                return result
+        except DaemonUnreachable as error:
+            now = time.monotonic()
+            if lost_at is None:
+                if not error.lost:
+                    raise
+                lost_at = now
+            if now - lost_at > RECONNECT_S or (deadline is not None and now >= deadline):
+                raise
+            if deadline is not None:
+                params["wait"] = max(0.001, deadline - now)
+            time.sleep(0.2)
+
+
+def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: Client) -> None:
+    """Tell the person at the terminal the request is queued, with its id (found by its key on a second connection)."""
+    found = None
+    try:
+        with Client(socket_path, timeout=5.0) as client:
+            for _ in range(5):
+                queued = client.call(Method.ALLOCATIONS_LIST, {"state": "queued"})
+                found = next((a["id"] for a in queued if a.get("idempotency_key") == key
+                              and a.get("owner_uid") == os.getuid()), None)
+                if found is not None or waiting.ready(0.1):
+                    break
+    except (DaemonUnreachable, RpcError):
+        pass
+    if found is None and waiting.ready(0):
+        return
+    how_long = "with no time limit" if limit is None else f"up to {format_duration(limit)}"
+    name = f" as {found}" if found else ""
+    print(f"mcpctl: queued{name}, waiting ({how_long})...", file=sys.stderr, flush=True)
 
 
 def run_allocate(socket_path: str, options: AllocateOptions) -> int:
@@ -151,15 +338,21 @@ def run_allocate(socket_path: str, options: AllocateOptions) -> int:
     except UsageError as error:
         return fail(str(error), exitcodes.USAGE)
     try:
-        with Client(socket_path) as client:
-            allocation = client.call(Method.ALLOCATE, params)
+        allocation = request_allocation(socket_path, params)
     except DaemonUnreachable as error:
-        return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
+        return unreachable(error)
     except RpcError as error:
         return rpc_failure(error)
-    if allocation["state"] != "active":
-        return fail(f"the allocation for key {options.key!r} ({allocation['id']}) was already released; "
+    except KeyboardInterrupt:
+        return exitcodes.INTERRUPTED
+    state = allocation["state"]
+    if state == "queued" and not options.no_block:
+        return fail(f"allocation {allocation['id']} is still queued; wait for it with "
+                    f"`mcpctl wait {allocation['id']}`", exitcodes.UNAVAILABLE)
+    if state not in ("active", "queued"):
+        return fail(f"the allocation for key {options.key!r} ({allocation['id']}) was already {state}; "
                     "use a new --key", exitcodes.ERROR)
+    warn_risks(allocation)
     if options.output == "json":
         print(json.dumps(allocation, indent=2))
     elif options.output == "env":
@@ -182,7 +375,7 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text") -> i
                 except RpcError as error:
                     worst = max(worst, rpc_failure(error))
     except DaemonUnreachable as error:
-        return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
+        return unreachable(error)
     if output == "json":
         print(json.dumps(released, indent=2))
     return worst

@@ -7,7 +7,19 @@ from typing import Annotated
 import typer
 
 from mcpctl import exitcodes
-from mcpctl.commands import allocate, allocations, events, release, resource, resources, status
+from mcpctl.commands import (
+    allocate,
+    allocations,
+    events,
+    explain,
+    release,
+    renew,
+    resource,
+    resources,
+    run,
+    status,
+    wait,
+)
 from mcpresd.protocol import VERSION, default_socket_path
 
 EXIT_CODES = "\n\n".join(f"{code}  {meaning}" for code, meaning in exitcodes.TABLE)
@@ -15,7 +27,7 @@ EXIT_CODES = "\n\n".join(f"{code}  {meaning}" for code, meaning in exitcodes.TAB
 app = typer.Typer(
     name="mcpctl",
     help="Allocate, release and inspect this machine's resources through mcpresd.",
-    epilog=f"Exit codes:\n\n{EXIT_CODES}",
+    epilog=f"Exit codes:\n\n{EXIT_CODES}\n\n{exitcodes.RUN_NOTE}",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -48,7 +60,7 @@ def main(
     ctx.obj = {"socket": socket or default_socket_path()}
 
 
-for module in (status, resources, allocations, allocate, release, events):
+for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events):
     module.register(app)
 app.add_typer(resource.app, name="resource")
 

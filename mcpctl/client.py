@@ -1,23 +1,33 @@
-"""One small synchronous JSON-RPC client over the daemon's Unix socket."""
+"""One small synchronous JSON-RPC client over the daemon's Unix socket.
+
+`call` sends one request and waits for its reply. A waiting request (an
+`allocate` that may queue) can be split into `send` and `reply`, with `ready`
+to ask whether the reply is in. `notifications` turns a subscribed connection
+into a stream of event notifications; notifications that arrive while a reply
+is awaited are kept for it, never lost.
+"""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
-from mcpresd.protocol import JSONRPC, MAX_MESSAGE_BYTES
+from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES
 
 
 class DaemonUnreachable(Exception):
     """No daemon answers on the socket."""
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str, *, lost: bool = False) -> None:
         super().__init__(f"cannot reach mcpresd at {path}: {reason}")
         self.path = path
+        self.lost = lost  # the connection was up and then went away, e.g. the daemon restarted
 
 
 class RpcError(Exception):
@@ -31,7 +41,11 @@ class RpcError(Exception):
 
 
 class Client:
-    """A connection to mcpresd; `call` sends one request and waits for its answer."""
+    """A connection to mcpresd; `call` sends one request and waits for its answer.
+
+    `timeout` bounds each wait for the daemon; None waits as long as it takes
+    (for requests that wait on purpose, and for event streams).
+    """
 
     def __init__(self, path: str, timeout: float | None = 30.0) -> None:
         self.path = path
@@ -39,6 +53,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
+        self._notifications: list[dict[str, Any]] = []
 
     def __enter__(self) -> Client:
         return self
@@ -66,38 +81,90 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._buffer = b""
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self.send(method, params)
+        return self.reply()
+
+    def send(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send one request; read its answer with `reply`."""
         if self._sock is None:
             self.connect()
+        sock = self._sock
+        assert sock is not None
         self._next_id += 1
         message: dict[str, Any] = {"jsonrpc": JSONRPC, "id": self._next_id, "method": method}
         if params is not None:
             message["params"] = params
-        reply = self._roundtrip(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-        if "error" in reply:
-            error = reply["error"]
-            raise RpcError(int(error.get("code", 0)), str(error.get("message", "")), error.get("data"))
-        return reply.get("result")
-
-    def _roundtrip(self, data: bytes) -> dict[str, Any]:
-        sock = self._sock
-        assert sock is not None
         try:
-            sock.sendall(data)
-            while b"\n" not in self._buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise DaemonUnreachable(self.path, "the daemon closed the connection")
-                self._buffer += chunk
-                if len(self._buffer) > 64 * MAX_MESSAGE_BYTES:
-                    raise DaemonUnreachable(self.path, "reply too large")
+            sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError) as error:
             self.close()
-            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})") from None
+            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True) from None
+
+    def ready(self, timeout: float) -> bool:
+        """Whether a whole line (a reply or a notification) can be read within `timeout` seconds."""
+        if b"\n" in self._buffer:
+            return True
+        sock = self._sock
+        assert sock is not None
+        readable, _, _ = select.select([sock], [], [], timeout)
+        if not readable:
+            return False
+        self._fill()
+        return b"\n" in self._buffer
+
+    def reply(self) -> Any:
+        """The result of the request last sent, or RpcError; notifications met on the way are kept."""
+        while True:
+            message = self._message()
+            if _is_notification(message):
+                self._notifications.append(message.get("params") or {})
+                continue
+            if "error" in message:
+                error = message["error"]
+                raise RpcError(int(error.get("code", 0)), str(error.get("message", "")), error.get("data"))
+            return message.get("result")
+
+    def notifications(self) -> Iterator[dict[str, Any]]:
+        """Event notifications as they arrive on a subscribed connection; DaemonUnreachable when it closes."""
+        while True:
+            while self._notifications:
+                yield self._notifications.pop(0)
+            message = self._message()
+            if _is_notification(message):
+                yield message.get("params") or {}
+
+    def _message(self) -> dict[str, Any]:
+        line = b""
+        while not line.strip():
+            while b"\n" not in self._buffer:
+                self._fill()
+            line, _, self._buffer = self._buffer.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def _fill(self) -> None:
+        sock = self._sock
+        if sock is None:
+            raise DaemonUnreachable(self.path, "not connected")
+        try:
+            chunk = sock.recv(65536)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            self.close()
+            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True) from None
         except TimeoutError:
             self.close()
-            raise DaemonUnreachable(self.path, "no answer in time") from None
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
+            raise DaemonUnreachable(self.path, "no answer in time", lost=True) from None
+        if not chunk:
+            self.close()
+            raise DaemonUnreachable(self.path, "the daemon closed the connection", lost=True)
+        self._buffer += chunk
+        if len(self._buffer) > 64 * MAX_MESSAGE_BYTES:
+            self.close()
+            raise DaemonUnreachable(self.path, "reply too large")
+
+
+def _is_notification(message: Any) -> bool:
+    return isinstance(message, dict) and "id" not in message and message.get("method") == EVENT_NOTIFICATION

@@ -1,13 +1,21 @@
 """Exit codes of mcpctl, in one table, and the one place RPC errors become them.
 
-| code | meaning                                                     |
-|------|-------------------------------------------------------------|
-| 0    | success                                                     |
-| 1    | error: the daemon refused the request (see the message)     |
-| 2    | usage: bad options or arguments                             |
-| 3    | not available now: the request does not fit right now       |
-| 4    | permission denied                                           |
-| 5    | the daemon is unreachable (not running, wrong --socket)     |
+| code | meaning                                                              |
+|------|----------------------------------------------------------------------|
+| 0    | success                                                              |
+| 1    | error: the daemon refused the request, or withdrew a queued one      |
+| 2    | usage: bad options or arguments                                      |
+| 3    | not available: the request does not fit now, or its wait ran out     |
+| 4    | permission denied                                                    |
+| 5    | the daemon is unreachable (not running, wrong --socket)              |
+| 130  | interrupted (Ctrl-C) while waiting                                   |
+
+`mcpctl run` exits with its command's status instead: the command's own exit
+code, 128+N if a signal N killed it, 127 if it could not be started.
+
+JSON-RPC errors map to exit codes in `for_error`: 1002 InsufficientCapacity and
+1012 WaitTimeout give 3, 1008 PermissionDenied gives 4, 1013 Withdrawn and the
+other application errors give 1, invalid params or requests give 2.
 """
 
 from __future__ import annotations
@@ -20,22 +28,30 @@ USAGE = 2
 UNAVAILABLE = 3
 PERMISSION_DENIED = 4
 UNREACHABLE = 5
+CANNOT_EXECUTE = 126
+NOT_FOUND = 127
+INTERRUPTED = 130
 
 TABLE = (
     (OK, "success"),
-    (ERROR, "error: the daemon refused the request (the message says why)"),
+    (ERROR, "error: the daemon refused the request, or withdrew a queued one (the message says why)"),
     (USAGE, "usage: bad options, arguments or parameters"),
-    (UNAVAILABLE, "not available now: the request does not fit"),
+    (UNAVAILABLE, "not available: the request does not fit now, or its wait ran out"),
     (PERMISSION_DENIED, "permission denied"),
     (UNREACHABLE, "the daemon is unreachable (not running, or a wrong --socket)"),
+    (INTERRUPTED, "interrupted (Ctrl-C) while waiting"),
 )
+RUN_NOTE = ("mcpctl run exits with its command's status: its exit code, 128+N if signal N killed it, "
+            "127 if it could not be started.")
 
 
 def for_error(code: int) -> int:
-    if code == ErrorCode.INSUFFICIENT_CAPACITY:
+    if code in (ErrorCode.INSUFFICIENT_CAPACITY, ErrorCode.WAIT_TIMEOUT):
         return UNAVAILABLE
     if code == ErrorCode.PERMISSION_DENIED:
         return PERMISSION_DENIED
     if code in (ErrorCode.INVALID_PARAMS, ErrorCode.INVALID_REQUEST, ErrorCode.METHOD_NOT_FOUND):
         return USAGE
+    if code == ErrorCode.WITHDRAWN:
+        return ERROR
     return ERROR

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mcpctl.actions import AllocateOptions, run_allocate, run_release
+from mcpresd.protocol import Strategy
 from mcpresd.protocol import default_socket_path
 
 ALLOCATE_VALUES = {
@@ -22,9 +23,14 @@ ALLOCATE_VALUES = {
     "--exec": "exec_id",
     "--key": "key",
     "--holder-pid": "holder_pid",
+    "--wait": "wait",
+    "--ttl": "ttl",
+    "--strategy": "strategy",
+    "--max-cost": "max_cost",
 }
-ALLOCATE_LISTS = {"--disk": "disk", "--res": "res"}
-ALLOCATE_FLAGS = {"--json": "json", "--env": "env"}
+ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
+ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible"}
+OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
 GLOBAL_VALUES = {"--socket": "socket"}
 
@@ -68,7 +74,7 @@ def _is_number(text: str) -> bool:
 
 def _allocate(socket_path: str, args: list[str]) -> int | None:
     values: dict[str, str] = {}
-    lists: dict[str, list[str]] = {"disk": [], "res": []}
+    lists: dict[str, list[str]] = {name: [] for name in ALLOCATE_LISTS.values()}
     flags: set[str] = set()
     while args:
         head = args[0]
@@ -88,7 +94,11 @@ def _allocate(socket_path: str, args: list[str]) -> int | None:
             args = args[1:]
         else:
             return None
-    if len(flags) > 1:
+    outputs = flags & OUTPUT_FLAGS
+    if len(outputs) > 1:
+        return None
+    strategy = values.get("strategy")
+    if strategy is not None and strategy not in {s.value for s in Strategy}:
         return None
     holder_text = values.pop("holder_pid", None)
     holder_pid = None
@@ -100,8 +110,11 @@ def _allocate(socket_path: str, args: list[str]) -> int | None:
         **values,
         disk=lists["disk"],
         res=lists["res"],
+        where=lists["where"],
         holder_pid=holder_pid,
-        output=next(iter(flags), "id"),
+        output=next(iter(outputs), "id"),
+        no_block="no_block" in flags,
+        preemptible="preemptible" in flags,
     )
     return run_allocate(socket_path, options)
 

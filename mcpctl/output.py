@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import typer
 
 from mcpctl import exitcodes
-from mcpctl.actions import fail, rpc_failure
+from mcpctl.actions import fail, format_duration, rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpresd.protocol import UnitError, parse_duration
 
 
 def socket_of(ctx: typer.Context) -> str:
@@ -20,15 +23,38 @@ def socket_of(ctx: typer.Context) -> str:
     return path
 
 
-def call(ctx: typer.Context, method: str, params: dict[str, Any] | None = None) -> Any:
-    """One RPC, with failures turned into a message on stderr and an exit code."""
+def call(ctx: typer.Context, method: str, params: dict[str, Any] | None = None, *,
+         timeout: float | None = 30.0) -> Any:
+    """One RPC, with failures turned into a message on stderr and an exit code; Ctrl-C exits 130."""
     try:
-        with Client(socket_of(ctx)) as client:
+        with Client(socket_of(ctx), timeout=timeout) as client:
             return client.call(method, params)
     except DaemonUnreachable as error:
-        exit_with(fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE))
+        exit_with(unreachable(error))
     except RpcError as error:
         exit_with(rpc_failure(error))
+    except KeyboardInterrupt:
+        exit_with(exitcodes.INTERRUPTED)
+
+
+def duration(text: str | None, option: str) -> float | None:
+    """Seconds from a --timeout/--ttl value; None for `forever` (or no value)."""
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except UnitError as error:
+        usage(f"{option}: {error}")
+
+
+def when(timestamp: float | None, now: float | None = None) -> str:
+    """A local time and how far away it is: '2025-06-01 14:03:10 (in 9m59s)'."""
+    if timestamp is None:
+        return "-"
+    now = time.time() if now is None else now
+    text = datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    delta = timestamp - now
+    return f"{text} (in {format_duration(delta)})" if delta >= 0 else f"{text} ({format_duration(-delta)} ago)"
 
 
 def exit_with(code: int) -> NoReturn:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpresd.core.model import Resource
-from mcpresd.core.strategies import Strategy
+from mcpresd.protocol import Strategy
 from mcpresd.core.alerts import default_rules, rule_from_config
 from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy

@@ -76,7 +76,9 @@ class Monitor:
         self._errors: dict[str, int] = {}
         self._window: dict[str, deque[float]] = {}
         self._last_health = -math.inf
-        self._last_minute: float | None = None
+        # The newest stored minute was still in progress when the daemon stopped: roll it up once it is over.
+        newest = self.metrics.newest_sample_ts()
+        self._last_minute: float | None = None if newest is None else minute_of(newest)
         self._last_retain = -math.inf
         self._forecasts: list[tuple[str, str, forecasting.Forecast]] = []
         self._scored: dict[tuple[str, str], deque[tuple[float, float]]] = {}

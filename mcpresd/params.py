@@ -17,7 +17,7 @@ from typing import Any
 from mcpresd.core.constraints import parse_selector
 from mcpresd.core.errors import DomainError
 from mcpresd.core.model import Demand, Request
-from mcpresd.core.strategies import Strategy
+from mcpresd.protocol import Strategy
 from mcpresd.protocol import (
     MAX_DEMANDS,
     MAX_NAME_LENGTH,

@@ -98,6 +98,19 @@ class AllocationState(StrEnum):
     WITHDRAWN = "withdrawn"
 
 
+class Strategy(StrEnum):
+    """How the daemon chooses among resources that fit a typed demand (docs/scheduling.md)."""
+
+    FIRST_FIT = "first-fit"
+    BEST_FIT = "best-fit"
+    WORST_FIT = "worst-fit"
+    ROUND_ROBIN = "round-robin"
+    LEAST_LOADED = "least-loaded"
+    COST_OPTIMISED = "cost-optimised"
+    PERFORMANCE_OPTIMISED = "performance-optimised"
+    BALANCED = "balanced"
+
+
 class ResourceType(StrEnum):
     CPU = "cpu"
     MEMORY = "memory"

@@ -462,6 +462,10 @@ class MetricStore:
             (resource, metric, since),
         ).fetchall()
 
+    def newest_sample_ts(self) -> float | None:
+        row = self.conn.execute("SELECT max(ts) FROM samples").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def samples_between(self, start: float, end: float) -> list[tuple[str, str, float, float]]:
         return self.conn.execute(
             "SELECT resource, metric, ts, value FROM samples WHERE ts >= ? AND ts < ? AND status = 'ok'",

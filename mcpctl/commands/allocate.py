@@ -1,7 +1,8 @@
-"""`mcpctl allocate`: ask for several resources at once; all or nothing.
+"""`mcpctl allocate`: ask for several resources at once; all or nothing; now, or after waiting in the queue.
 
 `mcpctl.fast` runs the same options without importing Typer; keep the two in step
-(tests/unit/test_cli_fast_path.py checks it).
+(tests/e2e/test_cli.py checks it). `mcpctl run` takes the request options too:
+they are declared once here.
 """
 
 from __future__ import annotations
@@ -11,35 +12,87 @@ from typing import Annotated
 import typer
 
 from mcpctl.actions import AllocateOptions, run_allocate
+from mcpresd.protocol import Strategy
 from mcpctl.output import exit_with, socket_of, usage
 from mcpresd.protocol import Priority
+
+Cpu = Annotated[str | None, typer.Option("--cpu", metavar="N", help="CPU cores; fractions allowed (0.5); or MIN..MAX.")]
+Mem = Annotated[
+    str | None, typer.Option("--mem", metavar="SIZE", help="Memory: 512M, 8G, 1.5T or bytes; or MIN..MAX (4G..16G).")
+]
+Gpu = Annotated[
+    str | None,
+    typer.Option("--gpu", metavar="N", help="Whole GPUs (1, 2, ...) or a share of one (0.5); or MIN..MAX (1..2)."),
+]
+Disk = Annotated[
+    list[str] | None, typer.Option("--disk", metavar="MOUNT=SIZE", help="Disk space on a mount, e.g. /=10G.")
+]
+Res = Annotated[
+    list[str] | None,
+    typer.Option("--res", metavar="NAME=AMOUNT",
+                 help="Any resource by name or GPU UUID, e.g. licence=1 or slot=1..4; repeat for more."),
+]
+PriorityOption = Annotated[Priority, typer.Option("--priority", help="Priority of the request.")]
+Tool = Annotated[str | None, typer.Option("--tool", metavar="ID", help="Tool id, for accounting.")]
+ExecId = Annotated[str | None, typer.Option("--exec", metavar="ID", help="Execution id, for accounting.")]
+Key = Annotated[
+    str | None,
+    typer.Option("--key", metavar="K", help="Idempotency key: a retry with the same key returns the same allocation."),
+]
+Wait = Annotated[
+    str | None,
+    typer.Option("--wait", metavar="DURATION",
+                 help="If it does not fit now, queue and wait this long (30s, 10m, 2h, forever). Default: 0, "
+                      "fail at once."),
+]
+Ttl = Annotated[
+    str | None,
+    typer.Option("--ttl", metavar="DURATION",
+                 help="Lease time: the daemon releases the allocation this long after the grant unless renewed."),
+]
+StrategyOption = Annotated[
+    Strategy | None, typer.Option("--strategy", help="How to choose among resources that fit (default: the daemon's).")
+]
+Where = Annotated[
+    list[str] | None,
+    typer.Option("--where", metavar="SELECTOR",
+                 help="Only resources matching this, e.g. 'memory>=40G' or 'name~H100'; repeat for more."),
+]
+MaxCost = Annotated[
+    str | None, typer.Option("--max-cost", metavar="X", help="Refuse choices costing more than X per hour.")
+]
+Preemptible = Annotated[
+    bool, typer.Option("--preemptible", help="Let a more urgent queued request take this allocation back.")
+]
 
 
 def allocate(
     ctx: typer.Context,
-    cpu: Annotated[str | None, typer.Option("--cpu", metavar="N", help="CPU cores; fractions allowed (0.5).")] = None,
-    mem: Annotated[str | None, typer.Option("--mem", metavar="SIZE", help="Memory: 512M, 8G, 1.5T or bytes.")] = None,
-    gpu: Annotated[
-        str | None, typer.Option("--gpu", metavar="N", help="Whole GPUs (1, 2, ...) or a share of one (0.5).")
-    ] = None,
-    disk: Annotated[
-        list[str] | None, typer.Option("--disk", metavar="MOUNT=SIZE", help="Disk space on a mount, e.g. /=10G.")
-    ] = None,
-    res: Annotated[
-        list[str] | None,
-        typer.Option("--res", metavar="NAME=AMOUNT", help="Any resource by name or GPU UUID, e.g. licence=1."),
-    ] = None,
-    priority: Annotated[Priority, typer.Option("--priority", help="Priority of the request.")] = Priority.NORMAL,
-    tool: Annotated[str | None, typer.Option("--tool", metavar="ID", help="Tool id, for accounting.")] = None,
-    exec_id: Annotated[str | None, typer.Option("--exec", metavar="ID", help="Execution id, for accounting.")] = None,
-    key: Annotated[
-        str | None,
-        typer.Option("--key", metavar="K", help="Idempotency key: a retry with the same key returns the same allocation."),
-    ] = None,
+    cpu: Cpu = None,
+    mem: Mem = None,
+    gpu: Gpu = None,
+    disk: Disk = None,
+    res: Res = None,
+    priority: PriorityOption = Priority.NORMAL,
+    tool: Tool = None,
+    exec_id: ExecId = None,
+    key: Key = None,
     holder_pid: Annotated[
         int | None,
-        typer.Option("--holder-pid", metavar="PID", min=1, help="Process holding the allocation (default: the caller's shell)."),
+        typer.Option("--holder-pid", metavar="PID", min=1,
+                     help="Process holding the allocation (default: the caller's shell); released when it exits."),
     ] = None,
+    wait: Wait = None,
+    no_block: Annotated[
+        bool,
+        typer.Option("--no-block", help="With --wait: print the id at once, even while the request is queued "
+                                        "(then use `mcpctl wait ID`)."),
+    ] = False,
+    ttl: Ttl = None,
+    strategy: StrategyOption = None,
+    where: Where = None,
+    max_cost: MaxCost = None,
+    preemptible: Preemptible = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
         bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval.")
@@ -53,9 +106,15 @@ def allocate(
 
       eval "$(mcpctl allocate --gpu 1 --env)"
 
-      mcpctl allocate --disk /=10G --priority high --tool build --json
+      id=$(mcpctl allocate --gpu 1 --wait 10m --ttl 2h)     # queue for up to 10 minutes
 
-    Exits 3 if the request does not fit now.
+      id=$(mcpctl allocate --res licence=1 --wait forever --no-block); mcpctl wait "$id"
+
+      mcpctl allocate --cpu 2..8 --mem 4G..16G --where 'name~H100' --gpu 1 --json
+
+    The allocation is held by the calling shell (see --holder-pid) and released when it exits.
+    Any amount may be a range MIN..MAX: the daemon grants as much as fits, at least MIN.
+    Exits 3 if the request does not fit now (or its --wait runs out), 1 if it can never fit or was withdrawn.
     """
     if json_output and env:
         usage("choose one of --json and --env")
@@ -71,6 +130,13 @@ def allocate(
         key=key,
         holder_pid=holder_pid,
         output="json" if json_output else "env" if env else "id",
+        wait=wait,
+        no_block=no_block,
+        ttl=ttl,
+        strategy=None if strategy is None else strategy.value,
+        where=where or [],
+        max_cost=max_cost,
+        preemptible=preemptible,
     )
     exit_with(run_allocate(socket_of(ctx), options))
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mcpctl.output import call, fancy, plain_table, print_json
+from mcpctl.output import call, fancy, plain_table, print_json, usage
 from mcpctl.view import age, items_text
 from mcpresd.protocol import Method
 
@@ -15,18 +15,23 @@ from mcpresd.protocol import Method
 def allocations(
     ctx: typer.Context,
     ids: Annotated[list[str] | None, typer.Argument(help="Show only these allocations (any state).")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Include released allocations.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Include released, withdrawn and queued allocations.")] = False,
+    queued: Annotated[bool, typer.Option("--queued", help="Only queued requests, waiting to be granted.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=100_000)] = 1000,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
-    """List allocations (active ones unless --all), or the ones named.
+    """List allocations (active ones unless --all or --queued), or the ones named.
 
-    Examples: mcpctl allocations; mcpctl allocations --all --json; mcpctl allocations 3f9c2e1b7d4a5e6f
+    Examples: mcpctl allocations; mcpctl allocations --queued; mcpctl allocations --all --json;
+    mcpctl allocations 3f9c2e1b7d4a5e6f
     """
+    if all_ and queued:
+        usage("choose one of --all and --queued")
     if ids:
         rows = [call(ctx, Method.ALLOCATIONS_GET, {"id": allocation_id}) for allocation_id in ids]
     else:
-        rows = call(ctx, Method.ALLOCATIONS_LIST, {"state": "all" if all_ else "active", "limit": limit})
+        rows = call(ctx, Method.ALLOCATIONS_LIST, {"state": "all" if all_ else "queued" if queued else "active",
+                                                       "limit": limit})
     if json_output:
         print_json(rows)
     elif fancy():

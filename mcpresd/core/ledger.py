@@ -31,8 +31,8 @@ from mcpresd.core.errors import (
     UnknownResource,
 )
 from mcpresd.core.model import AllocationItem, Demand, Request, Resource
-from mcpresd.core.strategies import Candidate, Strategy, rank
-from mcpresd.protocol import ResourceType
+from mcpresd.core.strategies import Candidate, rank
+from mcpresd.protocol import ResourceType, Strategy
 
 EPSILON = 1e-9
 CACHE_SIZE = 256

@@ -16,23 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 from mcpresd.core.model import Resource
+from mcpresd.protocol import Strategy
 
 EPSILON = 1e-9
-
-
-class Strategy(StrEnum):
-    FIRST_FIT = "first-fit"
-    BEST_FIT = "best-fit"
-    WORST_FIT = "worst-fit"
-    ROUND_ROBIN = "round-robin"
-    LEAST_LOADED = "least-loaded"
-    COST_OPTIMISED = "cost-optimised"
-    PERFORMANCE_OPTIMISED = "performance-optimised"
-    BALANCED = "balanced"
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes, fast
-from mcpctl.actions import AllocateOptions, Strategy
-from mcpresd.core.strategies import Strategy as CoreStrategy
+from mcpctl.actions import AllocateOptions
 from tests.conftest import H100_UUID, DaemonProcess, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -423,10 +422,6 @@ def test_scheduler_usage_errors_exit_2(daemon: DaemonProcess, args: list[str]) -
     assert result.stdout == ""
     assert result.stderr.strip()
     assert as_json(daemon, "allocations", "--all") == []
-
-
-def test_the_strategy_choices_are_the_daemons() -> None:
-    assert [s.value for s in Strategy] == [s.value for s in CoreStrategy]
 
 
 SCHEDULER_CASES = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mcpresd.core.model import Resource
-from mcpresd.core.strategies import PREFERENCES, Candidate, Strategy, next_cursor, rank
+from mcpresd.core.strategies import PREFERENCES, Candidate, next_cursor, rank
+from mcpresd.protocol import Strategy
 from mcpresd.protocol import ResourceType as T
 
 GIB = 1 << 30

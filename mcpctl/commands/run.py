@@ -1,0 +1,96 @@
+"""`mcpctl run`: allocate, run a command that holds the allocation, release when it ends."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpctl.actions import AllocateOptions
+from mcpctl.commands.allocate import (
+    Cpu,
+    Disk,
+    ExecId,
+    Gpu,
+    Key,
+    MaxCost,
+    Mem,
+    Preemptible,
+    PriorityOption,
+    Res,
+    StrategyOption,
+    Tool,
+    Ttl,
+    Wait,
+    Where,
+)
+from mcpctl.launch import run_command
+from mcpctl.output import exit_with, socket_of
+from mcpresd.protocol import Priority
+
+
+def run(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- CMD [ARGS]...", help="The command to run, after `--`, with its arguments.",
+                       show_default=False),
+    ] = None,
+    cpu: Cpu = None,
+    mem: Mem = None,
+    gpu: Gpu = None,
+    disk: Disk = None,
+    res: Res = None,
+    priority: PriorityOption = Priority.NORMAL,
+    tool: Tool = None,
+    exec_id: ExecId = None,
+    key: Key = None,
+    wait: Wait = None,
+    ttl: Ttl = None,
+    strategy: StrategyOption = None,
+    where: Where = None,
+    max_cost: MaxCost = None,
+    preemptible: Preemptible = False,
+) -> None:
+    """Run a command inside an allocation: allocate, run it, release when it ends.
+
+    Examples:
+
+      mcpctl run --gpu 1 -- python train.py --epochs 10
+
+      mcpctl run --gpu 1 --mem 32G --wait 1h -- ./render.sh scene.blend
+
+      mcpctl run --res licence=1 --wait forever -- matlab -batch job
+
+    The command holds the allocation: the daemon releases it the moment the
+    command exits, however it exits. It sees MCPRES_ALLOCATION_ID,
+    CUDA_VISIBLE_DEVICES (the granted GPUs' UUIDs, comma-separated; empty when
+    no GPU was granted) and CUDA_DEVICE_ORDER=PCI_BUS_ID. SIGINT, SIGTERM,
+    SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to mcpctl are passed on to it.
+
+    Exits with the command's exit code, 128+N if signal N killed it, 127 if it
+    could not be started; or, when nothing ran, with allocate's exit code (3:
+    does not fit now or the --wait ran out).
+    """
+    options = AllocateOptions(
+        cpu=cpu,
+        mem=mem,
+        gpu=gpu,
+        disk=disk or [],
+        res=res or [],
+        priority=priority.value,
+        tool=tool,
+        exec_id=exec_id,
+        key=key,
+        wait=wait,
+        ttl=ttl,
+        strategy=None if strategy is None else strategy.value,
+        where=where or [],
+        max_cost=max_cost,
+        preemptible=preemptible,
+    )
+    exit_with(run_command(socket_of(ctx), options, command or []))
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_interspersed_args": False})(run)

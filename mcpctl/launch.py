@@ -1,0 +1,186 @@
+"""`mcpctl run`: run a command as the holder of an allocation.
+
+Rules:
+- The command itself holds the allocation, so the daemon releases it the moment
+  the command exits, however it exits. To know its pid before allocating,
+  mcpctl forks first: the child waits on a pipe, the parent allocates with the
+  child as holder, sends the child its environment through the pipe, and the
+  child execs the command (same pid). If the allocation fails, the child gets
+  EOF instead and exits without running anything.
+- The parent only forwards signals, waits and releases. Signals the kernel
+  sent to the whole foreground process group (Ctrl-C at a terminal) reached
+  the command already and are not sent twice.
+- The exit status is the command's, as a shell reports it: its exit code,
+  128+N when signal N killed it, 126/127 when it could not be started.
+Standard library and `mcpresd.protocol` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Any
+
+from mcpctl import exitcodes
+from mcpctl.actions import (
+    AllocateOptions,
+    UsageError,
+    allocate_params,
+    fail,
+    request_allocation,
+    rpc_failure,
+    run_environment,
+    unreachable,
+    warn_risks,
+)
+from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpresd.protocol import ErrorCode, Method
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+RESET_IN_CHILD = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores SIGPIPE/SIGXFSZ; exec keeps that
+SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent, e.g. a terminal's Ctrl-C to its foreground group
+
+
+class Terminated(BaseException):
+    """A signal asked mcpctl to stop while it was still waiting for the allocation."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str]) -> int:
+    if not argv:
+        return fail("give the command to run after the options, e.g. mcpctl run --gpu 1 -- python train.py",
+                    exitcodes.USAGE)
+    try:
+        params = allocate_params(options)
+    except UsageError as error:
+        return fail(str(error), exitcodes.USAGE)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        _become_command(read_end, write_end, list(argv))
+    os.close(read_end)
+    params["holder_pid"] = child
+    params["signal_holder"] = True
+    code = _allocate_for(socket_path, params, child)
+    if isinstance(code, int):
+        os.close(write_end)
+        _stop(child)
+        return code
+    allocation = code
+    status = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    _release(socket_path, allocation["id"])
+    return _exit_code(status)
+
+
+def _allocate_for(socket_path: str, params: dict[str, Any], child: int) -> dict[str, Any] | int:
+    """The granted allocation, or the exit code to leave with."""
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        allocation: dict[str, Any] = request_allocation(socket_path, params)
+    except DaemonUnreachable as error:
+        return unreachable(error)
+    except RpcError as error:
+        return rpc_failure(error)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Terminated as stop:
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if allocation["state"] != "active":
+        return fail(f"allocation {allocation['id']} is {allocation['state']}, not active; "
+                    "a --key used before names an old allocation", exitcodes.ERROR)
+    warn_risks(allocation)
+    return allocation
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
+    """In the child: wait for the environment, then exec the command. Never returns."""
+    try:
+        for signum in RESET_IN_CHILD:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(write_end)
+        data = b""
+        while chunk := os.read(read_end, 65536):
+            data += chunk
+        os.close(read_end)
+        if not data:
+            os._exit(exitcodes.ERROR)  # no allocation: the parent says why
+        os.environ.update(json.loads(data))
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as error:
+            code = exitcodes.NOT_FOUND if isinstance(error, FileNotFoundError) else exitcodes.CANNOT_EXECUTE
+            os.write(2, f"mcpctl: cannot run {argv[0]!r}: {error.strerror or error}\n".encode(errors="replace"))
+            os._exit(code)
+    except BaseException:
+        os._exit(exitcodes.ERROR)
+    os._exit(exitcodes.ERROR)
+
+
+def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str]) -> int:
+    """Start the command, forward signals to it until it ends; its wait status."""
+    watched = {*FORWARDED, signal.SIGCHLD}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        try:
+            os.write(write_end, json.dumps(environment).encode())
+        except BrokenPipeError:
+            pass  # the child is gone already; waitpid says how
+        finally:
+            os.close(write_end)
+        while True:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                return status
+            info = signal.sigtimedwait(watched, 1.0)
+            if info is None or info.si_signo == signal.SIGCHLD or info.si_code == SI_KERNEL:
+                continue
+            try:
+                os.kill(child, info.si_signo)
+            except ProcessLookupError:
+                pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop(child: int) -> None:
+    try:
+        os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(child, 0)
+
+
+def _release(socket_path: str, allocation_id: str) -> None:
+    """Release after the command; usually the daemon saw the holder exit and released it already."""
+    try:
+        with Client(socket_path, timeout=10.0) as client:
+            client.call(Method.RELEASE, {"id": allocation_id})
+    except RpcError as error:
+        if error.code not in (ErrorCode.ALREADY_RELEASED, ErrorCode.ALLOCATION_NOT_FOUND):
+            rpc_failure(error)
+    except DaemonUnreachable as error:
+        print(f"mcpctl: could not release {allocation_id}: {error}", file=sys.stderr)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
