@@ -155,10 +155,11 @@ class Daemon:
                 log.warning("sampling failed: %s", error)
             else:
                 processes = dict(sampler.gpu_processes)
+                current = {name: dict(values) for name, values in readings.items()}  # the broker adds to readings
                 stats = self.server.dispatcher.stats.take()
                 self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats), "sampling")
                 if self.config.prometheus_file:
-                    await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, readings)
+                    await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, current)
             try:
                 await asyncio.wait_for(stop.wait(), self.config.sample_interval)
             except TimeoutError:

@@ -241,7 +241,8 @@ class Dispatcher:
 
         def first(f: asyncio.Future[Any]) -> None:
             result = _outcome(method, f)
-            if isinstance(result, _Failure) or result.get("state") != "queued" or getattr(command, "detach", False):
+            if (isinstance(result, _Failure) or result.get("state") != "queued" or getattr(command, "detach", False)
+                    or getattr(command, "wait", None) == 0):
                 finish(result)
                 return
             timeout = getattr(command, "timeout", None)

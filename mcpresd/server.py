@@ -41,6 +41,7 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.server")
 
 MAX_GROUP = 512
+HALF_CLOSED_CHECK_S = 0.5
 # asyncio re-listens with its own default of 100 unless told: a burst of clients would be refused.
 BACKLOG = 4096
 _STOP = object()
@@ -350,8 +351,19 @@ class Connection(asyncio.Protocol):
         if line.strip():
             self._dispatch(line)  # a last message without its newline is still a message
         if self.in_flight and not self._peer_gone():
-            return True  # a half-close (shutdown(SHUT_WR)): keep the transport open until the replies are written
+            # A half-close (shutdown(SHUT_WR)): keep the transport open until the replies are written, and look
+            # now and then whether the client went away entirely (it waits for a queued request, say).
+            self._watch_half_closed()
+            return True
         return False
+
+    def _watch_half_closed(self) -> None:
+        if self._transport is None or not self.in_flight:
+            return
+        if self._peer_gone():
+            self._transport.close()
+            return
+        asyncio.get_running_loop().call_later(HALF_CLOSED_CHECK_S, self._watch_half_closed)
 
     def _peer_gone(self) -> bool:
         """True when the client closed its socket entirely (POLLHUP), not just its sending side.

@@ -358,7 +358,7 @@ class Broker:
                         id=earlier.id,
                     )
                 earlier = self.live.get(earlier.id, earlier)
-                if earlier.is_queued and waiter is not None and not command.detach:
+                if earlier.is_queued and waiter is not None and not command.detach and command.wait != 0:
                     self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
         holder_start = None

@@ -274,7 +274,8 @@ class Ledger:
                 tentative[item.resource] = tentative.get(item.resource, 0.0) + item.amount
                 granted.append(item)
         if shortfalls:
-            parts = ", ".join(f"{s['resource']}: asked {s['requested']:g}, free {s['free']:g}" for s in shortfalls)
+            parts = ", ".join(f"{s['resource']}: asked {s['requested']:g}, free {s['free']:g}"
+                              + (f" but not granted ({s['blocked']})" if s.get("blocked") else "") for s in shortfalls)
             raise InsufficientCapacity(f"not enough free now ({parts})", shortfalls=shortfalls)
         items = tuple(_merge(granted))
         if max_cost is not None:
@@ -411,12 +412,15 @@ class Ledger:
     def _shortfall(self, demand: Demand, room: _Room, where: Sequence[Selector]) -> dict[str, object]:
         resource = self.find(demand.selector)
         if resource is not None:
-            return {
+            shortfall: dict[str, object] = {
                 "resource": resource.name,
                 "requested": demand.amount,
                 "free": max(0.0, room(resource)),
                 "capacity": resource.capacity,
             }
+            if resource.name in self.blocked:
+                shortfall["blocked"] = self.blocked[resource.name]
+            return shortfall
         members = [self._resources[n] for n in self._by_type.get(ResourceType(demand.selector), [])
                    if not where or matches_all(where, self._resources[n])]
         if demand.selector == ResourceType.GPU.value and demand.amount >= 1:
