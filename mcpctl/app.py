@@ -8,16 +8,21 @@ import typer
 
 from mcpctl import exitcodes
 from mcpctl.commands import (
+    alerts,
     allocate,
     allocations,
+    db,
     events,
     explain,
+    metrics,
+    predict,
     release,
     renew,
     resource,
     resources,
     run,
     status,
+    top,
     wait,
 )
 from mcpresd.protocol import VERSION, default_socket_path
@@ -60,9 +65,11 @@ def main(
     ctx.obj = {"socket": socket or default_socket_path()}
 
 
-for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events):
+for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
+               metrics, predict):
     module.register(app)
 app.add_typer(resource.app, name="resource")
+app.add_typer(db.app, name="db")
 
 
 def run_app(args: list[str]) -> int:

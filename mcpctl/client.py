@@ -4,7 +4,8 @@
 `allocate` that may queue) can be split into `send` and `reply`, with `ready`
 to ask whether the reply is in. `notifications` turns a subscribed connection
 into a stream of event notifications; notifications that arrive while a reply
-is awaited are kept for it, never lost.
+is awaited are kept for it, never lost. `batch` sends several requests as one
+JSON-RPC batch and returns their results in order.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from typing import Any
+    from collections.abc import Iterator, Sequence
+    from typing import Any, NoReturn
 
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES
 
@@ -89,14 +90,44 @@ class Client:
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one request; read its answer with `reply`."""
-        if self._sock is None:
-            self.connect()
-        sock = self._sock
-        assert sock is not None
+        self._write(self._request(method, params))
+
+    def batch(self, calls: Sequence[tuple[str, dict[str, Any] | None]]) -> list[Any]:
+        """Send `calls` as one batch (one line, one reply); their results in order, or the first RpcError."""
+        requests = [self._request(method, params) for method, params in calls]
+        self._write(requests)
+        while True:
+            message: Any = self._message()
+            if _is_notification(message):
+                self._notifications.append(message.get("params") or {})
+                continue
+            if isinstance(message, dict):
+                if "error" in message:  # the batch as a whole was refused
+                    _raise(message["error"])
+                continue
+            by_id = {reply.get("id"): reply for reply in message if isinstance(reply, dict)}
+            results = []
+            for request in requests:
+                reply = by_id.get(request["id"])
+                if reply is None:
+                    raise RpcError(0, f"the daemon did not answer {request['method']} in the batch")
+                if "error" in reply:
+                    _raise(reply["error"])
+                results.append(reply.get("result"))
+            return results
+
+    def _request(self, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
         self._next_id += 1
         message: dict[str, Any] = {"jsonrpc": JSONRPC, "id": self._next_id, "method": method}
         if params is not None:
             message["params"] = params
+        return message
+
+    def _write(self, message: Any) -> None:
+        if self._sock is None:
+            self.connect()
+        sock = self._sock
+        assert sock is not None
         try:
             sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError) as error:
@@ -123,8 +154,7 @@ class Client:
                 self._notifications.append(message.get("params") or {})
                 continue
             if "error" in message:
-                error = message["error"]
-                raise RpcError(int(error.get("code", 0)), str(error.get("message", "")), error.get("data"))
+                _raise(message["error"])
             return message.get("result")
 
     def notifications(self) -> Iterator[dict[str, Any]]:
@@ -136,14 +166,14 @@ class Client:
             if _is_notification(message):
                 yield message.get("params") or {}
 
-    def _message(self) -> dict[str, Any]:
+    def _message(self) -> Any:
+        """The next line as JSON: a reply or notification (an object), or a batch's replies (an array)."""
         line = b""
         while not line.strip():
             while b"\n" not in self._buffer:
                 self._fill()
             line, _, self._buffer = self._buffer.partition(b"\n")
-        message: dict[str, Any] = json.loads(line)
-        return message
+        return json.loads(line)
 
     def _fill(self) -> None:
         sock = self._sock
@@ -164,6 +194,12 @@ class Client:
         if len(self._buffer) > 64 * MAX_MESSAGE_BYTES:
             self.close()
             raise DaemonUnreachable(self.path, "reply too large")
+
+
+def _raise(error: Any) -> NoReturn:
+    if not isinstance(error, dict):
+        raise RpcError(0, f"malformed error from the daemon: {error!r}")
+    raise RpcError(int(error.get("code", 0)), str(error.get("message", "")), error.get("data"))
 
 
 def _is_notification(message: Any) -> bool:

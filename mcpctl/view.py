@@ -45,3 +45,88 @@ def age(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
     return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
+
+
+# -- monitoring -------------------------------------------------------------
+
+UNSUPPORTED = "unsupported"
+LEVEL_STYLES = {"critical": "bold red", "error": "red", "warning": "yellow", "info": "blue"}
+"""Rich styles of alert levels, for the terminal outputs."""
+SPARKS = "▁▂▃▄▅▆▇█"
+
+_UNITS = {"utilisation": "%", "utilisation_rate": "%", "memory_utilisation": "%", "swap_utilisation": "%",
+          "fan_speed_pct": "%", "temperature_c": "°C", "power_w": "W", "clock_sm_mhz": "MHz",
+          "used": "bytes", "available": "bytes", "memory_used": "bytes", "foreign_memory": "bytes",
+          "read_bps": "bytes/s", "write_bps": "bytes/s", "rx_bps": "bytes/s", "tx_bps": "bytes/s"}
+
+
+def metric_unit(metric: str) -> str:
+    """The unit a metric is measured in: '%', 'bytes', 'bytes/s', '°C', 'W', 'MHz', or '' for counts."""
+    if metric in _UNITS:
+        return _UNITS[metric]
+    return "%" if metric.startswith("core") or metric.endswith(("utilisation", "_pct")) else ""
+
+
+def metric_text(metric: str, value: object, *, space: bool = True) -> str:
+    """A sampled value for people: '42 %', '7.5G', '63 °C'; 'n/a' where the device has no such reading,
+    '?' where the read failed. Never 0 for either."""
+    if value == UNSUPPORTED:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "?"
+    unit = metric_unit(metric)
+    if unit in ("bytes", "bytes/s"):
+        return format_amount(value, unit)
+    number = f"{value:.0f}" if abs(value) >= 10 or unit == "MHz" else f"{value:.1f}".rstrip("0").rstrip(".")
+    if not unit:
+        return f"{value:.2f}".rstrip("0").rstrip(".") if metric == "load1" else number
+    return f"{number} {unit}" if space else f"{number}{unit}"
+
+
+def number_text(value: object) -> str:
+    """A reading without its unit: '100', '4.2', '?' for none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "?"
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def human_duration(seconds: float) -> str:
+    """Two units at most, spaced: 4320 -> '1h 12m', 1800 -> '30m', 42 -> '42s', 93784 -> '1d 2h'."""
+    whole = int(round(max(0.0, seconds)))
+    if whole < 60:
+        return f"{whole}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+        elif parts:
+            break
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+def sparkline(values: list[float | None], width: int, bounds: tuple[float, float] | None = None) -> str:
+    """At most `width` characters of ▁..█ (a blank for a gap), each the mean of its share of `values`,
+    scaled to `bounds` (0..100 for a percentage) or else to the values' own range."""
+    if not values or width <= 0:
+        return ""
+    buckets: list[float | None] = []
+    count = min(width, len(values))
+    for index in range(count):
+        chunk = [v for v in values[index * len(values) // count:(index + 1) * len(values) // count] if v is not None]
+        buckets.append(sum(chunk) / len(chunk) if chunk else None)
+    known = [v for v in buckets if v is not None]
+    if not known:
+        return " " * count
+    low, high = bounds if bounds is not None else (min(known), max(known))
+    span = high - low
+    last = len(SPARKS) - 1
+
+    def spark(value: float) -> str:
+        if span <= 0:
+            return SPARKS[last // 2]
+        return SPARKS[max(0, min(last, int((value - low) / span * len(SPARKS))))]
+
+    return "".join(" " if v is None else spark(v) for v in buckets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from mcpresd import __version__
 from mcpresd.config import ConfigError, load
@@ -15,6 +16,10 @@ examples:
   mcpresd --socket /tmp/m.sock --db /tmp/m.db --gpu-replay tests/fixtures/h100-nvml-capture.json
 
 Options given here override the config file, which overrides the embedded defaults.
+SIGHUP re-reads the config file (resources, log level, scheduler and monitor
+settings) without dropping allocations; a file that does not load is ignored.
+Under systemd it speaks sd_notify (Type=notify, watchdog) and accepts a socket
+passed by socket activation (mcpresd.socket).
 """
 
 
@@ -50,15 +55,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGHUP reloads with the same file and the same command-line overrides.
+    reload = partial(
+        load,
+        args.config,
+        socket=args.socket,
+        database=args.db,
+        gpu_replay=args.gpu_replay,
+        socket_mode=args.socket_mode,
+        log_level=args.log_level,
+    )
     try:
-        config = load(
-            args.config,
-            socket=args.socket,
-            database=args.db,
-            gpu_replay=args.gpu_replay,
-            socket_mode=args.socket_mode,
-            log_level=args.log_level,
-        )
+        config = reload()
     except ConfigError as error:
         print(f"mcpresd: {error}", file=sys.stderr)
         return 2
@@ -66,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from mcpresd.daemon import run
 
-    return run(config)
+    return run(config, reload)

@@ -21,6 +21,7 @@ from mcpresd.protocol import Strategy
 from mcpresd.core.alerts import default_rules, rule_from_config
 from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy
+from mcpresd.server import Limits
 from mcpresd.service import Policy
 from mcpresd.params import InvalidParams, check_custom_name, check_text
 from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
@@ -47,6 +48,7 @@ class Config:
     tick_interval: float = 5.0
     monitor: MonitorPolicy = MonitorPolicy()
     prometheus_file: str | None = None
+    limits: Limits = Limits()
 
     @property
     def sample_interval(self) -> float:
@@ -62,7 +64,8 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler", "monitor", "alerts"}
+         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access"}
+_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
@@ -116,9 +119,55 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["resources"] = _resources(data["resources"], path)
     if "scheduler" in data:
         changes.update(_scheduler(data["scheduler"], path))
+    if "limits" in data:
+        changes.update(_limits(data["limits"], path, changes.get("policy", config.policy)))
+    if "access" in data:
+        changes["limits"] = replace(changes.get("limits", config.limits), admin_gid=_admin_gid(data["access"], path))
     if "monitor" in data or "alerts" in data:
         changes.update(_monitor(data.get("monitor", {}), data.get("alerts", []), path))
     return replace(config, **changes)
+
+
+def _admin_gid(table: Any, path: Path) -> int | None:
+    if not isinstance(table, dict) or set(table) - {"admin_group"}:
+        raise ConfigError(f"{path}: [access] takes only admin_group")
+    name = table.get("admin_group")
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: [access] admin_group must be a group name")
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"{path}: [access] admin_group {name!r} is not a group on this host") from None
+
+
+def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
+    where = f"{path}: [limits]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _LIMIT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_LIMIT_KEYS))})")
+    counts = {}
+    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid"):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+                raise ConfigError(f"{where} {key} must be a whole number from 1 to 1000000")
+            counts[key] = value
+    limits = Limits(
+        max_connections=counts.get("max_connections", Limits.max_connections),
+        max_connections_per_uid=counts.get("max_connections_per_uid", Limits.max_connections_per_uid),
+        idle_timeout=_duration(table["idle_timeout"], f"{where} idle_timeout") if "idle_timeout" in table
+        else Limits.idle_timeout,
+    )
+    changes: dict[str, Any] = {"limits": limits}
+    if "max_queued_per_uid" in counts:
+        changes["policy"] = replace(policy, max_queued_per_uid=counts["max_queued_per_uid"])
+    return changes
 
 
 def _monitor(table: Any, rules: Any, path: Path) -> dict[str, Any]:

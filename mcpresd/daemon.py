@@ -1,8 +1,16 @@
 """The one place that wires mcpresd together: config -> store -> broker -> server.
 
-Lifecycle: start -> serve until stop -> shut down. Signal handlers only set the
-stop event. Shutdown closes the listener, lets requests in flight finish (with
-a timeout), stops the store thread after its last commit, and removes the socket.
+Lifecycle: start -> serve until stop -> shut down. Signal handlers only set an
+event (stop, or reload for SIGHUP). Shutdown closes the listener, lets requests
+in flight finish (with a timeout), stops the store thread after its last
+commit, and removes the socket (unless systemd passed it: then it is systemd's).
+
+systemd (`mcpresd.notify`): READY=1 once the socket listens, STATUS= and
+WATCHDOG=1 every watchdog interval (a ping only after the store thread has
+answered, so a stuck store is restarted), RELOADING=1 then READY=1 around a
+reload, STOPPING=1 at shutdown. A reload re-reads the config file and applies
+what can change while serving; allocations are untouched, and a config that
+does not load is logged and ignored.
 """
 
 from __future__ import annotations
@@ -11,25 +19,42 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields, replace
 
-from mcpresd.config import Config
+from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
+from mcpresd.notify import Notifier
 from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
-from mcpresd.server import BACKLOG, Server, StoreThread, bind_unix_socket, remove_socket
+from mcpresd.server import (
+    BACKLOG,
+    Server,
+    StoreThread,
+    bind_unix_socket,
+    inherited_socket,
+    remove_socket,
+    socket_name,
+)
 from mcpresd.service import Broker, Outbox
 from mcpresd.watch import HolderWatch, send_signal
-from mcpresd.store import Store
+from mcpresd.store import CorruptDatabase, Store
 
 log = logging.getLogger("mcpresd")
 
 SHUTDOWN_GRACE_S = 5.0
+STATUS_INTERVAL_S = 30.0
+"""How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay")
+"""Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
+ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
 
 def configure_logging(level: str) -> None:
@@ -44,9 +69,14 @@ def configure_logging(level: str) -> None:
 class Daemon:
     """mcpresd as a library: `await Daemon(config).serve(stop)` runs it until `stop` is set."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 load_config: Callable[[], Config] | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.load_config = load_config
+        self.notifier = notifier or Notifier()
+        self.reload_requested = asyncio.Event()
+        self.socket_path = config.socket
         self.nvml: Nvml | None = None
         self.started = asyncio.Event()
         self.server: Server | None = None
@@ -72,15 +102,17 @@ class Daemon:
         return found
 
     def _make_broker(self) -> Broker:
-        store = Store(self.config.database)
-        if not store.integrity_ok():
-            raise RuntimeError(
-                f"database {self.config.database} failed its integrity check; restore a backup"
-                " or move the file aside to start afresh"
-            )
+        try:
+            store = Store(self.config.database, check_integrity=True)
+        except CorruptDatabase:
+            raise RuntimeError(integrity_failure(self.config.database)) from None
+        except sqlite3.DatabaseError as error:
+            if (getattr(error, "sqlite_errorcode", 0) & 0xFF) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise
+            raise RuntimeError(f"{integrity_failure(self.config.database)}\n  ({error})") from None
         broker = Broker(
             store,
-            socket_path=self.config.socket,
+            socket_path=self.socket_path,
             gpu_source=self.nvml.source if self.nvml else "none",
             clock=self.clock,
             policy=self.config.policy,
@@ -165,44 +197,154 @@ class Daemon:
             except TimeoutError:
                 pass
 
+    # -- systemd: status, watchdog, reload ---------------------------------
+
+    async def _status_line(self, timeout: float) -> str | None:
+        """The broker's one-line summary, from the store thread; None if it did not answer in time."""
+        assert self.store_thread is not None
+        try:
+            line: str = await asyncio.wait_for(self.store_thread.submit(lambda broker: broker.summary()), timeout)
+        except TimeoutError:
+            return None
+        return line
+
+    async def _keep_systemd_informed(self, stop: asyncio.Event) -> None:
+        interval = self.notifier.watchdog_interval or STATUS_INTERVAL_S
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            line = await self._status_line(interval)
+            if line is None:
+                # No ping: if the store stays stuck, systemd's watchdog restarts the daemon, as it should.
+                log.warning("the store thread did not answer within %.1fs", interval)
+                continue
+            self.notifier.alive(line)
+
+    async def _reload_when_asked(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.reload_requested.wait()
+            self.reload_requested.clear()
+            self.notifier.reloading()
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a failed reload must leave the daemon serving
+                log.exception("reload failed; keeping the current configuration")
+            self.notifier.ready(await self._status_line(SHUTDOWN_GRACE_S))
+
+    async def reload(self) -> list[str]:
+        """Re-read the config and apply what can change while serving; return what changed (also logged)."""
+        assert self.store_thread is not None
+        try:
+            fresh = self.load_config() if self.load_config is not None else self.config
+        except ConfigError as error:
+            log.error("reload: %s; keeping the current configuration", error)
+            return []
+        old = self.config
+        for name in RESTART_ONLY:
+            if getattr(fresh, name) != getattr(old, name):
+                log.warning("reload: %s changed; it takes effect when the daemon restarts", name)
+        fresh = replace(fresh, **{name: getattr(old, name) for name in RESTART_ONLY})
+        changes: list[str] = await self.store_thread.submit(
+            lambda broker: broker.reconfigure(fresh.resources, fresh.policy, fresh.monitor))
+        for field in fields(Config):
+            if field.name in ("resources", "policy", "monitor") or field.name in RESTART_ONLY:
+                continue
+            before, after = getattr(old, field.name), getattr(fresh, field.name)
+            if before != after:
+                later = " (at the next `mcpctl resource refresh`)" if field.name in ON_NEXT_DISCOVERY else ""
+                changes.append(f"{field.name}: {before} -> {after}{later}")
+        if fresh.log_level != old.log_level:
+            configure_logging(fresh.log_level)
+        if self.server is not None:
+            self.server.limits = fresh.limits
+        self.config = fresh
+        for change in changes:
+            log.info("reload: %s", change)
+        log.info("reloaded the configuration: %s", f"{len(changes)} change(s)" if changes else "nothing changed")
+        return changes
+
+    # -- lifecycle ---------------------------------------------------------
+
     async def serve(self, stop: asyncio.Event) -> None:
+        inherited = inherited_socket()
+        if inherited is not None:
+            self.socket_path = socket_name(inherited)
+            if self.socket_path != self.config.socket:
+                log.info("serving the socket systemd passed, %s (not %s)", self.socket_path, self.config.socket)
+        try:
+            await self._serve(stop, inherited)
+        finally:
+            if inherited is not None:
+                inherited.close()
+            self.notifier.close()
+
+    async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
         self.watch = HolderWatch(loop, self._holder_exited)
         self.store_thread = store_thread = StoreThread(self._make_broker, self._committed)
-        self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed)
+        self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed,
+                                      limits=self.config.limits)
         await loop.run_in_executor(None, store_thread.start, loop)
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
-        sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
-        # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
-        inode = os.lstat(self.config.socket).st_ino
+        inode: int | None = None
+        if inherited is None:
+            sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
+            # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
+            inode = os.lstat(self.config.socket).st_ino
+        else:
+            sock = inherited
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
+        background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
         try:
             assert store_thread.broker is not None
             log.info(
                 "serving on %s (database %s, %d resources, GPUs: %s)",
-                self.config.socket,
+                self.socket_path,
                 self.config.database,
                 len(store_thread.broker.ledger),
                 store_thread.broker.gpu_source,
             )
             self.started.set()
+            if self.notifier.enabled:
+                # systemd arms the watchdog once the start-up is over: the first ping is due one interval later.
+                self.notifier.ready(await self._status_line(SHUTDOWN_GRACE_S))
+                background.append(loop.create_task(self._keep_systemd_informed(stop)))
             await stop.wait()
             log.info("shutting down")
         finally:
+            self.notifier.stopping()
             listener.close()
             ticker.cancel()
+            for task in background:
+                task.cancel()
             if self._wake is not None:
                 self._wake.cancel()
             sampler.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
             self.watch.close()
-            remove_socket(self.config.socket, inode)
+            if inode is not None:
+                remove_socket(self.config.socket, inode)
             await loop.run_in_executor(None, store_thread.stop)
             if self.nvml is not None:
                 self.nvml.close()
             log.info("stopped")
+
+
+def integrity_failure(database: str) -> str:
+    """What to say, and what to do, when the database fails its start-up check."""
+    return (
+        f"database {database} failed its integrity check (PRAGMA quick_check); refusing to start on it.\n"
+        f"  To restore a copy made with `mcpctl db backup`:\n"
+        f"    rm -f {database}-wal {database}-shm && cp BACKUP {database}\n"
+        f"  Or move the damaged file aside and start afresh (allocations and history are lost):\n"
+        f"    mv {database} {database}.corrupt; mv {database}-wal {database}.corrupt-wal; rm -f {database}-shm\n"
+        f"  Then start mcpresd again."
+    )
 
 
 def write_prometheus(path: str, readings: dict[str, dict[str, float | str | None]]) -> None:
@@ -216,16 +358,21 @@ def write_prometheus(path: str, readings: dict[str, dict[str, float | str | None
         log.warning("cannot write %s: %s", path, error)
 
 
-def run(config: Config) -> int:
-    """Run the daemon in the foreground until SIGINT or SIGTERM; return the exit status."""
+def run(config: Config, load_config: Callable[[], Config] | None = None) -> int:
+    """Run the daemon in the foreground until SIGINT or SIGTERM; return the exit status.
+
+    SIGHUP reloads: `load_config` is called again (the same file and command-line options).
+    """
     configure_logging(config.log_level)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        daemon = Daemon(config, load_config=load_config)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await Daemon(config).serve(stop)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_requested.set)
+        await daemon.serve(stop)
 
     try:
         asyncio.run(main())

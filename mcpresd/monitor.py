@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from mcpresd.core import alerts as alerting
@@ -96,6 +96,39 @@ class Monitor:
                 total=(row["avg"] or 0.0), count=1 if row["avg"] is not None else 0, unknown=row["unknown"],
             )
             self.alerts[(row["rule"], row["resource"])] = _Open(row["id"], alert)
+
+    def reconfigure(self, policy: MonitorPolicy, now: float) -> list[str]:
+        """A reload: take the new policy; alerts of rules no longer configured are resolved (if firing) or dropped."""
+        if policy == self.policy:
+            return []
+        changes = [f"monitor {f.name}: {getattr(self.policy, f.name)} -> {getattr(policy, f.name)}"
+                   for f in fields(MonitorPolicy) if f.name != "rules"
+                   and getattr(self.policy, f.name) != getattr(policy, f.name)]
+        before = {r.name: r for r in self.policy.rules}
+        after = {r.name: r for r in policy.rules}
+        changes += [f"alert rule {name} added" for name in sorted(after.keys() - before.keys())]
+        changes += [f"alert rule {name} removed" for name in sorted(before.keys() - after.keys())]
+        changes += [f"alert rule {name} changed" for name in sorted(before.keys() & after.keys())
+                    if before[name] != after[name]]
+        self.policy = policy
+        for key, entry in list(self.alerts.items()):
+            if key[0] not in after:
+                del self.alerts[key]
+                self._retire(entry, now)
+        return changes
+
+    def _retire(self, entry: _Open, now: float) -> None:
+        alert = entry.alert
+        if entry.id is None:
+            return
+        if alert.state is not alerting.State.FIRING:
+            self.metrics.conn.execute("DELETE FROM alerts WHERE id = ?", (entry.id,))
+            return
+        entry.alert = replace(alert, state=alerting.State.RESOLVED, resolved_at=now)
+        self._save(entry, None)
+        self.broker.emit(now, "alert.resolved", resource=alert.resource, detail={
+            "alert_id": entry.id, "rule": alert.rule, "level": (alert.level or alerting.Level.INFO).value,
+            "value": alert.last_value, "why": "its rule was removed from the config"})
 
     # -- one sampling round -----------------------------------------------
 

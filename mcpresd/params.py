@@ -473,3 +473,24 @@ def predict(params: Any) -> PredictCommand:
         raise InvalidParams(f"in must be seconds between 0 and 30 days, got {horizon:g}", "in")
     return PredictCommand(resource=_required_text(fields, "resource"),
                           metric=fields.text("metric", limit=MAX_NAME_LENGTH) or "utilisation", horizon=horizon)
+
+
+MAX_PATH_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class BackupCommand:
+    path: str
+    overwrite: bool
+
+
+def db_backup(params: Any) -> BackupCommand:
+    fields = _Fields(params, frozenset({"path", "overwrite"}))
+    path = fields.text("path", required=True, limit=MAX_PATH_LENGTH)
+    assert path is not None
+    if not path.startswith("/"):
+        raise InvalidParams(f"path must be absolute (the daemon does not share your working directory), got {path!r}",
+                            "path")
+    if path.endswith("/"):
+        raise InvalidParams(f"path must name a file, not a directory, got {path!r}", "path")
+    return BackupCommand(path=path, overwrite=fields.flag("overwrite"))

@@ -54,6 +54,7 @@ class Method(StrEnum):
     METRICS_HISTORY = "metrics.history"
     ALERTS_LIST = "alerts.list"
     PREDICT = "predict"
+    DB_BACKUP = "db.backup"
 
 
 EVENT_NOTIFICATION = "event"
@@ -82,6 +83,7 @@ class ErrorCode(IntEnum):
     NEVER_FITS = 1011
     WAIT_TIMEOUT = 1012
     WITHDRAWN = 1013
+    LIMIT_EXCEEDED = 1014
 
 
 class Priority(StrEnum):
@@ -199,6 +201,14 @@ if TYPE_CHECKING:
         allocations: dict[str, int]
         gpu_source: str
         decision_cache: dict[str, int]
+
+
+    class BackupDict(TypedDict):
+        """The result of db.backup: where the copy is, its size, and its number of database pages."""
+
+        path: str
+        bytes: int
+        pages: int
 
 
     class ErrorDict(TypedDict):

@@ -75,6 +75,7 @@ HANDLERS: dict[Method, Handler] = {
     Method.METRICS_HISTORY: Handler(params.metrics_history, Broker.metrics_history),
     Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
     Method.PREDICT: Handler(params.predict, Broker.predict),
+    Method.DB_BACKUP: Handler(params.db_backup, Broker.db_backup),
 }
 
 ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
@@ -91,6 +92,8 @@ ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
     errors.InvalidHolder: ErrorCode.INVALID_HOLDER,
     errors.WaitTimeout: ErrorCode.WAIT_TIMEOUT,
     errors.Withdrawn: ErrorCode.WITHDRAWN,
+    errors.BackupFailed: ErrorCode.STORAGE_ERROR,
+    errors.LimitExceeded: ErrorCode.LIMIT_EXCEEDED,
 }
 
 _NO_ID = object()

@@ -9,6 +9,9 @@ Rules:
 - The socket is created with a umask (never briefly world-accessible); a stale
   socket file is replaced only after a connect to it was refused; the socket is
   removed on exit if it is still ours.
+- Under socket activation (LISTEN_PID is this process) the listening socket is
+  fd 3, passed by systemd: it is used as it is and its file is left alone (the
+  .socket unit owns it).
 - Every connection is identified by SO_PEERCRED. A line over the size limit gets
   an error and the connection is closed; other clients are never affected.
 """
@@ -28,14 +31,15 @@ import stat
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from mcpresd.core.errors import DomainError
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, ErrorCode
 from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
-from mcpresd.service import Broker, Caller, Outbox
+from mcpresd.service import Broker, Caller, Outbox, redact_event
 from mcpresd.store import StorageError
 
 log = logging.getLogger("mcpresd.server")
@@ -199,6 +203,55 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     return sock
 
 
+SD_LISTEN_FDS_START = 3
+
+
+class InheritedSocketError(RuntimeError):
+    """The socket passed by systemd cannot be served."""
+
+
+def inherited_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed to this process (socket activation), else None.
+
+    As sd_listen_fds(3) with unset_environment: the LISTEN_* variables are removed once read, so
+    nothing started later mistakes them for its own.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count_text = env.get("LISTEN_FDS", "")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise InheritedSocketError(f"LISTEN_FDS={count_text!r} is not a number of sockets") from None
+    if count < 1:
+        return None
+    if count > 1:
+        log.warning("systemd passed %d sockets; serving the first (fd %d) only", count, SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as error:
+        raise InheritedSocketError(f"fd {SD_LISTEN_FDS_START} from systemd is not a socket ({error.strerror})") from None
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise InheritedSocketError(
+            f"fd {SD_LISTEN_FDS_START} from systemd is not a listening Unix stream socket;"
+            " mcpresd.socket needs ListenStream=/path/to/mcpresd.sock")
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
+def socket_name(sock: socket.socket) -> str:
+    """The path of a bound Unix socket; an abstract name as @name."""
+    name = sock.getsockname()
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return "@" + text[1:] if text.startswith("\0") else text
+
+
 class UnsafeDirectory(RuntimeError):
     """The socket's directory could be changed by another user."""
 
@@ -245,24 +298,60 @@ def remove_socket(path: str, inode: int) -> None:
         pass
 
 
-def peer_credentials(sock: socket.socket | None, connection: int) -> Caller:
+def peer_credentials(sock: socket.socket | None, connection: int, admin_gid: int | None = None) -> Caller:
     if sock is None:
         return Caller(uid=-1, gid=-1, pid=None, connection=connection)
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
-    return Caller(uid=uid, gid=gid, pid=pid or None, connection=connection)
+    admin = uid == 0 or (admin_gid is not None and (gid == admin_gid or admin_gid in _groups_of(pid)))
+    return Caller(uid=uid, gid=gid, pid=pid or None, connection=connection, admin=admin)
+
+
+def _groups_of(pid: int) -> set[int]:
+    """The supplementary groups of a connecting process (SO_PEERCRED gives only its primary gid)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:] if g.isdigit()}
+    except OSError:
+        pass
+    return set()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take of the daemon (config [limits])."""
+
+    max_connections: int = 4096
+    max_connections_per_uid: int = 1024
+    idle_timeout: float = 30.0
+    """Seconds a half-sent message may sit unfinished before the connection is closed."""
+    admin_gid: int | None = None
+    """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
 
 
 class Server:
     """Accepts connections and tracks them, for shutdown and for what holds allocations."""
 
-    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[int], None] = lambda connection: None) -> None:
+    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[int], None] = lambda connection: None,
+                 limits: Limits = Limits()) -> None:
         self.dispatcher = dispatcher
         self.connections: set[Connection] = set()
         self.subscribers: set[Connection] = set()
         self.closing = False
         self.on_close = on_close
+        self.limits = limits
+        self.per_uid: dict[int, int] = {}
         self._ids = itertools.count(1)
+
+    def admit(self, connection: Connection) -> str | None:
+        """Why a new connection may not be served (a limit), or None."""
+        if len(self.connections) >= self.limits.max_connections:
+            return f"the daemon serves at most {self.limits.max_connections} connections; try again later"
+        if self.per_uid.get(connection.caller.uid, 0) >= self.limits.max_connections_per_uid:
+            return f"uid {connection.caller.uid} has {self.limits.max_connections_per_uid} connections open already"
+        return None
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -273,8 +362,15 @@ class Server:
             return
         for event in events:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
+            private = None
             for connection in list(self.subscribers):
-                connection.notify(line)
+                if event.get("uid") in (None, connection.caller.uid) or connection.caller.admin:
+                    connection.notify(line)
+                else:
+                    if private is None:
+                        private = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION,
+                                          "params": redact_event(event)})
+                    connection.notify(private)
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -315,14 +411,24 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
+        self._idle: asyncio.TimerHandle | None = None
+        self._admitted = False
         self.id = server.next_id()
         self.caller = Caller(uid=-1, gid=-1, pid=None, connection=self.id)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self.caller = peer_credentials(transport.get_extra_info("socket"), self.id)
+        self.caller = peer_credentials(transport.get_extra_info("socket"), self.id, self._server.limits.admin_gid)
+        refusal = self._server.admit(self)
+        if refusal is not None:
+            log.warning("refused a connection from pid %s: %s", self.caller.pid, refusal)
+            transport.write(encode(error_response(None, ErrorCode.LIMIT_EXCEEDED, refusal)))
+            transport.close()
+            return
         self._server.connections.add(self)
+        self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
+        self._admitted = True
         if self._server.closing:
             self.close()
 
@@ -344,6 +450,21 @@ class Connection(asyncio.Protocol):
         self._buffer = buffer[start:]
         if len(self._buffer) > MAX_MESSAGE_BYTES:
             self._too_long()
+        elif self._buffer and self._idle is None:
+            self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout, self._half_sent)
+        elif not self._buffer and self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _half_sent(self) -> None:
+        """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
+        self._idle = None
+        if self._buffer and self._transport is not None:
+            self._buffer = b""
+            self._transport.write(encode(error_response(
+                None, ErrorCode.INVALID_REQUEST,
+                f"message not finished within {self._server.limits.idle_timeout:g} s; closing the connection")))
+            self._transport.close()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -379,6 +500,15 @@ class Connection(asyncio.Protocol):
         return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        if not self._admitted:
+            return
+        left = self._server.per_uid.get(self.caller.uid, 1) - 1
+        if left:
+            self._server.per_uid[self.caller.uid] = left
+        else:
+            self._server.per_uid.pop(self.caller.uid, None)
         self._server.connections.discard(self)
         self._server.subscribers.discard(self)
         self._transport = None

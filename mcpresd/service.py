@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
-import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from mcpresd import params as p
@@ -29,11 +30,14 @@ from mcpresd.core import queue
 from mcpresd.core.errors import (
     AllocationNotFound,
     AlreadyReleased,
+    BackupFailed,
     DomainError,
     IdempotencyConflict,
     InsufficientCapacity,
     InvalidHolder,
     InvalidRequest,
+    LimitExceeded,
+    PermissionDenied,
     ResourceExists,
     ResourceInUse,
     UnknownResource,
@@ -48,7 +52,7 @@ from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
 
 if TYPE_CHECKING:
-    from mcpresd.protocol import AllocationDict, ItemDict, ResourceDict, StatusDict
+    from mcpresd.protocol import AllocationDict, BackupDict, ItemDict, ResourceDict, StatusDict
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Caller:
     gid: int
     pid: int | None
     connection: int | None = None
+    admin: bool = False
+    """Root or a member of the configured admin group: sees and manages every user's allocations."""
 
 
 SYSTEM = Caller(uid=os.getuid(), gid=os.getgid(), pid=None)
@@ -72,6 +78,7 @@ class Policy:
     preemption: bool = False
     preempt_grace: float = 10.0
     default_strategy: str = "first-fit"
+    max_queued_per_uid: int = 256
 
 
 @dataclass
@@ -251,6 +258,18 @@ class Broker:
             self.schedule()
         return changes
 
+    def reconfigure(self, declared: Iterable[Resource], policy: Policy, monitor: MonitorPolicy) -> list[str]:
+        """A reload: the config's resources and policies; discovered resources and allocations stay as they are."""
+        discovered = [r for r in self.ledger.resources() if r.source == "discovered"]
+        changes = self.reconcile_resources(discovered, declared)
+        if policy != self.policy:
+            changes += [f"scheduler {f.name}: {getattr(self.policy, f.name)} -> {getattr(policy, f.name)}"
+                        for f in fields(Policy) if getattr(self.policy, f.name) != getattr(policy, f.name)]
+            self.policy = policy
+            self.ledger.default_strategy = policy.default_strategy
+            self.schedule()
+        return changes + self.monitor.reconfigure(monitor, self.clock())
+
     def recover(self) -> list[str]:
         """On start: end what lost its holder while the daemon was down, then watch the rest."""
         ended = []
@@ -281,6 +300,34 @@ class Broker:
             "gpu_source": self.gpu_source,
             "decision_cache": {"hits": self.ledger.cache_hits, "misses": self.ledger.cache_misses},
         }
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        active = sum(1 for a in self.live.values() if a.is_active)
+        line = f"serving {len(self.ledger)} resources, {active} allocations"
+        return f"{line}, {len(self._queued)} queued" if self._queued else line
+
+    def db_backup(self, caller: Caller, command: p.BackupCommand) -> BackupDict:
+        # The copy is written with the daemon's rights: for a root daemon, a path from any socket user would do harm.
+        if caller.uid not in (0, os.getuid()):
+            raise PermissionDenied("only root and the daemon's own user may back up its database", uid=caller.uid)
+        target = command.path
+        if self.store.path == ":memory:":
+            raise InvalidRequest("the daemon's database is in memory; there is no file to back up")
+        live = {os.path.realpath(self.store.path + suffix) for suffix in ("", "-wal", "-shm", "-journal")}
+        if os.path.realpath(target) in live:
+            raise InvalidRequest(f"{target} is the live database; choose another path", field="path")
+        try:
+            size, pages = self.store.backup(target, overwrite=command.overwrite)
+        except FileExistsError:
+            raise InvalidRequest(f"{target} exists; pass overwrite (mcpctl db backup --overwrite) to replace it",
+                                 field="path") from None
+        except FileNotFoundError:
+            raise InvalidRequest(f"directory {os.path.dirname(target)} does not exist", field="path") from None
+        except (OSError, sqlite3.Error) as error:
+            raise BackupFailed(f"cannot back up the database to {target}: {error}", path=target) from None
+        self._event(self.clock(), "db.backup", uid=caller.uid, detail={"path": target, "bytes": size, "pages": pages})
+        return {"path": target, "bytes": size, "pages": pages}
 
     # -- resources --------------------------------------------------------
 
@@ -404,6 +451,10 @@ class Broker:
             self.ledger.plan_request(command.request)  # a request that can never fit is refused, not queued
         except InsufficientCapacity:
             pass
+        queued_by_caller = sum(1 for a in self._queued.values() if a.owner_uid == caller.uid)
+        if queued_by_caller >= self.policy.max_queued_per_uid:
+            raise LimitExceeded(f"uid {caller.uid} already has {queued_by_caller} queued requests (the limit);"
+                                " wait for some or cancel them", limit=self.policy.max_queued_per_uid)
         self.store.insert_allocation(allocation, digest)
         self._put(allocation)
         self._event(now, "queued", allocation_id=allocation.id, uid=caller.uid,
@@ -580,7 +631,8 @@ class Broker:
 
     def events_subscribe(self, caller: Caller, command: p.SubscribeCommand) -> dict[str, Any]:
         last = self.store.last_event_id()
-        backlog = [] if command.after_id is None else self.store.list_events(command.after_id, 10_000)
+        backlog = [] if command.after_id is None else self.events_list(
+            caller, p.ListEventsCommand(after_id=command.after_id, limit=10_000, allocation_id=None))
         return {"subscribed": True, "last_id": last, "backlog": backlog}
 
     # -- leases: holders, connections, TTLs, deadlines ---------------------
@@ -645,11 +697,15 @@ class Broker:
         if state in ("active", "queued"):
             rows = sorted((a for a in self.live.values() if a.state.value == state), key=lambda a: a.id,
                           reverse=True)[: command.limit]
-            return [self.allocation_dict(a) for a in rows]
-        return [self.allocation_dict(self.live.get(a.id, a)) for a in self.store.list_allocations(state, command.limit)]
+        else:
+            rows = [self.live.get(a.id, a) for a in self.store.list_allocations(state, command.limit)]
+        return [self.allocation_dict(a) if _may_manage(caller, a) else redact(self.allocation_dict(a)) for a in rows]
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:
-        return self.store.list_events(command.after_id, command.limit, command.allocation_id)
+        events = self.store.list_events(command.after_id, command.limit, command.allocation_id)
+        if caller.admin or caller.uid == 0:
+            return events
+        return [e if e["uid"] in (None, caller.uid) else redact_event(e) for e in events]
 
     def _visible(self, caller: Caller, allocation_id: str) -> Allocation:
         allocation = self.live.get(allocation_id) or self.store.get_allocation(allocation_id)
@@ -765,7 +821,23 @@ _WHY = {
 
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
-    return caller.uid == 0 or caller.uid == allocation.owner_uid
+    return caller.uid == 0 or caller.admin or caller.uid == allocation.owner_uid
+
+
+_PRIVATE = ("tool_id", "execution_id", "idempotency_key", "requester_pid", "holder_pid", "request", "risks")
+
+
+def redact(allocation: AllocationDict) -> AllocationDict:
+    """Another user's allocation as a listing shows it: what it holds and its state, not who or why."""
+    shown = dict(allocation)
+    for key in _PRIVATE:
+        shown[key] = [] if key == "risks" else None
+    shown["redacted"] = True
+    return shown  # type: ignore[return-value]
+
+
+def redact_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "detail": {}, "redacted": True}
 
 
 def _digest(command: p.AllocateCommand) -> str:

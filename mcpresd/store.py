@@ -11,7 +11,9 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,10 +151,14 @@ class StorageError(Exception):
     """The database could not be read or written."""
 
 
+class CorruptDatabase(StorageError):
+    """The database file failed its integrity check."""
+
+
 class Store:
     """The daemon's SQLite database."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, check_integrity: bool = False) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -161,6 +167,9 @@ class Store:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA busy_timeout=5000")
+        if check_integrity and not self.integrity_ok():
+            self.conn.close()  # before any migration writes into a damaged file
+            raise CorruptDatabase(f"database {self.path} failed its integrity check (PRAGMA quick_check)")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -377,8 +386,73 @@ class Store:
             for row in reversed(rows)
         ]
 
+    def backup(self, target: str, *, overwrite: bool = False) -> tuple[int, int]:
+        """Copy the committed database to `target`; return its size in bytes and pages.
+
+        Read through a second connection: this one may be inside a transaction whose writes are not committed
+        (and may yet roll back). The copy is written to a temporary file beside `target`, synced, then renamed,
+        so `target` is never a partial copy. Without `overwrite` an existing `target` is refused
+        (FileExistsError), even one created while the copy was made.
+        """
+        directory = os.path.dirname(target) or "."
+        if not overwrite and os.path.lexists(target):
+            raise FileExistsError(f"{target} exists")
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+        os.close(handle)
+        try:
+            source = sqlite3.connect(self.path)
+            try:
+                copy = sqlite3.connect(temporary)
+                try:
+                    source.backup(copy)
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+                    pages = int(copy.execute("PRAGMA page_count").fetchone()[0])
+                finally:
+                    copy.close()
+            finally:
+                source.close()
+            _fsync(temporary)
+            if overwrite:
+                os.replace(temporary, target)
+            else:
+                _rename_no_replace(temporary, target)
+            _fsync(directory)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
+        return os.stat(target).st_size, pages
+
     def integrity_ok(self) -> bool:
-        return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+        try:
+            return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+        except sqlite3.DatabaseError:
+            return False
+
+
+def _fsync(path: str) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _rename_no_replace(source: str, target: str) -> None:
+    """Rename, failing with FileExistsError if `target` exists (a hard link is atomic about that)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system: check, then rename (a narrow race, on an unusual setup).
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} exists") from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
 
 
 _FIELDS = (

@@ -43,8 +43,9 @@ class DaemonProcess:
     """mcpresd run as a user runs it, as a subprocess of this interpreter."""
 
     def __init__(self, tmp: Path, *, config: str = CONFIG, gpu_replay: Path | None = GPU_CAPTURE,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env
         self.socket = str(tmp / "mcpresd.sock")
         self.db = str(tmp / "state" / "mcpresd.db")
         self.config_path = tmp / "mcpresd.toml"
@@ -56,9 +57,12 @@ class DaemonProcess:
             self.args += ["--gpu-replay", str(gpu_replay)]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> None:
+        """Start mcpresd; `env` (or the one given at construction) is added to this process's environment."""
+        extra = env if env is not None else self.env
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT)
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=ROOT,
+                                     env=None if extra is None else {**os.environ, **extra})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import signal
-import sys
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 
-from mcpctl import exitcodes
-from mcpctl.actions import rpc_failure, unreachable
-from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpctl import stream
 from mcpctl.output import call, exit_with, plain_table, print_json, socket_of
 from mcpresd.protocol import Method
 
@@ -46,7 +40,11 @@ def events(
     if allocation:
         params["allocation_id"] = allocation
     if follow:
-        exit_with(_follow(socket_of(ctx), params, allocation, json_output))
+        def show(event: dict[str, Any]) -> None:
+            if allocation is None or event.get("allocation_id") == allocation:
+                _print(event, json_output)
+
+        exit_with(stream.follow(socket_of(ctx), show, backlog=params))
     rows = call(ctx, Method.EVENTS_LIST, params)
     if json_output:
         print_json(rows)
@@ -62,43 +60,6 @@ def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
         event["resource"] or "-",
         " ".join(f"{k}={v}" for k, v in event["detail"].items()) or "-",
     )
-
-
-class _Stop(BaseException):
-    """SIGTERM: stop following, like Ctrl-C."""
-
-
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop()
-
-
-def _follow(socket_path: str, params: dict[str, object], allocation: str | None, as_json: bool) -> int:
-    """Subscribe first, then read the backlog on the same connection: no event falls between the two."""
-    signal.signal(signal.SIGTERM, _stop)
-    printed = 0
-    try:
-        with Client(socket_path, timeout=None) as client:
-            client.call(Method.EVENTS_SUBSCRIBE, {})
-            for event in client.call(Method.EVENTS_LIST, params):
-                _print(event, as_json)
-                printed = max(printed, event["id"])
-            for event in client.notifications():
-                if event["id"] <= printed or (allocation is not None and event.get("allocation_id") != allocation):
-                    continue
-                _print(event, as_json)
-                printed = event["id"]
-    except DaemonUnreachable as error:
-        return unreachable(error)
-    except RpcError as error:
-        return rpc_failure(error)
-    except (KeyboardInterrupt, _Stop):
-        return exitcodes.OK
-    except BrokenPipeError:
-        # Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return exitcodes.OK
-    return exitcodes.OK
 
 
 def _print(event: dict[str, Any], as_json: bool) -> None:

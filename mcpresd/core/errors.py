@@ -64,3 +64,11 @@ class WaitTimeout(DomainError):
 
 class Withdrawn(DomainError):
     """A queued request was withdrawn (cancelled, its holder exited, its client went away)."""
+
+
+class LimitExceeded(DomainError):
+    """The caller has reached a configured limit (queued requests, connections)."""
+
+
+class BackupFailed(DomainError):
+    """The database could not be copied to the backup file."""

@@ -5,7 +5,8 @@ Rules of this module:
   is a pure function of `HostFacts`, so it is tested with values recorded on real hosts.
 - Names are stable across restarts: `cpu`, `memory`, `disk:<mount point>`, `net:<interface>`,
   `gpu:<index>`. A GPU also carries its NVML UUID, the key that survives index reordering.
-- Pseudo filesystems and read-only images are not disks; loopback is not a network link.
+- Pseudo filesystems and read-only images are not disks; loopback is not a network link. Nor
+  is a bind mount of a directory of a file system mounted whole elsewhere (`mount_views`).
 - Unknown stays unknown: a label is None rather than a guessed 0, and a link whose speed the
   kernel does not report gets the configured default with `speed_known: False`.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import psutil
@@ -69,6 +71,11 @@ def discover(
 
 def read_host_facts(nvml: Nvml | None = None) -> HostFacts:
     """Everything discovery needs from psutil and NVML. A GPU that cannot be read is logged and left out."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+            views = mount_views(mountinfo.read())
+    except OSError:
+        views = frozenset()
     return HostFacts(
         cpu_logical=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
         cpu_physical=psutil.cpu_count(logical=False),
@@ -76,6 +83,7 @@ def read_host_facts(nvml: Nvml | None = None) -> HostFacts:
         partitions=tuple(
             Partition(p.device, p.mountpoint, p.fstype, disk_total(p.mountpoint, p.fstype))
             for p in psutil.disk_partitions(all=False)
+            if p.mountpoint not in views
         ),
         links=tuple(
             Link(name, bool(s.isup), int(s.speed), int(s.mtu), str(getattr(s, "flags", "")))
@@ -83,6 +91,36 @@ def read_host_facts(nvml: Nvml | None = None) -> HostFacts:
         ),
         gpus=_read_gpus(nvml) if nvml is not None else (),
     )
+
+
+def mount_views(mountinfo: str) -> frozenset[str]:
+    """Mount points that show a directory of a file system also mounted whole: bind mounts, not disks.
+
+    systemd's sandbox makes them (PrivateTmp=; StateDirectory= and ReadWritePaths= under ProtectSystem=;
+    ProtectHome=read-only), as do containers; listed as disks they would count one disk's space twice. A
+    mount whose root is the file system's root, or the btrfs subvolume it names (subvol=), is whole. From
+    /proc/self/mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER.
+    """
+    whole: set[str] = set()
+    views: list[tuple[str, str]] = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        tail = fields[fields.index("-", 6) + 1:]
+        super_options = tail[2].split(",") if len(tail) > 2 else []
+        subvolume = next((o[len("subvol="):] for o in super_options if o.startswith("subvol=")), None)
+        device, root, mountpoint = fields[2], _unescape(fields[3]), _unescape(fields[4])
+        if root == "/" or root == subvolume:
+            whole.add(device)
+        else:
+            views.append((device, mountpoint))
+    return frozenset(mountpoint for device, mountpoint in views if device in whole)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def resources_from_facts(

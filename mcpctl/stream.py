@@ -1,0 +1,65 @@
+"""Following the daemon's events as they happen: `events --follow` and `alerts --follow`.
+
+Rules: subscribe first, then read any backlog on the same connection, so no
+event falls between the two; each event is printed and flushed at once. Exits
+0 on Ctrl-C, SIGTERM or a closed stdout (a `| head` that has read enough), 5
+when the daemon goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from mcpctl import exitcodes
+from mcpctl.actions import rpc_failure, unreachable
+from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpresd.protocol import Method
+
+
+class _Stop(BaseException):
+    """SIGTERM: stop following, like Ctrl-C."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def follow(socket_path: str, show: Callable[[dict[str, Any]], None], *,
+           backlog: dict[str, object] | None = None) -> int:
+    """Call `show` with every event from now on (after the `events.list` backlog, if `backlog` params are given);
+    return the exit code."""
+    signal.signal(signal.SIGTERM, _stop)
+    printed = 0
+    try:
+        with Client(socket_path, timeout=None) as client:
+            client.call(Method.EVENTS_SUBSCRIBE, {})
+            if backlog is not None:
+                for event in client.call(Method.EVENTS_LIST, backlog):
+                    show(event)
+                    printed = max(printed, event["id"])
+            for event in client.notifications():
+                if event["id"] <= printed:
+                    continue
+                show(event)
+                printed = event["id"]
+    except DaemonUnreachable as error:
+        return unreachable(error)
+    except RpcError as error:
+        return rpc_failure(error)
+    except (KeyboardInterrupt, _Stop):
+        return exitcodes.OK
+    except BrokenPipeError:
+        quiet_stdout()
+        return exitcodes.OK
+    return exitcodes.OK
+
+
+def quiet_stdout() -> None:
+    """Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
