@@ -232,7 +232,8 @@ class Daemon:
                 await self.reload()
             except Exception:  # noqa: BLE001 - a failed reload must leave the daemon serving
                 log.exception("reload failed; keeping the current configuration")
-            self.notifier.ready(await self._status_line(SHUTDOWN_GRACE_S))
+            if self.notifier.enabled:
+                self.notifier.ready(await self._status_line(SHUTDOWN_GRACE_S))
 
     async def reload(self) -> list[str]:
         """Re-read the config and apply what can change while serving; return what changed (also logged)."""

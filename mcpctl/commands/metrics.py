@@ -44,11 +44,11 @@ def metrics(
 
       mcpctl metrics gpu:0 --metric temperature_c --since 10m
 
-      mcpctl metrics gpu:0 | tail -1          # on a pipe: "TIMESTAMP VALUE" lines
+      mcpctl metrics gpu:0 | tail -1      # a pipe gets "TIMESTAMP VALUE" lines
 
       mcpctl metrics --prometheus > /var/lib/node_exporter/mcpres.prom
 
-      mcpctl metrics                          # every resource's current values
+      mcpctl metrics                      # every resource's current values
 
     A value the device does not offer reads "unsupported" ("n/a" in tables), a
     failed read "unknown" ("?"); never 0. Older history comes as one-minute

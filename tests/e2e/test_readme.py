@@ -55,3 +55,12 @@ def test_the_command_examples_without_placeholders_run(daemon: DaemonProcess) ->
     for command in runnable:
         done = bash(command, daemon)
         assert done.returncode == 0, f"{command}: {done.stderr}"
+
+
+def test_the_monitoring_examples_run(daemon: DaemonProcess) -> None:
+    (block,) = sh_blocks("Watching the machine")
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("mcpctl")]
+    assert len(commands) >= 5
+    for command in commands:
+        done = bash(command, daemon)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
