@@ -57,9 +57,26 @@ RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay")
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
 
+class LineFormatter(logging.Formatter):
+    """One line per event with a level prefix; under systemd (JOURNAL_STREAM set) also the `<N>` syslog
+    priority journald reads, so `journalctl -p warning` works. Newlines in messages are escaped."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record).replace("\n", "\\n")
+        if self.journal:
+            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{line}"
+        return line
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(LineFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
     root = logging.getLogger("mcpresd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -79,3 +79,13 @@ def test_bad_config_is_refused_with_a_message_naming_the_problem(tmp_path: Path,
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
+    import logging
+
+    from mcpresd.daemon import LineFormatter
+
+    record = logging.LogRecord("mcpresd.server", logging.WARNING, __file__, 1, "two\nlines", None, None)
+    assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\\nlines"
+    assert LineFormatter(journal=False).format(record) == "WARNING mcpresd.server: two\\nlines"
