@@ -131,7 +131,7 @@ class StoreThread:
         except Exception as error:
             self._recover(broker)
             if len(batch) == 1:
-                return [(batch[0][1], False, _storage_error(error))]
+                return [(batch[0][1], False, _storage_error(error, broker.store.path))]
             log.warning("a grouped transaction of %d requests failed (%s); retrying one by one", len(batch), error,
                         exc_info=not isinstance(error, sqlite3.Error))
             return [outcome for job in batch for outcome in self._run_batch([job])]
@@ -158,10 +158,25 @@ class StoreThread:
             self._on_commit(outbox)
 
 
-def _storage_error(error: Exception) -> Exception:
-    if isinstance(error, sqlite3.Error):
-        return StorageError(str(error))
-    return error
+def _storage_error(error: Exception, path: str) -> Exception:
+    """A failed transaction's error, with what happened and what to do when SQLite says (nothing was written)."""
+    if not isinstance(error, sqlite3.Error):
+        return error
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        why = (f"the file system holding {path} is full; free some space there and retry"
+               " (the request was not applied; reads still work)")
+    elif code == sqlite3.SQLITE_READONLY:
+        why = (f"{path} cannot be written (a read-only file system, or the file or its -wal/-shm lost write"
+               " permission); make them writable by the daemon's user, or remount read-write, then restart"
+               " mcpresd if it persists (the request was not applied; reads still work)")
+    elif code == sqlite3.SQLITE_IOERR:
+        why = f"the disk holding {path} reported an I/O error; check the disk and the system log"
+    elif code == sqlite3.SQLITE_BUSY:
+        why = f"another process holds a lock on {path}; stop whatever else opened it and retry"
+    else:
+        why = "the request was not applied"
+    return StorageError(f"{error} ({why})")
 
 
 def _resolve(outcomes: list[_Outcome]) -> None:

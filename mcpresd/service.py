@@ -173,6 +173,7 @@ class Broker:
                              (item for allocation in live if allocation.is_active for item in allocation.items))
         self.ledger.default_strategy = self.policy.default_strategy
         self.outbox = Outbox()
+        self._last_pass = None  # the new ledger restarts its version count: an old pass could look current
 
     def take_outbox(self) -> Outbox:
         outbox, self.outbox = self.outbox, Outbox()
