@@ -3,8 +3,10 @@
 Rules: standard library and `mcpresd.protocol` only (this runs on every
 `mcpctl allocate` in a shell script). Output is for scripts: the id alone, JSON,
 or `export` lines; errors go to stderr with an exit code from `mcpctl.exitcodes`.
-A request that waits carries an idempotency key (generated when none is given),
-so resending it after a lost connection never allocates twice.
+Every allocate carries an idempotency key (generated when none is given), so
+resending it after a lost connection never allocates twice; a release resent
+after a lost connection that finds the allocation released counts as done.
+Both ride through a daemon restart for `--retry-for` (exit 5 only after it).
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ if TYPE_CHECKING:
     from typing import Any
 
 from mcpctl import exitcodes
-from mcpctl.client import Client, DaemonUnreachable, RpcError
-from mcpresd.protocol import Method, Priority, Strategy, UnitError, parse_amount, parse_duration, parse_size
+from mcpctl.client import Client, DaemonUnreachable, RpcError, backoff_delays
+from mcpresd.protocol import (
+    ErrorCode,
+    Method,
+    Priority,
+    Strategy,
+    UnitError,
+    parse_amount,
+    parse_duration,
+    parse_size,
+)
 
-RECONNECT_S = 30.0
-"""How long a waiting request keeps trying to reach a daemon that went away (a restart), before exit 5."""
+RETRY_FOR = "10s"
+"""How long a command keeps trying to reach a daemon that is away (a restart), before exit 5 (--retry-for)."""
+RETRY_FOR_ENV = "MCPRES_RETRY_FOR"
 REPLY_GRACE_S = 30.0
 """How much longer than its own wait a waiting request gives the daemon to answer."""
 ANNOUNCE_AFTER_S = 0.3
@@ -35,6 +47,21 @@ ANNOUNCE_AFTER_S = 0.3
 
 class UsageError(ValueError):
     """A command-line value is malformed."""
+
+
+def retry_seconds(text: str | None) -> float:
+    """Seconds of `--retry-for` (default $MCPRES_RETRY_FOR, else 10s); `forever` is infinity, 0 disables."""
+    if text is None:
+        text = os.environ.get(RETRY_FOR_ENV) or RETRY_FOR
+    try:
+        seconds = parse_duration(text)
+    except UnitError as error:
+        raise UsageError(f"--retry-for: {error}") from None
+    if seconds is None:
+        return math.inf
+    if not seconds >= 0 or seconds == math.inf:
+        raise UsageError(f"--retry-for takes a duration of zero or more, e.g. 10s or 0; got {text!r}")
+    return seconds
 
 
 class AllocateOptions:
@@ -116,10 +143,14 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
         "priority": options.priority,
         "holder_pid": options.holder_pid if options.holder_pid is not None else os.getppid(),
     }
-    for field, value in (("tool_id", options.tool), ("execution_id", options.exec_id),
-                         ("idempotency_key", options.key)):
+    for field, value in (("tool_id", options.tool), ("execution_id", options.exec_id)):
         if value is not None:
             params[field] = value
+    if options.key is not None:
+        params["idempotency_key"] = options.key
+    else:
+        # A resend after a lost reply must not allocate twice. os.urandom, not uuid: importing uuid costs ~5 ms.
+        params["idempotency_key"] = os.urandom(16).hex()
     if options.wait is not None:
         wait = _duration(options.wait, "--wait")
         params["wait"] = "forever" if wait is None else wait
@@ -267,33 +298,30 @@ def unreachable(error: DaemonUnreachable) -> int:
     return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
 
 
-def request_allocation(socket_path: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Send `allocate`; if it waits, wait for its answer, resending it if the daemon restarts meanwhile.
+def request_allocation(socket_path: str, params: dict[str, Any], retry_for: float = 0.0) -> dict[str, Any]:
+    """Send `allocate`; resend it (same idempotency key) while the daemon restarts, for `retry_for` seconds
+    after the connection was refused or lost; a request that waits is resent for as long as it may wait.
 
     Raises RpcError, DaemonUnreachable or KeyboardInterrupt.
     """
-    wait = params.get("wait", 0)
-    if wait == 0:
-        with Client(socket_path) as client:
-            result: dict[str, Any] = client.call(Method.ALLOCATE, params)
-            return result
     if "idempotency_key" not in params:
-        import uuid
-
-        params["idempotency_key"] = uuid.uuid4().hex
-    if params.get("detach"):
-        with Client(socket_path) as client:
-            result = client.call(Method.ALLOCATE, params)
+        params["idempotency_key"] = os.urandom(16).hex()
+    wait = params.get("wait", 0)
+    if wait == 0 or params.get("detach"):
+        with Client(socket_path, retry_for=retry_for) as client:
+            result: dict[str, Any] = client.call(Method.ALLOCATE, params)
             return result
     limit = None if wait == "forever" else float(wait)
     deadline = None if limit is None else time.monotonic() + limit
     announce = sys.stderr.isatty()
-    lost_at: float | None = None
+    failed_at: float | None = None
+    delays = backoff_delays()
     while True:
         try:
             with Client(socket_path, timeout=None if limit is None else limit + REPLY_GRACE_S) as client:
                 client.send(Method.ALLOCATE, params)
-                lost_at = None
+                failed_at = None
+                delays = backoff_delays()
                 if announce and not client.ready(ANNOUNCE_AFTER_S):
                     _announce_queued(socket_path, params["idempotency_key"], limit, client)
                 announce = False
@@ -301,15 +329,15 @@ def request_allocation(socket_path: str, params: dict[str, Any]) -> dict[str, An
                 return result
         except DaemonUnreachable as error:
             now = time.monotonic()
-            if lost_at is None:
-                if not error.lost:
-                    raise
-                lost_at = now
-            if now - lost_at > RECONNECT_S or (deadline is not None and now >= deadline):
+            if not error.transient:
+                raise
+            if failed_at is None:
+                failed_at = now
+            if now - failed_at >= retry_for or (deadline is not None and now >= deadline):
                 raise
             if deadline is not None:
                 params["wait"] = max(0.001, deadline - now)
-            time.sleep(0.2)
+            time.sleep(min(next(delays), failed_at + retry_for - now))
 
 
 def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: Client) -> None:
@@ -332,13 +360,13 @@ def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: C
     print(f"mcpctl: queued{name}, waiting ({how_long})...", file=sys.stderr, flush=True)
 
 
-def run_allocate(socket_path: str, options: AllocateOptions) -> int:
+def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 0.0) -> int:
     try:
         params = allocate_params(options)
     except UsageError as error:
         return fail(str(error), exitcodes.USAGE)
     try:
-        allocation = request_allocation(socket_path, params)
+        allocation = request_allocation(socket_path, params, retry_for)
     except DaemonUnreachable as error:
         return unreachable(error)
     except RpcError as error:
@@ -362,17 +390,21 @@ def run_allocate(socket_path: str, options: AllocateOptions) -> int:
     return exitcodes.OK
 
 
-def run_release(socket_path: str, ids: Sequence[str], output: str = "text") -> int:
+def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retry_for: float = 0.0) -> int:
     if not ids:
         return fail("give the id(s) of the allocation(s) to release", exitcodes.USAGE)
     worst = exitcodes.OK
     released = []
     try:
-        with Client(socket_path) as client:
+        with Client(socket_path, retry_for=retry_for) as client:
             for allocation_id in ids:
                 try:
                     released.append(client.call(Method.RELEASE, {"id": allocation_id}))
                 except RpcError as error:
+                    if error.code == ErrorCode.ALREADY_RELEASED and client.resent:
+                        # The first try went through; its reply was lost to a daemon restart.
+                        released.append(client.call(Method.ALLOCATIONS_GET, {"id": allocation_id}))
+                        continue
                     worst = max(worst, rpc_failure(error))
     except DaemonUnreachable as error:
         return unreachable(error)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from mcpctl import exitcodes
+from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, retry_seconds
 from mcpctl.commands import (
     alerts,
     allocate,
@@ -58,11 +59,25 @@ def main(
             help="Daemon socket (default: $XDG_RUNTIME_DIR/mcpres/mcpresd.sock, else /tmp/mcpres-UID/mcpresd.sock).",
         ),
     ] = None,
+    retry_for: Annotated[
+        str | None,
+        typer.Option(
+            "--retry-for",
+            envvar=RETRY_FOR_ENV,
+            metavar="DURATION",
+            help=f"While the daemon is unreachable (restarting), keep retrying this long before exit 5 "
+                 f"(default {RETRY_FOR}; 0: do not retry; forever).",
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    ctx.obj = {"socket": socket or default_socket_path()}
+    try:
+        seconds = retry_seconds(retry_for)
+    except UsageError as error:
+        raise typer.BadParameter(str(error).removeprefix("--retry-for: "), param_hint="'--retry-for'") from None
+    ctx.obj = {"socket": socket or default_socket_path(), "retry_for": seconds}
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,

@@ -6,13 +6,22 @@ to ask whether the reply is in. `notifications` turns a subscribed connection
 into a stream of event notifications; notifications that arrive while a reply
 is awaited are kept for it, never lost. `batch` sends several requests as one
 JSON-RPC batch and returns their results in order.
+
+A daemon that restarts is ridden through: with `retry_for` > 0, `call` sends
+its request again on a fresh connection while the socket is missing or refused,
+or the connection broke before the reply, backing off from 50 ms to 1 s, until
+`retry_for` seconds after the first failure. A request that may have reached
+the daemon before the connection broke is sent again only by `call`; callers
+make that safe (an idempotency key) or read the outcome (`resent`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import select
 import socket
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,14 +30,29 @@ if TYPE_CHECKING:
 
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES
 
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+_RESTARTING = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
+"""connect() errors of a daemon between its death and its next listen()."""
+
 
 class DaemonUnreachable(Exception):
     """No daemon answers on the socket."""
 
-    def __init__(self, path: str, reason: str, *, lost: bool = False) -> None:
+    def __init__(self, path: str, reason: str, *, lost: bool = False, transient: bool = False) -> None:
         super().__init__(f"cannot reach mcpresd at {path}: {reason}")
         self.path = path
+        self.reason = reason
         self.lost = lost  # the connection was up and then went away, e.g. the daemon restarted
+        self.transient = transient  # what a restarting daemon looks like: worth trying again shortly
+
+
+def backoff_delays(first: float = FIRST_BACKOFF_S, most: float = MAX_BACKOFF_S) -> Iterator[float]:
+    """50 ms, 100 ms, 200 ms, ... capped at 1 s."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, most)
 
 
 class RpcError(Exception):
@@ -48,9 +72,12 @@ class Client:
     (for requests that wait on purpose, and for event streams).
     """
 
-    def __init__(self, path: str, timeout: float | None = 30.0) -> None:
+    def __init__(self, path: str, timeout: float | None = 30.0, retry_for: float = 0.0) -> None:
         self.path = path
         self._timeout = timeout
+        self.retry_for = retry_for
+        self.resent = False
+        """Whether the last `call` was sent again after a connection broke with the request possibly delivered."""
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
@@ -69,13 +96,15 @@ class Client:
             sock.connect(self.path)
         except FileNotFoundError:
             sock.close()
-            raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)") from None
+            raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)", transient=True) from None
         except ConnectionRefusedError:
             sock.close()
-            raise DaemonUnreachable(self.path, "connection refused (a stale socket: is mcpresd running?)") from None
+            raise DaemonUnreachable(self.path, "connection refused (a stale socket: is mcpresd running?)",
+                                    transient=True) from None
         except OSError as error:
             sock.close()
-            raise DaemonUnreachable(self.path, error.strerror or str(error)) from None
+            raise DaemonUnreachable(self.path, error.strerror or str(error),
+                                    transient=error.errno in _RESTARTING) from None
         self._sock = sock
 
     def close(self) -> None:
@@ -85,8 +114,27 @@ class Client:
         self._buffer = b""
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        self.send(method, params)
-        return self.reply()
+        """Send one request and return its result; resent while the daemon restarts, for up to `retry_for` s."""
+        self.resent = False
+        delays = backoff_delays()
+        deadline: float | None = None
+        maybe_delivered = False
+        while True:
+            try:
+                self.resent = maybe_delivered
+                self.send(method, params)
+                return self.reply()
+            except DaemonUnreachable as error:
+                maybe_delivered = maybe_delivered or error.lost
+                if not error.transient or self.retry_for <= 0:
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_for
+                if now >= deadline:
+                    raise DaemonUnreachable(self.path, f"{error.reason}; gave up after retrying for {self.retry_for:g}s",
+                                            lost=error.lost) from None
+                time.sleep(min(next(delays), deadline - now))
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one request; read its answer with `reply`."""
@@ -132,7 +180,8 @@ class Client:
             sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError) as error:
             self.close()
-            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True) from None
+            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True,
+                                    transient=True) from None
 
     def ready(self, timeout: float) -> bool:
         """Whether a whole line (a reply or a notification) can be read within `timeout` seconds."""
@@ -183,13 +232,14 @@ class Client:
             chunk = sock.recv(65536)
         except (BrokenPipeError, ConnectionResetError) as error:
             self.close()
-            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True) from None
+            raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True,
+                                    transient=True) from None
         except TimeoutError:
             self.close()
             raise DaemonUnreachable(self.path, "no answer in time", lost=True) from None
         if not chunk:
             self.close()
-            raise DaemonUnreachable(self.path, "the daemon closed the connection", lost=True)
+            raise DaemonUnreachable(self.path, "the daemon closed the connection", lost=True, transient=True)
         self._buffer += chunk
         if len(self._buffer) > 64 * MAX_MESSAGE_BYTES:
             self.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mcpctl.actions import AllocateOptions, run_allocate, run_release
+from mcpctl.actions import AllocateOptions, UsageError, retry_seconds, run_allocate, run_release
 from mcpresd.protocol import Strategy
 from mcpresd.protocol import default_socket_path
 
@@ -32,25 +32,30 @@ ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
 ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible"}
 OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
-GLOBAL_VALUES = {"--socket": "socket"}
+GLOBAL_VALUES = {"--socket": "socket", "--retry-for": "retry_for"}
 
 
 def try_fast(argv: Sequence[str]) -> int | None:
     """Run allocate or release without Typer if `argv` is plainly well-formed; else None."""
     args = list(argv)
-    socket_path = None
-    while args and args[0].startswith("--socket"):
-        value, args = _take_value(args, "--socket")
+    globals_: dict[str, str] = {}
+    while args and args[0].split("=", 1)[0] in GLOBAL_VALUES:
+        name = args[0].split("=", 1)[0]
+        value, args = _take_value(args, name)
         if value is None:
             return None
-        socket_path = value
+        globals_[GLOBAL_VALUES[name]] = value
     if not args:
         return None
     command, rest = args[0], args[1:]
     runner = _COMMANDS.get(command)
     if runner is None:
         return None
-    return runner(socket_path or default_socket_path(), rest)
+    try:
+        retry_for = retry_seconds(globals_.get("retry_for"))
+    except UsageError:
+        return None  # Typer says what is wrong with it
+    return runner(globals_.get("socket") or default_socket_path(), retry_for, rest)
 
 
 def _take_value(args: list[str], option: str) -> tuple[str | None, list[str]]:
@@ -72,7 +77,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _allocate(socket_path: str, args: list[str]) -> int | None:
+def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None:
     values: dict[str, str] = {}
     lists: dict[str, list[str]] = {name: [] for name in ALLOCATE_LISTS.values()}
     flags: set[str] = set()
@@ -116,14 +121,14 @@ def _allocate(socket_path: str, args: list[str]) -> int | None:
         no_block="no_block" in flags,
         preemptible="preemptible" in flags,
     )
-    return run_allocate(socket_path, options)
+    return run_allocate(socket_path, options, retry_for)
 
 
-def _release(socket_path: str, args: list[str]) -> int | None:
+def _release(socket_path: str, retry_for: float, args: list[str]) -> int | None:
     ids = [a for a in args if a not in RELEASE_FLAGS]
     if not ids or any(a.startswith("-") for a in ids):
         return None
-    return run_release(socket_path, ids, "json" if "--json" in args else "text")
+    return run_release(socket_path, ids, "json" if "--json" in args else "text", retry_for)
 
 
-_COMMANDS: dict[str, Callable[[str, list[str]], int | None]] = {"allocate": _allocate, "release": _release}
+_COMMANDS: dict[str, Callable[[str, float, list[str]], int | None]] = {"allocate": _allocate, "release": _release}

@@ -56,7 +56,7 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str]) -> int:
+def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str], retry_for: float = 0.0) -> int:
     if not argv:
         return fail("give the command to run after the options, e.g. mcpctl run --gpu 1 -- python train.py",
                     exitcodes.USAGE)
@@ -73,22 +73,22 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str])
     os.close(read_end)
     params["holder_pid"] = child
     params["signal_holder"] = True
-    code = _allocate_for(socket_path, params, child)
+    code = _allocate_for(socket_path, params, child, retry_for)
     if isinstance(code, int):
         os.close(write_end)
         _stop(child)
         return code
     allocation = code
     status = _hand_over_and_wait(child, write_end, run_environment(allocation))
-    _release(socket_path, allocation["id"])
+    _release(socket_path, allocation["id"], retry_for)
     return _exit_code(status)
 
 
-def _allocate_for(socket_path: str, params: dict[str, Any], child: int) -> dict[str, Any] | int:
+def _allocate_for(socket_path: str, params: dict[str, Any], child: int, retry_for: float) -> dict[str, Any] | int:
     """The granted allocation, or the exit code to leave with."""
     previous = {signum: signal.signal(signum, _raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        allocation: dict[str, Any] = request_allocation(socket_path, params)
+        allocation: dict[str, Any] = request_allocation(socket_path, params, retry_for)
     except DaemonUnreachable as error:
         return unreachable(error)
     except RpcError as error:
@@ -169,10 +169,10 @@ def _stop(child: int) -> None:
     os.waitpid(child, 0)
 
 
-def _release(socket_path: str, allocation_id: str) -> None:
+def _release(socket_path: str, allocation_id: str, retry_for: float) -> None:
     """Release after the command; usually the daemon saw the holder exit and released it already."""
     try:
-        with Client(socket_path, timeout=10.0) as client:
+        with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
             client.call(Method.RELEASE, {"id": allocation_id})
     except RpcError as error:
         if error.code not in (ErrorCode.ALREADY_RELEASED, ErrorCode.ALLOCATION_NOT_FOUND):

@@ -23,11 +23,17 @@ def socket_of(ctx: typer.Context) -> str:
     return path
 
 
+def retry_of(ctx: typer.Context) -> float:
+    """Seconds to ride through a daemon restart (global --retry-for)."""
+    seconds: float = ctx.obj["retry_for"]
+    return seconds
+
+
 def call(ctx: typer.Context, method: str, params: dict[str, Any] | None = None, *,
          timeout: float | None = 30.0) -> Any:
     """One RPC, with failures turned into a message on stderr and an exit code; Ctrl-C exits 130."""
     try:
-        with Client(socket_of(ctx), timeout=timeout) as client:
+        with Client(socket_of(ctx), timeout=timeout, retry_for=retry_of(ctx)) as client:
             return client.call(method, params)
     except DaemonUnreachable as error:
         exit_with(unreachable(error))

@@ -13,7 +13,7 @@ import typer
 
 from mcpctl.actions import AllocateOptions, run_allocate
 from mcpresd.protocol import Strategy
-from mcpctl.output import exit_with, socket_of, usage
+from mcpctl.output import exit_with, retry_of, socket_of, usage
 from mcpresd.protocol import Priority
 
 Cpu = Annotated[str | None, typer.Option("--cpu", metavar="N", help="CPU cores; fractions allowed (0.5); or MIN..MAX.")]
@@ -138,7 +138,7 @@ def allocate(
         max_cost=max_cost,
         preemptible=preemptible,
     )
-    exit_with(run_allocate(socket_of(ctx), options))
+    exit_with(run_allocate(socket_of(ctx), options, retry_of(ctx)))
 
 
 def register(app: typer.Typer) -> None:

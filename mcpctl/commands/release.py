@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mcpctl.actions import run_release
-from mcpctl.output import exit_with, socket_of
+from mcpctl.output import exit_with, retry_of, socket_of
 
 
 def release(
@@ -19,7 +19,7 @@ def release(
 
     Example: mcpctl release "$id"
     """
-    exit_with(run_release(socket_of(ctx), ids, "json" if json_output else "text"))
+    exit_with(run_release(socket_of(ctx), ids, "json" if json_output else "text", retry_of(ctx)))
 
 
 def register(app: typer.Typer) -> None:

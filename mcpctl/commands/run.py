@@ -25,7 +25,7 @@ from mcpctl.commands.allocate import (
     Where,
 )
 from mcpctl.launch import run_command
-from mcpctl.output import exit_with, socket_of
+from mcpctl.output import exit_with, retry_of, socket_of
 from mcpresd.protocol import Priority
 
 
@@ -89,7 +89,7 @@ def run(
         max_cost=max_cost,
         preemptible=preemptible,
     )
-    exit_with(run_command(socket_of(ctx), options, command or []))
+    exit_with(run_command(socket_of(ctx), options, command or [], retry_of(ctx)))
 
 
 def register(app: typer.Typer) -> None:

@@ -227,9 +227,9 @@ def test_asking_for_an_unknown_resource_exits_1_with_one_hint(daemon: DaemonProc
 def test_no_daemon_listening_exits_5_and_says_how_to_start_it(tmp_path: Path, args: list[str], how: str) -> None:
     path = str(tmp_path / "nobody.sock")
     if how == "env":
-        result = run_cli(*args, socket_path=path)
+        result = run_cli(*args, socket_path=path, env={"MCPRES_RETRY_FOR": "0.2s"})
     else:
-        result = run_cli("--socket", path, *args)
+        result = run_cli("--socket", path, "--retry-for", "0.2s", *args)
 
     assert result.returncode == exitcodes.UNREACHABLE
     assert result.stdout == ""
@@ -242,10 +242,31 @@ def test_a_stale_socket_with_no_daemon_exits_5(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(path)
 
-    result = run_cli("allocate", "--cpu", "1", socket_path=path)
+    result = run_cli("allocate", "--cpu", "1", socket_path=path, env={"MCPRES_RETRY_FOR": "0"})
 
     assert result.returncode == exitcodes.UNREACHABLE
     assert "mcpresd" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["status"], ["allocate", "--res", "slot=1"], ["release", "abc"]], ids=" ".join)
+def test_an_absent_daemon_exits_5_only_after_the_retry_time(tmp_path: Path, args: list[str]) -> None:
+    import time
+
+    path = str(tmp_path / "nobody.sock")
+    started = time.monotonic()
+    result = run_cli("--retry-for", "700ms", *args, socket_path=path)
+    took = time.monotonic() - started
+
+    assert result.returncode == exitcodes.UNREACHABLE
+    assert "gave up after retrying for 0.7s" in result.stderr
+    assert took >= 0.7
+
+
+def test_retry_for_takes_a_duration(tmp_path: Path) -> None:
+    for args in (["--retry-for", "soon", "status"], ["--retry-for", "-1s", "release", "a"]):
+        result = run_cli(*args, socket_path=str(tmp_path / "nobody.sock"))
+        assert result.returncode == exitcodes.USAGE, result.stderr
+        assert "--retry-for" in result.stderr
 
 
 def test_help_documents_every_exit_code() -> None:
@@ -561,7 +582,7 @@ OUTCOME_CASES = [
     ["--cpu", "0.1", "--holder-pid", "999999999"],
     ["--res", "licence=1", "--key="],
 ]
-VOLATILE = {"id", "requester_pid", "created_at", "granted_at", "released_at", "expires_at", "wait_until", "preempt_at"}
+VOLATILE = {"id", "idempotency_key", "requester_pid", "created_at", "granted_at", "released_at", "expires_at", "wait_until", "preempt_at"}
 
 
 @pytest.mark.parametrize("args", OUTCOME_CASES, ids=" ".join)

@@ -1,0 +1,86 @@
+"""A shell script's `mcpctl allocate` / `mcpctl release` loop rides through daemon crashes and restarts.
+
+Every mcpctl call retries a refused or broken connection (--retry-for, default 10s); an allocate always carries
+an idempotency key, so a resend after a lost reply returns the first allocation instead of a second one, and a
+release that finds its allocation already released after a resend counts as done.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonProcess
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 30
+KILL_AFTER_ROUNDS = (4, 12, 20)
+SCRIPT = """
+set -euo pipefail
+for i in $(seq 1 {rounds}); do
+    id=$(mcpctl allocate --res slot=1)
+    mcpctl release "$id"
+    echo "$i" >> "{progress}"
+done
+"""
+
+
+def rounds_done(progress: Path) -> int:
+    try:
+        return len(progress.read_text().split())
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_script_loop_survives_three_daemon_kills(daemon: DaemonProcess, tmp_path: Path) -> None:
+    progress = tmp_path / "progress"
+    env = dict(os.environ, MCPRES_SOCKET=daemon.socket, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("MCPRES_RETRY_FOR", None)
+    script = subprocess.Popen(["bash", "-c", SCRIPT.format(rounds=ROUNDS, progress=progress)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kills = 0
+    try:
+        for after in KILL_AFTER_ROUNDS:
+            deadline = time.monotonic() + 60
+            while rounds_done(progress) < after and script.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert script.poll() is None, f"the script ended early: {script.communicate()}"
+            daemon.kill()
+            kills += 1
+            time.sleep(0.2)  # the script meets a dead daemon: refused connections, then a socket that moves
+            daemon.start()
+        out, err = script.communicate(timeout=120)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
+
+    assert kills == 3
+    assert script.returncode == 0, err
+    assert rounds_done(progress) == ROUNDS
+    rows = daemon.snapshot()["allocations"]
+    columns = [c[1] for c in _columns(daemon)]
+    state, key = columns.index("state"), columns.index("idempotency_key")
+    assert [r for r in rows if r[state] in ("active", "queued")] == []
+    keys = Counter(r[key] for r in rows)
+    assert None not in keys, "every mcpctl allocate sends an idempotency key"
+    assert [k for k, n in keys.items() if n > 1] == []
+    assert len(rows) == ROUNDS
+    assert daemon.call("allocations.list", {"state": "active"}) == []
+
+
+def _columns(daemon: DaemonProcess) -> list[tuple[object, ...]]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True)
+    try:
+        return conn.execute("PRAGMA table_info(allocations)").fetchall()
+    finally:
+        conn.close()
