@@ -456,13 +456,17 @@ def test_the_fast_path_and_typer_parse_the_scheduler_options_alike(monkeypatch: 
     assert run_app(["--socket", "/x.sock", "allocate", *args]) == 0
 
     assert via_fast.calls == via_typer.calls
-    [(_, options)] = via_fast.calls
+    [(_, options, *_)] = via_fast.calls
     assert isinstance(options, AllocateOptions)
     assert options != AllocateOptions()
 
 
-def test_a_waiting_request_carries_a_generated_idempotency_key(daemon: DaemonProcess) -> None:
-    allocation = as_json(daemon, "allocate", "--res", "slot=1", "--wait", "5s")
+def test_every_allocate_carries_a_generated_idempotency_key(daemon: DaemonProcess) -> None:
+    """So a resend after a lost reply (a daemon restart) never allocates twice; --key gives your own."""
+    waiting = as_json(daemon, "allocate", "--res", "slot=1", "--wait", "5s")
+    plain = as_json(daemon, "allocate", "--res", "slot=1")
 
-    assert re.fullmatch(r"[0-9a-f]{32}", allocation["idempotency_key"] or "")
-    assert as_json(daemon, "allocate", "--res", "slot=1")["idempotency_key"] is None
+    assert re.fullmatch(r"[0-9a-f]{32}", waiting["idempotency_key"] or "")
+    assert re.fullmatch(r"[0-9a-f]{32}", plain["idempotency_key"] or "")
+    assert waiting["idempotency_key"] != plain["idempotency_key"]
+    assert as_json(daemon, "allocate", "--res", "slot=1", "--key", "mine")["idempotency_key"] == "mine"
