@@ -7,7 +7,6 @@ import sys
 from functools import partial
 
 from mcpresd import __version__
-from mcpresd.config import ConfigError, load
 
 EPILOG = """\
 examples:
@@ -55,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # The daemon serves a Unix socket and never speaks TLS: keep asyncio from loading OpenSSL (~4 MiB of RSS).
+    # Before anything imports asyncio, hence the imports below.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from mcpresd.config import ConfigError, load
+
     # SIGHUP reloads with the same file and the same command-line overrides.
     reload = partial(
         load,
@@ -70,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mcpresd: {error}", file=sys.stderr)
         return 2
-    # The daemon serves a Unix socket and never speaks TLS: keep asyncio from loading OpenSSL (~4 MiB of RSS).
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from mcpresd.daemon import run
 
     return run(config, reload)

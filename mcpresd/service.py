@@ -764,6 +764,15 @@ class Broker:
         self.outbox.events.append({"id": event_id, "ts": now, "kind": kind, "allocation_id": allocation_id,
                                    "resource": resource, "uid": uid, "detail": detail or {}})
 
+    def _risks_of(self, allocation: Allocation) -> list[str]:
+        """What NVML saw (foreign use, throttling) and poor health, for the resources this allocation holds."""
+        notes = [note for item in allocation.items for note in self.risks.get(item.resource, ())]
+        for item in allocation.items:
+            health = self.monitor.health.get(item.resource)
+            if health is not None and health.score < 100:
+                notes.append(f"{item.resource}: health {health.score}/100 ({'; '.join(health.reasons)})")
+        return notes
+
     def allocation_dict(self, allocation: Allocation) -> AllocationDict:
         items: list[ItemDict] = []
         for item in allocation.items:
@@ -799,8 +808,7 @@ class Broker:
             "expires_at": allocation.expires_at,
             "preemptible": allocation.preemptible,
             "preempt_at": allocation.preempt_at,
-            "risks": [note for item in allocation.items for note in self.risks.get(item.resource, ())]
-            if allocation.is_active else [],
+            "risks": self._risks_of(allocation) if allocation.is_active else [],
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],

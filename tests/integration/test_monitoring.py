@@ -651,3 +651,22 @@ def test_history_survives_a_kill_9_and_a_restart(monitored: DaemonProcess) -> No
     assert {(pt["ts"], pt["value"]) for pt in before["points"]} <= seen
     newest = max(pt["ts"] for pt in before["points"])
     wait_for("a sample after the restart", lambda: max(pt["ts"] for pt in gpu_history(monitored)["points"]) > newest)
+
+
+def test_the_prometheus_textfile_is_written_every_interval(tmp_path: Path) -> None:
+    target = tmp_path / "textfile" / "mcpres.prom"
+    target.parent.mkdir()
+    daemon = DaemonProcess(tmp_path, config=CONFIG + f'\n[monitor]\ninterval = "0.5s"\nprometheus_file = "{target}"\n')
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not target.exists():
+            time.sleep(0.05)
+        text = target.read_text()
+        assert '# TYPE mcpres_utilisation gauge' in text
+        assert 'mcpres_utilisation{resource="cpu"}' in text
+        assert 'mcpres_temperature_c{resource="gpu:0"}' in text
+        assert "fan_speed" not in text  # unsupported values are left out, never written as 0
+        assert not list(target.parent.glob("*.tmp"))  # written whole, then renamed into place
+    finally:
+        daemon.stop()
