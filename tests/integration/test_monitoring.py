@@ -34,7 +34,7 @@ from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.nvml import GpuError, ReplayNvml
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
-from tests.conftest import GPU_CAPTURE, H100_UUID, DaemonProcess
+from tests.conftest import CONFIG, GPU_CAPTURE, H100_UUID, DaemonProcess
 
 T0 = 1_000_000.0
 """Fake start time: 40 s into the minute that starts at 999_960, and exact in binary at every half second."""
