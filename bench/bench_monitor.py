@@ -46,6 +46,37 @@ def idle_cpu(python: str, interval: str, seconds: float) -> float:
             stop_daemon(proc)
 
 
+def sampler_cpu_per_round(rounds: int) -> float:
+    """The sampler alone, in process: CPU seconds per round of reading the host (psutil + replayed NVML, no
+    process scan) and recording it (samples, alerts, health) in one committed transaction."""
+    import os as _os
+
+    from mcpresd.samplers.host import discover
+    from mcpresd.samplers.metrics import HostSampler
+    from mcpresd.samplers.nvml import ReplayNvml
+    from mcpresd.service import Broker
+    from mcpresd.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(_os.path.join(tmp, "bench.db"))
+        nvml = ReplayNvml(ROOT / "tests" / "fixtures" / "h100-nvml-capture.json")
+        broker = Broker(store)
+        resources = discover(memory_reserve=0, nvml=nvml)
+        with store.transaction():
+            broker.reconcile_resources(resources, [])
+        sampler = HostSampler(nvml, process_every=1_000_000)
+        disks = [(r.name, str(r.labels["mountpoint"])) for r in resources if r.name.startswith("disk:")]
+        links = [r.name[4:] for r in resources if r.name.startswith("net:")]
+        started = time.process_time()
+        for _ in range(rounds):
+            readings = sampler.read(disks, links)
+            with store.transaction():
+                broker.record_samples(readings, {}, {})
+        used = time.process_time() - started
+        store.close()
+    return used / rounds
+
+
 def alert_latency(python: str, trials: int) -> list[float]:
     """Each trial: a fresh daemon replaying the H100 load; latency = notification received - sample time."""
     config = ('[monitor]\ninterval = "1s"\n[[alerts]]\nname = "gpu-busy"\nmetric = "gpu.utilisation"\n'
@@ -113,6 +144,9 @@ def main() -> None:
     args = cli.parse_args()
     python = str(bench_venv(Path(args.venv)))
     window = 10.0 if args.quick else 30.0
+    per_round = sampler_cpu_per_round(100 if args.quick else 300)
+    print(f"sampler alone: {per_round * 1000:.2f} ms of CPU per round = {per_round * 100:.2f} % of one core at 1 s, "
+          f"{per_round * 20:.3f} % at 5 s")
     for interval in ("1s", "5s"):
         print(f"daemon idle CPU, sampler every {interval}: {idle_cpu(python, interval, window):.2f} % of one core")
     lat = alert_latency(python, 2 if args.quick else 5)

@@ -119,6 +119,7 @@ class Daemon:
         return found
 
     def _make_broker(self) -> Broker:
+        Store.migrate_in_child = True
         try:
             store = Store(self.config.database, check_integrity=True)
         except CorruptDatabase:

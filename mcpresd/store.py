@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -155,8 +157,17 @@ class CorruptDatabase(StorageError):
     """The database file failed its integrity check."""
 
 
+def apply_migrations(conn: sqlite3.Connection) -> None:
+    from sqlite_utils import Database
+
+    _migrations().apply(Database(conn))
+
+
 class Store:
     """The daemon's SQLite database."""
+
+    migrate_in_child = False
+    """Set by the daemon: apply pending migrations in a child process (keeps sqlite-utils out of its memory)."""
 
     def __init__(self, path: str | Path, *, check_integrity: bool = False) -> None:
         self.path = str(path)
@@ -175,9 +186,13 @@ class Store:
     def _migrate(self) -> None:
         if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
             return  # nothing to do: skip importing sqlite_utils (~5 MiB of RSS and ~60 ms of start-up)
-        from sqlite_utils import Database
-
-        _migrations().apply(Database(self.conn))
+        if self.path != ":memory:" and self.migrate_in_child:
+            # A short-lived child applies them, so the long-running daemon never carries sqlite-utils.
+            done = subprocess.run([sys.executable, "-m", "mcpresd.store", self.path], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise StorageError(f"migrating {self.path} failed: {done.stderr.strip() or done.returncode}")
+            return
+        apply_migrations(self.conn)
 
     def _applied_migrations(self) -> set[str]:
         try:
@@ -602,3 +617,23 @@ class MetricStore:
             entry["unknown"] = bool(entry["unknown"])
             rows.append(entry)
         return rows
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m mcpresd.store DB`: apply pending migrations to DB (the daemon runs this in a child)."""
+    if len(argv) != 1:
+        print("usage: python -m mcpresd.store DATABASE", file=sys.stderr)
+        return 2
+    conn = sqlite3.connect(argv[0], isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        apply_migrations(conn)
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
+
