@@ -110,9 +110,13 @@ def error_response(id: Any, code: ErrorCode, message: str, data: dict[str, Any] 
     return {"jsonrpc": JSONRPC, "id": id, "error": error_object(code, message, data)}
 
 
+# ASCII with \u escapes: a lone surrogate echoed from a request (an id, an unknown field name) stays valid JSON.
+# One encoder for every reply: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def encode(message: Any) -> bytes:
-    # ASCII with \u escapes: a lone surrogate echoed from a request (an id, an unknown field name) stays valid JSON.
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
+    return _ENCODER.encode(message).encode("ascii") + b"\n"
 
 
 class RpcStats:
