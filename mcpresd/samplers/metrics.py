@@ -110,12 +110,13 @@ class HostSampler:
         }
 
     def _rate(self, key: str, counter: float | None, now: float) -> Value:
+        """Bytes per second since the last read; None if the counter failed; `_NOT_YET` on a first read."""
         if counter is None:
             return None
         previous = self._last.get(key)
         self._last[key] = (now, counter)
         if previous is None or now <= previous[0] or counter < previous[1]:
-            return None
+            return _NOT_YET  # no rate yet (or the counter wrapped): nothing to record, and no failed read either
         return (counter - previous[1]) / (now - previous[0])
 
     def _disk(self, mountpoint: str, io: dict[str, Any], now: float) -> dict[str, Value]:
@@ -124,21 +125,21 @@ class HostSampler:
         counters = io.get(device) if device else None
         read_bytes = float(getattr(counters, "read_bytes")) if counters is not None else None
         write_bytes = float(getattr(counters, "write_bytes")) if counters is not None else None
-        return {
+        return _known({
             "utilisation": float(usage.percent) if usage else None,
             "used": float(usage.used) if usage else None,
             "read_bps": self._rate(f"{mountpoint}:r", read_bytes, now) if counters is not None else UNSUPPORTED,
             "write_bps": self._rate(f"{mountpoint}:w", write_bytes, now) if counters is not None else UNSUPPORTED,
-        }
+        })
 
     def _link(self, link: str, nics: dict[str, Any], now: float) -> dict[str, Value]:
         counters = nics.get(link)
         if counters is None:
             return {"rx_bps": None, "tx_bps": None}
-        return {
+        return _known({
             "rx_bps": self._rate(f"{link}:rx", float(getattr(counters, "bytes_recv")), now),
             "tx_bps": self._rate(f"{link}:tx", float(getattr(counters, "bytes_sent")), now),
-        }
+        })
 
     def _gpus(self, nvml: Nvml) -> Readings:
         readings: Readings = {}
@@ -181,6 +182,13 @@ class HostSampler:
                 values["processes"] = _value(processes)
             readings[name] = values
         return readings
+
+
+_NOT_YET: Final = "not yet"
+
+
+def _known(values: dict[str, Value]) -> dict[str, Value]:
+    return {name: value for name, value in values.items() if value is not _NOT_YET}
 
 
 def _call(read: Callable[[], T]) -> T | None:
