@@ -33,7 +33,7 @@ from mcpresd.core import forecast as forecasting
 from mcpresd.core import health as healthing
 from mcpresd.core.ledger import Observation
 from mcpresd.core.risk import GpuProcess, GpuReading, foreign_processes, risk_notes
-from mcpresd.core.rollup import minute_of, roll_up
+from mcpresd.core.rollup import minute_of, retention_cutoffs, roll_up
 from mcpresd.store import MetricStore
 
 if TYPE_CHECKING:
@@ -284,8 +284,8 @@ class Monitor:
 
     def retain(self, now: float) -> int:
         self._last_retain = now
-        return self.metrics.retain(now - self.policy.raw_max_age, now - self.policy.rollup_max_age,
-                                   self.policy.raw_points)
+        raw_cutoff, rollup_cutoff = retention_cutoffs(now, self.policy.raw_max_age, self.policy.rollup_max_age)
+        return self.metrics.retain(raw_cutoff, rollup_cutoff, self.policy.raw_points)
 
     def history(self, resource: str, metric: str, since: float, now: float) -> dict[str, Any]:
         raw = self.metrics.samples(resource, metric, since)
@@ -308,9 +308,9 @@ class Monitor:
         if due:
             self._forecasts = [f for f in self._forecasts if f[2].target_time > now]
             for resource, metric, made in due:
-                actual = self.latest.get(resource, {}).get(metric)
-                if isinstance(actual, float):
-                    self._scored.setdefault((resource, metric), deque(maxlen=100)).append((made.predicted, actual))
+                latest = self.latest.get(resource, {}).get(metric)
+                pairs = forecasting.score_due([made], now, lambda _: latest if isinstance(latest, float) else None)
+                self._scored.setdefault((resource, metric), deque(maxlen=100)).extend(pairs)
         if not self._forecasts or self._forecasts[-1][2].made_at <= now - 60:
             for resource_name, values in self.latest.items():
                 if "utilisation" in values:

@@ -390,10 +390,6 @@ class Server:
     def protocol(self) -> Connection:
         return Connection(self)
 
-    @property
-    def connection_count(self) -> int:
-        return len(self.connections)
-
     async def close_all(self, timeout: float) -> None:
         """Stop reading everywhere, let requests in flight finish for up to `timeout` seconds, then close."""
         self.closing = True

@@ -44,7 +44,7 @@ from mcpresd.core.errors import (
     WaitTimeout,
     Withdrawn,
 )
-from mcpresd.core.ledger import Ledger, Observation
+from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, process_start_time
 from mcpresd.monitor import Monitor, MonitorPolicy

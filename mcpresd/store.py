@@ -531,10 +531,6 @@ def _resource_row(resource: Resource) -> tuple[Any, ...]:
     )
 
 
-def items_of(allocations: Iterable[Allocation]) -> Iterator[AllocationItem]:
-    for allocation in allocations:
-        yield from allocation.items
-
 
 class MetricStore:
     """Metric samples, their 1-minute roll-ups and alerts, on the broker's connection (same thread, same transaction)."""
