@@ -22,11 +22,9 @@ import pytest
 
 from mcpctl.client import RpcError
 from mcpresd.protocol import ErrorCode, Method
-from tests.conftest import DaemonProcess
+from tests.conftest import CONFIG, DaemonProcess
 
-RESOURCES = """
-memory_reserve = "0"
-
+RESOURCES = CONFIG + """
 [[resources]]
 name = "one"
 capacity = 1
@@ -34,17 +32,6 @@ capacity = 1
 [[resources]]
 name = "units"
 capacity = 2
-
-[[resources]]
-name = "licence"
-capacity = 2
-unit = "seats"
-cost_per_unit_hour = 1.5
-
-[[resources]]
-name = "slot"
-capacity = 10
-unit = "slots"
 """
 
 ORDER = ["critical", "high", "normal", "low"]
