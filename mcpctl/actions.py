@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError, backoff_delays
 from mcpresd.protocol import (
+    POOL_PREFIX,
     ErrorCode,
     Method,
+    Objective,
     Priority,
     Strategy,
     UnitError,
@@ -73,7 +75,8 @@ class AllocateOptions:
     """
 
     __slots__ = ("cpu", "mem", "gpu", "disk", "res", "priority", "tool", "exec_id", "key", "holder_pid", "output",
-                 "wait", "no_block", "ttl", "strategy", "where", "max_cost", "preemptible")
+                 "wait", "no_block", "ttl", "strategy", "where", "max_cost", "preemptible", "pool", "members",
+                 "objective")
 
     def __init__(
         self,
@@ -95,6 +98,9 @@ class AllocateOptions:
         where: Sequence[str] = (),
         max_cost: str | None = None,
         preemptible: bool = False,
+        pool: str | None = None,
+        members: str | None = None,
+        objective: str | None = None,
     ) -> None:
         self.cpu, self.mem, self.gpu = cpu, mem, gpu
         self.disk, self.res = tuple(disk), tuple(res)
@@ -102,6 +108,7 @@ class AllocateOptions:
         self.holder_pid, self.output = holder_pid, output
         self.wait, self.no_block, self.ttl = wait, no_block, ttl
         self.strategy, self.where, self.max_cost, self.preemptible = strategy, tuple(where), max_cost, preemptible
+        self.pool, self.members, self.objective = pool, members, objective
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -134,8 +141,12 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             demands.append({"resource": name, **_range(amount, "--res", _amount)})
     except UnitError as error:
         raise UsageError(str(error)) from None
+    if options.pool is not None:
+        demands.append(pool_demand(options.pool, options.members))
+    elif options.members is not None:
+        raise UsageError("--members goes with --pool: it says how many of the pool's members to take")
     if not demands:
-        raise UsageError("ask for something: --cpu, --mem, --gpu, --disk or --res")
+        raise UsageError("ask for something: --cpu, --mem, --gpu, --disk, --res or --pool")
     if options.priority not in {p.value for p in Priority}:
         raise UsageError(f"--priority must be one of {', '.join(p.value for p in Priority)}")
     params: dict[str, Any] = {
@@ -181,7 +192,60 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
         params["max_cost"] = cost
     if options.preemptible:
         params["preemptible"] = True
+    if options.objective is not None:
+        if options.pool is None:
+            raise UsageError("--objective goes with --pool: it says which of the named pools to prefer")
+        if options.objective not in {o.value for o in Objective}:
+            raise UsageError(f"--objective must be one of {', '.join(Objective)}, got {options.objective!r}")
+        params["objective"] = options.objective
     return params
+
+
+def pool_demand(names: str, members: str | None) -> dict[str, Any]:
+    """`--pool a,b --members N`: N whole members of the named pools (names, globs or selectors)."""
+    if not names.strip() or any(not part.strip() for part in names.split(",")):
+        raise UsageError(f"--pool takes pool names, globs or selectors, comma-separated (e.g. build or "
+                         f"'build-*,cost<1'); got {names!r}")
+    count = 1
+    if members is not None:
+        if not members.strip().isdigit() or int(members) < 1:
+            raise UsageError(f"--members takes a whole number of pool members, 1 or more; got {members!r}")
+        count = int(members)
+    return {"resource": POOL_PREFIX + names, "amount": count}
+
+
+MEASURED_KEYS = {"cpu_seconds": "seconds", "memory_peak": "size", "gpu_utilisation": "fraction",
+                 "gpu_memory_peak": "size"}
+"""What a release may report the holder used, and how each value is written."""
+
+
+def parse_measured(text: str) -> dict[str, float]:
+    """`cpu_seconds=12.5,memory_peak=2G` (keys of MEASURED_KEYS) into release's `measured`; else UsageError."""
+    shape = ("--measured takes KEY=VALUE pairs, comma-separated, e.g. cpu_seconds=12.5,memory_peak=2G "
+             f"(keys: {', '.join(MEASURED_KEYS)})")
+    measured: dict[str, float] = {}
+    for entry in text.split(","):
+        key, sep, value = entry.strip().partition("=")
+        if not sep or not value.strip() or key not in MEASURED_KEYS:
+            raise UsageError(f"{shape}; got {entry.strip()!r}")
+        if key in measured:
+            raise UsageError(f"--measured names {key} twice")
+        kind = MEASURED_KEYS[key]
+        try:
+            number = float(value)
+        except ValueError:
+            if kind != "size":
+                raise UsageError(f"--measured {key} takes a number, got {value!r}") from None
+            try:
+                number = float(parse_size(value))
+            except UnitError as error:
+                raise UsageError(f"--measured {key}: {error}") from None
+        if not math.isfinite(number) or number < 0:
+            raise UsageError(f"--measured {key} must be a finite number of zero or more, got {value!r}")
+        if kind == "fraction" and number > 1:
+            raise UsageError(f"--measured {key} is a fraction from 0 to 1, got {value!r}")
+        measured[key] = int(number) if kind == "size" else number
+    return measured
 
 
 def _range(text: str, option: str, parse: Callable[[str, str], float]) -> dict[str, float]:
@@ -276,14 +340,19 @@ def fail(message: str, code: int) -> int:
 
 def rpc_failure(error: RpcError) -> int:
     hint = ""
-    if error.code == 1002:
+    if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
         hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
-    elif error.code == 1001:
+    elif error.code == ErrorCode.UNKNOWN_RESOURCE:
         hint = " (see `mcpctl resources`)"
+    elif error.code in (ErrorCode.UNKNOWN_POOL, ErrorCode.POOL_DRAINING):
+        hint = " (see `mcpctl pools`)"
+    elif error.code == ErrorCode.BUDGET_EXCEEDED:
+        hint = " (see `mcpctl budgets`)"
     elif error.code == 1012 and isinstance(error.data, dict) and error.data.get("id") and not error.data.get("reason"):
         hint = f" (see `mcpctl explain {error.data['id']}`)"
-    if hint.strip() in error.message:
-        hint = ""
+    named = hint.partition("`")[2].partition("`")[0]
+    if hint.strip() in error.message or (named and f"`{named}`" in error.message):
+        hint = ""  # the daemon's message points there already
     return fail(error.message + hint, exitcodes.for_error(error.code))
 
 
@@ -390,16 +459,24 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
     return exitcodes.OK
 
 
-def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retry_for: float = 0.0) -> int:
+def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retry_for: float = 0.0,
+                measured: str | None = None) -> int:
+    """Release `ids`; `measured` (the --measured text) reports what the holder used, for accounting."""
     if not ids:
         return fail("give the id(s) of the allocation(s) to release", exitcodes.USAGE)
+    params: dict[str, Any] = {}
+    if measured is not None:
+        try:
+            params["measured"] = parse_measured(measured)
+        except UsageError as error:
+            return fail(str(error), exitcodes.USAGE)
     worst = exitcodes.OK
     released = []
     try:
         with Client(socket_path, retry_for=retry_for) as client:
             for allocation_id in ids:
                 try:
-                    released.append(client.call(Method.RELEASE, {"id": allocation_id}))
+                    released.append(client.call(Method.RELEASE, {"id": allocation_id, **params}))
                 except RpcError as error:
                     if error.code == ErrorCode.ALREADY_RELEASED and client.resent:
                         # The first try went through; its reply was lost to a daemon restart.

@@ -12,11 +12,17 @@ from mcpctl.commands import (
     alerts,
     allocate,
     allocations,
+    budget,
+    budgets,
     db,
     events,
     explain,
     metrics,
+    optimise,
+    pool,
+    pools,
     predict,
+    recommend,
     release,
     renew,
     resource,
@@ -24,6 +30,7 @@ from mcpctl.commands import (
     run,
     status,
     top,
+    usage,
     wait,
 )
 from mcpresd.protocol import VERSION, default_socket_path
@@ -81,9 +88,11 @@ def main(
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
-               metrics, predict):
+               metrics, predict, pools, budgets, usage, recommend, optimise):
     module.register(app)
 app.add_typer(resource.app, name="resource")
+app.add_typer(pool.app, name="pool")
+app.add_typer(budget.app, name="budget")
 app.add_typer(db.app, name="db")
 
 

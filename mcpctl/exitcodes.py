@@ -3,7 +3,8 @@
 | code | meaning                                                              |
 |------|----------------------------------------------------------------------|
 | 0    | success                                                              |
-| 1    | error: the daemon refused the request, or withdrew a queued one      |
+| 1    | error: the daemon refused the request (e.g. over budget, a draining  |
+|      | pool, an unknown name), or withdrew a queued one                     |
 | 2    | usage: bad options or arguments                                      |
 | 3    | not available: the request does not fit now, or its wait ran out     |
 | 4    | permission denied                                                    |
@@ -14,8 +15,12 @@
 code, 128+N if a signal N killed it, 127 if it could not be started.
 
 JSON-RPC errors map to exit codes in `for_error`: 1002 InsufficientCapacity and
-1012 WaitTimeout give 3, 1008 PermissionDenied gives 4, 1013 Withdrawn and the
-other application errors give 1, invalid params or requests give 2.
+1012 WaitTimeout give 3, 1008 PermissionDenied gives 4, invalid params or
+requests give 2. 1013 Withdrawn and the other application errors give 1; among
+them 1015 BudgetExceeded (a spent budget is a refusal by policy: waiting or
+retrying does not help until its period ends), 1016 PoolDraining (like 1011
+NeverFits), 1017 UnknownPool (like 1001 UnknownResource) and 1018 PoolExists
+(like 1005 ResourceExists).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ INTERRUPTED = 130
 
 TABLE = (
     (OK, "success"),
-    (ERROR, "error: the daemon refused the request, or withdrew a queued one (the message says why)"),
+    (ERROR, "error: the daemon refused the request (e.g. over budget, a draining pool), or withdrew a queued one "
+            "(the message says why)"),
     (USAGE, "usage: bad options, arguments or parameters"),
     (UNAVAILABLE, "not available: the request does not fit now, or its wait ran out"),
     (PERMISSION_DENIED, "permission denied"),
@@ -52,6 +58,4 @@ def for_error(code: int) -> int:
         return PERMISSION_DENIED
     if code in (ErrorCode.INVALID_PARAMS, ErrorCode.INVALID_REQUEST, ErrorCode.METHOD_NOT_FOUND):
         return USAGE
-    if code == ErrorCode.WITHDRAWN:
-        return ERROR
-    return ERROR
+    return ERROR  # refusals no wait would change: Withdrawn, BudgetExceeded, PoolDraining, UnknownPool, ...

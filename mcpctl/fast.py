@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mcpctl.actions import AllocateOptions, UsageError, retry_seconds, run_allocate, run_release
-from mcpresd.protocol import Strategy
-from mcpresd.protocol import default_socket_path
+from mcpresd.protocol import Objective, Strategy, default_socket_path
 
 ALLOCATE_VALUES = {
     "--cpu": "cpu",
@@ -27,11 +26,15 @@ ALLOCATE_VALUES = {
     "--ttl": "ttl",
     "--strategy": "strategy",
     "--max-cost": "max_cost",
+    "--pool": "pool",
+    "--members": "members",
+    "--objective": "objective",
 }
 ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
 ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible"}
 OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
+RELEASE_VALUES = {"--measured": "measured"}
 GLOBAL_VALUES = {"--socket": "socket", "--retry-for": "retry_for"}
 
 
@@ -105,6 +108,9 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
     strategy = values.get("strategy")
     if strategy is not None and strategy not in {s.value for s in Strategy}:
         return None
+    objective = values.get("objective")
+    if objective is not None and objective not in {o.value for o in Objective}:
+        return None
     holder_text = values.pop("holder_pid", None)
     holder_pid = None
     if holder_text is not None:
@@ -125,10 +131,28 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
 
 
 def _release(socket_path: str, retry_for: float, args: list[str]) -> int | None:
-    ids = [a for a in args if a not in RELEASE_FLAGS]
-    if not ids or any(a.startswith("-") for a in ids):
+    values: dict[str, str] = {}
+    ids: list[str] = []
+    flags: set[str] = set()
+    while args:
+        head = args[0]
+        name = head.split("=", 1)[0]
+        if name in RELEASE_VALUES:
+            value, args = _take_value(args, name)
+            if value is None or RELEASE_VALUES[name] in values:
+                return None
+            values[RELEASE_VALUES[name]] = value
+        elif head in RELEASE_FLAGS:
+            flags.add(RELEASE_FLAGS[head])
+            args = args[1:]
+        elif head.startswith("-"):
+            return None
+        else:
+            ids.append(head)
+            args = args[1:]
+    if not ids:
         return None
-    return run_release(socket_path, ids, "json" if "--json" in args else "text", retry_for)
+    return run_release(socket_path, ids, "json" if "json" in flags else "text", retry_for, values.get("measured"))
 
 
 _COMMANDS: dict[str, Callable[[str, float, list[str]], int | None]] = {"allocate": _allocate, "release": _release}

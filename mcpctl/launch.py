@@ -7,9 +7,13 @@ Rules:
   child as holder, sends the child its environment through the pipe, and the
   child execs the command (same pid). If the allocation fails, the child gets
   EOF instead and exits without running anything.
-- The parent only forwards signals, waits and releases. Signals the kernel
-  sent to the whole foreground process group (Ctrl-C at a terminal) reached
-  the command already and are not sent twice.
+- The parent only forwards signals, waits and releases. The release carries
+  what the command measurably used (its and its waited-for children's CPU
+  time and peak RSS, from wait4), for accounting and `recommend`. The daemon
+  has usually seen the holder exit and released the allocation by then: the
+  release only delivers the measurement, and AlreadyReleased is expected.
+  Signals the kernel sent to the whole foreground process group (Ctrl-C at a
+  terminal) reached the command already and are not sent twice.
 - The exit status is the command's, as a shell reports it: its exit code,
   128+N when signal N killed it, 126/127 when it could not be started.
 Standard library and `mcpresd.protocol` only.
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from resource import struct_rusage
     from types import FrameType
     from typing import Any
 
@@ -79,9 +84,14 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
         _stop(child)
         return code
     allocation = code
-    status = _hand_over_and_wait(child, write_end, run_environment(allocation))
-    _release(socket_path, allocation["id"], retry_for)
+    status, usage = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    _release(socket_path, allocation["id"], retry_for, measured_of(usage))
     return _exit_code(status)
+
+
+def measured_of(usage: struct_rusage) -> dict[str, float]:
+    """release's `measured` from a wait4 rusage: CPU seconds (user + system) and peak RSS in bytes."""
+    return {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 6), "memory_peak": int(usage.ru_maxrss) * 1024}
 
 
 def _allocate_for(socket_path: str, params: dict[str, Any], child: int, retry_for: float) -> dict[str, Any] | int:
@@ -135,8 +145,8 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
     os._exit(exitcodes.ERROR)
 
 
-def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str]) -> int:
-    """Start the command, forward signals to it until it ends; its wait status."""
+def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str]) -> tuple[int, struct_rusage]:
+    """Start the command, forward signals to it until it ends; its wait status and resource usage."""
     watched = {*FORWARDED, signal.SIGCHLD}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
@@ -147,9 +157,9 @@ def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str])
         finally:
             os.close(write_end)
         while True:
-            pid, status = os.waitpid(child, os.WNOHANG)
+            pid, status, usage = os.wait4(child, os.WNOHANG)
             if pid:
-                return status
+                return status, usage
             info = signal.sigtimedwait(watched, 1.0)
             if info is None or info.si_signo == signal.SIGCHLD or info.si_code == SI_KERNEL:
                 continue
@@ -169,11 +179,11 @@ def _stop(child: int) -> None:
     os.waitpid(child, 0)
 
 
-def _release(socket_path: str, allocation_id: str, retry_for: float) -> None:
-    """Release after the command; usually the daemon saw the holder exit and released it already."""
+def _release(socket_path: str, allocation_id: str, retry_for: float, measured: dict[str, float]) -> None:
+    """Release after the command, with what it used; the daemon may have seen the holder exit and released it."""
     try:
         with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
-            client.call(Method.RELEASE, {"id": allocation_id})
+            client.call(Method.RELEASE, {"id": allocation_id, "measured": measured})
     except RpcError as error:
         if error.code not in (ErrorCode.ALREADY_RELEASED, ErrorCode.ALLOCATION_NOT_FOUND):
             rpc_failure(error)

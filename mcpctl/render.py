@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from rich import box
@@ -10,16 +11,21 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 
-from mcpctl.view import LEVEL_STYLES, age, items_text, resource_row
+from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row
 
 console = Console()
 
 
 def status(data: dict[str, Any]) -> None:
+    pairs(status_rows(data))
+
+
+def pairs(rows: Sequence[tuple[str, str]]) -> None:
+    """Label / value lines, the labels in bold."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    for label, value in status_rows(data):
+    for label, value in rows:
         table.add_row(label, value)
     console.print(table)
 
@@ -49,12 +55,12 @@ def resources(rows: list[dict[str, Any]]) -> None:
 
 
 def allocations(rows: list[dict[str, Any]]) -> None:
-    table = Table(header_style="bold")
-    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE"):
-        table.add_column(header)
+    grid = Table(header_style="bold")
+    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE", "COST"):
+        grid.add_column(header, justify="right" if header == "COST" else "left")
     now = time.time()
     for allocation in rows:
-        table.add_row(
+        grid.add_row(
             allocation["id"],
             allocation["state"],
             allocation["priority"],
@@ -62,10 +68,25 @@ def allocations(rows: list[dict[str, Any]]) -> None:
             allocation["tool_id"] or "",
             str(allocation["holder_pid"] or ""),
             age(now - allocation["created_at"]),
+            cost_text(allocation),
             style="dim" if allocation["state"] != "active" else None,
         )
-    console.print(table)
+    console.print(grid)
 
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Collection[str] = (),
+          styles: Sequence[str | None] | None = None, title: str | None = None,
+          footer: Sequence[str] | None = None) -> None:
+    """A plain Rich table of text cells: `right` names the right-aligned columns, `styles` gives each row's style,
+    `footer` is a last row set apart (totals)."""
+    grid = Table(header_style="bold", box=box.SIMPLE_HEAD, title=title, title_justify="left",
+                 title_style="bold", show_footer=footer is not None)
+    for index, header in enumerate(headers):
+        grid.add_column(header, justify="right" if header in right else "left",
+                        footer=footer[index] if footer is not None else "")
+    for index, cells in enumerate(rows):
+        grid.add_row(*cells, style=styles[index] if styles is not None else None)
+    console.print(grid)
 
 
 def alerts(headers: tuple[str, ...], rows: list[tuple[str, ...]], optional: tuple[str, ...] = ()) -> None:

@@ -11,6 +11,16 @@ def amount_text(value: float, unit: str) -> str:
     return format_amount(value, unit)
 
 
+def cost_text(allocation: dict[str, Any]) -> str:
+    """An allocation's cost so far (or final), with its rate while active: '1.25 (1.50/h)'; '-' for none."""
+    cost, rate = allocation.get("cost"), allocation.get("cost_per_hour")
+    if cost is None:
+        return "-"
+    if allocation.get("state") == "active" and isinstance(rate, (int, float)):
+        return f"{money(cost)} ({money(rate)}/h)"
+    return money(cost)
+
+
 def items_text(allocation: dict[str, Any]) -> str:
     return ", ".join(f"{item['resource']}={format_amount(item['amount'], item['unit'])}" for item in allocation["items"])
 
@@ -130,3 +140,70 @@ def sparkline(values: list[float | None], width: int, bounds: tuple[float, float
         return SPARKS[max(0, min(last, int((value - low) / span * len(SPARKS))))]
 
     return "".join(" " if v is None else spark(v) for v in buckets)
+
+
+# -- pools, cost and usage --------------------------------------------------
+
+BUDGET_STYLES = {"ok": "green", "soft": "yellow", "exceeded": "bold red"}
+"""Rich styles of budget states, for the terminal outputs."""
+_SIZED_KINDS = {"memory", "disk", "gpu_memory", "network"}
+_SHORT_KINDS = {"memory": "mem", "network": "net"}
+
+
+def money(value: object) -> str:
+    """A cost: '12.50', '0.0042' for small ones, '<0.0001' for tiny ones, '-' for none (costs carry no currency)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:,.2f}"
+    if abs(value) >= 0.0001:
+        return f"{value:.4f}".rstrip("0")
+    return "<0.0001"
+
+
+def percent(fraction: object) -> str:
+    """0.42 -> '42%'; '-' for none."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        return "-"
+    return f"{fraction * 100:.0f}%"
+
+
+def kind_amount(kind: str, value: object) -> str:
+    """An amount of a resource kind: sizes for memory and disks ('12G'), plain numbers else ('3.5')."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    if kind in _SIZED_KINDS:
+        return format_amount(value, "bytes")
+    return _short(value)
+
+
+def _short(value: float) -> str:
+    """Two or three significant digits, never an exponent: 42, 3.5, 0.042, '<0.001'."""
+    if value == 0 or abs(value) >= 10:
+        return f"{value:.0f}"
+    if abs(value) >= 0.1:
+        return f"{value:.1f}".rstrip("0").rstrip(".")
+    if abs(value) >= 0.001:
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    return "<0.001"
+
+
+def kind_hours(hours: dict[str, Any] | None) -> str:
+    """Resource-hours per kind, compactly: 'cpu 3.5h gpu 1.2h mem 12G·h'."""
+    parts = []
+    for kind, value in sorted((hours or {}).items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = _SHORT_KINDS.get(kind, kind)
+        if kind in _SIZED_KINDS:
+            parts.append(f"{name} {format_amount(value, 'bytes')}·h")
+        else:
+            parts.append(f"{name} {_short(value)}h")
+    return " ".join(parts) or "-"
+
+
+def kind_fractions(fractions: dict[str, Any] | None) -> str:
+    """Fractions per kind as percentages: 'cpu 42% mem 61%'."""
+    parts = [f"{_SHORT_KINDS.get(kind, kind)} {percent(value)}" for kind, value in sorted((fractions or {}).items())
+             if not isinstance(value, bool) and isinstance(value, (int, float))]
+    return " ".join(parts) or "-"

@@ -23,7 +23,8 @@ from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy
 from mcpresd.server import Limits
 from mcpresd.service import Policy
-from mcpresd.params import InvalidParams, check_custom_name, check_text
+from mcpresd.core.pools import PoolSpec
+from mcpresd.params import InvalidParams, check_custom_name, check_text, pool_spec
 from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
@@ -44,6 +45,7 @@ class Config:
     default_link_bytes_per_s: float = 125_000_000.0
     log_level: str = "info"
     resources: tuple[Resource, ...] = ()
+    pools: tuple[PoolSpec, ...] = ()
     policy: Policy = Policy()
     tick_interval: float = 5.0
     monitor: MonitorPolicy = MonitorPolicy()
@@ -64,12 +66,13 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access"}
+         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
-_SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval"}
+_SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval",
+                   "pool_interval"}
 _RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
 
 
@@ -117,6 +120,8 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["log_level"] = _parse_log_level(data["log_level"], f"{path}: log_level")
     if "resources" in data:
         changes["resources"] = _resources(data["resources"], path)
+    if "pools" in data:
+        changes["pools"] = _pools(data["pools"], path)
     if "scheduler" in data:
         changes.update(_scheduler(data["scheduler"], path))
     if "limits" in data:
@@ -218,6 +223,11 @@ def _scheduler(table: Any, path: Path) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if "aging_interval" in table:
         policy = replace(policy, aging_interval=_duration(table["aging_interval"], f"{where} aging_interval"))
+    if "pool_interval" in table:
+        interval = _duration(table["pool_interval"], f"{where} pool_interval")
+        if not 0.05 <= interval <= 3600:
+            raise ConfigError(f"{where} pool_interval must be between 50ms and 1h")
+        policy = replace(policy, pool_interval=interval)
     if "preempt_grace" in table:
         policy = replace(policy, preempt_grace=_duration(table["preempt_grace"], f"{where} preempt_grace"))
     if "preemption" in table:
@@ -249,6 +259,29 @@ def _duration(value: Any, where: str) -> float:
         if seconds is not None:
             return seconds
     raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h")
+
+
+def _pools(entries: Any, path: Path) -> tuple[PoolSpec, ...]:
+    """[[pools]] tables: the fields of `mcpctl pool create` (pools.create), durations as "30s" or seconds."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: pools must be an array of tables ([[pools]])")
+    specs: list[PoolSpec] = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: pools[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        table = dict(entry)
+        for key in ("timeout", "cooldown"):
+            if key in table:
+                table[key] = _duration(table[key], f"{where} {key}")
+        try:
+            spec = pool_spec(table)
+        except InvalidParams as error:
+            raise ConfigError(f"{where}: {error.message}") from None
+        if spec.name in {s.name for s in specs}:
+            raise ConfigError(f"{where}: a pool named {spec.name!r} is declared twice")
+        specs.append(spec)
+    return tuple(specs)
 
 
 def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:

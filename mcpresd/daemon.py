@@ -16,6 +16,7 @@ does not load is logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -29,10 +30,12 @@ from dataclasses import fields, replace
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
 from mcpresd.notify import Notifier
+from mcpresd.pooling import FactoryRun
 from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
+from mcpresd.samplers.usage import holder_usage
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import (
     BACKLOG,
@@ -46,6 +49,9 @@ from mcpresd.server import (
 from mcpresd.service import Broker, Outbox
 from mcpresd.watch import HolderWatch, send_signal
 from mcpresd.store import CorruptDatabase, Store
+
+FACTORY_OUTPUT_LIMIT = 64 * 1024
+"""The most of a factory command's stdout that is kept (its description is the last line)."""
 
 log = logging.getLogger("mcpresd")
 
@@ -102,6 +108,7 @@ class Daemon:
         self._disks: list[tuple[str, str]] = []
         self._wake: asyncio.TimerHandle | None = None
         self._links: list[str] = []
+        self._factories: set[asyncio.Task[None]] = set()
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -139,6 +146,8 @@ class Daemon:
         with store.transaction():
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
                 log.info("resources: %s", change)
+            for change in broker.pools.reconcile(self.config.pools):
+                log.info("pools: %s", change)
             for allocation_id in broker.recover():
                 log.info("ended %s: its holder went away while the daemon was down", allocation_id)
         return broker
@@ -152,6 +161,10 @@ class Daemon:
             self.watch.add(pid, start)
         for pid, start, signum in outbox.signals:
             send_signal(pid, start, signum)
+        for run in outbox.factory:
+            task = asyncio.get_running_loop().create_task(self._run_factory(run))
+            self._factories.add(task)
+            task.add_done_callback(self._factories.discard)
         if outbox.wake_at is not None:
             self._wake_at(outbox.wake_at)
 
@@ -170,10 +183,44 @@ class Daemon:
     def _connection_closed(self, connection: int) -> None:
         self._submit_quietly(lambda broker: broker.connection_closed(connection), "closing a connection")
 
+    async def _run_factory(self, run: FactoryRun) -> None:
+        """Run a pool factory's command in its own process group, killed at its timeout; report the outcome."""
+        env = {**os.environ, "MCPRES_POOL": run.pool, "MCPRES_MEMBER_INDEX": str(run.index),
+               "MCPRES_MEMBER": run.member or ""}
+        ok, output, error = False, "", ""
+        try:
+            process = await asyncio.create_subprocess_shell(
+                run.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env)
+        except OSError as failure:
+            error = f"cannot start {run.command!r}: {failure}"
+        else:
+            try:
+                out, err = await asyncio.wait_for(process.communicate(run.handle.encode()), run.timeout_s)
+            except asyncio.CancelledError:  # the daemon is stopping: leave nothing of the run behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                raise
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+                error = f"{run.action} command timed out after {run.timeout_s:g}s and was killed"
+            else:
+                output = out[-FACTORY_OUTPUT_LIMIT:].decode("utf-8", "replace")
+                ok = process.returncode == 0
+                if not ok:
+                    tail = err[-500:].decode("utf-8", "replace").strip()
+                    error = f"{run.action} command exited with status {process.returncode}" + (
+                        f": {tail}" if tail else "")
+        log.log(logging.INFO if ok else logging.WARNING, "pool %s: %s %s%s", run.pool, run.action,
+                "succeeded" if ok else "failed", "" if ok else f" ({error})")
+        self._submit_quietly(lambda broker: broker.factory_done(run, ok, output, error), f"pool {run.pool} factory")
+
     def _wake_at(self, when: float) -> None:
-        """Run the broker's tick at wall-clock time `when` (the earliest deadline it reported), not before."""
+        """Run the broker's tick at time `when` by the daemon's clock (its earliest deadline), not before."""
         loop = asyncio.get_running_loop()
-        due = loop.time() + max(0.0, when - time.time())
+        due = loop.time() + max(0.0, when - self.clock())
         if self._wake is not None and not self._wake.cancelled() and self._wake.when() <= due:
             return
         if self._wake is not None:
@@ -201,13 +248,17 @@ class Daemon:
             disks, links = self._disks, self._links
             try:
                 readings = await loop.run_in_executor(None, sampler.read, disks, links)
+                processes = dict(sampler.gpu_processes)
+                holders = await self.store_thread.submit(lambda broker: broker.accounts.holders()) \
+                    if self.store_thread is not None else {}
+                usage = await loop.run_in_executor(None, holder_usage, holders, processes) if holders else {}
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:
-                processes = dict(sampler.gpu_processes)
                 current = {name: dict(values) for name, values in readings.items()}  # the broker adds to readings
                 stats = self.server.dispatcher.stats.take()
-                self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats), "sampling")
+                self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats, usage),
+                                     "sampling")
                 if self.config.prometheus_file:
                     await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, current)
             try:
@@ -267,9 +318,9 @@ class Daemon:
                 log.warning("reload: %s changed; it takes effect when the daemon restarts", name)
         fresh = replace(fresh, **{name: getattr(old, name) for name in RESTART_ONLY})
         changes: list[str] = await self.store_thread.submit(
-            lambda broker: broker.reconfigure(fresh.resources, fresh.policy, fresh.monitor))
+            lambda broker: broker.reconfigure(fresh.resources, fresh.policy, fresh.monitor, fresh.pools))
         for field in fields(Config):
-            if field.name in ("resources", "policy", "monitor") or field.name in RESTART_ONLY:
+            if field.name in ("resources", "policy", "monitor", "pools") or field.name in RESTART_ONLY:
                 continue
             before, after = getattr(old, field.name), getattr(fresh, field.name)
             if before != after:
@@ -344,6 +395,8 @@ class Daemon:
             if self._wake is not None:
                 self._wake.cancel()
             sampler.cancel()
+            for factory in list(self._factories):
+                factory.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
             self.watch.close()
             if inode is not None:

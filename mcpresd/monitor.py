@@ -44,6 +44,10 @@ Readings = dict[str, dict[str, Value]]
 UNSUPPORTED = "unsupported"
 
 
+CONDITIONS = ("budget", "pool-factory")
+"""Alert rules the broker raises itself (`Monitor.condition`), beside the configured metric rules."""
+
+
 @dataclass(frozen=True)
 class MonitorPolicy:
     interval: float = 5.0
@@ -85,7 +89,7 @@ class Monitor:
         self._load_open_alerts()
 
     def _load_open_alerts(self) -> None:
-        rules = {r.name for r in self.policy.rules}
+        rules = {r.name for r in self.policy.rules} | set(CONDITIONS)
         for row in self.metrics.alerts(include_resolved=False):
             if row["rule"] not in rules:
                 continue
@@ -112,7 +116,7 @@ class Monitor:
                     if before[name] != after[name]]
         self.policy = policy
         for key, entry in list(self.alerts.items()):
-            if key[0] not in after:
+            if key[0] not in after and key[0] not in CONDITIONS:
                 del self.alerts[key]
                 self._retire(entry, now)
         return changes
@@ -217,6 +221,38 @@ class Monitor:
                 for transition in transitions:
                     if transition.notify:
                         self._announce(transition, alert, entry.id, allocations)
+
+    def condition(self, rule: str, resource: str, level: alerting.Level | None, value: float, now: float,
+                  detail: dict[str, Any]) -> None:
+        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory), not by a metric.
+
+        It fires at once at `level` (or changes level), and resolves when called with level None.
+        """
+        assert rule in CONDITIONS
+        key = (rule, resource)
+        opened = self.alerts.get(key)
+        if level is None:
+            if opened is None:
+                return
+            opened.alert = replace(opened.alert, state=alerting.State.RESOLVED, resolved_at=now, last_value=value)
+            self._save(opened, None)
+            del self.alerts[key]
+            self.broker.emit(now, "alert.resolved", resource=resource, detail={
+                "alert_id": opened.id, "rule": rule, "level": (opened.alert.level or level or alerting.Level.INFO).value,
+                "value": value, **detail})
+            return
+        if opened is not None and opened.alert.level is level:
+            return
+        previous = opened.alert.level if opened is not None else None
+        alert = alerting.Alert(rule, resource, state=alerting.State.FIRING, level=level, since=now, fired_at=now,
+                               last_value=value, min=value, max=value, total=value, count=1)
+        entry = opened or _Open(None, alert)
+        entry.alert = replace(alert, since=opened.alert.since, fired_at=opened.alert.fired_at) if opened else alert
+        entry.id = self._save(entry, [])
+        self.alerts[key] = entry
+        self.broker.emit(now, "alert.firing", resource=resource, detail={
+            "alert_id": entry.id, "rule": rule, "level": level.value, "value": value,
+            **({"previous_level": previous.value} if previous else {}), **detail})
 
     def _holders_of(self, resource: str) -> list[dict[str, Any]]:
         held = []

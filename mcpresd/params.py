@@ -17,9 +17,15 @@ from typing import Any
 from mcpresd.core.constraints import parse_selector
 from mcpresd.core.errors import DomainError
 from mcpresd.core.model import Demand, Request
-from mcpresd.protocol import Strategy
+from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
     MAX_DEMANDS,
+    POOL_PREFIX,
+    BudgetScope,
+    FactoryKind,
+    Objective,
+    Period,
+    Strategy,
     MAX_NAME_LENGTH,
     MAX_TEXT_LENGTH,
     AllocationState,
@@ -90,6 +96,7 @@ class SubscribeCommand:
 @dataclass(frozen=True)
 class ReleaseCommand:
     id: str
+    measured: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +230,7 @@ def no_params(params: Any) -> NoParams:
 
 _ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid",
                               "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible",
-                              "signal_holder"})
+                              "signal_holder", "objective"})
 _DEMAND_FIELDS = frozenset({"resource", "amount", "max"})
 _STRATEGIES = {s.value: s for s in Strategy}
 MAX_WAIT_S = 365 * 86400.0
@@ -252,6 +259,8 @@ def allocate(params: Any) -> AllocateCommand:
         if most is not None and (not is_valid_number(most) or most < amount):
             raise InvalidParams(f"{where}.max must be a finite number no less than amount, got {_describe(most)}",
                                 f"{where}.max")
+        if selector.startswith(POOL_PREFIX):
+            _check_pool_demand(selector, float(amount), most, where)
         demands.append(Demand(selector, float(amount), None if most is None else float(most)))
     priority_text = fields.text("priority") or Priority.NORMAL.value
     priority = _PRIORITIES.get(priority_text)
@@ -275,8 +284,12 @@ def allocate(params: Any) -> AllocateCommand:
     ttl = fields.number("ttl")
     if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
         raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
+    objective = fields.text("objective")
+    if objective is not None and objective not in _OBJECTIVES:
+        raise InvalidParams(f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}", "objective")
     return AllocateCommand(
-        request=Request(tuple(demands), strategy_text, tuple(selectors), fields.number("max_cost", minimum=0)),
+        request=Request(tuple(demands), strategy_text, tuple(selectors), fields.number("max_cost", minimum=0),
+                        objective),
         priority=priority,
         tool_id=fields.text("tool_id", limit=MAX_NAME_LENGTH),
         execution_id=fields.text("execution_id", limit=MAX_NAME_LENGTH),
@@ -288,6 +301,19 @@ def allocate(params: Any) -> AllocateCommand:
         preemptible=fields.flag("preemptible"),
         signal_holder=fields.flag("signal_holder"),
     )
+
+
+_OBJECTIVES = tuple(o.value for o in Objective)
+
+
+def _check_pool_demand(selector: str, amount: float, most: Any, where: str) -> None:
+    patterns = selector[len(POOL_PREFIX):].split(",")
+    if not all(p.strip() for p in patterns):
+        raise InvalidParams(f"{where}.resource names no pool: use pool:NAME or pool:A,B", f"{where}.resource")
+    for count, name in ((amount, "amount"), (most, "max")):
+        if count is not None and (count < 1 or count != int(count)):
+            raise InvalidParams(f"{where}.{name} counts whole pool members: a whole number of 1 or more, got {count!r}",
+                                f"{where}.{name}")
 
 
 def _wait(fields: _Fields, name: str) -> float | None:
@@ -329,8 +355,30 @@ def subscribe(params: Any) -> SubscribeCommand:
 
 
 def release(params: Any) -> ReleaseCommand:
-    fields = _Fields(params, frozenset({"id"}))
-    return ReleaseCommand(id=_required_text(fields, "id"))
+    fields = _Fields(params, frozenset({"id", "measured"}))
+    return ReleaseCommand(id=_required_text(fields, "id"), measured=measured(fields.params.get("measured")))
+
+
+_MEASURED_LIMITS = {"cpu_seconds": None, "memory_peak": None, "gpu_utilisation": 1.0, "gpu_memory_peak": None}
+
+
+def measured(raw: Any) -> dict[str, float] | None:
+    """What a holder reports it used: {cpu_seconds, memory_peak, gpu_utilisation (0..1), gpu_memory_peak}."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidParams(f"measured must be an object with any of {', '.join(_MEASURED_LIMITS)}", "measured")
+    values: dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in _MEASURED_LIMITS:
+            raise InvalidParams(f"measured.{key} is not a measurement (use {', '.join(_MEASURED_LIMITS)})",
+                                f"measured.{key}")
+        limit = _MEASURED_LIMITS[key]
+        if not is_valid_number(value) or value < 0 or (limit is not None and value > limit):
+            bound = f"between 0 and {limit:g}" if limit is not None else "a number of 0 or more"
+            raise InvalidParams(f"measured.{key} must be {bound}, got {_describe(value)}", f"measured.{key}")
+        values[key] = float(value)
+    return values
 
 
 def get_allocation(params: Any) -> GetAllocationCommand:
@@ -399,6 +447,8 @@ def check_custom_name(name: str) -> None:
         raise InvalidParams(
             f"{name!r} is reserved for discovered resources; pick another name (e.g. licence:{name})", "name"
         )
+    if name.startswith(POOL_PREFIX):
+        raise InvalidParams(f"{name!r}: names starting {POOL_PREFIX!r} name pools in requests; pick another", "name")
     if any(c.isspace() or c in ",=" for c in name):
         raise InvalidParams(f"resource name {name!r} must not contain spaces, ',' or '='", "name")
 
@@ -494,3 +544,215 @@ def db_backup(params: Any) -> BackupCommand:
     if path.endswith("/"):
         raise InvalidParams(f"path must name a file, not a directory, got {path!r}", "path")
     return BackupCommand(path=path, overwrite=fields.flag("overwrite"))
+
+
+# -- cost, pools, budgets, accounting -----------------------------------------
+
+
+@dataclass(frozen=True)
+class SetCostCommand:
+    name: str
+    cost_per_unit_hour: float | None
+
+
+def set_cost(params: Any) -> SetCostCommand:
+    fields = _Fields(params, frozenset({"name", "cost_per_unit_hour"}))
+    if "cost_per_unit_hour" not in fields.params:
+        raise InvalidParams("cost_per_unit_hour is required (null clears it)", "cost_per_unit_hour")
+    return SetCostCommand(_required_text(fields, "name"), fields.number("cost_per_unit_hour", minimum=0))
+
+
+@dataclass(frozen=True)
+class PoolCommand:
+    name: str
+
+
+def pool_name(params: Any) -> PoolCommand:
+    fields = _Fields(params, frozenset({"name"}))
+    return PoolCommand(_required_text(fields, "name"))
+
+
+@dataclass(frozen=True)
+class PoolEventsCommand:
+    name: str
+    limit: int
+
+
+def pool_events(params: Any) -> PoolEventsCommand:
+    fields = _Fields(params, frozenset({"name", "limit"}))
+    return PoolEventsCommand(_required_text(fields, "name"), fields.integer("limit", 100, minimum=1, maximum=10_000))
+
+
+@dataclass(frozen=True)
+class CreatePoolCommand:
+    spec: PoolSpec
+
+
+_POOL_FIELDS = frozenset({"name", "factory", "members", "select", "parent", "slot_size", "create", "destroy",
+                          "timeout", "min", "max", "strategy", "cost_per_unit_hour", "scale_up_at", "scale_down_at",
+                          "target", "cooldown", "labels"})
+
+
+def pool_spec(raw: Any) -> PoolSpec:
+    """A pool's declaration, from pools.create params or a config [[pools]] table (same field names)."""
+    fields = _Fields(raw, _POOL_FIELDS)
+    name = _required_text(fields, "name")
+    factory_text = _required_text(fields, "factory")
+    try:
+        factory = FactoryKind(factory_text)
+    except ValueError:
+        raise InvalidParams(f"factory must be one of {', '.join(k.value for k in FactoryKind)}, got {factory_text!r}",
+                            "factory") from None
+    strategy_text = fields.text("strategy") or Strategy.FIRST_FIT.value
+    if strategy_text not in _POOL_STRATEGIES:
+        raise InvalidParams(f"a pool's strategy is one of {', '.join(_POOL_STRATEGIES)}, got {strategy_text!r}",
+                            "strategy")
+    defaults = ScalePolicy()
+    scale = ScalePolicy(
+        up_at=_or(fields.number("scale_up_at"), defaults.up_at),
+        down_at=_or(fields.number("scale_down_at"), defaults.down_at),
+        target=_or(fields.number("target"), defaults.target),
+        cooldown_s=_or(fields.number("cooldown", minimum=0), defaults.cooldown_s),
+    )
+    maximum = fields.params.get("max")
+    spec = PoolSpec(
+        name=name,
+        factory=factory,
+        min_size=fields.integer("min", 0, minimum=0, maximum=100_000),
+        max_size=None if maximum is None else fields.integer("max", 0, minimum=0, maximum=100_000),
+        strategy=Strategy(strategy_text),
+        members=_texts(fields, "members"),
+        select=_texts(fields, "select"),
+        parent=fields.text("parent", limit=MAX_NAME_LENGTH),
+        slot_size=fields.number("slot_size"),
+        create=fields.text("create", limit=4096),
+        destroy=fields.text("destroy", limit=4096),
+        timeout_s=_or(fields.number("timeout"), 30.0),
+        cost_per_unit_hour=fields.number("cost_per_unit_hour", minimum=0),
+        scale=scale,
+        labels=_labels(fields),
+    )
+    try:
+        spec.validate()
+    except DomainError as error:
+        raise InvalidParams(error.message, str(error.data.get("field", "")) or None) from None
+    return spec
+
+
+def create_pool(params: Any) -> CreatePoolCommand:
+    return CreatePoolCommand(pool_spec(params))
+
+
+_POOL_STRATEGIES = tuple(s.value for s in (Strategy.FIRST_FIT, Strategy.BEST_FIT, Strategy.ROUND_ROBIN,
+                                           Strategy.LEAST_LOADED, Strategy.LOCALITY_AWARE))
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _texts(fields: _Fields, name: str) -> tuple[str, ...]:
+    raw = fields.params.get(name)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > 10_000:
+        raise InvalidParams(f"{name} must be an array of strings", name)
+    return tuple(check_text(item, f"{name}[{index}]", MAX_NAME_LENGTH) for index, item in enumerate(raw))
+
+
+def _labels(fields: _Fields) -> dict[str, str | int | float | bool | None]:
+    labels = fields.params.get("labels")
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise InvalidParams("labels must be an object of simple values", "labels")
+    for key, value in labels.items():
+        check_text(key, "labels key", MAX_NAME_LENGTH)
+        if isinstance(value, str):
+            check_text(value, f"labels.{key}")
+        elif value is not None and not isinstance(value, bool) and not is_valid_number(value):
+            raise InvalidParams(f"labels.{key} must be a string, number, boolean or null", f"labels.{key}")
+    return labels
+
+
+@dataclass(frozen=True)
+class BudgetKey:
+    scope: BudgetScope
+    subject: str
+    period: Period
+
+
+@dataclass(frozen=True)
+class SetBudgetCommand:
+    key: BudgetKey
+    limit: float
+    soft: float
+
+
+def _budget_key(fields: _Fields) -> BudgetKey:
+    scope_text, period_text = _required_text(fields, "scope"), _required_text(fields, "period")
+    try:
+        scope = BudgetScope(scope_text)
+    except ValueError:
+        raise InvalidParams(f"scope must be one of {', '.join(s.value for s in BudgetScope)}, got {scope_text!r}",
+                            "scope") from None
+    try:
+        period = Period(period_text)
+    except ValueError:
+        raise InvalidParams(f"period must be one of {', '.join(p.value for p in Period)}, got {period_text!r}",
+                            "period") from None
+    subject = fields.text("subject", required=True, limit=MAX_NAME_LENGTH)
+    assert subject is not None
+    if scope is BudgetScope.OWNER and not subject.isdigit():
+        raise InvalidParams(f"an owner budget's subject is a uid (decimal), got {subject!r}", "subject")
+    return BudgetKey(scope, subject, period)
+
+
+def set_budget(params: Any) -> SetBudgetCommand:
+    fields = _Fields(params, frozenset({"scope", "subject", "period", "limit", "soft"}))
+    key = _budget_key(fields)
+    limit = fields.number("limit", required=True)
+    assert limit is not None
+    if limit <= 0:
+        raise InvalidParams(f"limit must be greater than 0, got {limit:g}", "limit")
+    soft = _or(fields.number("soft"), 0.8)
+    if not 0 < soft <= 1:
+        raise InvalidParams(f"soft is a fraction of the limit, above 0 and at most 1; got {soft:g}", "soft")
+    return SetBudgetCommand(key, limit, soft)
+
+
+def budget_key(params: Any) -> BudgetKey:
+    return _budget_key(_Fields(params, frozenset({"scope", "subject", "period"})))
+
+
+@dataclass(frozen=True)
+class UsageCommand:
+    by: str
+    since: float
+
+
+_USAGE_BY = ("tool", "owner", "pool", "resource")
+
+
+def usage(params: Any) -> UsageCommand:
+    fields = _Fields(params, frozenset({"by", "since"}))
+    by = fields.text("by") or "tool"
+    if by not in _USAGE_BY:
+        raise InvalidParams(f"by must be one of {', '.join(_USAGE_BY)}, got {by!r}", "by")
+    since = _or(fields.number("since", minimum=0), 7 * 86400.0)
+    if since > 10 * 365 * 86400:
+        raise InvalidParams("since is at most ten years", "since")
+    return UsageCommand(by, since)
+
+
+@dataclass(frozen=True)
+class RecommendCommand:
+    tool_id: str
+    runs: int
+
+
+def recommend(params: Any) -> RecommendCommand:
+    fields = _Fields(params, frozenset({"tool_id", "runs"}))
+    tool = fields.text("tool_id", required=True, limit=MAX_NAME_LENGTH)
+    assert tool is not None
+    return RecommendCommand(tool, fields.integer("runs", 50, minimum=1, maximum=10_000))

@@ -55,6 +55,20 @@ class Method(StrEnum):
     ALERTS_LIST = "alerts.list"
     PREDICT = "predict"
     DB_BACKUP = "db.backup"
+    RESOURCES_SET_COST = "resources.set_cost"
+    POOLS_LIST = "pools.list"
+    POOLS_GET = "pools.get"
+    POOLS_CREATE = "pools.create"
+    POOLS_DELETE = "pools.delete"
+    POOLS_DRAIN = "pools.drain"
+    POOLS_UNDRAIN = "pools.undrain"
+    POOLS_EVENTS = "pools.events"
+    BUDGETS_SET = "budgets.set"
+    BUDGETS_LIST = "budgets.list"
+    BUDGETS_DELETE = "budgets.delete"
+    USAGE = "usage"
+    RECOMMEND = "recommend"
+    OPTIMISE = "optimise"
 
 
 EVENT_NOTIFICATION = "event"
@@ -84,6 +98,10 @@ class ErrorCode(IntEnum):
     WAIT_TIMEOUT = 1012
     WITHDRAWN = 1013
     LIMIT_EXCEEDED = 1014
+    BUDGET_EXCEEDED = 1015
+    POOL_DRAINING = 1016
+    UNKNOWN_POOL = 1017
+    POOL_EXISTS = 1018
 
 
 class Priority(StrEnum):
@@ -111,6 +129,47 @@ class Strategy(StrEnum):
     COST_OPTIMISED = "cost-optimised"
     PERFORMANCE_OPTIMISED = "performance-optimised"
     BALANCED = "balanced"
+    LOCALITY_AWARE = "locality-aware"
+
+
+class Objective(StrEnum):
+    """What the allocator optimises when a request may be served from several pools."""
+
+    COST = "cost"
+    PERFORMANCE = "performance"
+    LATENCY = "latency"
+    UTILISATION = "utilisation"
+    BALANCED = "balanced"
+
+
+class PoolState(StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DRAINED = "drained"
+
+
+class FactoryKind(StrEnum):
+    """How a pool gets its members: fixed (listed or selected), carved from a parent, or made by commands."""
+
+    STATIC = "static"
+    SLOTS = "slots"
+    COMMAND = "command"
+
+
+class Period(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+class BudgetScope(StrEnum):
+    TOOL = "tool"
+    OWNER = "owner"
+    POOL = "pool"
+
+
+POOL_PREFIX = "pool:"
+"""A demand whose resource is `pool:NAME[,NAME...]` asks for whole members of those pools."""
 
 
 class ResourceType(StrEnum):
@@ -136,7 +195,7 @@ if TYPE_CHECKING:
         labels: Labels
         uuid: str | None
         cost_per_unit_hour: float | None
-        source: Literal["discovered", "config", "api"]
+        source: Literal["discovered", "config", "api", "pool"]
         allocated: float
         free: float
         health: dict[str, Any] | None
@@ -189,6 +248,10 @@ if TYPE_CHECKING:
         preempt_at: float | None
         risks: list[str]
         request: dict[str, Any] | None
+        cost: float | None
+        cost_per_hour: float | None
+        pools: list[str]
+        measured: dict[str, float] | None
 
 
     class StatusDict(TypedDict):

@@ -76,6 +76,20 @@ HANDLERS: dict[Method, Handler] = {
     Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
     Method.PREDICT: Handler(params.predict, Broker.predict),
     Method.DB_BACKUP: Handler(params.db_backup, Broker.db_backup),
+    Method.RESOURCES_SET_COST: Handler(params.set_cost, Broker.resources_set_cost),
+    Method.POOLS_LIST: Handler(params.no_params, Broker.pools_list),
+    Method.POOLS_GET: Handler(params.pool_name, Broker.pools_get),
+    Method.POOLS_CREATE: Handler(params.create_pool, Broker.pools_create),
+    Method.POOLS_DELETE: Handler(params.pool_name, Broker.pools_delete),
+    Method.POOLS_DRAIN: Handler(params.pool_name, Broker.pools_drain),
+    Method.POOLS_UNDRAIN: Handler(params.pool_name, Broker.pools_undrain),
+    Method.POOLS_EVENTS: Handler(params.pool_events, Broker.pools_events),
+    Method.BUDGETS_SET: Handler(params.set_budget, Broker.budgets_set),
+    Method.BUDGETS_LIST: Handler(params.no_params, Broker.budgets_list),
+    Method.BUDGETS_DELETE: Handler(params.budget_key, Broker.budgets_delete),
+    Method.USAGE: Handler(params.usage, Broker.usage),
+    Method.RECOMMEND: Handler(params.recommend, Broker.recommend),
+    Method.OPTIMISE: Handler(params.no_params, Broker.optimise),
 }
 
 ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
@@ -94,6 +108,10 @@ ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
     errors.Withdrawn: ErrorCode.WITHDRAWN,
     errors.BackupFailed: ErrorCode.STORAGE_ERROR,
     errors.LimitExceeded: ErrorCode.LIMIT_EXCEEDED,
+    errors.BudgetExceeded: ErrorCode.BUDGET_EXCEEDED,
+    errors.PoolDraining: ErrorCode.POOL_DRAINING,
+    errors.UnknownPool: ErrorCode.UNKNOWN_POOL,
+    errors.PoolExists: ErrorCode.POOL_EXISTS,
 }
 
 _NO_ID = object()

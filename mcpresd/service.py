@@ -22,7 +22,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from mcpresd import params as p
@@ -47,7 +47,10 @@ from mcpresd.core.errors import (
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, process_start_time
+from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
+from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
+from mcpresd.pooling import FactoryRun, PoolKeeper
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
 
@@ -79,6 +82,8 @@ class Policy:
     preempt_grace: float = 10.0
     default_strategy: str = "first-fit"
     max_queued_per_uid: int = 256
+    pool_interval: float = 1.0
+    """How often pools are evaluated for scaling (their tick)."""
 
 
 @dataclass
@@ -89,11 +94,14 @@ class Outbox:
     settled: list[tuple[Any, Any]] = field(default_factory=list)
     watch: list[tuple[int, int | None]] = field(default_factory=list)
     signals: list[tuple[int, int | None, int]] = field(default_factory=list)
+    factory: list[FactoryRun] = field(default_factory=list)
+    """Pool factory commands to run off the store thread."""
     wake_at: float | None = None
     """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.settled or self.watch or self.signals or self.wake_at is not None)
+        return bool(self.events or self.settled or self.watch or self.signals or self.factory
+                    or self.wake_at is not None)
 
 
 class AllocationIds:
@@ -158,6 +166,8 @@ class Broker:
         self._attended: dict[str, set[int]] = {}
         self.reload()
         self.monitor = Monitor(self, monitor or MonitorPolicy())
+        self.pools = PoolKeeper(self)
+        self.accounts = Accounts(self)
 
     def reload(self) -> None:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
@@ -174,6 +184,9 @@ class Broker:
         self.ledger.default_strategy = self.policy.default_strategy
         self.outbox = Outbox()
         self._last_pass = None  # the new ledger restarts its version count: an old pass could look current
+        if "pools" in self.__dict__:  # a rebuild after a failed commit (at start-up they load themselves)
+            self.pools.load()
+            self.accounts.load()
 
     def take_outbox(self) -> Outbox:
         outbox, self.outbox = self.outbox, Outbox()
@@ -186,6 +199,10 @@ class Broker:
                                                     self.live[i].preempt_at) if t is not None]
         if self._queued and self.policy.aging_interval > 0:
             times.append(self.clock() + min(1.0, self.policy.aging_interval))  # aging reorders the queue over time
+        if self.pools.wants_ticks():
+            times.append(self.clock() + self.policy.pool_interval)
+        if self.accounts.budgets:
+            times.append(self.clock() + BUDGET_CHECK_INTERVAL_S)
         return min(times) if times else None
 
     @property
@@ -256,13 +273,17 @@ class Broker:
                 self._event(now, "resource.removed", resource=stale.name, detail={"reason": source})
                 changes.append(f"removed {stale.name}")
         if changes:
+            if "pools" in self.__dict__:
+                self.pools.sync()
             self.schedule()
         return changes
 
-    def reconfigure(self, declared: Iterable[Resource], policy: Policy, monitor: MonitorPolicy) -> list[str]:
-        """A reload: the config's resources and policies; discovered resources and allocations stay as they are."""
+    def reconfigure(self, declared: Iterable[Resource], policy: Policy, monitor: MonitorPolicy,
+                    pools: Iterable[PoolSpec] = ()) -> list[str]:
+        """A reload: the config's resources, pools and policies; discovered resources and allocations stay."""
         discovered = [r for r in self.ledger.resources() if r.source == "discovered"]
         changes = self.reconcile_resources(discovered, declared)
+        changes += self.pools.reconcile(pools)
         if policy != self.policy:
             changes += [f"scheduler {f.name}: {getattr(self.policy, f.name)} -> {getattr(policy, f.name)}"
                         for f in fields(Policy) if getattr(self.policy, f.name) != getattr(policy, f.name)]
@@ -352,16 +373,32 @@ class Broker:
             source="api",
         )
         self._add_resource(resource, self.clock(), uid=caller.uid)
+        self.pools.sync()
         self.schedule()
         return self.resource_dict(resource)
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
         resource = self.ledger.check_removable(command.name)
+        if resource.source == "pool":
+            raise ResourceInUse(f"{resource.name} is a member of pool {self.ledger.pool_of(resource.name)};"
+                                " the pool removes its members (scale it down or delete it)", resource=resource.name)
         self.store.delete_resource(resource.name)
         self._event(self.clock(), "resource.removed", resource=resource.name, uid=caller.uid)
         self.ledger.remove(resource.name)
+        self.pools.sync()
         self.schedule()
         return self.resource_dict(resource)
+
+    def resources_set_cost(self, caller: Caller, command: p.SetCostCommand) -> ResourceDict:
+        if not (caller.uid in (0, os.getuid()) or caller.admin):
+            raise PermissionDenied("only root, the daemon's user and the admin group may set costs", uid=caller.uid)
+        resource = self.ledger.get(command.name)
+        changed = replace(resource, cost_per_unit_hour=command.cost_per_unit_hour)
+        self.ledger.replace(changed)
+        self.store.set_cost(resource.name, command.cost_per_unit_hour)
+        self._event(self.clock(), "resource.cost", resource=resource.name, uid=caller.uid,
+                    detail={"before": resource.cost_per_unit_hour, "after": command.cost_per_unit_hour})
+        return self.resource_dict(changed)
 
     def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
         return {"changes": self.reconcile_resources(discovered, self._declared())}
@@ -409,6 +446,7 @@ class Broker:
                 if earlier.is_queued and waiter is not None and not command.detach and command.wait != 0:
                     self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
+        self.accounts.check(caller.uid, command.tool_id, self.accounts.request_pools(command.demands))
         holder_start = None
         if command.holder_pid is not None:
             holder_start = process_start_time(command.holder_pid)
@@ -440,7 +478,7 @@ class Broker:
         )
         items = self._grant_now(allocation)
         if items is not None:
-            granted = allocation.granted(items, now)
+            granted = allocation.granted(items, now, self.accounts.charges(items))
             self.store.insert_allocation(granted, digest)
             self._start(granted, "allocated")
             return self.allocation_dict(granted)
@@ -514,7 +552,7 @@ class Broker:
         result = queue.schedule(self.ledger, self.queued, now, self.policy.aging_interval)
         self._last_pass = None
         for grant in result.grants:
-            granted = grant.allocation.granted(grant.items, now)
+            granted = grant.allocation.granted(grant.items, now, self.accounts.charges(grant.items))
             self.ledger.unhold(grant.items)  # _start holds them again, with the event
             self.store.mark_granted(granted)
             self._start(granted, "allocated")
@@ -543,11 +581,11 @@ class Broker:
         self._attended.pop(allocation_id, None)
 
     def _end(self, allocation: Allocation, reason: str, caller: Caller = SYSTEM,
-             detail: dict[str, Any] | None = None) -> Allocation:
+             detail: dict[str, Any] | None = None, measured: dict[str, float] | None = None) -> Allocation:
         """Release an active allocation or withdraw a queued one, with an event saying why."""
         now = self.clock()
         state = AllocationState.RELEASED if allocation.is_active else AllocationState.WITHDRAWN
-        ended = allocation.ended(state, now, reason)
+        ended = self.accounts.ended(allocation.ended(state, now, reason), measured)
         self.store.mark_ended(ended)
         self._event(now, reason if state is AllocationState.RELEASED or reason == "withdrawn" else "withdrawn",
                     allocation_id=allocation.id, uid=caller.uid,
@@ -563,6 +601,10 @@ class Broker:
 
     def release(self, caller: Caller, command: p.ReleaseCommand) -> AllocationDict:
         allocation = self._visible(caller, command.id)
+        if command.measured and allocation.state is AllocationState.RELEASED:
+            # A holder's report that arrives after the daemon saw it exit (`mcpctl run`): keep what it measured.
+            reported = self.accounts.report(allocation, command.measured)
+            return self.allocation_dict(reported)
         if allocation.state in (AllocationState.RELEASED, AllocationState.WITHDRAWN):
             why = "" if allocation.release_reason == "released" else f" ({allocation.release_reason})"
             raise AlreadyReleased(
@@ -570,7 +612,8 @@ class Broker:
                 id=allocation.id,
                 released_at=allocation.released_at,
             )
-        ended = self._end(allocation, "released" if allocation.is_active else "cancelled", caller)
+        ended = self._end(allocation, "released" if allocation.is_active else "cancelled", caller,
+                          measured=command.measured)
         self.schedule()
         return self.allocation_dict(ended)
 
@@ -606,7 +649,8 @@ class Broker:
             return {"id": allocation.id, "state": allocation.state.value, "queued": False,
                     "summary": f"allocation {allocation.id} is {allocation.state.value}, not queued"}
         now = self.clock()
-        why = queue.explain(self.ledger, allocation, self.queued, self.active, now, self.policy.aging_interval)
+        why = queue.explain(self.ledger, allocation, self.queued, self.active, now, self.policy.aging_interval,
+                            self.accounts.expected_end)
         return {
             "id": allocation.id,
             "state": allocation.state.value,
@@ -685,8 +729,11 @@ class Broker:
                 if allocation.signal_holder and allocation.holder_pid is not None:
                     self.outbox.signals.append((allocation.holder_pid, allocation.holder_start, signal.SIGKILL))
                 changed = True
+        if self.pools.tick(now):
+            changed = True
         if changed or (self.queued and self.policy.aging_interval > 0):
             self.schedule()
+        self.accounts.tick(now)
 
     # -- reading ----------------------------------------------------------
 
@@ -718,11 +765,57 @@ class Broker:
         """Record an event from the monitor (alerts, health) and push it to subscribers."""
         self._event(now, kind, resource=resource, detail=detail)
 
+    # -- pools, budgets, accounting -------------------------------------------
+
+    def pools_list(self, caller: Caller, command: p.NoParams) -> list[dict[str, Any]]:
+        return [self.pools.pool_dict(name) for name in self.pools.pools]
+
+    def pools_get(self, caller: Caller, command: p.PoolCommand) -> dict[str, Any]:
+        return self.pools.pool_dict(self.pools.get(command.name).name)
+
+    def pools_create(self, caller: Caller, command: p.CreatePoolCommand) -> dict[str, Any]:
+        return self.pools.create(caller, command.spec)
+
+    def pools_delete(self, caller: Caller, command: p.PoolCommand) -> dict[str, Any]:
+        return self.pools.delete(caller, command.name)
+
+    def pools_drain(self, caller: Caller, command: p.PoolCommand) -> dict[str, Any]:
+        return self.pools.drain(caller, command.name)
+
+    def pools_undrain(self, caller: Caller, command: p.PoolCommand) -> dict[str, Any]:
+        return self.pools.undrain(caller, command.name)
+
+    def pools_events(self, caller: Caller, command: p.PoolEventsCommand) -> list[dict[str, Any]]:
+        return self.pools.events(command.name, command.limit)
+
+    def factory_done(self, run: FactoryRun, ok: bool, output: str, error: str) -> None:
+        self.pools.factory_done(run, ok, output, error)
+
+    def budgets_set(self, caller: Caller, command: p.SetBudgetCommand) -> dict[str, Any]:
+        return self.accounts.set_budget(caller, command)
+
+    def budgets_list(self, caller: Caller, command: p.NoParams) -> list[dict[str, Any]]:
+        return self.accounts.list_budgets()
+
+    def budgets_delete(self, caller: Caller, command: p.BudgetKey) -> dict[str, Any]:
+        return self.accounts.delete_budget(caller, command)
+
+    def usage(self, caller: Caller, command: p.UsageCommand) -> dict[str, Any]:
+        return self.accounts.usage(caller, command)
+
+    def recommend(self, caller: Caller, command: p.RecommendCommand) -> dict[str, Any]:
+        return self.accounts.recommend(caller, command)
+
+    def optimise(self, caller: Caller, command: p.NoParams) -> dict[str, Any]:
+        return self.accounts.optimise(caller)
+
     # -- monitoring ---------------------------------------------------------
 
     def record_samples(self, readings: dict[str, dict[str, float | str | None]],
                        gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
-                       rpc: dict[str, dict[str, float]] | None = None) -> None:
+                       rpc: dict[str, dict[str, float]] | None = None,
+                       usage: dict[str, dict[str, float]] | None = None) -> None:
+        self.accounts.sampled(usage or {}, readings)
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value
                                   for method, figures in rpc.items() for name, value in figures.items()}
@@ -809,12 +902,17 @@ class Broker:
             "preemptible": allocation.preemptible,
             "preempt_at": allocation.preempt_at,
             "risks": self._risks_of(allocation) if allocation.is_active else [],
+            "cost": self.accounts.cost_of(allocation, self.clock()),
+            "cost_per_hour": round(sum(c.rate for c in allocation.charges), 6) if allocation.charges else None,
+            "pools": sorted({c.pool for c in allocation.charges if c.pool is not None}),
+            "measured": None if allocation.measured is None else dict(allocation.measured),
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],
                 "strategy": request.strategy or self.policy.default_strategy,
                 "where": list(request.where),
                 "max_cost": request.max_cost,
+                "objective": request.objective,
             },
         }
 
@@ -861,6 +959,7 @@ def _digest(command: p.AllocateCommand) -> str:
             request.strategy or "",
             sorted(request.where),
             request.max_cost,
+            *([request.objective] if request.objective else []),
         ],
         separators=(",", ":"),
     )

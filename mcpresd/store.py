@@ -21,8 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mcpresd.core.accounting import Charge
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
-from mcpresd.protocol import AllocationState, Priority, ResourceType
+from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType
 
 MIGRATIONS_NAME = "mcpresd"
 
@@ -128,6 +129,60 @@ CREATE UNIQUE INDEX alerts_open ON alerts (rule, resource) WHERE state != 'resol
 """
 
 
+SCHEMA_V3_POOLS_AND_COST = """
+CREATE TABLE resources_v3 (
+    name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
+    type TEXT NOT NULL CHECK (type IN ('cpu', 'memory', 'disk', 'network', 'gpu', 'custom')),
+    capacity REAL NOT NULL CHECK (capacity > 0),
+    unit TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+    uuid TEXT UNIQUE,
+    cost_per_unit_hour REAL CHECK (cost_per_unit_hour IS NULL OR cost_per_unit_hour >= 0),
+    source TEXT NOT NULL CHECK (source IN ('discovered', 'config', 'api', 'pool')),
+    created_at REAL NOT NULL
+);
+INSERT INTO resources_v3 SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at
+    FROM resources;
+DROP TABLE resources;
+ALTER TABLE resources_v3 RENAME TO resources;
+ALTER TABLE allocations ADD COLUMN charges TEXT CHECK (charges IS NULL OR json_valid(charges));
+ALTER TABLE allocations ADD COLUMN measured TEXT CHECK (measured IS NULL OR json_valid(measured));
+CREATE INDEX allocations_by_end ON allocations (released_at) WHERE released_at IS NOT NULL;
+CREATE INDEX allocations_by_tool ON allocations (tool_id, released_at) WHERE tool_id IS NOT NULL;
+CREATE TABLE pools (
+    name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
+    spec TEXT NOT NULL CHECK (json_valid(spec)),
+    state TEXT NOT NULL CHECK (state IN ('active', 'draining', 'drained')),
+    source TEXT NOT NULL CHECK (source IN ('config', 'api')),
+    created_at REAL NOT NULL,
+    last_scaled_at REAL,
+    failures INTEGER NOT NULL DEFAULT 0 CHECK (failures >= 0),
+    paused_until REAL,
+    next_index INTEGER NOT NULL DEFAULT 0 CHECK (next_index >= 0)
+);
+CREATE TABLE pool_members (
+    resource TEXT PRIMARY KEY,
+    pool TEXT NOT NULL REFERENCES pools (name),
+    parent TEXT,
+    parent_amount REAL CHECK (parent_amount IS NULL OR parent_amount > 0),
+    handle TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(handle)),
+    draining INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
+    created_at REAL NOT NULL,
+    CHECK ((parent IS NULL) = (parent_amount IS NULL))
+);
+CREATE INDEX events_by_pool ON events (resource) WHERE kind LIKE 'pool.%';
+CREATE TABLE budgets (
+    scope TEXT NOT NULL CHECK (scope IN ('tool', 'owner', 'pool')),
+    subject TEXT NOT NULL CHECK (length(subject) BETWEEN 1 AND 200),
+    period TEXT NOT NULL CHECK (period IN ('day', 'week', 'month')),
+    "limit" REAL NOT NULL CHECK ("limit" > 0),
+    soft REAL NOT NULL CHECK (soft > 0 AND soft <= 1),
+    created_at REAL NOT NULL,
+    PRIMARY KEY (scope, subject, period)
+) WITHOUT ROWID;
+"""
+
+
 def m001_initial_schema(db: Any) -> None:
     db.executescript(SCHEMA_V1)
 
@@ -136,8 +191,12 @@ def m002_metrics_and_alerts(db: Any) -> None:
     db.executescript(SCHEMA_V2_METRICS)
 
 
+def m003_pools_and_cost(db: Any) -> None:
+    db.executescript(SCHEMA_V3_POOLS_AND_COST)
+
+
 # Registered in order; never edit one that has shipped, add the next.
-MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts)
+MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost)
 
 
 def _migrations() -> Any:
@@ -284,15 +343,19 @@ class Store:
     def mark_ended(self, allocation: Allocation) -> None:
         """Record a release or withdrawal (`allocation` is the ended value)."""
         self.conn.execute(
-            "UPDATE allocations SET state = ?, released_at = ?, release_reason = ?, preempt_at = NULL WHERE id = ?",
-            (allocation.state.value, allocation.released_at, allocation.release_reason, allocation.id),
+            "UPDATE allocations SET state = ?, released_at = ?, release_reason = ?, preempt_at = NULL, measured = ?"
+            " WHERE id = ?",
+            (allocation.state.value, allocation.released_at, allocation.release_reason,
+             None if allocation.measured is None else _compact(dict(allocation.measured)), allocation.id),
         )
 
     def mark_granted(self, allocation: Allocation) -> None:
         """Record a queued request's grant (`allocation` is the granted value)."""
         self.conn.execute(
-            "UPDATE allocations SET state = 'active', granted_at = ?, expires_at = ?, wait_until = NULL WHERE id = ?",
-            (allocation.granted_at, allocation.expires_at, allocation.id),
+            "UPDATE allocations SET state = 'active', granted_at = ?, expires_at = ?, wait_until = NULL, charges = ?"
+            " WHERE id = ?",
+            (allocation.granted_at, allocation.expires_at,
+             _charges_json(allocation.charges) if allocation.charges else None, allocation.id),
         )
         self.insert_items(allocation.id, allocation.items)
 
@@ -352,6 +415,67 @@ class Store:
                 items[allocation_id].append(AllocationItem(resource, amount))
         return [_allocation(row, tuple(items[row[0]])) for row in rows]
 
+    def set_measured(self, allocation_id: str, measured: Any) -> None:
+        self.conn.execute("UPDATE allocations SET measured = ? WHERE id = ?", (_compact(dict(measured)), allocation_id))
+
+    def ended_since(self, since: float, tool_id: str | None = None) -> list[Allocation]:
+        """Allocations that ended at or after `since` (for accounting and budgets), oldest first."""
+        if tool_id is None:
+            return self._select_allocations("WHERE released_at >= ? ORDER BY released_at", (since,))
+        return self._select_allocations("WHERE tool_id = ? AND released_at >= ? ORDER BY released_at",
+                                        (tool_id, since))
+
+    def recent_runs(self, tool_id: str, limit: int) -> list[Allocation]:
+        """The newest released allocations of a tool that carry measurements, newest first."""
+        return self._select_allocations(
+            "WHERE tool_id = ? AND state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL"
+            " ORDER BY released_at DESC LIMIT ?", (tool_id, limit))
+
+    # -- pools and budgets ----------------------------------------------------
+
+    def load_pools(self) -> list[tuple[Any, ...]]:
+        return self.conn.execute(
+            "SELECT name, spec, state, source, created_at, last_scaled_at, failures, paused_until, next_index"
+            " FROM pools ORDER BY created_at, name").fetchall()
+
+    def save_pool(self, row: tuple[Any, ...]) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO pools (name, spec, state, source, created_at, last_scaled_at, failures,"
+            " paused_until, next_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def delete_pool(self, name: str) -> None:
+        self.conn.execute("DELETE FROM pool_members WHERE pool = ?", (name,))
+        self.conn.execute("DELETE FROM pools WHERE name = ?", (name,))
+
+    def load_members(self) -> list[tuple[Any, ...]]:
+        return self.conn.execute(
+            "SELECT resource, pool, parent, parent_amount, handle, draining, created_at FROM pool_members"
+            " ORDER BY created_at, resource").fetchall()
+
+    def save_member(self, row: tuple[Any, ...]) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO pool_members (resource, pool, parent, parent_amount, handle, draining, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+    def delete_member(self, resource: str) -> None:
+        self.conn.execute("DELETE FROM pool_members WHERE resource = ?", (resource,))
+
+    def load_budgets(self) -> list[tuple[Any, ...]]:
+        return self.conn.execute('SELECT scope, subject, period, "limit", soft FROM budgets'
+                                 " ORDER BY scope, subject, period").fetchall()
+
+    def save_budget(self, row: tuple[Any, ...], now: float) -> None:
+        self.conn.execute('INSERT OR REPLACE INTO budgets (scope, subject, period, "limit", soft, created_at)'
+                          " VALUES (?, ?, ?, ?, ?, ?)", (*row, now))
+
+    def delete_budget(self, scope: str, subject: str, period: str) -> bool:
+        cursor = self.conn.execute("DELETE FROM budgets WHERE scope = ? AND subject = ? AND period = ?",
+                                   (scope, subject, period))
+        return cursor.rowcount > 0
+
+    def set_cost(self, name: str, cost: float | None) -> None:
+        self.conn.execute("UPDATE resources SET cost_per_unit_hour = ? WHERE name = ?", (cost, name))
+
     # -- events -----------------------------------------------------------
 
     def insert_event(
@@ -374,12 +498,16 @@ class Store:
         row = self.conn.execute("SELECT max(id) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def list_events(self, after_id: int, limit: int, allocation_id: str | None = None) -> list[dict[str, Any]]:
+    def list_events(self, after_id: int, limit: int, allocation_id: str | None = None,
+                    pool: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE id > ?"
         args: list[Any] = [after_id]
         if allocation_id is not None:
             where += " AND allocation_id = ?"
             args.append(allocation_id)
+        if pool is not None:
+            where += " AND kind LIKE 'pool.%' AND resource = ?"
+            args.append(POOL_PREFIX + pool)
         # From a cursor: the oldest events after it (so a reader can page forward); else the newest ones.
         order = "ASC" if after_id else "DESC"
         rows = self.conn.execute(
@@ -473,7 +601,8 @@ def _rename_no_replace(source: str, target: str) -> None:
 _FIELDS = (
     "id", "state", "priority", "tool_id", "execution_id", "idempotency_key", "owner_uid", "requester_pid",
     "holder_pid", "holder_start", "created_at", "released_at", "release_reason", "request", "holder_kind",
-    "granted_at", "wait_until", "ttl_s", "expires_at", "preemptible", "signal_holder", "preempt_at",
+    "granted_at", "wait_until", "ttl_s", "expires_at", "preemptible", "signal_holder", "preempt_at", "charges",
+    "measured",
 )
 _COLUMNS = ", ".join(_FIELDS)
 _MARKS = ", ".join("?" * len(_FIELDS))
@@ -485,6 +614,7 @@ def _row(a: Allocation) -> tuple[Any, ...]:
         a.requester_pid, a.holder_pid, a.holder_start, a.created_at, a.released_at, a.release_reason,
         None if a.request is None else _request_json(a.request), a.holder_kind.value, a.granted_at, a.wait_until,
         a.ttl_s, a.expires_at, int(a.preemptible), int(a.signal_holder), a.preempt_at,
+        _charges_json(a.charges) if a.charges else None, None if a.measured is None else _compact(dict(a.measured)),
     )
 
 
@@ -495,8 +625,23 @@ def _allocation(row: tuple[Any, ...], items: tuple[AllocationItem, ...]) -> Allo
         holder_pid=row[8], holder_start=row[9], released_at=row[11], release_reason=row[12],
         request=None if row[13] is None else _request_from_json(row[13]), holder_kind=HolderKind(row[14]),
         granted_at=row[15], wait_until=row[16], ttl_s=row[17], expires_at=row[18], preemptible=bool(row[19]),
-        signal_holder=bool(row[20]), preempt_at=row[21],
+        signal_holder=bool(row[20]), preempt_at=row[21], charges=_charges_from_json(row[22]),
+        measured=None if row[23] is None else json.loads(row[23]),
     )
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _charges_json(charges: tuple[Charge, ...]) -> str:
+    return _compact([[c.resource, c.kind, c.amount, c.rate, c.pool] for c in charges])
+
+
+def _charges_from_json(text: str | None) -> tuple[Charge, ...]:
+    if text is None:
+        return ()
+    return tuple(Charge(resource, kind, amount, rate, pool) for resource, kind, amount, rate, pool in json.loads(text))
 
 
 def _request_json(request: Request) -> str:
@@ -505,6 +650,7 @@ def _request_json(request: Request) -> str:
         "strategy": request.strategy,
         "where": list(request.where),
         "max_cost": request.max_cost,
+        **({"objective": request.objective} if request.objective else {}),
     }, separators=(",", ":"))
 
 
@@ -515,6 +661,7 @@ def _request_from_json(text: str) -> Request:
         strategy=data["strategy"],
         where=tuple(data["where"]),
         max_cost=data["max_cost"],
+        objective=data.get("objective"),
     )
 
 

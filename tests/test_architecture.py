@@ -15,7 +15,7 @@ from mcpresd.rpc import ERROR_CODES, HANDLERS
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE_STDLIB = {"__future__", "dataclasses", "enum", "typing", "math", "collections", "collections.abc",
-               "functools", "itertools", "operator", "statistics", "heapq", "bisect", "re"}
+               "functools", "itertools", "operator", "statistics", "heapq", "bisect", "re", "datetime", "fnmatch", "json"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -12,9 +12,8 @@ from typing import Annotated
 import typer
 
 from mcpctl.actions import AllocateOptions, run_allocate
-from mcpresd.protocol import Strategy
 from mcpctl.output import exit_with, retry_of, socket_of, usage
-from mcpresd.protocol import Priority
+from mcpresd.protocol import Objective, Priority, Strategy
 
 Cpu = Annotated[str | None, typer.Option("--cpu", metavar="N", help="CPU cores; fractions allowed (0.5); or MIN..MAX.")]
 Mem = Annotated[
@@ -64,6 +63,19 @@ MaxCost = Annotated[
 Preemptible = Annotated[
     bool, typer.Option("--preemptible", help="Let a more urgent queued request take this allocation back.")
 ]
+Pool = Annotated[
+    str | None,
+    typer.Option("--pool", metavar="NAMES",
+                 help="Whole members of a pool: names, globs or selectors, comma-separated (build, 'build-*', "
+                      "'cost<1'); alone or with other resources."),
+]
+Members = Annotated[
+    str | None, typer.Option("--members", metavar="N", help="How many members to take from the pool(s) (default 1).")
+]
+ObjectiveOption = Annotated[
+    Objective | None,
+    typer.Option("--objective", help="With --pool naming several pools: which to prefer (default: the order named)."),
+]
 
 
 def allocate(
@@ -93,6 +105,9 @@ def allocate(
     where: Where = None,
     max_cost: MaxCost = None,
     preemptible: Preemptible = False,
+    pool: Pool = None,
+    members: Members = None,
+    objective: ObjectiveOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
         bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval.")
@@ -112,9 +127,13 @@ def allocate(
 
       mcpctl allocate --cpu 2..8 --mem 4G..16G --where 'name~H100' --gpu 1 --json
 
+      id=$(mcpctl allocate --pool 'build-*' --members 2 --objective cost --wait 5m)
+
     The allocation is held by the calling shell (see --holder-pid) and released when it exits.
     Any amount may be a range MIN..MAX: the daemon grants as much as fits, at least MIN.
-    Exits 3 if the request does not fit now (or its --wait runs out), 1 if it can never fit or was withdrawn.
+    --pool takes whole members of a pool (see `mcpctl pools`); --objective picks among several.
+    Exits 3 if the request does not fit now (or its --wait runs out); 1 if it can never fit, was withdrawn,
+    or is refused (a spent budget, a draining or unknown pool).
     """
     if json_output and env:
         usage("choose one of --json and --env")
@@ -137,6 +156,9 @@ def allocate(
         where=where or [],
         max_cost=max_cost,
         preemptible=preemptible,
+        pool=pool,
+        members=members,
+        objective=None if objective is None else objective.value,
     )
     exit_with(run_allocate(socket_of(ctx), options, retry_of(ctx)))
 

@@ -1,15 +1,19 @@
-"""`mcpctl resource add|remove|refresh`: custom resources and rediscovery."""
+"""`mcpctl resource add|remove|refresh|set-cost`: custom resources, rediscovery and what resources cost."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+import math
+
 import typer
 
 from mcpctl.output import call, print_json, usage
+from mcpctl.view import money
 from mcpresd.protocol import Method, UnitError, format_amount, parse_amount
 
-app = typer.Typer(help="Register or remove custom resources; rediscover the host's.", no_args_is_help=True)
+app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's.",
+                  no_args_is_help=True)
 
 
 @app.command()
@@ -81,3 +85,45 @@ def refresh(
         print_json(result)
     else:
         print("\n".join(result["changes"]) or "no changes")
+
+
+@app.command("set-cost")
+def set_cost(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name of the resource (or a GPU UUID).")],
+    cost: Annotated[
+        str, typer.Argument(metavar="COST", help="Cost per unit-hour: a number of zero or more, or 'none' to clear.")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the changed resource as JSON.")] = False,
+) -> None:
+    """Set what one unit of a resource costs per hour (or clear it), for accounting, budgets and --max-cost.
+
+    Examples:
+
+      mcpctl resource set-cost gpu:0 2.5
+
+      mcpctl resource set-cost memory 0.000000001     # per byte-hour
+
+      mcpctl resource set-cost licence none
+
+    Allocations already granted keep the cost they were granted at.
+    """
+    price: float | None
+    if cost.strip().lower() == "none":
+        price = None
+    else:
+        try:
+            price = float(cost)
+        except ValueError:
+            price = -1.0
+        if not math.isfinite(price) or price < 0:
+            usage(f"COST takes a number of zero or more, or 'none' to clear it; got {cost!r}")
+    resource = call(ctx, Method.RESOURCES_SET_COST, {"name": name, "cost_per_unit_hour": price})
+    if json_output:
+        print_json(resource)
+    elif resource.get("cost_per_unit_hour") is None:
+        print(f"{resource['name']}: no cost")
+    else:
+        unit = str(resource.get("unit") or "unit")
+        one = unit[:-1] if unit.endswith("s") and "/" not in unit and len(unit) > 1 else unit
+        print(f"{resource['name']}: {money(resource['cost_per_unit_hour'])} per {one}-hour")

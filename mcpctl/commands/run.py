@@ -14,7 +14,10 @@ from mcpctl.commands.allocate import (
     Gpu,
     Key,
     MaxCost,
+    Members,
     Mem,
+    ObjectiveOption,
+    Pool,
     Preemptible,
     PriorityOption,
     Res,
@@ -51,6 +54,9 @@ def run(
     where: Where = None,
     max_cost: MaxCost = None,
     preemptible: Preemptible = False,
+    pool: Pool = None,
+    members: Members = None,
+    objective: ObjectiveOption = None,
 ) -> None:
     """Run a command inside an allocation: allocate, run it, release when it ends.
 
@@ -62,11 +68,16 @@ def run(
 
       mcpctl run --res licence=1 --wait forever -- matlab -batch job
 
+      mcpctl run --pool render --objective cost --tool render -- ./render.sh scene.blend
+
     The command holds the allocation: the daemon releases it the moment the
     command exits, however it exits. It sees MCPRES_ALLOCATION_ID,
     CUDA_VISIBLE_DEVICES (the granted GPUs' UUIDs, comma-separated; empty when
     no GPU was granted) and CUDA_DEVICE_ORDER=PCI_BUS_ID. SIGINT, SIGTERM,
     SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to mcpctl are passed on to it.
+    When it ends, mcpctl releases the allocation and reports what the command
+    used (CPU seconds and peak memory, from the kernel), so `mcpctl usage` and
+    `mcpctl recommend TOOL` can show how much of the request was used.
 
     Exits with the command's exit code, 128+N if signal N killed it, 127 if it
     could not be started; or, when nothing ran, with allocate's exit code (3:
@@ -88,6 +99,9 @@ def run(
         where=where or [],
         max_cost=max_cost,
         preemptible=preemptible,
+        pool=pool,
+        members=members,
+        objective=None if objective is None else objective.value,
     )
     exit_with(run_command(socket_of(ctx), options, command or [], retry_of(ctx)))
 

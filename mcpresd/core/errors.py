@@ -72,3 +72,19 @@ class LimitExceeded(DomainError):
 
 class BackupFailed(DomainError):
     """The database could not be copied to the backup file."""
+
+
+class BudgetExceeded(DomainError):
+    """A budget's hard limit for the current period is spent; new allocations it covers are refused."""
+
+
+class PoolDraining(DomainError):
+    """The pool is draining or drained: it grants nothing new until it is undrained."""
+
+
+class UnknownPool(DomainError):
+    """No pool has that name (or none matches the pattern)."""
+
+
+class PoolExists(DomainError):
+    """A pool with that name already exists."""

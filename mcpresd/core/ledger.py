@@ -11,6 +11,10 @@ Rules:
   choice among those matching the request's `where` selectors; several GPUs are
   kept close (same NUMA node, then same PCI root) where that is known.
 - An equal request against unchanged state reuses the previous decision.
+- A demand on `pool:A,B` asks for whole idle members of those pools (names,
+  globs or selectors): all from one pool, the first in objective order (or in
+  the order named) that has enough, chosen inside it by the pool's strategy.
+  Draining pools grant nothing; a member closed for draining is never granted.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from mcpresd.core.errors import (
     InsufficientCapacity,
     InvalidRequest,
     NeverFits,
+    PoolDraining,
     ResourceExists,
     ResourceInUse,
     UnknownResource,
 )
 from mcpresd.core.model import AllocationItem, Demand, Request, Resource
+from mcpresd.core.pools import Pool, PoolChoice, match_pools, rank_pools
 from mcpresd.core.strategies import Candidate, rank
-from mcpresd.protocol import ResourceType, Strategy
+from mcpresd.protocol import POOL_PREFIX, FactoryKind, Objective, PoolState, ResourceType, Strategy
 
 EPSILON = 1e-9
 CACHE_SIZE = 256
@@ -68,6 +74,14 @@ class Ledger:
         self._cursor: dict[ResourceType, int] = {}
         self.observed: dict[str, Observation] = {}
         self.blocked: dict[str, str] = {}
+        self.closed: dict[str, str] = {}
+        """Pool members closed to new grants while they drain, with why."""
+        self.pools: dict[str, Pool] = {}
+        self._members: dict[str, list[str]] = {}
+        self._pool_of: dict[str, str] = {}
+        self._member_position: dict[str, int] = {}
+        self._pool_cursor: dict[str, int] = {}
+        self._queued_for: dict[str, int] = {}
         self.default_strategy = Strategy.FIRST_FIT.value
         self.version = 0
         self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...] | DomainError]] = {}
@@ -165,6 +179,32 @@ class Ledger:
             self.blocked[name] = reason
             self.version += 1
 
+    def set_pools(self, pools: Iterable[Pool], members: dict[str, list[str]], closed: dict[str, str]) -> None:
+        """The pools, each pool's members in order, and the members closed for draining."""
+        self.pools = {pool.name: pool for pool in pools}
+        self._members = {name: [m for m in members.get(name, []) if m in self._resources] for name in self.pools}
+        self._pool_of = {}
+        self._member_position = {}
+        for name, names in self._members.items():
+            for position, member in enumerate(names):
+                self._pool_of.setdefault(member, name)
+                self._member_position.setdefault(member, position)
+        self.closed = dict(closed)
+        self.version += 1
+
+    def members(self, pool: str) -> list[str]:
+        return self._members.get(pool, [])
+
+    def pool_of(self, resource: str) -> str | None:
+        return self._pool_of.get(resource)
+
+    def set_queued_demand(self, demand: dict[str, int]) -> None:
+        """Members queued requests ask of each pool (the latency objective prefers short queues)."""
+        self._queued_for = demand
+
+    def unavailable(self, name: str) -> str | None:
+        return self.blocked.get(name) or self.closed.get(name)
+
     def observe(self, name: str, observation: Observation) -> None:
         if self.observed.get(name) != observation:
             self.observed[name] = observation
@@ -178,6 +218,9 @@ class Ledger:
             resource = self._resources.get(item.resource)
             if resource is not None and resource.is_device:
                 self._cursor[resource.type] = self._position(resource) + 1
+            pool = self._pool_of.get(item.resource)
+            if pool is not None:
+                self._pool_cursor[pool] = self._member_position[item.resource] + 1
         self.version += 1
 
     def unhold(self, items: Iterable[AllocationItem]) -> None:
@@ -199,7 +242,7 @@ class Ledger:
             for item in reserved:
                 kept[item.resource] = kept.get(item.resource, 0.0) + item.amount
             return self._plan(request.demands, Strategy(request.strategy or self.default_strategy),
-                              parse_where(request.where), request.max_cost, kept)
+                              parse_where(request.where), request.max_cost, kept, request.objective)
         key = (request.key, self.default_strategy)
         cached = self._cache.get(key)
         if cached is not None and cached[0] == self.version:
@@ -209,7 +252,8 @@ class Ledger:
             return cached[1]
         try:
             items = self.plan(request.demands, strategy=Strategy(request.strategy or self.default_strategy),
-                              where=parse_where(request.where), max_cost=request.max_cost)
+                              where=parse_where(request.where), max_cost=request.max_cost,
+                              objective=request.objective)
         except DomainError as error:
             self._cache[key] = (self.version, error)
             raise
@@ -223,11 +267,12 @@ class Ledger:
         strategy: Strategy = Strategy.FIRST_FIT,
         where: Sequence[Selector] = (),
         max_cost: float | None = None,
+        objective: str | None = None,
     ) -> tuple[AllocationItem, ...]:
         """Choose what to grant for all demands at once, or raise without changing anything."""
         if not demands:
             raise InvalidRequest("a request must ask for at least one resource")
-        key = (tuple(demands), strategy, tuple(s.text for s in where), max_cost)
+        key = (tuple(demands), strategy, tuple(s.text for s in where), max_cost, objective)
         cached = self._cache.get(key)
         if cached is not None and cached[0] == self.version:
             self.cache_hits += 1
@@ -238,7 +283,7 @@ class Ledger:
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         try:
-            items = self._plan(demands, strategy, where, max_cost)
+            items = self._plan(demands, strategy, where, max_cost, objective=objective)
         except DomainError as error:
             self._cache[key] = (self.version, error)  # "does not fit" is a decision too
             raise
@@ -246,7 +291,8 @@ class Ledger:
         return items
 
     def _plan(self, demands: Sequence[Demand], strategy: Strategy, where: Sequence[Selector],
-              max_cost: float | None, reserved: dict[str, float] | None = None) -> tuple[AllocationItem, ...]:
+              max_cost: float | None, reserved: dict[str, float] | None = None,
+              objective: str | None = None) -> tuple[AllocationItem, ...]:
         tentative: dict[str, float] = dict(reserved) if reserved else {}
         shortfalls: list[dict[str, object]] = []
         granted: list[AllocationItem] = []
@@ -265,6 +311,8 @@ class Ledger:
             resource = self.find(demand.selector)
             if resource is not None:
                 chosen = self._plan_named(resource, demand, room)
+            elif demand.selector.startswith(POOL_PREFIX):
+                chosen = self._plan_pool(demand, room, objective)
             else:
                 chosen = self._plan_typed(demand, room, strategy, where)
             if chosen is None:
@@ -299,7 +347,7 @@ class Ledger:
                 shortfalls=[self._shortfall(demand, room, ())],
             )
         available = room(resource)
-        if resource.name in self.blocked:
+        if self.unavailable(resource.name):
             return None
         if demand.amount <= available + EPSILON:
             amount = demand.amount if demand.most is None else min(demand.most, max(demand.amount, available))
@@ -315,7 +363,7 @@ class Ledger:
             observed = self.observed.get(name)
             candidates.append(Candidate(
                 resource=resource,
-                free=0.0 if name in self.blocked else max(0.0, room(resource)),  # unhealthy: counted, not granted
+                free=0.0 if self.unavailable(name) else max(0.0, room(resource)),  # counted, not granted
                 load=observed.load if observed else None,
                 memory_free=observed.memory_free if observed else None,
                 position=position,
@@ -384,6 +432,119 @@ class Ledger:
         share = amount if demand.most is None else min(demand.most, max(amount, best.free))
         return [AllocationItem(best.resource.name, share)]
 
+    # -- pools ------------------------------------------------------------
+
+    def matched_pools(self, selector: str) -> list[Pool]:
+        """The pools a `pool:...` demand names; raises UnknownPool for a name or pattern that matches none."""
+        return match_pools(list(self.pools.values()), [p.strip() for p in selector[len(POOL_PREFIX):].split(",")])
+
+    def idle_members(self, pool: str, room: _Room | None = None) -> list[Resource]:
+        """Members of `pool` that could be granted whole now."""
+        fits = room or (lambda r: self.free(r.name))
+        return [self._resources[m] for m in self._members.get(pool, [])
+                if not self.unavailable(m) and fits(self._resources[m]) >= self._resources[m].capacity - EPSILON]
+
+    def pool_size_limit(self, pool: Pool) -> int:
+        """The most members `pool` can ever have: its maximum if it makes members, else those it has."""
+        if pool.makes_members and pool.spec.max_size is not None:
+            return pool.spec.max_size
+        return len(self._members.get(pool.name, []))
+
+    def _plan_pool(self, demand: Demand, room: _Room, objective: str | None) -> list[AllocationItem] | None:
+        matched = self.matched_pools(demand.selector)
+        serving = [p for p in matched if p.state is PoolState.ACTIVE]
+        if not serving:
+            states = ", ".join(f"{p.name} is {p.state.value}" for p in matched)
+            raise PoolDraining(f"no new grants from a draining pool ({states}); `mcpctl pool undrain` reopens it",
+                               pools=[p.name for p in matched])
+        count = round(demand.amount)
+        if all(count > self.pool_size_limit(p) for p in serving):
+            most = max(self.pool_size_limit(p) for p in serving)
+            raise NeverFits(f"{demand.selector} can never have {count} members (at most {most})",
+                            resource=demand.selector)
+        if objective is not None and len(serving) > 1:
+            choices = [PoolChoice(p.name, self._pool_cost(p), self._pool_utilisation(p), self._pool_load(p),
+                                  self._queued_for.get(p.name, 0), len(self.idle_members(p.name, room)), position)
+                       for position, p in enumerate(serving)]
+            order = {c.name: i for i, c in enumerate(rank_pools(Objective(objective), choices))}
+            serving.sort(key=lambda p: order[p.name])
+        for pool in serving:
+            take = count if demand.most is None else round(demand.most)
+            if self._in_order(pool):
+                scanned = self._scan_idle(pool, room, take)
+                if len(scanned) >= count:
+                    return [AllocationItem(r.name, r.capacity) for r in scanned]
+                continue
+            idle = self.idle_members(pool.name, room)
+            if len(idle) < count:
+                continue
+            position = self._member_position
+            candidates = [Candidate(resource=r, free=room(r), load=self._load_of(r.name),
+                                    memory_free=self._memory_free_of(r.name), position=position[r.name])
+                          for r in idle]
+            ranked = [c.resource for c in rank(pool.spec.strategy, candidates, 0.0,
+                                               self._pool_cursor.get(pool.name, 0))]
+            take = min(len(ranked), take)
+            chosen = pick_local(ranked, take) if pool.spec.strategy is Strategy.LOCALITY_AWARE else ranked[:take]
+            if chosen is None:
+                chosen = ranked[:take]
+            return [AllocationItem(r.name, r.capacity) for r in chosen]
+        return None
+
+    def _in_order(self, pool: Pool) -> bool:
+        """Whether the pool's strategy picks idle members in member order (from the cursor, for round-robin).
+
+        First-fit and round-robin always do. Slots are alike and never measured, so best-fit, least-loaded and
+        the rest come out in member order too; the ledger then scans instead of ranking every member.
+        """
+        strategy = pool.spec.strategy
+        if strategy in (Strategy.FIRST_FIT, Strategy.ROUND_ROBIN):
+            return True
+        return strategy is not Strategy.LOCALITY_AWARE and pool.spec.factory is FactoryKind.SLOTS
+
+    def _scan_idle(self, pool: Pool, room: _Room, most: int) -> list[Resource]:
+        members = self._members.get(pool.name, [])
+        if not members:
+            return []
+        start = self._pool_cursor.get(pool.name, 0) % len(members) if pool.spec.strategy is Strategy.ROUND_ROBIN \
+            else 0
+        used, blocked, closed, resources = self._used, self.blocked, self.closed, self._resources
+        chosen: list[Resource] = []
+        for name in members[start:] + members[:start] if start else members:
+            if used.get(name, 0.0) > EPSILON or name in blocked or name in closed:
+                continue
+            resource = resources[name]
+            if room(resource) >= resource.capacity - EPSILON:
+                chosen.append(resource)
+                if len(chosen) >= most:
+                    break
+        return chosen
+
+    def _load_of(self, name: str) -> float | None:
+        observed = self.observed.get(name)
+        return observed.load if observed else None
+
+    def _memory_free_of(self, name: str) -> int | None:
+        observed = self.observed.get(name)
+        return observed.memory_free if observed else None
+
+    def _pool_cost(self, pool: Pool) -> float | None:
+        if pool.spec.cost_per_unit_hour is not None:
+            return pool.spec.cost_per_unit_hour
+        costs = [self._resources[m].cost_per_unit_hour for m in self._members.get(pool.name, [])]
+        known = [c for c in costs if c is not None]
+        return min(known) if known else None
+
+    def _pool_utilisation(self, pool: Pool) -> float:
+        members = self._members.get(pool.name, [])
+        if not members:
+            return 1.0
+        return sum(1 for m in members if self.used(m) > EPSILON) / len(members)
+
+    def _pool_load(self, pool: Pool) -> float | None:
+        loads = [load for m in self._members.get(pool.name, []) if (load := self._load_of(m)) is not None]
+        return sum(loads) / len(loads) if loads else None
+
     def reserve(self, request: Request) -> tuple[AllocationItem, ...]:
         """What is free now towards a blocked request: held for it so smaller requests cannot take it."""
         where = parse_where(request.where)
@@ -393,6 +554,14 @@ class Ledger:
             if resource is not None:
                 if self.free(resource.name) > EPSILON:
                     kept.append(AllocationItem(resource.name, min(self.free(resource.name), demand.amount)))
+                continue
+            if demand.selector.startswith(POOL_PREFIX):
+                try:
+                    pools = [p for p in self.matched_pools(demand.selector) if p.state is PoolState.ACTIVE]
+                except DomainError:
+                    continue
+                idle = max((self.idle_members(p.name) for p in pools), key=len, default=[])
+                kept.extend(AllocationItem(r.name, r.capacity) for r in idle[: round(demand.amount)])
                 continue
             try:
                 kind = ResourceType(demand.selector)
@@ -418,9 +587,21 @@ class Ledger:
                 "free": max(0.0, room(resource)),
                 "capacity": resource.capacity,
             }
-            if resource.name in self.blocked:
-                shortfall["blocked"] = self.blocked[resource.name]
+            if self.unavailable(resource.name):
+                shortfall["blocked"] = self.unavailable(resource.name)
             return shortfall
+        if demand.selector.startswith(POOL_PREFIX):
+            try:
+                pools = self.matched_pools(demand.selector)
+            except DomainError:
+                pools = []
+            return {
+                "resource": demand.selector,
+                "requested": demand.amount,
+                "free": float(max((len(self.idle_members(p.name, room)) for p in pools
+                                   if p.state is PoolState.ACTIVE), default=0)),
+                "capacity": float(sum(len(self._members.get(p.name, [])) for p in pools)),
+            }
         members = [self._resources[n] for n in self._by_type.get(ResourceType(demand.selector), [])
                    if not where or matches_all(where, self._resources[n])]
         if demand.selector == ResourceType.GPU.value and demand.amount >= 1:

@@ -6,11 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mcpresd.protocol import AllocationState, Priority, ResourceType
 
-Source = Literal["discovered", "config", "api"]
+if TYPE_CHECKING:
+    from mcpresd.core.accounting import Charge
+
+Source = Literal["discovered", "config", "api", "pool"]
 LabelValue = str | int | float | bool | None
 
 
@@ -51,11 +54,14 @@ class Request:
     strategy: str | None = None
     where: tuple[str, ...] = ()
     max_cost: float | None = None
+    objective: str | None = None
+    """What to optimise when a demand names several pools (protocol.Objective); None: the order named."""
 
     @cached_property
     def key(self) -> tuple[object, ...]:
         """A hashable identity for equal requests, computed once (the dataclass hash walks every field)."""
-        return (tuple((d.selector, d.amount, d.most) for d in self.demands), self.strategy, self.where, self.max_cost)
+        return (tuple((d.selector, d.amount, d.most) for d in self.demands), self.strategy, self.where, self.max_cost,
+                self.objective)
 
 
 class HolderKind(StrEnum):
@@ -98,6 +104,10 @@ class Allocation:
     preemptible: bool = False
     signal_holder: bool = False
     preempt_at: float | None = None
+    charges: tuple[Charge, ...] = ()
+    """What the grant costs and counts as, per item (set when granted; accounting reads it)."""
+    measured: Mapping[str, float] | None = None
+    """What the holder was measured to use (reported at release, or sampled by the daemon)."""
 
     @property
     def is_active(self) -> bool:
@@ -121,7 +131,7 @@ class Allocation:
     def released(self, now: float, reason: str) -> Allocation:
         return self.ended(AllocationState.RELEASED, now, reason)
 
-    def granted(self, items: tuple[AllocationItem, ...], now: float) -> Allocation:
+    def granted(self, items: tuple[AllocationItem, ...], now: float, charges: tuple[Charge, ...] = ()) -> Allocation:
         expires = None if self.ttl_s is None else now + self.ttl_s
         return self.changed(state=AllocationState.ACTIVE, items=items, granted_at=now, expires_at=expires,
-                            wait_until=None)
+                            wait_until=None, charges=charges)

@@ -16,14 +16,15 @@ Rules (docs/scheduling.md says the same for users):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 
 from mcpresd.core.errors import DomainError, InsufficientCapacity
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem
-from mcpresd.protocol import Priority
+from mcpresd.core.pools import Pool
+from mcpresd.protocol import POOL_PREFIX, Priority
 
 RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITICAL: 3}
 TOP = RANK[Priority.CRITICAL]
@@ -163,8 +164,16 @@ class Explanation:
     basis: str
 
 
+ExpectedEnd = Callable[[Allocation], tuple[float | None, str]]
+"""When an active allocation is expected to end, and on what basis (its TTL, or its tool's history)."""
+
+
+def _by_ttl(allocation: Allocation) -> tuple[float | None, str]:
+    return allocation.expires_at, "its TTL"
+
+
 def explain(ledger: Ledger, target: Allocation, queued: Sequence[Allocation], active: Sequence[Allocation],
-            now: float, aging_interval: float) -> Explanation:
+            now: float, aging_interval: float, expected_end: ExpectedEnd = _by_ttl) -> Explanation:
     """Why a queued request waits: its place, who holds what it needs, the smallest change, and when."""
     assert target.request is not None
     ordered = order(queued, now, aging_interval)
@@ -185,13 +194,24 @@ def explain(ledger: Ledger, target: Allocation, queued: Sequence[Allocation], ac
             blockers.append((allocation, held))
     blockers.sort(key=lambda b: -sum(i.amount for i in b[1]))
     suggestion = _smallest_change(ledger, target, blockers, shortfalls)
-    estimate, basis = _estimate(ledger, target, [b[0] for b in blockers], now)
+    estimate, basis = _estimate(ledger, target, [b[0] for b in blockers], expected_end)
     return Explanation(position, len(ordered), False, shortfalls, tuple(blockers), None, suggestion, estimate, basis)
 
 
 def _lacks(ledger: Ledger, resource_name: str, lacking: set[str]) -> bool:
     resource = ledger.find(resource_name)
-    return resource_name in lacking or (resource is not None and resource.type.value in lacking)
+    if resource_name in lacking or (resource is not None and resource.type.value in lacking):
+        return True
+    pool = ledger.pool_of(resource_name)
+    return pool is not None and any(pool in {p.name for p in _pools_of(ledger, s)} for s in lacking
+                                    if s.startswith(POOL_PREFIX))
+
+
+def _pools_of(ledger: Ledger, selector: str) -> list[Pool]:
+    try:
+        return ledger.matched_pools(selector)
+    except DomainError:
+        return []
 
 
 def _fits(ledger: Ledger, target: Allocation) -> bool:
@@ -220,17 +240,23 @@ def _smallest_change(ledger: Ledger, target: Allocation,
     return "it does not fit within its constraints now (cost or selectors)"
 
 
-def _estimate(ledger: Ledger, target: Allocation, blockers: list[Allocation], now: float) -> tuple[float | None, str]:
-    expiring = sorted((a for a in blockers if a.expires_at is not None), key=lambda a: a.expires_at or 0.0)
+def _estimate(ledger: Ledger, target: Allocation, blockers: list[Allocation],
+              expected_end: ExpectedEnd) -> tuple[float | None, str]:
+    """The earliest time enough blockers are expected to have ended for `target` to fit, with the basis of each."""
+    ends = [(end, basis, a) for a in blockers for end, basis in (expected_end(a),) if end is not None]
+    ends.sort(key=itemgetter(0))
     released: list[Allocation] = []
+    bases: list[str] = []
     try:
-        for allocation in expiring:
+        for end, basis, allocation in ends:
             ledger.unhold(allocation.items)
             released.append(allocation)
+            bases.append(f"{allocation.id}: {basis}")
             if _fits(ledger, target):
-                ids = ", ".join(a.id for a in released)
-                return allocation.expires_at, f"when the TTL of {ids} runs out (at the latest)"
+                return end, "when these end: " + "; ".join(bases)
     finally:
         for allocation in released:
             ledger.hold(allocation.items)
-    return None, "no estimate: the allocations it waits for have no TTL"
+    if ends:
+        return None, "no estimate: even the allocations with an expected end would not free enough"
+    return None, "no estimate: the allocations it waits for have no TTL and their tools no run history"

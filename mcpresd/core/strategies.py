@@ -99,6 +99,11 @@ def balanced(candidate: Candidate, amount: float, cursor: int) -> tuple[float, .
     return (_fraction(resource.capacity - candidate.free + amount, resource.capacity),)
 
 
+def locality_aware(candidate: Candidate, amount: float, cursor: int) -> tuple[float, ...]:
+    node = candidate.resource.labels.get("numa_node")
+    return (float(node) if isinstance(node, int) and not isinstance(node, bool) else math.inf,)
+
+
 PREFERENCES: dict[Strategy, Preference] = {
     Strategy.FIRST_FIT: first_fit,
     Strategy.BEST_FIT: best_fit,
@@ -108,6 +113,7 @@ PREFERENCES: dict[Strategy, Preference] = {
     Strategy.COST_OPTIMISED: cost_optimised,
     Strategy.PERFORMANCE_OPTIMISED: performance_optimised,
     Strategy.BALANCED: balanced,
+    Strategy.LOCALITY_AWARE: locality_aware,
 }
 
 
@@ -123,6 +129,8 @@ def rank(strategy: Strategy, candidates: Sequence[Candidate], amount: float, cur
     performance-optimised: most free device memory first (measured, else labels["memory"] * free/capacity,
         else free), then lowest load as in least-loaded.
     balanced: lowest allocated fraction after the grant, (capacity - free + amount)/capacity, first (spreads work).
+    locality-aware: grouped by NUMA node (lowest first, unknown last), natural order within; the ledger then
+        keeps several devices or pool members on one node or PCI root (constraints.pick_local).
     """
     preference = PREFERENCES[strategy]
     fitting = [c for c in candidates if c.free + EPSILON >= amount]

@@ -64,3 +64,14 @@ def test_the_monitoring_examples_run(daemon: DaemonProcess) -> None:
     for command in commands:
         done = bash(command, daemon)
         assert done.returncode == 0, f"{command}: {done.stderr}"
+
+
+def test_the_pool_and_cost_examples_run(daemon: DaemonProcess) -> None:
+    (block,) = sh_blocks("Pools, cost and budgets")
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("mcpctl")]
+    assert len(commands) >= 8
+    for command in commands:
+        done = bash(command, daemon)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+    assert daemon.call("pools.get", {"name": "builds"})["size"] >= 1
+    assert [b["subject"] for b in daemon.call("budgets.list")] == ["render"]

@@ -24,8 +24,8 @@ from mcpresd.core.ledger import EPSILON
 from mcpresd.service import Broker, Caller
 from tests.fuzz_harness import UID, InProcessDaemon
 
-RESOURCES = ["licence", "slot", "pool:a", "pool:b", "gpu", "gpu0", "GPU-0001"]
-CUSTOM = ["pool:a", "pool:b", "licence", "slot"]
+RESOURCES = ["licence", "slot", "lic:a", "lic:b", "gpu", "gpu0", "GPU-0001"]
+CUSTOM = ["lic:a", "lic:b", "licence", "slot"]
 KEYS = [None, "k1", "k2", "k3"]
 CONNECTIONS = [1, 2, 3]
 

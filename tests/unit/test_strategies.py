@@ -51,6 +51,7 @@ HOST = [
     (Strategy.COST_OPTIMISED, ["b", "c", "a"]),
     (Strategy.PERFORMANCE_OPTIMISED, ["a", "b", "c"]),
     (Strategy.BALANCED, ["b", "a", "c"]),
+    (Strategy.LOCALITY_AWARE, ["a", "b", "c"]),
 ])
 def test_each_strategy_orders_the_candidates_that_fit_by_its_rule(strategy: Strategy, expected: list[str]) -> None:
     assert names(rank(strategy, HOST, 20, cursor=2)) == expected
@@ -63,7 +64,7 @@ def test_every_strategy_has_a_rule() -> None:
 def test_strategies_are_spelled_as_on_the_wire() -> None:
     assert [s.value for s in Strategy] == [
         "first-fit", "best-fit", "worst-fit", "round-robin", "least-loaded",
-        "cost-optimised", "performance-optimised", "balanced",
+        "cost-optimised", "performance-optimised", "balanced", "locality-aware",
     ]
 
 
@@ -200,3 +201,12 @@ def test_a_resource_of_no_capacity_sorts_last_rather_than_dividing_by_zero() -> 
     idle = candidate("idle", 1.0, 1.0, 1)
     assert names(rank(Strategy.BALANCED, [empty, idle], 0.0)) == ["idle", "empty"]
     assert names(rank(Strategy.LEAST_LOADED, [empty, idle], 0.0)) == ["idle", "empty"]
+
+
+def test_locality_aware_groups_by_numa_node_with_unknown_nodes_last() -> None:
+    def on(name: str, node: int | None, position: int) -> Candidate:
+        labels = {} if node is None else {"numa_node": node}
+        return Candidate(Resource(name, T.GPU, 1.0, "devices", labels), 1.0, position=position)
+
+    pool = [on("x", None, 0), on("y", 1, 1), on("z", 0, 2), on("w", 1, 3)]
+    assert names(rank(Strategy.LOCALITY_AWARE, pool, 1.0)) == ["z", "y", "w", "x"]
