@@ -422,22 +422,11 @@ def add_resource(params: Any) -> AddResourceCommand:
     assert capacity is not None
     if capacity <= 0:
         raise InvalidParams(f"capacity must be greater than 0, got {capacity:g}", "capacity")
-    labels = fields.params.get("labels")
-    if labels is None:
-        labels = {}
-    if not isinstance(labels, dict):
-        raise InvalidParams("labels must be an object of simple values", "labels")
-    for key, value in labels.items():
-        check_text(key, "labels key", MAX_NAME_LENGTH)
-        if isinstance(value, str):
-            check_text(value, f"labels.{key}")
-        elif value is not None and not isinstance(value, bool) and not is_valid_number(value):
-            raise InvalidParams(f"labels.{key} must be a string, number, boolean or null", f"labels.{key}")
     return AddResourceCommand(
         name=name,
         capacity=capacity,
         unit=fields.text("unit", limit=MAX_NAME_LENGTH) or "units",
-        labels=labels,
+        labels=_labels(fields),
         cost_per_unit_hour=fields.number("cost_per_unit_hour", minimum=0),
     )
 

@@ -123,8 +123,9 @@ class PoolKeeper:
             return listed
         selectors = [parse_selector(text) for text in pool.spec.select]
         chosen = set(listed)
-        selected = sorted((r for r in ledger.resources() if r.name not in chosen and matches_all(selectors, r)),
-                          key=_natural)
+        # Another pool's made members are that pool's to hand out: a selector never picks them (a list may).
+        selected = sorted((r for r in ledger.resources()
+                           if r.name not in chosen and r.source != "pool" and matches_all(selectors, r)), key=_natural)
         return listed + [r.name for r in selected]
 
     def _save(self, pool: Pool) -> None:
@@ -476,6 +477,8 @@ class PoolKeeper:
         del self.pools[name]
         self._creating.pop(name, None)
         self.broker.store.delete_pool(name)
+        self.broker.monitor.condition("pool-factory", POOL_PREFIX + name, None, 0.0, now,
+                                      {"why": "the pool was deleted"})
         self._event(now, name, "deleted", reason="asked to delete")
         self.sync()
         self.broker.schedule()

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mcpctl.client import Client, RpcError
 from mcpresd.config import load
@@ -100,3 +103,13 @@ class LiveDaemon:
                 raise TimeoutError("pool factory commands still running")
             time.sleep(0.01)
         self.on_store(lambda broker: None)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveDaemon]:
+    """A started LiveDaemon on the shared test config, closed after the test."""
+    daemon = LiveDaemon(tmp_path).start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mcpresd.protocol import ErrorCode
-from tests.live import LiveDaemon
+from tests.live import LiveDaemon, live  # noqa: F401 - a fixture
 
 MINUTE = 60.0
 HOUR = 3600.0
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveDaemon]:
-    daemon = LiveDaemon(tmp_path).start()
-    try:
-        yield daemon
-    finally:
-        daemon.close()
 
 
 def seats(live: LiveDaemon, amount: float = 2, tool: str | None = "render", **extra: Any) -> dict[str, Any]:

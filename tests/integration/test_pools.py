@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +10,9 @@ import pytest
 
 from mcpresd.protocol import ErrorCode
 from tests.conftest import CONFIG
-from tests.live import LiveDaemon
+from tests.live import LiveDaemon, live  # noqa: F401 - a fixture
 
 COOLDOWN = 60.0
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveDaemon]:
-    daemon = LiveDaemon(tmp_path).start()
-    try:
-        yield daemon
-    finally:
-        daemon.close()
 
 
 def slots(live: LiveDaemon, name: str = "builds", *, parent: str = "slot", size: float = 1, least: int = 5,
