@@ -17,6 +17,7 @@ from mcpctl.commands import (
     db,
     events,
     explain,
+    mcp_server,
     metrics,
     optimise,
     pool,
@@ -88,7 +89,7 @@ def main(
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
-               metrics, predict, pools, budgets, usage, recommend, optimise):
+               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server):
     module.register(app)
 app.add_typer(resource.app, name="resource")
 app.add_typer(pool.app, name="pool")
