@@ -17,6 +17,7 @@ from mcpctl.commands import (
     db,
     events,
     explain,
+    gateway,
     mcp_server,
     metrics,
     optimise,
@@ -89,7 +90,7 @@ def main(
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
-               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server):
+               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server, gateway):
     module.register(app)
 app.add_typer(resource.app, name="resource")
 app.add_typer(pool.app, name="pool")

@@ -155,4 +155,15 @@ def _release(socket_path: str, retry_for: float, args: list[str]) -> int | None:
     return run_release(socket_path, ids, "json" if "json" in flags else "text", retry_for, values.get("measured"))
 
 
-_COMMANDS: dict[str, Callable[[str, float, list[str]], int | None]] = {"allocate": _allocate, "release": _release}
+def _gateway(socket: str, retry_for: float, rest: list[str]) -> int | None:
+    """`mcpctl gateway` without Typer: agent hosts start it for every session (help still goes to Typer)."""
+    options = rest[: rest.index("--")] if "--" in rest else rest
+    if "--" not in rest or any(a in ("-h", "--help") for a in options):
+        return None
+    from mcpctl.gateway.cli import parse_and_run
+
+    return parse_and_run(["--socket", socket, *rest])
+
+
+_COMMANDS: dict[str, Callable[[str, float, list[str]], int | None]] = {
+    "allocate": _allocate, "release": _release, "gateway": _gateway}

@@ -1,0 +1,705 @@
+"""The gateway: an MCP stdio proxy that admits each gated `tools/call` through mcpresd.
+
+Rules of this module:
+- Byte for byte. Every line is forwarded with its original bytes, in both
+  directions, except: a gated `tools/call` is held until its allocation is
+  granted and then forwarded unchanged; a server's `notifications/progress`
+  on a token the gateway injected progress on is renumbered (see `_grant`);
+  and the gateway writes messages of its own (injected progress, tool results
+  saying why a call did not run, JSON-RPC errors with GatewayErrorCode).
+- Only `tools/call` requests from the client are ever delayed, and only when a
+  `[[tool]]` entry gates the tool; `initialize`, `server/discover`, `ping`,
+  list calls, notifications and every response pass at once.
+- Two id spaces. The client's request ids are tracked only for gated calls (and
+  for task queries); a server→client message is matched against them only if
+  it is a response (no `method`), so the server's own requests (sampling,
+  elicitation, roots) and the client's answers to them are never confused with
+  the client's calls.
+- An allocation is released on the call's response (result, error, `isError`,
+  `resultType: "input_required"`), on a forwarded cancel, when a task it
+  started ends or its TTL runs out, when the server exits and when the gateway
+  exits. The broker connection holds them all, so even a SIGKILLed gateway
+  leaves nothing behind.
+- Logs go to stderr only, each line prefixed `mcpctl gateway: `.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from typing import Any
+
+from mcpctl.actions import format_duration
+from mcpctl.client import DaemonUnreachable, RpcError
+from mcpctl.gateway import log, wire
+from mcpctl.gateway.broker import Broker
+from mcpctl.gateway.tools import GatewayConfig, Rule
+from mcpctl.gateway.wire import GatewayErrorCode
+from mcpresd.protocol import ErrorCode, Method, format_size
+
+LINE_LIMIT = 32 * 1024 * 1024
+"""Lines up to this size are read whole and examined; a longer one is passed on in pieces, unexamined."""
+TERM_GRACE_S = 2.0
+"""How long the server gets after SIGTERM, before SIGKILL (less if `stop_grace` is shorter)."""
+RELEASE_GRACE_S = 1.0
+"""How long the gateway waits, when it exits, for the daemon to have applied its releases."""
+EARLY_EVENTS = 1024
+ENDED = frozenset({"released", "holder_exited", "connection_closed", "expired", "revoked"})
+"""Event kinds that end an active allocation."""
+
+ALLOCATING, QUEUED, RUNNING, TASK = "allocating", "queued", "running", "task"
+
+
+class Call:
+    """A gated `tools/call`, from the moment it arrives until its allocation is released."""
+
+    __slots__ = ("request_id", "key", "line", "tool_id", "rule", "token", "state", "allocation_id", "ticker",
+                 "injected", "arrived", "task_id", "task_timer", "watched")
+
+    def __init__(self, request_id: Any, key: str, line: bytes, tool_id: str, rule: Rule, token: Any) -> None:
+        self.request_id = request_id
+        self.key = key
+        self.line = line
+        self.tool_id = tool_id
+        self.rule = rule
+        self.token = token
+        self.state = ALLOCATING
+        self.allocation_id: str | None = None
+        self.ticker: asyncio.Task[None] | None = None
+        self.injected = 0
+        """The last progress value the gateway sent on the call's token (0: none)."""
+        self.arrived = time.monotonic()
+        self.task_id: str | None = None
+        self.task_timer: asyncio.TimerHandle | None = None
+        self.watched = False
+        """Whether the broker was subscribed to events when the call's allocate went out."""
+
+    @property
+    def token_key(self) -> str | None:
+        return None if self.token is None else wire.id_key(self.token)
+
+
+class Output:
+    """Whole lines to a pipe; once the far end has gone, writes are dropped and `closed` is true."""
+
+    def __init__(self, writer: asyncio.StreamWriter | None, fd: int | None = None,
+                 on_closed: Callable[[], None] | None = None) -> None:
+        self._writer = writer
+        self._fd = fd
+        self._on_closed = on_closed
+        self.closed = False
+
+    def write(self, line: bytes) -> bool:
+        if self.closed:
+            return False
+        writer = self._writer
+        if writer is None:
+            assert self._fd is not None
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError:
+                self._lost()
+                return False
+            return True
+        if writer.is_closing():
+            self._lost()
+            return False
+        writer.write(line)
+        return True
+
+    async def drain(self) -> None:
+        if self.closed or self._writer is None:
+            return
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            self._lost()
+
+    def close(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.close()
+        self.closed = True
+
+    def _lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._on_closed is not None:
+                self._on_closed()
+
+
+async def lines(reader: asyncio.StreamReader) -> AsyncIterator[tuple[bytes, bool]]:
+    """Each line with its newline, and whether it may be examined (False: a piece of an over-long line)."""
+    long = False
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:
+            if end.partial:
+                yield end.partial, not long
+            return
+        except asyncio.LimitOverrunError as over:
+            chunk = await reader.read(max(over.consumed, 1))
+            if not chunk:
+                return
+            long = True
+            yield chunk, False
+            continue
+        except (ConnectionError, OSError):
+            return
+        yield line, not long
+        long = False
+
+
+class Gateway:
+    """One wrapped server, one client, one broker connection."""
+
+    def __init__(self, config: GatewayConfig, command: list[str], server: str, socket_path: str) -> None:
+        self.config = config
+        self.command = command
+        self.server = server
+        self.session = os.urandom(8).hex()
+        self.broker = Broker(socket_path, self._on_event, self._on_broker_lost)
+        self.calls: dict[str, Call] = {}
+        """Gated calls by the client's request id (JSON text), until they are answered."""
+        self.by_allocation: dict[str, Call] = {}
+        self.tasks: dict[str, Call] = {}
+        """Calls whose result started a task, by task id: they keep their allocation until it ends."""
+        self.task_queries: dict[str, tuple[str, str]] = {}
+        """The client's tasks/get|result|cancel requests on held tasks: request id -> (task id, method)."""
+        self.shifts: dict[str, float] = {}
+        """Progress tokens on which the gateway injected progress -> what the server's values are moved up by."""
+        self.early: dict[str, dict[str, Any]] = {}
+        self.allocating = 0
+        self.released = False
+        """Whether a release went out since the last request that confirms it."""
+        self.outage = False
+        self.reconnecting: asyncio.Task[None] | None = None
+        self.stopping = asyncio.Event()
+        self.stop_reason = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self.to_server = Output(None)
+        self.to_client = Output(None)
+        self._duplicate_warned = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until the server exits, the client closes stdin, or a signal; the server's exit status."""
+        from mcpctl import exitcodes
+
+        loop = asyncio.get_running_loop()
+        log(f"session {self.session}: wrapping {' '.join(self.command)!s} as server {self.server!r} "
+            f"({len(self.config.rules)} tool entries); broker {self.broker.path}")
+        try:
+            await self.broker.connect()
+        except DaemonUnreachable as error:
+            self._begin_outage(error.reason)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+        except FileNotFoundError:
+            log(f"cannot start {self.command[0]!r}: command not found")
+            self.broker.close()
+            return exitcodes.NOT_FOUND
+        except OSError as error:
+            log(f"cannot start {self.command[0]!r}: {error.strerror or error}")
+            self.broker.close()
+            return exitcodes.CANNOT_EXECUTE
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.to_server = Output(self.proc.stdin)
+        stdin = await _open_stdin(loop)
+        self.to_client = await _open_stdout(loop, lambda: self._stop("the client stopped reading"))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._stop, signal.Signals(sig).name)
+        from_client = asyncio.create_task(self._from_client(stdin))
+        from_server = asyncio.create_task(self._from_server(self.proc.stdout))
+        stopped = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({from_client, from_server, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if from_server.done():
+            self._answer_held(GatewayErrorCode.SERVER_EXITED, "the wrapped server exited before the call could run")
+        else:
+            why = self.stop_reason or "the client closed stdin"
+            log(f"{why}: stopping the server")
+            self._answer_held(GatewayErrorCode.SHUTTING_DOWN, f"the gateway is stopping ({why})")
+        self.to_server.close()
+        status = await self._reap()
+        try:
+            await asyncio.wait_for(from_server, TERM_GRACE_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        from_client.cancel()
+        stopped.cancel()
+        await self._release_all()
+        await self.to_client.drain()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        code = status if status >= 0 else 128 - status
+        log(f"the server exited with status {code}")
+        return code
+
+    def _stop(self, why: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = why
+        self.stopping.set()
+
+    async def _reap(self) -> int:
+        proc = self.proc
+        assert proc is not None
+        try:
+            return await asyncio.wait_for(proc.wait(), self.config.stop_grace)
+        except asyncio.TimeoutError:
+            log(f"the server did not exit within {self.config.stop_grace:g}s of its stdin closing: SIGTERM")
+            proc.terminate()
+        try:
+            return await asyncio.wait_for(proc.wait(), min(TERM_GRACE_S, self.config.stop_grace))
+        except asyncio.TimeoutError:
+            log("the server ignored SIGTERM: SIGKILL")
+            proc.kill()
+            return await proc.wait()
+
+    async def _release_all(self) -> None:
+        for call in [*self.calls.values(), *self.tasks.values()]:
+            self._finish(call)
+        if self.reconnecting is not None:
+            self.reconnecting.cancel()
+        if self.released:  # the reply to a later request means the releases have been applied
+            try:
+                await asyncio.wait_for(self.broker.request(Method.DAEMON_STATUS), RELEASE_GRACE_S)
+            except (asyncio.TimeoutError, RpcError, DaemonUnreachable):
+                pass
+        self.broker.close()
+
+    # -- client -> server ------------------------------------------------------
+
+    async def _from_client(self, reader: asyncio.StreamReader) -> None:
+        async for line, whole in lines(reader):
+            if whole and self._client_line(line):
+                continue
+            self.to_server.write(line)
+            await self.to_server.drain()
+
+    def _client_line(self, line: bytes) -> bool:
+        """Examine a client line; True when the gateway has taken it (held, answered or swallowed)."""
+        message = wire.parse(line)
+        if not isinstance(message, dict):
+            return False
+        method = message.get("method")
+        if method == "tools/call" and "id" in message:
+            return self._admit(message, line)
+        if method == "notifications/cancelled":
+            return self._cancel(message, line)
+        if method in wire.TASK_QUERIES and "id" in message and self.tasks:
+            params = message.get("params")
+            task_id = params.get("taskId") if isinstance(params, dict) else None
+            if isinstance(task_id, str) and task_id in self.tasks:
+                self.task_queries[wire.id_key(message["id"])] = (task_id, method)
+        return False
+
+    def _admit(self, message: dict[str, Any], line: bytes) -> bool:
+        params = message.get("params")
+        name = params.get("name") if isinstance(params, dict) else None
+        if not isinstance(name, str):
+            return False
+        rule = self.config.rule_for(name)
+        if rule is None:
+            return False
+        key = wire.id_key(message["id"])
+        if key in self.calls:
+            if not self._duplicate_warned:
+                log(f"request id {key} is already in use by a call in flight; passing the second one on ungated")
+                self._duplicate_warned = True
+            return False
+        if not self.broker.up:
+            if self.config.on_broker_down == "open":
+                return False
+            self.to_client.write(wire.error_response(
+                message["id"], GatewayErrorCode.BROKER_UNREACHABLE,
+                f"mcpresd is unreachable at {self.broker.path}, and this gateway refuses gated tool calls "
+                f"without it (on_broker_down = \"closed\")"))
+            return True
+        call = Call(message["id"], key, line, _tool_id(self.server, name), rule, wire.progress_token(params))
+        self.calls[key] = call
+        self._allocate(call)
+        return True
+
+    def _cancel(self, message: dict[str, Any], line: bytes) -> bool:
+        params = message.get("params")
+        if not isinstance(params, dict) or "requestId" not in params:
+            return False
+        call = self.calls.get(wire.id_key(params["requestId"]))
+        if call is None:
+            return False
+        if call.state in (ALLOCATING, QUEUED):
+            log(f"{call.tool_id} call {call.key} cancelled while it waited: withdrawn, never sent to the server")
+            self._finish(call)
+            return True
+        self.to_server.write(line)
+        self._finish(call)
+        return True
+
+    # -- allocating --------------------------------------------------------------
+
+    def _allocate(self, call: Call) -> None:
+        """Ask mcpresd for the call's resources: detached, so the reply (active or queued) comes at once."""
+        execution_id = f"{self.session}/{call.key}"[:200]
+        self.allocating += 1
+        call.watched = self.broker.subscribed
+        self.broker.request(Method.ALLOCATE, call.rule.allocate_params(call.tool_id, execution_id),
+                            then=lambda done: self._allocated(call, done))
+
+    def _allocated(self, call: Call, done: asyncio.Future[Any]) -> None:
+        self.allocating -= 1
+        early = self.early
+        if not self.allocating:
+            self.early = {}
+        error = done.exception()
+        if error is not None:
+            if self.calls.get(call.key) is call:
+                if isinstance(error, RpcError):
+                    self._refused(call, error)
+                else:
+                    self._without_broker(call)
+            return
+        reply = done.result()
+        allocation_id = reply["id"]
+        if self.calls.get(call.key) is not call:  # cancelled, or the gateway is stopping
+            self._send_release(allocation_id)
+            return
+        call.allocation_id = allocation_id
+        self.by_allocation[allocation_id] = call
+        if reply["state"] == "active":
+            self._grant(call)
+            return
+        call.state = QUEUED
+        if not call.watched:  # events about it may have gone unsent: subscribe, then read where it stands
+            self.broker.subscribe()
+            self.broker.request(Method.ALLOCATIONS_GET, {"id": allocation_id},
+                                then=lambda done: self._checked(call, allocation_id, done))
+        else:
+            event = early.pop(allocation_id, None)
+            if event is not None:
+                self._on_event(event)
+                if call.state != QUEUED:
+                    return
+        log(f"{call.tool_id} call {call.key} queued for {call.rule.summary} (allocation {allocation_id})")
+        if call.token is not None:
+            call.ticker = asyncio.create_task(self._tick(call))
+
+    def _checked(self, call: Call, allocation_id: str, done: asyncio.Future[Any]) -> None:
+        """What a queued call's allocation became before the subscription took effect, if anything."""
+        if done.exception() is not None:
+            return
+        if call.state != QUEUED or call.allocation_id != allocation_id:
+            return
+        allocation = done.result()
+        if allocation["state"] == "active":
+            self._grant(call)
+        elif allocation["state"] != "queued":
+            self._withdrawn(call, {"reason": allocation.get("release_reason")})
+
+    def _refused(self, call: Call, error: RpcError) -> None:
+        self._finish(call)
+        if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
+            text = f"{call.tool_id} did not run: {call.rule.summary} is not free now ({error.message})"
+        elif error.code in (ErrorCode.INVALID_PARAMS, ErrorCode.UNKNOWN_RESOURCE, ErrorCode.UNKNOWN_POOL):
+            text = f"{call.tool_id} did not run: the gateway's tools file asks for something mcpresd refuses " \
+                   f"({error.message})"
+            log(f"{call.tool_id}: mcpresd refused the request: {error.message} (error {error.code})")
+        else:
+            text = f"{call.tool_id} did not run: {error.message}"
+        self.to_client.write(wire.tool_error(call.request_id, text))
+
+    def _grant(self, call: Call) -> None:
+        """Send the held call on. Progress the gateway injected (1..N) is followed by the server's, moved up by N+1."""
+        call.state = RUNNING
+        if call.ticker is not None:
+            call.ticker.cancel()
+            call.ticker = None
+        token_key = call.token_key
+        if call.injected and token_key is not None:
+            self.shifts[token_key] = call.injected + 1
+        self.to_server.write(call.line)
+
+    async def _tick(self, call: Call) -> None:
+        """Progress on the call's token while it waits: at once, then every progress_interval."""
+        while True:
+            message = await self._explain(call)
+            if call.state != QUEUED:
+                return
+            call.injected += 1
+            self.to_client.write(wire.progress(call.token, call.injected, message))
+            await asyncio.sleep(self.config.progress_interval)
+
+    async def _explain(self, call: Call) -> str:
+        waited = format_duration(time.monotonic() - call.arrived)
+        text = f"{wire.PREFIX}{call.tool_id} waits for {call.rule.summary} ({waited} so far)"
+        if call.allocation_id is None:
+            return text
+        try:
+            info = await self.broker.request(Method.ALLOCATIONS_EXPLAIN, {"id": call.allocation_id})
+        except (RpcError, DaemonUnreachable):
+            return text
+        return text + _why(info)
+
+    # -- broker events -------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        allocation_id = event.get("allocation_id")
+        if not isinstance(allocation_id, str):
+            return
+        kind = event.get("kind")
+        call = self.by_allocation.get(allocation_id)
+        if call is None:
+            if self.allocating and kind != "queued":  # it may be ours, its allocate's reply not yet read
+                self.early[allocation_id] = event
+                if len(self.early) > EARLY_EVENTS:
+                    del self.early[next(iter(self.early))]
+            return
+        detail = event.get("detail") if isinstance(event.get("detail"), dict) else {}
+        assert isinstance(detail, dict)
+        if call.state == QUEUED:
+            if kind == "allocated":
+                self._grant(call)
+            elif kind == "withdrawn":
+                self._withdrawn(call, detail)
+            return
+        if kind in ENDED:
+            self.by_allocation.pop(allocation_id, None)
+            call.allocation_id = None
+            log(f"allocation {allocation_id} of {call.tool_id} call {call.key} ended while the call ran: {kind}")
+        elif kind == "preempted":
+            log(f"allocation {allocation_id} of {call.tool_id} call {call.key} is preempted: it will be revoked "
+                f"in {detail.get('grace_s', '?')}s")
+
+    def _withdrawn(self, call: Call, detail: dict[str, Any]) -> None:
+        call.allocation_id = None  # a withdrawn request holds nothing: no release to send
+        self._finish(call)
+        reason = detail.get("reason")
+        if reason == "timeout":
+            waited = format_duration(call.rule.wait)
+            text = (f"{call.tool_id} did not run: it waited {waited} for {call.rule.summary}, which was not free "
+                    f"in time. Nothing is held; try again later.")
+        elif reason == "rejected":
+            text = f"{call.tool_id} did not run: mcpresd can no longer serve {call.rule.summary} " \
+                   f"({detail.get('why', 'rejected')})"
+        else:
+            text = f"{call.tool_id} did not run: its request for {call.rule.summary} was withdrawn ({reason})"
+        log(text)
+        self.to_client.write(wire.tool_error(call.request_id, text))
+
+    def _on_broker_lost(self, reason: str) -> None:
+        self._begin_outage(reason)
+        self.by_allocation.clear()
+        for call in [*self.calls.values(), *self.tasks.values()]:
+            if call.state == QUEUED:
+                self._without_broker(call)
+            else:
+                call.allocation_id = None  # the daemon released it with the connection
+
+    def _without_broker(self, call: Call) -> None:
+        """A call that waited when the broker went away: on ungated, or refused, as the tools file says."""
+        call.allocation_id = None
+        if self.config.on_broker_down == "open":
+            self._grant(call)
+            return
+        self._finish(call)
+        self.to_client.write(wire.error_response(
+            call.request_id, GatewayErrorCode.BROKER_UNREACHABLE,
+            f"lost mcpresd at {self.broker.path} while the call waited (on_broker_down = \"closed\")"))
+
+    def _begin_outage(self, reason: str) -> None:
+        if not self.outage:
+            self.outage = True
+            how = "passing tool calls on ungated" if self.config.on_broker_down == "open" else \
+                "refusing gated tool calls"
+            log(f"cannot reach mcpresd at {self.broker.path} ({reason}): {how} until it is back "
+                f"(on_broker_down = \"{self.config.on_broker_down}\")")
+        if self.reconnecting is None or self.reconnecting.done():
+            self.reconnecting = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconnect_interval)
+            try:
+                await self.broker.connect()
+            except DaemonUnreachable:
+                continue
+            self.outage = False
+            log(f"mcpresd at {self.broker.path} is reachable again: gated tool calls are admitted through it")
+            return
+
+    # -- server -> client --------------------------------------------------------------
+
+    async def _from_server(self, reader: asyncio.StreamReader) -> None:
+        async for line, whole in lines(reader):
+            after: Callable[[], None] | None = None
+            if whole and (self.calls or self.tasks or self.task_queries):
+                line, after = self._server_line(line)
+            self.to_client.write(line)
+            if after is not None:
+                after()
+            await self.to_client.drain()
+
+    def _server_line(self, line: bytes) -> tuple[bytes, Callable[[], None] | None]:
+        """The line to send the client, and what to do once it is sent (release an allocation)."""
+        message = wire.parse(line)
+        if not isinstance(message, dict):
+            return line, None
+        method = message.get("method")
+        if method is None:
+            if "id" not in message:
+                return line, None
+            key = wire.id_key(message["id"])
+            call = self.calls.get(key)
+            if call is not None and call.state == RUNNING:
+                return line, lambda: self._responded(call, message)
+            query = self.task_queries.pop(key, None)
+            if query is not None:
+                return line, lambda: self._task_answered(query[0], query[1], message)
+            return line, None
+        if method == "notifications/progress" and self.shifts:
+            params = message.get("params")
+            token = params.get("progressToken") if isinstance(params, dict) else None
+            shift = self.shifts.get(wire.id_key(token)) if token is not None else None
+            if shift is not None:
+                return wire.shift_progress(message, shift) or line, None
+        elif method == "notifications/tasks/status" and self.tasks:
+            params = message.get("params")
+            if isinstance(params, dict) and params.get("status") in wire.TERMINAL_TASK_STATES:
+                task_id = params.get("taskId")
+                if isinstance(task_id, str) and task_id in self.tasks:
+                    return line, lambda: self._task_ended(task_id)
+        return line, None
+
+    def _responded(self, call: Call, message: dict[str, Any]) -> None:
+        if self.calls.get(call.key) is call:
+            del self.calls[call.key]
+        token_key = call.token_key
+        if token_key is not None:
+            self.shifts.pop(token_key, None)
+        task = wire.task_of(message.get("result")) if "result" in message else None
+        if task is not None and task[2] not in wire.TERMINAL_TASK_STATES and call.allocation_id is not None:
+            task_id, ttl_ms, _ = task
+            call.state = TASK
+            call.task_id = task_id
+            self.tasks[task_id] = call
+            if ttl_ms is not None:
+                call.task_timer = asyncio.get_running_loop().call_later(
+                    ttl_ms / 1000, self._task_ended, task_id)
+            return
+        self._finish(call)
+
+    def _task_answered(self, task_id: str, method: str, message: dict[str, Any]) -> None:
+        result = message.get("result")
+        if method == "tasks/result" or "error" in message:  # tasks/result answers only once the task has ended
+            self._task_ended(task_id)
+        elif isinstance(result, dict) and result.get("status") in wire.TERMINAL_TASK_STATES:
+            self._task_ended(task_id)
+
+    def _task_ended(self, task_id: str) -> None:
+        call = self.tasks.get(task_id)
+        if call is not None:
+            self._finish(call)
+
+    # -- releasing ----------------------------------------------------------------------
+
+    def _finish(self, call: Call) -> None:
+        """Forget a call and release what it holds (withdraw it, if it is still queued)."""
+        if self.calls.get(call.key) is call:
+            del self.calls[call.key]
+        if call.task_id is not None and self.tasks.get(call.task_id) is call:
+            del self.tasks[call.task_id]
+        if call.ticker is not None:
+            call.ticker.cancel()
+            call.ticker = None
+        if call.task_timer is not None:
+            call.task_timer.cancel()
+            call.task_timer = None
+        token_key = call.token_key
+        if token_key is not None and call.state != TASK:
+            self.shifts.pop(token_key, None)
+        allocation_id, call.allocation_id = call.allocation_id, None
+        if allocation_id is not None:
+            self.by_allocation.pop(allocation_id, None)
+            self._send_release(allocation_id)
+
+    def _send_release(self, allocation_id: str) -> None:
+        """Release (or withdraw) an allocation: a notification, so no reply to wait for or read.
+
+        The only refusals are "already released" and "not found", which need no action.
+        """
+        if self.broker.notify(Method.RELEASE, {"id": allocation_id}):
+            self.released = True
+
+    def _answer_held(self, code: GatewayErrorCode, message: str) -> None:
+        """Answer every call that never reached the server; used when the gateway stops."""
+        for call in list(self.calls.values()):
+            if call.state in (ALLOCATING, QUEUED):
+                self._finish(call)
+                self.to_client.write(wire.error_response(call.request_id, code, message))
+
+
+def _tool_id(server: str, tool: str) -> str:
+    text = f"{server}/{tool}"
+    return "".join(ch if ord(ch) >= 0x20 else "?" for ch in text)[:200]
+
+
+def _why(info: Any) -> str:
+    """What allocations.explain says, in one clause: place in the queue, what is short, who holds it."""
+    if not isinstance(info, dict) or not info.get("queued"):
+        return ""
+    parts = [f"{info.get('position')} of {info.get('queue_length')} in the queue"]
+    shortfalls = info.get("shortfalls") or []
+    if shortfalls:
+        parts.append("short of " + ", ".join(
+            f"{s.get('resource')} (asks {_amount(s.get('resource'), s.get('requested'))}, "
+            f"free {_amount(s.get('resource'), s.get('free'))})" for s in shortfalls if isinstance(s, dict)))
+    elif info.get("fits_now") and info.get("ahead"):
+        parts.append(f"request {info['ahead']} goes first")
+    blockers = info.get("blockers") or []
+    holders = sorted({str(b.get("tool_id") or b.get("id")) for b in blockers if isinstance(b, dict)})
+    if holders:
+        more = f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+        parts.append("held by " + ", ".join(holders[:3]) + more)
+    return ": " + "; ".join(parts)
+
+
+def _amount(resource: Any, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "?"
+    if isinstance(resource, str) and (resource == "memory" or resource.startswith("disk")):
+        return format_size(value)
+    return f"{value:g}"
+
+
+async def _open_stdin(loop: asyncio.AbstractEventLoop) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=LINE_LIMIT, loop=loop)
+    pipe = os.fdopen(0, "rb", buffering=0, closefd=False)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    except ValueError:  # a regular file: read it in a thread
+        async def feed() -> None:
+            while chunk := await loop.run_in_executor(None, os.read, 0, 1 << 16):
+                reader.feed_data(chunk)
+            reader.feed_eof()
+
+        asyncio.create_task(feed())
+    return reader
+
+
+async def _open_stdout(loop: asyncio.AbstractEventLoop, on_closed: Callable[[], None]) -> Output:
+    pipe = os.fdopen(1, "wb", buffering=0, closefd=False)
+    try:
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, pipe)
+    except ValueError:  # a regular file: plain blocking writes
+        return Output(None, fd=1, on_closed=on_closed)
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return Output(writer, on_closed=on_closed)

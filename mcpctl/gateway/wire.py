@@ -1,0 +1,128 @@
+"""MCP on the wire, as the gateway sees it: lines, ids, and the few messages it writes itself.
+
+Rules of this module:
+- A message the gateway passes on is never re-serialised: callers forward the
+  line's original bytes. Only messages the gateway creates (and a server's
+  progress it must renumber) are serialised here, as one compact line each.
+- Request ids are compared by their JSON text (`id_key`), so `1` and `"1"`
+  stay different ids, as JSON-RPC says.
+- The gateway's own JSON-RPC error codes live in GatewayErrorCode, outside
+  the range JSON-RPC reserves (-32768..-32000) and beside mcpres's (1001-1099).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+PREFIX = "mcpres: "
+"""How the text of every tool result the gateway writes begins."""
+TERMINAL_TASK_STATES = frozenset({"completed", "failed", "cancelled"})
+TASK_QUERIES = frozenset({"tasks/get", "tasks/result", "tasks/cancel"})
+"""Client requests about a task whose answers may show it has ended."""
+
+
+class GatewayErrorCode(IntEnum):
+    """JSON-RPC error codes of the gateway's own answers to a gated `tools/call`."""
+
+    BROKER_UNREACHABLE = 1101
+    """mcpresd cannot be reached and the tools file says `on_broker_down = "closed"`."""
+    SERVER_EXITED = 1102
+    """The wrapped server exited while the call waited for its allocation."""
+    SHUTTING_DOWN = 1103
+    """The gateway is stopping (its client closed stdin, or it got SIGTERM) while the call waited."""
+
+
+def parse(line: bytes) -> Any:
+    """The JSON value of a line, or None for a line that is not JSON (passed on all the same)."""
+    try:
+        return json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return None
+    except RecursionError:
+        return None
+
+
+def id_key(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def tool_error(request_id: Any, text: str) -> bytes:
+    """A `tools/call` result that tells the agent, in words, why its call did not run."""
+    return encode({"jsonrpc": "2.0", "id": request_id,
+                   "result": {"content": [{"type": "text", "text": PREFIX + text}], "isError": True}})
+
+
+def error_response(request_id: Any, code: GatewayErrorCode, message: str, data: dict[str, Any] | None = None) -> bytes:
+    error: dict[str, Any] = {"code": int(code), "message": PREFIX + message}
+    if data is not None:
+        error["data"] = data
+    return encode({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+
+def progress(token: Any, value: float, message: str | None = None) -> bytes:
+    params: dict[str, Any] = {"progressToken": token, "progress": value}
+    if message:
+        params["message"] = message
+    return encode({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+
+def progress_token(params: Any) -> Any:
+    """The request's `params._meta.progressToken` (a string or an integer), or None."""
+    if not isinstance(params, dict):
+        return None
+    meta = params.get("_meta")
+    if not isinstance(meta, dict):
+        return None
+    token = meta.get("progressToken")
+    if isinstance(token, str) or (isinstance(token, int) and not isinstance(token, bool)):
+        return token
+    return None
+
+
+def shift_progress(message: dict[str, Any], shift: float) -> bytes | None:
+    """A server's progress notification moved up by `shift` (progress and total alike); None if malformed."""
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return None
+    value = params.get("progress")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    params["progress"] = value + shift
+    total = params.get("total")
+    if isinstance(total, (int, float)) and not isinstance(total, bool):
+        params["total"] = total + shift
+    return encode(message)
+
+
+def task_of(result: Any) -> tuple[str, float | None, str | None] | None:
+    """(task id, ttl in ms, status) when a `tools/call` result starts a task instead of finishing.
+
+    The 2026-07-28 tasks extension tags such a result `"resultType": "task"`; a
+    2025-11-25 server answers a task-augmented call with `{"task": {...}}`.
+    """
+    if not isinstance(result, dict):
+        return None
+    result_type = result.get("resultType")
+    task = result.get("task")
+    if result_type == "task":
+        if not isinstance(task, dict):
+            task = result
+    elif result_type is not None or not isinstance(task, dict):
+        return None
+    assert isinstance(task, dict)
+    task_id = task.get("taskId")
+    if not isinstance(task_id, str):
+        return None
+    ttl = task.get("ttl")
+    ttl_ms = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl >= 0 else None
+    status = task.get("status")
+    return task_id, ttl_ms, status if isinstance(status, str) else None
