@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from mcpresd.service import Broker, Caller
 
 BUDGET_CHECK_INTERVAL_S = 5.0
+OPTIMISE_INTERVAL_S = 300.0
+"""How often the re-optimisation pass looks for allocations holding far more than they use."""
 _ADJECTIVE = {Period.DAY: "daily", Period.WEEK: "weekly", Period.MONTH: "monthly"}
 HISTORY_RUNS = 50
 
@@ -47,6 +49,8 @@ class Accounts:
         self._ended_cost: dict[tuple[str, str, str], tuple[float, int, float]] = {}
         self._durations: dict[str, tuple[int, float | None, int]] = {}
         self._last_check = -math.inf
+        self._last_pass = broker.clock()
+        self._last_found: list[str] = []
         self._cpu_base: dict[str, float] = {}
         self._gpu_samples: dict[str, int] = {}
         self.load()
@@ -178,12 +182,27 @@ class Accounts:
         return ended_part + accounting.spent(budget, live, now)
 
     def tick(self, now: float) -> None:
-        """Raise or resolve each budget's alert, at most every few seconds."""
+        """Raise or resolve each budget's alert (every few seconds); run the re-optimisation pass (every few minutes)."""
+        if now - self._last_pass >= OPTIMISE_INTERVAL_S:
+            self._last_pass = now
+            self._report(now)
         if not self.budgets or now - self._last_check < BUDGET_CHECK_INTERVAL_S:
             return
         self._last_check = now
         for budget in self.budgets.values():
             self._alert(budget, now)
+
+    def _report(self, now: float) -> None:
+        """The periodic re-optimisation pass: an `optimise.report` event when it finds something new."""
+        from mcpresd.service import Caller
+
+        report = self.optimise(Caller(uid=0, gid=0, pid=None, admin=True))
+        found = sorted([f"{o['allocation_id']}:{o['kind']}" for o in report["oversized"]]
+                       + [f"pool:{c['pool']}:{c['could_remove']}" for c in report["consolidate"]])
+        if found and found != self._last_found:
+            self.broker._event(now, "optimise.report", detail={
+                "oversized": report["oversized"], "consolidate": report["consolidate"], "note": report["note"]})
+        self._last_found = found
 
     def _alert(self, budget: Budget, now: float) -> None:
         spent = self.spent(budget, now)

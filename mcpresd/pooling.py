@@ -1,6 +1,8 @@
 """Pools on the store thread: members, draining, autoscaling and factories. The decisions are `core.pools`'.
 
 Rules:
+- How a pool gets members is its `Factory` (the plug point): `StaticFactory` (listed or selected resources),
+  `SlotsFactory` (shares of a parent), `CommandFactory` (the user's commands). The keeper does the rest.
 - A member a factory made (a slot, a command's worker) is a resource of source "pool". A slot holds its share
   of the parent in the ledger for as long as it exists, so slots and direct allocations never over-commit it.
 - Static pools list or select existing resources; their membership follows the resources as they come and go.
@@ -21,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from mcpresd.core import alerts as alerting
 from mcpresd.core.constraints import matches_all, parse_selector
@@ -115,18 +117,10 @@ class PoolKeeper:
                                                           for name, pool in self.pools.items()}, closed)
 
     def _members_of(self, pool: Pool) -> list[str]:
-        if pool.makes_members:
-            return [m.resource for m in self.made.values() if m.pool == pool.name]
-        ledger = self.broker.ledger
-        listed = [name for name in pool.spec.members if name in ledger]
-        if not pool.spec.select:
-            return listed
-        selectors = [parse_selector(text) for text in pool.spec.select]
-        chosen = set(listed)
-        # Another pool's made members are that pool's to hand out: a selector never picks them (a list may).
-        selected = sorted((r for r in ledger.resources()
-                           if r.name not in chosen and r.source != "pool" and matches_all(selectors, r)), key=_natural)
-        return listed + [r.name for r in selected]
+        return FACTORIES[pool.spec.factory].members(self, pool)
+
+    def made_by(self, pool: str) -> list[str]:
+        return [m.resource for m in self.made.values() if m.pool == pool]
 
     def _save(self, pool: Pool) -> None:
         self.pools[pool.name] = pool
@@ -201,7 +195,8 @@ class PoolKeeper:
 
     def _replace_unhealthy(self, name: str, now: float) -> bool:
         pool = self.pools[name]
-        if pool.state is not PoolState.ACTIVE or pool.spec.factory is not FactoryKind.SLOTS:
+        factory = FACTORIES[pool.spec.factory]
+        if pool.state is not PoolState.ACTIVE or not pool.makes_members:
             return False
         ledger = self.broker.ledger
         changed = False
@@ -209,10 +204,9 @@ class PoolKeeper:
             why = ledger.blocked.get(member.resource) or (ledger.blocked.get(member.parent) if member.parent else None)
             if why is None or ledger.used(member.resource) > EPSILON:
                 continue
-            parent = self._slot_parent(pool.spec)
-            if parent is None or parent.name == member.parent:
+            made = factory.replace(self, self.pools[name], member, now)
+            if made is None:
                 continue  # nowhere healthy to put it: keep it (closed to grants by its health) until there is
-            made = self._add_slot(name, now, parent)
             self._remove_member(member, now, f"replaced by {made}: {why}")
             self._event(now, name, "member_replaced", member=member.resource, replacement=made, reason=why)
             changed = True
@@ -222,17 +216,18 @@ class PoolKeeper:
         pool = self.pools[name]
         if not pool.makes_members or pool.state is not PoolState.ACTIVE:
             return False
-        if pool.spec.factory is FactoryKind.COMMAND and factory_paused(pool, now):
+        if factory_paused(pool, now):
             return False
         load = self.load_of(pool, queued)
         decision = decide_scale(pool, load, now)
         if not decision.changed:
             return False
         added: list[str] = []
+        pending = 0
         if decision.add:
-            added = self._add_members(name, decision.add, now)
-            if not added and not self._creating.get(name):
-                reason = self._stuck_reason(pool)
+            added, pending = self._add_members(name, decision.add, now)
+            if not added and not pending:
+                reason = FACTORIES[pool.spec.factory].no_room(pool)
                 if self._stuck.get(name) != reason:
                     self._stuck[name] = reason
                     self._event(now, name, "scale_blocked", reason=f"{decision.reason}; but {reason}")
@@ -240,8 +235,7 @@ class PoolKeeper:
         self._stuck.pop(name, None)
         for member in decision.remove:
             self._close(self.made[member], now)
-        after = load.size + (len(added) if pool.spec.factory is FactoryKind.SLOTS else decision.add) \
-            - len(decision.remove)
+        after = load.size + len(added) + pending - len(decision.remove)
         self._save(replace(self.pools[name], last_scaled_at=now))
         self._event(now, name, "scaled_up" if decision.add else "scaled_down", reason=decision.reason,
                     size_before=load.size, size_after=after, utilisation=round(min(utilisation(load), 1e9), 4),
@@ -250,42 +244,24 @@ class PoolKeeper:
             self._remove_member(self.made[member], now, "scaled down")
         return True
 
-    def _stuck_reason(self, pool: Pool) -> str:
-        spec = pool.spec
-        if spec.factory is FactoryKind.SLOTS:
-            return f"no {spec.parent} has {spec.slot_size:g} free for another slot"
-        return "the factory made nothing"
-
     # -- members ----------------------------------------------------------------
 
-    def _add_members(self, name: str, count: int, now: float) -> list[str]:
-        pool = self.pools[name]
+    def _add_members(self, name: str, count: int, now: float) -> tuple[list[str], int]:
+        """Up to `count` new members: those made at once, and how many are being made (command runs)."""
+        factory = FACTORIES[self.pools[name].spec.factory]
         added: list[str] = []
+        pending = 0
         for _ in range(count):
-            if pool.spec.factory is FactoryKind.SLOTS:
-                parent = self._slot_parent(pool.spec)
-                if parent is None:
-                    break
-                added.append(self._add_slot(name, now, parent))
+            made = factory.make(self, self.pools[name], now)
+            if made is None:
+                break
+            if made is PENDING:
+                pending += 1
             else:
-                self._request_member(name)
-        return added
+                added.append(made)
+        return added, pending
 
-    def _slot_parent(self, spec: PoolSpec) -> Resource | None:
-        """Where the next slot goes: the named parent, or the fullest resource of that type that still fits one."""
-        ledger = self.broker.ledger
-        assert spec.parent is not None and spec.slot_size is not None
-        named = ledger.find(spec.parent)
-        if named is not None:
-            candidates = [named]
-        else:
-            kind = ResourceType(spec.parent)
-            candidates = [r for r in ledger.resources() if r.type is kind and r.source != "pool"]
-        fitting = [r for r in candidates if not ledger.unavailable(r.name)
-                   and ledger.free(r.name) + EPSILON >= spec.slot_size]
-        return min(fitting, key=lambda r: (ledger.free(r.name), _natural(r))) if fitting else None
-
-    def _add_slot(self, name: str, now: float, parent: Resource) -> str:
+    def add_slot(self, name: str, now: float, parent: Resource) -> str:
         pool = self.pools[name]
         spec = pool.spec
         assert spec.slot_size is not None
@@ -306,7 +282,7 @@ class PoolKeeper:
         self.broker.store.save_member((member.resource, member.pool, member.parent, member.parent_amount,
                                        json.dumps(member.handle), int(member.draining), member.created_at))
 
-    def _request_member(self, name: str) -> None:
+    def request_member(self, name: str) -> None:
         pool = self.pools[name]
         assert pool.spec.create is not None
         self._creating[name] = self._creating.get(name, 0) + 1
@@ -322,17 +298,13 @@ class PoolKeeper:
     def _remove_member(self, member: Member, now: float, reason: str) -> None:
         ledger, store = self.broker.ledger, self.broker.store
         ledger.remove(member.resource)
-        if member.parent is not None and member.parent_amount is not None and member.parent in ledger:
-            ledger.unhold([AllocationItem(member.parent, member.parent_amount)])
         del self.made[member.resource]
         store.delete_member(member.resource)
         store.delete_resource(member.resource)
         self._event(now, member.pool, "member_removed", member=member.resource, reason=reason)
         pool = self.pools.get(member.pool)
-        if pool is not None and pool.spec.factory is FactoryKind.COMMAND and pool.spec.destroy:
-            self.broker.outbox.factory.append(FactoryRun(
-                member.pool, "destroy", pool.spec.destroy, pool.spec.timeout_s, -1, member.resource,
-                json.dumps(member.handle)))
+        if pool is not None:
+            FACTORIES[pool.spec.factory].unmake(self, pool, member)
 
     def factory_done(self, run: FactoryRun, ok: bool, output: str, error: str) -> None:
         """A command factory run finished (on the daemon's side): take its member, or count its failure."""
@@ -402,32 +374,7 @@ class PoolKeeper:
         return self.pool_dict(spec.name)
 
     def _check(self, spec: PoolSpec) -> None:
-        ledger = self.broker.ledger
-        for name in spec.members:
-            if ledger.find(name) is None:
-                raise UnknownResource(f"pool member {name!r} is not a resource (see `mcpctl resources`)", resource=name)
-        if spec.factory is FactoryKind.SLOTS:
-            assert spec.parent is not None and spec.slot_size is not None
-            parent = ledger.find(spec.parent)
-            if parent is None:
-                try:
-                    kind = ResourceType(spec.parent)
-                except ValueError:
-                    raise UnknownResource(f"no resource or type named {spec.parent!r} to carve slots from",
-                                          resource=spec.parent) from None
-                parents = [r for r in ledger.resources() if r.type is kind and r.source != "pool"]
-                if not parents:
-                    raise UnknownResource(f"this host has no {kind.value} resource to carve slots from",
-                                          resource=spec.parent)
-            else:
-                if parent.source == "pool":
-                    raise UnknownResource(f"{parent.name} is a pool member; carve slots from a host resource",
-                                          resource=parent.name)
-                parents = [parent]
-            largest = max(r.capacity for r in parents)
-            if spec.slot_size > largest + EPSILON:
-                raise NeverFits(f"a slot of {spec.slot_size:g} is larger than {spec.parent} ({largest:g})",
-                                resource=spec.parent)
+        FACTORIES[spec.factory].check(self, spec)
 
     def get(self, name: str) -> Pool:
         pool = self.pools.get(name)
@@ -464,7 +411,7 @@ class PoolKeeper:
 
     def delete(self, caller: Caller, name: str) -> dict[str, Any]:
         _administer(caller, "delete pools")
-        pool = self.get(name)
+        self.get(name)
         ledger = self.broker.ledger
         busy = [m for m in ledger.members(name) if ledger.used(m) > EPSILON and m in self.made]
         if busy:
@@ -556,6 +503,163 @@ class PoolKeeper:
             "members": members, "created_at": pool.created_at, "last_scaled_at": pool.last_scaled_at,
             "factory_failures": pool.failures, "factory_paused_until": pool.paused_until,
         }
+
+
+# -- factories: the plug point for how a pool gets and gives up members ---------------------------
+
+PENDING = "(pending)"
+"""What `Factory.make` returns for a member that is being made off the store thread."""
+
+
+class Factory(Protocol):
+    """How a pool of one kind gets its members, makes more, and gives them up."""
+
+    def members(self, keeper: PoolKeeper, pool: Pool) -> list[str]:
+        """The pool's members now, in order."""
+
+    def check(self, keeper: PoolKeeper, spec: PoolSpec) -> None:
+        """Refuse a spec this host cannot serve (a missing member or parent), before anything is stored."""
+
+    def make(self, keeper: PoolKeeper, pool: Pool, now: float) -> str | None:
+        """Add one member: its name, PENDING while it is being made, or None if there is no room for it."""
+
+    def unmake(self, keeper: PoolKeeper, pool: Pool, member: Member) -> None:
+        """Undo what making `member` did outside the ledger (its resource is already gone)."""
+
+    def replace(self, keeper: PoolKeeper, pool: Pool, member: Member, now: float) -> str | None:
+        """A healthy replacement for an unhealthy idle `member` (made now), or None where there can be none."""
+
+    def no_room(self, pool: Pool) -> str:
+        """Why `make` found no room, for the scale_blocked event."""
+
+
+class StaticFactory:
+    """Listed resources and those matching the selectors; it never makes or removes any."""
+
+    def members(self, keeper: PoolKeeper, pool: Pool) -> list[str]:
+        ledger = keeper.broker.ledger
+        listed = [name for name in pool.spec.members if name in ledger]
+        if not pool.spec.select:
+            return listed
+        selectors = [parse_selector(text) for text in pool.spec.select]
+        chosen = set(listed)
+        # Another pool's made members are that pool's to hand out: a selector never picks them (a list may).
+        selected = sorted((r for r in ledger.resources()
+                           if r.name not in chosen and r.source != "pool" and matches_all(selectors, r)), key=_natural)
+        return listed + [r.name for r in selected]
+
+    def check(self, keeper: PoolKeeper, spec: PoolSpec) -> None:
+        for name in spec.members:
+            if keeper.broker.ledger.find(name) is None:
+                raise UnknownResource(f"pool member {name!r} is not a resource (see `mcpctl resources`)", resource=name)
+
+    def make(self, keeper: PoolKeeper, pool: Pool, now: float) -> str | None:
+        return None
+
+    def unmake(self, keeper: PoolKeeper, pool: Pool, member: Member) -> None:
+        pass
+
+    def replace(self, keeper: PoolKeeper, pool: Pool, member: Member, now: float) -> str | None:
+        return None
+
+    def no_room(self, pool: Pool) -> str:
+        return "a static pool has only the members it lists or selects"
+
+
+class SlotsFactory:
+    """Equal slots carved from a parent; each holds its share of the parent in the ledger while it exists."""
+
+    def members(self, keeper: PoolKeeper, pool: Pool) -> list[str]:
+        return keeper.made_by(pool.name)
+
+    def check(self, keeper: PoolKeeper, spec: PoolSpec) -> None:
+        ledger = keeper.broker.ledger
+        assert spec.parent is not None and spec.slot_size is not None
+        parent = ledger.find(spec.parent)
+        if parent is None:
+            try:
+                kind = ResourceType(spec.parent)
+            except ValueError:
+                raise UnknownResource(f"no resource or type named {spec.parent!r} to carve slots from",
+                                      resource=spec.parent) from None
+            parents = [r for r in ledger.resources() if r.type is kind and r.source != "pool"]
+            if not parents:
+                raise UnknownResource(f"this host has no {kind.value} resource to carve slots from",
+                                      resource=spec.parent)
+        else:
+            if parent.source == "pool":
+                raise UnknownResource(f"{parent.name} is a pool member; carve slots from a host resource",
+                                      resource=parent.name)
+            parents = [parent]
+        largest = max(r.capacity for r in parents)
+        if spec.slot_size > largest + EPSILON:
+            raise NeverFits(f"a slot of {spec.slot_size:g} is larger than {spec.parent} ({largest:g})",
+                            resource=spec.parent)
+
+    def parent(self, keeper: PoolKeeper, spec: PoolSpec) -> Resource | None:
+        """Where the next slot goes: the named parent, or the fullest resource of that type that still fits one."""
+        ledger = keeper.broker.ledger
+        assert spec.parent is not None and spec.slot_size is not None
+        named = ledger.find(spec.parent)
+        if named is not None:
+            candidates = [named]
+        else:
+            kind = ResourceType(spec.parent)
+            candidates = [r for r in ledger.resources() if r.type is kind and r.source != "pool"]
+        fitting = [r for r in candidates if not ledger.unavailable(r.name)
+                   and ledger.free(r.name) + EPSILON >= spec.slot_size]
+        return min(fitting, key=lambda r: (ledger.free(r.name), _natural(r))) if fitting else None
+
+    def make(self, keeper: PoolKeeper, pool: Pool, now: float) -> str | None:
+        parent = self.parent(keeper, pool.spec)
+        return None if parent is None else keeper.add_slot(pool.name, now, parent)
+
+    def unmake(self, keeper: PoolKeeper, pool: Pool, member: Member) -> None:
+        ledger = keeper.broker.ledger
+        if member.parent is not None and member.parent_amount is not None and member.parent in ledger:
+            ledger.unhold([AllocationItem(member.parent, member.parent_amount)])
+
+    def replace(self, keeper: PoolKeeper, pool: Pool, member: Member, now: float) -> str | None:
+        parent = self.parent(keeper, pool.spec)
+        if parent is None or parent.name == member.parent:
+            return None
+        return keeper.add_slot(pool.name, now, parent)
+
+    def no_room(self, pool: Pool) -> str:
+        return f"no {pool.spec.parent} has {pool.spec.slot_size:g} free for another slot"
+
+
+class CommandFactory:
+    """Members made and destroyed by the user's commands, run by the daemon off the store thread."""
+
+    def members(self, keeper: PoolKeeper, pool: Pool) -> list[str]:
+        return keeper.made_by(pool.name)
+
+    def check(self, keeper: PoolKeeper, spec: PoolSpec) -> None:
+        pass
+
+    def make(self, keeper: PoolKeeper, pool: Pool, now: float) -> str | None:
+        keeper.request_member(pool.name)
+        return PENDING
+
+    def unmake(self, keeper: PoolKeeper, pool: Pool, member: Member) -> None:
+        if pool.spec.destroy:
+            keeper.broker.outbox.factory.append(FactoryRun(
+                pool.name, "destroy", pool.spec.destroy, pool.spec.timeout_s, -1, member.resource,
+                json.dumps(member.handle)))
+
+    def replace(self, keeper: PoolKeeper, pool: Pool, member: Member, now: float) -> str | None:
+        return None  # the daemon has no health figures of a command's members
+
+    def no_room(self, pool: Pool) -> str:
+        return "the factory made nothing"
+
+
+FACTORIES: dict[FactoryKind, Factory] = {
+    FactoryKind.STATIC: StaticFactory(),
+    FactoryKind.SLOTS: SlotsFactory(),
+    FactoryKind.COMMAND: CommandFactory(),
+}
 
 
 def _administer(caller: Caller, what: str) -> None:

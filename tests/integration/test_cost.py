@@ -171,6 +171,11 @@ def test_optimise_reports_allocations_holding_far_more_than_they_use(live: LiveD
     assert finding["allocation_id"] == held["id"] and finding["kind"] == "cpu"
     assert finding["used"] == pytest.approx(6.0 / 1200)
     assert get(live, held["id"])["state"] == "active", "a report only: nothing is moved"
+    live.advance(1)
+    live.advance(400)
+    reports = [e for e in live.call("events.list", {"limit": 1000}) if e["kind"] == "optimise.report"]
+    assert len(reports) == 1, "the periodic pass reports a finding once, not on every pass"
+    assert reports[0]["detail"]["oversized"][0]["allocation_id"] == held["id"]
 
 
 def test_the_daemon_measures_a_holders_process_tree(tmp_path: Path) -> None:
