@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = ("usage: python -m mcpctl.gateway [--socket PATH] --tools FILE [--name NAME] -- CMD [ARGS]...\n"
+USAGE = ("usage: mcpctl [--socket PATH] gateway --tools FILE [--name NAME] -- CMD [ARGS]...\n"
          "Run CMD, an MCP server on stdio, and admit each gated tool call through mcpresd (docs/gateway.md).\n")
 VALUES = {"--socket": "socket", "--tools": "tools", "--name": "name"}
 

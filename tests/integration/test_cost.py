@@ -104,7 +104,7 @@ def test_usage_totals_are_exact(live: LiveDaemon) -> None:
     render = seats(live, 2, tool="render")  # 3.0 per hour
     build = live.call("allocate", {"resources": [{"resource": "pool:builds", "amount": 1}], "tool_id": "make",
                                    "holder_pid": os.getpid()})
-    waiting = seats(live, 1, tool="render", wait=HOUR, detach=True)
+    waiting = seats(live, 1, tool="render", wait=10 * HOUR, detach=True)  # outlives the clock jumps below
     live.clock.now = start + 2 * HOUR
     live.call("release", {"id": render["id"], "measured": {"cpu_seconds": 3600}})
     live.clock.now = start + 3 * HOUR
