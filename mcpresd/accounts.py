@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,7 +24,7 @@ from mcpresd.core import accounting
 from mcpresd.core import alerts as alerting
 from mcpresd.core.accounting import Budget, Charge, UsageRecord
 from mcpresd.core.errors import BudgetExceeded, DomainError, InvalidRequest, PermissionDenied
-from mcpresd.core.model import Allocation, AllocationItem
+from mcpresd.core.model import Allocation, AllocationItem, Demand
 from mcpresd.core.pools import utilisation
 from mcpresd.protocol import POOL_PREFIX, BudgetScope, Period, PoolState
 
@@ -146,11 +146,13 @@ class Accounts:
 
     # -- budgets ----------------------------------------------------------------
 
-    def check(self, caller_uid: int, tool_id: str | None, request_pools: Sequence[str]) -> None:
+    def check(self, caller_uid: int, tool_id: str | None, demands: Iterable[Demand]) -> None:
         """Refuse a new request that a spent budget covers."""
         if not self.budgets:
             return
         now = self.broker.clock()
+        request_pools = self.request_pools(demands) if any(
+            b.scope is BudgetScope.POOL for b in self.budgets.values()) else []
         for budget in self.budgets.values():
             applies = ((budget.scope is BudgetScope.TOOL and tool_id == budget.subject)
                        or (budget.scope is BudgetScope.OWNER and str(caller_uid) == budget.subject)
@@ -315,7 +317,7 @@ class Accounts:
         return {"ts": now, "oversized": oversized, "consolidate": consolidate,
                 "note": "a report only: nothing running is moved or resized"}
 
-    def request_pools(self, demands: Iterable[Any]) -> list[str]:
+    def request_pools(self, demands: Iterable[Demand]) -> list[str]:
         names: list[str] = []
         for demand in demands:
             if demand.selector.startswith(POOL_PREFIX):

@@ -446,7 +446,7 @@ class Broker:
                 if earlier.is_queued and waiter is not None and not command.detach and command.wait != 0:
                     self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
-        self.accounts.check(caller.uid, command.tool_id, self.accounts.request_pools(command.demands))
+        self.accounts.check(caller.uid, command.tool_id, command.demands)
         holder_start = None
         if command.holder_pid is not None:
             holder_start = process_start_time(command.holder_pid)
