@@ -267,7 +267,9 @@ def _row(key: str, t: _Tally) -> dict[str, Any]:
 def _row_from(key: str, allocations: int, active: int, resource_hours: Mapping[str, float], cost: float,
               waited: float, requested: Mapping[str, float], measured: Mapping[str, float]) -> dict[str, Any]:
     def rounded(values: Mapping[str, float]) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in sorted(values.items())}
+        # Significant digits, not decimals: a few seconds' use is a millionth of an hour, and totals are summed
+        # from these rows (rounded to 6 decimals, their efficiency would drift from the rows').
+        return {k: round(v, 6) if abs(v) >= 1 else float(f"{v:.6g}") for k, v in sorted(values.items())}
 
     return {
         "key": key, "allocations": allocations, "active": active, "resource_hours": rounded(resource_hours),

@@ -481,3 +481,10 @@ def test_oversized_lists_the_least_used_first_and_needs_no_tool() -> None:
                       LATER, min_age_s=60, ratio=0.5)
     assert [(f["allocation_id"], f["ratio"]) for f in found] == [("b", 0.0125), ("a", 0.125)]
     assert found[0]["suggestion"] == "holds 8 cores, uses 0.1: ask for 0.5"
+
+
+def test_a_few_seconds_of_use_keeps_its_efficiency_in_the_rows_and_the_totals() -> None:
+    short = record("s1", cpu(0.5), granted=T0, released=T0 + 3.0, cpu_seconds=1.07)
+    rows = usage_rows([short], "tool", T0 - H, T0 + H)
+    assert rows[0]["efficiency"]["cpu"] == pytest.approx(1.07 / 1.5, rel=1e-5)
+    assert usage_totals(rows)["efficiency"]["cpu"] == pytest.approx(rows[0]["efficiency"]["cpu"], rel=1e-4)
