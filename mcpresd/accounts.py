@@ -15,7 +15,6 @@ Rules:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -196,9 +195,7 @@ class Accounts:
 
     def _report(self, now: float) -> None:
         """The periodic re-optimisation pass: an `optimise.report` event when it finds something new."""
-        from mcpresd.service import Caller
-
-        report = self.optimise(Caller(uid=0, gid=0, pid=None, admin=True))
+        report = self.optimise(None)
         found = sorted([f"{o['allocation_id']}:{o['kind']}" for o in report["oversized"]]
                        + [f"pool:{c['pool']}:{c['could_remove']}" for c in report["consolidate"]])
         if found and found != self._last_found:
@@ -258,7 +255,7 @@ class Accounts:
         since = now - command.since
         ended = {a.id: a for a in self.broker.store.ended_since(since)}
         allocations = list(ended.values()) + [a for a in self.broker.live.values() if a.id not in ended]
-        if not _sees_all(caller):
+        if not caller.administers:
             allocations = [a for a in allocations if a.owner_uid == caller.uid]
         rows = accounting.usage_rows([self.record(a) for a in allocations], cast("accounting.UsageBy", command.by),
                                      since, now)
@@ -290,10 +287,11 @@ class Accounts:
         end = max(now, allocation.granted_at + median)
         return end, f"{allocation.tool_id} usually runs {median:.0f}s (median of {count} runs)"
 
-    def optimise(self, caller: Caller) -> dict[str, Any]:
+    def optimise(self, caller: Caller | None) -> dict[str, Any]:
+        """Allocations holding far more than they use and pools that could shrink; None: everyone's."""
         now = self.broker.clock()
         active = [a for a in self.broker.live.values() if a.is_active]
-        if not _sees_all(caller):
+        if caller is not None and not caller.administers:
             active = [a for a in active if a.owner_uid == caller.uid]
         oversized = accounting.oversized([self.record(a) for a in active], now)
         consolidate = []
@@ -340,10 +338,6 @@ def _alert_resource(budget: Budget) -> str:
     return f"budget:{budget.scope.value}/{budget.subject}/{budget.period.value}"
 
 
-def _sees_all(caller: Caller) -> bool:
-    return caller.uid in (0, os.getuid()) or caller.admin
-
-
 def _administer(caller: Caller, what: str) -> None:
-    if not _sees_all(caller):
+    if not caller.administers:
         raise PermissionDenied(f"only root, the daemon's user and the admin group may {what}", uid=caller.uid)

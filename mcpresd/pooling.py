@@ -20,7 +20,6 @@ Rules:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -663,7 +662,7 @@ FACTORIES: dict[FactoryKind, Factory] = {
 
 
 def _administer(caller: Caller, what: str) -> None:
-    if not (caller.uid in (0, os.getuid()) or caller.admin):
+    if not caller.administers:
         raise PermissionDenied(f"only root, the daemon's user and the admin group may {what}", uid=caller.uid)
 
 

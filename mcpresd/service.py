@@ -69,6 +69,11 @@ class Caller:
     admin: bool = False
     """Root or a member of the configured admin group: sees and manages every user's allocations."""
 
+    @property
+    def administers(self) -> bool:
+        """Root, the daemon's own user or the admin group: may change pools, budgets and prices, see all usage."""
+        return self.uid in (0, os.getuid()) or self.admin
+
 
 SYSTEM = Caller(uid=os.getuid(), gid=os.getgid(), pid=None)
 
@@ -390,7 +395,7 @@ class Broker:
         return self.resource_dict(resource)
 
     def resources_set_cost(self, caller: Caller, command: p.SetCostCommand) -> ResourceDict:
-        if not (caller.uid in (0, os.getuid()) or caller.admin):
+        if not caller.administers:
             raise PermissionDenied("only root, the daemon's user and the admin group may set costs", uid=caller.uid)
         resource = self.ledger.get(command.name)
         changed = replace(resource, cost_per_unit_hour=command.cost_per_unit_hour)

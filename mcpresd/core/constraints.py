@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mcpresd.core.errors import InvalidRequest
@@ -152,8 +152,13 @@ _TESTS: dict[str, Callable[[object, object], bool]] = {
 
 def matches(selector: Selector, resource: Resource) -> bool:
     """Whether the resource satisfies one selector (see the module's rules)."""
+    return selects(selector, _values(selector.key, resource))
+
+
+def selects(selector: Selector, values: Iterable[object]) -> bool:
+    """Whether a thing with these values for the selector's key satisfies it (a pool's fields, a resource's)."""
     test = _TESTS[_NEGATIONS.get(selector.op, selector.op)]
-    hit = any(test(actual, selector.value) for actual in _values(selector.key, resource))
+    hit = any(test(actual, selector.value) for actual in values)
     return not hit if selector.op in _NEGATIONS else hit
 
 

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NoReturn
 
-from mcpresd.core.constraints import _NEGATIONS, _TESTS, OPERATORS, Selector, parse_selector
+from mcpresd.core.constraints import OPERATORS, Selector, parse_selector, selects
 from mcpresd.core.errors import InvalidRequest, UnknownPool
 from mcpresd.core.model import LabelValue, Resource
 from mcpresd.protocol import FactoryKind, Objective, PoolState, ResourceType, Strategy
@@ -347,9 +347,7 @@ def _pool_values(pool: Pool, key: str) -> list[str | int | float | bool]:
 
 
 def _selects(selector: Selector, pool: Pool) -> bool:
-    test = _TESTS[_NEGATIONS.get(selector.op, selector.op)]
-    hit = any(test(value, selector.value) for value in _pool_values(pool, selector.key))
-    return not hit if selector.op in _NEGATIONS else hit
+    return selects(selector, _pool_values(pool, selector.key))
 
 
 def match_pools(pools: Sequence[Pool], patterns: Sequence[str]) -> list[Pool]:
