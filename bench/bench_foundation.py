@@ -1,10 +1,17 @@
 """Foundation benchmark: throughput, latency, CLI wall time and daemon memory.
 
-Run:  .venv/bin/python bench/bench_foundation.py [--quick]
+Run:  .venv/bin/python bench/bench_foundation.py [--quick] [--python-client]
 
 It starts mcpresd on temporary paths and prints:
 - durable allocate+release pairs per second, and allocate p50/p99 latency,
-  over persistent connections at 1 and 200 concurrent clients;
+  over persistent connections at 1 and 200 concurrent clients. The load comes
+  from bench/loadgen.c (built here with cc), which costs the machine a few
+  microseconds per request; a Python asyncio client costs more CPU than the
+  daemon and, on 2 cores, takes it from the daemon it measures. Without a C
+  compiler (or with --python-client) the Python client is used;
+- the floors under those figures on this machine: one SQLite WAL/FULL commit
+  of one row (p50/p99, the disk's fsync), and a no-op asyncio JSON echo server
+  under the same client (what any Python asyncio server reaches here);
 - whole-process `mcpctl allocate` and `mcpctl release` wall time (median of 20)
   from a non-editable install in its own virtualenv, beside `python -c pass`
   from the same interpreter;
@@ -19,6 +26,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -27,7 +35,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURE = ROOT / "tests" / "fixtures" / "h100-nvml-capture.json"
@@ -130,6 +137,91 @@ def load(sock_path: str, clients: int, seconds: float, processes: int) -> dict[s
     }
 
 
+def build_loadgen(tmp: Path) -> str | None:
+    """Compile bench/loadgen.c into `tmp`; None where there is no C compiler or it fails."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = tmp / "loadgen"
+    done = subprocess.run([compiler, "-O2", "-o", str(binary), str(ROOT / "bench" / "loadgen.c")],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"(loadgen did not build, using the Python client: {done.stderr.strip()[:200]})")
+        return None
+    return str(binary)
+
+
+def load_c(loadgen: str, sock_path: str, clients: int, seconds: float) -> dict[str, float]:
+    done = subprocess.run([loadgen, sock_path, str(clients), str(seconds)], capture_output=True, text=True,
+                          timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {done.stderr.strip()}")
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def sqlite_commit_floor(directory: Path, commits: int = 1000) -> tuple[float, float]:
+    """p50 and p99 ms of one-row WAL/synchronous=FULL commits in `directory`: the disk's fsync, no daemon."""
+    import sqlite3
+
+    conn = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, x TEXT)")
+    times = []
+    for _ in range(commits):
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (x) VALUES (?)", ("x" * 100,))
+        conn.execute("COMMIT")
+        times.append(time.perf_counter() - started)
+    conn.close()
+    times.sort()
+    return times[len(times) // 2] * 1000, times[int(len(times) * 0.99)] * 1000
+
+
+class _Echo(asyncio.Protocol):
+    """A no-op JSON-RPC server: parse each line, answer a fixed result. The ceiling of Python asyncio here."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.buffer + data).split(b"\n")
+        self.buffer = lines.pop()
+        for line in lines:
+            message = json.loads(line)
+            result = {"id": "0123456789abcdef", "state": "active"} if message["method"] == "allocate" else {}
+            self.transport.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result},
+                                            separators=(",", ":")).encode() + b"\n")
+
+
+def _serve_echo(path: str, seconds: float) -> None:
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_unix_server(_Echo, path, backlog=4096)
+        async with server:
+            await asyncio.sleep(seconds)
+
+    asyncio.run(main())
+
+
+def echo_ceiling(tmp: Path, python: str, loadgen: str | None, seconds: float, processes: int) -> list[dict[str, float]]:
+    path = str(tmp / "echo.sock")
+    server = multiprocessing.Process(target=_serve_echo, args=(path, 4 * seconds + 60))
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [load_c(loadgen, path, clients, seconds) if loadgen else load(path, clients, seconds, processes)
+                for clients, processes in ((1, 1), (200, 2))]
+    finally:
+        server.terminate()
+        server.join(10)
+
+
 # -- whole-process CLI timings ------------------------------------------------
 
 
@@ -161,6 +253,7 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--quick", action="store_true", help="shorter runs (CI smoke)")
     cli.add_argument("--venv", default=str(ROOT / "bench" / ".venv"), help="venv for the non-editable install")
+    cli.add_argument("--python-client", action="store_true", help="load from Python asyncio clients, not loadgen")
     args = cli.parse_args()
     seconds = 2.0 if args.quick else 5.0
     python = str(bench_venv(Path(args.venv)))
@@ -168,14 +261,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_text:
         tmp = Path(tmp_text)
+        loadgen = None if args.python_client else build_loadgen(tmp)
         proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
         try:
             time.sleep(0.5)
             idle_rss = rss_mib(proc.pid)
             print(f"python: {python}")
-            print(f"machine: {os.cpu_count()} CPUs")
+            print(f"machine: {os.cpu_count()} CPUs; load client: {'loadgen (C)' if loadgen else 'Python asyncio'}")
             for clients, processes in ((1, 1), (200, 2)):
-                result = load(sock, clients, seconds, processes)
+                result = load_c(loadgen, sock, clients, seconds) if loadgen else load(sock, clients, seconds, processes)
                 print(f"persistent connections, {clients:>3} client(s): {result['pairs_per_s']:>8.0f} "
                       f"durable allocate+release/s  allocate p50 {result['p50_ms']:.3f} ms  "
                       f"p99 {result['p99_ms']:.3f} ms")
@@ -196,6 +290,13 @@ def main() -> None:
         time.sleep(0.5)
         print(f"daemon RSS idle, restarted: {rss_mib(proc.pid):.1f} MiB")
         stop_daemon(proc)
+
+        floor_p50, floor_p99 = sqlite_commit_floor(tmp)
+        print(f"floor: one-row SQLite WAL/FULL commit in the same directory, no daemon: p50 {floor_p50:.3f} ms  "
+              f"p99 {floor_p99:.3f} ms")
+        for result in echo_ceiling(tmp, python, loadgen, seconds, 2):
+            print(f"ceiling: no-op asyncio JSON echo server, {int(result['clients']):>3} client(s): "
+                  f"{result['pairs_per_s']:>8.0f} pairs/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms")
 
         (tmp / "big").mkdir()
         proc, sock = start_daemon(tmp / "big", python)

@@ -2,12 +2,12 @@
 
 Lifecycle: start -> serve until stop -> shut down. Signal handlers only set an
 event (stop, or reload for SIGHUP). Shutdown closes the listener, lets requests
-in flight finish (with a timeout), stops the store thread after its last
-commit, and removes the socket (unless systemd passed it: then it is systemd's).
+in flight finish (with a timeout), runs the store's last pending jobs and
+closes it, and removes the socket (unless systemd passed it: then it is systemd's).
 
 systemd (`mcpresd.notify`): READY=1 once the socket listens, STATUS= and
-WATCHDOG=1 every watchdog interval (a ping only after the store thread has
-answered, so a stuck store is restarted), RELOADING=1 then READY=1 around a
+WATCHDOG=1 every watchdog interval (a ping only after the store has
+answered a job, so a stuck store or loop is restarted), RELOADING=1 then READY=1 around a
 reload, STOPPING=1 at shutdown. A reload re-reads the config file and applies
 what can change while serving; allocations are untouched, and a config that
 does not load is logged and ignored.
@@ -40,7 +40,7 @@ from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import (
     BACKLOG,
     Server,
-    StoreThread,
+    GroupCommitter,
     bind_unix_socket,
     inherited_socket,
     remove_socket,
@@ -104,7 +104,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.server: Server | None = None
         self.watch: HolderWatch | None = None
-        self.store_thread: StoreThread | None = None
+        self.committer: GroupCommitter | None = None
         self._disks: list[tuple[str, str]] = []
         self._wake: asyncio.TimerHandle | None = None
         self._links: list[str] = []
@@ -169,13 +169,13 @@ class Daemon:
             self._wake_at(outbox.wake_at)
 
     def _submit_quietly(self, job: Callable[[Broker], object], what: str) -> None:
-        assert self.store_thread is not None
+        assert self.committer is not None
 
         def logged(future: asyncio.Future[object]) -> None:
             if not future.cancelled() and future.exception() is not None:
                 log.error("%s failed: %s", what, future.exception())
 
-        self.store_thread.submit(job).add_done_callback(logged)
+        self.committer.submit(job).add_done_callback(logged)
 
     def _holder_exited(self, pid: int, start: int | None) -> None:
         self._submit_quietly(lambda broker: broker.holder_exited(pid, start), f"releasing for holder {pid}")
@@ -249,8 +249,8 @@ class Daemon:
             try:
                 readings = await loop.run_in_executor(None, sampler.read, disks, links)
                 processes = dict(sampler.gpu_processes)
-                holders = await self.store_thread.submit(lambda broker: broker.accounts.holders()) \
-                    if self.store_thread is not None else {}
+                holders = await self.committer.submit(lambda broker: broker.accounts.holders()) \
+                    if self.committer is not None else {}
                 usage = await loop.run_in_executor(None, holder_usage, holders, processes) if holders else {}
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
@@ -269,10 +269,10 @@ class Daemon:
     # -- systemd: status, watchdog, reload ---------------------------------
 
     async def _status_line(self, timeout: float) -> str | None:
-        """The broker's one-line summary, from the store thread; None if it did not answer in time."""
-        assert self.store_thread is not None
+        """The broker's one-line summary, from a store job; None if it did not answer in time."""
+        assert self.committer is not None
         try:
-            line: str = await asyncio.wait_for(self.store_thread.submit(lambda broker: broker.summary()), timeout)
+            line: str = await asyncio.wait_for(self.committer.submit(lambda broker: broker.summary()), timeout)
         except TimeoutError:
             return None
         return line
@@ -288,7 +288,7 @@ class Daemon:
             line = await self._status_line(interval)
             if line is None:
                 # No ping: if the store stays stuck, systemd's watchdog restarts the daemon, as it should.
-                log.warning("the store thread did not answer within %.1fs", interval)
+                log.warning("the store did not answer within %.1fs", interval)
                 continue
             self.notifier.alive(line)
 
@@ -306,7 +306,7 @@ class Daemon:
 
     async def reload(self) -> list[str]:
         """Re-read the config and apply what can change while serving; return what changed (also logged)."""
-        assert self.store_thread is not None
+        assert self.committer is not None
         try:
             fresh = self.load_config() if self.load_config is not None else self.config
         except ConfigError as error:
@@ -317,7 +317,7 @@ class Daemon:
             if getattr(fresh, name) != getattr(old, name):
                 log.warning("reload: %s changed; it takes effect when the daemon restarts", name)
         fresh = replace(fresh, **{name: getattr(old, name) for name in RESTART_ONLY})
-        changes: list[str] = await self.store_thread.submit(
+        changes: list[str] = await self.committer.submit(
             lambda broker: broker.reconfigure(fresh.resources, fresh.policy, fresh.monitor, fresh.pools))
         for field in fields(Config):
             if field.name in ("resources", "policy", "monitor", "pools") or field.name in RESTART_ONLY:
@@ -355,10 +355,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
         self.watch = HolderWatch(loop, self._holder_exited)
-        self.store_thread = store_thread = StoreThread(self._make_broker, self._committed)
-        self.server = server = Server(Dispatcher(store_thread.submit, self.discover), on_close=self._connection_closed,
+        self.committer = committer = GroupCommitter(self._make_broker, self._committed)
+        self.server = server = Server(Dispatcher(committer.submit, self.discover), on_close=self._connection_closed,
                                       limits=self.config.limits)
-        await loop.run_in_executor(None, store_thread.start, loop)
+        committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
         inode: int | None = None
@@ -371,13 +371,13 @@ class Daemon:
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
         try:
-            assert store_thread.broker is not None
+            assert committer.broker is not None
             log.info(
                 "serving on %s (database %s, %d resources, GPUs: %s)",
                 self.socket_path,
                 self.config.database,
-                len(store_thread.broker.ledger),
-                store_thread.broker.gpu_source,
+                len(committer.broker.ledger),
+                committer.broker.gpu_source,
             )
             self.started.set()
             if self.notifier.enabled:
@@ -401,7 +401,7 @@ class Daemon:
             self.watch.close()
             if inode is not None:
                 remove_socket(self.config.socket, inode)
-            await loop.run_in_executor(None, store_thread.stop)
+            committer.stop()
             if self.nvml is not None:
                 self.nvml.close()
             log.info("stopped")

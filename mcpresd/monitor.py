@@ -1,7 +1,7 @@
 """The monitor: samples in, history, alerts, health and forecasts out.
 
 Rules:
-- Runs on the store thread as part of the broker (`Broker.monitor`); `record()`
+- Runs in store jobs as part of the broker (`Broker.monitor`); `record()`
   is one sampling round, in the same transaction as everything else.
 - Per resource it stores the measured values and `utilisation_rate`
   (allocated / capacity, in %). A value the device does not offer is stored as

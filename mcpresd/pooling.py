@@ -1,4 +1,4 @@
-"""Pools on the store thread: members, draining, autoscaling and factories. The decisions are `core.pools`'.
+"""Pools, in store jobs: members, draining, autoscaling and factories. The decisions are `core.pools`'.
 
 Rules:
 - How a pool gets members is its `Factory` (the plug point): `StaticFactory` (listed or selected resources),
@@ -8,7 +8,7 @@ Rules:
 - Static pools list or select existing resources; their membership follows the resources as they come and go.
 - Scaling is evaluated on every broker tick; every decision is an event with its reason (`pool events`).
 - Scale-down touches only idle members: each is closed (draining) first, then removed.
-- Command factories run off the store thread (the daemon runs them, with a timeout, in their own process
+- Command factories run outside the store's transactions (the daemon runs them, with a timeout, in their own process
   group), so they never block it; the outcome comes back through `factory_done`. A factory that keeps failing
   is paused for a cooldown (a circuit breaker), with an event and a `pool-factory` alert.
 - A made member whose resource or parent is unhealthy (blocked by the monitor) is replaced when idle, where
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FactoryRun:
-    """A command factory run for the daemon to carry out off the store thread."""
+    """A command factory run for the daemon to carry out outside the store's transactions."""
 
     pool: str
     action: Literal["create", "destroy"]
@@ -507,7 +507,7 @@ class PoolKeeper:
 # -- factories: the plug point for how a pool gets and gives up members ---------------------------
 
 PENDING = "(pending)"
-"""What `Factory.make` returns for a member that is being made off the store thread."""
+"""What `Factory.make` returns for a member that is being made outside the store's transactions."""
 
 
 class Factory(Protocol):
@@ -629,7 +629,7 @@ class SlotsFactory:
 
 
 class CommandFactory:
-    """Members made and destroyed by the user's commands, run by the daemon off the store thread."""
+    """Members made and destroyed by the user's commands, run by the daemon outside the store's transactions."""
 
     def members(self, keeper: PoolKeeper, pool: Pool) -> list[str]:
         return keeper.made_by(pool.name)

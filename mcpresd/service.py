@@ -1,8 +1,8 @@
 """The broker's operations: one method per JSON-RPC method, load -> core -> save.
 
 Rules:
-- Every method runs on the store thread, inside a transaction the caller opened
-  (`mcpresd.server.StoreThread` groups several requests into one). A method
+- Every method runs in a store job, inside a transaction the caller opened
+  (`mcpresd.server.GroupCommitter` groups several requests into one). A method
   validates everything through the core before its first write, so a domain
   error leaves nothing to roll back.
 - The ledger mirrors the committed database. After a failed commit the owner
@@ -10,7 +10,7 @@ Rules:
 - `now` comes from the injected clock; ids from the injected id source.
 - What the event loop must act on after the commit (replies to waiting callers,
   events for subscribers, holders to watch, signals to send) is collected in
-  `outbox` and handed over by the store thread only after the COMMIT.
+  `outbox` and handed over by `GroupCommitter` only after the COMMIT.
 - After every change that can free capacity, `schedule()` serves the queue.
 """
 
@@ -100,7 +100,7 @@ class Outbox:
     watch: list[tuple[int, int | None]] = field(default_factory=list)
     signals: list[tuple[int, int | None, int]] = field(default_factory=list)
     factory: list[FactoryRun] = field(default_factory=list)
-    """Pool factory commands to run off the store thread."""
+    """Pool factory commands to run outside the store's transactions."""
     wake_at: float | None = None
     """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 

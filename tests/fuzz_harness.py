@@ -1,6 +1,6 @@
-"""An in-process daemon for fuzzing: the real Dispatcher, StoreThread batch logic and Broker, no socket, no thread.
+"""An in-process daemon for fuzzing: the real Dispatcher, GroupCommitter batch logic and Broker, no socket, no thread.
 
-`submit` runs each store job at once through `StoreThread._run_batch` (the daemon's own transaction handling:
+`submit` runs each store job at once through `GroupCommitter._run_batch` (the daemon's own transaction handling:
 a domain error still commits, anything else rolls back and rebuilds the ledger) and returns a done future.
 Shared by tests/unit/test_fuzz_protocol.py and bench/bench_fuzz.py.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from mcpresd.core.model import Resource
 from mcpresd.protocol import JSONRPC, ErrorCode, ResourceType
 from mcpresd.rpc import Dispatcher, StoreJob
-from mcpresd.server import StoreThread
+from mcpresd.server import GroupCommitter
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
 
@@ -62,7 +62,7 @@ class InProcessDaemon:
             self.broker.reconcile_resources(GPUS, DECLARED)
         self.broker.take_outbox()
         self.loop = asyncio.new_event_loop()
-        self.thread = StoreThread(lambda: self.broker, on_commit=lambda outbox: None)
+        self.thread = GroupCommitter(lambda: self.broker, on_commit=lambda outbox: None)
         self.thread.broker = self.broker
         self.thread._loop = self.loop
         self.dispatcher = Dispatcher(self.submit, discover=lambda: list(GPUS))

@@ -79,12 +79,12 @@ class LiveDaemon:
         raise AssertionError(f"{method} succeeded")
 
     def on_store(self, job: Any) -> Any:
-        """Run `job(broker)` on the store thread, inside a transaction, and return its result after the commit."""
-        assert self.daemon.store_thread is not None
-        thread = self.daemon.store_thread
+        """Run `job(broker)` in a store job, inside a transaction, and return its result after the commit."""
+        assert self.daemon.committer is not None
+        committer = self.daemon.committer
 
         async def run() -> Any:
-            return await thread.submit(job)
+            return await committer.submit(job)
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 

@@ -2,7 +2,7 @@
 
 Two kinds of tests:
 - In process, on a temporary database with a fake clock: a `Rig` records one sampling round per tick
-  (each in its own transaction, as the daemon's store thread does) at exact fake times, so alert
+  (each in its own transaction, as the daemon's group committer does) at exact fake times, so alert
   transitions, roll-ups, retention and forecasts are checked to the tick. GPU readings come from the
   H100 capture through the real `HostSampler` and `ReplayNvml`: idle, then its load trace
   (0 -> ~100 % utilisation), then the load ending.

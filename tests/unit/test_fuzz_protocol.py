@@ -1,7 +1,7 @@
 """Protocol fuzzing: any line into Dispatcher.handle_line gets exactly one well-formed reply, and a request
 answered with an error changes nothing in the database.
 
-Runs the real Dispatcher, StoreThread transaction logic and Broker on a temporary database, in-process
+Runs the real Dispatcher, GroupCommitter transaction logic and Broker on a temporary database, in-process
 (tests/fuzz_harness.py). bench/bench_fuzz.py runs the same checks over 100,000+ inputs.
 """
 

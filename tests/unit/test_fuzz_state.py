@@ -2,7 +2,7 @@
 clock ticks and resource changes, with the books checked after every step.
 
 The broker runs on a temporary database through the daemon's own transaction handling
-(`StoreThread._run_batch`: a domain error still commits, so a handler that wrote before raising would show).
+(`GroupCommitter._run_batch`: a domain error still commits, so a handler that wrote before raising would show).
 """
 
 from __future__ import annotations
