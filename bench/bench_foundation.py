@@ -151,9 +151,12 @@ def build_loadgen(tmp: Path) -> str | None:
     return str(binary)
 
 
-def load_c(loadgen: str, sock_path: str, clients: int, seconds: float) -> dict[str, float]:
-    done = subprocess.run([loadgen, sock_path, str(clients), str(seconds)], capture_output=True, text=True,
-                          timeout=seconds + 120)
+def load_c(loadgen: str, sock_path: str, clients: int, seconds: float, max_pairs: int = 5_000_000,
+           resource: str = "slots") -> dict[str, float]:
+    """Run bench/loadgen.c: `clients` connections allocating 1 of `resource` and releasing it, until `seconds`
+    have passed or `max_pairs` pairs are done."""
+    done = subprocess.run([loadgen, sock_path, str(clients), str(seconds), resource, str(max_pairs)],
+                          capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr.strip()}")
     result: dict[str, float] = json.loads(done.stdout)

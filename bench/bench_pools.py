@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import ROOT, bench_venv, start_daemon, stop_daemon  # noqa: E402
+from bench_foundation import (  # noqa: E402
+    ROOT, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
+)
 from bench_scheduler import Conn, percentile  # noqa: E402
 
 POOL_INTERVAL = 1.0
@@ -110,20 +112,23 @@ def main() -> None:
             print(f"pool crossing its threshold -> new member granted ({trials} trials, pool tick "
                   f"{POOL_INTERVAL:g}s): median {statistics.median(grow) * 1000:.0f} ms, "
                   f"p99 {percentile(grow, 0.99) * 1000:.0f} ms, max {max(grow) * 1000:.0f} ms")
-            latencies(sock, pairs, "database on disk")
+            latencies(sock, pairs, "database on disk", build_loadgen(Path(tmp)))
         finally:
             stop_daemon(proc)
+        floor_p50, floor_p99 = sqlite_commit_floor(Path(tmp))
+        print(f"[database on disk] floor: one-row SQLite WAL/FULL commit, no daemon: p50 {floor_p50:.3f} ms  "
+              f"p99 {floor_p99:.3f} ms")
     if Path("/dev/shm").is_dir():
         # The same on tmpfs: what the daemon itself costs, without this disk's fsync latency.
         with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
             proc, sock = start_daemon(Path(tmp), str(python), CONFIG)
             try:
-                latencies(sock, pairs, "database on tmpfs")
+                latencies(sock, pairs, "database on tmpfs", build_loadgen(Path(tmp)))
             finally:
                 stop_daemon(proc)
 
 
-def latencies(sock: str, pairs: int, where: str) -> None:
+def latencies(sock: str, pairs: int, where: str, loadgen: str | None) -> None:
     control = Conn(sock)
     started = time.perf_counter()
     ok(control.call("pools.create", {"name": "big", "factory": "slots", "parent": "cells", "slot_size": 1,
@@ -137,7 +142,11 @@ def latencies(sock: str, pairs: int, where: str) -> None:
             ok(holder.call("allocate", {"resources": [{"resource": "pool:big", "amount": 990}]}))
         times = latency(sock, resource, pairs)
         print(f"[{where}] allocate from a {label}: {len(times)} calls, p50 {statistics.median(times) * 1000:.2f} ms,"
-              f" p99 {percentile(times, 0.99) * 1000:.2f} ms")
+              f" p99 {percentile(times, 0.99) * 1000:.2f} ms  (Python client)")
+        if loadgen is not None:
+            c = load_c(loadgen, sock, 1, 60.0, pairs, resource)
+            print(f"[{where}] allocate from a {label}: {int(c['pairs'])} calls, p50 {c['p50_ms']:.2f} ms,"
+                  f" p99 {c['p99_ms']:.2f} ms  (C client bench/loadgen.c)")
     holder.close()
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import ROOT, bench_venv, start_daemon, stop_daemon  # noqa: E402
+from bench_foundation import (  # noqa: E402
+    ROOT, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
+)
 
 
 class Conn:
@@ -194,9 +196,17 @@ def main() -> None:
             elapsed = register(sock, 100_000)
             lat = grant_latency(sock, 1000 if not args.quick else 200, "res-99999")
             print(f"100,000 custom resources (registered in {elapsed:.1f} s): allocate p50 "
-                  f"{statistics.median(lat) * 1000:.2f} ms  p99 {percentile(lat, 0.99) * 1000:.2f} ms")
+                  f"{statistics.median(lat) * 1000:.2f} ms  p99 {percentile(lat, 0.99) * 1000:.2f} ms  (Python client)")
+            loadgen = build_loadgen(tmp)
+            if loadgen is not None:
+                c = load_c(loadgen, sock, 1, 30.0, 1000 if not args.quick else 200, "res-99999")
+                print(f"100,000 custom resources: allocate p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  "
+                      f"({int(c['pairs'])} calls, C client bench/loadgen.c)")
         finally:
             stop_daemon(proc)
+        floor_p50, floor_p99 = sqlite_commit_floor(tmp)
+        print(f"floor: one-row SQLite WAL/FULL commit in the same directory, no daemon: p50 {floor_p50:.3f} ms  "
+              f"p99 {floor_p99:.3f} ms")
 
 
 if __name__ == "__main__":

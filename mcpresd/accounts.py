@@ -1,4 +1,4 @@
-"""Cost, budgets, accounting and learning from history, on the store thread. The arithmetic is `core.accounting`'s.
+"""Cost, budgets, accounting and learning from history, in store jobs. The arithmetic is `core.accounting`'s.
 
 Rules:
 - An allocation's charges are fixed when it is granted: what it holds, as what kind (a CPU slot counts as its
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mcpresd.core import accounting
 from mcpresd.core import alerts as alerting
-from mcpresd.core.accounting import Budget, Charge, UsageRecord
+from mcpresd.core.accounting import Budget, Charge, UsageRecord, cost_per_hour
 from mcpresd.core.errors import BudgetExceeded, DomainError, InvalidRequest, PermissionDenied
 from mcpresd.core.model import Allocation, AllocationItem, Demand
 from mcpresd.core.pools import utilisation
@@ -90,9 +90,15 @@ class Accounts:
                            allocation.granted_at, allocation.released_at, allocation.charges, dict(measured))
 
     def cost_of(self, allocation: Allocation, now: float) -> float | None:
-        if allocation.granted_at is None or not allocation.charges:
+        """What the allocation has cost so far (final once released); None where nothing is charged.
+
+        `UsageRecord.cost` without building the record: this is on every reply.
+        """
+        granted_at = allocation.granted_at
+        if granted_at is None or not allocation.charges:
             return None
-        return round(self.record(allocation).cost(now), 6)
+        end = now if allocation.released_at is None else allocation.released_at
+        return round(cost_per_hour(allocation.charges) * (max(0.0, end - granted_at) / 3600), 6)
 
     def ended(self, allocation: Allocation, reported: dict[str, float] | None) -> Allocation:
         """The ended allocation with what its holder used (reported wins over sampled); forget the samples."""

@@ -20,6 +20,7 @@ from enum import IntEnum, StrEnum
 # `mcpctl allocate` imports this module on every call.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
 from mcpresd import __version__
@@ -418,3 +419,27 @@ def prometheus_text(readings: dict[str, dict[str, float | str | None]]) -> str:
             lines.append(f'{name}{{resource="{label}"}} {value:.17g}')
     return "\n".join(lines) + "\n"
 
+
+
+def compact_json_encoder(*, allow_nan: bool) -> Callable[[Any], str]:
+    """A function that writes a value as compact, ASCII-only JSON (non-ASCII as \\u escapes), built once.
+
+    `json.JSONEncoder.encode` builds CPython's C encoder afresh on every call, which costs more than encoding
+    a small object; the daemon encodes every reply and every row's JSON column, so it builds one here. Without
+    the C accelerator (another Python) it is the plain encoder. No check for circular references: the daemon
+    encodes only trees it built. With `allow_nan` False, NaN and infinities raise ValueError.
+    """
+    import json
+    import json.encoder
+
+    plain = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=allow_nan)
+    make = getattr(json.encoder, "c_make_encoder", None)  # CPython's accelerator; None (or absent) elsewhere
+    if make is None:
+        return plain.encode
+    encode_chunks = make(None, plain.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False,
+                         allow_nan)
+
+    def encode(value: Any) -> str:
+        return "".join(encode_chunks(value, 0))
+
+    return encode

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from mcpresd import params
 from mcpresd.core import errors
 from mcpresd.core.model import Resource
-from mcpresd.protocol import JSONRPC, MAX_BATCH, ErrorCode, Method
+from mcpresd.protocol import JSONRPC, MAX_BATCH, ErrorCode, Method, compact_json_encoder
 from mcpresd.service import Broker, Caller
 from mcpresd.store import StorageError
 
@@ -92,6 +92,9 @@ HANDLERS: dict[Method, Handler] = {
     Method.OPTIMISE: Handler(params.no_params, Broker.optimise),
 }
 
+_BY_NAME: dict[str, Handler] = {method.value: handler for method, handler in HANDLERS.items()}
+"""HANDLERS by the method's name on the wire (a StrEnum member hashes by its Python name, not its value)."""
+
 ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
     errors.InvalidRequest: ErrorCode.INVALID_PARAMS,
     errors.UnknownResource: ErrorCode.UNKNOWN_RESOURCE,
@@ -129,12 +132,11 @@ def error_response(id: Any, code: ErrorCode, message: str, data: dict[str, Any] 
 
 
 # ASCII with \u escapes: a lone surrogate echoed from a request (an id, an unknown field name) stays valid JSON.
-# One encoder for every reply: json.dumps with options builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_ENCODE = compact_json_encoder(allow_nan=False)
 
 
 def encode(message: Any) -> bytes:
-    return _ENCODER.encode(message).encode("ascii") + b"\n"
+    return _ENCODE(message).encode("ascii") + b"\n"
 
 
 class RpcStats:
@@ -232,8 +234,8 @@ class Dispatcher:
 
     def _call(self, method: str, raw_params: Any, peer: Peer, finish: Callable[[Any], None]) -> None:
         try:
-            handler = HANDLERS[Method(method)]
-        except ValueError:
+            handler = _BY_NAME[method]
+        except KeyError:
             finish(_Failure(error_object(ErrorCode.METHOD_NOT_FOUND, f"method not found: {method!r}")))
             return
         try:

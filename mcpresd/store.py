@@ -1,7 +1,7 @@
 """SQLite storage: schema, migrations, and the statements the service runs.
 
 Rules:
-- One connection, opened and used by one thread (the store thread in `mcpresd.server`).
+- One connection, opened and used by one thread (the event loop's, through `mcpresd.server.GroupCommitter`).
 - WAL with synchronous=FULL: a COMMIT that returned is on disk.
 - Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
   requests into one transaction and replies only after it commits.
@@ -23,7 +23,7 @@ from typing import Any
 
 from mcpresd.core.accounting import Charge
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
-from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType
+from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
 MIGRATIONS_NAME = "mcpresd"
 
@@ -490,7 +490,7 @@ class Store:
     ) -> int:
         cursor = self.conn.execute(
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (now, kind, allocation_id, resource, uid, json.dumps(detail, separators=(",", ":")) if detail else "{}"),
+            (now, kind, allocation_id, resource, uid, _compact(detail) if detail else "{}"),
         )
         return int(cursor.lastrowid or 0)
 
@@ -630,8 +630,7 @@ def _allocation(row: tuple[Any, ...], items: tuple[AllocationItem, ...]) -> Allo
     )
 
 
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_compact = compact_json_encoder(allow_nan=True)
 
 
 def _charges_json(charges: tuple[Charge, ...]) -> str:
@@ -645,13 +644,13 @@ def _charges_from_json(text: str | None) -> tuple[Charge, ...]:
 
 
 def _request_json(request: Request) -> str:
-    return json.dumps({
+    return _compact({
         "demands": [[d.selector, d.amount, d.most] for d in request.demands],
         "strategy": request.strategy,
         "where": list(request.where),
         "max_cost": request.max_cost,
         **({"objective": request.objective} if request.objective else {}),
-    }, separators=(",", ":"))
+    })
 
 
 def _request_from_json(text: str) -> Request:
@@ -671,7 +670,7 @@ def _resource_row(resource: Resource) -> tuple[Any, ...]:
         resource.type.value,
         resource.capacity,
         resource.unit,
-        json.dumps(dict(resource.labels), separators=(",", ":")),
+        _compact(dict(resource.labels)),
         resource.uuid,
         resource.cost_per_unit_hour,
         resource.source,
