@@ -6,6 +6,18 @@ Rules:
 - Per resource it stores the measured values and `utilisation_rate`
   (allocated / capacity, in %). A value the device does not offer is stored as
   'unsupported', a failed read as 'unknown', never as 0.
+- A round costs what changed, not how many resources exist (a registry of
+  100,000 custom resources must not stall the daemon every second):
+  `utilisation_rate` is stored every round for the host's sampled resources,
+  for every resource held and for every resource with an open alert, and once
+  when a resource falls idle (a flat idle
+  line is its last point; a resource never held has no history, and
+  `metrics.current` still gives every resource's rate). Alert rules are
+  evaluated where a value was stored this round or an alert is open, which
+  decides the same as evaluating every resource every round: an unchanged value
+  with no open alert cannot open one it did not open before. Health is scored
+  where there is something to score; a resource with nothing against it scores
+  100.
 - History: raw samples for `raw_max_age` (at most `raw_points` per metric) and
   1-minute roll-ups (min, max, avg, count) for `rollup_max_age`; a minute is
   rolled up once it is over; `retain()` enforces both.
@@ -61,6 +73,10 @@ class MonitorPolicy:
     rules: tuple[alerting.AlertRule, ...] = field(default_factory=alerting.default_rules)
 
 
+_HEALTH_FACTS = frozenset({"utilisation", "throttle_reasons", "foreign_memory"})
+"""The sampled metrics a health score reads (a resource with none of them, and nothing else against it, scores 100)."""
+
+
 @dataclass
 class _Open:
     id: int | None
@@ -79,6 +95,11 @@ class Monitor:
         self.healthy: dict[str, bool] = {}
         self._errors: dict[str, int] = {}
         self._window: dict[str, deque[float]] = {}
+        self._rates: dict[str, float] = {}
+        """The utilisation_rate last stored per resource (0 for an idle one seen but never held)."""
+        self._rates_nonzero: set[str] = set()
+        """Resources whose last stored utilisation_rate was not 0 (they get a row when they fall idle)."""
+        self._rates_catalogue = -1
         self._last_health = -math.inf
         # The newest stored minute was still in progress when the daemon stopped: roll it up once it is over.
         newest = self.metrics.newest_sample_ts()
@@ -115,6 +136,10 @@ class Monitor:
         changes += [f"alert rule {name} changed" for name in sorted(before.keys() & after.keys())
                     if before[name] != after[name]]
         self.policy = policy
+        if policy.rules != tuple(before.values()):
+            self._rates.clear()  # new rules meet every resource's value once, at the next round
+            self._rates_nonzero.clear()
+            self._rates_catalogue = -1
         for key, entry in list(self.alerts.items()):
             if key[0] not in after and key[0] not in CONDITIONS:
                 del self.alerts[key]
@@ -138,11 +163,7 @@ class Monitor:
 
     def record(self, now: float, readings: Readings,
                gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]] | None = None) -> None:
-        broker = self.broker
-        ledger = broker.ledger
-        for resource in ledger.resources():
-            values = readings.setdefault(resource.name, {})
-            values["utilisation_rate"] = 100.0 * ledger.used(resource.name) / resource.capacity
+        first_seen_idle = self._add_utilisation_rates(readings)
         rows: list[tuple[str, str, float, float | None, str]] = []
         for resource_name, values in readings.items():
             for metric, value in values.items():
@@ -154,6 +175,8 @@ class Monitor:
                     rows.append((resource_name, metric, now, None, "unknown"))
                     self._errors[resource_name] = self._errors.get(resource_name, 0) + 1
         self.metrics.insert_samples(rows)
+        for name, rate in first_seen_idle.items():  # no row, but the alert rules see the value once
+            readings.setdefault(name, {})["utilisation_rate"] = rate
         self.latest, self.latest_ts = readings, now
         self._observe_gpus(readings, gpu_processes or {})
         self._evaluate_alerts(now, readings)
@@ -163,6 +186,47 @@ class Monitor:
             self._check_health(now)
         if now - self._last_retain >= 60.0:
             self.retain(now)
+
+    def _add_utilisation_rates(self, readings: Readings) -> dict[str, float]:
+        """Add `utilisation_rate` where a row is due this round (see the module's rules); return the rates of idle
+        resources seen for the first time (no row: their alert rules still see the value once)."""
+        ledger = self.broker.ledger
+        in_use = ledger.in_use()
+        due = [name for name in readings if name in ledger]
+        due.extend(name for name in in_use if name not in readings)
+        due.extend(name for name in self._rates_nonzero if name not in in_use and name not in readings)
+        due.extend({name for _, name in self.alerts} - in_use.keys() - self._rates_nonzero - readings.keys())
+        if ledger.catalogue_version != self._rates_catalogue:  # resources came or went: look at them all, once
+            self._rates_catalogue = ledger.catalogue_version
+            known = {resource.name for resource in ledger.resources()}
+            for gone in self._rates.keys() - known:
+                del self._rates[gone]
+                self._rates_nonzero.discard(gone)
+            listed = set(due)
+            first = {name: 0.0 for name in known if name not in self._rates and name not in listed}
+            self._rates.update(first)
+        else:
+            first = {}
+        for name in due:
+            if name not in ledger:
+                continue
+            rate = 100.0 * in_use.get(name, 0.0) / ledger.get(name).capacity
+            readings.setdefault(name, {})["utilisation_rate"] = rate
+            self._rates[name] = rate
+            if rate:
+                self._rates_nonzero.add(name)
+            else:
+                self._rates_nonzero.discard(name)
+        return first
+
+    def current(self) -> Readings:
+        """The latest round's readings, and the utilisation_rate last stored for resources it left out."""
+        ledger = self.broker.ledger
+        current = {name: dict(values) for name, values in self.latest.items()}
+        for name, rate in self._rates.items():
+            if name not in current and name in ledger:
+                current[name] = {"utilisation_rate": rate}
+        return current
 
     def _observe_gpus(self, readings: Readings,
                       processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]]) -> None:
@@ -193,7 +257,10 @@ class Monitor:
         ledger = self.broker.ledger
         for rule in self.policy.rules:
             metric = rule.metric.split(".", 1)[-1]
-            for resource in ledger.resources():
+            names = [name for name, values in readings.items() if metric in values and name in ledger]
+            names.extend(name for rule_name, name in self.alerts
+                         if rule_name == rule.name and metric not in readings.get(name, ()) and name in ledger)
+            for resource in map(ledger.get, names):
                 if not alerting.selects(rule, resource.name, resource.type.value):
                     continue
                 key = (rule.name, resource.name)
@@ -382,7 +449,12 @@ class Monitor:
         for (_, name), entry in self.alerts.items():
             if entry.alert.state is alerting.State.FIRING and entry.alert.level is not None:
                 firing.setdefault(name, []).append(entry.alert.level)
-        for resource in broker.ledger.resources():
+        ledger = broker.ledger
+        names = {name for name, values in self.latest.items() if _HEALTH_FACTS.intersection(values)}
+        names.update(firing, self._errors, (name for name, window in self._window.items() if window))
+        names.update(n for n, ok in self.healthy.items() if not ok)
+        names.update(n for n, health in self.health.items() if health.score < 100)
+        for resource in map(ledger.get, sorted(n for n in names if n in ledger)):
             values = self.latest.get(resource.name, {})
             utilisation = values.get("utilisation")
             window = self._window.setdefault(resource.name, deque(maxlen=6))
@@ -411,8 +483,11 @@ class Monitor:
                     broker.schedule()
 
     def health_of(self, resource: str) -> dict[str, Any] | None:
+        """A resource's last score; a full score where nothing was held against it; None before the first check."""
         health = self.health.get(resource)
         if health is None:
-            return None
+            if self._last_health == -math.inf:
+                return None
+            return {"score": 100, "reasons": [], "granted": self.healthy.get(resource, True)}
         return {"score": health.score, "reasons": list(health.reasons), "granted": self.healthy.get(resource, True)}
 

@@ -78,7 +78,7 @@ class GroupCommitter:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         if self.broker is None:
-            future.set_exception(StorageError("the store is closed; the daemon is stopping"))
+            future.cancel()  # the daemon is stopping and the store is closed: nothing more runs
             return future
         self._pending.append((job, future))
         if not self._scheduled:

@@ -827,7 +827,7 @@ class Broker:
         self.monitor.record(self.clock(), readings, gpu_processes)
 
     def metrics_current(self, caller: Caller, command: p.MetricsCommand) -> dict[str, Any]:
-        latest = self.monitor.latest
+        latest = self.monitor.current()
         if command.resource is not None:
             resource = self.ledger.find(command.resource)
             name = resource.name if resource else command.resource

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from bisect import insort
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from mcpresd.core.constraints import Selector, matches_all, parse_selector, pick_local, request_cost
 from mcpresd.core.errors import (
@@ -84,6 +85,8 @@ class Ledger:
         self._queued_for: dict[str, int] = {}
         self.default_strategy = Strategy.FIRST_FIT.value
         self.version = 0
+        self.catalogue_version = 0
+        """Counts changes to the set of resources or their facts (add, remove, replace), not to holdings."""
         self._cache: dict[tuple[object, ...], tuple[int, tuple[AllocationItem, ...] | DomainError]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -131,6 +134,7 @@ class Ledger:
         insort(self._by_type.setdefault(resource.type, []), resource.name,
                key=lambda name: _order_key(self._resources[name]))
         self.version += 1
+        self.catalogue_version += 1
 
     def check_removable(self, name: str) -> Resource:
         resource = self.get(name)
@@ -150,6 +154,7 @@ class Ledger:
             self._by_uuid.pop(resource.uuid, None)
         self._by_type[resource.type].remove(resource.name)
         self.version += 1
+        self.catalogue_version += 1
         return resource
 
     def replace(self, resource: Resource) -> None:
@@ -169,6 +174,7 @@ class Ledger:
         insort(self._by_type.setdefault(resource.type, []), resource.name,
                key=lambda name: _order_key(self._resources[name]))
         self.version += 1
+        self.catalogue_version += 1
 
     def block(self, name: str, reason: str | None) -> None:
         """Keep a resource out of new grants (an unhealthy one) until unblocked with None."""
@@ -226,8 +232,15 @@ class Ledger:
     def unhold(self, items: Iterable[AllocationItem]) -> None:
         for item in items:
             left = self._used.get(item.resource, 0.0) - item.amount
-            self._used[item.resource] = 0.0 if left < EPSILON else left
+            if left < EPSILON:
+                self._used.pop(item.resource, None)  # only held resources are kept: in_use() is their count
+            else:
+                self._used[item.resource] = left
         self.version += 1
+
+    def in_use(self) -> Mapping[str, float]:
+        """The amount held of every resource that is held at all (a read-only view; idle ones are absent)."""
+        return MappingProxyType(self._used)
 
     def _position(self, resource: Resource) -> int:
         return self._by_type[resource.type].index(resource.name)

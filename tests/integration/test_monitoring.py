@@ -261,8 +261,68 @@ def test_utilisation_rate_is_the_allocated_share_of_capacity_in_percent(tmp_path
     current = rig.broker.metrics_current(ME, p.MetricsCommand(None))["resources"]
     assert {name: current[name]["utilisation_rate"] for name in ("gpu:0", "cpu", "licence")} \
         == {"gpu:0": 75.0, "cpu": 25.0, "licence": 0.0}
+    # Stored: the sampled host resource every round, and what is held; licence was never held, so no history.
     assert sorted(rig.rows("SELECT resource, value FROM samples WHERE metric = 'utilisation_rate'")) \
-        == [("cpu", 25.0), ("gpu:0", 75.0), ("licence", 0.0)]
+        == [("cpu", 25.0), ("gpu:0", 75.0)]
+
+
+def rate_rows(rig: Rig, resource: str) -> list[tuple[float, float]]:
+    return rig.rows("SELECT ts, value FROM samples WHERE metric = 'utilisation_rate' AND resource = ? ORDER BY ts",
+                    resource)
+
+
+def test_utilisation_rate_is_stored_while_held_and_once_when_the_resource_falls_idle(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=()), resources=(GPU, LICENCE))
+    rig.record(at(0), {"gpu:0": {"utilisation": 1.0}})
+    held = rig.allocate("licence", 2)
+    rig.record(at(1), {"gpu:0": {"utilisation": 1.0}})
+    rig.record(at(2), {"gpu:0": {"utilisation": 1.0}})
+    with rig.store.transaction():
+        rig.broker.release(ME, p.release({"id": held["id"]}))
+    for tick in (3, 4, 5):
+        rig.record(at(tick), {"gpu:0": {"utilisation": 1.0}})
+
+    assert rate_rows(rig, "licence") == [(at(1), 50.0), (at(2), 50.0), (at(3), 0.0)]
+    assert [ts for ts, _ in rate_rows(rig, "gpu:0")] == [at(tick) for tick in range(6)]  # sampled: every round
+    current = rig.broker.metrics_current(ME, p.MetricsCommand("licence"))["resources"]
+    assert current == {"licence": {"utilisation_rate": 0.0}}
+
+
+def test_a_round_stores_nothing_for_idle_resources_however_many_there_are(tmp_path: Path) -> None:
+    many = tuple(Resource(name=f"seat-{i}", type=ResourceType.CUSTOM, capacity=1.0, unit="seats", source="config")
+                 for i in range(2000))
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=()), resources=(CPU, *many))
+    for tick in range(3):
+        rig.record(at(tick), {"cpu": {"utilisation": 5.0}})
+
+    per_round = rig.rows("SELECT ts, count(*) FROM samples GROUP BY ts ORDER BY ts")
+    assert per_round == [(at(0), 2), (at(1), 2), (at(2), 2)]  # cpu's utilisation and utilisation_rate
+    current = rig.broker.metrics_current(ME, p.MetricsCommand(None))["resources"]
+    assert current["seat-1999"] == {"utilisation_rate": 0.0} and len(current) == 2001
+
+
+def test_a_below_rule_fires_for_an_idle_resource_that_was_never_held(tmp_path: Path) -> None:
+    underused = AlertRule("licence-unused", "custom.utilisation_rate", "licence", ((Level.WARNING, 10.0),),
+                          above=False, pending_for=1.0)
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=(underused,)), resources=(GPU, LICENCE))
+    for tick in range(4):  # 0.5 s apart: pending at 0, firing once 1 s has passed
+        rig.record(at(tick), {"gpu:0": {"utilisation": 1.0}})
+
+    assert [(e["kind"], e["resource"]) for e in rig.events if e["kind"].startswith("alert.")] \
+        == [("alert.firing", "licence")]
+
+
+def test_a_rule_added_by_a_reload_meets_every_idle_resource(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=()), resources=(GPU, LICENCE))
+    rig.record(at(0), {"gpu:0": {"utilisation": 1.0}})
+    underused = AlertRule("licence-unused", "custom.utilisation_rate", "licence", ((Level.WARNING, 10.0),),
+                          above=False)
+    with rig.store.transaction():
+        rig.broker.monitor.reconfigure(MonitorPolicy(rules=(underused,)), at(1))
+    rig.record(at(1), {"gpu:0": {"utilisation": 1.0}})
+
+    assert [(e["kind"], e["resource"]) for e in rig.events if e["kind"].startswith("alert.")] \
+        == [("alert.firing", "licence")]
 
 
 # -- history: roll-ups, retention, restarts ------------------------------------------------
