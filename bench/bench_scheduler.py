@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import (  # noqa: E402
     ROOT, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
 )
+from bench_monitor import cpu_seconds  # noqa: E402
 
 
 class Conn:
@@ -158,7 +159,6 @@ def main() -> None:
     args = cli.parse_args()
     python = str(bench_venv(Path(args.venv)))
     trials = 20 if args.quick else 100
-    only = os.environ.get("BENCH_ONLY", "")
     config = ('[[resources]]\nname = "one"\ncapacity = 1\n[[resources]]\nname = "slots10"\ncapacity = 10\n'
               '[[resources]]\nname = "slots"\ncapacity = 1000000\n[scheduler]\ntick_interval = "100ms"\n')
     with tempfile.TemporaryDirectory() as tmp_text:
@@ -197,6 +197,11 @@ def main() -> None:
             lat = grant_latency(sock, 1000 if not args.quick else 200, "res-99999")
             print(f"100,000 custom resources (registered in {elapsed:.1f} s): allocate p50 "
                   f"{statistics.median(lat) * 1000:.2f} ms  p99 {percentile(lat, 0.99) * 1000:.2f} ms  (Python client)")
+            time.sleep(2.0)  # let a sampling round or two pass: the registration changed every resource
+            before, started = cpu_seconds(proc.pid), time.perf_counter()
+            time.sleep(5.0)
+            idle = 100 * (cpu_seconds(proc.pid) - before) / (time.perf_counter() - started)
+            print(f"100,000 custom resources: daemon CPU while idle (sampling every second): {idle:.1f} % of a core")
             loadgen = build_loadgen(tmp)
             if loadgen is not None:
                 c = load_c(loadgen, sock, 1, 30.0, 1000 if not args.quick else 200, "res-99999")
