@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import (  # noqa: E402
-    ROOT, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
+    ROOT, StealMeter, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
 )
 from bench_scheduler import Conn, percentile  # noqa: E402
 
@@ -140,13 +140,15 @@ def latencies(sock: str, pairs: int, where: str, loadgen: str | None) -> None:
                             ("pool of 1,000 members, 990 of them busy", "pool:big")):
         if "busy" in label:
             ok(holder.call("allocate", {"resources": [{"resource": "pool:big", "amount": 990}]}))
+        steal = StealMeter()
         times = latency(sock, resource, pairs)
         print(f"[{where}] allocate from a {label}: {len(times)} calls, p50 {statistics.median(times) * 1000:.2f} ms,"
-              f" p99 {percentile(times, 0.99) * 1000:.2f} ms  (Python client)")
+              f" p99 {percentile(times, 0.99) * 1000:.2f} ms  (Python client; cpu steal {steal.percent():.1f} %)")
         if loadgen is not None:
+            steal.start()
             c = load_c(loadgen, sock, 1, 60.0, pairs, resource)
             print(f"[{where}] allocate from a {label}: {int(c['pairs'])} calls, p50 {c['p50_ms']:.2f} ms,"
-                  f" p99 {c['p99_ms']:.2f} ms  (C client bench/loadgen.c)")
+                  f" p99 {c['p99_ms']:.2f} ms  (C client bench/loadgen.c; cpu steal {steal.percent():.1f} %)")
     holder.close()
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import (  # noqa: E402
-    ROOT, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
+    ROOT, StealMeter, bench_venv, build_loadgen, load_c, sqlite_commit_floor, start_daemon, stop_daemon,
 )
 from bench_monitor import cpu_seconds  # noqa: E402
 
@@ -174,9 +174,10 @@ def main() -> None:
                 conn.connect(sock)
                 idle.append(conn)
             time.sleep(0.5)
+            steal = StealMeter()
             lat = grant_latency(sock, 1000 if not args.quick else 200, "slots")
             print(f"1,000 idle connections open, one more client: allocate p50 {statistics.median(lat) * 1000:.2f} ms"
-                  f"  p99 {percentile(lat, 0.99) * 1000:.2f} ms")
+                  f"  p99 {percentile(lat, 0.99) * 1000:.2f} ms  (cpu steal {steal.percent():.1f} %)")
             for conn in idle:
                 conn.close()
             result = contention(sock, 200, 5.0 if not args.quick else 2.0, 0.005)
@@ -194,9 +195,11 @@ def main() -> None:
         proc, sock = start_daemon(tmp / "big", python, config)
         try:
             elapsed = register(sock, 100_000)
+            steal = StealMeter()
             lat = grant_latency(sock, 1000 if not args.quick else 200, "res-99999")
             print(f"100,000 custom resources (registered in {elapsed:.1f} s): allocate p50 "
-                  f"{statistics.median(lat) * 1000:.2f} ms  p99 {percentile(lat, 0.99) * 1000:.2f} ms  (Python client)")
+                  f"{statistics.median(lat) * 1000:.2f} ms  p99 {percentile(lat, 0.99) * 1000:.2f} ms  (Python client;"
+                  f" cpu steal {steal.percent():.1f} %)")
             time.sleep(2.0)  # let a sampling round or two pass: the registration changed every resource
             before, started = cpu_seconds(proc.pid), time.perf_counter()
             time.sleep(5.0)
@@ -204,9 +207,10 @@ def main() -> None:
             print(f"100,000 custom resources: daemon CPU while idle (sampling every second): {idle:.1f} % of a core")
             loadgen = build_loadgen(tmp)
             if loadgen is not None:
+                steal.start()
                 c = load_c(loadgen, sock, 1, 30.0, 1000 if not args.quick else 200, "res-99999")
                 print(f"100,000 custom resources: allocate p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  "
-                      f"({int(c['pairs'])} calls, C client bench/loadgen.c)")
+                      f"({int(c['pairs'])} calls, C client bench/loadgen.c; cpu steal {steal.percent():.1f} %)")
         finally:
             stop_daemon(proc)
         floor_p50, floor_p99 = sqlite_commit_floor(tmp)
