@@ -350,12 +350,16 @@ class Daemon:
             if inherited is not None:
                 inherited.close()
             self.notifier.close()
+        if self.committer is not None and self.committer.broken is not None:
+            # Exit non-zero so that a supervisor (systemd's Restart=on-failure) starts it afresh from the database.
+            raise RuntimeError(f"stopped because the store failed: {self.committer.broken}")
 
     async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
         self.watch = HolderWatch(loop, self._holder_exited)
-        self.committer = committer = GroupCommitter(self._make_broker, self._committed)
+        self.committer = committer = GroupCommitter(self._make_broker, self._committed,
+                                                    on_broken=lambda error: stop.set())
         self.server = server = Server(Dispatcher(committer.submit, self.discover), on_close=self._connection_closed,
                                       limits=self.config.limits)
         committer.start(loop)  # opens and recovers the store before anything is served
@@ -398,6 +402,11 @@ class Daemon:
             for factory in list(self._factories):
                 factory.cancel()
             await server.close_all(SHUTDOWN_GRACE_S)
+            # Closed transports report connection_lost on a later round: let them, so the jobs they submit
+            # (a waiting client's request withdrawn) run before the store closes.
+            deadline = loop.time() + SHUTDOWN_GRACE_S
+            while server.connections and loop.time() < deadline:
+                await asyncio.sleep(0.001)
             self.watch.close()
             if inode is not None:
                 remove_socket(self.config.socket, inode)

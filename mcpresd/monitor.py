@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from mcpresd.core import alerts as alerting
 from mcpresd.core import forecast as forecasting
 from mcpresd.core import health as healthing
-from mcpresd.core.ledger import Observation
+from mcpresd.core.ledger import Ledger, Observation
 from mcpresd.core.risk import GpuProcess, GpuReading, foreign_processes, risk_notes
 from mcpresd.core.rollup import minute_of, retention_cutoffs, roll_up
 from mcpresd.store import MetricStore
@@ -73,6 +73,10 @@ class MonitorPolicy:
     rules: tuple[alerting.AlertRule, ...] = field(default_factory=alerting.default_rules)
 
 
+def _block_reason(health: healthing.Health) -> str:
+    return f"health score {health.score}: {'; '.join(health.reasons) or 'recovered'}"
+
+
 _HEALTH_FACTS = frozenset({"utilisation", "throttle_reasons", "foreign_memory"})
 """The sampled metrics a health score reads (a resource with none of them, and nothing else against it, scores 100)."""
 
@@ -100,6 +104,8 @@ class Monitor:
         self._rates_nonzero: set[str] = set()
         """Resources whose last stored utilisation_rate was not 0 (they get a row when they fall idle)."""
         self._rates_catalogue = -1
+        self._rates_ledger: Ledger | None = None
+        """The ledger `_rates_catalogue` counts for (`Broker.reload` builds a new one, which counts afresh)."""
         self._last_health = -math.inf
         # The newest stored minute was still in progress when the daemon stopped: roll it up once it is over.
         newest = self.metrics.newest_sample_ts()
@@ -138,7 +144,6 @@ class Monitor:
         self.policy = policy
         if policy.rules != tuple(before.values()):
             self._rates.clear()  # new rules meet every resource's value once, at the next round
-            self._rates_nonzero.clear()
             self._rates_catalogue = -1
         for key, entry in list(self.alerts.items()):
             if key[0] not in after and key[0] not in CONDITIONS:
@@ -196,8 +201,9 @@ class Monitor:
         due.extend(name for name in in_use if name not in readings)
         due.extend(name for name in self._rates_nonzero if name not in in_use and name not in readings)
         due.extend({name for _, name in self.alerts} - in_use.keys() - self._rates_nonzero - readings.keys())
-        if ledger.catalogue_version != self._rates_catalogue:  # resources came or went: look at them all, once
-            self._rates_catalogue = ledger.catalogue_version
+        if ledger.catalogue_version != self._rates_catalogue or ledger is not self._rates_ledger:
+            # Resources came or went (or the ledger was rebuilt): look at them all, once.
+            self._rates_catalogue, self._rates_ledger = ledger.catalogue_version, ledger
             known = {resource.name for resource in ledger.resources()}
             for gone in self._rates.keys() - known:
                 del self._rates[gone]
@@ -475,12 +481,18 @@ class Monitor:
             ok = healthing.gate(was_ok, health.score, self.policy.health_threshold)
             self.healthy[resource.name] = ok
             if ok != was_ok:
-                reason = "; ".join(health.reasons) or "recovered"
-                broker.ledger.block(resource.name, None if ok else f"health score {health.score}: {reason}")
+                broker.ledger.block(resource.name, None if ok else _block_reason(health))
                 broker.emit(now, "resource.healthy" if ok else "resource.unhealthy", resource=resource.name,
                             detail={"score": health.score, "reasons": list(health.reasons)})
                 if ok:
                     broker.schedule()
+
+    def block_unhealthy(self, ledger: Ledger) -> None:
+        """Keep what the health gate refused out of a rebuilt ledger (`Broker.reload`) until it recovers."""
+        for name, ok in self.healthy.items():
+            health = self.health.get(name)
+            if not ok and health is not None and name in ledger:
+                ledger.block(name, _block_reason(health))
 
     def health_of(self, resource: str) -> dict[str, Any] | None:
         """A resource's last score; a full score where nothing was held against it; None before the first check."""

@@ -60,13 +60,17 @@ class GroupCommitter:
     client and at 200 (bench/bench_foundation.py) than a dedicated store thread.
     """
 
-    def __init__(self, make_broker: Callable[[], Broker], on_commit: Callable[[Outbox], None]) -> None:
+    def __init__(self, make_broker: Callable[[], Broker], on_commit: Callable[[Outbox], None],
+                 on_broken: Callable[[BaseException], None] = lambda error: None) -> None:
         self._make_broker = make_broker
         self._on_commit = on_commit
+        self._on_broken = on_broken
         self._pending: deque[tuple[StoreJob, asyncio.Future[Any]]] = deque()
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.broker: Broker | None = None
+        self.broken: BaseException | None = None
+        """Why the store can no longer be trusted (a failed group whose rebuild failed too); then nothing runs."""
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open the store and recover (on this, the loop's, thread); hand on what recovery found."""
@@ -77,6 +81,9 @@ class GroupCommitter:
     def submit(self, job: StoreJob) -> asyncio.Future[Any]:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
+        if self.broken is not None:
+            future.set_exception(StorageError(f"the store failed ({self.broken}); the daemon is stopping"))
+            return future
         if self.broker is None:
             future.cancel()  # the daemon is stopping and the store is closed: nothing more runs
             return future
@@ -87,12 +94,15 @@ class GroupCommitter:
         return future
 
     def stop(self) -> None:
-        """Run what is still pending, then close the store."""
-        while self._pending and self.broker is not None:
+        """Run what is still pending, then close the store (what cannot run is cancelled)."""
+        while self._pending and self.broker is not None and self.broken is None:
             left = len(self._pending)
             self._flush()
             if len(self._pending) >= left:
                 break  # nothing ran (a group still waits for its commit): do not spin
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
         if self.broker is not None:
             self.broker.store.close()
             self.broker = None
@@ -105,12 +115,29 @@ class GroupCommitter:
             return
         pending = self._pending
         batch = [pending.popleft() for _ in range(min(MAX_GROUP, len(pending)))]
-        if pending:
+        try:
+            outcomes = self._run_batch(batch)
+            outbox = broker.take_outbox()
+        except Exception as error:  # the group failed and so did rebuilding the state in memory
+            self._break(batch, error)
+            return
+        self._committed(outcomes, outbox)
+        if pending and not self._scheduled:  # more than one group was waiting: the next, after these replies
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
-        outcomes = self._run_batch(batch)
-        self._committed(outcomes, broker.take_outbox())
+
+    def _break(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]], error: Exception) -> None:
+        """Fail every waiting job and stop taking new ones; the daemon stops (a supervisor restarts it)."""
+        log.critical("the store failed and its state in memory cannot be trusted (%s); stopping", error,
+                     exc_info=error)
+        self.broken = error
+        failure = StorageError(f"the store failed ({error}); the daemon is stopping, nothing was applied")
+        for _, future in [*batch, *self._pending]:
+            if not future.done():
+                future.set_exception(failure)
+        self._pending.clear()
+        self._on_broken(error)
 
     def _run_batch(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]]) -> list[_Outcome]:
         broker = self.broker
@@ -131,7 +158,11 @@ class GroupCommitter:
                 return [(batch[0][1], False, _storage_error(error, broker.store.path))]
             log.warning("a grouped transaction of %d requests failed (%s); retrying one by one", len(batch), error,
                         exc_info=not isinstance(error, sqlite3.Error))
-            return [outcome for job in batch for outcome in self._run_batch([job])]
+            for entry in batch:
+                # Each retried job commits alone: hand on its outcome and outbox now, before a later job's
+                # failure rebuilds the broker (and its outbox) from the database.
+                self._committed(self._run_batch([entry]), broker.take_outbox())
+            return []
 
     @staticmethod
     def _recover(broker: Broker) -> None:

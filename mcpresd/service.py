@@ -192,6 +192,7 @@ class Broker:
         if "pools" in self.__dict__:  # a rebuild after a failed commit (at start-up they load themselves)
             self.pools.load()
             self.accounts.load()
+            self.monitor.block_unhealthy(self.ledger)
 
     def take_outbox(self) -> Outbox:
         outbox, self.outbox = self.outbox, Outbox()

@@ -23,7 +23,6 @@ import math
 from bisect import insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from mcpresd.core.constraints import Selector, matches_all, parse_selector, pick_local, request_cost
 from mcpresd.core.errors import (
@@ -239,8 +238,8 @@ class Ledger:
         self.version += 1
 
     def in_use(self) -> Mapping[str, float]:
-        """The amount held of every resource that is held at all (a read-only view; idle ones are absent)."""
-        return MappingProxyType(self._used)
+        """The amount held of every resource that is held at all (idle ones are absent). Read it, never change it."""
+        return self._used
 
     def _position(self, resource: Resource) -> int:
         return self._by_type[resource.type].index(resource.name)

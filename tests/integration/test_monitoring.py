@@ -18,6 +18,7 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -730,3 +731,42 @@ def test_the_prometheus_textfile_is_written_every_interval(tmp_path: Path) -> No
         assert not list(target.parent.glob("*.tmp"))  # written whole, then renamed into place
     finally:
         daemon.stop()
+
+
+def test_a_resource_added_just_before_a_rebuild_of_the_ledger_is_still_met(tmp_path: Path) -> None:
+    underused = AlertRule("seat-unused", "custom.utilisation_rate", "seat", ((Level.WARNING, 10.0),), above=False)
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=(underused,)), resources=(GPU, LICENCE))
+    with rig.store.transaction():  # a third change to the old ledger's resources: add, add, replace
+        rig.broker.reconcile_resources([GPU], [replace(LICENCE, capacity=5.0)])
+    rig.record(at(0), {"gpu:0": {"utilisation": 1.0}})
+    seat = Resource(name="seat", type=ResourceType.CUSTOM, capacity=1.0, unit="seats", source="config")
+    with rig.store.transaction():
+        rig.broker.reconcile_resources([GPU], [replace(LICENCE, capacity=5.0), seat])
+    rig.broker.reload()  # as after a failed commit: a new ledger, counting its three resources afresh
+    rig.record(at(1), {"gpu:0": {"utilisation": 1.0}})
+
+    assert rig.broker.metrics_current(ME, p.MetricsCommand("seat"))["resources"] == {"seat": {"utilisation_rate": 0.0}}
+    assert [(e["kind"], e["resource"]) for e in rig.events if e["kind"].startswith("alert.")] \
+        == [("alert.firing", "seat")]
+
+
+def test_a_reload_between_a_release_and_the_next_round_keeps_the_idle_row(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=()), resources=(GPU, LICENCE))
+    held = rig.allocate("licence", 2)
+    rig.record(at(0), {"gpu:0": {"utilisation": 1.0}})
+    with rig.store.transaction():
+        rig.broker.release(ME, p.release({"id": held["id"]}))
+        rig.broker.monitor.reconfigure(MonitorPolicy(rules=(GPU_BUSY,)), at(1))
+    rig.record(at(1), {"gpu:0": {"utilisation": 1.0}})
+
+    assert rate_rows(rig, "licence") == [(at(0), 50.0), (at(1), 0.0)]
+
+
+def test_an_unhealthy_resource_stays_refused_after_the_ledger_is_rebuilt(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=(GPU_BUSY,), health_interval=STEP, health_threshold=80))
+    rig.feed([99.0] * 5)  # a critical alert firing: 60 < 80
+    assert rig.broker.resource_dict(GPU)["health"]["granted"] is False
+    rig.broker.reload()
+
+    with pytest.raises(InsufficientCapacity):
+        rig.allocate("gpu:0", 1)

@@ -536,3 +536,17 @@ def test_a_retry_of_a_queued_request_with_its_key_returns_it_and_waits_for_it(
     assert (reply["result"]["id"], reply["result"]["state"]) == (queued, "active")
     assert [a["id"] for a in daemon.call(Method.ALLOCATIONS_LIST, {"state": "all"})
             if a["idempotency_key"] == "job-9"] == [queued]
+
+
+def test_a_request_waiting_when_the_daemon_stops_is_withdrawn_before_the_store_closes(
+        daemon: DaemonProcess) -> None:
+    current = hold(daemon, "one", 1)
+    with Line(daemon) as waiting:
+        waiting.send(Method.ALLOCATE, demand("one", 1, wait=30, holder_pid=os.getpid()))
+        [queued] = eventually_queued(daemon)
+        assert daemon.stop() == 0  # SIGTERM: the daemon closes the waiting connection on its way out
+    daemon.start()
+
+    withdrawn = get(daemon, queued["id"])
+    assert (withdrawn["state"], withdrawn["release_reason"]) == ("withdrawn", "disconnected")
+    assert state(daemon, current) == "active"  # held by this (living) process: it survives the restart

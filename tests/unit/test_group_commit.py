@@ -1,0 +1,143 @@
+"""GroupCommitter: grouped transactions on the loop's thread, replies after COMMIT, and what a failure leaves.
+
+A fake broker and store stand in for SQLite: they record what ran inside which transaction, and can be told to
+fail a statement or the rebuild that follows a failed group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import pytest
+
+from mcpresd.server import GroupCommitter
+from mcpresd.service import Outbox
+from mcpresd.store import StorageError
+
+
+class FakeStore:
+    path = "/fake/mcpresd.db"
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.in_transaction = False
+        self.closed = False
+
+    def begin(self) -> None:
+        assert not self.in_transaction
+        self.in_transaction = True
+        self.log.append("BEGIN")
+
+    def commit(self) -> None:
+        self.in_transaction = False
+        self.log.append("COMMIT")
+
+    def rollback(self) -> None:
+        self.in_transaction = False
+        self.log.append("ROLLBACK")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.store = FakeStore()
+        self.outbox = Outbox()
+        self.reload_fails = False
+
+    def take_outbox(self) -> Outbox:
+        outbox, self.outbox = self.outbox, Outbox()
+        return outbox
+
+    def reload(self) -> None:
+        self.outbox = Outbox()
+        if self.reload_fails:
+            raise sqlite3.OperationalError("disk I/O error")
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.broker = FakeBroker()
+        self.delivered: list[dict[str, Any]] = []
+        self.broken: list[BaseException] = []
+        self.committer = GroupCommitter(lambda: self.broker, self._on_commit,  # type: ignore[arg-type,return-value]
+                                        on_broken=self.broken.append)
+        self.committer.start(self.loop)
+
+    def _on_commit(self, outbox: Outbox) -> None:
+        self.delivered += outbox.events
+
+    def job(self, name: str, fails: Exception | None = None) -> Any:
+        def run(broker: FakeBroker) -> str:
+            broker.store.log.append(name)
+            broker.outbox.events.append({"kind": name})
+            if fails is not None:
+                raise fails
+            return name
+        return run
+
+    def turn(self) -> None:
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+@pytest.fixture
+def rig() -> Any:
+    made = Rig()
+    yield made
+    made.close()
+
+
+def test_jobs_submitted_in_one_round_share_one_transaction_and_resolve_after_its_commit(rig: Rig) -> None:
+    futures = [rig.committer.submit(rig.job(name)) for name in ("a", "b", "c")]
+    assert not any(f.done() for f in futures) and rig.broker.store.log == []  # nothing runs inside submit
+
+    rig.turn()
+
+    assert rig.broker.store.log == ["BEGIN", "a", "b", "c", "COMMIT"]
+    assert [f.result() for f in futures] == ["a", "b", "c"]
+    assert rig.delivered == [{"kind": "a"}, {"kind": "b"}, {"kind": "c"}]
+
+
+def test_a_failed_group_is_retried_one_by_one_and_what_committed_keeps_its_outbox(rig: Rig) -> None:
+    good = rig.committer.submit(rig.job("good"))
+    bad = rig.committer.submit(rig.job("bad", fails=sqlite3.OperationalError("no such table: x")))
+
+    rig.turn()
+
+    assert rig.broker.store.log == ["BEGIN", "good", "bad", "ROLLBACK",
+                                    "BEGIN", "good", "COMMIT", "BEGIN", "bad", "ROLLBACK"]
+    assert good.result() == "good"
+    assert isinstance(bad.exception(), StorageError)
+    assert rig.delivered == [{"kind": "good"}]  # the good job's event survived the bad job's rebuild
+    assert rig.broken == []
+
+
+def test_when_the_rebuild_fails_too_every_waiting_job_fails_and_the_daemon_is_told_to_stop(rig: Rig) -> None:
+    rig.broker.reload_fails = True
+    bad = rig.committer.submit(rig.job("bad", fails=sqlite3.OperationalError("disk I/O error")))
+
+    rig.turn()
+
+    assert isinstance(bad.exception(), StorageError)
+    assert len(rig.broken) == 1 and rig.committer.broken is rig.broken[0]
+    later = rig.committer.submit(rig.job("later"))
+    assert isinstance(later.exception(), StorageError)  # refused at once: the state in memory is not trusted
+    assert "later" not in rig.broker.store.log
+
+
+def test_stop_runs_what_is_pending_then_closes_the_store(rig: Rig) -> None:
+    pending = rig.committer.submit(rig.job("last"))
+
+    rig.committer.stop()
+
+    assert pending.result() == "last" and rig.broker.store.log == ["BEGIN", "last", "COMMIT"]
+    assert rig.broker.store.closed
+    assert rig.committer.submit(rig.job("after")).cancelled()
