@@ -8,11 +8,11 @@ Rules:
   'unsupported', a failed read as 'unknown', never as 0.
 - A round costs what changed, not how many resources exist (a registry of
   100,000 custom resources must not stall the daemon every second):
-  `utilisation_rate` is stored every round for the host's sampled resources,
-  for every resource held and for every resource with an open alert, and once
-  when a resource falls idle (a flat idle
-  line is its last point; a resource never held has no history, and
-  `metrics.current` still gives every resource's rate). Alert rules are
+  `utilisation_rate` is stored every round for the host's sampled resources
+  and for every resource with an open alert; for any other resource when its
+  allocated share changes (held, changed, fallen idle): its history is a step
+  line, each point holding until the next. A resource never held has no
+  history; `metrics.current` still gives every resource's rate. Alert rules are
   evaluated where a value was stored this round or an alert is open, which
   decides the same as evaluating every resource every round: an unchanged value
   with no open alert cannot open one it did not open before. Health is scored
@@ -197,10 +197,13 @@ class Monitor:
         resources seen for the first time (no row: their alert rules still see the value once)."""
         ledger = self.broker.ledger
         in_use = ledger.in_use()
+        rates = self._rates
         due = [name for name in readings if name in ledger]
-        due.extend(name for name in in_use if name not in readings)
+        for name, used in in_use.items():  # held: stored when the share changed (a step line)
+            if name not in readings and name in ledger and rates.get(name) != 100.0 * used / ledger.get(name).capacity:
+                due.append(name)
         due.extend(name for name in self._rates_nonzero if name not in in_use and name not in readings)
-        due.extend({name for _, name in self.alerts} - in_use.keys() - self._rates_nonzero - readings.keys())
+        due.extend({name for _, name in self.alerts} - set(due))
         if ledger.catalogue_version != self._rates_catalogue or ledger is not self._rates_ledger:
             # Resources came or went (or the ledger was rebuilt): look at them all, once.
             self._rates_catalogue, self._rates_ledger = ledger.catalogue_version, ledger

@@ -272,7 +272,7 @@ def rate_rows(rig: Rig, resource: str) -> list[tuple[float, float]]:
                     resource)
 
 
-def test_utilisation_rate_is_stored_while_held_and_once_when_the_resource_falls_idle(tmp_path: Path) -> None:
+def test_utilisation_rate_of_a_custom_resource_is_stored_when_it_changes(tmp_path: Path) -> None:
     rig = Rig(tmp_path / "db", MonitorPolicy(rules=()), resources=(GPU, LICENCE))
     rig.record(at(0), {"gpu:0": {"utilisation": 1.0}})
     held = rig.allocate("licence", 2)
@@ -283,7 +283,7 @@ def test_utilisation_rate_is_stored_while_held_and_once_when_the_resource_falls_
     for tick in (3, 4, 5):
         rig.record(at(tick), {"gpu:0": {"utilisation": 1.0}})
 
-    assert rate_rows(rig, "licence") == [(at(1), 50.0), (at(2), 50.0), (at(3), 0.0)]
+    assert rate_rows(rig, "licence") == [(at(1), 50.0), (at(3), 0.0)]  # held from 1, idle from 3
     assert [ts for ts, _ in rate_rows(rig, "gpu:0")] == [at(tick) for tick in range(6)]  # sampled: every round
     current = rig.broker.metrics_current(ME, p.MetricsCommand("licence"))["resources"]
     assert current == {"licence": {"utilisation_rate": 0.0}}
