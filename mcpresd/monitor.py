@@ -103,9 +103,9 @@ class Monitor:
         """The utilisation_rate last stored per resource (0 for an idle one seen but never held)."""
         self._rates_nonzero: set[str] = set()
         """Resources whose last stored utilisation_rate was not 0 (they get a row when they fall idle)."""
-        self._rates_catalogue = -1
-        self._rates_ledger: Ledger | None = None
-        """The ledger `_rates_catalogue` counts for (`Broker.reload` builds a new one, which counts afresh)."""
+        self._rates_scanned: tuple[Ledger, int] | None = None
+        """The ledger and its catalogue_version when every resource was last looked at (`Broker.reload` builds a
+        new ledger, which counts afresh: both must match)."""
         self._last_health = -math.inf
         # The newest stored minute was still in progress when the daemon stopped: roll it up once it is over.
         newest = self.metrics.newest_sample_ts()
@@ -144,7 +144,7 @@ class Monitor:
         self.policy = policy
         if policy.rules != tuple(before.values()):
             self._rates.clear()  # new rules meet every resource's value once, at the next round
-            self._rates_catalogue = -1
+            self._rates_scanned = None
         for key, entry in list(self.alerts.items()):
             if key[0] not in after and key[0] not in CONDITIONS:
                 del self.alerts[key]
@@ -204,9 +204,10 @@ class Monitor:
                 due.append(name)
         due.extend(name for name in self._rates_nonzero if name not in in_use and name not in readings)
         due.extend({name for _, name in self.alerts} - set(due))
-        if ledger.catalogue_version != self._rates_catalogue or ledger is not self._rates_ledger:
+        scanned = self._rates_scanned
+        if scanned is None or scanned[0] is not ledger or scanned[1] != ledger.catalogue_version:
             # Resources came or went (or the ledger was rebuilt): look at them all, once.
-            self._rates_catalogue, self._rates_ledger = ledger.catalogue_version, ledger
+            self._rates_scanned = (ledger, ledger.catalogue_version)
             known = {resource.name for resource in ledger.resources()}
             for gone in self._rates.keys() - known:
                 del self._rates[gone]

@@ -690,8 +690,7 @@ def _budget_key(fields: _Fields) -> BudgetKey:
     except ValueError:
         raise InvalidParams(f"period must be one of {', '.join(p.value for p in Period)}, got {period_text!r}",
                             "period") from None
-    subject = fields.text("subject", required=True, limit=MAX_NAME_LENGTH)
-    assert subject is not None
+    subject = _required_text(fields, "subject")
     if scope is BudgetScope.OWNER and not subject.isdigit():
         raise InvalidParams(f"an owner budget's subject is a uid (decimal), got {subject!r}", "subject")
     return BudgetKey(scope, subject, period)
@@ -742,6 +741,5 @@ class RecommendCommand:
 
 def recommend(params: Any) -> RecommendCommand:
     fields = _Fields(params, frozenset({"tool_id", "runs"}))
-    tool = fields.text("tool_id", required=True, limit=MAX_NAME_LENGTH)
-    assert tool is not None
+    tool = _required_text(fields, "tool_id")
     return RecommendCommand(tool, fields.integer("runs", 50, minimum=1, maximum=10_000))
