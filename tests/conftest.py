@@ -161,3 +161,19 @@ def run_cli(*args: str, socket_path: str | None = None, env: dict[str, str] | No
     mcpctl = str(Path(sys.executable).parent / "mcpctl")
     return subprocess.run([mcpctl, *args], capture_output=True, text=True, env=full_env, input=input,
                           timeout=timeout)
+
+
+# -- the installed mcpctl against a DaemonProcess (e2e tests) ---------------------------
+
+def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, socket_path=daemon.socket, env=env)
+
+
+def ok(daemon: DaemonProcess, *args: str) -> str:
+    result = cli(daemon, *args)
+    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
+    return result.stdout
+
+
+def as_json(daemon: DaemonProcess, *args: str) -> Any:
+    return json.loads(ok(daemon, *args, "--json"))

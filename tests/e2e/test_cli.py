@@ -15,7 +15,7 @@ import pytest
 import typer
 
 from mcpctl import exitcodes, fast
-from tests.conftest import H100_UUID, DaemonProcess, run_cli
+from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -24,20 +24,6 @@ ALLOCATION_FIELDS = {"id", "state", "items", "priority", "owner_uid", "holder_pi
 ANSI = re.compile(r"\x1b\[")
 BOX_DRAWING = re.compile(r"[\u2500-\u257f]")
 TYPER_PATH = "import sys; from mcpctl.app import run_app; raise SystemExit(run_app(sys.argv[1:]))"
-
-
-def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, socket_path=daemon.socket, env=env)
-
-
-def ok(daemon: DaemonProcess, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def as_json(daemon: DaemonProcess, *args: str) -> Any:
-    return json.loads(ok(daemon, *args, "--json"))
 
 
 def allocated(daemon: DaemonProcess) -> dict[str, float]:

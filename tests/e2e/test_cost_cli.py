@@ -6,11 +6,9 @@ The shared test config's `licence` costs 1.5 per seat-hour; `slot` has no cost.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
-import subprocess
 import sys
 import time
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import DaemonProcess, run_cli
+from tests.conftest import DaemonProcess, as_json, cli, ok, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -29,20 +27,6 @@ BUDGET_FIELDS = {"scope", "subject", "period", "limit", "soft", "spent", "remain
 USAGE_FIELDS = {"allocations", "active", "resource_hours", "cost", "waited_s", "mean_wait_s", "requested",
                 "measured", "efficiency"}
 ALLOCATES_64M = [sys.executable, "-c", "b = bytearray(64 << 20); sum(range(200_000))"]
-
-
-def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, socket_path=daemon.socket, env=env)
-
-
-def ok(daemon: DaemonProcess, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def as_json(daemon: DaemonProcess, *args: str) -> Any:
-    return json.loads(ok(daemon, *args, "--json"))
 
 
 def resource(daemon: DaemonProcess, name: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import H100_UUID, DaemonProcess, run_cli
+from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -94,20 +94,6 @@ def eventually(check: Callable[[], Any], timeout: float = STEP_S, every: float =
             assert value, f"not true within {timeout}s"
             return value
         time.sleep(every)
-
-
-def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, socket_path=daemon.socket, env=env)
-
-
-def ok(daemon: DaemonProcess, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def as_json(daemon: DaemonProcess, *args: str) -> Any:
-    return json.loads(ok(daemon, *args, "--json"))
 
 
 def on_terminal(daemon: DaemonProcess, *args: str, columns: int, lines: int,

@@ -6,35 +6,19 @@ carved from them.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from typing import Any
 
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import DaemonProcess, run_cli
+from tests.conftest import DaemonProcess, as_json, cli, ok, run_cli
 
 pytestmark = pytest.mark.e2e
 
 ANSI = re.compile(r"\x1b\[")
 SEATS = ["pool", "create", "seats", "--factory", "slots", "--parent", "licence", "--slot-size", "1", "--min", "1",
          "--max", "2", "--cost", "1.5"]
-
-
-def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, socket_path=daemon.socket, env=env)
-
-
-def ok(daemon: DaemonProcess, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def as_json(daemon: DaemonProcess, *args: str) -> Any:
-    return json.loads(ok(daemon, *args, "--json"))
 
 
 def pool(daemon: DaemonProcess, name: str) -> dict[str, Any]:

@@ -21,27 +21,13 @@ import pytest
 
 from mcpctl import exitcodes, fast
 from mcpctl.actions import AllocateOptions
-from tests.conftest import H100_UUID, DaemonProcess, run_cli
+from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli
 
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 MCPCTL = str(BIN / "mcpctl")
 STEP_S = 10.0  # the bound on every single wait below; none is expected to come near it
-
-
-def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, socket_path=daemon.socket, env=env)
-
-
-def ok(daemon: DaemonProcess, *args: str) -> str:
-    result = cli(daemon, *args)
-    assert result.returncode == 0, f"mcpctl {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def as_json(daemon: DaemonProcess, *args: str) -> Any:
-    return json.loads(ok(daemon, *args, "--json"))
 
 
 def user_env(daemon: DaemonProcess) -> dict[str, str]:
