@@ -169,6 +169,8 @@ class Broker:
         # Loop-side futures of callers waiting for a queued request, and the connections that wait.
         self._waiters: dict[str, list[Any]] = {}
         self._attended: dict[str, set[int]] = {}
+        self._unsettled: list[tuple[str, list[Any], set[int] | None]] = []
+        """What the open transaction settled (popped from the two above): put back if it rolls back."""
         self.reload()
         self.monitor = Monitor(self, monitor or MonitorPolicy())
         self.pools = PoolKeeper(self)
@@ -184,6 +186,7 @@ class Broker:
         self._timed: set[str] = set()
         for allocation in live:
             self._put(allocation)
+        self._keep_waiters()
         self.ledger = Ledger(self.store.load_resources(),
                              (item for allocation in live if allocation.is_active for item in allocation.items))
         self.ledger.default_strategy = self.policy.default_strategy
@@ -194,7 +197,23 @@ class Broker:
             self.accounts.load()
             self.monitor.block_unhealthy(self.ledger)
 
+    def _keep_waiters(self) -> None:
+        """After a rollback: waiters live on the event loop, not in the database, so they survive it.
+
+        A request the rolled-back work granted or withdrew is queued again, and so are its waiters; the
+        waiters of a request the rollback erased (it was never stored; its client got the error) are dropped.
+        """
+        for allocation_id, waiters, attended in self._unsettled:
+            self._waiters.setdefault(allocation_id, []).extend(waiters)
+            if attended is not None:
+                self._attended.setdefault(allocation_id, set()).update(attended)
+        self._unsettled = []
+        self._waiters = {i: w for i, w in self._waiters.items() if i in self._queued}
+        self._attended = {i: c for i, c in self._attended.items() if i in self._queued}
+
     def take_outbox(self) -> Outbox:
+        """What the transaction that just committed asks of the event loop."""
+        self._unsettled = []
         outbox, self.outbox = self.outbox, Outbox()
         outbox.wake_at = self.next_wake()
         return outbox
@@ -582,9 +601,12 @@ class Broker:
                 self.outbox.signals.append((victim.holder_pid, victim.holder_start, signal.SIGTERM))
 
     def _settle(self, allocation_id: str, outcome: Any) -> None:
-        for waiter in self._waiters.pop(allocation_id, []):
+        waiters = self._waiters.pop(allocation_id, [])
+        attended = self._attended.pop(allocation_id, None)
+        for waiter in waiters:
             self.outbox.settled.append((waiter, outcome))
-        self._attended.pop(allocation_id, None)
+        if waiters or attended is not None:
+            self._unsettled.append((allocation_id, waiters, attended))
 
     def _end(self, allocation: Allocation, reason: str, caller: Caller = SYSTEM,
              detail: dict[str, Any] | None = None, measured: dict[str, float] | None = None) -> Allocation:
