@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, Store
+from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store
 
 
 def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
@@ -21,6 +21,13 @@ def test_the_database_is_durable_wal_with_full_sync(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    store.close()
+
+
+def test_the_wal_is_checkpointed_rarely_enough_to_stay_out_of_the_p99(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES >= 4096
+    assert store.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
     store.close()
 
 
