@@ -146,3 +146,49 @@ def test_capacity_may_not_shrink_below_what_is_held() -> None:
     grant(ledger, ("licence", 2))
     with pytest.raises(ResourceInUse):
         ledger.replace(Resource("licence", T.CUSTOM, 1, "seats"))
+
+
+# -- pools: idle members in member order -------------------------------------------------------------------
+
+
+def pooled(members: int = 6) -> Ledger:
+    from mcpresd.core.pools import Pool, PoolSpec
+    from mcpresd.protocol import FactoryKind
+
+    ledger = Ledger([Resource(f"m{i}", T.CUSTOM, 1, "slots") for i in range(members)])
+    names = [f"m{i}" for i in range(members)]
+    ledger.set_pools([Pool(PoolSpec("all", FactoryKind.STATIC, members=tuple(names))),
+                      Pool(PoolSpec("tail", FactoryKind.STATIC, members=tuple(reversed(names[3:]))))],
+                     {"all": names, "tail": list(reversed(names[3:]))}, {})
+    return ledger
+
+
+def test_a_pool_grants_its_first_idle_member_after_any_run_of_busy_and_released_ones() -> None:
+    ledger = pooled()
+    held = [grant(ledger, ("pool:all", 1)) for _ in range(5)]
+    assert [items[0].resource for items in held] == ["m0", "m1", "m2", "m3", "m4"]
+    ledger.unhold(held[1])  # m1 idle again, behind busy m0: the next grant finds it, not m5
+    assert grant(ledger, ("pool:all", 1))[0].resource == "m1"
+    assert grant(ledger, ("pool:all", 1))[0].resource == "m5"
+    with pytest.raises(InsufficientCapacity):
+        grant(ledger, ("pool:all", 1))
+    ledger.unhold(held[0])
+    ledger.unhold(held[3])
+    assert [i.resource for i in grant(ledger, ("pool:all", 2))] == ["m0", "m3"]
+
+
+def test_a_member_released_through_one_pool_is_idle_in_every_pool_it_stands_in() -> None:
+    ledger = pooled()
+    assert [grant(ledger, ("pool:tail", 1))[0].resource for _ in range(3)] == ["m5", "m4", "m3"]
+    ledger.unhold([AllocationItem("m5", 1)])
+    assert grant(ledger, ("pool:tail", 1))[0].resource == "m5"
+    ledger.unhold([AllocationItem("m4", 1)])
+    assert [i.resource for i in grant(ledger, ("pool:all", 4))] == ["m0", "m1", "m2", "m4"]
+
+
+def test_a_blocked_or_closed_member_is_skipped_and_found_again_when_open() -> None:
+    ledger = pooled(3)
+    ledger.block("m0", "unhealthy")
+    assert grant(ledger, ("pool:all", 1))[0].resource == "m1"
+    ledger.block("m0", None)
+    assert grant(ledger, ("pool:all", 1))[0].resource == "m0"
