@@ -200,8 +200,9 @@ class Broker:
     def _keep_waiters(self) -> None:
         """After a rollback: waiters live on the event loop, not in the database, so they survive it.
 
-        A request the rolled-back work granted or withdrew is queued again, and so are its waiters; the
-        waiters of a request the rollback erased (it was never stored; its client got the error) are dropped.
+        A request the rolled-back work granted or withdrew is queued again, and so are its waiters. The
+        waiters of a request the rollback erased (it was never stored) are dropped: its job is retried alone,
+        which stores it under a new id and attaches the same waiter, or answers its client with the error.
         """
         for allocation_id, waiters, attended in self._unsettled:
             self._waiters.setdefault(allocation_id, []).extend(waiters)
@@ -557,9 +558,14 @@ class Broker:
             return None
 
     def _attend(self, allocation_id: str, caller: Caller, waiter: Any) -> None:
-        self._waiters.setdefault(allocation_id, []).append(waiter)
+        self._add_waiter(allocation_id, waiter)
         if caller.connection is not None:
             self._attended.setdefault(allocation_id, set()).add(caller.connection)
+
+    def _add_waiter(self, allocation_id: str, waiter: Any) -> None:
+        waiters = self._waiters.setdefault(allocation_id, [])
+        if waiter not in waiters:  # a job retried after a rollback attaches the same waiter again
+            waiters.append(waiter)
 
     def _start(self, allocation: Allocation, kind: str) -> None:
         self.ledger.hold(allocation.items)
@@ -648,7 +654,7 @@ class Broker:
     def allocations_wait(self, caller: Caller, command: p.WaitCommand, waiter: Any = None) -> AllocationDict:
         allocation = self._visible(caller, command.id)
         if allocation.is_queued and waiter is not None:
-            self._waiters.setdefault(allocation.id, []).append(waiter)
+            self._add_waiter(allocation.id, waiter)
         elif allocation.state is AllocationState.WITHDRAWN:
             raise (WaitTimeout if allocation.release_reason == "timeout" else Withdrawn)(
                 f"request {allocation.id} was withdrawn: {_WHY.get(allocation.release_reason or '', '')}",
@@ -843,6 +849,7 @@ class Broker:
                        gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
                        rpc: dict[str, dict[str, float]] | None = None,
                        usage: dict[str, dict[str, float]] | None = None) -> None:
+        self.store.fit_wal_to_disk()  # a disk filling up gets SQLite's smaller WAL before the WAL fills it
         self.accounts.sampled(usage or {}, readings)
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value

@@ -3,7 +3,8 @@
 Rules:
 - One connection, opened and used by one thread (the event loop's, through `mcpresd.server.GroupCommitter`).
 - WAL with synchronous=FULL: a COMMIT that returned is on disk.
-- The WAL is checkpointed every WAL_CHECKPOINT_PAGES pages, not SQLite's default 1,000 (see there).
+- The WAL is checkpointed every WAL_CHECKPOINT_PAGES pages, not SQLite's default 1,000, where the disk has
+  room for that (see there and `fit_wal_to_disk`).
 - Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
   requests into one transaction and replies only after it commits.
 - Schema changes are registered migrations; CHECK constraints back the core's rules.
@@ -28,17 +29,24 @@ from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceTyp
 
 MIGRATIONS_NAME = "mcpresd"
 
-WAL_CHECKPOINT_PAGES = 8192
+WAL_CHECKPOINT_PAGES = 4096
 """Checkpoint the WAL (copy its pages into the database file and fsync it) once it holds this many pages.
 
 The COMMIT that crosses the mark runs the checkpoint: it takes 3-8 times a plain commit (1-3 ms here). At
 SQLite's default of 1,000 pages that was every ~170th commit of an allocate or release (about 6 pages each):
-a checkpoint and the WAL restart after it fell on 1.2 % of commits, right in the p99 of grant latency
-(bench/bench_scheduler.py). At 8,192 pages it is every ~1,400th commit. The cost: the -wal file grows to
-about 32 MiB (4 KiB pages) and stays that size while the daemon runs (SQLite removes it at a clean close).
+a checkpoint and the WAL restart after it fell on 1.2 % of commits, and on about half of the slowest 1 %,
+so they set the p99 of grant latency (bench/bench_scheduler.py). At 4,096 pages it is every ~700th commit.
+The cost: the -wal file grows to about 16 MiB (4 KiB pages) and keeps that size while the daemon runs
+(SQLite removes it at a clean close). On a disk with less than WAL_ROOM_FACTOR times that free, the daemon
+keeps SQLite's default (`Store.fit_wal_to_disk`): a WAL that fills the disk before its checkpoint would fail
+writes, and a full disk cannot take the checkpoint that would free it.
 """
-WAL_SIZE_LIMIT = 48 << 20
-"""journal_size_limit: a -wal file grown past this by one huge transaction is cut back after its checkpoint."""
+WAL_SMALL_DISK_PAGES = 1000
+"""SQLite's default, kept while the disk holding the database is short of room."""
+WAL_ROOM_FACTOR = 4
+WAL_SIZE_LIMIT = 32 << 20
+"""journal_size_limit: a -wal file grown past this by one huge transaction is cut back to it when the WAL
+next starts over from its beginning (after a checkpoint)."""
 
 SCHEMA_V1 = """
 CREATE TABLE resources (
@@ -248,7 +256,8 @@ class Store:
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        self.wal_pages = 0
+        self.fit_wal_to_disk()
         self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA busy_timeout=5000")
@@ -287,6 +296,26 @@ class Store:
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+
+    def fit_wal_to_disk(self) -> int:
+        """Checkpoint every WAL_CHECKPOINT_PAGES pages where the disk has room for WAL_ROOM_FACTOR such WALs, at
+        SQLite's default otherwise; the daemon calls it each sampling round. Returns the pages now in force.
+
+        When the mark falls under the WAL's size, the next COMMIT checkpoints it and the WAL starts over.
+        """
+        pages = WAL_CHECKPOINT_PAGES
+        if self.path != ":memory:":
+            try:
+                disk = os.statvfs(Path(self.path).parent)
+                page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
+                if disk.f_bavail * disk.f_frsize < WAL_ROOM_FACTOR * WAL_CHECKPOINT_PAGES * page_size:
+                    pages = WAL_SMALL_DISK_PAGES
+            except (OSError, sqlite3.Error):
+                pages = WAL_SMALL_DISK_PAGES
+        if pages != self.wal_pages:
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            self.wal_pages = pages
+        return pages
 
     def rollback(self) -> None:
         if self.conn.in_transaction:

@@ -228,7 +228,11 @@ class Ledger:
 
     def hold(self, items: Iterable[AllocationItem]) -> None:
         for item in items:
-            self._used[item.resource] = self._used.get(item.resource, 0.0) + item.amount
+            total = self._used.get(item.resource, 0.0) + item.amount
+            if total > EPSILON:
+                self._used[item.resource] = total
+            # else: within the tolerance every fit uses, so not kept. `_used` holds exactly the resources held
+            # beyond EPSILON: a pool's scan for idle members treats its keys as busy, as `free()` would.
             resource = self._resources.get(item.resource)
             if resource is not None and resource.is_device:
                 self._cursor[resource.type] = self._position(resource) + 1

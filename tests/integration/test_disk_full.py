@@ -107,6 +107,34 @@ def test_disk_full_fails_writes_cleanly_and_recovers(tmp_path: Path, small_disk:
     assert _integrity(daemon.db) == "ok"
 
 
+def test_a_disk_smaller_than_the_wal_between_checkpoints_fails_no_request(tmp_path: Path, small_disk: Path) -> None:
+    """Where the disk has room, the WAL is checkpointed every 4,096 pages (~16 MiB), more than this whole 16 MiB
+    disk: here the daemon keeps SQLite's 1,000 pages, and no request fails."""
+    daemon = DaemonProcess(tmp_path)
+    daemon.start()
+    try:
+        for index in range(1500):  # each an allocate and, when its connection closes, a release: ~20 MiB of WAL
+            response = _allocate(daemon)
+            assert "result" in response, (index, response)
+        wal = Path(daemon.db + "-wal")
+        assert wal.stat().st_size < 16 << 20
+        assert _integrity(daemon.db) == "ok"
+    finally:
+        daemon.stop()
+
+
+def test_the_wal_keeps_sqlites_checkpoint_mark_on_a_small_disk(tmp_path: Path, small_disk: Path) -> None:
+    from mcpresd.store import WAL_CHECKPOINT_PAGES, WAL_SMALL_DISK_PAGES, Store
+
+    small = Store(small_disk / "state.db")
+    assert small.fit_wal_to_disk() == WAL_SMALL_DISK_PAGES
+    assert small.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_SMALL_DISK_PAGES
+    small.close()
+    roomy = Store(tmp_path / "roomy.db")  # the test machine's own disk has room for several 16 MiB WALs
+    assert roomy.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+    roomy.close()
+
+
 def test_read_only_file_system_under_a_running_daemon(tmp_path: Path, small_disk: Path) -> None:
     daemon = DaemonProcess(tmp_path)
     daemon.start()

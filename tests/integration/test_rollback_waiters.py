@@ -70,7 +70,7 @@ def test_a_withdrawal_rolled_back_keeps_the_connection_that_waits(tmp_path: Path
     fail_and_recover(broker)  # ...but that was rolled back
     assert broker.live[queued["id"]].is_queued
 
-    with broker.store.transaction():  # the retry still knows connection 2 was the one waiting
+    with broker.store.transaction():  # the retry: nobody waits for it any more, so it is withdrawn
         assert broker.connection_closed(2) == [queued["id"]]
     assert broker.live.get(queued["id"]) is None
 
@@ -85,3 +85,21 @@ def test_waiters_of_requests_the_rollback_erased_are_forgotten(tmp_path: Path) -
 
     assert queued["id"] not in broker.live
     assert not broker._waiters and not broker._attended  # nothing kept for it (a leak, one per failed commit)
+
+
+def test_a_wait_retried_after_a_rollback_is_answered_once(tmp_path: Path) -> None:
+    broker = rig(tmp_path)
+    held = allocate(broker, ME)
+    first, second = object(), object()
+    queued = allocate(broker, OTHER, first, wait=60)
+
+    broker.store.begin()
+    broker.allocations_wait(ME, p.wait_for({"id": queued["id"]}), second)
+    fail_and_recover(broker)
+    with broker.store.transaction():  # the retry attaches the same waiter again
+        broker.allocations_wait(ME, p.wait_for({"id": queued["id"]}), second)
+    broker.take_outbox()
+
+    with broker.store.transaction():
+        broker.release(ME, p.release({"id": held["id"]}))
+    assert [w for w, _ in broker.take_outbox().settled] == [first, second]

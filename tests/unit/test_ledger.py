@@ -192,3 +192,10 @@ def test_a_blocked_or_closed_member_is_skipped_and_found_again_when_open() -> No
     assert grant(ledger, ("pool:all", 1))[0].resource == "m1"
     ledger.block("m0", None)
     assert grant(ledger, ("pool:all", 1))[0].resource == "m0"
+
+
+def test_a_holding_within_the_tolerance_leaves_a_pool_member_idle_everywhere() -> None:
+    ledger = pooled(2)
+    ledger.hold([AllocationItem("m0", 1e-12)])
+    assert [r.name for r in ledger.idle_members("all")] == ["m0", "m1"]
+    assert grant(ledger, ("pool:all", 2))  # the scan agrees: both are idle
