@@ -115,6 +115,22 @@ class PoolKeeper:
         self.broker.ledger.set_pools(self.pools.values(), {name: self._members_of(pool)
                                                           for name, pool in self.pools.items()}, closed)
 
+    def joins_a_pool(self, resource: Resource) -> bool:
+        """Whether a resource just registered is a member of some pool: a static pool lists it or selects it.
+
+        Only then must the pools be synced: a sync rebuilds every pool's member list, which for a pool of
+        1,000 made 100,000 registrations take 148 s instead of 15.
+        """
+        for pool in self.pools.values():
+            if pool.spec.factory is not FactoryKind.STATIC:
+                continue  # slots and command pools make their own members
+            if resource.name in pool.spec.members:
+                return True
+            if pool.spec.select and resource.source != "pool" and \
+                    matches_all([parse_selector(text) for text in pool.spec.select], resource):
+                return True
+        return False
+
     def _members_of(self, pool: Pool) -> list[str]:
         return FACTORIES[pool.spec.factory].members(self, pool)
 

@@ -399,7 +399,8 @@ class Broker:
             source="api",
         )
         self._add_resource(resource, self.clock(), uid=caller.uid)
-        self.pools.sync()
+        if self.pools.joins_a_pool(resource):
+            self.pools.sync()
         self.schedule()
         return self.resource_dict(resource)
 
@@ -410,8 +411,10 @@ class Broker:
                                 " the pool removes its members (scale it down or delete it)", resource=resource.name)
         self.store.delete_resource(resource.name)
         self._event(self.clock(), "resource.removed", resource=resource.name, uid=caller.uid)
+        member = self.ledger.pool_of(resource.name) is not None
         self.ledger.remove(resource.name)
-        self.pools.sync()
+        if member:
+            self.pools.sync()
         self.schedule()
         return self.resource_dict(resource)
 

@@ -315,3 +315,17 @@ def test_pools_members_and_shares_survive_a_restart(tmp_path: Path) -> None:
         assert pool(second)["state"] == "drained"
     finally:
         second.close()
+
+
+def test_a_resource_registered_later_joins_the_static_pool_that_selects_or_lists_it(live: LiveDaemon) -> None:
+    live.call("pools.create", {"name": "farm", "factory": "static", "select": ["name~^farm-"]})
+    live.call("pools.create", {"name": "listed", "factory": "static", "members": ["slot"]})
+    assert pool(live, "farm")["size"] == 0
+    live.call("resources.add", {"name": "farm-1", "capacity": 1})
+    live.call("resources.add", {"name": "other-1", "capacity": 1})  # matches no pool: the pools stay as they are
+    assert [m["name"] for m in pool(live, "farm")["members"]] == ["farm-1"]
+    assert take(live, "farm")["items"][0]["resource"] == "farm-1"
+    live.call("resources.add", {"name": "farm-2", "capacity": 1})
+    assert take(live, "farm")["items"][0]["resource"] == "farm-2"
+    live.call("resources.remove", {"name": "other-1"})
+    assert pool(live, "farm")["size"] == 2
