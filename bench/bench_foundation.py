@@ -40,15 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CAPTURE = ROOT / "tests" / "fixtures" / "h100-nvml-capture.json"
 
 
-def start_daemon(tmp: Path, python: str, config: str = "") -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(tmp: Path, python: str, config: str = "",
+                 gpu_replay: Path | None = CAPTURE) -> tuple[subprocess.Popen[bytes], str]:
+    """mcpresd from `python` on paths in `tmp`, replaying `gpu_replay` (None: the real NVML), once it answers."""
     sock = str(tmp / "bench.sock")
     cfg = tmp / "bench.toml"
     cfg.write_text(config)
-    proc = subprocess.Popen(
-        [python, "-m", "mcpresd", "--config", str(cfg), "--socket", sock, "--db", str(tmp / "bench.db"),
-         "--gpu-replay", str(CAPTURE), "--log-level", "warning"],
-        cwd=tmp,
-    )
+    argv = [python, "-m", "mcpresd", "--config", str(cfg), "--socket", sock, "--db", str(tmp / "bench.db"),
+            "--log-level", "warning"]
+    if gpu_replay is not None:
+        argv += ["--gpu-replay", str(Path(gpu_replay).resolve())]
+    proc = subprocess.Popen(argv, cwd=tmp)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -56,6 +58,8 @@ def start_daemon(tmp: Path, python: str, config: str = "") -> tuple[subprocess.P
                 probe.connect(sock)
             return proc, sock
         except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mcpresd exited with {proc.returncode}") from None
             time.sleep(0.02)
     proc.kill()
     raise RuntimeError("daemon did not start")
@@ -67,6 +71,7 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait(10)
 
 
 def rss_mib(pid: int) -> float:

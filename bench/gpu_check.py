@@ -24,8 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -82,34 +80,17 @@ def as_json(done: subprocess.CompletedProcess[str]) -> Any:
 
 
 def start(tmp: Path, config: str, replay: str | None) -> tuple[subprocess.Popen[bytes], str]:
-    sock = str(tmp / "mcpres.sock")
-    (tmp / "mcpresd.toml").write_text(config)
-    argv = [sys.executable, "-m", "mcpresd", "--config", str(tmp / "mcpresd.toml"), "--socket", sock,
-            "--db", str(tmp / "state.db"), "--log-level", "warning"]
-    if replay:
-        argv += ["--gpu-replay", str(Path(replay).resolve())]
-    proc = subprocess.Popen(argv, cwd=tmp)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(sock)
-            return proc, sock
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mcpresd exited with {proc.returncode}")
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mcpresd did not start in 30 s")
+    from bench_foundation import start_daemon
+
+    return start_daemon(tmp, sys.executable, config, Path(replay) if replay else None)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        fail("mcpresd did not stop within 15 s of SIGTERM")
+    from bench_foundation import stop_daemon
+
+    stop_daemon(proc)
+    if proc.returncode != 0:
+        fail(f"mcpresd exited with {proc.returncode} after SIGTERM (0 expected)")
 
 
 def gpu_metrics(sock: str, gpu: str) -> dict[str, Any]:
