@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from mcpresd.core import alerts as alerting
-from mcpresd.core.constraints import matches_all, parse_selector
+from mcpresd.core.constraints import Selector, matches_all, parse_selector
 from mcpresd.core.errors import (
     DomainError,
     NeverFits,
@@ -121,15 +121,8 @@ class PoolKeeper:
         Only then must the pools be synced: a sync rebuilds every pool's member list, which for a pool of
         1,000 made 100,000 registrations take 148 s instead of 15.
         """
-        for pool in self.pools.values():
-            if pool.spec.factory is not FactoryKind.STATIC:
-                continue  # slots and command pools make their own members
-            if resource.name in pool.spec.members:
-                return True
-            if pool.spec.select and resource.source != "pool" and \
-                    matches_all([parse_selector(text) for text in pool.spec.select], resource):
-                return True
-        return False
+        return any(pool.spec.factory is FactoryKind.STATIC and StaticFactory.takes(pool, resource)
+                   for pool in self.pools.values())  # slots and command pools make their own members
 
     def _members_of(self, pool: Pool) -> list[str]:
         return FACTORIES[pool.spec.factory].members(self, pool)
@@ -522,6 +515,11 @@ class PoolKeeper:
 
 # -- factories: the plug point for how a pool gets and gives up members ---------------------------
 
+def _selects(selectors: list[Selector], resource: Resource) -> bool:
+    # Another pool's made members are that pool's to hand out: a selector never picks them (a list may).
+    return resource.source != "pool" and matches_all(selectors, resource)
+
+
 PENDING = "(pending)"
 """What `Factory.make` returns for a member that is being made outside the store's transactions."""
 
@@ -558,10 +556,15 @@ class StaticFactory:
             return listed
         selectors = [parse_selector(text) for text in pool.spec.select]
         chosen = set(listed)
-        # Another pool's made members are that pool's to hand out: a selector never picks them (a list may).
-        selected = sorted((r for r in ledger.resources()
-                           if r.name not in chosen and r.source != "pool" and matches_all(selectors, r)), key=_natural)
+        selected = sorted((r for r in ledger.resources() if r.name not in chosen and _selects(selectors, r)),
+                          key=_natural)
         return listed + [r.name for r in selected]
+
+    @staticmethod
+    def takes(pool: Pool, resource: Resource) -> bool:
+        """Whether `resource` is one of the static `pool`'s members: listed, or matched by its selectors."""
+        return resource.name in pool.spec.members or (
+            bool(pool.spec.select) and _selects([parse_selector(text) for text in pool.spec.select], resource))
 
     def check(self, keeper: PoolKeeper, spec: PoolSpec) -> None:
         for name in spec.members:

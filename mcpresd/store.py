@@ -256,7 +256,7 @@ class Store:
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.wal_pages = 0
+        self._wal_pages = 0
         self.fit_wal_to_disk()
         self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self.conn.execute("PRAGMA foreign_keys=ON")
@@ -312,9 +312,9 @@ class Store:
                     pages = WAL_SMALL_DISK_PAGES
             except (OSError, sqlite3.Error):
                 pages = WAL_SMALL_DISK_PAGES
-        if pages != self.wal_pages:
+        if pages != self._wal_pages:
             self.conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
-            self.wal_pages = pages
+            self._wal_pages = pages
         return pages
 
     def rollback(self) -> None:

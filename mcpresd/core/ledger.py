@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 from bisect import insort
-from itertools import chain, filterfalse, islice
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain, filterfalse, islice
 from dataclasses import dataclass
 
 from mcpresd.core.constraints import Selector, matches_all, parse_selector, pick_local, request_cost
