@@ -3,14 +3,18 @@
 Rules:
 - A holder is (pid, start time). With a pidfd (Linux 5.3+) the event loop is
   woken when that very process exits, SIGKILL included; a pid reused later can
-  never be mistaken for it. Where pidfds are unavailable, holders are polled
-  every `poll_interval` seconds by pid and start time.
+  never be mistaken for it. Where pidfds are unavailable (ENOSYS, or EPERM
+  from a seccomp filter), holders are polled every `poll_interval` seconds by
+  pid and start time. Any other pidfd_open failure (EINVAL for a thread that
+  leads no thread group, EMFILE) polls that one holder only: one odd holder
+  never turns the whole daemon to polling.
 - The watcher only reports exits; the broker decides what to release.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -21,35 +25,47 @@ log = logging.getLogger("mcpresd.watch")
 
 Exited = Callable[[int, "int | None"], None]
 
+UNSUPPORTED = frozenset({errno.ENOSYS, errno.EPERM})
+"""pidfd_open errors that mean pidfds cannot be had on this system at all (old kernel, seccomp)."""
+
 
 class HolderWatch:
     """Calls `on_exit(pid, start)` once when a watched holder exits."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Exited, poll_interval: float = 0.05) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Exited, poll_interval: float = 0.05,
+                 pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)) -> None:
         self._loop = loop
         self._on_exit = on_exit
         self._poll_interval = poll_interval
         self._fds: dict[tuple[int, int | None], int] = {}
         self._polled: set[tuple[int, int | None]] = set()
         self._poller: asyncio.TimerHandle | None = None
-        self._pidfd = hasattr(os, "pidfd_open")
+        self._pidfd_open = pidfd_open
 
     def __len__(self) -> int:
         return len(self._fds) + len(self._polled)
+
+    @property
+    def polled(self) -> int:
+        """How many holders are polled rather than watched with a pidfd."""
+        return len(self._polled)
 
     def add(self, pid: int, start: int | None) -> None:
         key = (pid, start)
         if key in self._fds or key in self._polled:
             return
-        if self._pidfd:
+        if self._pidfd_open is not None:
             try:
-                fd = os.pidfd_open(pid)
+                fd = self._pidfd_open(pid)
             except ProcessLookupError:
                 self._loop.call_soon(self._on_exit, pid, start)
                 return
             except OSError as error:
-                log.info("pidfd_open unavailable (%s); polling holders instead", error)
-                self._pidfd = False
+                if error.errno in UNSUPPORTED:
+                    log.info("pidfd_open unavailable (%s); polling holders instead", error)
+                    self._pidfd_open = None
+                else:
+                    log.info("pidfd_open(%d) failed (%s); polling this holder", pid, error)
             else:
                 # The pidfd names whatever process has this pid now: make sure it is the holder we mean.
                 if start is not None and process_start_time(pid) != start:
