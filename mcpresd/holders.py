@@ -3,9 +3,19 @@
 A pid alone is not an identity: pids are reused. A holder is the pair
 (pid, start time in clock ticks since boot), so a new process that happens to
 get a dead holder's pid never keeps that holder's allocations alive.
+
+A caller names its holder, so the name is checked (`resolve_holder`): it must
+be a process (a thread group's leader), the caller's own unless the caller
+administers, and a pid from the caller's pid namespace is translated to the
+daemon's; a pid the caller could not mean is refused, never recorded.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from mcpresd.core.errors import InvalidHolder
 
 
 def process_start_time(pid: int) -> int | None:
@@ -65,3 +75,124 @@ def lineage(pid: int, limit: int = 64) -> tuple[int, ...]:
             break
         chain.append(parent)
     return tuple(chain)
+
+
+class Status:
+    """What /proc/PID/status says about who a process is: its thread group, its uids and its pid in each namespace."""
+
+    __slots__ = ("pid", "tgid", "uids", "nspid")
+
+    def __init__(self, pid: int, tgid: int, uids: tuple[int, ...], nspid: tuple[int, ...]) -> None:
+        self.pid, self.tgid, self.uids, self.nspid = pid, tgid, uids, nspid
+
+
+def parse_status(data: bytes) -> Status | None:
+    """The Pid, Tgid, Uid and NSpid lines of a /proc/PID/status file (NSpid: outermost namespace first)."""
+    fields: dict[bytes, list[int]] = {}
+    for line in data.splitlines():
+        name, _, value = line.partition(b":")
+        if name in (b"Pid", b"Tgid", b"Uid", b"NSpid"):
+            try:
+                fields[name] = [int(part) for part in value.split()]
+            except ValueError:
+                return None
+    pid, tgid = fields.get(b"Pid"), fields.get(b"Tgid")
+    if not pid or not tgid:
+        return None
+    return Status(pid[0], tgid[0], tuple(fields.get(b"Uid", ())), tuple(fields.get(b"NSpid") or pid))
+
+
+def process_status(pid: int) -> Status | None:
+    """The process's (or thread's) status, or None if it does not exist or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            return parse_status(status.read())
+    except OSError:
+        return None
+
+
+def pid_namespace(pid: int | str) -> tuple[int, int] | None:
+    """The identity (device, inode) of the process's pid namespace, or None if it is gone or not ours to read."""
+    try:
+        info = os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def resolve_holder(named: int, peer: int | None, uid: int, administers: bool) -> tuple[int, int]:
+    """The pid (in the daemon's namespace) and start time of the process a caller names as `holder_pid`.
+
+    `peer` is the caller's pid from SO_PEERCRED, already in the daemon's namespace. A caller in a
+    nested pid namespace (a container, `unshare --pid`) names pids of its own namespace: those are
+    looked up among the processes of that namespace, never taken as the daemon's. Refused
+    (InvalidHolder): a pid that names no process the caller can mean, a thread that is not its
+    process's leader, and, unless the caller administers, a process of another user.
+    """
+    if peer is None:
+        raise InvalidHolder(f"holder_pid {named} cannot be resolved: the connecting process is outside the "
+                            "daemon's pid namespace; leave holder_pid out so the connection holds the allocation",
+                            holder_pid=named, reason="other_namespace")
+    pid = named
+    caller = process_status(peer)
+    if caller is None:
+        raise InvalidHolder(f"holder_pid {named} cannot be resolved: the connecting process {peer} has exited",
+                            holder_pid=named, reason="caller_gone")
+    if len(caller.nspid) > _own_depth():
+        found = _in_namespace_of(peer, len(caller.nspid), named)
+        if found is None:
+            raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
+                                holder_pid=named, reason="not_found")
+        pid = found
+    status = process_status(pid)
+    start = process_start_time(pid)
+    if status is None or start is None:
+        raise InvalidHolder(f"holder process {named} does not exist", holder_pid=named, reason="not_found")
+    if status.tgid != status.pid:
+        raise InvalidHolder(f"holder_pid {named} is a thread, not a process: name its process "
+                            f"({status.tgid})", holder_pid=named, reason="thread")
+    if not administers and uid not in status.uids[:2]:
+        raise InvalidHolder(f"holder process {named} is not yours: name a process running as uid {uid}",
+                            holder_pid=named, reason="not_yours")
+    return pid, start
+
+
+_depth: list[int] = []
+
+
+def _own_depth() -> int:
+    """How many pid namespaces deep the daemon runs (1 on the host)."""
+    if not _depth:
+        own = process_status(os.getpid())
+        _depth.append(len(own.nspid) if own is not None else 1)
+    return _depth[0]
+
+
+def _in_namespace_of(peer: int, depth: int, named: int) -> int | None:
+    """The daemon's pid of the process that `peer`'s pid namespace calls `named`, or None.
+
+    Looks first where holders are (the caller's ancestors and children), then at every process; only
+    processes in the caller's own namespace match (NSpid's last entry is the pid it sees).
+    """
+    namespace = pid_namespace(peer)
+    if namespace is None:
+        return None
+    for pid in _candidates(peer):
+        status = process_status(pid)
+        if (status is not None and status.tgid == status.pid and len(status.nspid) == depth
+                and status.nspid[-1] == named and pid_namespace(pid) == namespace):
+            return pid
+    return None
+
+
+def _candidates(peer: int) -> Iterator[int]:
+    yield from lineage(peer)
+    try:
+        with open(f"/proc/{peer}/task/{peer}/children", "rb") as children:
+            yield from (int(child) for child in children.read().split())
+    except (OSError, ValueError):
+        pass
+    namespace = pid_namespace(peer)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and pid_namespace(entry) == namespace:
+            yield int(entry)

@@ -34,7 +34,6 @@ from mcpresd.core.errors import (
     DomainError,
     IdempotencyConflict,
     InsufficientCapacity,
-    InvalidHolder,
     InvalidRequest,
     LimitExceeded,
     PermissionDenied,
@@ -46,7 +45,7 @@ from mcpresd.core.errors import (
 )
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
-from mcpresd.holders import is_alive, process_start_time
+from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
@@ -476,11 +475,9 @@ class Broker:
                     self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
         self.accounts.check(caller.uid, command.tool_id, command.demands)
-        holder_start = None
+        holder_pid = holder_start = None
         if command.holder_pid is not None:
-            holder_start = process_start_time(command.holder_pid)
-            if holder_start is None:
-                raise InvalidHolder(f"holder process {command.holder_pid} does not exist", holder_pid=command.holder_pid)
+            holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)
         if command.signal_holder and command.holder_pid is None:
             raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
         now = self.clock()
@@ -495,7 +492,7 @@ class Broker:
             execution_id=command.execution_id,
             idempotency_key=command.idempotency_key,
             requester_pid=caller.pid,
-            holder_pid=command.holder_pid,
+            holder_pid=holder_pid,
             holder_start=holder_start,
             request=command.request,
             holder_kind=HolderKind.PID if command.holder_pid is not None else HolderKind.CONNECTION,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +42,29 @@ def shared_dir() -> Iterator[Path]:
             else:
                 child.unlink()
         path.rmdir()
+
+
+@pytest.fixture
+def nobodys_process() -> Iterator[int]:
+    """The pid of a process running as nobody (real and effective uid)."""
+    proc = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10.0
+        while _uids(proc.pid)[:2] != [NOBODY, NOBODY]:  # until setpriv has dropped to nobody
+            assert time.monotonic() < deadline, "setpriv did not become nobody"
+            time.sleep(0.01)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _uids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Uid:"):
+                return [int(part) for part in line.split()[1:]]
+    return []
 
 
 def shared_daemon(tmp_path: Path, shared_dir: Path, extra: str = "") -> DaemonProcess:
@@ -104,11 +128,12 @@ def test_another_users_allocation_looks_not_found_and_is_listed_without_details(
         daemon.stop()
 
 
-def test_a_users_allocations_are_theirs_and_root_may_release_them(tmp_path: Path, shared_dir: Path) -> None:
+def test_a_users_allocations_are_theirs_and_root_may_release_them(
+        tmp_path: Path, shared_dir: Path, nobodys_process: int) -> None:
     daemon = shared_daemon(tmp_path, shared_dir)
     try:
         (theirs,) = as_nobody(daemon.socket, [{"method": "allocate", "params": {
-            "resources": [{"resource": "licence", "amount": 1}], "holder_pid": os.getpid()}}])
+            "resources": [{"resource": "licence", "amount": 1}], "holder_pid": nobodys_process}}])
         assert theirs["result"]["owner_uid"] == NOBODY
         assert daemon.call("release", {"id": theirs["result"]["id"]})["state"] == "released"
     finally:
