@@ -152,7 +152,7 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     params: dict[str, Any] = {
         "resources": demands,
         "priority": options.priority,
-        "holder_pid": options.holder_pid if options.holder_pid is not None else os.getppid(),
+        "holder_pid": options.holder_pid if options.holder_pid is not None else default_holder(),
     }
     for field, value in (("tool_id", options.tool), ("execution_id", options.exec_id)):
         if value is not None:
@@ -199,6 +199,74 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             raise UsageError(f"--objective must be one of {', '.join(Objective)}, got {options.objective!r}")
         params["objective"] = options.objective
     return params
+
+
+EXEC_WRAPPERS = frozenset({"timeout", "env", "nice", "ionice", "stdbuf", "nohup", "setsid", "taskset", "chrt", "time",
+                           "flock"})
+"""Commands that run another one and end with it: never the holder a script means (`timeout 30 mcpctl ...`)."""
+
+
+def default_holder() -> int:
+    """The process a bare `mcpctl allocate` is held by: the script that ran it.
+
+    That is mcpctl's parent, except where the parent ends as soon as mcpctl does: a subshell
+    (`id=$(mcpctl allocate ... || exit 1)`, `... | tr -d '\\n'`: a fork of the same program with
+    the same command line as its own parent) or an exec wrapper (`timeout`, `flock`, ... by the
+    executable's name). Those are skipped, walking up; never to init, and not at all where /proc
+    is not this process's pid namespace's. A few /proc reads, no more.
+    """
+    parent = os.getppid()
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return parent
+    except OSError:
+        return parent
+    holder = parent
+    for _ in range(16):
+        above = _parent_of(holder)
+        if above is None or above <= 1:
+            break
+        identity = _identity(holder)
+        if identity is None:
+            break
+        if not _is_wrapper(identity) and _identity(above) != identity:
+            break
+        holder = above
+    return holder
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+        return int(data[data.rfind(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _identity(pid: int) -> tuple[str, bytes, bytes | None] | None:
+    """A process's executable, command line and auxiliary vector; None if they cannot be read (gone, another user's).
+
+    A fork keeps its parent's auxiliary vector byte for byte; a new exec of the same command gets
+    new stack addresses in it (ASLR). So an interactive `bash` started from `bash` is not taken
+    for a subshell; where it cannot be read, executable and command line decide.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            identity = os.readlink(f"/proc/{pid}/exe"), cmdline.read()
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as auxv:
+            return (*identity, auxv.read())
+    except OSError:
+        return (*identity, None)
+
+
+def _is_wrapper(identity: tuple[str, bytes, bytes | None]) -> bool:
+    """By the executable's name, or by argv[0] where one executable is many commands (busybox)."""
+    return (os.path.basename(identity[0]) in EXEC_WRAPPERS
+            or os.path.basename(identity[1].split(b"\0", 1)[0]).decode(errors="replace") in EXEC_WRAPPERS)
 
 
 def pool_demand(names: str, members: str | None) -> dict[str, Any]:

@@ -92,7 +92,8 @@ def allocate(
     holder_pid: Annotated[
         int | None,
         typer.Option("--holder-pid", metavar="PID", min=1,
-                     help="Process holding the allocation (default: the caller's shell); released when it exits."),
+                     help="Process holding the allocation (default: the calling script, above subshells and "
+                          "wrappers such as timeout); released when it exits."),
     ] = None,
     wait: Wait = None,
     no_block: Annotated[

@@ -5,6 +5,7 @@ Real shells (bash, dash, zsh), real pid namespaces (`unshare --pid --fork --moun
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -79,7 +80,7 @@ def test_mcpctl_run_in_a_pid_namespace_is_held_by_its_command(daemon: DaemonProc
         until(lambda: active(daemon), "the run to hold the licences")
         (allocation,) = active(daemon)
         command = allocation["holder_pid"]
-        assert Path(f"/proc/{command}/cmdline").read_bytes() == b"sleep\x0030\x00"
+        until(lambda: Path(f"/proc/{command}/cmdline").read_bytes() == b"sleep\x0030\x00", "the command to start")
         assert nspid(command) == [command, 2]  # mcpctl is the namespace's pid 1, its command pid 2
         os.kill(command, signal.SIGKILL)
         assert run.wait(BOUND_S) == 128 + signal.SIGKILL
@@ -97,3 +98,70 @@ def test_a_holder_pid_that_names_no_process_in_the_callers_namespace_is_refused(
     assert refused.returncode == 1, refused.stderr
     assert f"holder process {host_only} does not exist in the caller's pid namespace" in refused.stderr
     assert active(daemon) == []
+
+
+SHELLS = [pytest.param(shell, marks=pytest.mark.skipif(shutil.which(shell) is None, reason=f"{shell} is not installed"),
+                       id=shell) for shell in ("bash", "dash", "zsh")]
+IDIOMS = {
+    "or exit": "id=$(mcpctl allocate --res licence=1 || exit 1)",
+    "pipe": "id=$(mcpctl allocate --res licence=1 | tr -d '\\n')",
+    "timeout": "id=$(timeout 30 mcpctl allocate --res licence=1)",
+    "flock": "id=$(flock {lock} mcpctl allocate --res licence=1)",
+    "nice in a subshell": "id=$( (nice mcpctl allocate --res licence=1) )",
+}
+
+
+@pytest.mark.parametrize("idiom", list(IDIOMS))
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_script_holds_what_it_allocates_through_a_subshell_or_wrapper_until_it_exits(
+        daemon: DaemonProcess, tmp_path: Path, shell: str, idiom: str) -> None:
+    line = IDIOMS[idiom].format(lock=tmp_path / "lock")
+    body = f'{line} || exit 1; echo "$id"; read go; echo "still $id"; read go; exit 0'
+    script = subprocess.Popen([shell, "-c", body], text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env(daemon))
+    try:
+        assert script.stdin is not None and script.stdout is not None
+        held = script.stdout.readline().strip()
+        assert held, f"the idiom failed under {shell}"
+        allocation = state(daemon, held)
+        assert allocation["holder_pid"] == script.pid  # the script, not the subshell or wrapper that has exited
+        assert allocation["state"] == "active"
+        script.stdin.write("go\n")
+        script.stdin.flush()
+        assert script.stdout.readline().strip() == f"still {held}"
+        assert state(daemon, held)["state"] == "active"  # the idiom's processes are long gone; the script runs on
+        script.stdin.close()
+        assert script.wait(BOUND_S) == 0
+        until(lambda: state(daemon, held)["state"] == "released", "the script's exit to release it")
+        assert state(daemon, held)["release_reason"] == "holder_exited"
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_json_output_shows_the_holder_chosen(daemon: DaemonProcess) -> None:
+    script = subprocess.Popen(["bash", "-c", "out=$(mcpctl allocate --res licence=1 --json || exit 1); "
+                               'echo "$out" | tr -d "\\n"; echo; read go'], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env(daemon))
+    try:
+        assert script.stdout is not None
+        shown = json.loads(script.stdout.readline())
+        assert shown["holder_pid"] == script.pid and shown["holder"] == "pid"
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_a_shell_started_from_a_shell_holds_its_own_allocations(daemon: DaemonProcess) -> None:
+    """A new `bash` run from `bash` with the same command line is not a subshell: it holds what it allocates."""
+    inner = 'bash -c \'echo "$$"; mcpctl allocate --res licence=1; read go\''
+    script = subprocess.Popen(["bash", "-c", f"{inner}; read go"], text=True, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env(daemon))
+    try:
+        assert script.stdout is not None
+        shell = int(script.stdout.readline())
+        held = script.stdout.readline().strip()
+        assert state(daemon, held)["holder_pid"] == shell != script.pid
+    finally:
+        script.kill()
+        script.wait()
