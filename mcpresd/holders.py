@@ -12,6 +12,7 @@ daemon's; a pid the caller could not mean is refused, never recorded.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
@@ -88,18 +89,24 @@ class Status:
 
 def parse_status(data: bytes) -> Status | None:
     """The Pid, Tgid, Uid and NSpid lines of a /proc/PID/status file (NSpid: outermost namespace first)."""
-    fields: dict[bytes, list[int]] = {}
-    for line in data.splitlines():
-        name, _, value = line.partition(b":")
-        if name in (b"Pid", b"Tgid", b"Uid", b"NSpid"):
-            try:
-                fields[name] = [int(part) for part in value.split()]
-            except ValueError:
-                return None
-    pid, tgid = fields.get(b"Pid"), fields.get(b"Tgid")
+    try:
+        pid, tgid = _numbers(data, b"Pid"), _numbers(data, b"Tgid")
+        uids, nspid = _numbers(data, b"Uid"), _numbers(data, b"NSpid")
+    except ValueError:
+        return None
     if not pid or not tgid:
         return None
-    return Status(pid[0], tgid[0], tuple(fields.get(b"Uid", ())), tuple(fields.get(b"NSpid") or pid))
+    return Status(pid[0], tgid[0], uids, nspid or pid)
+
+
+def _numbers(data: bytes, name: bytes) -> tuple[int, ...]:
+    # Looked up, not split into lines: status has ~60 lines and this runs on every allocate with a holder.
+    start = data.find(b"\n" + name + b":")
+    if start < 0:
+        return ()
+    start += len(name) + 2
+    end = data.find(b"\n", start)
+    return tuple(int(part) for part in data[start : end if end >= 0 else len(data)].split())
 
 
 def process_status(pid: int) -> Status | None:
@@ -134,16 +141,17 @@ def resolve_holder(named: int, peer: int | None, uid: int, administers: bool) ->
                             "daemon's pid namespace; leave holder_pid out so the connection holds the allocation",
                             holder_pid=named, reason="other_namespace")
     pid = named
-    caller = process_status(peer)
-    if caller is None:
-        raise InvalidHolder(f"holder_pid {named} cannot be resolved: the connecting process {peer} has exited",
-                            holder_pid=named, reason="caller_gone")
-    if len(caller.nspid) > _own_depth():
-        found = _in_namespace_of(peer, len(caller.nspid), named)
-        if found is None:
-            raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
-                                holder_pid=named, reason="not_found")
-        pid = found
+    if pid_namespace(peer) != _own_namespace():  # a stat first: the status file costs more, and most callers are ours
+        caller = process_status(peer)
+        if caller is None:
+            raise InvalidHolder(f"holder_pid {named} cannot be resolved: the connecting process {peer} has exited",
+                                holder_pid=named, reason="caller_gone")
+        if len(caller.nspid) > _own_depth():
+            found = _in_namespace_of(peer, len(caller.nspid), named)
+            if found is None:
+                raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
+                                    holder_pid=named, reason="not_found")
+            pid = found
     status = process_status(pid)
     start = process_start_time(pid)
     if status is None or start is None:
@@ -157,15 +165,16 @@ def resolve_holder(named: int, peer: int | None, uid: int, administers: bool) ->
     return pid, start
 
 
-_depth: list[int] = []
-
-
+@functools.cache
 def _own_depth() -> int:
     """How many pid namespaces deep the daemon runs (1 on the host)."""
-    if not _depth:
-        own = process_status(os.getpid())
-        _depth.append(len(own.nspid) if own is not None else 1)
-    return _depth[0]
+    status = process_status(os.getpid())
+    return len(status.nspid) if status is not None else 1
+
+
+@functools.cache
+def _own_namespace() -> tuple[int, int] | None:
+    return pid_namespace(os.getpid())
 
 
 def _in_namespace_of(peer: int, depth: int, named: int) -> int | None:
