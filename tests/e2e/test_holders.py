@@ -52,9 +52,13 @@ def state(daemon: DaemonProcess, allocation_id: str) -> dict[str, Any]:
 
 
 @needs_namespaces
+@pytest.mark.parametrize("unshare", [
+    pytest.param(UNSHARE, id="its own /proc"),
+    pytest.param(UNSHARE[:-1], id="the host's /proc"),
+])
 def test_an_allocation_made_in_a_pid_namespace_is_held_by_its_script_until_the_namespace_is_killed(
-        daemon: DaemonProcess) -> None:
-    script = subprocess.Popen([*UNSHARE, "bash", "-c", 'id=$(mcpctl allocate --res licence=1) || exit 1; echo "$id"; '
+        daemon: DaemonProcess, unshare: list[str]) -> None:
+    script = subprocess.Popen([*unshare, "bash", "-c", 'id=$(mcpctl allocate --res licence=1) || exit 1; echo "$id"; '
                                "sleep 30"], text=True, stdout=subprocess.PIPE, env=env(daemon))
     try:
         assert script.stdout is not None
