@@ -146,8 +146,13 @@ def resolve_holder(named: int, peer: int | None, uid: int, administers: bool) ->
         if caller is None:
             raise InvalidHolder(f"holder_pid {named} cannot be resolved: the connecting process {peer} has exited",
                                 holder_pid=named, reason="caller_gone")
-        if len(caller.nspid) > _own_depth():
-            found = _in_namespace_of(peer, len(caller.nspid), named)
+        namespace = pid_namespace(peer)
+        if len(caller.nspid) > _own_depth() and namespace is None:
+            raise InvalidHolder(f"holder_pid {named} cannot be resolved: the daemon may not read the pid namespace "
+                                "of the connecting process; leave holder_pid out so the connection holds the "
+                                "allocation", holder_pid=named, reason="other_namespace")
+        if len(caller.nspid) > _own_depth() and namespace is not None:
+            found = _in_namespace_of(peer, namespace, len(caller.nspid), named)
             if found is None:
                 raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
                                     holder_pid=named, reason="not_found")
@@ -177,16 +182,13 @@ def _own_namespace() -> tuple[int, int] | None:
     return pid_namespace(os.getpid())
 
 
-def _in_namespace_of(peer: int, depth: int, named: int) -> int | None:
-    """The daemon's pid of the process that `peer`'s pid namespace calls `named`, or None.
+def _in_namespace_of(peer: int, namespace: tuple[int, int], depth: int, named: int) -> int | None:
+    """The daemon's pid of the process that `peer`'s pid namespace (`depth` deep) calls `named`, or None.
 
     Looks first where holders are (the caller's ancestors and children), then at every process; only
     processes in the caller's own namespace match (NSpid's last entry is the pid it sees).
     """
-    namespace = pid_namespace(peer)
-    if namespace is None:
-        return None
-    for pid in _candidates(peer):
+    for pid in _candidates(peer, namespace):
         status = process_status(pid)
         if (status is not None and status.tgid == status.pid and len(status.nspid) == depth
                 and status.nspid[-1] == named and pid_namespace(pid) == namespace):
@@ -194,14 +196,13 @@ def _in_namespace_of(peer: int, depth: int, named: int) -> int | None:
     return None
 
 
-def _candidates(peer: int) -> Iterator[int]:
+def _candidates(peer: int, namespace: tuple[int, int]) -> Iterator[int]:
     yield from lineage(peer)
     try:
         with open(f"/proc/{peer}/task/{peer}/children", "rb") as children:
             yield from (int(child) for child in children.read().split())
     except (OSError, ValueError):
         pass
-    namespace = pid_namespace(peer)
     for entry in os.listdir("/proc"):
         if entry.isdigit() and pid_namespace(entry) == namespace:
             yield int(entry)

@@ -95,6 +95,27 @@ def test_mcpctl_run_in_a_pid_namespace_is_held_by_its_command(daemon: DaemonProc
 
 
 @needs_namespaces
+def test_a_process_named_by_its_pid_in_the_callers_namespace_holds_the_allocation(daemon: DaemonProcess) -> None:
+    """`sleep & mcpctl allocate --holder-pid $!`: the sleep is neither mcpctl's ancestor nor its child."""
+    script = subprocess.Popen([*UNSHARE, "bash", "-c", 'sleep 30 & echo "$!"; mcpctl allocate --res licence=1 '
+                               '--holder-pid "$!" || exit 1; wait'], text=True, stdout=subprocess.PIPE,
+                              env=env(daemon))
+    try:
+        assert script.stdout is not None
+        inside = int(script.stdout.readline())
+        held = script.stdout.readline().strip()
+        holder = state(daemon, held)["holder_pid"]
+        assert nspid(holder) == [holder, inside]
+        assert Path(f"/proc/{holder}/cmdline").read_bytes() == b"sleep\x0030\x00"
+        os.kill(holder, signal.SIGKILL)
+        until(lambda: state(daemon, held)["state"] == "released", "the allocation to be released")
+        assert script.wait(BOUND_S) == 0  # the script itself ran on: the sleep held the allocation
+    finally:
+        script.kill()
+        script.wait()
+
+
+@needs_namespaces
 def test_a_holder_pid_that_names_no_process_in_the_callers_namespace_is_refused(daemon: DaemonProcess) -> None:
     host_only = os.getpid()  # this test's pid on the host: a fresh namespace has only its first few pids
     refused = subprocess.run([*UNSHARE, "bash", "-c", f"mcpctl allocate --res licence=1 --holder-pid {host_only}"],
