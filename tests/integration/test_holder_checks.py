@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -100,3 +101,20 @@ def test_a_thread_that_leads_no_thread_group_is_refused_even_for_root(daemon: Da
     assert reply["error"]["data"] == {"type": "InvalidHolder", "holder_pid": thread.native_id, "reason": "thread"}
     assert f"name its process ({os.getpid()})" in reply["error"]["message"]
     assert daemon.call("allocations.list", {"state": "active"}) == []
+
+
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def mcpctl_env(daemon: DaemonProcess) -> dict[str, str]:
+    return dict(os.environ, MCPRES_SOCKET=daemon.socket, HOME="/nonexistent",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def test_mcpctl_run_by_another_user_cannot_name_init_as_holder(daemon: DaemonProcess) -> None:
+    refused = subprocess.run([*AS_NOBODY, "mcpctl", "allocate", "--res", "licence=1", "--holder-pid", "1"],
+                             text=True, capture_output=True, env=mcpctl_env(daemon), timeout=BOUND_S)
+    assert refused.returncode == 1, refused.stderr
+    assert "holder process 1 is not yours" in refused.stderr
+    assert daemon.call("allocations.list", {"state": "active"}) == []
+
