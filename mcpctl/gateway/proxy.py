@@ -539,14 +539,38 @@ class Gateway:
     # -- server -> client --------------------------------------------------------------
 
     async def _from_server(self, reader: asyncio.StreamReader) -> None:
+        head: bytes | None = None  # the start of an over-long line being passed on in pieces; tail: its end so far
+        tail = b""
         async for line, whole in lines(reader):
             after: Callable[[], None] | None = None
-            if whole and (self.calls or self.tasks or self.task_queries):
-                line, after = self._server_line(line)
+            if whole:
+                if self.calls or self.tasks or self.task_queries:
+                    line, after = self._server_line(line)
+            else:
+                if head is None:
+                    head = line[:wire.EDGE_BYTES]
+                tail = line[-wire.EDGE_BYTES:] if len(line) >= wire.EDGE_BYTES else \
+                    (tail + line)[-wire.EDGE_BYTES:]
+                if line.endswith(b"\n"):  # the last piece: what it answered is released like any response
+                    after = self._long_line_ended(head, tail)
+                    head, tail = None, b""
             self.to_client.write(line)
             if after is not None:
                 after()
             await self.to_client.drain()
+
+    def _long_line_ended(self, head: bytes, tail: bytes) -> Callable[[], None] | None:
+        """What to do once an over-long line has passed: release the call (or task) it answered, if any."""
+        key = wire.long_response_id(head, tail)
+        if key is None:
+            return None
+        call = self.calls.get(key)
+        if call is not None and call.state == RUNNING:
+            return lambda: self._responded(call, {})
+        query = self.task_queries.pop(key, None)
+        if query is not None:
+            return lambda: self._task_answered(query[0], query[1], {})
+        return None
 
     def _server_line(self, line: bytes) -> tuple[bytes, Callable[[], None] | None]:
         """The line to send the client, and what to do once it is sent (release an allocation)."""

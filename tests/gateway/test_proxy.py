@@ -419,3 +419,18 @@ def test_a_line_of_several_mebibytes_passes_both_ways(gateways: Any, tmp_path: P
     assert tap_lines(tmp_path / "server.tap")[-1] == request
     gateway.send(tool_call(2, "big", {"size": 5 * 1024 * 1024}))
     assert len(text_of(gateway.response(2, timeout=10))) == 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("id_last", [False, True], ids=["id-first", "id-last"])
+def test_a_result_over_32_mib_is_delivered_and_releases_its_allocation(
+        gateways: Any, mcpresd: DaemonProcess, id_last: bool) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    size = 33 * 1024 * 1024
+    gateway.send(tool_call(1, "big", {"size": size, "id_last": id_last}))
+    response = gateway.response(1, timeout=30)
+    assert text_of(response) == "x" * size
+    until(lambda: not allocations(mcpresd, "active", "raw/"), timeout=5)
+    assert [a["release_reason"] for a in allocations(mcpresd, "released", "raw/big")][:1] == ["released"]
+    gateway.send(tool_call(2, "echo", {"n": 2}))  # gpu 1 again: it runs only if the big call's gpu was released
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}

@@ -15,7 +15,7 @@ TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
 - ask: sends the client a `sampling/createMessage` request with the *same id*
   as the call, waits for the answer, and returns it.
 - raw {lines}: writes each string as a raw line (not necessarily JSON) first.
-- big {size}: a text result of `size` characters.
+- big {size, id_last?}: a text result of `size` characters (with `id_last`, its id written last).
 - hang: never answers. crash {code}: exits at once.
 `tasks/get` says any task is completed. At end of input it exits 0, unless SCRIPTED_IGNORE_EOF is set (then it stays,
 and with SCRIPTED_IGNORE_TERM it ignores SIGTERM too).
@@ -103,7 +103,11 @@ def call(message) -> None:
             send(line.encode())
         text(request_id, "raw done")
     elif name == "big":
-        text(request_id, "x" * int(args.get("size", 1 << 20)))
+        content = {"content": [{"type": "text", "text": "x" * int(args.get("size", 1 << 20))}]}
+        if args.get("id_last"):  # as the TypeScript SDK writes it
+            send(json.dumps({"result": content, "jsonrpc": "2.0", "id": request_id}, separators=(",", ":")).encode())
+        else:
+            result(request_id, content)
     elif name == "crash":
         os._exit(int(args.get("code", 3)))
     elif name != "hang":
