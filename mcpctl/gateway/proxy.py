@@ -39,6 +39,7 @@ from mcpctl.actions import format_duration
 from mcpctl.client import DaemonUnreachable, RpcError
 from mcpctl.gateway import log, wire
 from mcpctl.gateway.broker import Broker
+from mcpctl.gateway.spawn import server_environment
 from mcpctl.gateway.tools import GatewayConfig, Rule
 from mcpctl.gateway.wire import GatewayErrorCode
 from mcpresd.protocol import ErrorCode, Method, format_size
@@ -204,7 +205,8 @@ class Gateway:
             self._begin_outage(error.reason)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT,
+                env=server_environment())
         except FileNotFoundError:
             log(f"cannot start {self.command[0]!r}: command not found")
             self.broker.close()

@@ -81,7 +81,7 @@ class GatewayProcess:
     """The installed `mcpctl gateway` as an agent host runs it, with its stdin and stdout in the test's hands."""
 
     def __init__(self, tmp: Path, socket: str, tools: str, command: list[str], *, name: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> None:
         number = next(_numbers)
         self.tools_path = tmp / f"tools-{number}.toml"
         self.tools_path.write_text(tools)
@@ -92,7 +92,7 @@ class GatewayProcess:
         self.args = [*args, "--", *command]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         env={**os.environ, **(env or {})})
+                                         env=environ if environ is not None else {**os.environ, **(env or {})})
         self.received: list[bytes] = []
         self.arrivals: list[float] = []
         self._lines: queue.Queue[bytes | None] = queue.Queue()
@@ -228,9 +228,11 @@ def gateways(tmp_path: Path, mcpresd: DaemonProcess) -> Iterator[Any]:
     started: list[GatewayProcess] = []
 
     def start(tools: str, command: list[str] | None = None, *, tap: str = "server", name: str | None = None,
-              socket: str | None = None, env: dict[str, str] | None = None) -> GatewayProcess:
+              socket: str | None = None, env: dict[str, str] | None = None,
+              environ: dict[str, str] | None = None) -> GatewayProcess:
         command = command or [PY, SCRIPTED, str(tmp_path / f"{tap}.tap")]
-        gateway = GatewayProcess(tmp_path, socket or mcpresd.socket, tools, command, name=name, env=env)
+        gateway = GatewayProcess(tmp_path, socket or mcpresd.socket, tools, command, name=name, env=env,
+                                 environ=environ)
         started.append(gateway)
         return gateway
 

@@ -434,3 +434,13 @@ def test_a_result_over_32_mib_is_delivered_and_releases_its_allocation(
     assert [a["release_reason"] for a in allocations(mcpresd, "released", "raw/big")][:1] == ["released"]
     gateway.send(tool_call(2, "echo", {"n": 2}))  # gpu 1 again: it runs only if the big call's gpu was released
     assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+
+
+@pytest.mark.parametrize("locale", [{}, {"LANG": "C"}, {"LC_CTYPE": "C"}, {"LC_CTYPE": "C.UTF-8"}],
+                         ids=["no-locale", "LANG=C", "LC_CTYPE=C", "LC_CTYPE=C.UTF-8"])
+def test_the_server_gets_the_gateways_environment_unchanged(gateways: Any, locale: dict[str, str]) -> None:
+    environ = {"PATH": "/usr/bin:/bin", "MCPRES_TEST_MARK": "é x", **locale}
+    gateway = gateways(gated(), environ=environ)
+    gateway.initialize()
+    gateway.send(tool_call(1, "free_environ"))
+    assert json.loads(text_of(gateway.response(1))) == environ  # no LC_CTYPE=C.UTF-8 from Python's coercion

@@ -16,6 +16,7 @@ TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
   as the call, waits for the answer, and returns it.
 - raw {lines}: writes each string as a raw line (not necessarily JSON) first.
 - big {size, id_last?}: a text result of `size` characters (with `id_last`, its id written last).
+- environ: the environment the server was started with (/proc/self/environ), as a JSON object.
 - hang: never answers. crash {code}: exits at once.
 `tasks/get` says any task is completed. At end of input it exits 0, unless SCRIPTED_IGNORE_EOF is set (then it stays,
 and with SCRIPTED_IGNORE_TERM it ignores SIGTERM too).
@@ -34,7 +35,7 @@ TAP = sys.argv[1]
 lock = threading.Lock()
 cancelled: dict[str, threading.Event] = {}
 asked: dict[str, tuple[threading.Event, list]] = {}
-TOOLS = ["echo", "slow", "task", "input", "ask", "raw", "big", "hang", "crash"]
+TOOLS = ["echo", "slow", "task", "input", "ask", "raw", "big", "environ", "hang", "crash"]
 
 
 def send(message) -> None:
@@ -108,6 +109,10 @@ def call(message) -> None:
             send(json.dumps({"result": content, "jsonrpc": "2.0", "id": request_id}, separators=(",", ":")).encode())
         else:
             result(request_id, content)
+    elif name == "environ":
+        with open("/proc/self/environ", "rb") as file:
+            started = dict(entry.decode().split("=", 1) for entry in file.read().split(b"\0") if entry)
+        text(request_id, json.dumps(started))
     elif name == "crash":
         os._exit(int(args.get("code", 3)))
     elif name != "hang":
