@@ -16,10 +16,15 @@ Rules of this module:
   elicitation, roots) and the client's answers to them are never confused with
   the client's calls.
 - An allocation is released on the call's response (result, error, `isError`,
-  `resultType: "input_required"`), on a forwarded cancel, when a task it
+  `resultType: "input_required"`), when a task it
   started ends or its TTL runs out, when the server exits and when the gateway
-  exits. The broker connection holds them all, so even a SIGKILLed gateway
-  leaves nothing behind.
+  exits. A running call the client cancels keeps its allocation until the
+  server answers it (servers usually do, or finish the work first) or
+  `cancel_grace` passes without a sign of life from it (a response, progress
+  on its token): the cancellation is forwarded, but the server may go on
+  working, and the next call must not be granted what it still uses. The
+  broker connection holds them all, so even a SIGKILLed gateway leaves nothing
+  behind.
 - Logs go to stderr only, each line prefixed `mcpctl gateway: `.
 """
 
@@ -54,14 +59,14 @@ EARLY_EVENTS = 1024
 ENDED = frozenset({"released", "holder_exited", "connection_closed", "expired", "revoked"})
 """Event kinds that end an active allocation."""
 
-ALLOCATING, QUEUED, RUNNING, TASK = "allocating", "queued", "running", "task"
+ALLOCATING, QUEUED, RUNNING, TASK, CANCELLED = "allocating", "queued", "running", "task", "cancelled"
 
 
 class Call:
     """A gated `tools/call`, from the moment it arrives until its allocation is released."""
 
     __slots__ = ("request_id", "key", "line", "tool_id", "rule", "token", "state", "allocation_id", "ticker",
-                 "injected", "arrived", "task_id", "task_timer", "watched")
+                 "injected", "arrived", "task_id", "task_timer", "watched", "grace_timer")
 
     def __init__(self, request_id: Any, key: str, line: bytes, tool_id: str, rule: Rule, token: Any) -> None:
         self.request_id = request_id
@@ -80,6 +85,8 @@ class Call:
         self.task_timer: asyncio.TimerHandle | None = None
         self.watched = False
         """Whether the broker was subscribed to events when the call's allocate went out."""
+        self.grace_timer: asyncio.TimerHandle | None = None
+        """Once cancelled while running: when it is released if the server has not answered it."""
 
     @property
     def token_key(self) -> str | None:
@@ -173,6 +180,9 @@ class Gateway:
         self.by_allocation: dict[str, Call] = {}
         self.tasks: dict[str, Call] = {}
         """Calls whose result started a task, by task id: they keep their allocation until it ends."""
+        self.cancelled: dict[str, Call] = {}
+        """Running calls the client cancelled, by request id, until the server answers them or cancel_grace passes."""
+        self.cancelled_tokens: dict[str, Call] = {}
         self.task_queries: dict[str, tuple[str, str]] = {}
         """The client's tasks/get|result|cancel requests on held tasks: request id -> (task id, method)."""
         self.shifts: dict[str, float] = {}
@@ -268,7 +278,7 @@ class Gateway:
             return await proc.wait()
 
     async def _release_all(self) -> None:
-        for call in [*self.calls.values(), *self.tasks.values()]:
+        for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             self._finish(call)
         if self.reconnecting is not None:
             self.reconnecting.cancel()
@@ -344,8 +354,39 @@ class Gateway:
             self._finish(call)
             return True
         self.to_server.write(line)
-        self._finish(call)
+        self._keep_until_answered(call)
         return True
+
+    def _keep_until_answered(self, call: Call) -> None:
+        """A running call was cancelled: its allocation stays until the server answers it or cancel_grace passes."""
+        if self.calls.get(call.key) is call:
+            del self.calls[call.key]
+        call.state = CANCELLED
+        if call.allocation_id is None:
+            self._finish(call)
+            return
+        earlier = self.cancelled.get(call.key)
+        if earlier is not None:  # the client reused the id of a call it had cancelled
+            self._finish(earlier)
+        self.cancelled[call.key] = call
+        token_key = call.token_key
+        if token_key is not None:
+            self.cancelled_tokens[token_key] = call
+        log(f"{call.tool_id} call {call.key} cancelled while it ran: its allocation {call.allocation_id} is kept "
+            f"until the server answers it, or for {format_duration(self.config.cancel_grace)}")
+        self._restart_grace(call)
+
+    def _restart_grace(self, call: Call) -> None:
+        if call.grace_timer is not None:
+            call.grace_timer.cancel()
+        call.grace_timer = asyncio.get_running_loop().call_later(self.config.cancel_grace, self._grace_over, call)
+
+    def _grace_over(self, call: Call) -> None:
+        call.grace_timer = None
+        if self.cancelled.get(call.key) is call:
+            log(f"{call.tool_id} call {call.key}: no answer from the server "
+                f"{format_duration(self.config.cancel_grace)} after its cancellation: releasing its allocation")
+            self._finish(call)
 
     # -- allocating --------------------------------------------------------------
 
@@ -500,7 +541,7 @@ class Gateway:
     def _on_broker_lost(self, reason: str) -> None:
         self._begin_outage(reason)
         self.by_allocation.clear()
-        for call in [*self.calls.values(), *self.tasks.values()]:
+        for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             if call.state == QUEUED:
                 self._without_broker(call)
             else:
@@ -546,7 +587,7 @@ class Gateway:
         async for line, whole in lines(reader):
             after: Callable[[], None] | None = None
             if whole:
-                if self.calls or self.tasks or self.task_queries:
+                if self.calls or self.tasks or self.task_queries or self.cancelled:
                     line, after = self._server_line(line)
             else:
                 if head is None:
@@ -569,6 +610,9 @@ class Gateway:
         call = self.calls.get(key)
         if call is not None and call.state == RUNNING:
             return lambda: self._responded(call, {})
+        cancelled = self.cancelled.get(key)
+        if cancelled is not None:
+            return lambda: self._finish(cancelled)
         query = self.task_queries.pop(key, None)
         if query is not None:
             return lambda: self._task_answered(query[0], query[1], {})
@@ -587,14 +631,21 @@ class Gateway:
             call = self.calls.get(key)
             if call is not None and call.state == RUNNING:
                 return line, lambda: self._responded(call, message)
+            cancelled = self.cancelled.get(key)
+            if cancelled is not None:
+                return line, lambda: self._finish(cancelled)
             query = self.task_queries.pop(key, None)
             if query is not None:
                 return line, lambda: self._task_answered(query[0], query[1], message)
             return line, None
-        if method == "notifications/progress" and self.shifts:
+        if method == "notifications/progress" and (self.shifts or self.cancelled_tokens):
             params = message.get("params")
             token = params.get("progressToken") if isinstance(params, dict) else None
-            shift = self.shifts.get(wire.id_key(token)) if token is not None else None
+            token_key = wire.id_key(token) if token is not None else None
+            still_working = self.cancelled_tokens.get(token_key) if token_key is not None else None
+            if still_working is not None:  # the server goes on with a cancelled call: so does its grace
+                self._restart_grace(still_working)
+            shift = self.shifts.get(token_key) if token_key is not None else None
             if shift is not None:
                 return wire.shift_progress(message, shift) or line, None
         elif method == "notifications/tasks/status" and self.tasks:
@@ -643,6 +694,11 @@ class Gateway:
             del self.calls[call.key]
         if call.task_id is not None and self.tasks.get(call.task_id) is call:
             del self.tasks[call.task_id]
+        if self.cancelled.get(call.key) is call:
+            del self.cancelled[call.key]
+        if call.grace_timer is not None:
+            call.grace_timer.cancel()
+            call.grace_timer = None
         if call.ticker is not None:
             call.ticker.cancel()
             call.ticker = None
@@ -652,6 +708,8 @@ class Gateway:
         token_key = call.token_key
         if token_key is not None and call.state != TASK:
             self.shifts.pop(token_key, None)
+        if token_key is not None and self.cancelled_tokens.get(token_key) is call:
+            del self.cancelled_tokens[token_key]
         allocation_id, call.allocation_id = call.allocation_id, None
         if allocation_id is not None:
             self.by_allocation.pop(allocation_id, None)

@@ -177,17 +177,34 @@ def test_cancel_while_queued_withdraws_and_the_server_never_sees_the_call(
     assert methods == ["initialize", "notifications/initialized", "ping"]
 
 
-def test_cancel_while_running_is_forwarded_and_releases_a_late_response_still_passes(
+def test_cancel_while_running_is_forwarded_and_keeps_the_allocation_until_the_server_answers(
         gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
     gateway = gateways(gated())
     gateway.initialize()
-    gateway.send(tool_call(1, "slow", {"seconds": 5, "late": True}))
-    running = until(lambda: allocations(mcpresd, "active", "raw/"))
+    gateway.send(tool_call(1, "slow", {"seconds": 3, "late": True, "keep_on": True}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
     cancel = b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1,"reason":"user"}}\n'
-    gateway.send(cancel)
-    until(lambda: [a for a in allocations(mcpresd, "released") if a["id"] == running[0]["id"]])
+    gateway.send(cancel, tool_call(2, "echo", {"n": 2}))  # gpu 1 too: it must wait for the cancelled call's answer
     until(lambda: tap_lines(tmp_path / "server.tap")[-1] == cancel)
-    assert text_of(gateway.response(1)) == "slow done (late)"  # passed on, and nothing released twice
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["state"] == "active"
+    assert text_of(gateway.response(1)) == "slow done (late)"  # the server's answer still passes
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+    answers = [m.get("id") for m in gateway.messages() if "method" not in m and m.get("id") in (1, 2)]
+    assert answers == [1, 2]  # call 2 reached the server only after it answered the cancelled call 1
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["release_reason"] == "released"
+
+
+def test_a_cancelled_call_the_server_never_answers_is_released_when_cancel_grace_runs_out(
+        gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
+    gateway = gateways(gated().replace('name = "raw"', 'name = "raw"\ncancel_grace = "300ms"'))
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 30}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
+    gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                 tool_call(2, "echo", {"n": 2}))
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["release_reason"] == "released"
+    assert "no answer from the server 0.3s after its cancellation: releasing" in gateway.stderr()
 
 
 def test_a_wait_that_runs_out_answers_with_a_readable_tool_error_and_holds_nothing(

@@ -6,8 +6,9 @@ TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
 
 - echo: answers at once with its arguments as JSON text. A `free_` prefix on a name is ignored
   (the tests leave `free_*` tools ungated).
-- slow {seconds, late?}: progress 0..2 on the call's token, sleeps, answers; a
-  cancel stops it without an answer, unless `late` is true.
+- slow {seconds, late?, keep_on?}: progress 0..2 on the call's token, sleeps, answers; a
+  cancel stops it without an answer, unless `late` is true (then it answers at once), or
+  `keep_on` is true too (then it finishes its sleep first, as a server that ignores it).
 - task {task_id, ttl?, finish_after?}: answers a 2025-11-25 CreateTaskResult
   (`resultType: "task"` too if `modern`); after `finish_after` seconds it sends
   `notifications/tasks/status` completed.
@@ -69,7 +70,10 @@ def call(message) -> None:
                 for step in range(3):
                     send({"jsonrpc": "2.0", "method": "notifications/progress",
                           "params": {"progressToken": token, "progress": step, "total": 2}})
-            stop.wait(float(args.get("seconds", 0.5)))
+            if args.get("keep_on"):
+                time.sleep(float(args.get("seconds", 0.5)))
+            else:
+                stop.wait(float(args.get("seconds", 0.5)))
             if not stop.is_set() or args.get("late"):
                 text(request_id, "slow done" + (" (late)" if stop.is_set() else ""))
 
