@@ -1,9 +1,10 @@
 """The gateway's one connection to mcpresd: requests out, replies and event notifications in.
 
 Rules of this module:
-- One connection, opened at start and kept. It holds every allocation the
-  gateway makes (no `holder_pid`): if the gateway dies, SIGKILL included, the
-  daemon releases them when the connection closes.
+- One connection, opened at start and kept. The allocations the gateway makes
+  are held by its server's keeper (`holder_pid`, see proxy.py), so they outlive
+  a dropped connection; only if the daemon refuses that holder does the
+  connection hold them.
 - It subscribes to events the first time the caller asks (when a call first has
   to queue) and stays subscribed: the event stream costs the daemon work on
   every allocation, which a gateway whose calls never wait need not pay. A

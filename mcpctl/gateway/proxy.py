@@ -22,9 +22,18 @@ Rules of this module:
   server answers it (servers usually do, or finish the work first) or
   `cancel_grace` passes without a sign of life from it (a response, progress
   on its token): the cancellation is forwarded, but the server may go on
-  working, and the next call must not be granted what it still uses. The
-  broker connection holds them all, so even a SIGKILLed gateway leaves nothing
-  behind.
+  working, and the next call must not be granted what it still uses.
+- The process doing the work holds the allocations: each is sent with the
+  server's keeper as `holder_pid` (spawn.py, keeper.py), which exits only once
+  every process of the server has. So mcpresd frees a call's resources when
+  the gateway releases them, or when the server is gone, never while it may
+  still use them: not when the gateway is SIGKILLed, not when the broker
+  connection drops (releases that could not be sent then go out once it is
+  back). If mcpresd refuses the keeper as a holder, the connection holds them.
+- The server never outlives the gateway: closing stdin gives it `stop_grace`
+  to exit, then its process group gets SIGTERM and, a second later, SIGKILL;
+  a signal to the gateway does that at once; a SIGKILLed gateway's keeper does
+  it by itself.
 - Logs go to stderr only, each line prefixed `mcpctl gateway: `.
 """
 
@@ -44,7 +53,7 @@ from mcpctl.actions import format_duration
 from mcpctl.client import DaemonUnreachable, RpcError
 from mcpctl.gateway import log, wire
 from mcpctl.gateway.broker import Broker
-from mcpctl.gateway.spawn import server_environment
+from mcpctl.gateway.spawn import keeper_command, locate, server_environment
 from mcpctl.gateway.tools import GatewayConfig, Rule
 from mcpctl.gateway.wire import GatewayErrorCode
 from mcpresd.protocol import ErrorCode, Method, format_size
@@ -52,7 +61,9 @@ from mcpresd.protocol import ErrorCode, Method, format_size
 LINE_LIMIT = 32 * 1024 * 1024
 """Lines up to this size are read whole and examined; a longer one is passed on in pieces, unexamined."""
 TERM_GRACE_S = 2.0
-"""How long the server gets after SIGTERM, before SIGKILL (less if `stop_grace` is shorter)."""
+"""How long the gateway waits for the server's output to end once the server has exited."""
+KEEPER_WAIT_S = 3.0
+"""How long the keeper gets to stop the server (SIGTERM, SIGKILL a second later) before it is SIGKILLed itself."""
 RELEASE_GRACE_S = 1.0
 """How long the gateway waits, when it exits, for the daemon to have applied its releases."""
 EARLY_EVENTS = 1024
@@ -196,6 +207,12 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.stop_reason = ""
         self.proc: asyncio.subprocess.Process | None = None
+        """The server's keeper, which holds the allocations (`holder_pid`) while mcpresd accepts it."""
+        self.holder_pid: int | None = None
+        self.unreleased: set[str] = set()
+        """Releases that could not be sent while the broker was away: sent once it is back."""
+        self.hurry = asyncio.Event()
+        """Set by a signal: stop the server at once."""
         self.to_server = Output(None)
         self.to_client = Output(None)
         self._duplicate_warned = False
@@ -213,10 +230,12 @@ class Gateway:
             await self.broker.connect()
         except DaemonUnreachable as error:
             self._begin_outage(error.reason)
+        env = server_environment()
         try:
+            path = locate(self.command[0], env)
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT,
-                env=server_environment())
+                *keeper_command(path, self.command), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=LINE_LIMIT, env=env, process_group=0)
         except FileNotFoundError:
             log(f"cannot start {self.command[0]!r}: command not found")
             self.broker.close()
@@ -226,11 +245,12 @@ class Gateway:
             self.broker.close()
             return exitcodes.CANNOT_EXECUTE
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.holder_pid = self.proc.pid
         self.to_server = Output(self.proc.stdin)
         stdin = await _open_stdin(loop)
         self.to_client = await _open_stdout(loop, lambda: self._stop("the client stopped reading"))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._stop, signal.Signals(sig).name)
+            loop.add_signal_handler(sig, self._signalled, signal.Signals(sig).name)
         from_client = asyncio.create_task(self._from_client(stdin))
         from_server = asyncio.create_task(self._from_server(self.proc.stdout))
         stopped = asyncio.create_task(self.stopping.wait())
@@ -262,20 +282,34 @@ class Gateway:
             self.stop_reason = why
         self.stopping.set()
 
+    def _signalled(self, name: str) -> None:
+        """SIGTERM, SIGINT, SIGHUP: stop, and stop the server at once (hosts SIGKILL a gateway that takes long)."""
+        if self.stopping.is_set() and not self.hurry.is_set():
+            log(f"{name} while stopping: stopping the server at once")
+        self.hurry.set()
+        self._stop(name)
+
     async def _reap(self) -> int:
+        """Wait for the server (its keeper) to exit: stop_grace after its stdin closed, less on a signal."""
         proc = self.proc
         assert proc is not None
+        exited = asyncio.ensure_future(proc.wait())
+        if not self.hurry.is_set():
+            hurry = asyncio.ensure_future(self.hurry.wait())
+            await asyncio.wait({exited, hurry}, timeout=self.config.stop_grace, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if exited.done():
+                return exited.result()
+            if not self.hurry.is_set():
+                log(f"the server did not exit within {self.config.stop_grace:g}s of its stdin closing")
+        log("SIGTERM to the server's processes (SIGKILL to what is left a second later)")
+        proc.terminate()  # the keeper stops the server's process group and reaps it all
         try:
-            return await asyncio.wait_for(proc.wait(), self.config.stop_grace)
+            return await asyncio.wait_for(asyncio.shield(exited), KEEPER_WAIT_S)
         except asyncio.TimeoutError:
-            log(f"the server did not exit within {self.config.stop_grace:g}s of its stdin closing: SIGTERM")
-            proc.terminate()
-        try:
-            return await asyncio.wait_for(proc.wait(), min(TERM_GRACE_S, self.config.stop_grace))
-        except asyncio.TimeoutError:
-            log("the server ignored SIGTERM: SIGKILL")
+            log("the server's keeper did not exit: SIGKILL (the server gets its parent-death signal)")
             proc.kill()
-            return await proc.wait()
+            return await exited
 
     async def _release_all(self) -> None:
         for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
@@ -395,16 +429,27 @@ class Gateway:
         execution_id = f"{self.session}/{call.key}"[:200]
         self.allocating += 1
         call.watched = self.broker.subscribed
-        self.broker.request(Method.ALLOCATE, call.rule.allocate_params(call.tool_id, execution_id),
-                            then=lambda done: self._allocated(call, done))
+        params = call.rule.allocate_params(call.tool_id, execution_id)
+        holder_pid = self.holder_pid
+        if holder_pid is not None:
+            params["holder_pid"] = holder_pid
+        self.broker.request(Method.ALLOCATE, params, then=lambda done: self._allocated(call, done, holder_pid))
 
-    def _allocated(self, call: Call, done: asyncio.Future[Any]) -> None:
+    def _allocated(self, call: Call, done: asyncio.Future[Any], holder_pid: int | None = None) -> None:
         self.allocating -= 1
         early = self.early
         if not self.allocating:
             self.early = {}
         error = done.exception()
         if error is not None:
+            refused_holder = isinstance(error, RpcError) and error.code == ErrorCode.INVALID_HOLDER
+            if refused_holder and holder_pid is not None and self.calls.get(call.key) is call:
+                if self.holder_pid is not None:
+                    self.holder_pid = None
+                    log(f"mcpresd refuses the server's keeper (pid {holder_pid}) as a holder ({error}): "
+                        f"allocations are held by the gateway's connection instead")
+                self._allocate(call)
+                return
             if self.calls.get(call.key) is call:
                 if isinstance(error, RpcError):
                     self._refused(call, error)
@@ -540,16 +585,20 @@ class Gateway:
 
     def _on_broker_lost(self, reason: str) -> None:
         self._begin_outage(reason)
-        self.by_allocation.clear()
+        held_by_keeper = self.holder_pid is not None
         for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             if call.state == QUEUED:
                 self._without_broker(call)
-            else:
+            elif not held_by_keeper and call.allocation_id is not None:
+                self.by_allocation.pop(call.allocation_id, None)
                 call.allocation_id = None  # the daemon released it with the connection
 
     def _without_broker(self, call: Call) -> None:
         """A call that waited when the broker went away: on ungated, or refused, as the tools file says."""
-        call.allocation_id = None
+        allocation_id, call.allocation_id = call.allocation_id, None
+        if allocation_id is not None:
+            self.by_allocation.pop(allocation_id, None)
+            self._send_release(allocation_id)  # a request held by the keeper stays queued: withdraw it once back
         if self.config.on_broker_down == "open":
             self._grant(call)
             return
@@ -577,6 +626,9 @@ class Gateway:
                 continue
             self.outage = False
             log(f"mcpresd at {self.broker.path} is reachable again: gated tool calls are admitted through it")
+            unreleased, self.unreleased = self.unreleased, set()
+            for allocation_id in unreleased:
+                self._send_release(allocation_id)
             return
 
     # -- server -> client --------------------------------------------------------------
@@ -722,6 +774,8 @@ class Gateway:
         """
         if self.broker.notify(Method.RELEASE, {"id": allocation_id}):
             self.released = True
+        elif self.holder_pid is not None:  # held by the keeper, it outlives the connection: release it once back
+            self.unreleased.add(allocation_id)
 
     def _answer_held(self, code: GatewayErrorCode, message: str) -> None:
         """Answer every call that never reached the server; used when the gateway stops."""

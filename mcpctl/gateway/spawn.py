@@ -1,6 +1,11 @@
-"""How the gateway starts its server: with the environment the gateway itself was given.
+"""How the gateway starts its server: under a keeper, with the environment the gateway itself was given.
 
 Rules of this module:
+- The server runs under keeper.py (see its rules): the gateway's child is the
+  keeper, in a process group of its own, and the server is the keeper's child,
+  in another. The keeper's pid is what holds the gateway's allocations.
+- The command is looked up on the server's PATH here, so that a missing or
+  unrunnable command is reported by the gateway itself, as before (127, 126).
 - The server's environment is the one the host gave the gateway, unchanged.
   Python's C-locale coercion (PEP 538) sets `LC_CTYPE` in the gateway's own
   `os.environ` when it starts under the C or POSIX locale (a host's minimal
@@ -13,7 +18,9 @@ Rules of this module:
 from __future__ import annotations
 
 import os
+import sys
 
+KEEPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
 COERCED = frozenset({"C.UTF-8", "C.utf8", "UTF-8"})
 """The values PEP 538's coercion gives LC_CTYPE."""
 
@@ -47,3 +54,31 @@ def _initial_value(block: bytes, name: bytes) -> str | None:
         if entry.startswith(prefix):
             return os.fsdecode(entry[len(prefix):])
     return None
+
+
+def keeper_command(path: str, command: list[str]) -> list[str]:
+    """The command line that runs the executable `path` as `command` under the keeper."""
+    return [sys.executable, "-I", "-S", KEEPER, str(os.getpid()), path, "--", *command]
+
+
+def locate(name: str, env: dict[str, str]) -> str:
+    """The executable `name` names, looked up on env's PATH as execvp would.
+
+    FileNotFoundError if there is none, PermissionError if there is one that cannot be run.
+    """
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(directory or ".", name)
+                      for directory in env.get("PATH", os.defpath).split(os.pathsep)]
+    found = None
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return os.path.abspath(candidate) if "/" in name else candidate
+            found = candidate
+    if found is not None:
+        raise PermissionError(13, "Permission denied", found)
+    if "/" in name and os.path.exists(name):
+        raise PermissionError(13, "Permission denied", name)
+    raise FileNotFoundError(2, "No such file or directory", name)

@@ -37,7 +37,7 @@ DEFAULT_WAIT = "10m"
 """How long a gated call waits in the queue unless its entry says otherwise."""
 DEFAULT_PROGRESS_INTERVAL = 1.0
 DEFAULT_RECONNECT_INTERVAL = 5.0
-DEFAULT_STOP_GRACE = 5.0
+DEFAULT_STOP_GRACE = 1.5
 DEFAULT_CANCEL_GRACE = 30.0
 MAX_WAIT_S = 365 * 86400.0
 """The daemon's limit for `wait` and `ttl`."""
@@ -70,7 +70,7 @@ class Rule:
         return bool(self.resources)
 
     def allocate_params(self, tool_id: str, execution_id: str) -> dict[str, Any]:
-        """`allocate` params for one call: detached, held by the gateway's connection (no holder_pid)."""
+        """`allocate` params for one call, detached (the gateway adds the holder: its server's keeper)."""
         params: dict[str, Any] = {
             "resources": [dict(demand) for demand in self.resources],
             "priority": self.priority,

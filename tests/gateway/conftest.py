@@ -74,6 +74,26 @@ def until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
         time.sleep(interval)
 
 
+def server_pid(tap: Path | str, timeout: float = 5.0) -> int:
+    """The pid servers/scripted.py wrote beside its tap."""
+    pid_file = Path(str(tap) + ".pid")
+    return int(until(lambda: pid_file.exists() and pid_file.read_text(), timeout))
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 MCPCTL = str(Path(PY).parent / "mcpctl")
 
 

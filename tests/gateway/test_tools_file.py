@@ -76,7 +76,7 @@ def test_defaults_wait_ten_minutes_at_normal_priority_and_never_name_a_holder() 
     assert "holder_pid" not in params and "idempotency_key" not in params
     defaults = config("")
     assert (defaults.on_broker_down, defaults.progress_interval, defaults.stop_grace, defaults.cancel_grace) == (
-        "open", 1.0, 5.0, 30.0)
+        "open", 1.0, 1.5, 30.0)
 
 
 def test_pools_shares_and_resource_tables() -> None:

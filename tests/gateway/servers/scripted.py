@@ -1,7 +1,8 @@
 """A raw MCP server for the gateway's tests: standard library only, it answers by tool name.
 
 `python scripted.py TAP_FILE` appends every line it reads, byte for byte, to
-TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
+TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times), and writes its pid
+to TAP_FILE.pid first. It answers
 `initialize`, `server/discover`, `ping` and `tools/list`, and these tools:
 
 - echo: answers at once with its arguments as JSON text. A `free_` prefix on a name is ignored
@@ -153,6 +154,8 @@ def handle(message) -> None:
 
 
 def main() -> None:
+    with open(TAP + ".pid", "w") as pid:
+        pid.write(str(os.getpid()))
     with open(TAP, "ab") as tap, open(TAP + ".times", "a") as times:
         for line in iter(sys.stdin.buffer.readline, b""):
             tap.write(line)
