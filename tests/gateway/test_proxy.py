@@ -454,3 +454,26 @@ def test_the_server_gets_the_gateways_environment_unchanged(gateways: Any, local
     gateway.initialize()
     gateway.send(tool_call(1, "free_environ"))
     assert json.loads(text_of(gateway.response(1))) == environ  # no LC_CTYPE=C.UTF-8 from Python's coercion
+
+
+def test_a_call_running_when_the_daemon_restarts_keeps_its_allocation_and_releases_it_once_back(
+        gateways: Any, tmp_path: Path) -> None:
+    (tmp_path / "own").mkdir()
+    daemon = DaemonProcess(tmp_path / "own")
+    daemon.start()
+    try:
+        tools = gated().replace('name = "raw"', 'name = "raw"\nreconnect_interval = "200ms"')
+        gateway = gateways(tools, socket=daemon.socket)
+        gateway.initialize()
+        gateway.send(tool_call(1, "slow", {"seconds": 3600, "late": True}))
+        [running] = until(lambda: daemon.call("allocations.list", {"state": "active"}))
+        daemon.restart()
+        # the server still works, and its keeper still holds what it uses
+        assert daemon.call("allocations.get", {"id": running["id"]})["state"] == "active"
+        gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        assert text_of(gateway.response(1)) == "slow done (late)"  # the call ends: its release goes out once back
+        shown = until(lambda: (lambda a: a if a["state"] == "released" else None)(
+            daemon.call("allocations.get", {"id": running["id"]})), timeout=5)
+        assert shown["release_reason"] == "released"
+    finally:
+        daemon.stop()
