@@ -21,7 +21,8 @@ Rules of this module:
   exits. A running call the client cancels keeps its allocation until the
   server answers it (servers usually do, or finish the work first) or
   `cancel_grace` passes without a sign of life from it (a response, progress
-  on its token): the cancellation is forwarded, but the server may go on
+  on its token; progress that reaches its total counts as the answer, since
+  the TypeScript SDK never sends the response of a cancelled request): the cancellation is forwarded, but the server may go on
   working, and the next call must not be granted what it still uses.
 - The process doing the work holds the allocations: each is sent with the
   server's keeper as `holder_pid` (spawn.py, keeper.py), which exits only once
@@ -40,6 +41,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -695,11 +697,16 @@ class Gateway:
             token = params.get("progressToken") if isinstance(params, dict) else None
             token_key = wire.id_key(token) if token is not None else None
             still_working = self.cancelled_tokens.get(token_key) if token_key is not None else None
+            after: Callable[[], None] | None = None
             if still_working is not None:  # the server goes on with a cancelled call: so does its grace
-                self._restart_grace(still_working)
+                if wire.progress_complete(params):  # until its own progress says the work is done
+                    after = functools.partial(self._finish, still_working)
+                else:
+                    self._restart_grace(still_working)
             shift = self.shifts.get(token_key) if token_key is not None else None
             if shift is not None:
-                return wire.shift_progress(message, shift) or line, None
+                return wire.shift_progress(message, shift) or line, after
+            return line, after
         elif method == "notifications/tasks/status" and self.tasks:
             params = message.get("params")
             if isinstance(params, dict) and params.get("status") in wire.TERMINAL_TASK_STATES:

@@ -135,6 +135,16 @@ def shift_progress(message: dict[str, Any], shift: float) -> bytes | None:
     return encode(message)
 
 
+def progress_complete(params: Any) -> bool:
+    """Whether progress notification params say the work is done: a `total`, and `progress` at or past it."""
+    if not isinstance(params, dict):
+        return False
+    value, total = params.get("progress"), params.get("total")
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and value >= total
+
+
 def task_of(result: Any) -> tuple[str, float | None, str | None] | None:
     """(task id, ttl in ms, status) when a `tools/call` result starts a task instead of finishing.
 

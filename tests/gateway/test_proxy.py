@@ -477,3 +477,18 @@ def test_a_call_running_when_the_daemon_restarts_keeps_its_allocation_and_releas
         assert shown["release_reason"] == "released"
     finally:
         daemon.stop()
+
+
+def test_a_cancelled_call_that_works_on_without_answering_is_released_when_its_progress_completes(
+        gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated())  # cancel_grace: 30s, far beyond this test's bounds
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 1.5, "steps": 3, "keep_on": True}, token="t1"))
+    gateway.wait_for(lambda m: m.get("method") == "notifications/progress")
+    gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                 tool_call(2, "echo", {"n": 2}))
+    assert json.loads(text_of(gateway.response(2, timeout=10))) == {"n": 2}
+    progress = [m["params"]["progress"] for m in gateway.messages()
+                if m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "t1"]
+    assert progress == [1, 2, 3]  # call 2 ran only once call 1's work was done, by its own account
+    assert not any(m.get("id") == 1 and "method" not in m for m in gateway.messages())

@@ -27,3 +27,15 @@ def edges(line: bytes) -> tuple[bytes, bytes]:
 ])
 def test_an_over_long_response_is_known_by_the_id_at_either_end(line: bytes, expected: str | None) -> None:
     assert wire.long_response_id(*edges(line)) == expected
+
+
+@pytest.mark.parametrize(("params", "complete"), [
+    ({"progress": 3, "total": 3}, True),
+    ({"progress": 3.5, "total": 3}, True),
+    ({"progress": 2, "total": 3}, False),
+    ({"progress": 3}, False),  # no total: nothing says the work is done
+    ({"progress": True, "total": 1}, False),
+    (None, False),
+])
+def test_progress_is_complete_only_when_it_reaches_its_total(params: object, complete: bool) -> None:
+    assert wire.progress_complete(params) is complete

@@ -10,6 +10,8 @@ to TAP_FILE.pid first. It answers
 - slow {seconds, late?, keep_on?}: progress 0..2 on the call's token, sleeps, answers; a
   cancel stops it without an answer, unless `late` is true (then it answers at once), or
   `keep_on` is true too (then it finishes its sleep first, as a server that ignores it).
+  With `steps`, it sends progress 1..steps of steps spread over `seconds` instead, and a
+  cancel suppresses its answer (with `keep_on`, not its work), as the TypeScript SDK does.
 - task {task_id, ttl?, finish_after?}: answers a 2025-11-25 CreateTaskResult
   (`resultType: "task"` too if `modern`); after `finish_after` seconds it sends
   `notifications/tasks/status` completed.
@@ -67,6 +69,18 @@ def call(message) -> None:
         stop = cancelled.setdefault(key, threading.Event())
 
         def run() -> None:
+            if args.get("steps"):  # as server-everything's long-running operation: progress i of steps, paced
+                steps = int(args["steps"])
+                for step in range(1, steps + 1):
+                    time.sleep(float(args.get("seconds", 0.5)) / steps)
+                    if token is not None:
+                        send({"jsonrpc": "2.0", "method": "notifications/progress",
+                              "params": {"progressToken": token, "progress": step, "total": steps}})
+                    if stop.is_set() and not args.get("keep_on"):
+                        return
+                if not stop.is_set():
+                    text(request_id, "slow done")
+                return
             if token is not None:
                 for step in range(3):
                     send({"jsonrpc": "2.0", "method": "notifications/progress",
