@@ -97,7 +97,7 @@ class GatewayConfig:
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL
     stop_grace: float = DEFAULT_STOP_GRACE
-    """How long the server gets to exit once its stdin is closed, before SIGTERM (and SIGKILL 2 s later)."""
+    """How long the server gets to exit once its stdin is closed, before SIGTERM (and SIGKILL 1 s later)."""
     cancel_grace: float = DEFAULT_CANCEL_GRACE
     """How long a cancelled running call keeps its allocation, waiting for the server's answer to it."""
     rules: tuple[Rule, ...] = ()
