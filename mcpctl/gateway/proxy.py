@@ -30,7 +30,9 @@ Rules of this module:
   the gateway releases them, or when the server is gone, never while it may
   still use them: not when the gateway is SIGKILLed, not when the broker
   connection drops (releases that could not be sent then go out once it is
-  back). If mcpresd refuses the keeper as a holder, the connection holds them.
+  back). If mcpresd refuses the keeper as a holder, or runs in a pid
+  namespace the gateway cannot see (SO_PEERCRED says pid 0: the gateway's pids
+  would mean other processes there), the connection holds them.
 - The server never outlives the gateway: closing stdin gives it `stop_grace`
   to exit, then its process group gets SIGTERM and, a second later, SIGKILL;
   a signal to the gateway does that at once; a SIGKILLed gateway's keeper does
@@ -432,7 +434,7 @@ class Gateway:
         self.allocating += 1
         call.watched = self.broker.subscribed
         params = call.rule.allocate_params(call.tool_id, execution_id)
-        holder_pid = self.holder_pid
+        holder_pid = self.holder_pid if self.broker.peer_pid > 0 else None  # pids mean the same to the daemon
         if holder_pid is not None:
             params["holder_pid"] = holder_pid
         self.broker.request(Method.ALLOCATE, params, then=lambda done: self._allocated(call, done, holder_pid))
@@ -444,7 +446,9 @@ class Gateway:
             self.early = {}
         error = done.exception()
         if error is not None:
-            refused_holder = isinstance(error, RpcError) and error.code == ErrorCode.INVALID_HOLDER
+            refused_holder = isinstance(error, RpcError) and (
+                error.code == ErrorCode.INVALID_HOLDER
+                or (isinstance(error.data, dict) and error.data.get("field") == "holder_pid"))
             if refused_holder and holder_pid is not None and self.calls.get(call.key) is call:
                 if self.holder_pid is not None:
                     self.holder_pid = None

@@ -101,7 +101,8 @@ class GatewayProcess:
     """The installed `mcpctl gateway` as an agent host runs it, with its stdin and stdout in the test's hands."""
 
     def __init__(self, tmp: Path, socket: str, tools: str, command: list[str], *, name: str | None = None,
-                 env: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, environ: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         number = next(_numbers)
         self.tools_path = tmp / f"tools-{number}.toml"
         self.tools_path.write_text(tools)
@@ -109,7 +110,7 @@ class GatewayProcess:
         args = [MCPCTL, "--socket", socket, "gateway", "--tools", str(self.tools_path)]
         if name is not None:
             args += ["--name", name]
-        self.args = [*args, "--", *command]
+        self.args = [*(wrapper or []), *args, "--", *command]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          env=environ if environ is not None else {**os.environ, **(env or {})})
@@ -249,10 +250,10 @@ def gateways(tmp_path: Path, mcpresd: DaemonProcess) -> Iterator[Any]:
 
     def start(tools: str, command: list[str] | None = None, *, tap: str = "server", name: str | None = None,
               socket: str | None = None, env: dict[str, str] | None = None,
-              environ: dict[str, str] | None = None) -> GatewayProcess:
+              environ: dict[str, str] | None = None, wrapper: list[str] | None = None) -> GatewayProcess:
         command = command or [PY, SCRIPTED, str(tmp_path / f"{tap}.tap")]
         gateway = GatewayProcess(tmp_path, socket or mcpresd.socket, tools, command, name=name, env=env,
-                                 environ=environ)
+                                 environ=environ, wrapper=wrapper)
         started.append(gateway)
         return gateway
 

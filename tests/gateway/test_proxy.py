@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -492,3 +493,19 @@ def test_a_cancelled_call_that_works_on_without_answering_is_released_when_its_p
                 if m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "t1"]
     assert progress == [1, 2, 3]  # call 2 ran only once call 1's work was done, by its own account
     assert not any(m.get("id") == 1 and "method" not in m for m in gateway.messages())
+
+
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+@pytest.mark.skipif(subprocess.run([*UNSHARE, "true"], capture_output=True).returncode != 0,
+                    reason="needs unshare --pid (root, or user namespaces)")
+def test_a_gateway_in_another_pid_namespace_has_its_connection_hold_what_it_takes(
+        gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated(), wrapper=UNSHARE)  # its pids name other processes, or none, in the daemon's namespace
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 0.5}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
+    assert (running["holder"], running["holder_pid"]) == ("connection", None)
+    assert text_of(gateway.response(1)) == "slow done"
+    until(lambda: mcpresd.call("allocations.get", {"id": running["id"]})["state"] == "released")
