@@ -22,8 +22,9 @@ Rules of this module:
   server answers it (servers usually do, or finish the work first) or
   `cancel_grace` passes without a sign of life from it (a response, progress
   on its token; progress that reaches its total counts as the answer, since
-  the TypeScript SDK never sends the response of a cancelled request): the cancellation is forwarded, but the server may go on
-  working, and the next call must not be granted what it still uses.
+  the TypeScript SDK never sends the response of a cancelled request): the
+  cancellation is forwarded, but the server may go on working, and the next
+  call must not be granted what it still uses.
 - The process doing the work holds the allocations: each is sent with the
   server's keeper as `holder_pid` (spawn.py, keeper.py), which exits only once
   every process of the server has. So mcpresd frees a call's resources when
@@ -213,8 +214,10 @@ class Gateway:
         self.proc: asyncio.subprocess.Process | None = None
         """The server's keeper, which holds the allocations (`holder_pid`) while mcpresd accepts it."""
         self.holder_pid: int | None = None
+        self.keeper_held: set[str] = set()
+        """Allocations held by the keeper (the rest are held by the broker connection)."""
         self.unreleased: set[str] = set()
-        """Releases that could not be sent while the broker was away: sent once it is back."""
+        """Releases of keeper-held allocations that could not be sent while the broker was away: sent once back."""
         self.hurry = asyncio.Event()
         """Set by a signal: stop the server at once."""
         self.to_server = Output(None)
@@ -469,6 +472,8 @@ class Gateway:
             return
         call.allocation_id = allocation_id
         self.by_allocation[allocation_id] = call
+        if holder_pid is not None:
+            self.keeper_held.add(allocation_id)
         if reply["state"] == "active":
             self._grant(call)
             return
@@ -591,11 +596,10 @@ class Gateway:
 
     def _on_broker_lost(self, reason: str) -> None:
         self._begin_outage(reason)
-        held_by_keeper = self.holder_pid is not None
         for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             if call.state == QUEUED:
                 self._without_broker(call)
-            elif not held_by_keeper and call.allocation_id is not None:
+            elif call.allocation_id is not None and call.allocation_id not in self.keeper_held:
                 self.by_allocation.pop(call.allocation_id, None)
                 call.allocation_id = None  # the daemon released it with the connection
 
@@ -634,6 +638,7 @@ class Gateway:
             log(f"mcpresd at {self.broker.path} is reachable again: gated tool calls are admitted through it")
             unreleased, self.unreleased = self.unreleased, set()
             for allocation_id in unreleased:
+                self.keeper_held.add(allocation_id)
                 self._send_release(allocation_id)
             return
 
@@ -783,9 +788,11 @@ class Gateway:
 
         The only refusals are "already released" and "not found", which need no action.
         """
+        held_by_keeper = allocation_id in self.keeper_held
+        self.keeper_held.discard(allocation_id)
         if self.broker.notify(Method.RELEASE, {"id": allocation_id}):
             self.released = True
-        elif self.holder_pid is not None:  # held by the keeper, it outlives the connection: release it once back
+        elif held_by_keeper:  # it outlives the connection: release it once the daemon is back
             self.unreleased.add(allocation_id)
 
     def _answer_held(self, code: GatewayErrorCode, message: str) -> None:
