@@ -100,7 +100,10 @@ class Keeper:
             try:
                 os.close(read_end)
                 os.setpgid(0, 0)
-                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                try:
+                    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                except OSError:
+                    pass  # the keeper then only stops the server while it lives itself
                 if os.getppid() != keeper:
                     os._exit(1)
                 for number in (signal.SIGPIPE, signal.SIGXFSZ, *STOP_SIGNALS):
