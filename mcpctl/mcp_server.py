@@ -12,6 +12,10 @@ Rules of this module:
   `allocations.wait` on a second connection of its own, in rounds of PROGRESS_EVERY_S that
   report progress to the agent. The daemon answers a connection's requests in order, so a
   blocking wait on the holding connection would hold back every other tool call.
+- The session's list of handles is what it holds now: a handle leaves it when it is released
+  or withdrawn here, and before the list is shown the daemon is asked which of the others are
+  still active or queued (a lease ran out, a wait ran out, an admin released it). When the
+  holding connection is lost, everything on it is gone, and the list with it.
 - Daemon errors become tool results with `isError: true` and the daemon's own message; only
   a malformed call (the SDK's argument validation) is worded by the SDK.
 """
@@ -43,6 +47,7 @@ from mcpctl.client import DaemonUnreachable, RpcError
 from mcpctl.commands.explain import explanation_lines
 from mcpresd.protocol import (
     JSONRPC,
+    MAX_BATCH,
     MAX_MESSAGE_BYTES,
     VERSION,
     ErrorCode,
@@ -61,6 +66,8 @@ PROGRESS_EVERY_S = 5.0
 """While a request waits in the queue: how often the agent hears about it (progress keeps hosts from timing out)."""
 RELEASE_ON_CANCEL_S = 5.0
 """How long a cancelled wait may spend withdrawing its request."""
+ENDED_KEPT = 1024
+"""How many ended handles a session remembers, so that releasing one again says it has ended."""
 NETWORK_LINES = 3
 """host_status lists at most this many network interfaces one per line; more are summed up in one line."""
 
@@ -108,6 +115,23 @@ class DaemonConnection:
             return [_result_of(replies)]
         by_id = {reply.get("id"): reply for reply in replies if isinstance(reply, dict)}
         return [_result_of(by_id.get(request["id"], {})) for request in requests]
+
+    async def outcomes(self, calls: Sequence[tuple[str, dict[str, Any] | None]]) -> list[Any]:
+        """Like `batch`, but each request's RpcError is returned in its place instead of raised."""
+        async with self._lock:
+            requests = [self._request(method, params) for method, params in calls]
+            replies = await self._exchange(requests, [r["id"] for r in requests], CALL_TIMEOUT_S)
+        if isinstance(replies, dict):  # the batch as a whole was refused: so was each request
+            by_id = {request["id"]: replies for request in requests}
+        else:
+            by_id = {reply.get("id"): reply for reply in replies if isinstance(reply, dict)}
+        answers: list[Any] = []
+        for request in requests:
+            try:
+                answers.append(_result_of(by_id.get(request["id"], {})))
+            except RpcError as error:
+                answers.append(error)
+        return answers
 
     async def aclose(self) -> None:
         if self._stream is not None:
@@ -172,33 +196,88 @@ def _result_of(reply: dict[str, Any]) -> Any:
 class Holder:
     """The server's hold on mcpresd: the persistent connection that holds the agent's allocations.
 
-    `handles` are the allocations made in this session; `release` acts only on those, so an
-    agent cannot take resources away from another job of the same user.
+    `handles` are the allocations made in this session that it still holds (active or queued);
+    `ended` the last ENDED_KEPT of them that ended. `release` acts only on those, so an agent
+    cannot take resources away from another job of the same user.
     """
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self.connection = DaemonConnection(socket_path)
         self.handles: dict[str, None] = {}
+        self.ended: dict[str, None] = {}
+
+    def made(self, handle: str) -> bool:
+        """Whether `handle` came from allocate in this session (and is remembered)."""
+        return handle in self.handles or handle in self.ended
+
+    def forget(self, handle: str) -> None:
+        """`handle` has ended: off the session's list."""
+        self.handles.pop(handle, None)
+        self.ended.pop(handle, None)
+        self.ended[handle] = None
+        while len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
+
+    async def held(self) -> list[str]:
+        """The handles this session still holds, as the daemon says now; the ended ones are forgotten."""
+        handles = list(self.handles)
+        for start in range(0, len(handles), MAX_BATCH):
+            part = handles[start:start + MAX_BATCH]
+            try:
+                answers = await self.connection.outcomes([(Method.ALLOCATIONS_GET, {"id": h}) for h in part])
+            except DaemonUnreachable as error:
+                raise await self._lost(error) from None
+            for handle, answer in zip(part, answers):
+                if isinstance(answer, RpcError):
+                    if answer.code == ErrorCode.ALLOCATION_NOT_FOUND:
+                        self.forget(handle)
+                elif answer.get("state") not in ("active", "queued"):
+                    self.forget(handle)
+        return list(self.handles)
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         try:
             return await self.connection.call(method, params)
         except DaemonUnreachable as error:
-            raise self._lost(error) from None
+            raise await self._lost(error) from None
 
     async def batch(self, calls: Sequence[tuple[str, dict[str, Any] | None]]) -> list[Any]:
         try:
             return await self.connection.batch(calls)
         except DaemonUnreachable as error:
-            raise self._lost(error) from None
+            raise await self._lost(error) from None
 
-    def _lost(self, error: DaemonUnreachable) -> DaemonUnreachable:
-        if error.lost and self.handles:
-            note = (f"{error.reason}; the daemon released what this session held on that connection "
-                    f"({', '.join(self.handles)})")
-            return DaemonUnreachable(error.path, note, lost=True)
-        return error
+    async def _lost(self, error: DaemonUnreachable) -> DaemonUnreachable:
+        """The holding connection is gone, and every allocation on it: say which were released with it."""
+        if not error.lost or not self.handles:
+            return error
+        handles = list(self.handles)
+        for handle in handles:
+            self.forget(handle)
+        released = await self._released_with_connection(handles)
+        if not released:
+            return error
+        note = (f"{error.reason}; the daemon released what this session held on that connection "
+                f"({', '.join(released)})")
+        return DaemonUnreachable(error.path, note, lost=True)
+
+    async def _released_with_connection(self, handles: list[str]) -> list[str]:
+        """Of `handles`, those the lost connection ended (not those a lease or a release ended before).
+
+        Asked on a connection of its own (a restarted daemon answers); if none answers, all of them.
+        """
+        asker = DaemonConnection(self.socket_path)
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_ON_CANCEL_S):
+                answers = await asker.outcomes([(Method.ALLOCATIONS_GET, {"id": h}) for h in handles[:MAX_BATCH]])
+                return [handle for handle, answer in zip(handles, answers)
+                        if not isinstance(answer, dict) or answer.get("release_reason") in (None, "connection_closed")]
+            return handles
+        except DaemonUnreachable:
+            return handles
+        finally:
+            await asker.aclose()
 
     async def aclose(self) -> None:
         """Close the holding connection: the daemon releases every allocation of this session."""
@@ -229,6 +308,7 @@ class Holder:
 
     async def drop(self, handle: str) -> None:
         """Release or withdraw `handle` whatever happens around it (a cancelled call); quiet if it is gone."""
+        self.forget(handle)
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_ON_CANCEL_S):
             try:
                 await self.connection.call(Method.RELEASE, {"id": handle})
@@ -567,9 +647,10 @@ def build_server(socket_path: str) -> MCPServer[Any]:
             status, resources, current, alerts = await holder.batch([
                 (Method.DAEMON_STATUS, None), (Method.RESOURCES_LIST, None), (Method.METRICS_CURRENT, None),
                 (Method.ALERTS_LIST, None)])
+            held = await holder.held()
         except (RpcError, DaemonUnreachable) as error:
             return refusal(error)
-        text, structured = summarise_host(status, resources, current, alerts, list(holder.handles))
+        text, structured = summarise_host(status, resources, current, alerts, held)
         return result(text, structured)
 
     @server.tool(annotations=ReadOnly, structured_output=True)
@@ -583,9 +664,9 @@ def build_server(socket_path: str) -> MCPServer[Any]:
         this session holds are marked."""
         try:
             allocations = await holder.call(Method.ALLOCATIONS_LIST, {"state": state, "limit": limit})
+            held = await holder.held()
         except (RpcError, DaemonUnreachable) as error:
             return refusal(error)
-        held = list(holder.handles)
         now = time.time()
         lines = [allocation_line(a, held, now) for a in allocations] or [f"no {state} allocations."]
         return result("\n".join(lines), AllocationList(allocations=allocations, held_by_this_session=held))
@@ -657,13 +738,17 @@ def build_server(socket_path: str) -> MCPServer[Any]:
         handle: Annotated[str, Field(description="A handle that allocate returned in this session.")],
     ) -> Annotated[CallToolResult, Released]:
         """Release an allocation made in this session (or cancel a queued one): its resources are free at once."""
-        if handle not in holder.handles:
+        if not holder.made(handle):
             return mistake(f"{handle} is not an allocation of this session; release only takes handles that "
                            "allocate returned here (list_allocations marks them)")
         try:
             allocation = await holder.call(Method.RELEASE, {"id": handle})
         except (RpcError, DaemonUnreachable) as error:
+            if isinstance(error, RpcError) and error.code in (ErrorCode.ALREADY_RELEASED,
+                                                              ErrorCode.ALLOCATION_NOT_FOUND):
+                holder.forget(handle)
             return refusal(error)
+        holder.forget(handle)
         freed = items_words(allocation)
         text = (f"cancelled the queued request {handle}." if allocation["state"] == "withdrawn"
                 else f"released {handle}" + (f": {freed} free again." if freed else "."))

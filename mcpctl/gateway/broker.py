@@ -1,9 +1,10 @@
 """The gateway's one connection to mcpresd: requests out, replies and event notifications in.
 
 Rules of this module:
-- One connection, opened at start and kept. It holds every allocation the
-  gateway makes (no `holder_pid`): if the gateway dies, SIGKILL included, the
-  daemon releases them when the connection closes.
+- One connection, opened at start and kept. The allocations the gateway makes
+  are held by its server's keeper (`holder_pid`, see proxy.py), so they outlive
+  a dropped connection; only if the daemon refuses that holder does the
+  connection hold them.
 - It subscribes to events the first time the caller asks (when a call first has
   to queue) and stays subscribed: the event stream costs the daemon work on
   every allocation, which a gateway whose calls never wait need not pay. A
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,6 +61,9 @@ class Broker(asyncio.Protocol):
         self._flush_timer: asyncio.TimerHandle | None = None
         self.up = False
         self.subscribed = False
+        self.peer_pid = 0
+        """The daemon's pid as this process sees it (SO_PEERCRED); 0 when the daemon is in a pid namespace it
+        cannot see, whose daemon would not see this process's pids as this process does either."""
 
     async def connect(self, timeout: float = 5.0) -> None:
         """Connect; DaemonUnreachable if no daemon answers in `timeout` seconds."""
@@ -79,6 +85,7 @@ class Broker(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self.peer_pid = _peer_pid(transport.get_extra_info("socket"))
         self._buffer = b""
         self.up = True
 
@@ -216,3 +223,14 @@ class Broker(asyncio.Protocol):
                     then(future)
         if report:
             self._on_lost(reason)
+
+
+def _peer_pid(sock: socket.socket | None) -> int:
+    if sock is None:
+        return 0
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid

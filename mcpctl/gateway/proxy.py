@@ -16,16 +16,35 @@ Rules of this module:
   elicitation, roots) and the client's answers to them are never confused with
   the client's calls.
 - An allocation is released on the call's response (result, error, `isError`,
-  `resultType: "input_required"`), on a forwarded cancel, when a task it
+  `resultType: "input_required"`), when a task it
   started ends or its TTL runs out, when the server exits and when the gateway
-  exits. The broker connection holds them all, so even a SIGKILLed gateway
-  leaves nothing behind.
+  exits. A running call the client cancels keeps its allocation until the
+  server answers it (servers usually do, or finish the work first) or
+  `cancel_grace` passes without a sign of life from it (a response, progress
+  on its token; progress that reaches its total counts as the answer, since
+  the TypeScript SDK never sends the response of a cancelled request): the
+  cancellation is forwarded, but the server may go on working, and the next
+  call must not be granted what it still uses.
+- The process doing the work holds the allocations: each is sent with the
+  server's keeper as `holder_pid` (spawn.py, keeper.py), which exits only once
+  every process of the server has. So mcpresd frees a call's resources when
+  the gateway releases them, or when the server is gone, never while it may
+  still use them: not when the gateway is SIGKILLed, not when the broker
+  connection drops (releases that could not be sent then go out once it is
+  back). If mcpresd refuses the keeper as a holder, or runs in a pid
+  namespace the gateway cannot see (SO_PEERCRED says pid 0: the gateway's pids
+  would mean other processes there), the connection holds them.
+- The server never outlives the gateway: closing stdin gives it `stop_grace`
+  to exit, then its process group gets SIGTERM and, a second later, SIGKILL;
+  a signal to the gateway does that at once; a SIGKILLed gateway's keeper does
+  it by itself.
 - Logs go to stderr only, each line prefixed `mcpctl gateway: `.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -39,6 +58,7 @@ from mcpctl.actions import format_duration
 from mcpctl.client import DaemonUnreachable, RpcError
 from mcpctl.gateway import log, wire
 from mcpctl.gateway.broker import Broker
+from mcpctl.gateway.spawn import keeper_command, locate, server_environment
 from mcpctl.gateway.tools import GatewayConfig, Rule
 from mcpctl.gateway.wire import GatewayErrorCode
 from mcpresd.protocol import ErrorCode, Method, format_size
@@ -46,21 +66,23 @@ from mcpresd.protocol import ErrorCode, Method, format_size
 LINE_LIMIT = 32 * 1024 * 1024
 """Lines up to this size are read whole and examined; a longer one is passed on in pieces, unexamined."""
 TERM_GRACE_S = 2.0
-"""How long the server gets after SIGTERM, before SIGKILL (less if `stop_grace` is shorter)."""
+"""How long the gateway waits for the server's output to end once the server has exited."""
+KEEPER_WAIT_S = 3.0
+"""How long the keeper gets to stop the server (SIGTERM, SIGKILL a second later) before it is SIGKILLed itself."""
 RELEASE_GRACE_S = 1.0
 """How long the gateway waits, when it exits, for the daemon to have applied its releases."""
 EARLY_EVENTS = 1024
 ENDED = frozenset({"released", "holder_exited", "connection_closed", "expired", "revoked"})
 """Event kinds that end an active allocation."""
 
-ALLOCATING, QUEUED, RUNNING, TASK = "allocating", "queued", "running", "task"
+ALLOCATING, QUEUED, RUNNING, TASK, CANCELLED = "allocating", "queued", "running", "task", "cancelled"
 
 
 class Call:
     """A gated `tools/call`, from the moment it arrives until its allocation is released."""
 
     __slots__ = ("request_id", "key", "line", "tool_id", "rule", "token", "state", "allocation_id", "ticker",
-                 "injected", "arrived", "task_id", "task_timer", "watched")
+                 "injected", "arrived", "task_id", "task_timer", "watched", "grace_timer")
 
     def __init__(self, request_id: Any, key: str, line: bytes, tool_id: str, rule: Rule, token: Any) -> None:
         self.request_id = request_id
@@ -79,6 +101,8 @@ class Call:
         self.task_timer: asyncio.TimerHandle | None = None
         self.watched = False
         """Whether the broker was subscribed to events when the call's allocate went out."""
+        self.grace_timer: asyncio.TimerHandle | None = None
+        """Once cancelled while running: when it is released if the server has not answered it."""
 
     @property
     def token_key(self) -> str | None:
@@ -172,6 +196,9 @@ class Gateway:
         self.by_allocation: dict[str, Call] = {}
         self.tasks: dict[str, Call] = {}
         """Calls whose result started a task, by task id: they keep their allocation until it ends."""
+        self.cancelled: dict[str, Call] = {}
+        """Running calls the client cancelled, by request id, until the server answers them or cancel_grace passes."""
+        self.cancelled_tokens: dict[str, Call] = {}
         self.task_queries: dict[str, tuple[str, str]] = {}
         """The client's tasks/get|result|cancel requests on held tasks: request id -> (task id, method)."""
         self.shifts: dict[str, float] = {}
@@ -185,6 +212,14 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.stop_reason = ""
         self.proc: asyncio.subprocess.Process | None = None
+        """The server's keeper, which holds the allocations (`holder_pid`) while mcpresd accepts it."""
+        self.holder_pid: int | None = None
+        self.keeper_held: set[str] = set()
+        """Allocations held by the keeper (the rest are held by the broker connection)."""
+        self.unreleased: set[str] = set()
+        """Releases of keeper-held allocations that could not be sent while the broker was away: sent once back."""
+        self.hurry = asyncio.Event()
+        """Set by a signal: stop the server at once."""
         self.to_server = Output(None)
         self.to_client = Output(None)
         self._duplicate_warned = False
@@ -202,9 +237,12 @@ class Gateway:
             await self.broker.connect()
         except DaemonUnreachable as error:
             self._begin_outage(error.reason)
+        env = server_environment()
         try:
+            path = locate(self.command[0], env)
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+                *keeper_command(path, self.command), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=LINE_LIMIT, env=env, process_group=0)
         except FileNotFoundError:
             log(f"cannot start {self.command[0]!r}: command not found")
             self.broker.close()
@@ -214,11 +252,12 @@ class Gateway:
             self.broker.close()
             return exitcodes.CANNOT_EXECUTE
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.holder_pid = self.proc.pid
         self.to_server = Output(self.proc.stdin)
         stdin = await _open_stdin(loop)
         self.to_client = await _open_stdout(loop, lambda: self._stop("the client stopped reading"))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._stop, signal.Signals(sig).name)
+            loop.add_signal_handler(sig, self._signalled, signal.Signals(sig).name)
         from_client = asyncio.create_task(self._from_client(stdin))
         from_server = asyncio.create_task(self._from_server(self.proc.stdout))
         stopped = asyncio.create_task(self.stopping.wait())
@@ -250,23 +289,37 @@ class Gateway:
             self.stop_reason = why
         self.stopping.set()
 
+    def _signalled(self, name: str) -> None:
+        """SIGTERM, SIGINT, SIGHUP: stop, and stop the server at once (hosts SIGKILL a gateway that takes long)."""
+        if self.stopping.is_set() and not self.hurry.is_set():
+            log(f"{name} while stopping: stopping the server at once")
+        self.hurry.set()
+        self._stop(name)
+
     async def _reap(self) -> int:
+        """Wait for the server (its keeper) to exit: stop_grace after its stdin closed, less on a signal."""
         proc = self.proc
         assert proc is not None
+        exited = asyncio.ensure_future(proc.wait())
+        if not self.hurry.is_set():
+            hurry = asyncio.ensure_future(self.hurry.wait())
+            await asyncio.wait({exited, hurry}, timeout=self.config.stop_grace, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if exited.done():
+                return exited.result()
+            if not self.hurry.is_set():
+                log(f"the server did not exit within {self.config.stop_grace:g}s of its stdin closing")
+        log("SIGTERM to the server's processes (SIGKILL to what is left a second later)")
+        proc.terminate()  # the keeper stops the server's process group and reaps it all
         try:
-            return await asyncio.wait_for(proc.wait(), self.config.stop_grace)
+            return await asyncio.wait_for(asyncio.shield(exited), KEEPER_WAIT_S)
         except asyncio.TimeoutError:
-            log(f"the server did not exit within {self.config.stop_grace:g}s of its stdin closing: SIGTERM")
-            proc.terminate()
-        try:
-            return await asyncio.wait_for(proc.wait(), min(TERM_GRACE_S, self.config.stop_grace))
-        except asyncio.TimeoutError:
-            log("the server ignored SIGTERM: SIGKILL")
+            log("the server's keeper did not exit: SIGKILL (the server gets its parent-death signal)")
             proc.kill()
-            return await proc.wait()
+            return await exited
 
     async def _release_all(self) -> None:
-        for call in [*self.calls.values(), *self.tasks.values()]:
+        for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             self._finish(call)
         if self.reconnecting is not None:
             self.reconnecting.cancel()
@@ -342,8 +395,39 @@ class Gateway:
             self._finish(call)
             return True
         self.to_server.write(line)
-        self._finish(call)
+        self._keep_until_answered(call)
         return True
+
+    def _keep_until_answered(self, call: Call) -> None:
+        """A running call was cancelled: its allocation stays until the server answers it or cancel_grace passes."""
+        if self.calls.get(call.key) is call:
+            del self.calls[call.key]
+        call.state = CANCELLED
+        if call.allocation_id is None:
+            self._finish(call)
+            return
+        earlier = self.cancelled.get(call.key)
+        if earlier is not None:  # the client reused the id of a call it had cancelled
+            self._finish(earlier)
+        self.cancelled[call.key] = call
+        token_key = call.token_key
+        if token_key is not None:
+            self.cancelled_tokens[token_key] = call
+        log(f"{call.tool_id} call {call.key} cancelled while it ran: its allocation {call.allocation_id} is kept "
+            f"until the server answers it, or for {format_duration(self.config.cancel_grace)}")
+        self._restart_grace(call)
+
+    def _restart_grace(self, call: Call) -> None:
+        if call.grace_timer is not None:
+            call.grace_timer.cancel()
+        call.grace_timer = asyncio.get_running_loop().call_later(self.config.cancel_grace, self._grace_over, call)
+
+    def _grace_over(self, call: Call) -> None:
+        call.grace_timer = None
+        if self.cancelled.get(call.key) is call:
+            log(f"{call.tool_id} call {call.key}: no answer from the server "
+                f"{format_duration(self.config.cancel_grace)} after its cancellation: releasing its allocation")
+            self._finish(call)
 
     # -- allocating --------------------------------------------------------------
 
@@ -352,16 +436,29 @@ class Gateway:
         execution_id = f"{self.session}/{call.key}"[:200]
         self.allocating += 1
         call.watched = self.broker.subscribed
-        self.broker.request(Method.ALLOCATE, call.rule.allocate_params(call.tool_id, execution_id),
-                            then=lambda done: self._allocated(call, done))
+        params = call.rule.allocate_params(call.tool_id, execution_id)
+        holder_pid = self.holder_pid if self.broker.peer_pid > 0 else None  # pids mean the same to the daemon
+        if holder_pid is not None:
+            params["holder_pid"] = holder_pid
+        self.broker.request(Method.ALLOCATE, params, then=lambda done: self._allocated(call, done, holder_pid))
 
-    def _allocated(self, call: Call, done: asyncio.Future[Any]) -> None:
+    def _allocated(self, call: Call, done: asyncio.Future[Any], holder_pid: int | None = None) -> None:
         self.allocating -= 1
         early = self.early
         if not self.allocating:
             self.early = {}
         error = done.exception()
         if error is not None:
+            refused_holder = isinstance(error, RpcError) and (
+                error.code == ErrorCode.INVALID_HOLDER
+                or (isinstance(error.data, dict) and error.data.get("field") == "holder_pid"))
+            if refused_holder and holder_pid is not None and self.calls.get(call.key) is call:
+                if self.holder_pid is not None:
+                    self.holder_pid = None
+                    log(f"mcpresd refuses the server's keeper (pid {holder_pid}) as a holder ({error}): "
+                        f"allocations are held by the gateway's connection instead")
+                self._allocate(call)
+                return
             if self.calls.get(call.key) is call:
                 if isinstance(error, RpcError):
                     self._refused(call, error)
@@ -375,6 +472,8 @@ class Gateway:
             return
         call.allocation_id = allocation_id
         self.by_allocation[allocation_id] = call
+        if holder_pid is not None:
+            self.keeper_held.add(allocation_id)
         if reply["state"] == "active":
             self._grant(call)
             return
@@ -497,16 +596,19 @@ class Gateway:
 
     def _on_broker_lost(self, reason: str) -> None:
         self._begin_outage(reason)
-        self.by_allocation.clear()
-        for call in [*self.calls.values(), *self.tasks.values()]:
+        for call in [*self.calls.values(), *self.tasks.values(), *self.cancelled.values()]:
             if call.state == QUEUED:
                 self._without_broker(call)
-            else:
+            elif call.allocation_id is not None and call.allocation_id not in self.keeper_held:
+                self.by_allocation.pop(call.allocation_id, None)
                 call.allocation_id = None  # the daemon released it with the connection
 
     def _without_broker(self, call: Call) -> None:
         """A call that waited when the broker went away: on ungated, or refused, as the tools file says."""
-        call.allocation_id = None
+        allocation_id, call.allocation_id = call.allocation_id, None
+        if allocation_id is not None:
+            self.by_allocation.pop(allocation_id, None)
+            self._send_release(allocation_id)  # a request held by the keeper stays queued: withdraw it once back
         if self.config.on_broker_down == "open":
             self._grant(call)
             return
@@ -534,19 +636,50 @@ class Gateway:
                 continue
             self.outage = False
             log(f"mcpresd at {self.broker.path} is reachable again: gated tool calls are admitted through it")
+            unreleased, self.unreleased = self.unreleased, set()
+            for allocation_id in unreleased:
+                self.keeper_held.add(allocation_id)
+                self._send_release(allocation_id)
             return
 
     # -- server -> client --------------------------------------------------------------
 
     async def _from_server(self, reader: asyncio.StreamReader) -> None:
+        head: bytes | None = None  # the start of an over-long line being passed on in pieces; tail: its end so far
+        tail = b""
         async for line, whole in lines(reader):
             after: Callable[[], None] | None = None
-            if whole and (self.calls or self.tasks or self.task_queries):
-                line, after = self._server_line(line)
+            if whole:
+                if self.calls or self.tasks or self.task_queries or self.cancelled:
+                    line, after = self._server_line(line)
+            else:
+                if head is None:
+                    head = line[:wire.EDGE_BYTES]
+                tail = line[-wire.EDGE_BYTES:] if len(line) >= wire.EDGE_BYTES else \
+                    (tail + line)[-wire.EDGE_BYTES:]
+                if line.endswith(b"\n"):  # the last piece: what it answered is released like any response
+                    after = self._long_line_ended(head, tail)
+                    head, tail = None, b""
             self.to_client.write(line)
             if after is not None:
                 after()
             await self.to_client.drain()
+
+    def _long_line_ended(self, head: bytes, tail: bytes) -> Callable[[], None] | None:
+        """What to do once an over-long line has passed: release the call (or task) it answered, if any."""
+        key = wire.long_response_id(head, tail)
+        if key is None:
+            return None
+        call = self.calls.get(key)
+        if call is not None and call.state == RUNNING:
+            return lambda: self._responded(call, {})
+        cancelled = self.cancelled.get(key)
+        if cancelled is not None:
+            return lambda: self._finish(cancelled)
+        query = self.task_queries.pop(key, None)
+        if query is not None:
+            return lambda: self._task_answered(query[0], query[1], {})
+        return None
 
     def _server_line(self, line: bytes) -> tuple[bytes, Callable[[], None] | None]:
         """The line to send the client, and what to do once it is sent (release an allocation)."""
@@ -561,16 +694,28 @@ class Gateway:
             call = self.calls.get(key)
             if call is not None and call.state == RUNNING:
                 return line, lambda: self._responded(call, message)
+            cancelled = self.cancelled.get(key)
+            if cancelled is not None:
+                return line, lambda: self._finish(cancelled)
             query = self.task_queries.pop(key, None)
             if query is not None:
                 return line, lambda: self._task_answered(query[0], query[1], message)
             return line, None
-        if method == "notifications/progress" and self.shifts:
+        if method == "notifications/progress" and (self.shifts or self.cancelled_tokens):
             params = message.get("params")
             token = params.get("progressToken") if isinstance(params, dict) else None
-            shift = self.shifts.get(wire.id_key(token)) if token is not None else None
+            token_key = wire.id_key(token) if token is not None else None
+            still_working = self.cancelled_tokens.get(token_key) if token_key is not None else None
+            after: Callable[[], None] | None = None
+            if still_working is not None:  # the server goes on with a cancelled call: so does its grace
+                if wire.progress_complete(params):  # until its own progress says the work is done
+                    after = functools.partial(self._finish, still_working)
+                else:
+                    self._restart_grace(still_working)
+            shift = self.shifts.get(token_key) if token_key is not None else None
             if shift is not None:
-                return wire.shift_progress(message, shift) or line, None
+                return wire.shift_progress(message, shift) or line, after
+            return line, after
         elif method == "notifications/tasks/status" and self.tasks:
             params = message.get("params")
             if isinstance(params, dict) and params.get("status") in wire.TERMINAL_TASK_STATES:
@@ -617,6 +762,11 @@ class Gateway:
             del self.calls[call.key]
         if call.task_id is not None and self.tasks.get(call.task_id) is call:
             del self.tasks[call.task_id]
+        if self.cancelled.get(call.key) is call:
+            del self.cancelled[call.key]
+        if call.grace_timer is not None:
+            call.grace_timer.cancel()
+            call.grace_timer = None
         if call.ticker is not None:
             call.ticker.cancel()
             call.ticker = None
@@ -626,6 +776,8 @@ class Gateway:
         token_key = call.token_key
         if token_key is not None and call.state != TASK:
             self.shifts.pop(token_key, None)
+        if token_key is not None and self.cancelled_tokens.get(token_key) is call:
+            del self.cancelled_tokens[token_key]
         allocation_id, call.allocation_id = call.allocation_id, None
         if allocation_id is not None:
             self.by_allocation.pop(allocation_id, None)
@@ -636,8 +788,12 @@ class Gateway:
 
         The only refusals are "already released" and "not found", which need no action.
         """
+        held_by_keeper = allocation_id in self.keeper_held
+        self.keeper_held.discard(allocation_id)
         if self.broker.notify(Method.RELEASE, {"id": allocation_id}):
             self.released = True
+        elif held_by_keeper:  # it outlives the connection: release it once the daemon is back
+            self.unreleased.add(allocation_id)
 
     def _answer_held(self, code: GatewayErrorCode, message: str) -> None:
         """Answer every call that never reached the server; used when the gateway stops."""

@@ -37,11 +37,12 @@ DEFAULT_WAIT = "10m"
 """How long a gated call waits in the queue unless its entry says otherwise."""
 DEFAULT_PROGRESS_INTERVAL = 1.0
 DEFAULT_RECONNECT_INTERVAL = 5.0
-DEFAULT_STOP_GRACE = 5.0
+DEFAULT_STOP_GRACE = 1.5
+DEFAULT_CANCEL_GRACE = 30.0
 MAX_WAIT_S = 365 * 86400.0
 """The daemon's limit for `wait` and `ttl`."""
 
-SERVER_KEYS = ("name", "on_broker_down", "progress_interval", "reconnect_interval", "stop_grace")
+SERVER_KEYS = ("name", "on_broker_down", "progress_interval", "reconnect_interval", "stop_grace", "cancel_grace")
 TOOL_KEYS = ("match", "gpu", "cpu", "mem", "res", "pool", "members", "priority", "wait", "ttl", "strategy", "where")
 
 
@@ -69,7 +70,7 @@ class Rule:
         return bool(self.resources)
 
     def allocate_params(self, tool_id: str, execution_id: str) -> dict[str, Any]:
-        """`allocate` params for one call: detached, held by the gateway's connection (no holder_pid)."""
+        """`allocate` params for one call, detached (the gateway adds the holder: its server's keeper)."""
         params: dict[str, Any] = {
             "resources": [dict(demand) for demand in self.resources],
             "priority": self.priority,
@@ -96,7 +97,9 @@ class GatewayConfig:
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL
     stop_grace: float = DEFAULT_STOP_GRACE
-    """How long the server gets to exit once its stdin is closed, before SIGTERM (and SIGKILL 2 s later)."""
+    """How long the server gets to exit once its stdin is closed, before SIGTERM (and SIGKILL 1 s later)."""
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
+    """How long a cancelled running call keeps its allocation, waiting for the server's answer to it."""
     rules: tuple[Rule, ...] = ()
 
     def rule_for(self, tool: str) -> Rule | None:
@@ -142,12 +145,14 @@ def parse(data: dict[str, Any], path: str = "tools file") -> GatewayConfig:
     reconnect = _interval(server.get("reconnect_interval"), DEFAULT_RECONNECT_INTERVAL,
                           f"{where} reconnect_interval")
     stop_grace = _interval(server.get("stop_grace"), DEFAULT_STOP_GRACE, f"{where} stop_grace")
+    cancel_grace = _interval(server.get("cancel_grace"), DEFAULT_CANCEL_GRACE, f"{where} cancel_grace")
     entries = data.get("tool", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise ToolsFileError(f"{path}: tool must be an array of tables: [[tool]] entries")
     rules = tuple(_rule(entry, f"{path}: [[tool]] #{number}") for number, entry in enumerate(entries, 1))
     return GatewayConfig(server=name, on_broker_down=on_broker_down, progress_interval=progress,
-                         reconnect_interval=reconnect, stop_grace=stop_grace, rules=rules)
+                         reconnect_interval=reconnect, stop_grace=stop_grace, cancel_grace=cancel_grace,
+                         rules=rules)
 
 
 def server_name(value: object, where: str) -> str:

@@ -13,6 +13,7 @@ Rules of this module:
 from __future__ import annotations
 
 import json
+import re
 from enum import IntEnum
 
 TYPE_CHECKING = False
@@ -24,6 +25,15 @@ PREFIX = "mcpres: "
 TERMINAL_TASK_STATES = frozenset({"completed", "failed", "cancelled"})
 TASK_QUERIES = frozenset({"tasks/get", "tasks/result", "tasks/cancel"})
 """Client requests about a task whose answers may show it has ended."""
+EDGE_BYTES = 4096
+"""How much of the start and of the end of an over-long line is kept to find out what it answers."""
+
+_ID = rb'(-?\d+|"(?:[^"\\]|\\.)*")'
+_VERSION = rb'(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?'
+_HEAD_ID = re.compile(rb'\s*\{\s*' + _VERSION + rb'"id"\s*:\s*' + _ID + rb'\s*,\s*' + _VERSION
+                      + rb'"(?:result|error)"\s*:')
+_HEAD_RESPONSE = re.compile(rb'\s*\{\s*' + _VERSION + rb'"(?:result|error)"\s*:')
+_TAIL_ID = re.compile(rb',\s*"id"\s*:\s*' + _ID + rb'\s*(?:,\s*"jsonrpc"\s*:\s*"2\.0"\s*)?\}\s*\Z')
 
 
 class GatewayErrorCode(IntEnum):
@@ -49,6 +59,28 @@ def parse(line: bytes) -> Any:
 
 def id_key(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def long_response_id(head: bytes, tail: bytes) -> str | None:
+    """The id (as `id_key`) of the response an over-long line is, from its first and last EDGE_BYTES; else None.
+
+    Such a line is passed on in pieces, never parsed whole. A response from either
+    SDK names its id next to its start (`{"jsonrpc":"2.0","id":1,"result":...`,
+    Python) or at its very end (`{"result":...,"jsonrpc":"2.0","id":1}`,
+    TypeScript); the id is taken only from those two places, and only when the
+    line opens with `result`, `error` or `id`, so a request or notification, which
+    opens with `method` or carries one, is never taken for a response. In valid
+    JSON, `,"id":X}` closing the line can only be a member of the outermost object.
+    """
+    found = _HEAD_ID.match(head)
+    if found is None and _HEAD_RESPONSE.match(head):
+        found = _TAIL_ID.search(tail)
+    if found is None:
+        return None
+    try:
+        return id_key(json.loads(found.group(1)))
+    except ValueError:
+        return None
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -101,6 +133,16 @@ def shift_progress(message: dict[str, Any], shift: float) -> bytes | None:
     if isinstance(total, (int, float)) and not isinstance(total, bool):
         params["total"] = total + shift
     return encode(message)
+
+
+def progress_complete(params: Any) -> bool:
+    """Whether progress notification params say the work is done: a `total`, and `progress` at or past it."""
+    if not isinstance(params, dict):
+        return False
+    value, total = params.get("progress"), params.get("total")
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and value >= total
 
 
 def task_of(result: Any) -> tuple[str, float | None, str | None] | None:

@@ -74,6 +74,26 @@ def until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
         time.sleep(interval)
 
 
+def server_pid(tap: Path | str, timeout: float = 5.0) -> int:
+    """The pid servers/scripted.py wrote beside its tap."""
+    pid_file = Path(str(tap) + ".pid")
+    return int(until(lambda: pid_file.exists() and pid_file.read_text(), timeout))
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 MCPCTL = str(Path(PY).parent / "mcpctl")
 
 
@@ -81,7 +101,8 @@ class GatewayProcess:
     """The installed `mcpctl gateway` as an agent host runs it, with its stdin and stdout in the test's hands."""
 
     def __init__(self, tmp: Path, socket: str, tools: str, command: list[str], *, name: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, environ: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         number = next(_numbers)
         self.tools_path = tmp / f"tools-{number}.toml"
         self.tools_path.write_text(tools)
@@ -89,10 +110,10 @@ class GatewayProcess:
         args = [MCPCTL, "--socket", socket, "gateway", "--tools", str(self.tools_path)]
         if name is not None:
             args += ["--name", name]
-        self.args = [*args, "--", *command]
+        self.args = [*(wrapper or []), *args, "--", *command]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         env={**os.environ, **(env or {})})
+                                         env=environ if environ is not None else {**os.environ, **(env or {})})
         self.received: list[bytes] = []
         self.arrivals: list[float] = []
         self._lines: queue.Queue[bytes | None] = queue.Queue()
@@ -228,9 +249,11 @@ def gateways(tmp_path: Path, mcpresd: DaemonProcess) -> Iterator[Any]:
     started: list[GatewayProcess] = []
 
     def start(tools: str, command: list[str] | None = None, *, tap: str = "server", name: str | None = None,
-              socket: str | None = None, env: dict[str, str] | None = None) -> GatewayProcess:
+              socket: str | None = None, env: dict[str, str] | None = None,
+              environ: dict[str, str] | None = None, wrapper: list[str] | None = None) -> GatewayProcess:
         command = command or [PY, SCRIPTED, str(tmp_path / f"{tap}.tap")]
-        gateway = GatewayProcess(tmp_path, socket or mcpresd.socket, tools, command, name=name, env=env)
+        gateway = GatewayProcess(tmp_path, socket or mcpresd.socket, tools, command, name=name, env=env,
+                                 environ=environ, wrapper=wrapper)
         started.append(gateway)
         return gateway
 

@@ -209,4 +209,4 @@ async def test_a_server_that_crashes_mid_call_ends_the_gateway_and_releases(mcpr
                               + b"\n")
         assert await proc.wait() == 9
     [held] = await released(mcpresd, "crash/crash")
-    assert held["release_reason"] == "released"
+    assert held["release_reason"] in ("released", "holder_exited")  # by the gateway, or as its keeper exited

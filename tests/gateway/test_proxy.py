@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from tests.gateway.conftest import (
     allocations,
     holding,
     line,
+    parent_of,
+    server_pid,
     tap_lines,
     tap_times,
     tool_call,
@@ -88,14 +91,16 @@ def test_every_ungated_message_passes_byte_for_byte_both_ways(gateways: Any, tmp
 
 
 def test_a_gated_call_holds_an_allocation_while_it_runs_and_releases_it_within_100ms(
-        gateways: Any, mcpresd: DaemonProcess) -> None:
+        gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
     gateway = gateways(gated())
     gateway.initialize()
     gateway.send(tool_call(1, "slow", {"seconds": 0.5}))
     running = until(lambda: allocations(mcpresd, "active", "raw/"))
     assert running[0]["tool_id"] == "raw/slow"
     assert running[0]["execution_id"].endswith("/1")
-    assert running[0]["holder"] == "connection"
+    assert running[0]["holder"] == "pid"  # the server's keeper: the server's parent, the gateway's child
+    assert running[0]["holder_pid"] == parent_of(server_pid(tmp_path / "server.tap"))
+    assert parent_of(running[0]["holder_pid"]) == gateway.proc.pid
     assert [i["resource"] for i in running[0]["items"]] == ["gpu:0"]
     response = gateway.response(1)
     answered = time.time()
@@ -177,17 +182,34 @@ def test_cancel_while_queued_withdraws_and_the_server_never_sees_the_call(
     assert methods == ["initialize", "notifications/initialized", "ping"]
 
 
-def test_cancel_while_running_is_forwarded_and_releases_a_late_response_still_passes(
+def test_cancel_while_running_is_forwarded_and_keeps_the_allocation_until_the_server_answers(
         gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
     gateway = gateways(gated())
     gateway.initialize()
-    gateway.send(tool_call(1, "slow", {"seconds": 5, "late": True}))
-    running = until(lambda: allocations(mcpresd, "active", "raw/"))
+    gateway.send(tool_call(1, "slow", {"seconds": 3, "late": True, "keep_on": True}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
     cancel = b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1,"reason":"user"}}\n'
-    gateway.send(cancel)
-    until(lambda: [a for a in allocations(mcpresd, "released") if a["id"] == running[0]["id"]])
+    gateway.send(cancel, tool_call(2, "echo", {"n": 2}))  # gpu 1 too: it must wait for the cancelled call's answer
     until(lambda: tap_lines(tmp_path / "server.tap")[-1] == cancel)
-    assert text_of(gateway.response(1)) == "slow done (late)"  # passed on, and nothing released twice
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["state"] == "active"
+    assert text_of(gateway.response(1)) == "slow done (late)"  # the server's answer still passes
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+    answers = [m.get("id") for m in gateway.messages() if "method" not in m and m.get("id") in (1, 2)]
+    assert answers == [1, 2]  # call 2 reached the server only after it answered the cancelled call 1
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["release_reason"] == "released"
+
+
+def test_a_cancelled_call_the_server_never_answers_is_released_when_cancel_grace_runs_out(
+        gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
+    gateway = gateways(gated().replace('name = "raw"', 'name = "raw"\ncancel_grace = "300ms"'))
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 30}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
+    gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                 tool_call(2, "echo", {"n": 2}))
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+    assert mcpresd.call("allocations.get", {"id": running["id"]})["release_reason"] == "released"
+    assert "no answer from the server 0.3s after its cancellation: releasing" in gateway.stderr()
 
 
 def test_a_wait_that_runs_out_answers_with_a_readable_tool_error_and_holds_nothing(
@@ -301,17 +323,6 @@ def test_a_task_without_news_is_released_when_its_ttl_runs_out(gateways: Any, mc
     until(lambda: not allocations(mcpresd, "active", "raw/task"), timeout=2)
 
 
-def test_a_sigkilled_gateways_allocations_are_reclaimed_by_the_daemon(gateways: Any, mcpresd: DaemonProcess,
-                                                                      tmp_path: Path) -> None:
-    gateway = gateways(gated())
-    gateway.initialize()
-    gateway.send(tool_call(1, "hang"))
-    running = until(lambda: allocations(mcpresd, "active", "raw/"))
-    gateway.kill(signal.SIGKILL)
-    gone = until(lambda: [a for a in allocations(mcpresd, "released") if a["id"] == running[0]["id"]], timeout=2)
-    assert gone[0]["release_reason"] == "connection_closed"
-
-
 def test_closing_stdin_stops_the_server_withdraws_and_releases_and_exits_with_its_status(
         gateways: Any, mcpresd: DaemonProcess) -> None:
     gateway = gateways(gated().replace('name = "raw"', 'name = "raw"\nstop_grace = "300ms"'),
@@ -396,15 +407,15 @@ def test_losing_the_broker_while_a_call_waits_follows_on_broker_down_and_reconne
         daemon.stop()
 
 
-def test_sigterm_stops_the_gateway_like_the_end_of_its_input(gateways: Any, mcpresd: DaemonProcess) -> None:
-    gateway = gateways(gated())
+def test_sigterm_answers_waiting_calls_and_stops_the_server_at_once(gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated(), env={"SCRIPTED_IGNORE_EOF": "1"})  # it would stay for an hour after its stdin ends
     gateway.initialize()
     with holding(mcpresd):
         gateway.send(tool_call(1, "echo"))
         until(lambda: allocations(mcpresd, "queued", "raw/"))
         gateway.kill(signal.SIGTERM)
         assert gateway.response(1)["error"]["code"] == 1103
-        assert gateway.wait(5) == 0
+        assert gateway.wait(5) == 128 + signal.SIGTERM  # not stop_grace later: SIGTERM went to the server at once
     assert "SIGTERM: stopping the server" in gateway.stderr()
     assert not allocations(mcpresd, "queued", "raw/")
 
@@ -419,3 +430,82 @@ def test_a_line_of_several_mebibytes_passes_both_ways(gateways: Any, tmp_path: P
     assert tap_lines(tmp_path / "server.tap")[-1] == request
     gateway.send(tool_call(2, "big", {"size": 5 * 1024 * 1024}))
     assert len(text_of(gateway.response(2, timeout=10))) == 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("id_last", [False, True], ids=["id-first", "id-last"])
+def test_a_result_over_32_mib_is_delivered_and_releases_its_allocation(
+        gateways: Any, mcpresd: DaemonProcess, id_last: bool) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    size = 33 * 1024 * 1024
+    gateway.send(tool_call(1, "big", {"size": size, "id_last": id_last}))
+    response = gateway.response(1, timeout=30)
+    assert text_of(response) == "x" * size
+    until(lambda: not allocations(mcpresd, "active", "raw/"), timeout=5)
+    assert [a["release_reason"] for a in allocations(mcpresd, "released", "raw/big")][:1] == ["released"]
+    gateway.send(tool_call(2, "echo", {"n": 2}))  # gpu 1 again: it runs only if the big call's gpu was released
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+
+
+@pytest.mark.parametrize("locale", [{}, {"LANG": "C"}, {"LC_CTYPE": "C"}, {"LC_CTYPE": "C.UTF-8"}],
+                         ids=["no-locale", "LANG=C", "LC_CTYPE=C", "LC_CTYPE=C.UTF-8"])
+def test_the_server_gets_the_gateways_environment_unchanged(gateways: Any, locale: dict[str, str]) -> None:
+    environ = {"PATH": "/usr/bin:/bin", "MCPRES_TEST_MARK": "é x", **locale}
+    gateway = gateways(gated(), environ=environ)
+    gateway.initialize()
+    gateway.send(tool_call(1, "free_environ"))
+    assert json.loads(text_of(gateway.response(1))) == environ  # no LC_CTYPE=C.UTF-8 from Python's coercion
+
+
+def test_a_call_running_when_the_daemon_restarts_keeps_its_allocation_and_releases_it_once_back(
+        gateways: Any, tmp_path: Path) -> None:
+    (tmp_path / "own").mkdir()
+    daemon = DaemonProcess(tmp_path / "own")
+    daemon.start()
+    try:
+        tools = gated().replace('name = "raw"', 'name = "raw"\nreconnect_interval = "200ms"')
+        gateway = gateways(tools, socket=daemon.socket)
+        gateway.initialize()
+        gateway.send(tool_call(1, "slow", {"seconds": 3600, "late": True}))
+        [running] = until(lambda: daemon.call("allocations.list", {"state": "active"}))
+        daemon.restart()
+        # the server still works, and its keeper still holds what it uses
+        assert daemon.call("allocations.get", {"id": running["id"]})["state"] == "active"
+        gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        assert text_of(gateway.response(1)) == "slow done (late)"  # the call ends: its release goes out once back
+        shown = until(lambda: (lambda a: a if a["state"] == "released" else None)(
+            daemon.call("allocations.get", {"id": running["id"]})), timeout=5)
+        assert shown["release_reason"] == "released"
+    finally:
+        daemon.stop()
+
+
+def test_a_cancelled_call_that_works_on_without_answering_is_released_when_its_progress_completes(
+        gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated())  # cancel_grace: 30s, far beyond this test's bounds
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 1.5, "steps": 3, "keep_on": True}, token="t1"))
+    gateway.wait_for(lambda m: m.get("method") == "notifications/progress")
+    gateway.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                 tool_call(2, "echo", {"n": 2}))
+    assert json.loads(text_of(gateway.response(2, timeout=10))) == {"n": 2}
+    progress = [m["params"]["progress"] for m in gateway.messages()
+                if m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "t1"]
+    assert progress == [1, 2, 3]  # call 2 ran only once call 1's work was done, by its own account
+    assert not any(m.get("id") == 1 and "method" not in m for m in gateway.messages())
+
+
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+@pytest.mark.skipif(subprocess.run([*UNSHARE, "true"], capture_output=True).returncode != 0,
+                    reason="needs unshare --pid (root, or user namespaces)")
+def test_a_gateway_in_another_pid_namespace_has_its_connection_hold_what_it_takes(
+        gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated(), wrapper=UNSHARE)  # its pids name other processes, or none, in the daemon's namespace
+    gateway.initialize()
+    gateway.send(tool_call(1, "slow", {"seconds": 0.5}))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"))
+    assert (running["holder"], running["holder_pid"]) == ("connection", None)
+    assert text_of(gateway.response(1)) == "slow done"
+    until(lambda: mcpresd.call("allocations.get", {"id": running["id"]})["state"] == "released")

@@ -21,6 +21,7 @@ EXAMPLE = """
 name = "render"
 on_broker_down = "closed"
 progress_interval = "250ms"
+cancel_grace = "2m"
 
 [[tool]]
 match = "render_preview"
@@ -53,7 +54,7 @@ def config(text: str) -> GatewayConfig:
 def test_the_first_matching_entry_decides_and_an_entry_that_asks_for_nothing_leaves_tools_ungated() -> None:
     example = config(EXAMPLE)
     assert example.server == "render" and example.on_broker_down == "closed"
-    assert example.progress_interval == 0.25
+    assert example.progress_interval == 0.25 and example.cancel_grace == 120
     assert example.rule_for("render_preview") is None
     assert example.rule_for("list_scenes") is None
     rule = example.rule_for("render_frame")
@@ -74,7 +75,8 @@ def test_defaults_wait_ten_minutes_at_normal_priority_and_never_name_a_holder() 
     assert params["wait"] == 600.0 and params["priority"] == "normal"
     assert "holder_pid" not in params and "idempotency_key" not in params
     defaults = config("")
-    assert (defaults.on_broker_down, defaults.progress_interval, defaults.stop_grace) == ("open", 1.0, 5.0)
+    assert (defaults.on_broker_down, defaults.progress_interval, defaults.stop_grace, defaults.cancel_grace) == (
+        "open", 1.0, 1.5, 30.0)
 
 
 def test_pools_shares_and_resource_tables() -> None:

@@ -305,3 +305,40 @@ async def test_after_a_daemon_restart_the_agent_hears_its_allocations_are_gone_a
     assert lost.is_error and f"the daemon released what this session held on that connection ({handle})" in text(lost)
     assert not again.is_error and structured(regranted)["state"] == "active"
     assert daemon.call("allocations.get", {"id": handle})["release_reason"] == "connection_closed"
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_released_expired_and_timed_out_handles_leave_the_sessions_list(daemon: DaemonProcess, era: Era) -> None:
+    with anyio.fail_after(BOUND_S):
+        async with agent(daemon.socket, era) as session:
+            kept = structured(await session.call_tool("allocate", {"resources": {"licence": 2}}))["handle"]
+            released = structured(await session.call_tool("allocate", {"resources": {"slot": 1}}))["handle"]
+            await session.call_tool("release", {"handle": released})
+            expired = structured(await session.call_tool("allocate", {"resources": {"slot": 2}, "ttl": 0.2}))["handle"]
+            timed_out = structured(await session.call_tool(
+                "allocate", {"resources": {"licence": 1}, "wait": 0.2, "detach": True}))["handle"]
+            await eventually(lambda: daemon.call("allocations.get", {"id": expired})["state"] == "released"
+                             and daemon.call("allocations.get", {"id": timed_out})["state"] == "withdrawn", within=5)
+            status = await session.call_tool("host_status", {})
+            listing = await session.call_tool("list_allocations", {"state": "all"})
+            again = await session.call_tool("release", {"handle": expired})
+    assert structured(status)["held_by_this_session"] == [kept] and "this session holds 1." in text(status)
+    assert structured(listing)["held_by_this_session"] == [kept]
+    assert [row.split()[0] for row in text(listing).splitlines() if "held by this session" in row] == [kept]
+    assert again.is_error and f"allocation {expired} was already released" in text(again)
+
+
+async def test_after_a_daemon_restart_only_what_the_connection_held_is_said_to_be_released(
+        daemon: DaemonProcess) -> None:
+    with anyio.fail_after(BOUND_S):
+        async with agent(daemon.socket, LEGACY) as session:
+            released = structured(await session.call_tool("allocate", {"resources": {"slot": 1}}))["handle"]
+            await session.call_tool("release", {"handle": released})
+            expired = structured(await session.call_tool("allocate", {"resources": {"slot": 2}, "ttl": 0.2}))["handle"]
+            held = structured(await session.call_tool("allocate", {"resources": {"licence": 1}}))["handle"]
+            await eventually(lambda: daemon.call("allocations.get", {"id": expired})["state"] == "released", within=5)
+            daemon.restart()
+            lost = await session.call_tool("host_status", {})
+            again = structured(await session.call_tool("host_status", {}))
+    assert lost.is_error and f"the daemon released what this session held on that connection ({held})" in text(lost)
+    assert again["held_by_this_session"] == []

@@ -1,13 +1,17 @@
 """A raw MCP server for the gateway's tests: standard library only, it answers by tool name.
 
 `python scripted.py TAP_FILE` appends every line it reads, byte for byte, to
-TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
+TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times), and writes its pid
+to TAP_FILE.pid first. It answers
 `initialize`, `server/discover`, `ping` and `tools/list`, and these tools:
 
 - echo: answers at once with its arguments as JSON text. A `free_` prefix on a name is ignored
   (the tests leave `free_*` tools ungated).
-- slow {seconds, late?}: progress 0..2 on the call's token, sleeps, answers; a
-  cancel stops it without an answer, unless `late` is true.
+- slow {seconds, late?, keep_on?}: progress 0..2 on the call's token, sleeps, answers; a
+  cancel stops it without an answer, unless `late` is true (then it answers at once), or
+  `keep_on` is true too (then it finishes its sleep first, as a server that ignores it).
+  With `steps`, it sends progress 1..steps of steps spread over `seconds` instead, and a
+  cancel suppresses its answer (with `keep_on`, not its work), as the TypeScript SDK does.
 - task {task_id, ttl?, finish_after?}: answers a 2025-11-25 CreateTaskResult
   (`resultType: "task"` too if `modern`); after `finish_after` seconds it sends
   `notifications/tasks/status` completed.
@@ -15,7 +19,8 @@ TAP_FILE (and `UNIX_TIME LENGTH` per line to TAP_FILE.times). It answers
 - ask: sends the client a `sampling/createMessage` request with the *same id*
   as the call, waits for the answer, and returns it.
 - raw {lines}: writes each string as a raw line (not necessarily JSON) first.
-- big {size}: a text result of `size` characters.
+- big {size, id_last?}: a text result of `size` characters (with `id_last`, its id written last).
+- environ: the environment the server was started with (/proc/self/environ), as a JSON object.
 - hang: never answers. crash {code}: exits at once.
 `tasks/get` says any task is completed. At end of input it exits 0, unless SCRIPTED_IGNORE_EOF is set (then it stays,
 and with SCRIPTED_IGNORE_TERM it ignores SIGTERM too).
@@ -34,7 +39,7 @@ TAP = sys.argv[1]
 lock = threading.Lock()
 cancelled: dict[str, threading.Event] = {}
 asked: dict[str, tuple[threading.Event, list]] = {}
-TOOLS = ["echo", "slow", "task", "input", "ask", "raw", "big", "hang", "crash"]
+TOOLS = ["echo", "slow", "task", "input", "ask", "raw", "big", "environ", "hang", "crash"]
 
 
 def send(message) -> None:
@@ -64,11 +69,26 @@ def call(message) -> None:
         stop = cancelled.setdefault(key, threading.Event())
 
         def run() -> None:
+            if args.get("steps"):  # as server-everything's long-running operation: progress i of steps, paced
+                steps = int(args["steps"])
+                for step in range(1, steps + 1):
+                    time.sleep(float(args.get("seconds", 0.5)) / steps)
+                    if token is not None:
+                        send({"jsonrpc": "2.0", "method": "notifications/progress",
+                              "params": {"progressToken": token, "progress": step, "total": steps}})
+                    if stop.is_set() and not args.get("keep_on"):
+                        return
+                if not stop.is_set():
+                    text(request_id, "slow done")
+                return
             if token is not None:
                 for step in range(3):
                     send({"jsonrpc": "2.0", "method": "notifications/progress",
                           "params": {"progressToken": token, "progress": step, "total": 2}})
-            stop.wait(float(args.get("seconds", 0.5)))
+            if args.get("keep_on"):
+                time.sleep(float(args.get("seconds", 0.5)))
+            else:
+                stop.wait(float(args.get("seconds", 0.5)))
             if not stop.is_set() or args.get("late"):
                 text(request_id, "slow done" + (" (late)" if stop.is_set() else ""))
 
@@ -103,7 +123,15 @@ def call(message) -> None:
             send(line.encode())
         text(request_id, "raw done")
     elif name == "big":
-        text(request_id, "x" * int(args.get("size", 1 << 20)))
+        content = {"content": [{"type": "text", "text": "x" * int(args.get("size", 1 << 20))}]}
+        if args.get("id_last"):  # as the TypeScript SDK writes it
+            send(json.dumps({"result": content, "jsonrpc": "2.0", "id": request_id}, separators=(",", ":")).encode())
+        else:
+            result(request_id, content)
+    elif name == "environ":
+        with open("/proc/self/environ", "rb") as file:
+            started = dict(entry.decode().split("=", 1) for entry in file.read().split(b"\0") if entry)
+        text(request_id, json.dumps(started))
     elif name == "crash":
         os._exit(int(args.get("code", 3)))
     elif name != "hang":
@@ -140,6 +168,8 @@ def handle(message) -> None:
 
 
 def main() -> None:
+    with open(TAP + ".pid", "w") as pid:
+        pid.write(str(os.getpid()))
     with open(TAP, "ab") as tap, open(TAP + ".times", "a") as times:
         for line in iter(sys.stdin.buffer.readline, b""):
             tap.write(line)
