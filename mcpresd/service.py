@@ -275,11 +275,20 @@ class Broker:
             names = {r.name for r in wanted}
             for resource in wanted:
                 existing = self.ledger.find(resource.name)
+                if existing is None and resource.uuid is not None:
+                    changes += self._displace_api(resource.uuid, source, now)
                 if existing is None:
                     self._add_resource(resource, now)
                     changes.append(f"added {resource.name}")
-                elif existing.source != resource.source and existing.source == "api":
-                    changes.append(f"kept {resource.name}: registered through the API, also in the {source} set")
+                elif existing.source == "api" and existing.name == resource.name:
+                    # The config and the host are the truth: a row added through the API never shadows them,
+                    # even when it holds more than the declared capacity (what is held stays, nothing more fits).
+                    self.ledger.replace(resource, over_held=True)
+                    self.store.update_resource(resource)
+                    self._event(now, "resource.changed", resource=resource.name,
+                                detail={"reason": f"the {source} definition replaces the one added through the API"})
+                    changes.append(f"replaced {resource.name}: the {source} definition wins over the one added"
+                                   " through the API")
                 elif existing != resource:
                     try:
                         self.ledger.replace(resource)
@@ -303,6 +312,20 @@ class Broker:
                 self.pools.sync()
             self.schedule()
         return changes
+
+    def _displace_api(self, name: str, source: str, now: float) -> list[str]:
+        """Remove an API resource named like a GPU UUID the host (or config) now has: it must not stop the real one."""
+        clash = self.ledger.find(name)
+        if clash is None or clash.source != "api":
+            return []
+        if self.ledger.used(clash.name) > 0:
+            # Still held: drop it from the ledger anyway; its allocations keep their items and end as usual.
+            self.ledger.unhold([i for a in self.active for i in a.items if i.resource == clash.name])
+        self.ledger.remove(clash.name)
+        self.store.delete_resource(clash.name)
+        self._event(now, "resource.removed", resource=clash.name,
+                    detail={"reason": f"its name is a UUID of a {source} resource"})
+        return [f"removed {clash.name}: added through the API, its name is the UUID of a {source} resource"]
 
     def reconfigure(self, declared: Iterable[Resource], policy: Policy, monitor: MonitorPolicy,
                     pools: Iterable[PoolSpec] = ()) -> list[str]:
@@ -387,6 +410,7 @@ class Broker:
         ]
 
     def resources_add(self, caller: Caller, command: p.AddResourceCommand) -> ResourceDict:
+        _administer(caller, "add resources")
         if self.ledger.find(command.name) is not None:
             raise ResourceExists(f"a resource named {command.name!r} already exists", resource=command.name)
         resource = Resource(
@@ -405,6 +429,14 @@ class Broker:
         return self.resource_dict(resource)
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
+        _administer(caller, "remove resources")
+        declared = self.ledger.get(command.name)
+        if declared.source == "config":
+            raise PermissionDenied(f"{declared.name} is declared in the config file; remove it there and reload the"
+                                   " daemon (`systemctl reload mcpresd` or SIGHUP)", resource=declared.name)
+        if declared.source == "discovered":
+            raise PermissionDenied(f"{declared.name} was discovered on this host; it goes when the host no longer"
+                                   " has it (`mcpctl resource refresh`)", resource=declared.name)
         resource = self.ledger.check_removable(command.name)
         if resource.source == "pool":
             raise ResourceInUse(f"{resource.name} is a member of pool {self.ledger.pool_of(resource.name)};"
@@ -419,8 +451,7 @@ class Broker:
         return self.resource_dict(resource)
 
     def resources_set_cost(self, caller: Caller, command: p.SetCostCommand) -> ResourceDict:
-        if not caller.administers:
-            raise PermissionDenied("only root, the daemon's user and the admin group may set costs", uid=caller.uid)
+        _administer(caller, "set costs")
         resource = self.ledger.get(command.name)
         changed = replace(resource, cost_per_unit_hour=command.cost_per_unit_hour)
         self.ledger.replace(changed)
@@ -430,6 +461,7 @@ class Broker:
         return self.resource_dict(changed)
 
     def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
+        _administer(caller, "refresh resources")
         return {"changes": self.reconcile_resources(discovered, self._declared())}
 
     def _declared(self) -> list[Resource]:
@@ -963,6 +995,11 @@ _WHY = {
     "connection_closed": "its connection closed",
     "rejected": "it can no longer be served",
 }
+
+
+def _administer(caller: Caller, what: str) -> None:
+    if not caller.administers:
+        raise PermissionDenied(f"only root, the daemon's user and the admin group may {what}", uid=caller.uid)
 
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
