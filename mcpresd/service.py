@@ -718,8 +718,11 @@ class Broker:
             return {"id": allocation.id, "state": allocation.state.value, "queued": False,
                     "summary": f"allocation {allocation.id} is {allocation.state.value}, not queued"}
         now = self.clock()
+        def expected_end(blocker: Allocation) -> tuple[float | None, str]:
+            return self.accounts.expected_end(blocker, named=_may_manage(caller, blocker))
+
         why = queue.explain(self.ledger, allocation, self.queued, self.active, now, self.policy.aging_interval,
-                            self.accounts.expected_end)
+                            expected_end)
         return {
             "id": allocation.id,
             "state": allocation.state.value,
@@ -735,6 +738,10 @@ class Broker:
                 {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
                  "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
                  "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
+                if _may_manage(caller, blocker) else
+                {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
+                 "holder_pid": None, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
+                 "expires_at": blocker.expires_at, "tool_id": None, "redacted": True}
                 for blocker, held in why.blockers
             ],
             "ahead": why.head.id if why.head else None,
@@ -820,9 +827,7 @@ class Broker:
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:
         events = self.store.list_events(command.after_id, command.limit, command.allocation_id)
-        if caller.admin or caller.uid == 0:
-            return events
-        return [e if e["uid"] in (None, caller.uid) else redact_event(e) for e in events]
+        return [event_for(caller, e) for e in events]
 
     def _visible(self, caller: Caller, allocation_id: str) -> Allocation:
         allocation = self.live.get(allocation_id) or self.store.get_allocation(allocation_id)
@@ -864,7 +869,7 @@ class Broker:
         return self.accounts.set_budget(caller, command)
 
     def budgets_list(self, caller: Caller, command: p.NoParams) -> list[dict[str, Any]]:
-        return self.accounts.list_budgets()
+        return self.accounts.list_budgets(caller)
 
     def budgets_delete(self, caller: Caller, command: p.BudgetKey) -> dict[str, Any]:
         return self.accounts.delete_budget(caller, command)
@@ -912,7 +917,11 @@ class Broker:
         return history
 
     def alerts_list(self, caller: Caller, command: p.AlertsCommand) -> list[dict[str, Any]]:
-        return self.monitor.alert_list(command.all)
+        alerts = self.monitor.alert_list(command.all)
+        if _sees_all(caller):
+            return alerts
+        return [{**a, "allocations": [_held_for(caller, h) for h in a.get("allocations") or ()]} for a in alerts
+                if not _others_budget(caller, a["resource"])]
 
     def predict(self, caller: Caller, command: p.PredictCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)
@@ -1006,7 +1015,13 @@ def _may_manage(caller: Caller, allocation: Allocation) -> bool:
     return caller.uid == 0 or caller.admin or caller.uid == allocation.owner_uid
 
 
-_PRIVATE = ("tool_id", "execution_id", "idempotency_key", "requester_pid", "holder_pid", "request", "risks")
+def _sees_all(caller: Caller) -> bool:
+    """Root and the admin group see every user's allocations and events in full."""
+    return caller.uid == 0 or caller.admin
+
+
+_PRIVATE = ("tool_id", "execution_id", "idempotency_key", "requester_pid", "holder_pid", "request", "risks",
+            "measured")
 
 
 def redact(allocation: AllocationDict) -> AllocationDict:
@@ -1020,6 +1035,44 @@ def redact(allocation: AllocationDict) -> AllocationDict:
 
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "detail": {}, "redacted": True}
+
+
+def event_for(caller: Caller, event: dict[str, Any]) -> dict[str, Any]:
+    """An event as `caller` may see it (the event itself when nothing is hidden): the same rule as the reads.
+
+    Another user's event shows no detail. A system event (no uid) shows other users' allocations without who
+    holds them and why (an alert's `allocations`), leaves out theirs from the optimise report, and hides the
+    spending of another owner's budget.
+    """
+    if _sees_all(caller):
+        return event
+    uid = event.get("uid")
+    if uid is not None:
+        return event if uid == caller.uid else redact_event(event)
+    detail = event.get("detail") or {}
+    resource = event.get("resource")
+    if isinstance(resource, str) and _others_budget(caller, resource):
+        return redact_event(event)
+    if detail.get("scope") == "owner" and detail.get("subject") != str(caller.uid):
+        return redact_event(event)
+    if "allocations" in detail:
+        return {**event, "detail": {**detail, "allocations": [_held_for(caller, h) for h in detail["allocations"]]}}
+    if "oversized" in detail:
+        return {**event, "detail": {**detail, "oversized": [o for o in detail["oversized"]
+                                                            if o.get("owner_uid") == caller.uid]}}
+    return event
+
+
+def _held_for(caller: Caller, held: dict[str, Any]) -> dict[str, Any]:
+    """An allocation named by an alert: another user's without its tool and holder."""
+    if held.get("owner_uid") == caller.uid:
+        return held
+    return {**held, "tool_id": None, "holder_pid": None, "redacted": True}
+
+
+def _others_budget(caller: Caller, resource: str) -> bool:
+    """Whether an alert's resource is the budget of an owner other than `caller` (its value is their spending)."""
+    return resource.startswith("budget:owner/") and resource.split("/")[1] != str(caller.uid)
 
 
 def _digest(command: p.AllocateCommand) -> str:
