@@ -60,8 +60,9 @@ class UntrustedDaemon(DaemonUnreachable):
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(path, reason)
-        self.args = (f"not connecting to {path}: {reason}; another user could pose as mcpresd there (to trust"
-                     f" a daemon run by another user, set {TRUSTED_UID_ENV}=UID)",)
+        self.args = (f"not connecting to {path}: {reason}; another user could pose as mcpresd there. Use a"
+                     " socket in your own or root's directory (--socket, $MCPRES_SOCKET), or, to trust a daemon"
+                     f" run by another user, set {TRUSTED_UID_ENV}=UID",)
 
 
 TRUSTED_UID_ENV = "MCPRES_TRUSTED_UID"
