@@ -460,8 +460,13 @@ class Broker:
                     detail={"before": resource.cost_per_unit_hour, "after": command.cost_per_unit_hour})
         return self.resource_dict(changed)
 
-    def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
+    @staticmethod
+    def check_refresh(caller: Caller) -> None:
+        """Who may refresh: checked before the host is scanned too, so that nobody else makes it rescan."""
         _administer(caller, "refresh resources")
+
+    def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
+        self.check_refresh(caller)
         return {"changes": self.reconcile_resources(discovered, self._declared())}
 
     def _declared(self) -> list[Resource]:

@@ -6,7 +6,9 @@ Two real uids, as in test_access.py: the daemon runs as root and a forked child 
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ import pytest
 from mcpresd import params as p
 from mcpresd.core.model import Resource
 from mcpresd.protocol import ErrorCode, ResourceType
+from mcpresd.rpc import Dispatcher
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
 from tests.conftest import CONFIG, H100_UUID, DaemonProcess
+from tests.fuzz_harness import GPUS, InProcessDaemon
 from tests.integration.test_access import as_nobody, shared_daemon, shared_dir  # noqa: F401 - a fixture
 from tests.integration.test_reload import hangup
 
@@ -152,3 +156,22 @@ def test_a_gpu_that_comes_back_displaces_an_api_resource_named_by_its_uuid(tmp_p
                        "added gpu:0"]
     assert broker.ledger.get(H100_UUID).name == "gpu:0"
     assert [r.name for r in broker.store.load_resources()] == ["gpu:0"]
+
+
+def test_a_refused_refresh_does_not_make_the_daemon_scan_the_host(tmp_path: Path) -> None:
+    """The real dispatcher and broker in-process, with a discovery that counts its scans."""
+    daemon = InProcessDaemon(tmp_path / "state.db")
+    scans = []
+    daemon.dispatcher = Dispatcher(daemon.submit, discover=lambda: scans.append(1) or list(GPUS))
+    refresh = b'{"jsonrpc":"2.0","id":1,"method":"resources.refresh"}'
+    try:
+        (refused,), _ = daemon.send(refresh, daemon.peer())  # uid 4242: neither root nor the admin group
+        admin = daemon.peer()
+        admin.caller = replace(admin.caller, admin=True)
+        (done,), _ = daemon.send(refresh, admin)
+    finally:
+        daemon.close()
+
+    assert refused is not None and json.loads(refused)["error"]["code"] == ErrorCode.PERMISSION_DENIED
+    assert done is not None and json.loads(done)["result"] == {"changes": []}
+    assert len(scans) == 1  # the admin's
