@@ -18,7 +18,7 @@ import pytest
 from mcpctl.client import Client
 from mcpresd import params as p
 from mcpresd.monitor import MonitorPolicy
-from mcpresd.service import Caller
+from mcpresd.service import Caller, event_for
 from tests.conftest import DaemonProcess
 from tests.integration.test_access import NOBODY, shared_daemon, shared_dir  # noqa: F401 - a fixture
 from tests.integration.test_monitoring import GPU_BUSY, Rig
@@ -180,3 +180,54 @@ def test_an_alert_names_another_users_allocations_without_their_tool_or_holder(t
                           "redacted": True}]
     (as_root,) = rig.broker.alerts_list(Caller(uid=0, gid=0, pid=None), p.AlertsCommand(all=True))
     assert as_root["allocations"][0]["holder_pid"] == os.getpid()
+
+
+def event(uid: int | None, kind: str = "released", resource: str | None = None, **detail: Any) -> dict[str, Any]:
+    return {"id": 7, "ts": 1.0, "kind": kind, "allocation_id": None, "resource": resource, "uid": uid,
+            "detail": detail}
+
+
+MINE = {"id": "a1", "amount": 1.0, "tool_id": "mine", "holder_pid": 10, "owner_uid": NOBODY}
+ROOTS = {"id": "a2", "amount": 1.0, "tool_id": "secret", "holder_pid": 20, "owner_uid": 0}
+ROOTS_SHOWN = {**ROOTS, "tool_id": None, "holder_pid": None, "redacted": True}
+OVERSIZED_MINE = {"allocation_id": "a1", "tool_id": "mine", "used": 0.1, "owner_uid": NOBODY}
+OVERSIZED_ROOTS = {"allocation_id": "a2", "tool_id": "secret", "used": 0.1, "owner_uid": 0}
+
+
+@pytest.mark.parametrize(("given", "shown"), [
+    pytest.param(event(NOBODY, holder_pid=10), event(NOBODY, holder_pid=10), id="my own event"),
+    pytest.param(event(0, holder_pid=20), {**event(0), "redacted": True}, id="another user's event"),
+    pytest.param(event(None, "resource.added", "licence", capacity=2), event(None, "resource.added", "licence",
+                                                                             capacity=2), id="a resource event"),
+    pytest.param(event(None, "alert.firing", "gpu:0", allocations=[ROOTS, MINE]),
+                 event(None, "alert.firing", "gpu:0", allocations=[ROOTS_SHOWN, MINE]),
+                 id="an alert naming allocations"),
+    pytest.param(event(None, "optimise.report", oversized=[OVERSIZED_ROOTS, OVERSIZED_MINE], consolidate=[]),
+                 event(None, "optimise.report", oversized=[OVERSIZED_MINE], consolidate=[]),
+                 id="the optimise report"),
+    pytest.param(event(None, "alert.firing", "budget:owner/0/day", spent=3.0),
+                 {**event(None, "alert.firing", "budget:owner/0/day"), "redacted": True},
+                 id="another owner's budget alert"),
+    pytest.param(event(None, "alert.firing", f"budget:owner/{NOBODY}/day", spent=3.0),
+                 event(None, "alert.firing", f"budget:owner/{NOBODY}/day", spent=3.0), id="my budget's alert"),
+    pytest.param(event(None, "alert.firing", "budget:tool/train/day", spent=3.0),
+                 event(None, "alert.firing", "budget:tool/train/day", spent=3.0), id="a tool's budget alert"),
+])
+def test_an_event_shows_a_user_what_the_reads_show_them(given: dict[str, Any], shown: dict[str, Any]) -> None:
+    nobody = Caller(uid=NOBODY, gid=NOBODY, pid=None)
+
+    assert event_for(nobody, given) == shown
+    assert event_for(Caller(uid=NOBODY, gid=NOBODY, pid=None, admin=True), given) is given
+
+
+def test_the_periodic_optimise_report_names_each_allocations_owner_so_users_see_only_theirs(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "db", MonitorPolicy(rules=()))
+    held = rig.allocate("gpu:0", 1.0)
+    rig.feed([5.0, 5.0, 5.0])  # a whole GPU held at 5 % use
+    rig.clock.now += 3600  # past the 10 minutes an allocation must run, and the pass's 5-minute interval
+    with rig.store.transaction():
+        rig.broker.tick()
+    (report,) = [e for e in rig.broker.take_outbox().events if e["kind"] == "optimise.report"]
+
+    assert [(o["allocation_id"], o["owner_uid"]) for o in report["detail"]["oversized"]] == [(held["id"], 0)]
+    assert event_for(Caller(uid=NOBODY, gid=NOBODY, pid=None), report)["detail"]["oversized"] == []
