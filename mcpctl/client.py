@@ -55,6 +55,10 @@ class DaemonUnreachable(Exception):
         self.transient = transient  # what a restarting daemon looks like: worth trying again shortly
 
 
+TRUSTED_UID_ENV = "MCPRES_TRUSTED_UID"
+"""Uids or user names, comma-separated, whose daemon is trusted besides this user's and root's."""
+
+
 class UntrustedDaemon(DaemonUnreachable):
     """The socket's directory, or the process serving it, belongs to a user mcpctl does not trust."""
 
@@ -63,10 +67,6 @@ class UntrustedDaemon(DaemonUnreachable):
         self.args = (f"not connecting to {path}: {reason}; another user could pose as mcpresd there. Use a"
                      " socket in your own or root's directory (--socket, $MCPRES_SOCKET), or, to trust a daemon"
                      f" run by another user, set {TRUSTED_UID_ENV}=UID",)
-
-
-TRUSTED_UID_ENV = "MCPRES_TRUSTED_UID"
-"""Uids or user names, comma-separated, whose daemon is trusted besides this user's and root's."""
 
 
 def trusted_uids(path: str) -> frozenset[int]:

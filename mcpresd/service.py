@@ -723,6 +723,7 @@ class Broker:
             return {"id": allocation.id, "state": allocation.state.value, "queued": False,
                     "summary": f"allocation {allocation.id} is {allocation.state.value}, not queued"}
         now = self.clock()
+
         def expected_end(blocker: Allocation) -> tuple[float | None, str]:
             return self.accounts.expected_end(blocker, named=_may_manage(caller, blocker))
 
@@ -739,16 +740,7 @@ class Broker:
             "wait_until": allocation.wait_until,
             "fits_now": why.fits_now,
             "shortfalls": list(why.shortfalls),
-            "blockers": [
-                {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
-                 "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
-                 "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
-                if _may_manage(caller, blocker) else
-                {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
-                 "holder_pid": None, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
-                 "expires_at": blocker.expires_at, "tool_id": None, "redacted": True}
-                for blocker, held in why.blockers
-            ],
+            "blockers": [_blocker_for(caller, blocker, held) for blocker, held in why.blockers],
             "ahead": why.head.id if why.head else None,
             "suggestion": why.suggestion,
             "estimate": why.estimate,
@@ -1018,6 +1010,15 @@ def _administer(caller: Caller, what: str) -> None:
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
     return caller.uid == 0 or caller.admin or caller.uid == allocation.owner_uid
+
+
+def _blocker_for(caller: Caller, blocker: Allocation, held: Iterable[AllocationItem]) -> dict[str, Any]:
+    """An allocation a queued request waits for, as `explain` shows it: another user's without tool and holder."""
+    shown: dict[str, Any] = {
+        "id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
+        "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
+        "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
+    return shown if _may_manage(caller, blocker) else {**shown, "holder_pid": None, "tool_id": None, "redacted": True}
 
 
 def _sees_all(caller: Caller) -> bool:
