@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from mcpctl import exitcodes
-from mcpctl.client import Client, DaemonUnreachable, RpcError, backoff_delays
+from mcpctl.client import Client, DaemonUnreachable, RpcError, UntrustedDaemon, backoff_delays
 from mcpresd.protocol import (
     POOL_PREFIX,
     ErrorCode,
@@ -432,6 +432,8 @@ def warn_risks(allocation: dict[str, Any]) -> None:
 
 
 def unreachable(error: DaemonUnreachable) -> int:
+    if isinstance(error, UntrustedDaemon):
+        return fail(str(error), exitcodes.UNTRUSTED)
     return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
 
 

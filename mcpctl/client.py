@@ -7,6 +7,12 @@ into a stream of event notifications; notifications that arrive while a reply
 is awaited are kept for it, never lost. `batch` sends several requests as one
 JSON-RPC batch and returns their results in order.
 
+Whatever listens at the socket is trusted only if a trusted uid serves it:
+this user, root, or one named in $MCPRES_TRUSTED_UID. Before connecting, the
+socket's directory is checked as the daemon checks it (another user must not
+be able to put a socket there); after, the server's uid (SO_PEERCRED).
+Otherwise `UntrustedDaemon`, before a single request is sent.
+
 A daemon that restarts is ridden through: with `retry_for` > 0, `call` sends
 its request again on a fresh connection while the socket is missing or refused,
 or the connection broke before the reply, backing off from 50 ms to 1 s, until
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import select
 import socket
+import struct
 import time
 
 TYPE_CHECKING = False
@@ -28,7 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any, NoReturn
 
-from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES
+from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, socket_directory_problem
 
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -45,6 +53,55 @@ class DaemonUnreachable(Exception):
         self.reason = reason
         self.lost = lost  # the connection was up and then went away, e.g. the daemon restarted
         self.transient = transient  # what a restarting daemon looks like: worth trying again shortly
+
+
+TRUSTED_UID_ENV = "MCPRES_TRUSTED_UID"
+"""Uids or user names, comma-separated, whose daemon is trusted besides this user's and root's."""
+
+
+class UntrustedDaemon(DaemonUnreachable):
+    """The socket's directory, or the process serving it, belongs to a user mcpctl does not trust."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.args = (f"not connecting to {path}: {reason}; another user could pose as mcpresd there. Use a"
+                     " socket in your own or root's directory (--socket, $MCPRES_SOCKET), or, to trust a daemon"
+                     f" run by another user, set {TRUSTED_UID_ENV}=UID",)
+
+
+def trusted_uids(path: str) -> frozenset[int]:
+    """This user, root, and the uids or user names in $MCPRES_TRUSTED_UID."""
+    uids = {os.geteuid(), 0}
+    for entry in os.environ.get(TRUSTED_UID_ENV, "").split(","):
+        name = entry.strip()
+        if name.isdigit():
+            uids.add(int(name))
+        elif name:
+            import pwd
+
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                raise DaemonUnreachable(path, f"${TRUSTED_UID_ENV} names {name!r}, which is neither a uid nor"
+                                              " a user on this host") from None
+    return frozenset(uids)
+
+
+def check_directory(path: str) -> frozenset[int]:
+    """Refuse a socket in a directory an untrusted user controls; the trusted uids, for `check_server`."""
+    trusted = trusted_uids(path)
+    if not path.startswith("\0"):  # an abstract socket has no directory
+        problem = socket_directory_problem(os.path.dirname(path) or ".", trusted)
+        if problem is not None:
+            raise UntrustedDaemon(path, problem + ("" if "writable" in problem else ", not to you or root"))
+    return trusted
+
+
+def check_server(path: str, sock: Any, trusted: frozenset[int]) -> None:
+    """Refuse a connected socket whose server runs as an untrusted uid (SO_PEERCRED: pid, uid, gid)."""
+    _, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII")))
+    if uid not in trusted:
+        raise UntrustedDaemon(path, f"the process serving it runs as uid {uid}, not as you or root")
 
 
 def backoff_delays(first: float = FIRST_BACKOFF_S, most: float = MAX_BACKOFF_S) -> Iterator[float]:
@@ -90,6 +147,7 @@ class Client:
         self.close()
 
     def connect(self) -> None:
+        trusted = check_directory(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self._timeout)
         try:
@@ -105,6 +163,11 @@ class Client:
             sock.close()
             raise DaemonUnreachable(self.path, error.strerror or str(error),
                                     transient=error.errno in _RESTARTING) from None
+        try:
+            check_server(self.path, sock, trusted)
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
 
     def close(self) -> None:

@@ -9,6 +9,9 @@
 | 3    | not available: the request does not fit now, or its wait ran out     |
 | 4    | permission denied                                                    |
 | 5    | the daemon is unreachable (not running, wrong --socket)              |
+| 6    | the daemon is not trusted: another user owns the socket's directory  |
+|      | or serves the socket (yourself, root and $MCPRES_TRUSTED_UID are     |
+|      | trusted)                                                             |
 | 130  | interrupted (Ctrl-C) while waiting                                   |
 
 `mcpctl run` exits with its command's status instead: the command's own exit
@@ -33,6 +36,7 @@ USAGE = 2
 UNAVAILABLE = 3
 PERMISSION_DENIED = 4
 UNREACHABLE = 5
+UNTRUSTED = 6
 CANNOT_EXECUTE = 126
 NOT_FOUND = 127
 INTERRUPTED = 130
@@ -45,6 +49,8 @@ TABLE = (
     (UNAVAILABLE, "not available: the request does not fit now, or its wait ran out"),
     (PERMISSION_DENIED, "permission denied"),
     (UNREACHABLE, "the daemon is unreachable (not running, or a wrong --socket)"),
+    (UNTRUSTED, "the daemon is not trusted: another user owns the socket's directory or serves the socket "
+                "(yourself, root and $MCPRES_TRUSTED_UID are trusted)"),
     (INTERRUPTED, "interrupted (Ctrl-C) while waiting"),
 )
 RUN_NOTE = ("mcpctl run exits with its command's status: its exit code, 128+N if signal N killed it, "

@@ -148,12 +148,23 @@ class DaemonConnection:
 
     async def _exchange(self, message: Any, ident: Any, timeout: float | None) -> Any:
         if self._stream is None:
+            from anyio.abc import SocketAttribute
+
+            from mcpctl.client import check_directory, check_server
+
+            trusted = check_directory(self.path)  # as mcpctl.client: nothing is sent to an untrusted server
             try:
-                self._stream = await anyio.connect_unix(self.path)
+                connected = await anyio.connect_unix(self.path)
             except FileNotFoundError:
                 raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)") from None
             except OSError as error:
                 raise DaemonUnreachable(self.path, error.strerror or str(error)) from None
+            try:
+                check_server(self.path, connected.extra(SocketAttribute.raw_socket), trusted)
+            except DaemonUnreachable:
+                await connected.aclose()
+                raise
+            self._stream = connected
             self._reader = BufferedByteReceiveStream(self._stream)
         stream, reader = self._stream, self._reader
         assert reader is not None

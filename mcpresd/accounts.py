@@ -205,8 +205,11 @@ class Accounts:
         found = sorted([f"{o['allocation_id']}:{o['kind']}" for o in report["oversized"]]
                        + [f"pool:{c['pool']}:{c['could_remove']}" for c in report["consolidate"]])
         if found and found != self._last_found:
+            live = self.broker.live
+            oversized = [{**o, "owner_uid": live[o["allocation_id"]].owner_uid} for o in report["oversized"]
+                         if o["allocation_id"] in live]  # the owner: a user sees only their own in the event
             self.broker._event(now, "optimise.report", detail={
-                "oversized": report["oversized"], "consolidate": report["consolidate"], "note": report["note"]})
+                "oversized": oversized, "consolidate": report["consolidate"], "note": report["note"]})
         self._last_found = found
 
     def _alert(self, budget: Budget, now: float) -> None:
@@ -250,9 +253,12 @@ class Accounts:
             "scope": budget.scope.value, "subject": budget.subject, "period": budget.period.value})
         return shown
 
-    def list_budgets(self) -> list[dict[str, Any]]:
+    def list_budgets(self, caller: Caller) -> list[dict[str, Any]]:
+        """Every budget; to a user who does not administer, owner budgets of their own uid only (the rest is others'
+        spending)."""
         now = self.broker.clock()
-        return [accounting.budget_dict(b, self.spent(b, now), now) for b in self.budgets.values()]
+        return [accounting.budget_dict(b, self.spent(b, now), now) for b in self.budgets.values()
+                if caller.administers or b.scope is not BudgetScope.OWNER or b.subject == str(caller.uid)]
 
     # -- accounting and learning --------------------------------------------------
 
@@ -268,12 +274,16 @@ class Accounts:
         return {"by": command.by, "since": since, "until": now, "rows": rows, "totals": accounting.usage_totals(rows)}
 
     def recommend(self, caller: Caller, command: p.RecommendCommand) -> dict[str, Any]:
-        runs = self.broker.store.recent_runs(command.tool_id, command.runs)
+        # As `usage`: a user who does not administer learns from their own runs only, not from other users'.
+        owner = None if caller.administers else caller.uid
+        runs = self.broker.store.recent_runs(command.tool_id, command.runs, owner)
         return accounting.recommend(command.tool_id, [self.record(a) for a in runs], self.broker.clock(),
                                     command.runs)
 
-    def expected_end(self, allocation: Allocation) -> tuple[float | None, str]:
-        """For `explain`: its TTL, else when its tool's runs usually end (the median of its recent durations)."""
+    def expected_end(self, allocation: Allocation, named: bool = True) -> tuple[float | None, str]:
+        """For `explain`: its TTL, else when its tool's runs usually end (the median of its recent durations).
+
+        Not `named`: the basis does not name the tool (another user's allocation)."""
         if allocation.expires_at is not None:
             return allocation.expires_at, "its TTL"
         if allocation.tool_id is None or allocation.granted_at is None:
@@ -291,7 +301,8 @@ class Accounts:
             return None, ""
         now = self.broker.clock()
         end = max(now, allocation.granted_at + median)
-        return end, f"{allocation.tool_id} usually runs {median:.0f}s (median of {count} runs)"
+        tool = allocation.tool_id if named else "its tool"
+        return end, f"{tool} usually runs {median:.0f}s (median of {count} runs)"
 
     def optimise(self, caller: Caller | None) -> dict[str, Any]:
         """Allocations holding far more than they use and pools that could shrink; None: everyone's."""

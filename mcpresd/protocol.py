@@ -20,7 +20,7 @@ from enum import IntEnum, StrEnum
 # `mcpctl allocate` imports this module on every call.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
     from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
 from mcpresd import __version__
@@ -297,6 +297,32 @@ def default_socket_path() -> str:
     if env:
         return env
     return os.path.join(default_runtime_dir(), "mcpresd.sock")
+
+
+def socket_directory_problem(directory: str, trusted: Collection[int]) -> str | None:
+    """Why a socket's directory is unsafe (a user outside `trusted` could put their own socket there), or None.
+
+    The daemon's rule for its socket's directory, for clients: owned by a trusted uid (a symbolic link too),
+    and not writable by group or others unless sticky (/tmp: there SO_PEERCRED tells who made the socket).
+    A directory that does not exist is not a problem here: connecting finds no socket.
+    """
+    import stat
+
+    try:
+        info = os.lstat(directory)
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid not in trusted:
+                return f"{directory} is a symbolic link made by uid {info.st_uid}"
+            info = os.stat(directory)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    if info.st_uid not in trusted:
+        return f"{directory} belongs to uid {info.st_uid}"
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        return f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
 
 
 # -- units ------------------------------------------------------------------

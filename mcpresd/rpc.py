@@ -287,6 +287,11 @@ class Dispatcher:
     async def _discover_then(self, method: str, run: Callable[[Broker, Caller, Any], Any], caller: Caller,
                              finish: Callable[[Any], None]) -> None:
         try:
+            Broker.check_refresh(caller)
+        except errors.DomainError as error:
+            finish(_refusal(error))
+            return
+        try:
             discovered = await asyncio.get_running_loop().run_in_executor(None, self._discover)
         except Exception:
             log.exception("discovery failed")
@@ -329,8 +334,7 @@ def _outcome(method: str, future: asyncio.Future[Any]) -> Any:
     if error is None:
         return future.result()
     if isinstance(error, errors.DomainError):
-        return _Failure(error_object(ERROR_CODES[type(error)], error.message, {"type": type(error).__name__,
-                                                                               **error.data}))
+        return _refusal(error)
     if isinstance(error, StorageError):
         log.error("storage error in %s: %s", method, error)
         return _Failure(error_object(ErrorCode.STORAGE_ERROR, f"the database could not be written: {error}",
@@ -338,6 +342,10 @@ def _outcome(method: str, future: asyncio.Future[Any]) -> Any:
     log.error("internal error in %s", method, exc_info=error)
     return _Failure(error_object(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log",
                                  {"type": "InternalError"}))
+
+
+def _refusal(error: errors.DomainError) -> _Failure:
+    return _Failure(error_object(ERROR_CODES[type(error)], error.message, {"type": type(error).__name__, **error.data}))
 
 
 def _reject_constant(name: str) -> Any:

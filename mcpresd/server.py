@@ -38,7 +38,7 @@ from typing import Any
 from mcpresd.core.errors import DomainError
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, ErrorCode
 from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
-from mcpresd.service import Broker, Caller, Outbox, redact_event
+from mcpresd.service import Broker, Caller, Outbox, event_for
 from mcpresd.store import StorageError
 
 log = logging.getLogger("mcpresd.server")
@@ -398,15 +398,16 @@ class Server:
             return
         for event in events:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
-            private = None
+            private: dict[int, bytes] = {}  # what a uid may see differs from the event only by uid (event_for)
             for connection in list(self.subscribers):
-                if event.get("uid") in (None, connection.caller.uid) or connection.caller.admin:
+                shown = event_for(connection.caller, event)
+                if shown is event:
                     connection.notify(line)
                 else:
-                    if private is None:
-                        private = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION,
-                                          "params": redact_event(event)})
-                    connection.notify(private)
+                    uid = connection.caller.uid
+                    if uid not in private:
+                        private[uid] = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": shown})
+                    connection.notify(private[uid])
 
     def protocol(self) -> Connection:
         return Connection(self)

@@ -274,11 +274,20 @@ class Broker:
             names = {r.name for r in wanted}
             for resource in wanted:
                 existing = self.ledger.find(resource.name)
+                if existing is None and resource.uuid is not None:
+                    changes += self._displace_api(resource.uuid, source, now)
                 if existing is None:
                     self._add_resource(resource, now)
                     changes.append(f"added {resource.name}")
-                elif existing.source != resource.source and existing.source == "api":
-                    changes.append(f"kept {resource.name}: registered through the API, also in the {source} set")
+                elif existing.source == "api" and existing.name == resource.name:
+                    # The config and the host are the truth: a row added through the API never shadows them,
+                    # even when it holds more than the declared capacity (what is held stays, nothing more fits).
+                    self.ledger.replace(resource, over_held=True)
+                    self.store.update_resource(resource)
+                    self._event(now, "resource.changed", resource=resource.name,
+                                detail={"reason": f"the {source} definition replaces the one added through the API"})
+                    changes.append(f"replaced {resource.name}: the {source} definition wins over the one added"
+                                   " through the API")
                 elif existing != resource:
                     try:
                         self.ledger.replace(resource)
@@ -302,6 +311,20 @@ class Broker:
                 self.pools.sync()
             self.schedule()
         return changes
+
+    def _displace_api(self, name: str, source: str, now: float) -> list[str]:
+        """Remove an API resource named like a GPU UUID the host (or config) now has: it must not stop the real one."""
+        clash = self.ledger.find(name)
+        if clash is None or clash.source != "api":
+            return []
+        if self.ledger.used(clash.name) > 0:
+            # Still held: drop it from the ledger anyway; its allocations keep their items and end as usual.
+            self.ledger.unhold([i for a in self.active for i in a.items if i.resource == clash.name])
+        self.ledger.remove(clash.name)
+        self.store.delete_resource(clash.name)
+        self._event(now, "resource.removed", resource=clash.name,
+                    detail={"reason": f"its name is a UUID of a {source} resource"})
+        return [f"removed {clash.name}: added through the API, its name is the UUID of a {source} resource"]
 
     def reconfigure(self, declared: Iterable[Resource], policy: Policy, monitor: MonitorPolicy,
                     pools: Iterable[PoolSpec] = ()) -> list[str]:
@@ -386,6 +409,7 @@ class Broker:
         ]
 
     def resources_add(self, caller: Caller, command: p.AddResourceCommand) -> ResourceDict:
+        _administer(caller, "add resources")
         if self.ledger.find(command.name) is not None:
             raise ResourceExists(f"a resource named {command.name!r} already exists", resource=command.name)
         resource = Resource(
@@ -404,6 +428,14 @@ class Broker:
         return self.resource_dict(resource)
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
+        _administer(caller, "remove resources")
+        declared = self.ledger.get(command.name)
+        if declared.source == "config":
+            raise PermissionDenied(f"{declared.name} is declared in the config file; remove it there and reload the"
+                                   " daemon (`systemctl reload mcpresd` or SIGHUP)", resource=declared.name)
+        if declared.source == "discovered":
+            raise PermissionDenied(f"{declared.name} was discovered on this host; it goes when the host no longer"
+                                   " has it (`mcpctl resource refresh`)", resource=declared.name)
         resource = self.ledger.check_removable(command.name)
         if resource.source == "pool":
             raise ResourceInUse(f"{resource.name} is a member of pool {self.ledger.pool_of(resource.name)};"
@@ -418,8 +450,7 @@ class Broker:
         return self.resource_dict(resource)
 
     def resources_set_cost(self, caller: Caller, command: p.SetCostCommand) -> ResourceDict:
-        if not caller.administers:
-            raise PermissionDenied("only root, the daemon's user and the admin group may set costs", uid=caller.uid)
+        _administer(caller, "set costs")
         resource = self.ledger.get(command.name)
         changed = replace(resource, cost_per_unit_hour=command.cost_per_unit_hour)
         self.ledger.replace(changed)
@@ -428,7 +459,13 @@ class Broker:
                     detail={"before": resource.cost_per_unit_hour, "after": command.cost_per_unit_hour})
         return self.resource_dict(changed)
 
+    @staticmethod
+    def check_refresh(caller: Caller) -> None:
+        """Who may refresh: checked before the host is scanned too, so that nobody else makes it rescan."""
+        _administer(caller, "refresh resources")
+
     def resources_refresh(self, caller: Caller, discovered: list[Resource]) -> dict[str, list[str]]:
+        self.check_refresh(caller)
         return {"changes": self.reconcile_resources(discovered, self._declared())}
 
     def _declared(self) -> list[Resource]:
@@ -683,8 +720,12 @@ class Broker:
             return {"id": allocation.id, "state": allocation.state.value, "queued": False,
                     "summary": f"allocation {allocation.id} is {allocation.state.value}, not queued"}
         now = self.clock()
+
+        def expected_end(blocker: Allocation) -> tuple[float | None, str]:
+            return self.accounts.expected_end(blocker, named=_may_manage(caller, blocker))
+
         why = queue.explain(self.ledger, allocation, self.queued, self.active, now, self.policy.aging_interval,
-                            self.accounts.expected_end)
+                            expected_end)
         return {
             "id": allocation.id,
             "state": allocation.state.value,
@@ -696,12 +737,7 @@ class Broker:
             "wait_until": allocation.wait_until,
             "fits_now": why.fits_now,
             "shortfalls": list(why.shortfalls),
-            "blockers": [
-                {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
-                 "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
-                 "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
-                for blocker, held in why.blockers
-            ],
+            "blockers": [_blocker_for(caller, blocker, held) for blocker, held in why.blockers],
             "ahead": why.head.id if why.head else None,
             "suggestion": why.suggestion,
             "estimate": why.estimate,
@@ -785,9 +821,7 @@ class Broker:
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:
         events = self.store.list_events(command.after_id, command.limit, command.allocation_id)
-        if caller.admin or caller.uid == 0:
-            return events
-        return [e if e["uid"] in (None, caller.uid) else redact_event(e) for e in events]
+        return [event_for(caller, e) for e in events]
 
     def _visible(self, caller: Caller, allocation_id: str) -> Allocation:
         allocation = self.live.get(allocation_id) or self.store.get_allocation(allocation_id)
@@ -829,7 +863,7 @@ class Broker:
         return self.accounts.set_budget(caller, command)
 
     def budgets_list(self, caller: Caller, command: p.NoParams) -> list[dict[str, Any]]:
-        return self.accounts.list_budgets()
+        return self.accounts.list_budgets(caller)
 
     def budgets_delete(self, caller: Caller, command: p.BudgetKey) -> dict[str, Any]:
         return self.accounts.delete_budget(caller, command)
@@ -877,7 +911,11 @@ class Broker:
         return history
 
     def alerts_list(self, caller: Caller, command: p.AlertsCommand) -> list[dict[str, Any]]:
-        return self.monitor.alert_list(command.all)
+        alerts = self.monitor.alert_list(command.all)
+        if _sees_all(caller):
+            return alerts
+        return [{**a, "allocations": [_held_for(caller, h) for h in a.get("allocations") or ()]} for a in alerts
+                if not _others_budget(caller, a["resource"])]
 
     def predict(self, caller: Caller, command: p.PredictCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)
@@ -962,11 +1000,31 @@ _WHY = {
 }
 
 
+def _administer(caller: Caller, what: str) -> None:
+    if not caller.administers:
+        raise PermissionDenied(f"only root, the daemon's user and the admin group may {what}", uid=caller.uid)
+
+
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
     return caller.uid == 0 or caller.admin or caller.uid == allocation.owner_uid
 
 
-_PRIVATE = ("tool_id", "execution_id", "idempotency_key", "requester_pid", "holder_pid", "request", "risks")
+def _blocker_for(caller: Caller, blocker: Allocation, held: Iterable[AllocationItem]) -> dict[str, Any]:
+    """An allocation a queued request waits for, as `explain` shows it: another user's without tool and holder."""
+    shown: dict[str, Any] = {
+        "id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
+        "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
+        "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
+    return shown if _may_manage(caller, blocker) else {**shown, "holder_pid": None, "tool_id": None, "redacted": True}
+
+
+def _sees_all(caller: Caller) -> bool:
+    """Root and the admin group see every user's allocations and events in full."""
+    return caller.uid == 0 or caller.admin
+
+
+_PRIVATE = ("tool_id", "execution_id", "idempotency_key", "requester_pid", "holder_pid", "request", "risks",
+            "measured")
 
 
 def redact(allocation: AllocationDict) -> AllocationDict:
@@ -980,6 +1038,44 @@ def redact(allocation: AllocationDict) -> AllocationDict:
 
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "detail": {}, "redacted": True}
+
+
+def event_for(caller: Caller, event: dict[str, Any]) -> dict[str, Any]:
+    """An event as `caller` may see it (the event itself when nothing is hidden): the same rule as the reads.
+
+    Another user's event shows no detail. A system event (no uid) shows other users' allocations without who
+    holds them and why (an alert's `allocations`), leaves out theirs from the optimise report, and hides the
+    spending of another owner's budget.
+    """
+    if _sees_all(caller):
+        return event
+    uid = event.get("uid")
+    if uid is not None:
+        return event if uid == caller.uid else redact_event(event)
+    detail = event.get("detail") or {}
+    resource = event.get("resource")
+    if isinstance(resource, str) and _others_budget(caller, resource):
+        return redact_event(event)
+    if detail.get("scope") == "owner" and detail.get("subject") != str(caller.uid):
+        return redact_event(event)
+    if "allocations" in detail:
+        return {**event, "detail": {**detail, "allocations": [_held_for(caller, h) for h in detail["allocations"]]}}
+    if "oversized" in detail:
+        return {**event, "detail": {**detail, "oversized": [o for o in detail["oversized"]
+                                                            if o.get("owner_uid") == caller.uid]}}
+    return event
+
+
+def _held_for(caller: Caller, held: dict[str, Any]) -> dict[str, Any]:
+    """An allocation named by an alert: another user's without its tool and holder."""
+    if held.get("owner_uid") == caller.uid:
+        return held
+    return {**held, "tool_id": None, "holder_pid": None, "redacted": True}
+
+
+def _others_budget(caller: Caller, resource: str) -> bool:
+    """Whether an alert's resource is the budget of an owner other than `caller` (its value is their spending)."""
+    return resource.startswith("budget:owner/") and resource.split("/")[1] != str(caller.uid)
 
 
 def _digest(command: p.AllocateCommand) -> str:

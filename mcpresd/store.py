@@ -469,11 +469,14 @@ class Store:
         return self._select_allocations("WHERE tool_id = ? AND released_at >= ? ORDER BY released_at",
                                         (tool_id, since))
 
-    def recent_runs(self, tool_id: str, limit: int) -> list[Allocation]:
-        """The newest released allocations of a tool that carry measurements, newest first."""
+    def recent_runs(self, tool_id: str, limit: int, owner_uid: int | None = None) -> list[Allocation]:
+        """The newest released allocations of a tool that carry measurements, newest first; only `owner_uid`'s
+        if given."""
+        owned, args = ("", (tool_id, limit)) if owner_uid is None else \
+            (" AND owner_uid = ?", (tool_id, owner_uid, limit))
         return self._select_allocations(
-            "WHERE tool_id = ? AND state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL"
-            " ORDER BY released_at DESC LIMIT ?", (tool_id, limit))
+            "WHERE tool_id = ? AND state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL" + owned +
+            " ORDER BY released_at DESC LIMIT ?", args)
 
     # -- pools and budgets ----------------------------------------------------
 

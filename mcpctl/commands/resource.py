@@ -30,7 +30,10 @@ def add(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the new resource as JSON.")] = False,
 ) -> None:
-    """Register a custom resource (a licence pool, tool slots, ...).
+    """Register a custom resource (a licence pool, tool slots, ...); root and the admin group only.
+
+    A name the config file declares is not taken: the config's definition wins (at the next reload or start,
+    it replaces a resource added here under that name).
 
     Example: mcpctl resource add licence:matlab --capacity 4 --unit seats
     """
@@ -60,7 +63,10 @@ def remove(
     name: Annotated[str, typer.Argument(help="Name of the resource.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the removed resource as JSON.")] = False,
 ) -> None:
-    """Remove a resource; refused while any active allocation holds it.
+    """Remove a resource added with `mcpctl resource add`; root and the admin group only.
+
+    Refused while any active allocation holds it. Resources from the config file or discovered on the host
+    are never removed here: edit the config file and reload the daemon instead.
 
     Example: mcpctl resource remove licence:matlab
     """
@@ -76,7 +82,7 @@ def refresh(
     ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Print the changes as JSON.")] = False,
 ) -> None:
-    """Rediscover CPUs, memory, disks, network interfaces and GPUs now.
+    """Rediscover CPUs, memory, disks, network interfaces and GPUs now; root and the admin group only.
 
     Example: mcpctl resource refresh
     """

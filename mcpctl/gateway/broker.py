@@ -66,16 +66,25 @@ class Broker(asyncio.Protocol):
         cannot see, whose daemon would not see this process's pids as this process does either."""
 
     async def connect(self, timeout: float = 5.0) -> None:
-        """Connect; DaemonUnreachable if no daemon answers in `timeout` seconds."""
+        """Connect; DaemonUnreachable if no daemon answers in `timeout` seconds, UntrustedDaemon (before any
+        request) if another user could have put it there or serves it (mcpctl.client's rule)."""
+        from mcpctl.client import check_directory, check_server
+
         loop = asyncio.get_running_loop()
+        trusted = check_directory(self.path)
         try:
-            await asyncio.wait_for(loop.create_unix_connection(lambda: self, self.path), timeout)
+            transport, _ = await asyncio.wait_for(loop.create_unix_connection(lambda: self, self.path), timeout)
         except FileNotFoundError:
             raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)") from None
         except ConnectionRefusedError:
             raise DaemonUnreachable(self.path, "connection refused (is mcpresd running?)") from None
         except (OSError, asyncio.TimeoutError) as error:
             raise DaemonUnreachable(self.path, getattr(error, "strerror", None) or "no answer in time") from None
+        try:
+            check_server(self.path, transport.get_extra_info("socket"), trusted)
+        except DaemonUnreachable:
+            self.close()
+            raise
         try:
             await asyncio.wait_for(self.request(Method.DAEMON_STATUS), timeout)
         except (asyncio.TimeoutError, RpcError) as error:

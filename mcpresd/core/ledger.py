@@ -162,10 +162,11 @@ class Ledger:
         self.catalogue_version += 1
         return resource
 
-    def replace(self, resource: Resource) -> None:
-        """Update a resource's facts in place (capacity may not drop below what is held)."""
+    def replace(self, resource: Resource, *, over_held: bool = False) -> None:
+        """Update a resource's facts in place (capacity may not drop below what is held, unless `over_held`:
+        then what is held stays held and nothing more is granted until it drops below the new capacity)."""
         old = self.get(resource.name)
-        if resource.capacity + EPSILON < self.used(old.name):
+        if not over_held and resource.capacity + EPSILON < self.used(old.name):
             raise ResourceInUse(
                 f"resource {old.name!r} has {self.used(old.name):g} allocated, more than the new capacity",
                 resource=old.name,

@@ -28,6 +28,8 @@ RESOURCES = ["licence", "slot", "lic:a", "lic:b", "gpu", "gpu0", "GPU-0001"]
 CUSTOM = ["lic:a", "lic:b", "licence", "slot"]
 KEYS = [None, "k1", "k2", "k3"]
 CONNECTIONS = [1, 2, 3]
+ADMIN = Caller(uid=UID, gid=UID, pid=None, admin=True)
+"""Resources are added and removed by the admin group (another uid is refused before anything changes)."""
 
 
 class AllocationMachine(RuleBasedStateMachine):
@@ -102,12 +104,12 @@ class AllocationMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(CUSTOM[:2]), capacity=st.sampled_from([0.5, 1, 2.5, 4]))
     def add_resource(self, name: str, capacity: float) -> None:
         command = params.add_resource({"name": name, "capacity": capacity})
-        self.run(lambda broker: broker.resources_add(Caller(uid=UID, gid=UID, pid=None), command))
+        self.run(lambda broker: broker.resources_add(ADMIN, command))
 
     @rule(name=st.sampled_from(CUSTOM))
     def remove_resource(self, name: str) -> None:
         command = params.remove_resource({"name": name})
-        self.run(lambda broker: broker.resources_remove(Caller(uid=UID, gid=UID, pid=None), command))
+        self.run(lambda broker: broker.resources_remove(ADMIN, command))
 
     # -- the books -------------------------------------------------------------------
 
