@@ -139,6 +139,21 @@ def encode(message: Any) -> bytes:
     return _ENCODE(message).encode("ascii") + b"\n"
 
 
+def encode_reply(response: dict[str, Any]) -> bytes:
+    """One reply's line; a -32603 error for its id if the result cannot be written as JSON.
+
+    Every request gets its line: an exception here would end in a future's callback, and the connection
+    (whose later replies wait behind this one) would hang.
+    """
+    try:
+        return encode(response)
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        log.error("the reply to request id %r could not be encoded: %s", response.get("id"), error)
+        return encode(error_response(response.get("id"), ErrorCode.INTERNAL_ERROR,
+                                     "internal error: the result could not be written as JSON; see the daemon's log",
+                                     {"type": "InternalError"}))
+
+
 class RpcStats:
     """Calls, errors and response times per method since the last `take()` (the daemon's own metrics)."""
 
@@ -203,7 +218,7 @@ class Dispatcher:
             reply(encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid JSON ({error})")))
             return
         if not isinstance(message, list):
-            self.handle_message(message, peer, lambda response: reply(None if response is None else encode(response)))
+            self.handle_message(message, peer, lambda response: reply(None if response is None else encode_reply(response)))
         elif not message:
             reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, "an empty batch is not a request")))
         elif len(message) > MAX_BATCH:
@@ -317,8 +332,8 @@ class _Batch:
         self._responses[index] = response
         self._left -= 1
         if self._left == 0:
-            replies = [r for r in self._responses if r is not None]
-            self._reply(encode(replies) if replies else None)
+            replies = [encode_reply(r)[:-1] for r in self._responses if r is not None]
+            self._reply(b"[" + b",".join(replies) + b"]\n" if replies else None)
 
 
 def _outcome(method: str, future: asyncio.Future[Any]) -> Any:
