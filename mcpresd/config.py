@@ -67,7 +67,10 @@ def default_database_path() -> str:
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools"}
-_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid"}
+_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
+               "reply_buffer", "batch_reply", "subscriber_buffer"}
+_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
+MIN_BUFFER = 4096
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
@@ -157,17 +160,25 @@ def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_LIMIT_KEYS))})")
     counts = {}
-    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid"):
+    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid", "max_pipelined"):
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
                 raise ConfigError(f"{where} {key} must be a whole number from 1 to 1000000")
             counts[key] = value
+    sizes = {}
+    for key in _LIMIT_SIZES:
+        if key in table:
+            sizes[key] = _size(table[key], f"{where} {key}")
+            if sizes[key] < MIN_BUFFER:
+                raise ConfigError(f"{where} {key} must be at least {MIN_BUFFER} bytes")
     limits = Limits(
         max_connections=counts.get("max_connections", Limits.max_connections),
         max_connections_per_uid=counts.get("max_connections_per_uid", Limits.max_connections_per_uid),
         idle_timeout=_duration(table["idle_timeout"], f"{where} idle_timeout") if "idle_timeout" in table
         else Limits.idle_timeout,
+        max_pipelined=counts.get("max_pipelined", Limits.max_pipelined),
+        **sizes,
     )
     changes: dict[str, Any] = {"limits": limits}
     if "max_queued_per_uid" in counts:

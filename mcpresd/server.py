@@ -15,6 +15,12 @@ Rules:
   .socket unit owns it).
 - Every connection is identified by SO_PEERCRED. A line over the size limit gets
   an error and the connection is closed; other clients are never affected.
+- What a connection queues is bounded (config [limits]): at most
+  `max_pipelined` of its requests are in flight, and none is started while its
+  unread replies exceed `reply_buffer` (the lines wait, and reading pauses);
+  a subscriber whose unread notifications exceed `subscriber_buffer` is
+  unsubscribed with one last line saying so (it may subscribe again with
+  `after_id`).
 """
 
 from __future__ import annotations
@@ -363,6 +369,14 @@ class Limits:
     max_connections_per_uid: int = 1024
     idle_timeout: float = 30.0
     """Seconds a half-sent message may sit unfinished before the connection is closed."""
+    max_pipelined: int = 8
+    """Requests one connection may have in flight; its later lines wait, unread, until one is answered."""
+    reply_buffer: int = 1 << 20
+    """Bytes of unread replies above which a connection's next requests wait (the write high-water mark)."""
+    batch_reply: int = 16 << 20
+    """Bytes one batch's replies may take; members past it get 1014 instead of their result."""
+    subscriber_buffer: int = 8 << 20
+    """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
     admin_gid: int | None = None
     """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
 
@@ -400,7 +414,9 @@ class Server:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
             private = None
             for connection in list(self.subscribers):
-                if event.get("uid") in (None, connection.caller.uid) or connection.caller.admin:
+                if connection.lagging(self.limits.subscriber_buffer):
+                    connection.lagged(event.get("id"), self.limits.subscriber_buffer)
+                elif event.get("uid") in (None, connection.caller.uid) or connection.caller.admin:
                     connection.notify(line)
                 else:
                     if private is None:
@@ -439,8 +455,12 @@ class Connection(asyncio.Protocol):
         self._dispatcher = server.dispatcher
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
+        self._lines: deque[bytes] = deque()
+        """Whole lines read but not yet dispatched: they wait while this connection has enough in flight."""
         self._eof = False
         self._reading = True
+        self._write_paused = False
+        self._pumping = False
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
         self._idle: asyncio.TimerHandle | None = None
@@ -458,11 +478,16 @@ class Connection(asyncio.Protocol):
             transport.write(encode(error_response(None, ErrorCode.LIMIT_EXCEEDED, refusal)))
             transport.close()
             return
+        transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
         self._server.connections.add(self)
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
         self._admitted = True
         if self._server.closing:
             self.close()
+
+    @property
+    def batch_reply_bytes(self) -> int:
+        return self._server.limits.batch_reply
 
     def data_received(self, data: bytes) -> None:
         scanned = len(self._buffer)  # the kept partial line has no newline: search only the new bytes
@@ -478,15 +503,35 @@ class Connection(asyncio.Protocol):
             line = buffer[start:end]
             start = end + 1
             if line.strip():
-                self._dispatch(line)
+                self._lines.append(line)
         self._buffer = buffer[start:]
         if len(self._buffer) > MAX_MESSAGE_BYTES:
             self._too_long()
+            return
         elif self._buffer and self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout, self._half_sent)
         elif not self._buffer and self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch waiting lines while this connection has room; read more only when none wait."""
+        if self._pumping:
+            return  # a reply written during a dispatch below: the loop below goes on by itself
+        self._pumping = True
+        try:
+            limit = self._server.limits.max_pipelined
+            while (self._lines and self._transport is not None and not self._write_paused
+                   and self.in_flight < limit and not self._server.closing):
+                self._dispatch(self._lines.popleft())
+        finally:
+            self._pumping = False
+        if self._lines or self._write_paused:
+            self.stop_reading()
+        elif not self._reading and self._transport is not None and not self._server.closing:
+            self._reading = True
+            self._transport.resume_reading()
 
     def _half_sent(self) -> None:
         """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
@@ -502,8 +547,9 @@ class Connection(asyncio.Protocol):
         self._eof = True
         line, self._buffer = self._buffer, b""
         if line.strip():
-            self._dispatch(line)  # a last message without its newline is still a message
-        if self.in_flight and not self._peer_gone():
+            self._lines.append(line)  # a last message without its newline is still a message
+        self._pump()
+        if (self.in_flight or self._lines) and not self._peer_gone():
             # A half-close (shutdown(SHUT_WR)): keep the transport open until the replies are written, and look
             # now and then whether the client went away entirely (it waits for a queued request, say).
             self._watch_half_closed()
@@ -511,7 +557,7 @@ class Connection(asyncio.Protocol):
         return False
 
     def _watch_half_closed(self) -> None:
-        if self._transport is None or not self.in_flight:
+        if self._transport is None or not (self.in_flight or self._lines):
             return
         if self._peer_gone():
             self._transport.close()
@@ -534,6 +580,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
+        self._lines.clear()
         if not self._admitted:
             return
         left = self._server.per_uid.get(self.caller.uid, 1) - 1
@@ -553,13 +600,30 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def lagging(self, limit: int) -> bool:
+        """Whether this subscriber's unread bytes are past `limit` (it does not read its notifications)."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > limit
+
+    def lagged(self, next_event: Any, limit: int) -> None:
+        """Unsubscribe a subscriber that fell behind; its last line says so and where to resume."""
+        self._server.subscribers.discard(self)
+        log.warning("connection %d (uid %d, pid %s) left over %d bytes of events unread; unsubscribed it",
+                    self.id, self.caller.uid, self.caller.pid, limit)
+        after = next_event - 1 if isinstance(next_event, int) else None
+        self.notify(encode(error_response(
+            None, ErrorCode.LIMIT_EXCEEDED,
+            f"unsubscribed: over {limit} bytes of event notifications were left unread; events.subscribe again"
+            f" with after_id {after} to resume where they stopped" if after is not None else
+            f"unsubscribed: over {limit} bytes of event notifications were left unread",
+            {"type": "SubscriberLagged", "limit": limit, "after_id": after})))
+
     def pause_writing(self) -> None:
-        self.stop_reading()  # the client is not reading its replies: stop taking requests from it
+        self._write_paused = True  # the client is not reading its replies: start no more of its requests
+        self.stop_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._reading and not self._server.closing:
-            self._reading = True
-            self._transport.resume_reading()
+        self._write_paused = False
+        self._pump()
 
     def stop_reading(self) -> None:
         if self._transport is not None and self._reading and not self._eof:
@@ -574,7 +638,14 @@ class Connection(asyncio.Protocol):
         self.in_flight += 1
         slot = _Slot()
         self._slots.append(slot)
-        self._dispatcher.handle_line(line, self, partial(self._reply, slot))
+        try:
+            self._dispatcher.handle_line(line, self, partial(self._reply, slot))
+        except Exception:  # a bug must not leave the slot empty: every later reply on this connection waits on it
+            log.exception("a request failed before it could be answered")
+            if not slot.ready:
+                self._reply(slot, encode(error_response(None, ErrorCode.INTERNAL_ERROR,
+                                                        "internal error; see the daemon's log",
+                                                        {"type": "InternalError"})))
 
     def _reply(self, slot: _Slot, data: bytes | None) -> None:
         # Replies leave in the order the requests came, whatever order they finished in.
@@ -585,11 +656,15 @@ class Connection(asyncio.Protocol):
             self.in_flight -= 1
             if done.data is not None and self._transport is not None:
                 self._transport.write(done.data)
-        if self._transport is not None and self.in_flight == 0 and (self._eof or self._server.closing):
+        if self._lines:
+            self._pump()
+        if (self._transport is not None and self.in_flight == 0 and
+                ((self._eof and not self._lines) or self._server.closing)):
             self._transport.close()
 
     def _too_long(self) -> None:
         self._buffer = b""
+        self._lines.clear()
         if self._transport is not None:
             self._transport.write(encode(error_response(
                 None, ErrorCode.INVALID_REQUEST, f"message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection")))

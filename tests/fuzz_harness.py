@@ -17,7 +17,7 @@ from typing import Any
 from mcpresd.core.model import Resource
 from mcpresd.protocol import JSONRPC, ErrorCode, ResourceType
 from mcpresd.rpc import Dispatcher, StoreJob
-from mcpresd.server import GroupCommitter
+from mcpresd.server import GroupCommitter, Limits
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
 
@@ -44,6 +44,7 @@ class FakePeer:
         self.caller = Caller(uid=UID, gid=UID, pid=os.getpid(), connection=connection)
         self.notified: list[bytes] = []
         self.subscribed = False
+        self.batch_reply_bytes = Limits.batch_reply
 
     def notify(self, data: bytes) -> None:
         self.notified.append(data)

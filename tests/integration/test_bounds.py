@@ -149,3 +149,132 @@ def test_a_result_that_cannot_be_written_as_json_gets_an_internal_error_and_the_
     finally:
         line.close()
         live.close()
+
+
+# -- item 10: what a connection queues is bounded ---------------------------------------------------------------
+
+BOUNDED = """
+memory_reserve = "0"
+
+[[resources]]
+name = "slot"
+capacity = 10
+unit = "slots"
+
+[limits]
+max_pipelined = 4
+reply_buffer = "64K"
+batch_reply = "64K"
+subscriber_buffer = "64K"
+"""
+
+
+def make_events(live: LiveDaemon, count: int, tag: str = "r") -> None:
+    """`count` events: resources added, then removed, in batches (each a resource.added or .removed event)."""
+    line = Line(live.socket)
+    try:
+        for first in range(0, count // 2, 250):
+            names = [f"{tag}{n}" for n in range(first, min(first + 250, count // 2))]
+            for method, params in (("resources.add", lambda n: {"name": n, "capacity": 1}),
+                                   ("resources.remove", lambda n: {"name": n})):
+                line.send([{"jsonrpc": "2.0", "id": i, "method": method, "params": params(name)}
+                           for i, name in enumerate(names)])
+                assert all("result" in reply for reply in line.read())
+    finally:
+        line.close()
+
+
+def connection_state(live: LiveDaemon) -> list[tuple[int, int, bool]]:
+    """(in flight, unread reply bytes, subscribed) of every connection, read on the daemon's loop."""
+    server = live.daemon.server
+    assert server is not None
+
+    def read(broker: Any) -> list[tuple[int, int, bool]]:
+        return [(c.in_flight, c._transport.get_write_buffer_size() if c._transport is not None else 0,
+                 c in server.subscribers) for c in server.connections]
+
+    state: list[tuple[int, int, bool]] = live.on_store(read)
+    return state
+
+
+def wait_until(what: str, check: Any, live: LiveDaemon, rounds: int = 500) -> Any:
+    """Ask the daemon's loop up to `rounds` times (each a store round trip) until `check` returns a value."""
+    for _ in range(rounds):
+        found = check(connection_state(live))
+        if found:
+            return found
+    raise AssertionError(f"never saw {what}: {connection_state(live)}")
+
+
+def test_a_client_that_never_reads_its_replies_holds_a_bounded_number_of_bytes(tmp_path: Path) -> None:
+    live = LiveDaemon(tmp_path, BOUNDED).start()
+    greedy = Line(live.socket, timeout=30)
+    try:
+        make_events(live, 1000)
+        one_reply = len(json.dumps(live.call("events.list", {"limit": 10_000})))
+        assert one_reply > 64 * 1024  # each reply alone passes the high-water mark
+        greedy.sock.sendall(b"".join(
+            json.dumps({"jsonrpc": "2.0", "id": n, "method": "events.list", "params": {"limit": 10_000}}).encode()
+            + b"\n" for n in range(60)))
+        unread = wait_until("the non-reading client's replies stop coming", lambda state: [
+            size for in_flight, size, _ in state if in_flight == 0 and size > 0], live)
+        assert max(unread) <= 4 * (one_reply + 1000) + 64 * 1024, f"{max(unread)} bytes queued for one client"
+        assert live.call("daemon.status")["version"]  # the others are served meanwhile
+        greedy.sock.settimeout(30)
+        assert [greedy.read()["id"] for _ in range(60)] == list(range(60))  # reading again, it gets every reply
+    finally:
+        greedy.close()
+        live.close()
+
+
+def test_a_subscriber_that_never_reads_is_unsubscribed_with_a_last_line_saying_where_to_resume(
+        tmp_path: Path) -> None:
+    live = LiveDaemon(tmp_path, BOUNDED).start()
+    listener = Line(live.socket, timeout=30)
+    try:
+        assert "result" in listener.call(1, "events.subscribe")
+        for round in range(40):
+            make_events(live, 500, tag=f"r{round}-")
+            if not any(subscribed for _, _, subscribed in connection_state(live)):
+                break
+        else:
+            raise AssertionError("a subscriber that never reads stayed subscribed")
+        unread = max(size for _, size, _ in connection_state(live))
+        assert unread <= 64 * 1024 + 4096, f"{unread} bytes of events queued for one subscriber"
+        assert live.call("daemon.status")["version"]
+        events = []
+        while True:
+            message = listener.read()
+            if "id" in message:
+                break
+            events.append(message["params"])
+        assert message["id"] is None and message["error"]["code"] == ErrorCode.LIMIT_EXCEEDED
+        lagged = message["error"]["data"]
+        assert lagged["type"] == "SubscriberLagged" and lagged["after_id"] == events[-1]["id"]
+        assert [e["id"] for e in events] == list(range(events[0]["id"], events[-1]["id"] + 1))
+        again = listener.call(2, "events.subscribe", {"after_id": lagged["after_id"]})["result"]
+        assert [e["id"] for e in again["backlog"]] == list(range(lagged["after_id"] + 1, again["last_id"] + 1))
+        make_events(live, 2, tag="after-")
+        resumed = listener.read()
+        assert resumed["method"] == "event" and resumed["params"]["id"] == again["last_id"] + 1
+    finally:
+        listener.close()
+        live.close()
+
+
+def test_a_batch_whose_replies_pass_the_cap_gets_errors_for_the_rest(tmp_path: Path) -> None:
+    live = LiveDaemon(tmp_path, BOUNDED).start()
+    line = Line(live.socket)
+    try:
+        make_events(live, 200)
+        size = len(json.dumps(live.call("events.list", {"limit": 250})))
+        assert 64 * 1024 / 3 < size < 64 * 1024 / 2
+        line.send([{"jsonrpc": "2.0", "id": n, "method": "events.list", "params": {"limit": 250}} for n in range(5)])
+        replies = line.read()
+        assert [r["id"] for r in replies] == list(range(5))
+        assert ["result" in r for r in replies] == [True, True, False, False, False]
+        assert {r["error"]["code"] for r in replies[2:]} == {ErrorCode.LIMIT_EXCEEDED}
+        assert "result" in line.call(9, "daemon.status")
+    finally:
+        line.close()
+        live.close()
