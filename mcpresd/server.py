@@ -13,6 +13,11 @@ Rules:
 - Under socket activation (LISTEN_PID is this process) the listening socket is
   fd 3, passed by systemd: it is used as it is and its file is left alone (the
   .socket unit owns it).
+- Connections stay below the open-file limit (raised to its hard limit at
+  start): `Limits.fitted` keeps FD_OVERHEAD descriptors for the daemon's own
+  files and a reserve of connections only root and the admin group may use, so
+  one user's connections never lock root out; a refused connection is
+  accepted, told why in one JSON-RPC error line, and closed.
 - Every connection is identified by SO_PEERCRED. A line over the size limit gets
   an error and the connection is closed; other clients are never affected.
 - What a connection queues is bounded (config [limits]): at most
@@ -30,6 +35,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 import sqlite3
@@ -37,7 +43,7 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -361,6 +367,29 @@ def _groups_of(pid: int) -> set[int]:
     return set()
 
 
+FD_OVERHEAD = 64
+"""Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs, pidfds."""
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a unit's LimitNOFILE= sets both); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as error:  # a seccomp filter (the unit's ~@resources) says EPERM
+            log.info("cannot raise the open-file limit from %d to %d (%s)", soft, hard, error)
+        else:
+            soft = hard
+    return open_file_limit() if soft == resource.RLIM_INFINITY else soft
+
+
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE (an unlimited one counts as 2**20)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one client may take of the daemon (config [limits])."""
@@ -377,6 +406,25 @@ class Limits:
     """Bytes one batch's replies may take; members past it get 1014 instead of their result."""
     subscriber_buffer: int = 8 << 20
     """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
+    admin_reserve: int = 0
+    """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
+
+    def fitted(self, open_files: int) -> Limits:
+        """These limits kept below `open_files` descriptors, with a reserve for root and the admin group.
+
+        Of the descriptors past FD_OVERHEAD, a sixteenth (at least one) is the reserve; max_connections is at
+        most the rest, and one uid gets at most half of max_connections.
+        """
+        usable = max(2, open_files - FD_OVERHEAD)
+        reserve = max(1, usable // 16)
+        total = max(1, min(self.max_connections, usable - reserve))
+        per_uid = max(1, min(self.max_connections_per_uid, total // 2))
+        fitted = replace(self, max_connections=total, max_connections_per_uid=per_uid, admin_reserve=reserve)
+        if (total, per_uid) != (self.max_connections, self.max_connections_per_uid):
+            log.warning("with %d open files allowed, connections are capped at %d in all and %d per uid"
+                        " (%d more for root and the admin group); raise LimitNOFILE (ulimit -n) for more",
+                        open_files, total, per_uid, reserve)
+        return fitted
     admin_gid: int | None = None
     """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
 
@@ -396,11 +444,17 @@ class Server:
         self._ids = itertools.count(1)
 
     def admit(self, connection: Connection) -> str | None:
-        """Why a new connection may not be served (a limit), or None."""
-        if len(self.connections) >= self.limits.max_connections:
-            return f"the daemon serves at most {self.limits.max_connections} connections; try again later"
-        if self.per_uid.get(connection.caller.uid, 0) >= self.limits.max_connections_per_uid:
-            return f"uid {connection.caller.uid} has {self.limits.max_connections_per_uid} connections open already"
+        """Why a new connection may not be served (a limit), or None.
+
+        Root and the admin group may also use the reserve past max_connections (never past their per-uid limit).
+        """
+        limits, caller = self.limits, connection.caller
+        total = limits.max_connections + (limits.admin_reserve if caller.admin else 0)
+        if len(self.connections) >= total:
+            return f"server overloaded: the daemon serves at most {total} connections; try again later"
+        if self.per_uid.get(caller.uid, 0) >= limits.max_connections_per_uid:
+            return (f"too many connections for uid {caller.uid}: {limits.max_connections_per_uid} are open"
+                    " already, the most one user may have; close some and retry")
         return None
 
     def next_id(self) -> int:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 from mcpresd.params import SetBudgetCommand, BudgetKey
 from mcpresd.protocol import MAX_QUANTITY, MIN_QUANTITY, BudgetScope, ErrorCode, Period
 from mcpresd.service import Caller
+from tests.conftest import CONFIG, DaemonProcess
 from tests.live import LiveDaemon, live  # noqa: F401 - a fixture
 
 HOUR = 3600.0
@@ -278,3 +283,117 @@ def test_a_batch_whose_replies_pass_the_cap_gets_errors_for_the_rest(tmp_path: P
     finally:
         line.close()
         live.close()
+
+
+# -- item 12: one user cannot exhaust the daemon's file descriptors --------------------------------------------
+
+NOBODY, SOMEONE, STRANGER = 65534, 65533, 65532
+
+HOG = r"""
+import json, socket, sys
+path, most = sys.argv[1], int(sys.argv[2])
+held, refusal = [], None
+for _ in range(most):
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(10)
+    conn.connect(path)
+    try:
+        conn.sendall(b'{"jsonrpc":"2.0","id":1,"method":"daemon.status"}\n')
+    except BrokenPipeError:  # refused: the daemon wrote why and closed before our request arrived
+        pass
+    reply = json.loads(conn.makefile("rb").readline())
+    if "error" in reply:
+        refusal = reply
+        break
+    held.append(conn)
+print(json.dumps({"served": len(held), "refusal": refusal}), flush=True)
+sys.stdin.read()  # hold every connection until the test closes our stdin
+"""
+
+
+class Hog:
+    """A process running as `uid` that opens connections until one is refused, and holds them."""
+
+    def __init__(self, socket_path: str, uid: int, most: int) -> None:
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c", HOG,
+             socket_path, str(most)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "the connecting process died"
+        self.outcome: dict[str, Any] = json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def limited_daemon(tmp_path: Path, nofile: str, extra: str = "") -> DaemonProcess:
+    """A daemon whose socket every user may open, started under `prlimit --nofile=SOFT:HARD`."""
+    shared = Path(tempfile.mkdtemp(prefix="bounds-shared-"))  # other users may enter it (pytest's tmp is 0700)
+    shared.chmod(0o755)
+    daemon = DaemonProcess(tmp_path, config=CONFIG + extra, extra_args=("--socket-mode", "0666"))
+    daemon.socket = str(shared / "mcpresd.sock")
+    daemon.args[daemon.args.index("--socket") + 1] = daemon.socket
+    daemon.args[:0] = ["prlimit", f"--nofile={nofile}"]
+    try:
+        daemon.start()
+    except BaseException:
+        shutil.rmtree(shared)
+        raise
+    return daemon
+
+
+def stop(daemon: DaemonProcess) -> None:
+    daemon.stop()
+    shutil.rmtree(os.path.dirname(daemon.socket), ignore_errors=True)
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as other users")
+
+
+@needs_root
+def test_one_user_cannot_take_every_descriptor_and_is_told_why(tmp_path: Path) -> None:
+    """Soft limit 100, hard 200: the daemon raises it to 200; nobody gets (200 - 64 - 8) // 2 connections."""
+    daemon = limited_daemon(tmp_path, "100:200")
+    hog = None
+    try:
+        assert daemon.proc is not None and open_files(daemon.proc.pid) == (200, 200)
+        hog = Hog(daemon.socket, NOBODY, most=300)
+        assert hog.outcome["served"] == 64
+        refusal = hog.outcome["refusal"]
+        assert refusal["id"] is None and refusal["error"]["code"] == ErrorCode.LIMIT_EXCEEDED
+        assert "too many connections for uid 65534" in refusal["error"]["message"]
+        assert daemon.call("daemon.status")["version"]  # root is still served
+    finally:
+        if hog is not None:
+            hog.close()
+        stop(daemon)
+
+
+@needs_root
+def test_root_keeps_a_reserve_when_other_users_hold_every_connection(tmp_path: Path) -> None:
+    daemon = limited_daemon(tmp_path, "200:200", "\n[limits]\nmax_connections = 20\n")
+    hogs = []
+    try:
+        hogs = [Hog(daemon.socket, uid, most=50) for uid in (NOBODY, SOMEONE)]
+        assert [hog.outcome["served"] for hog in hogs] == [10, 10]
+        stranger = Hog(daemon.socket, STRANGER, most=5)
+        hogs.append(stranger)
+        assert stranger.outcome["served"] == 0
+        assert "server overloaded" in stranger.outcome["refusal"]["error"]["message"]
+        with daemon.client() as root:
+            assert root.call("daemon.status")["version"]
+    finally:
+        for hog in hogs:
+            hog.close()
+        stop(daemon)
