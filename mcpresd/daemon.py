@@ -359,11 +359,12 @@ class Daemon:
     async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
-        self.watch = HolderWatch(loop, self._holder_exited)
+        limits = self.config.limits.fitted(open_file_limit())
+        self.watch = HolderWatch(loop, self._holder_exited, max_fds=limits.holder_fds)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
                                                     on_broken=lambda error: stop.set())
         self.server = server = Server(Dispatcher(committer.submit, self.discover), on_close=self._connection_closed,
-                                      limits=self.config.limits.fitted(open_file_limit()))
+                                      limits=limits)
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))

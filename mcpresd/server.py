@@ -15,9 +15,11 @@ Rules:
   .socket unit owns it).
 - Connections stay below the open-file limit (raised to its hard limit at
   start): `Limits.fitted` keeps FD_OVERHEAD descriptors for the daemon's own
-  files and a reserve of connections only root and the admin group may use, so
-  one user's connections never lock root out; a refused connection is
-  accepted, told why in one JSON-RPC error line, and closed.
+  files, a quarter of the rest for holders' pidfds (`holder_fds`; past it
+  holders are polled), and a reserve of connections only root and the admin
+  group may use, so one user's connections or holders never lock root out; a
+  refused connection is accepted, told why in one JSON-RPC error line, and
+  closed.
 - Every connection is identified by SO_PEERCRED. A line over the size limit gets
   an error and the connection is closed; other clients are never affected.
 - What a connection queues is bounded (config [limits]): at most
@@ -368,7 +370,7 @@ def _groups_of(pid: int) -> set[int]:
 
 
 FD_OVERHEAD = 64
-"""Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs, pidfds."""
+"""Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs."""
 
 
 def raise_open_file_limit() -> int:
@@ -408,18 +410,24 @@ class Limits:
     """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
     admin_reserve: int = 0
     """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
+    holder_fds: int | None = None
+    """pidfds the holder watch may keep open; further holders are polled (set by `fitted`)."""
 
     def fitted(self, open_files: int) -> Limits:
         """These limits kept below `open_files` descriptors, with a reserve for root and the admin group.
 
-        Of the descriptors past FD_OVERHEAD, a sixteenth (at least one) is the reserve; max_connections is at
-        most the rest, and one uid gets at most half of max_connections.
+        Of the descriptors past FD_OVERHEAD, a quarter is for holders' pidfds; of the rest, a sixteenth (at
+        least one) is the reserve, max_connections is at most what remains, and one uid gets at most half of
+        max_connections.
         """
-        usable = max(2, open_files - FD_OVERHEAD)
+        usable = max(4, open_files - FD_OVERHEAD)
+        holder_fds = usable // 4
+        usable -= holder_fds
         reserve = max(1, usable // 16)
         total = max(1, min(self.max_connections, usable - reserve))
         per_uid = max(1, min(self.max_connections_per_uid, total // 2))
-        fitted = replace(self, max_connections=total, max_connections_per_uid=per_uid, admin_reserve=reserve)
+        fitted = replace(self, max_connections=total, max_connections_per_uid=per_uid, admin_reserve=reserve,
+                         holder_fds=holder_fds)
         if (total, per_uid) != (self.max_connections, self.max_connections_per_uid):
             log.warning("with %d open files allowed, connections are capped at %d in all and %d per uid"
                         " (%d more for root and the admin group); raise LimitNOFILE (ulimit -n) for more",

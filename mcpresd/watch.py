@@ -5,6 +5,8 @@ Rules:
   woken when that very process exits, SIGKILL included; a pid reused later can
   never be mistaken for it. Where pidfds are unavailable, holders are polled
   every `poll_interval` seconds by pid and start time.
+- Each pidfd is a file descriptor: past `max_fds` of them, further holders are
+  polled, so holders never take the descriptors connections need.
 - The watcher only reports exits; the broker decides what to release.
 """
 
@@ -25,8 +27,10 @@ Exited = Callable[[int, "int | None"], None]
 class HolderWatch:
     """Calls `on_exit(pid, start)` once when a watched holder exits."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Exited, poll_interval: float = 0.05) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Exited, poll_interval: float = 0.05,
+                 max_fds: int | None = None) -> None:
         self._loop = loop
+        self._max_fds = max_fds
         self._on_exit = on_exit
         self._poll_interval = poll_interval
         self._fds: dict[tuple[int, int | None], int] = {}
@@ -41,7 +45,7 @@ class HolderWatch:
         key = (pid, start)
         if key in self._fds or key in self._polled:
             return
-        if self._pidfd:
+        if self._pidfd and (self._max_fds is None or len(self._fds) < self._max_fds):
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:

@@ -363,13 +363,13 @@ needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as o
 
 @needs_root
 def test_one_user_cannot_take_every_descriptor_and_is_told_why(tmp_path: Path) -> None:
-    """Soft limit 100, hard 200: the daemon raises it to 200; nobody gets (200 - 64 - 8) // 2 connections."""
+    """Soft limit 100, hard 200: the daemon raises it to 200; nobody gets half of what is left for connections."""
     daemon = limited_daemon(tmp_path, "100:200")
     hog = None
     try:
         assert daemon.proc is not None and open_files(daemon.proc.pid) == (200, 200)
         hog = Hog(daemon.socket, NOBODY, most=300)
-        assert hog.outcome["served"] == 64
+        assert hog.outcome["served"] == 48  # 200 - 64 = 136: 34 for pidfds, 6 in reserve, 96 connections
         refusal = hog.outcome["refusal"]
         assert refusal["id"] is None and refusal["error"]["code"] == ErrorCode.LIMIT_EXCEEDED
         assert "too many connections for uid 65534" in refusal["error"]["message"]
@@ -397,3 +397,44 @@ def test_root_keeps_a_reserve_when_other_users_hold_every_connection(tmp_path: P
         for hog in hogs:
             hog.close()
         stop(daemon)
+
+
+@needs_root
+def test_holders_cannot_take_the_descriptors_connections_need(tmp_path: Path) -> None:
+    """80 holders with a limit of 100: 9 get a pidfd, the rest are polled; connections are still accepted."""
+    config = 'memory_reserve = "0"\n[[resources]]\nname = "seat"\ncapacity = 100\nunit = "seats"\n'
+    daemon = DaemonProcess(tmp_path, config=config)
+    daemon.args[:0] = ["prlimit", "--nofile=100:100"]
+    daemon.start()
+    holders = [subprocess.Popen(["sleep", "600"]) for _ in range(80)]
+    held: list[socket.socket] = []
+    try:
+        with daemon.client() as client:
+            granted = [client.call("allocate", {"resources": [{"resource": "seat", "amount": 1}],
+                                                "holder_pid": holder.pid})["id"] for holder in holders]
+        for _ in range(13):  # 100 - 64 = 36: 9 for pidfds, 1 in reserve, 26 connections, 13 per uid
+            line = Line(daemon.socket)
+            assert "result" in line.call(1, "daemon.status")
+            held.append(line.sock)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(10)
+            extra.connect(daemon.socket)
+            refusal = json.loads(extra.makefile("rb").readline())
+        assert "too many connections for uid 0" in refusal["error"]["message"]
+        for conn in held:
+            conn.close()
+        holders[-1].kill()  # a polled holder: its allocation still ends when it does
+        holders[-1].wait()
+        with daemon.client() as client:
+            for _ in range(1000):
+                if client.call("allocations.get", {"id": granted[-1]})["state"] == "released":
+                    break
+            else:
+                raise AssertionError("the allocation of a polled holder outlived it")
+    finally:
+        for conn in held:
+            conn.close()
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+        daemon.stop()
