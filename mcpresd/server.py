@@ -594,10 +594,18 @@ class Connection(asyncio.Protocol):
         elif not self._reading and self._transport is not None and not self._server.closing:
             self._reading = True
             self._transport.resume_reading()
+            if self._idle is not None:  # a half-sent line has its whole idle_timeout again, from now
+                self._idle.cancel()
+                self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout,
+                                                                   self._half_sent)
 
     def _half_sent(self) -> None:
         """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
         self._idle = None
+        if self._buffer and self._transport is not None and not self._reading:
+            # The daemon stopped reading (the client has replies to read first): the rest is not late yet.
+            self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout, self._half_sent)
+            return
         if self._buffer and self._transport is not None:
             self._buffer = b""
             self._transport.write(encode(error_response(

@@ -3,6 +3,7 @@ file descriptors. A real daemon on a temporary socket; every reply is read with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -438,3 +439,32 @@ def test_holders_cannot_take_the_descriptors_connections_need(tmp_path: Path) ->
             holder.kill()
             holder.wait()
         daemon.stop()
+
+
+def test_a_pipelined_client_that_reads_late_gets_every_reply_in_order(tmp_path: Path) -> None:
+    """Lines past max_pipelined wait, unread, and are all answered: also after the client's half-close."""
+    live = LiveDaemon(tmp_path, BOUNDED + 'idle_timeout = "0.2s"\n')
+    live.start()
+    try:
+        make_events(live, 500)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(live.socket)
+            requests = b"".join(json.dumps({"jsonrpc": "2.0", "id": n, "method": "events.list",
+                                            "params": {"limit": 10_000}}).encode() + b"\n" for n in range(200))
+            sock.sendall(requests[:-10])  # a half-sent last line waits behind replies the client has not read
+            wait_until("the daemon to stop reading the pipelined client",
+                       lambda state: [size for in_flight, size, _ in state if in_flight == 0 and size > 0], live)
+            # Let twice the idle timeout pass on the daemon's loop: a client that is not reading its replies is
+            # not slow in sending, and keeps its connection.
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.4), live.loop).result(10)
+            sock.sendall(requests[-10:])
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(1 << 20):
+                data += chunk
+        replies = [json.loads(line) for line in data.splitlines()]
+        assert [reply["id"] for reply in replies] == list(range(200))
+        assert all("result" in reply for reply in replies)
+    finally:
+        live.close()
