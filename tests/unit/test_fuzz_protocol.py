@@ -11,14 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import math
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcpresd.protocol import MAX_QUANTITY, MIN_QUANTITY, ErrorCode, Method
-from tests.fuzz_harness import InProcessDaemon, all_failed, check_reply, encode_line
+from tests.fuzz_harness import AROUND_THE_BOUNDS, InProcessDaemon, all_failed, check_reply, encode_line
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -50,9 +48,6 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_values = st.recursive(scalars, lambda children: st.lists(children, max_size=5)
                            | st.dictionaries(st.text(max_size=10), children, max_size=5), max_leaves=20)
-# The bounds on every number (protocol.MAX_QUANTITY, MIN_QUANTITY) and the floats on either side of them.
-AROUND_THE_BOUNDS = [MAX_QUANTITY, math.nextafter(MAX_QUANTITY, math.inf), 2**63 + 1, 2**63 - 1, 1e308, 1.7976931348623157e308,
-                     MIN_QUANTITY, math.nextafter(MIN_QUANTITY, 0), 5e-324, 2.2250738585072014e-308]
 odd_numbers = st.sampled_from([0, -1, 0.5, 1e-300, 1e300, 2**63, -(2**63), 10**30, 1.0, 2, 3, 0.25,
                                *AROUND_THE_BOUNDS])
 bounded_numbers = (st.sampled_from(AROUND_THE_BOUNDS)
