@@ -412,6 +412,8 @@ class Limits:
     """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
     holder_fds: int | None = None
     """pidfds the holder watch may keep open; further holders are polled (set by `fitted`)."""
+    admin_gid: int | None = None
+    """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
 
     def fitted(self, open_files: int) -> Limits:
         """These limits kept below `open_files` descriptors, with a reserve for root and the admin group.
@@ -433,8 +435,6 @@ class Limits:
                         " (%d more for root and the admin group); raise LimitNOFILE (ulimit -n) for more",
                         open_files, total, per_uid, reserve)
         return fitted
-    admin_gid: int | None = None
-    """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
 
 
 class Server:
