@@ -25,7 +25,8 @@ from mcpresd.server import Limits
 from mcpresd.service import Policy
 from mcpresd.core.pools import PoolSpec
 from mcpresd.params import InvalidParams, check_custom_name, check_quantity, check_text, pool_spec
-from mcpresd.protocol import MAX_QUANTITY, ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
+from mcpresd.protocol import (MAX_QUANTITY, ResourceType, UnitError, default_socket_path, is_valid_number,
+                              parse_duration, parse_size)
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
