@@ -140,7 +140,8 @@ def test_a_result_that_cannot_be_written_as_json_gets_an_internal_error_and_the_
     try:
         root = Caller(uid=0, gid=0, pid=None, admin=True)
         key = BudgetKey(BudgetScope.OWNER, "0", Period.DAY)
-        held = line.call(1, "allocate", {"resources": [{"resource": "licence", "amount": 1}], "holder_pid": os.getpid()})
+        held = line.call(1, "allocate", {"resources": [{"resource": "licence", "amount": 1}],
+                                         "holder_pid": os.getpid()})
         assert held["result"]["state"] == "active"
         live.on_store(lambda broker: broker.budgets_set(root, SetBudgetCommand(key, 5e-324, 0.8)))
         live.advance(HOUR)
@@ -315,9 +316,9 @@ sys.stdin.read()  # hold every connection until the test closes our stdin
 class Hog:
     """A process running as `uid` that opens connections until one is refused, and holds them."""
 
-    def __init__(self, socket_path: str, uid: int, most: int) -> None:
+    def __init__(self, socket_path: str, uid: int, most: int, groups: str = "--clear-groups") -> None:
         self.proc = subprocess.Popen(
-            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c", HOG,
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", groups, sys.executable, "-c", HOG,
              socket_path, str(most)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -382,8 +383,9 @@ def test_one_user_cannot_take_every_descriptor_and_is_told_why(tmp_path: Path) -
 
 
 @needs_root
-def test_root_keeps_a_reserve_when_other_users_hold_every_connection(tmp_path: Path) -> None:
-    daemon = limited_daemon(tmp_path, "200:200", "\n[limits]\nmax_connections = 20\n")
+def test_root_and_the_admin_group_keep_a_reserve_when_other_users_hold_every_connection(tmp_path: Path) -> None:
+    """200 descriptors: a reserve of 6 past max_connections, for root and members of the admin group only."""
+    daemon = limited_daemon(tmp_path, "200:200", '\n[limits]\nmax_connections = 20\n[access]\nadmin_group = "staff"\n')
     hogs = []
     try:
         hogs = [Hog(daemon.socket, uid, most=50) for uid in (NOBODY, SOMEONE)]
@@ -394,6 +396,9 @@ def test_root_keeps_a_reserve_when_other_users_hold_every_connection(tmp_path: P
         assert "server overloaded" in stranger.outcome["refusal"]["error"]["message"]
         with daemon.client() as root:
             assert root.call("daemon.status")["version"]
+        admin = Hog(daemon.socket, STRANGER, most=3, groups="--groups=50")  # staff, a supplementary group
+        hogs.append(admin)
+        assert admin.outcome["served"] == 3
     finally:
         for hog in hogs:
             hog.close()
