@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mcpresd.protocol import Method  # noqa: E402
-from tests.fuzz_harness import InProcessDaemon, all_failed, check_reply, encode_line  # noqa: E402
+from tests.fuzz_harness import AROUND_THE_BOUNDS, InProcessDaemon, all_failed, check_reply, encode_line  # noqa: E402
 
 METHODS = [m.value for m in Method]
 NAMES = ["licence", "slot", "gpu", "gpu0", "gpu1", "GPU-0000", "cpu", "nope", "licence:x", "a b", ""]
@@ -35,7 +35,8 @@ FIELDS = ["resources", "resource", "amount", "max", "priority", "tool_id", "idem
           "allocation_id", "state", "type", "name", "capacity", "unit", "labels", "metric", "since", "in", "all",
           "path", "overwrite", "bogus"]
 ODD = [0, -1, 0.5, 1, 2, 3, 11, 1e-300, 1e300, 2**63, -(2**63), 10**30, True, False, None, "", "forever", "x" * 300,
-       "\x00", "\ud800", "low", "critical", "all", "active", "type=gpu", "best-fit", [], {}]
+       "\x00", "\ud800", "low", "critical", "all", "active", "type=gpu", "best-fit", [], {},
+       *AROUND_THE_BOUNDS]
 
 
 class Generator:

@@ -277,6 +277,8 @@ class Client:
             message = self._message()
             if _is_notification(message):
                 yield message.get("params") or {}
+            elif isinstance(message, dict) and message.get("id") is None and "error" in message:
+                _raise(message["error"])  # the daemon unsubscribed this connection (it fell behind), say
 
     def _message(self) -> Any:
         """The next line as JSON: a reply or notification (an object), or a batch's replies (an array)."""

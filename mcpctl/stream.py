@@ -1,9 +1,12 @@
 """Following the daemon's events as they happen: `events --follow` and `alerts --follow`.
 
 Rules: subscribe first, then read any backlog on the same connection, so no
-event falls between the two; each event is printed and flushed at once. Exits
-0 on Ctrl-C, SIGTERM or a closed stdout (a `| head` that has read enough), 5
-when the daemon goes away.
+event falls between the two; each event is printed and flushed at once. A
+reader that fell behind (stdout blocked on a full pipe) is unsubscribed by the
+daemon: it subscribes again and pages through what it missed with
+`events.list`, so no event is lost or shown twice. Exits 0 on Ctrl-C, SIGTERM
+or a closed stdout (a `| head` that has read enough), 5 when the daemon goes
+away.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 from mcpctl import exitcodes
 from mcpctl.actions import rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
-from mcpresd.protocol import Method
+from mcpresd.protocol import ErrorCode, Method
+
+PAGE = 10_000
 
 
 class _Stop(BaseException):
@@ -42,11 +47,17 @@ def follow(socket_path: str, show: Callable[[dict[str, Any]], None], *,
                 for event in client.call(Method.EVENTS_LIST, backlog):
                     show(event)
                     printed = max(printed, event["id"])
-            for event in client.notifications():
-                if event["id"] <= printed:
-                    continue
-                show(event)
-                printed = event["id"]
+            while True:
+                try:
+                    for event in client.notifications():
+                        if event["id"] <= printed:
+                            continue
+                        show(event)
+                        printed = event["id"]
+                except RpcError as error:
+                    if not _lagged(error):
+                        raise
+                    printed = _catch_up(client, show, printed or int(error.data["after_id"] or 0))
     except DaemonUnreachable as error:
         return unreachable(error)
     except RpcError as error:
@@ -57,6 +68,24 @@ def follow(socket_path: str, show: Callable[[dict[str, Any]], None], *,
         quiet_stdout()
         return exitcodes.OK
     return exitcodes.OK
+
+
+def _lagged(error: RpcError) -> bool:
+    """The daemon unsubscribed this connection because it left too many events unread."""
+    return (error.code == ErrorCode.LIMIT_EXCEEDED and isinstance(error.data, dict)
+            and error.data.get("type") == "SubscriberLagged")
+
+
+def _catch_up(client: Client, show: Callable[[dict[str, Any]], None], printed: int) -> int:
+    """Subscribe again, then show what was missed after `printed`, page by page; return the last id shown."""
+    client.call(Method.EVENTS_SUBSCRIBE, {})
+    while True:
+        page = client.call(Method.EVENTS_LIST, {"after_id": printed, "limit": PAGE})
+        for event in page:
+            show(event)
+            printed = event["id"]
+        if len(page) < PAGE:
+            return printed
 
 
 def quiet_stdout() -> None:

@@ -24,8 +24,9 @@ from mcpresd.monitor import MonitorPolicy
 from mcpresd.server import Limits
 from mcpresd.service import Policy
 from mcpresd.core.pools import PoolSpec
-from mcpresd.params import InvalidParams, check_custom_name, check_text, pool_spec
-from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
+from mcpresd.params import InvalidParams, check_custom_name, check_quantity, check_text, pool_spec
+from mcpresd.protocol import (MAX_QUANTITY, ResourceType, UnitError, default_socket_path, is_valid_number,
+                              parse_duration, parse_size)
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -67,7 +68,10 @@ def default_database_path() -> str:
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools"}
-_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid"}
+_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
+               "reply_buffer", "batch_reply", "subscriber_buffer"}
+_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
+MIN_BUFFER = 4096
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
@@ -157,17 +161,25 @@ def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_LIMIT_KEYS))})")
     counts = {}
-    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid"):
+    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid", "max_pipelined"):
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
                 raise ConfigError(f"{where} {key} must be a whole number from 1 to 1000000")
             counts[key] = value
+    sizes = {}
+    for key in _LIMIT_SIZES:
+        if key in table:
+            sizes[key] = _size(table[key], f"{where} {key}")
+            if sizes[key] < MIN_BUFFER:
+                raise ConfigError(f"{where} {key} must be at least {MIN_BUFFER} bytes")
     limits = Limits(
         max_connections=counts.get("max_connections", Limits.max_connections),
         max_connections_per_uid=counts.get("max_connections_per_uid", Limits.max_connections_per_uid),
         idle_timeout=_duration(table["idle_timeout"], f"{where} idle_timeout") if "idle_timeout" in table
         else Limits.idle_timeout,
+        max_pipelined=counts.get("max_pipelined", Limits.max_pipelined),
+        **sizes,
     )
     changes: dict[str, Any] = {"limits": limits}
     if "max_queued_per_uid" in counts:
@@ -304,12 +316,13 @@ def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:
         if name in seen:
             raise ConfigError(f"{where}: resource {name!r} is declared twice")
         seen.add(name)
-        capacity = entry.get("capacity")
-        if not is_valid_number(capacity) or capacity <= 0:
-            raise ConfigError(f"{where} ({name}): capacity must be a positive number")
+        try:
+            capacity = check_quantity(entry.get("capacity"), "capacity")
+        except InvalidParams as error:
+            raise ConfigError(f"{where} ({name}): {error.message}") from None
         cost = entry.get("cost_per_unit_hour")
-        if cost is not None and (not is_valid_number(cost) or cost < 0):
-            raise ConfigError(f"{where} ({name}): cost_per_unit_hour must be a number >= 0")
+        if cost is not None and (not is_valid_number(cost) or not 0 <= cost <= MAX_QUANTITY):
+            raise ConfigError(f"{where} ({name}): cost_per_unit_hour must be a number from 0 to {MAX_QUANTITY:g}")
         unit = entry.get("unit", "units")
         if not isinstance(unit, str) or not unit:
             raise ConfigError(f"{where} ({name}): unit must be a non-empty string")
@@ -322,7 +335,7 @@ def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:
             Resource(
                 name=name,
                 type=ResourceType.CUSTOM,
-                capacity=float(capacity),
+                capacity=capacity,
                 unit=unit,
                 labels=labels,
                 cost_per_unit_hour=None if cost is None else float(cost),
@@ -335,14 +348,19 @@ def _resources(entries: Any, path: Path) -> tuple[Resource, ...]:
 def _size(value: Any, where: str, allow_zero: bool = False) -> int:
     if allow_zero and value in (0, "0"):
         return 0
+    size: int | None = None
     if is_valid_number(value) and value > 0:
-        return int(value)
-    if isinstance(value, str):
+        size = int(value)
+    elif isinstance(value, str):
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except UnitError as error:
             raise ConfigError(f"{where}: {error}") from None
-    raise ConfigError(f"{where}: expected a size such as 2G or a number of bytes")
+    if size is None:
+        raise ConfigError(f"{where}: expected a size such as 2G or a number of bytes")
+    if size > MAX_QUANTITY:
+        raise ConfigError(f"{where}: at most {MAX_QUANTITY:g} bytes, got {value!r}")
+    return size
 
 
 def _parse_mode(value: Any, where: str) -> int:

@@ -42,6 +42,8 @@ from mcpresd.server import (
     Server,
     GroupCommitter,
     bind_unix_socket,
+    open_file_limit,
+    raise_open_file_limit,
     inherited_socket,
     remove_socket,
     socket_name,
@@ -329,7 +331,7 @@ class Daemon:
         if fresh.log_level != old.log_level:
             configure_logging(fresh.log_level)
         if self.server is not None:
-            self.server.limits = fresh.limits
+            self.server.limits = fresh.limits.fitted(open_file_limit())
         self.config = fresh
         for change in changes:
             log.info("reload: %s", change)
@@ -357,11 +359,12 @@ class Daemon:
     async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
-        self.watch = HolderWatch(loop, self._holder_exited)
+        limits = self.config.limits.fitted(open_file_limit())
+        self.watch = HolderWatch(loop, self._holder_exited, max_fds=limits.holder_fds)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
                                                     on_broken=lambda error: stop.set())
         self.server = server = Server(Dispatcher(committer.submit, self.discover), on_close=self._connection_closed,
-                                      limits=self.config.limits)
+                                      limits=limits)
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
@@ -445,6 +448,7 @@ def run(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     SIGHUP reloads: `load_config` is called again (the same file and command-line options).
     """
     configure_logging(config.log_level)
+    raise_open_file_limit()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -200,7 +200,7 @@ class Monitor:
         rates = self._rates
         due = [name for name in readings if name in ledger]
         for name, used in in_use.items():  # held: stored when the share changed (a step line)
-            if name not in readings and name in ledger and rates.get(name) != 100.0 * used / ledger.get(name).capacity:
+            if name not in readings and name in ledger and rates.get(name) != 100.0 * (used / ledger.get(name).capacity):
                 due.append(name)
         due.extend(name for name in self._rates_nonzero if name not in in_use and name not in readings)
         due.extend({name for _, name in self.alerts} - set(due))
@@ -220,7 +220,7 @@ class Monitor:
         for name in due:
             if name not in ledger:
                 continue
-            rate = 100.0 * in_use.get(name, 0.0) / ledger.get(name).capacity
+            rate = 100.0 * (in_use.get(name, 0.0) / ledger.get(name).capacity)
             readings.setdefault(name, {})["utilisation_rate"] = rate
             self._rates[name] = rate
             if rate:

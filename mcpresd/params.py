@@ -6,6 +6,9 @@ Rules:
 - Rejects unknown fields, wrong types, NaN, infinities, negative or zero
   amounts, strings that are not valid Unicode, and oversize values, each with a
   message that names the field.
+- Every number is at most MAX_QUANTITY and every positive quantity (capacity,
+  amount, budget limit) at least MIN_QUANTITY, so no sum, product or ratio the
+  daemon computes from them overflows to infinity (which JSON cannot carry).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from mcpresd.core.model import Demand, Request
 from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
     MAX_DEMANDS,
+    MAX_QUANTITY,
+    MIN_QUANTITY,
     POOL_PREFIX,
     BudgetScope,
     FactoryKind,
@@ -160,7 +165,8 @@ class _Fields:
             return None
         return check_text(value, name, limit)
 
-    def number(self, name: str, *, required: bool = False, minimum: float | None = None) -> float | None:
+    def number(self, name: str, *, required: bool = False, minimum: float | None = None,
+               maximum: float = MAX_QUANTITY) -> float | None:
         value = self.params.get(name)
         if value is None:
             if required:
@@ -170,7 +176,13 @@ class _Fields:
             raise InvalidParams(f"{name} must be a finite number, got {_describe(value)}", name)
         if minimum is not None and value < minimum:
             raise InvalidParams(f"{name} must be at least {minimum:g}, got {value!r}", name)
+        if value > maximum:
+            raise InvalidParams(f"{name} must be at most {maximum:g}, got {value!r}", name)
         return float(value)
+
+    def quantity(self, name: str) -> float:
+        """A required positive quantity (a capacity, a limit): from MIN_QUANTITY to MAX_QUANTITY."""
+        return check_quantity(self.params.get(name), name)
 
     def flag(self, name: str) -> bool:
         value = self.params.get(name, False)
@@ -203,6 +215,19 @@ def check_text(value: Any, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
     if not value.isprintable() and any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidParams(f"{field} must not contain control characters", field)
     return value
+
+
+def check_quantity(value: Any, field: str) -> float:
+    """A positive amount, capacity or limit, bounded both ways (see MAX_QUANTITY and MIN_QUANTITY)."""
+    if value is None:
+        raise InvalidParams(f"{field} is required", field)
+    if not is_valid_number(value):
+        raise InvalidParams(f"{field} must be a finite number, got {_describe(value)}", field)
+    if value <= 0:
+        raise InvalidParams(f"{field} must be greater than 0, got {value!r}", field)
+    if not MIN_QUANTITY <= value <= MAX_QUANTITY:
+        raise InvalidParams(f"{field} must be from {MIN_QUANTITY:g} to {MAX_QUANTITY:g}, got {value!r}", field)
+    return float(value)
 
 
 def _describe(value: Any) -> str:
@@ -250,18 +275,15 @@ def allocate(params: Any) -> AllocateCommand:
         if not isinstance(entry, dict) or not _DEMAND_FIELDS.issuperset(entry):
             raise InvalidParams(f"{where} must be an object with fields resource and amount", where)
         selector = check_text(entry.get("resource"), f"{where}.resource", MAX_NAME_LENGTH)
-        amount = entry.get("amount")
-        if not is_valid_number(amount):
-            raise InvalidParams(f"{where}.amount must be a finite number, got {_describe(amount)}", f"{where}.amount")
-        if amount <= 0:
-            raise InvalidParams(f"{where}.amount must be greater than 0, got {amount!r}", f"{where}.amount")
+        amount = check_quantity(entry.get("amount"), f"{where}.amount")
         most = entry.get("max")
-        if most is not None and (not is_valid_number(most) or most < amount):
-            raise InvalidParams(f"{where}.max must be a finite number no less than amount, got {_describe(most)}",
+        if most is not None and (not is_valid_number(most) or most < amount or most > MAX_QUANTITY):
+            raise InvalidParams(f"{where}.max must be a finite number no less than amount and at most {MAX_QUANTITY:g},"
+                                f" got {_describe(most)}",
                                 f"{where}.max")
         if selector.startswith(POOL_PREFIX):
-            _check_pool_demand(selector, float(amount), most, where)
-        demands.append(Demand(selector, float(amount), None if most is None else float(most)))
+            _check_pool_demand(selector, amount, most, where)
+        demands.append(Demand(selector, amount, None if most is None else float(most)))
     priority_text = fields.text("priority") or Priority.NORMAL.value
     priority = _PRIORITIES.get(priority_text)
     if priority is None:
@@ -374,8 +396,8 @@ def measured(raw: Any) -> dict[str, float] | None:
             raise InvalidParams(f"measured.{key} is not a measurement (use {', '.join(_MEASURED_LIMITS)})",
                                 f"measured.{key}")
         limit = _MEASURED_LIMITS[key]
-        if not is_valid_number(value) or value < 0 or (limit is not None and value > limit):
-            bound = f"between 0 and {limit:g}" if limit is not None else "a number of 0 or more"
+        if not is_valid_number(value) or value < 0 or value > (MAX_QUANTITY if limit is None else limit):
+            bound = f"between 0 and {MAX_QUANTITY if limit is None else limit:g}"
             raise InvalidParams(f"measured.{key} must be {bound}, got {_describe(value)}", f"measured.{key}")
         values[key] = float(value)
     return values
@@ -418,10 +440,7 @@ def add_resource(params: Any) -> AddResourceCommand:
     fields = _Fields(params, frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"}))
     name = _required_text(fields, "name")
     check_custom_name(name)
-    capacity = fields.number("capacity", required=True)
-    assert capacity is not None
-    if capacity <= 0:
-        raise InvalidParams(f"capacity must be greater than 0, got {capacity:g}", "capacity")
+    capacity = fields.quantity("capacity")
     return AddResourceCommand(
         name=name,
         capacity=capacity,
@@ -613,7 +632,7 @@ def pool_spec(raw: Any) -> PoolSpec:
         members=_texts(fields, "members"),
         select=_texts(fields, "select"),
         parent=fields.text("parent", limit=MAX_NAME_LENGTH),
-        slot_size=fields.number("slot_size"),
+        slot_size=None if fields.params.get("slot_size") is None else fields.quantity("slot_size"),
         create=fields.text("create", limit=4096),
         destroy=fields.text("destroy", limit=4096),
         timeout_s=_or(fields.number("timeout"), 30.0),
@@ -699,10 +718,7 @@ def _budget_key(fields: _Fields) -> BudgetKey:
 def set_budget(params: Any) -> SetBudgetCommand:
     fields = _Fields(params, frozenset({"scope", "subject", "period", "limit", "soft"}))
     key = _budget_key(fields)
-    limit = fields.number("limit", required=True)
-    assert limit is not None
-    if limit <= 0:
-        raise InvalidParams(f"limit must be greater than 0, got {limit:g}", "limit")
+    limit = fields.quantity("limit")
     soft = _or(fields.number("soft"), 0.8)
     if not 0 < soft <= 1:
         raise InvalidParams(f"soft is a fraction of the limit, above 0 and at most 1; got {soft:g}", "soft")

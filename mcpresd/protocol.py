@@ -32,6 +32,11 @@ MAX_BATCH = 1000
 MAX_NAME_LENGTH = 200
 MAX_TEXT_LENGTH = 1000
 MAX_DEMANDS = 64
+MAX_QUANTITY = float(1 << 63)
+"""The largest capacity, amount, measurement or cost a client or the config may give (2**63, ~9.2e18):
+sums and products of such numbers stay finite, so every reply can be written as JSON."""
+MIN_QUANTITY = 1e-9
+"""The smallest positive capacity, amount or budget limit (the ledger's tolerance; no denormals)."""
 
 
 class Method(StrEnum):

@@ -51,6 +51,11 @@ class Peer(Protocol):
 
     caller: Caller
 
+    @property
+    def batch_reply_bytes(self) -> int:
+        """How many bytes one batch's replies may take (config [limits])."""
+        ...
+
     def notify(self, data: bytes) -> None: ...
 
     def subscribe(self) -> None: ...
@@ -139,6 +144,21 @@ def encode(message: Any) -> bytes:
     return _ENCODE(message).encode("ascii") + b"\n"
 
 
+def encode_reply(response: dict[str, Any]) -> bytes:
+    """One reply's line; a -32603 error for its id if the result cannot be written as JSON.
+
+    Every request gets its line: an exception here would end in a future's callback, and the connection
+    (whose later replies wait behind this one) would hang.
+    """
+    try:
+        return encode(response)
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        log.error("the reply to request id %r could not be encoded: %s", response.get("id"), error)
+        return encode(error_response(response.get("id"), ErrorCode.INTERNAL_ERROR,
+                                     "internal error: the result could not be written as JSON; see the daemon's log",
+                                     {"type": "InternalError"}))
+
+
 class RpcStats:
     """Calls, errors and response times per method since the last `take()` (the daemon's own metrics)."""
 
@@ -203,7 +223,7 @@ class Dispatcher:
             reply(encode(error_response(None, ErrorCode.PARSE_ERROR, f"message is not valid JSON ({error})")))
             return
         if not isinstance(message, list):
-            self.handle_message(message, peer, lambda response: reply(None if response is None else encode(response)))
+            self.handle_message(message, peer, lambda response: reply(None if response is None else encode_reply(response)))
         elif not message:
             reply(encode(error_response(None, ErrorCode.INVALID_REQUEST, "an empty batch is not a request")))
         elif len(message) > MAX_BATCH:
@@ -309,21 +329,35 @@ def _time_out(waiter: asyncio.Future[Any], allocation_id: str) -> None:
 
 
 class _Batch:
-    """Collects the replies of a batch and sends them as one array once all are in."""
+    """Collects the replies of a batch and sends them as one array once all are in.
+
+    Each reply is encoded as it comes; once the replies so far take more than the peer's `batch_reply_bytes`,
+    each later one is replaced by a LIMIT_EXCEEDED error, so one batch cannot make the daemon hold without bound.
+    """
 
     def __init__(self, messages: list[Any], peer: Peer, dispatcher: Dispatcher, reply: Reply) -> None:
-        self._responses: list[dict[str, Any] | None] = [None] * len(messages)
+        self._encoded: list[bytes | None] = [None] * len(messages)
         self._left = len(messages)
+        self._bytes = 0
+        self._limit = peer.batch_reply_bytes
         self._reply = reply
         for index, message in enumerate(messages):
             dispatcher.handle_message(message, peer, partial(self._done, index))
 
     def _done(self, index: int, response: dict[str, Any] | None) -> None:
-        self._responses[index] = response
+        if response is not None:
+            line = encode_reply(response)[:-1]
+            if self._bytes + len(line) > self._limit:
+                line = encode(error_response(
+                    response.get("id"), ErrorCode.LIMIT_EXCEEDED,
+                    f"this batch's replies would take over {self._limit} bytes; send this request on its own"
+                    " or ask for less", {"type": "LimitExceeded", "limit": self._limit}))[:-1]
+            self._bytes += len(line)
+            self._encoded[index] = line
         self._left -= 1
         if self._left == 0:
-            replies = [r for r in self._responses if r is not None]
-            self._reply(encode(replies) if replies else None)
+            replies = [line for line in self._encoded if line is not None]
+            self._reply(b"[" + b",".join(replies) + b"]\n" if replies else None)
 
 
 def _outcome(method: str, future: asyncio.Future[Any]) -> Any:

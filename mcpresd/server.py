@@ -13,8 +13,21 @@ Rules:
 - Under socket activation (LISTEN_PID is this process) the listening socket is
   fd 3, passed by systemd: it is used as it is and its file is left alone (the
   .socket unit owns it).
+- Connections stay below the open-file limit (raised to its hard limit at
+  start): `Limits.fitted` keeps FD_OVERHEAD descriptors for the daemon's own
+  files, a quarter of the rest for holders' pidfds (`holder_fds`; past it
+  holders are polled), and a reserve of connections only root and the admin
+  group may use, so one user's connections or holders never lock root out; a
+  refused connection is accepted, told why in one JSON-RPC error line, and
+  closed.
 - Every connection is identified by SO_PEERCRED. A line over the size limit gets
   an error and the connection is closed; other clients are never affected.
+- What a connection queues is bounded (config [limits]): at most
+  `max_pipelined` of its requests are in flight, and none is started while its
+  unread replies exceed `reply_buffer` (the lines wait, and reading pauses);
+  a subscriber whose unread notifications exceed `subscriber_buffer` is
+  unsubscribed with one last line saying so (it may subscribe again with
+  `after_id`).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 import sqlite3
@@ -31,7 +45,7 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -355,6 +369,29 @@ def _groups_of(pid: int) -> set[int]:
     return set()
 
 
+FD_OVERHEAD = 64
+"""Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs."""
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a unit's LimitNOFILE= sets both); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as error:  # a seccomp filter (the unit's ~@resources) says EPERM
+            log.info("cannot raise the open-file limit from %d to %d (%s)", soft, hard, error)
+        else:
+            soft = hard
+    return open_file_limit() if soft == resource.RLIM_INFINITY else soft
+
+
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE (an unlimited one counts as 2**20)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one client may take of the daemon (config [limits])."""
@@ -363,8 +400,41 @@ class Limits:
     max_connections_per_uid: int = 1024
     idle_timeout: float = 30.0
     """Seconds a half-sent message may sit unfinished before the connection is closed."""
+    max_pipelined: int = 8
+    """Requests one connection may have in flight; its later lines wait, unread, until one is answered."""
+    reply_buffer: int = 1 << 20
+    """Bytes of unread replies above which a connection's next requests wait (the write high-water mark)."""
+    batch_reply: int = 16 << 20
+    """Bytes one batch's replies may take; members past it get 1014 instead of their result."""
+    subscriber_buffer: int = 8 << 20
+    """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
+    admin_reserve: int = 0
+    """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
+    holder_fds: int | None = None
+    """pidfds the holder watch may keep open; further holders are polled (set by `fitted`)."""
     admin_gid: int | None = None
     """Members of this group may see and manage every user's allocations (config [access] admin_group)."""
+
+    def fitted(self, open_files: int) -> Limits:
+        """These limits kept below `open_files` descriptors, with a reserve for root and the admin group.
+
+        Of the descriptors past FD_OVERHEAD, a quarter is for holders' pidfds; of the rest, a sixteenth (at
+        least one) is the reserve, max_connections is at most what remains, and one uid gets at most half of
+        max_connections.
+        """
+        usable = max(4, open_files - FD_OVERHEAD)
+        holder_fds = usable // 4
+        usable -= holder_fds
+        reserve = max(1, usable // 16)
+        total = max(1, min(self.max_connections, usable - reserve))
+        per_uid = max(1, min(self.max_connections_per_uid, total // 2))
+        fitted = replace(self, max_connections=total, max_connections_per_uid=per_uid, admin_reserve=reserve,
+                         holder_fds=holder_fds)
+        if (total, per_uid) != (self.max_connections, self.max_connections_per_uid):
+            log.warning("with %d open files allowed, connections are capped at %d in all and %d per uid"
+                        " (%d more for root and the admin group); raise LimitNOFILE (ulimit -n) for more",
+                        open_files, total, per_uid, reserve)
+        return fitted
 
 
 class Server:
@@ -382,11 +452,17 @@ class Server:
         self._ids = itertools.count(1)
 
     def admit(self, connection: Connection) -> str | None:
-        """Why a new connection may not be served (a limit), or None."""
-        if len(self.connections) >= self.limits.max_connections:
-            return f"the daemon serves at most {self.limits.max_connections} connections; try again later"
-        if self.per_uid.get(connection.caller.uid, 0) >= self.limits.max_connections_per_uid:
-            return f"uid {connection.caller.uid} has {self.limits.max_connections_per_uid} connections open already"
+        """Why a new connection may not be served (a limit), or None.
+
+        Root and the admin group may also use the reserve past max_connections (never past their per-uid limit).
+        """
+        limits, caller = self.limits, connection.caller
+        total = limits.max_connections + (limits.admin_reserve if caller.admin else 0)
+        if len(self.connections) >= total:
+            return f"server overloaded: the daemon serves at most {total} connections; try again later"
+        if self.per_uid.get(caller.uid, 0) >= limits.max_connections_per_uid:
+            return (f"too many connections for uid {caller.uid}: {limits.max_connections_per_uid} are open"
+                    " already, the most one user may have; close some and retry")
         return None
 
     def next_id(self) -> int:
@@ -400,6 +476,9 @@ class Server:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
             private: dict[int, bytes] = {}  # what a uid may see differs from the event only by uid (event_for)
             for connection in list(self.subscribers):
+                if connection.lagging(self.limits.subscriber_buffer):
+                    connection.lagged(event.get("id"), self.limits.subscriber_buffer)
+                    continue
                 shown = event_for(connection.caller, event)
                 if shown is event:
                     connection.notify(line)
@@ -440,8 +519,12 @@ class Connection(asyncio.Protocol):
         self._dispatcher = server.dispatcher
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
+        self._lines: deque[bytes] = deque()
+        """Whole lines read but not yet dispatched: they wait while this connection has enough in flight."""
         self._eof = False
         self._reading = True
+        self._write_paused = False
+        self._pumping = False
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
         self._idle: asyncio.TimerHandle | None = None
@@ -459,11 +542,16 @@ class Connection(asyncio.Protocol):
             transport.write(encode(error_response(None, ErrorCode.LIMIT_EXCEEDED, refusal)))
             transport.close()
             return
+        transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
         self._server.connections.add(self)
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
         self._admitted = True
         if self._server.closing:
             self.close()
+
+    @property
+    def batch_reply_bytes(self) -> int:
+        return self._server.limits.batch_reply
 
     def data_received(self, data: bytes) -> None:
         scanned = len(self._buffer)  # the kept partial line has no newline: search only the new bytes
@@ -479,19 +567,47 @@ class Connection(asyncio.Protocol):
             line = buffer[start:end]
             start = end + 1
             if line.strip():
-                self._dispatch(line)
+                self._lines.append(line)
         self._buffer = buffer[start:]
         if len(self._buffer) > MAX_MESSAGE_BYTES:
             self._too_long()
+            return
         elif self._buffer and self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout, self._half_sent)
         elif not self._buffer and self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch waiting lines while this connection has room; read more only when none wait."""
+        if self._pumping:
+            return  # a reply written during a dispatch below: the loop below goes on by itself
+        self._pumping = True
+        try:
+            limit = self._server.limits.max_pipelined
+            while (self._lines and self._transport is not None and not self._write_paused
+                   and self.in_flight < limit and not self._server.closing):
+                self._dispatch(self._lines.popleft())
+        finally:
+            self._pumping = False
+        if self._lines or self._write_paused:
+            self.stop_reading()
+        elif not self._reading and self._transport is not None and not self._server.closing:
+            self._reading = True
+            self._transport.resume_reading()
+            if self._idle is not None:  # a half-sent line has its whole idle_timeout again, from now
+                self._idle.cancel()
+                self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout,
+                                                                   self._half_sent)
 
     def _half_sent(self) -> None:
         """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
         self._idle = None
+        if self._buffer and self._transport is not None and not self._reading:
+            # The daemon stopped reading (the client has replies to read first): the rest is not late yet.
+            self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout, self._half_sent)
+            return
         if self._buffer and self._transport is not None:
             self._buffer = b""
             self._transport.write(encode(error_response(
@@ -503,8 +619,9 @@ class Connection(asyncio.Protocol):
         self._eof = True
         line, self._buffer = self._buffer, b""
         if line.strip():
-            self._dispatch(line)  # a last message without its newline is still a message
-        if self.in_flight and not self._peer_gone():
+            self._lines.append(line)  # a last message without its newline is still a message
+        self._pump()
+        if (self.in_flight or self._lines) and not self._peer_gone():
             # A half-close (shutdown(SHUT_WR)): keep the transport open until the replies are written, and look
             # now and then whether the client went away entirely (it waits for a queued request, say).
             self._watch_half_closed()
@@ -512,7 +629,7 @@ class Connection(asyncio.Protocol):
         return False
 
     def _watch_half_closed(self) -> None:
-        if self._transport is None or not self.in_flight:
+        if self._transport is None or not (self.in_flight or self._lines):
             return
         if self._peer_gone():
             self._transport.close()
@@ -535,6 +652,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
+        self._lines.clear()
         if not self._admitted:
             return
         left = self._server.per_uid.get(self.caller.uid, 1) - 1
@@ -554,13 +672,30 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def lagging(self, limit: int) -> bool:
+        """Whether this subscriber's unread bytes are past `limit` (it does not read its notifications)."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > limit
+
+    def lagged(self, next_event: Any, limit: int) -> None:
+        """Unsubscribe a subscriber that fell behind; its last line says so and where to resume."""
+        self._server.subscribers.discard(self)
+        log.warning("connection %d (uid %d, pid %s) left over %d bytes of events unread; unsubscribed it",
+                    self.id, self.caller.uid, self.caller.pid, limit)
+        after = next_event - 1 if isinstance(next_event, int) else None
+        self.notify(encode(error_response(
+            None, ErrorCode.LIMIT_EXCEEDED,
+            f"unsubscribed: over {limit} bytes of event notifications were left unread; events.subscribe again"
+            f" with after_id {after} to resume where they stopped" if after is not None else
+            f"unsubscribed: over {limit} bytes of event notifications were left unread",
+            {"type": "SubscriberLagged", "limit": limit, "after_id": after})))
+
     def pause_writing(self) -> None:
-        self.stop_reading()  # the client is not reading its replies: stop taking requests from it
+        self._write_paused = True  # the client is not reading its replies: start no more of its requests
+        self.stop_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._reading and not self._server.closing:
-            self._reading = True
-            self._transport.resume_reading()
+        self._write_paused = False
+        self._pump()
 
     def stop_reading(self) -> None:
         if self._transport is not None and self._reading and not self._eof:
@@ -575,7 +710,14 @@ class Connection(asyncio.Protocol):
         self.in_flight += 1
         slot = _Slot()
         self._slots.append(slot)
-        self._dispatcher.handle_line(line, self, partial(self._reply, slot))
+        try:
+            self._dispatcher.handle_line(line, self, partial(self._reply, slot))
+        except Exception:  # a bug must not leave the slot empty: every later reply on this connection waits on it
+            log.exception("a request failed before it could be answered")
+            if not slot.ready:
+                self._reply(slot, encode(error_response(None, ErrorCode.INTERNAL_ERROR,
+                                                        "internal error; see the daemon's log",
+                                                        {"type": "InternalError"})))
 
     def _reply(self, slot: _Slot, data: bytes | None) -> None:
         # Replies leave in the order the requests came, whatever order they finished in.
@@ -586,11 +728,15 @@ class Connection(asyncio.Protocol):
             self.in_flight -= 1
             if done.data is not None and self._transport is not None:
                 self._transport.write(done.data)
-        if self._transport is not None and self.in_flight == 0 and (self._eof or self._server.closing):
+        if self._lines:
+            self._pump()
+        if (self._transport is not None and self.in_flight == 0 and
+                ((self._eof and not self._lines) or self._server.closing)):
             self._transport.close()
 
     def _too_long(self) -> None:
         self._buffer = b""
+        self._lines.clear()
         if self._transport is not None:
             self._transport.write(encode(error_response(
                 None, ErrorCode.INVALID_REQUEST, f"message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection")))

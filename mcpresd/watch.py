@@ -8,6 +8,8 @@ Rules:
   pid and start time. Any other pidfd_open failure (EINVAL for a thread that
   leads no thread group, EMFILE) polls that one holder only: one odd holder
   never turns the whole daemon to polling.
+- Each pidfd is a file descriptor: past `max_fds` of them, further holders are
+  polled, so holders never take the descriptors connections need.
 - The watcher only reports exits; the broker decides what to release.
 """
 
@@ -33,8 +35,10 @@ class HolderWatch:
     """Calls `on_exit(pid, start)` once when a watched holder exits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Exited, poll_interval: float = 0.05,
-                 pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)) -> None:
+                 pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None),
+                 max_fds: int | None = None) -> None:
         self._loop = loop
+        self._max_fds = max_fds
         self._on_exit = on_exit
         self._poll_interval = poll_interval
         self._fds: dict[tuple[int, int | None], int] = {}
@@ -54,7 +58,7 @@ class HolderWatch:
         key = (pid, start)
         if key in self._fds or key in self._polled:
             return
-        if self._pidfd_open is not None:
+        if self._pidfd_open is not None and (self._max_fds is None or len(self._fds) < self._max_fds):
             try:
                 fd = self._pidfd_open(pid)
             except ProcessLookupError:

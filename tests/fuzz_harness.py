@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from mcpresd.core.model import Resource
-from mcpresd.protocol import JSONRPC, ErrorCode, ResourceType
+from mcpresd.protocol import JSONRPC, MAX_QUANTITY, MIN_QUANTITY, ErrorCode, ResourceType
 from mcpresd.rpc import Dispatcher, StoreJob
-from mcpresd.server import GroupCommitter
+from mcpresd.server import GroupCommitter, Limits
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
+
+AROUND_THE_BOUNDS = [MAX_QUANTITY, math.nextafter(MAX_QUANTITY, math.inf), 2**63 + 1, 2**63 - 1, 1e308,
+                     1.7976931348623157e308, MIN_QUANTITY, math.nextafter(MIN_QUANTITY, 0), 5e-324,
+                     2.2250738585072014e-308]
+"""The bounds on every number (protocol.MAX_QUANTITY, MIN_QUANTITY) and the floats on either side of them."""
 
 UID = 4242
 """Neither root nor the daemon's user: db.backup is refused, so a fuzzed path never writes a file."""
@@ -44,6 +49,7 @@ class FakePeer:
         self.caller = Caller(uid=UID, gid=UID, pid=os.getpid(), connection=connection)
         self.notified: list[bytes] = []
         self.subscribed = False
+        self.batch_reply_bytes = Limits.batch_reply
 
     def notify(self, data: bytes) -> None:
         self.notified.append(data)

@@ -9,6 +9,9 @@ Rules:
   there already, None if the line is flat or heading away from it.
 - Forecasts are scored by MAPE (mean absolute percentage error, in %) against
   the values that followed; pairs whose actual value is 0 are skipped.
+- No answer is infinite (JSON cannot carry it): a line too flat to reach its
+  threshold in a finite time, or a prediction past the largest float, is None,
+  and a pair whose error overflows is skipped.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def fit(points: Sequence[tuple[float, float]]) -> Line | None:
 def value_in(points: Sequence[tuple[float, float]], now: float, horizon: float) -> float | None:
     """The value the line predicts `horizon` seconds after `now`."""
     line = fit(points)
-    return None if line is None else line.at(now + horizon)
+    value = None if line is None else line.at(now + horizon)
+    return value if value is not None and math.isfinite(value) else None
 
 
 def forecast(points: Sequence[tuple[float, float]], now: float, horizon: float) -> Forecast | None:
@@ -74,12 +78,14 @@ def time_until(points: Sequence[tuple[float, float]], now: float, threshold: flo
     heading = line.slope > 0 if above else line.slope < 0
     if not heading:
         return None
-    return (threshold - current) / line.slope
+    seconds = (threshold - current) / line.slope
+    return seconds if math.isfinite(seconds) else None  # a slope of 1e-320: never, as far as a float can tell
 
 
 def mape(pairs: Sequence[tuple[float, float]]) -> float | None:
     """Mean absolute percentage error of (predicted, actual) pairs, in %; None if no actual is non-zero."""
-    errors = [abs(predicted - actual) / abs(actual) for predicted, actual in pairs if actual != 0]
+    errors = [error for error in (abs(predicted - actual) / abs(actual) for predicted, actual in pairs if actual != 0)
+              if math.isfinite(error)]
     return 100.0 * math.fsum(errors) / len(errors) if errors else None
 
 

@@ -112,6 +112,8 @@ def test_the_system_service_keeps_what_the_daemon_needs() -> None:
     assert service["ProtectProc"] == ["default"] and service["ProcSubset"] == ["all"]
     assert service["CapabilityBoundingSet"] == [""]
     assert "RuntimeDirectory" not in service  # it would take the socket's directory away on every stop
+    # Every connection is a descriptor: the daemon cannot raise its own limit under ~@resources.
+    assert service["LimitNOFILE"] == ["65536"] and "~@privileged @resources" in service["SystemCallFilter"]
 
 
 def test_the_socket_outlives_the_service_and_admits_the_mcpres_group() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from mcpresd import config
 from mcpresd.protocol import ResourceType
+from mcpresd.server import FD_OVERHEAD, Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,13 @@ def test_options_override_the_file(tmp_path: Path) -> None:
     ("[[resources]]\nname = 'x'\ncapacity = 1\n[[resources]]\nname = 'x'\ncapacity = 1", "twice"),
     ("[[resources]]\nname = 'x'\ncapacity = 1\ncolour = 'red'", "unknown key"),
     ("not toml at all [", "not valid TOML"),
+    ("[[resources]]\nname = 'x'\ncapacity = 1e308", "capacity must be from 1e-09 to 9.22337e\\+18"),
+    ("[[resources]]\nname = 'x'\ncapacity = 5e-324", "capacity must be from"),
+    ("[[resources]]\nname = 'x'\ncapacity = 1\ncost_per_unit_hour = 1e300", "cost_per_unit_hour"),
+    ("default_link_speed = 1e300", "default_link_speed: at most"),
+    ("[limits]\nreply_buffer = '1K'", "reply_buffer must be at least 4096"),
+    ("[limits]\nsubscriber_buffer = 0", "subscriber_buffer"),
+    ("[limits]\nmax_pipelined = 0", "max_pipelined must be a whole number"),
 ])
 def test_bad_config_is_refused_with_a_message_naming_the_problem(tmp_path: Path, text: str, complaint: str) -> None:
     with pytest.raises(config.ConfigError, match=complaint):
@@ -116,3 +124,31 @@ def test_the_shipped_config_documents_pools_that_load_when_uncommented(tmp_path:
 def test_bad_pool_declarations_are_refused_with_where(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(config.ConfigError, match=problem):
         config.load(write(tmp_path, text))
+
+
+def test_what_a_connection_may_queue_is_read_from_limits(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, """
+[limits]
+max_pipelined = 2
+reply_buffer = "256K"
+batch_reply = "2M"
+subscriber_buffer = 65536
+"""))
+    limits = loaded.limits
+    assert (limits.max_pipelined, limits.reply_buffer, limits.batch_reply, limits.subscriber_buffer) == (
+        2, 256 << 10, 2 << 20, 65536)
+
+
+@pytest.mark.parametrize("open_files", [100, 200, 1024, 20_000, 65_536, 1 << 20])
+def test_connections_and_holders_stay_below_the_open_file_limit_with_a_reserve_for_root(open_files: int) -> None:
+    fitted = Limits().fitted(open_files)
+    assert fitted.holder_fds is not None
+    assert FD_OVERHEAD + fitted.holder_fds + fitted.max_connections + fitted.admin_reserve <= open_files
+    assert fitted.admin_reserve >= 1 and fitted.holder_fds >= 1
+    assert 1 <= fitted.max_connections_per_uid <= fitted.max_connections // 2
+    assert fitted.max_connections <= Limits().max_connections
+
+
+def test_the_default_connection_caps_stand_where_descriptors_are_plenty() -> None:
+    fitted = Limits().fitted(65_536)  # the systemd units' LimitNOFILE
+    assert (fitted.max_connections, fitted.max_connections_per_uid) == (4096, 1024)

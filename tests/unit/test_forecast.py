@@ -60,6 +60,14 @@ def test_time_until_heads_in_the_direction_of_the_line(slope: float, threshold: 
     assert time_until(points, now=EPOCH, threshold=threshold, above=above) == expected
 
 
+def test_no_answer_is_infinite() -> None:
+    flat = [(0.0, 0.0), (1.0, 5e-324), (2.0, 1e-323)]  # a slope of ~5e-324: 100 is reached after inf seconds
+    assert time_until(flat, now=2.0, threshold=100.0) is None
+    steep = [(0.0, 0.0), (1.0, 1e307), (2.0, 2e307)]
+    assert value_in(steep, now=2.0, horizon=1e6) is None
+    assert mape([(1e308, 5e-324), (110.0, 100.0)]) == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize("pairs, expected", [
     ([], None),
     ([(110.0, 100.0)], 10.0),

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mcpresd.protocol import Method
-from tests.fuzz_harness import InProcessDaemon, all_failed, check_reply, encode_line
+from mcpresd.protocol import MAX_QUANTITY, MIN_QUANTITY, ErrorCode, Method
+from tests.fuzz_harness import AROUND_THE_BOUNDS, InProcessDaemon, all_failed, check_reply, encode_line
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -48,12 +48,17 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_values = st.recursive(scalars, lambda children: st.lists(children, max_size=5)
                            | st.dictionaries(st.text(max_size=10), children, max_size=5), max_leaves=20)
-odd_numbers = st.sampled_from([0, -1, 0.5, 1e-300, 1e300, 2**63, -(2**63), 10**30, 1.0, 2, 3, 0.25])
+odd_numbers = st.sampled_from([0, -1, 0.5, 1e-300, 1e300, 2**63, -(2**63), 10**30, 1.0, 2, 3, 0.25,
+                               *AROUND_THE_BOUNDS])
+bounded_numbers = (st.sampled_from(AROUND_THE_BOUNDS)
+                   | st.floats(min_value=MAX_QUANTITY / 4, max_value=MAX_QUANTITY * 4)
+                   | st.floats(min_value=0, max_value=MIN_QUANTITY * 4, exclude_min=True, allow_subnormal=True))
 NAMES = ["licence", "slot", "gpu", "gpu0", "gpu1", "GPU-0000", "cpu", "memory", "nope", "licence:x", "a b", ""]
 FIELDS = ["resources", "resource", "amount", "max", "priority", "tool_id", "execution_id", "idempotency_key",
           "holder_pid", "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible", "signal_holder",
           "id", "timeout", "after_id", "limit", "allocation_id", "state", "type", "name", "capacity", "unit",
-          "labels", "cost_per_unit_hour", "metric", "since", "in", "all", "path", "overwrite", "bogus"]
+          "labels", "cost_per_unit_hour", "metric", "since", "in", "all", "path", "overwrite", "bogus",
+          "scope", "subject", "period", "soft", "measured", "slot_size"]
 plausible = (st.sampled_from(NAMES) | st.sampled_from(["low", "normal", "high", "critical", "urgent", "forever",
                                                       "active", "queued", "all", "best-fit", "first-fit",
                                                       "spread", "type=gpu", "mem>=10", "/tmp/x"])
@@ -143,4 +148,35 @@ def test_allocations_then_requests_on_them(daemon: InProcessDaemon, first: dict[
     responses = check_reply(line, replies)
     if not intervened and all_failed(line, responses):
         assert daemon.snapshot() == before
+    daemon.tidy(peer)
+
+
+# Each method with the one quantity field it bounds, and the field's name in an error.
+QUANTITIES = [
+    ("resources.add", lambda n: {"name": "fuzzed", "capacity": n}, "capacity"),
+    ("resources.add", lambda n: {"name": "fuzzed", "capacity": 1, "cost_per_unit_hour": n}, "cost_per_unit_hour"),
+    ("allocate", lambda n: {"resources": [{"resource": "slot", "amount": n}], "detach": True}, "resources[0].amount"),
+    ("allocate", lambda n: {"resources": [{"resource": "slot", "amount": 1e-9, "max": n}]}, "resources[0].max"),
+    ("budgets.set", lambda n: {"scope": "tool", "subject": "fuzzed", "period": "day", "limit": n}, "limit"),
+]
+
+
+@SETTINGS
+@given(which=st.sampled_from(QUANTITIES), number=bounded_numbers)
+def test_quantities_around_the_bounds_are_taken_or_refused_naming_the_field(
+        daemon: InProcessDaemon, which: Any, number: float) -> None:
+    method, params, field = which
+    line = encode_line({"jsonrpc": "2.0", "id": 1, "method": method, "params": params(number)})
+    peer = daemon.peer()
+    replies, _ = daemon.send(line, peer)
+    (response,) = check_reply(line, replies)
+    lowest = 0 if field == "cost_per_unit_hour" else MIN_QUANTITY
+    if lowest <= number <= MAX_QUANTITY:
+        assert "error" not in response or response["error"]["code"] != ErrorCode.INVALID_PARAMS, response
+    else:
+        assert response["error"]["code"] == ErrorCode.INVALID_PARAMS and response["error"]["data"]["field"] == field
+    for cleanup in ('{"jsonrpc":"2.0","id":2,"method":"resources.remove","params":{"name":"fuzzed"}}',
+                    '{"jsonrpc":"2.0","id":3,"method":"budgets.delete","params":'
+                    '{"scope":"tool","subject":"fuzzed","period":"day"}}'):
+        daemon.send(cleanup.encode(), peer)
     daemon.tidy(peer)
