@@ -32,7 +32,10 @@ def pairs(rows: Sequence[tuple[str, str]]) -> None:
 
 def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     counts = data["allocations"]
-    return [
+    lost = data.get("lost_commits")
+    warning = [("WARNING", f"the database lost committed transactions: its newest event was #{lost['found_event']}"
+                           f" at start, #{lost['expected_event']} had been committed")] if lost else []
+    return warning + [
         ("daemon", f"mcpresd {data['version']} (pid {data['pid']})"),
         ("uptime", age(data["uptime_s"])),
         ("socket", data["socket"]),

@@ -8,6 +8,11 @@ Rules:
 - Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
   requests into one transaction and replies only after it commits.
 - Schema changes are registered migrations; CHECK constraints back the core's rules.
+- After each COMMIT the database's path (and its -wal's) must still name the files this connection writes:
+  a deleted or replaced database is a `DatabaseGone`, and from then on the store refuses every transaction
+  (nothing more is acknowledged into a file nobody will read again).
+- The newest committed event id is the commit high-water mark; the daemon's lock file remembers it
+  (`mcpresd.files.DatabaseLock`), so a database that comes back behind it is seen to have lost commits.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from mcpresd.core.accounting import Charge
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
+from mcpresd.files import DatabaseLock
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
 MIGRATIONS_NAME = "mcpresd"
@@ -237,6 +243,16 @@ class CorruptDatabase(StorageError):
     """The database file failed its integrity check."""
 
 
+class MigrationFailed(StorageError):
+    """Applying the migrations failed; `sqlite_errorcode` is SQLite's primary result code where known."""
+
+    sqlite_errorcode = 0
+
+
+class DatabaseGone(StorageError):
+    """The database's path no longer names the file the daemon writes (deleted or replaced)."""
+
+
 def apply_migrations(conn: sqlite3.Connection) -> None:
     from sqlite_utils import Database
 
@@ -249,8 +265,14 @@ class Store:
     migrate_in_child = False
     """Set by the daemon: apply pending migrations in a child process (keeps sqlite-utils out of its memory)."""
 
-    def __init__(self, path: str | Path, *, check_integrity: bool = False) -> None:
+    def __init__(self, path: str | Path, *, check_integrity: bool = False, lock: DatabaseLock | None = None,
+                 identity: tuple[int, int] | None = None) -> None:
         self.path = str(path)
+        self.lock = lock
+        self.lost_commits: dict[str, Any] | None = None
+        """Set by the daemon when the database came back behind its commit high-water mark (see daemon.status)."""
+        self.gone: str | None = None
+        """Why the database can no longer be written (its file was deleted or replaced), once seen."""
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -265,6 +287,16 @@ class Store:
             self.conn.close()  # before any migration writes into a damaged file
             raise CorruptDatabase(f"database {self.path} failed its integrity check (PRAGMA quick_check)")
         self._migrate()
+        self._files: dict[str, tuple[int, int]] = {}
+        if self.path != ":memory:":
+            if identity is None:
+                info = os.stat(self.path)
+                identity = (info.st_dev, info.st_ino)
+            self._files[self.path] = identity
+            self._note_wal()
+        self.mark = self.last_event_id()
+        """The commit high-water mark: the newest committed event id."""
+        self._newest_event = self.mark
 
     def _migrate(self) -> None:
         if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
@@ -273,7 +305,10 @@ class Store:
             # A short-lived child applies them, so the long-running daemon never carries sqlite-utils.
             done = subprocess.run([sys.executable, "-m", "mcpresd.store", self.path], capture_output=True, text=True)
             if done.returncode != 0:
-                raise StorageError(f"migrating {self.path} failed: {done.stderr.strip() or done.returncode}")
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                failure = MigrationFailed(f"migrating {self.path} failed: {lines[-1]}")
+                failure.sqlite_errorcode = done.returncode
+                raise failure
             return
         apply_migrations(self.conn)
 
@@ -292,10 +327,49 @@ class Store:
     # -- transactions -----------------------------------------------------
 
     def begin(self) -> None:
+        if self.gone is not None:
+            raise DatabaseGone(self.gone)
         self.conn.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+        self.verify_files()
+        if self._newest_event != self.mark:
+            self.mark = self._newest_event
+            if self.lock is not None:
+                self.lock.record(self.mark)
+
+    def _note_wal(self) -> None:
+        try:
+            info = os.lstat(self.path + "-wal")
+        except FileNotFoundError:
+            return
+        self._files[self.path + "-wal"] = (info.st_dev, info.st_ino)
+
+    def verify_files(self) -> None:
+        """Raise DatabaseGone (now and for every later transaction) if a path no longer names its open file."""
+        if self.gone is not None:
+            raise DatabaseGone(self.gone)
+        if not self._files:
+            return
+        if len(self._files) == 1:
+            self._note_wal()  # SQLite had not made the -wal yet when the store opened
+        for path, identity in self._files.items():
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                self._lost(path, "no longer exists")
+            else:
+                if (info.st_dev, info.st_ino) != identity:
+                    self._lost(path, "now names another file")
+        if self.lock is not None and not self.lock.still_named():
+            self._lost(self.lock.path, "no longer names the lock this daemon holds")
+
+    def _lost(self, path: str, what: str) -> None:
+        self.gone = (f"{path} {what}: the database was deleted or replaced while the daemon ran; writes into the "
+                     f"lost file are no longer acknowledged and the daemon stops (its supervisor restarts it on "
+                     f"a fresh database; restore a backup with `cp BACKUP {self.path}` while it is stopped)")
+        raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
         """Checkpoint every WAL_CHECKPOINT_PAGES pages where the disk has room for WAL_ROOM_FACTOR such WALs, at
@@ -320,6 +394,9 @@ class Store:
     def rollback(self) -> None:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        self._newest_event = self.mark
+        if self.gone is not None:
+            raise DatabaseGone(self.gone)  # nothing may rebuild and carry on over a lost file
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -536,7 +613,8 @@ class Store:
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (now, kind, allocation_id, resource, uid, _compact(detail) if detail else "{}"),
         )
-        return int(cursor.lastrowid or 0)
+        self._newest_event = int(cursor.lastrowid or 0)
+        return self._newest_event
 
     def last_event_id(self) -> int:
         row = self.conn.execute("SELECT max(id) FROM events").fetchone()
@@ -810,13 +888,18 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m mcpresd.store DATABASE", file=sys.stderr)
         return 2
-    conn = sqlite3.connect(argv[0], isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
     try:
-        apply_migrations(conn)
-    finally:
-        conn.close()
+        conn = sqlite3.connect(argv[0], isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            apply_migrations(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        # One line for the daemon to pass on; the exit status is SQLite's primary result code.
+        print(f"{error}", file=sys.stderr)
+        return (getattr(error, "sqlite_errorcode", 0) & 0xFF) or 1
     return 0
 
 
