@@ -158,23 +158,27 @@ class Daemon:
         except OSError as error:
             raise path_error(database, error, "open the database", "--db") from None
 
-    def _check_high_water_mark(self, store: Store) -> dict[str, Any] | None:
-        """Compare the database's newest event with the one the lock file remembers; loud if it went back."""
-        if self.lock is None or store.mark >= self.lock.previous_mark:
-            if self.lock is not None:
-                self.lock.record(store.mark)
+    def _check_for_lost_commits(self, store: Store) -> dict[str, Any] | None:
+        """Loud if the database lost committed transactions: SQLite's WAL recovery dropped commit frames, or
+        its newest event is older than the one the lock file remembers. None if neither."""
+        expected = self.lock.previous_mark if self.lock is not None else 0
+        behind = store.mark < expected
+        if not behind and not store.wal_commits_dropped:
             return None
-        lost = {"expected_event": self.lock.previous_mark, "found_event": store.mark, "detected_at": self.clock()}
         log.critical(
-            "database %s lost committed transactions: its newest event is #%d, but #%d was committed before "
-            "(a damaged or deleted -wal, or an older copy put in its place); allocations acknowledged after "
-            "event #%d are gone. Serving what the database holds; check `mcpctl events` and restore a backup "
-            "if you have a newer one", store.path, store.mark, self.lock.previous_mark, store.mark)
-        return lost
+            "database %s lost committed transactions: %s%s; allocations acknowledged in them are gone. Serving "
+            "what the database holds; check `mcpctl events` and restore a backup if you have a newer one",
+            store.path,
+            f"its newest event is #{store.mark}, but #{expected} was committed before" if behind
+            else f"its newest event is #{store.mark}",
+            f"; SQLite's recovery dropped {store.wal_commits_dropped} committed transaction(s) from its -wal, "
+            f"which is damaged" if store.wal_commits_dropped else " (a damaged or deleted -wal, or an older copy)")
+        return {"expected_event": expected if behind else store.mark, "found_event": store.mark,
+                "wal_commits_dropped": store.wal_commits_dropped, "detected_at": self.clock()}
 
     def _make_broker(self) -> Broker:
         store = self._open_store()
-        lost = self._check_high_water_mark(store)
+        lost = self._check_for_lost_commits(store)
         store.lost_commits = lost
         broker = Broker(
             store,
@@ -187,8 +191,8 @@ class Daemon:
         with store.transaction():
             if lost is not None:
                 store.insert_event(self.clock(), "database.lost_commits",
-                                   detail={"expected_event": lost["expected_event"],
-                                           "found_event": lost["found_event"]})
+                                   detail={key: lost[key] for key in
+                                           ("expected_event", "found_event", "wal_commits_dropped")})
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
                 log.info("resources: %s", change)
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -273,8 +274,12 @@ class Store:
         """Set by the daemon when the database came back behind its commit high-water mark (see daemon.status)."""
         self.gone: str | None = None
         """Why the database can no longer be written (its file was deleted or replaced), once seen."""
+        self.wal_commits_dropped = 0
+        """Committed transactions in the -wal that SQLite's recovery dropped at this open (a damaged frame)."""
+        frames: list[tuple[int, bool]] = []
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            frames = wal_frames(self.path + "-wal")
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -286,6 +291,8 @@ class Store:
         if check_integrity and not self.integrity_ok():
             self.conn.close()  # before any migration writes into a damaged file
             raise CorruptDatabase(f"database {self.path} failed its integrity check (PRAGMA quick_check)")
+        if frames:
+            self.wal_commits_dropped = self._commits_recovery_dropped(frames)
         self._migrate()
         self._files: dict[str, tuple[int, int]] = {}
         if self.path != ":memory:":
@@ -297,6 +304,21 @@ class Store:
         self.mark = self.last_event_id()
         """The commit high-water mark: the newest committed event id."""
         self._newest_event = self.mark
+
+    def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
+        """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
+
+        SQLite drops a WAL from its first frame that fails its checksum on, silently (its log callback is not
+        reachable from Python). The frames it kept are `mxFrame`, which a PASSIVE checkpoint reports. A commit
+        frame past it is a transaction that was committed and is gone, except the file's very last frame,
+        which may be a commit torn by a crash of the host (never acknowledged: its fsync did not return).
+        """
+        row = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        kept = int(row[1]) if row is not None else -1
+        if kept < 0:
+            return 0
+        last = frames[-1][0]
+        return sum(1 for number, commit in frames if commit and number > kept and number != last)
 
     def _migrate(self) -> None:
         if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
@@ -695,6 +717,31 @@ class Store:
             return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
         except sqlite3.DatabaseError:
             return False
+
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def wal_frames(path: str) -> list[tuple[int, bool]]:
+    """The frames of a -wal file's current generation (their salts match its header): (number from 1, is it a
+    commit). Empty for no file, an empty or unrecognised one. Only frame headers are read, no checksums."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return []
+    if len(data) < 32:
+        return []
+    magic, _, page_size, _, salt1, salt2 = struct.unpack_from(">6I", data)
+    if magic not in WAL_MAGIC or not 512 <= page_size <= 65536:
+        return []
+    size = 24 + page_size
+    frames = []
+    for number, offset in enumerate(range(32, len(data) - size + 1, size), start=1):
+        _, commit, frame_salt1, frame_salt2 = struct.unpack_from(">4I", data, offset)
+        if (frame_salt1, frame_salt2) == (salt1, salt2):
+            frames.append((number, commit != 0))
+    return frames
 
 
 def _fsync(path: str) -> None:
