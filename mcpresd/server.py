@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any
 
 from mcpresd.core.errors import DomainError
-from mcpresd.files import AlreadyServed, check_directory, path_error
+from mcpresd.files import AlreadyServed, UnusablePath, check_directory, path_error
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, ErrorCode
 from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
 from mcpresd.service import Broker, Caller, Outbox, redact_event
@@ -303,7 +303,7 @@ def _remove_if_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise UnusablePath(f"{path} exists and is not a socket; remove it or choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:

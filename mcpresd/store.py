@@ -385,12 +385,13 @@ class Store:
                 if (info.st_dev, info.st_ino) != identity:
                     self._lost(path, "now names another file")
         if self.lock is not None and not self.lock.still_named():
-            self._lost(self.lock.path, "no longer names the lock this daemon holds")
+            self._lost(self.lock.path, "no longer names the lock this daemon holds",
+                       "another daemon could open the database beside this one")
 
-    def _lost(self, path: str, what: str) -> None:
-        self.gone = (f"{path} {what}: the database was deleted or replaced while the daemon ran; writes into the "
-                     f"lost file are no longer acknowledged and the daemon stops (its supervisor restarts it on "
-                     f"a fresh database; restore a backup with `cp BACKUP {self.path}` while it is stopped)")
+    def _lost(self, path: str, what: str, why: str = "the database was deleted or replaced while the daemon ran") \
+            -> None:
+        self.gone = (f"{path} {what}: {why}; writes are no longer acknowledged and the daemon stops (its "
+                     f"supervisor restarts it; to restore a backup, `cp BACKUP {self.path}` while it is stopped)")
         raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
@@ -417,8 +418,7 @@ class Store:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
         self._newest_event = self.mark
-        if self.gone is not None:
-            raise DatabaseGone(self.gone)  # nothing may rebuild and carry on over a lost file
+        self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIG, DaemonProcess, as_json, cli, ok
+from mcpctl.client import Client, RpcError
+from mcpresd.protocol import ErrorCode
+from tests.conftest import CONFIG, DaemonProcess, as_json, ok
 from tests.integration.test_disk_full import _fill, _mount
 
 pytestmark = pytest.mark.e2e
@@ -214,6 +216,18 @@ def test_a_directory_link_planted_by_another_user_is_not_followed(short_tmp: Pat
     assert os.listdir(etc) == []
 
 
+def test_a_socket_path_that_is_not_a_socket_is_refused_with_status_4(short_tmp: Path) -> None:
+    squatter = short_tmp / "m.sock"
+    squatter.write_text("not a socket\n")
+
+    refused = mcpresd("--socket", str(squatter), "--db", str(short_tmp / "state" / "m.db"))
+
+    assert refused.returncode == 4, refused.stderr
+    assert f"{squatter} exists and is not a socket" in error_line(refused)
+    assert squatter.read_text() == "not a socket\n"
+    assert not os.path.exists(short_tmp / "state" / "m.db")
+
+
 # -- 17. start-up errors name the path and the fix -------------------------------
 
 
@@ -268,23 +282,50 @@ def _remove_database(db: str) -> None:
         os.unlink(db + suffix)
 
 
-def test_deleting_the_database_fails_the_next_write_and_stops_the_daemon(tmp_path: Path) -> None:
-    # Sampling once an hour: the allocate below is the first commit after the rm, so it must be the one refused.
-    daemon = DaemonProcess(tmp_path, config=CONFIG + '\n[monitor]\ninterval = "1h"\n')
+QUIET = CONFIG + '\n[monitor]\ninterval = "1h"\n[scheduler]\ntick_interval = "60s"\n'
+"""No sampling round and no tick while a test runs: the request it sends is the first commit after its change."""
+
+ALLOCATE_SLOT = {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()}
+
+
+def _quiet_daemon(tmp_path: Path, client_of: list[Client]) -> DaemonProcess:
+    """A started daemon with nothing left to commit; `client_of` gets one open connection to it (closing a
+    connection is a commit too, so the test keeps using this one)."""
+    daemon = DaemonProcess(tmp_path, config=QUIET)
     daemon.start()
+    client = daemon.client()
+    client_of.append(client)
+    client.call("allocate", ALLOCATE_SLOT)
+    deadline = time.monotonic() + BOUND_S
+    while client.call("metrics.current")["ts"] is None:  # the first sampling round has committed
+        assert time.monotonic() < deadline, "no sampling round"
+        time.sleep(0.02)
+    return daemon
+
+
+@pytest.mark.parametrize("removed, complaint", [
+    (("", "-wal", "-shm"), "{db} no longer exists"),
+    ((".lock",), "{db}.lock no longer names the lock this daemon holds"),
+])
+def test_a_deleted_database_or_lock_fails_the_write_in_flight_and_stops_the_daemon(
+        tmp_path: Path, removed: tuple[str, ...], complaint: str) -> None:
+    clients: list[Client] = []
+    daemon = _quiet_daemon(tmp_path, clients)
     try:
-        ok(daemon, "allocate", "--res", "slot=1")
-        _remove_database(daemon.db)
+        for suffix in removed:
+            os.unlink(daemon.db + suffix)
 
-        refused = cli(daemon, "allocate", "--res", "slot=1")
+        with pytest.raises(RpcError) as refused:
+            clients[0].call("allocate", ALLOCATE_SLOT)
 
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        assert refused.stdout == ""
-        assert f"{daemon.db} no longer exists" in refused.stderr
+        assert refused.value.code == ErrorCode.STORAGE_ERROR
+        assert complaint.format(db=daemon.db) in refused.value.message
         assert daemon.proc is not None and daemon.proc.wait(BOUND_S) == 1
         critical = [line for line in daemon.log().splitlines() if line.startswith("CRITICAL")]
-        assert critical and f"{daemon.db} no longer exists" in critical[0]
+        assert critical and complaint.format(db=daemon.db) in critical[0]
     finally:
+        for client in clients:
+            client.close()
         daemon.stop()
 
 
