@@ -228,6 +228,22 @@ def test_a_socket_path_that_is_not_a_socket_is_refused_with_status_4(short_tmp: 
     assert not os.path.exists(short_tmp / "state" / "m.db")
 
 
+def test_a_database_directory_reached_through_roots_own_link_is_served(short_tmp: Path) -> None:
+    # systemd's DynamicUser=yes makes /var/lib/mcpresd root's link to /var/lib/private/mcpresd.
+    private = short_tmp / "private" / "mcpresd"
+    private.mkdir(parents=True, mode=0o700)
+    (short_tmp / "mcpresd").symlink_to(private)
+    daemon = DaemonProcess(short_tmp)
+    daemon.db = str(short_tmp / "mcpresd" / "mcpresd.db")
+    daemon.args[daemon.args.index("--db") + 1] = daemon.db
+    daemon.start()
+    try:
+        ok(daemon, "allocate", "--res", "slot=1")
+        assert (private / "mcpresd.db").is_file() and (private / "mcpresd.db.lock").is_file()
+    finally:
+        assert daemon.stop() == 0
+
+
 # -- 17. start-up errors name the path and the fix -------------------------------
 
 
