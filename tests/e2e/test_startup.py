@@ -85,6 +85,15 @@ def needs_root() -> None:
         pytest.skip("needs root: another user plants the links (setpriv)")
 
 
+def test_mcpresd_help_lists_the_exit_statuses() -> None:
+    shown = mcpresd("--help")
+
+    assert shown.returncode == 0
+    for line in ("2  bad options or config file", "3  another daemon holds the database or serves the socket",
+                 "4  a path cannot be used"):
+        assert line in shown.stdout
+
+
 # -- 1. one daemon per database ----------------------------------------------
 
 
@@ -321,7 +330,9 @@ def _quiet_daemon(tmp_path: Path, client_of: list[Client]) -> DaemonProcess:
 
 @pytest.mark.parametrize("removed, complaint", [
     (("", "-wal", "-shm"), "{db} no longer exists"),
+    (("-wal",), "{db}-wal no longer exists"),
     ((".lock",), "{db}.lock no longer names the lock this daemon holds"),
+    ((), "{db} now names another file"),
 ])
 def test_a_deleted_database_or_lock_fails_the_write_in_flight_and_stops_the_daemon(
         tmp_path: Path, removed: tuple[str, ...], complaint: str) -> None:
@@ -330,6 +341,9 @@ def test_a_deleted_database_or_lock_fails_the_write_in_flight_and_stops_the_daem
     try:
         for suffix in removed:
             os.unlink(daemon.db + suffix)
+        if not removed:  # replaced: an older copy renamed over it
+            shutil.copyfile(daemon.db, daemon.db + ".copy")
+            os.replace(daemon.db + ".copy", daemon.db)
 
         with pytest.raises(RpcError) as refused:
             clients[0].call("allocate", ALLOCATE_SLOT)
