@@ -310,15 +310,15 @@ class Store:
 
         SQLite drops a WAL from its first frame that fails its checksum on, silently (its log callback is not
         reachable from Python). The frames it kept are `mxFrame`, which a PASSIVE checkpoint reports. A commit
-        frame past it is a transaction that was committed and is gone, except the file's very last frame,
-        which may be a commit torn by a crash of the host (never acknowledged: its fsync did not return).
+        frame past it is a transaction that was committed and is gone, unless it is the only one and the file's
+        very last frame: a commit torn by a crash of the host (never acknowledged: its fsync did not return).
         """
         row = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         kept = int(row[1]) if row is not None else -1
         if kept < 0:
             return 0
-        last = frames[-1][0]
-        return sum(1 for number, commit in frames if commit and number > kept and number != last)
+        dropped = [number for number, commit in frames if commit and number > kept]
+        return 0 if dropped == [frames[-1][0]] else len(dropped)
 
     def _migrate(self) -> None:
         if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
@@ -724,24 +724,30 @@ WAL_MAGIC = (0x377F0682, 0x377F0683)
 
 def wal_frames(path: str) -> list[tuple[int, bool]]:
     """The frames of a -wal file's current generation (their salts match its header): (number from 1, is it a
-    commit). Empty for no file, an empty or unrecognised one. Only frame headers are read, no checksums."""
+    commit). Empty for no file, an empty or unrecognised one. Only the frame headers are read, no checksums."""
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return []
-    if len(data) < 32:
+    try:
+        size = os.fstat(handle).st_size
+        header = os.pread(handle, 32, 0)
+        if len(header) < 32:
+            return []
+        magic, _, page_size, _, salt1, salt2 = struct.unpack_from(">6I", header)
+        if magic not in WAL_MAGIC or not 512 <= page_size <= 65536:
+            return []
+        frame = 24 + page_size
+        frames = []
+        for number, offset in enumerate(range(32, size - frame + 1, frame), start=1):
+            _, commit, frame_salt1, frame_salt2 = struct.unpack(">4I", os.pread(handle, 16, offset))
+            if (frame_salt1, frame_salt2) == (salt1, salt2):
+                frames.append((number, commit != 0))
+        return frames
+    except (OSError, struct.error):
         return []
-    magic, _, page_size, _, salt1, salt2 = struct.unpack_from(">6I", data)
-    if magic not in WAL_MAGIC or not 512 <= page_size <= 65536:
-        return []
-    size = 24 + page_size
-    frames = []
-    for number, offset in enumerate(range(32, len(data) - size + 1, size), start=1):
-        _, commit, frame_salt1, frame_salt2 = struct.unpack_from(">4I", data, offset)
-        if (frame_salt1, frame_salt2) == (salt1, salt2):
-            frames.append((number, commit != 0))
-    return frames
+    finally:
+        os.close(handle)
 
 
 def _fsync(path: str) -> None:
