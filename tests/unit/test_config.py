@@ -81,46 +81,6 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
         config.load(tmp_path / "nope.toml")
 
 
-def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
-    import logging
-
-    from mcpresd.daemon import LineFormatter
-
-    record = logging.LogRecord("mcpresd.server", logging.WARNING, __file__, 1, "two\nlines", None, None)
-    assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\\nlines"
-    assert LineFormatter(journal=False).format(record) == "WARNING mcpresd.server: two\\nlines"
-
-
-def test_the_shipped_config_documents_pools_that_load_when_uncommented(tmp_path: Path) -> None:
-    text = (ROOT / "config" / "mcpresd.toml").read_text()
-    start = text.index("# [[pools]]")
-    examples = "\n".join(line.removeprefix("# ") for line in text[start:].splitlines()
-                         if line.startswith("# ") and "=" in line or line.strip() == "# [[pools]]")
-    loaded = config.load(write(tmp_path, examples))
-    assert [p.name for p in loaded.pools] == ["builds", "gpus", "workers"]
-    builds = loaded.pools[0]
-    assert (builds.parent, builds.slot_size, builds.min_size, builds.max_size) == ("cpu", 2.0, 2, 8)
-    assert builds.scale.cooldown_s == 60.0 and builds.cost_per_unit_hour == 0.05
-    assert loaded.pools[2].timeout_s == 30.0
-
-
-@pytest.mark.parametrize(("text", "problem"), [
-    ('[[pools]]\nname = "a"\nfactory = "slots"\nmax = 2\n', "parent"),
-    ('[[pools]]\nname = "a"\nfactory = "nope"\n', "factory must be one of"),
-    ('[[pools]]\nname = "a"\nfactory = "command"\ncreate = "x"\nmax = 1\ncooldown = "soon"\n', "cooldown"),
-    ('[[pools]]\nname = "a"\nfactory = "static"\nmembers = ["x"]\n[[pools]]\nname = "a"\nfactory = "static"\n'
-     'members = ["y"]\n', "declared twice"),
-    ('pools = 3\n', "array of tables"),
-    ('[scheduler]\npool_interval = "1ms"\n', "pool_interval"),
-])
-def test_bad_pool_declarations_are_refused_with_where(tmp_path: Path, text: str, problem: str) -> None:
-    with pytest.raises(config.ConfigError, match=problem):
-        config.load(write(tmp_path, text))
-
-
-# -- start-up refusals that used to be accepted silently (issue 13, item 17) ------------
-
-
 def test_a_deeply_nested_file_is_one_config_error_not_a_recursion_traceback(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="nested too deeply") as raised:
         config.load(write(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n"))
@@ -159,3 +119,41 @@ def test_an_alert_rule_on_a_metric_that_does_not_exist_is_refused(tmp_path: Path
     with pytest.raises(config.ConfigError, match=r"alerts\[0\] \(hot\): metric 'gpu.temprature_c' does not exist"):
         config.load(write(tmp_path, rule))
     assert config.load(write(tmp_path, rule.replace("temprature", "temperature"))).monitor.rules[-1].name == "hot"
+
+
+def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
+    import logging
+
+    from mcpresd.daemon import LineFormatter
+
+    record = logging.LogRecord("mcpresd.server", logging.WARNING, __file__, 1, "two\nlines", None, None)
+    assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\\nlines"
+    assert LineFormatter(journal=False).format(record) == "WARNING mcpresd.server: two\\nlines"
+
+
+def test_the_shipped_config_documents_pools_that_load_when_uncommented(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "mcpresd.toml").read_text()
+    start = text.index("# [[pools]]")
+    examples = "\n".join(line.removeprefix("# ") for line in text[start:].splitlines()
+                         if line.startswith("# ") and "=" in line or line.strip() == "# [[pools]]")
+    loaded = config.load(write(tmp_path, examples))
+    assert [p.name for p in loaded.pools] == ["builds", "gpus", "workers"]
+    builds = loaded.pools[0]
+    assert (builds.parent, builds.slot_size, builds.min_size, builds.max_size) == ("cpu", 2.0, 2, 8)
+    assert builds.scale.cooldown_s == 60.0 and builds.cost_per_unit_hour == 0.05
+    assert loaded.pools[2].timeout_s == 30.0
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[[pools]]\nname = "a"\nfactory = "slots"\nmax = 2\n', "parent"),
+    ('[[pools]]\nname = "a"\nfactory = "nope"\n', "factory must be one of"),
+    ('[[pools]]\nname = "a"\nfactory = "command"\ncreate = "x"\nmax = 1\ncooldown = "soon"\n', "cooldown"),
+    ('[[pools]]\nname = "a"\nfactory = "static"\nmembers = ["x"]\n[[pools]]\nname = "a"\nfactory = "static"\n'
+     'members = ["y"]\n', "declared twice"),
+    ('pools = 3\n', "array of tables"),
+    ('[scheduler]\npool_interval = "1ms"\n', "pool_interval"),
+])
+def test_bad_pool_declarations_are_refused_with_where(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(config.ConfigError, match=problem):
+        config.load(write(tmp_path, text))
+
