@@ -156,4 +156,3 @@ def test_the_shipped_config_documents_pools_that_load_when_uncommented(tmp_path:
 def test_bad_pool_declarations_are_refused_with_where(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(config.ConfigError, match=problem):
         config.load(write(tmp_path, text))
-
