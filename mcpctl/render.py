@@ -32,7 +32,11 @@ def pairs(rows: Sequence[tuple[str, str]]) -> None:
 
 def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     counts = data["allocations"]
-    return [
+    lost = data.get("lost_commits")
+    warning = [("WARNING", f"the database lost committed transactions (newest event #{lost['found_event']} at start,"
+                           f" #{lost['expected_event']} committed; {lost['wal_commits_dropped']} dropped from a"
+                           f" damaged -wal): see `mcpctl events`")] if lost else []
+    return warning + [
         ("daemon", f"mcpresd {data['version']} (pid {data['pid']})"),
         ("uptime", age(data["uptime_s"])),
         ("socket", data["socket"]),

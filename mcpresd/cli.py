@@ -19,6 +19,15 @@ SIGHUP re-reads the config file (resources, log level, scheduler and monitor
 settings) without dropping allocations; a file that does not load is ignored.
 Under systemd it speaks sd_notify (Type=notify, watchdog) and accepts a socket
 passed by socket activation (mcpresd.socket).
+
+One daemon per database: it holds <db>.lock for its whole life.
+
+exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  failed (a damaged database, a store failure, the database deleted while serving)
+  2  bad options or config file
+  3  another daemon holds the database or serves the socket
+  4  a path cannot be used (unsafe directory or link, permission, read-only or full file system)
 """
 
 

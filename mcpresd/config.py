@@ -21,6 +21,7 @@ from mcpresd.protocol import Strategy
 from mcpresd.core.alerts import default_rules, rule_from_config
 from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy
+from mcpresd.samplers.metrics import METRICS
 from mcpresd.server import Limits
 from mcpresd.service import Policy
 from mcpresd.core.pools import PoolSpec
@@ -101,6 +102,9 @@ def _apply_file(config: Config, path: Path) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply (arrays or tables within each other) "
+                          f"to be a config file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {path} cannot be read: {error}") from None
     unknown = sorted(set(data) - _KEYS)
@@ -117,7 +121,7 @@ def _apply_file(config: Config, path: Path) -> Config:
     if "socket_mode" in data:
         changes["socket_mode"] = _parse_mode(data["socket_mode"], f"{path}: socket_mode")
     if "memory_reserve" in data:
-        changes["memory_reserve"] = _size(data["memory_reserve"], f"{path}: memory_reserve", allow_zero=True)
+        changes["memory_reserve"] = _memory_reserve(data["memory_reserve"], f"{path}: memory_reserve")
     if "default_link_speed" in data:
         changes["default_link_bytes_per_s"] = float(_size(data["default_link_speed"], f"{path}: default_link_speed"))
     if "log_level" in data:
@@ -215,6 +219,10 @@ def _monitor(table: Any, rules: Any, path: Path) -> dict[str, Any]:
             parsed = rule_from_config(converted)
         except DomainError as error:
             raise ConfigError(f"{path}: alerts[{index}]: {error.message}") from None
+        measured = parsed.metric.split(".", 1)[-1]
+        if measured not in METRICS:
+            raise ConfigError(f"{path}: alerts[{index}] ({parsed.name}): metric {parsed.metric!r} does not exist; "
+                              f"the metrics are {', '.join(sorted(METRICS))} (as type.metric, e.g. gpu.temperature_c)")
         chosen[parsed.name] = parsed
     changes: dict[str, Any] = {"monitor": MonitorPolicy(**settings, rules=tuple(chosen.values()))}
     if "prometheus_file" in table:
@@ -363,19 +371,47 @@ def _size(value: Any, where: str, allow_zero: bool = False) -> int:
     return size
 
 
+def _memory_reserve(value: Any, where: str) -> int:
+    """A size to keep out of the memory resource; it must leave some memory to allocate."""
+    reserve = _size(value, where, allow_zero=True)
+    total = host_memory()
+    if total is not None and reserve >= total:
+        raise ConfigError(f"{where}: {value!r} ({reserve} bytes) is not less than this host's memory ({total} bytes);"
+                          f" the reserve is what allocations may not take: give less, such as \"1G\"")
+    return reserve
+
+
+def host_memory() -> int | None:
+    """This host's physical memory in bytes, where the system says."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def _parse_mode(value: Any, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
-        mode = value
-    elif isinstance(value, str):
+        # TOML reads 660 and 0o660 alike as numbers: a decimal 438 (0o666) is seldom what was meant. Ask for the
+        # one spelling that cannot be misread.
+        digits = str(value)
+        as_digits = int(digits, 8) if value >= 0 and set(digits) <= set("01234567") else None
+        meant = f"\"0{digits}\"" if as_digits is not None and _usable_mode(as_digits) else f"\"{value:04o}\""
+        raise ConfigError(f"{where}: {value} is a number; write the octal mode as a string, such as \"0660\" "
+                          f"(did you mean {meant}? {value} in decimal is {value:#o})")
+    if isinstance(value, str):
         try:
             mode = int(value, 8)
         except ValueError:
             raise ConfigError(f"{where}: expected an octal mode such as 0600 or 0660, got {value!r}") from None
     else:
         raise ConfigError(f"{where}: expected an octal mode string such as \"0660\"")
-    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+    if not _usable_mode(mode):
         raise ConfigError(f"{where}: mode {oct(mode)} must keep read and write for the owner (e.g. 0600, 0660)")
     return mode
+
+
+def _usable_mode(mode: int) -> bool:
+    return 0 <= mode <= 0o777 and mode & 0o600 == 0o600
 
 
 def _parse_log_level(value: Any, where: str) -> str:

@@ -26,11 +26,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from typing import Any
 
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
+from mcpresd.files import (
+    EXIT_FAILURE,
+    AlreadyServed,
+    DatabaseLock,
+    StartupConfigError,
+    StartupError,
+    UnusablePath,
+    path_error,
+    prepare_database_directory,
+    prepare_database_files,
+)
 from mcpresd.notify import Notifier
-from mcpresd.pooling import FactoryRun
+from mcpresd.pooling import FactoryRun, PoolNotApplied
 from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
@@ -50,7 +62,7 @@ from mcpresd.server import (
 )
 from mcpresd.service import Broker, Outbox
 from mcpresd.watch import HolderWatch, send_signal
-from mcpresd.store import CorruptDatabase, Store
+from mcpresd.store import CorruptDatabase, MigrationFailed, Store
 
 FACTORY_OUTPUT_LIMIT = 64 * 1024
 """The most of a factory command's stdout that is kept (its description is the last line)."""
@@ -111,6 +123,8 @@ class Daemon:
         self._wake: asyncio.TimerHandle | None = None
         self._links: list[str] = []
         self._factories: set[asyncio.Task[None]] = set()
+        self.lock: DatabaseLock | None = None
+        self._database_dir: os.stat_result | None = None
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -127,16 +141,47 @@ class Daemon:
         self._links = [r.name[4:] for r in found if r.name.startswith("net:")]
         return found
 
-    def _make_broker(self) -> Broker:
+    def _open_store(self) -> Store:
+        """Open (create, migrate) the database; the lock and the socket are already ours."""
         Store.migrate_in_child = True
+        database = self.config.database
+        identity = None
+        if self.lock is not None and self._database_dir is not None:
+            identity = prepare_database_files(database, self._database_dir)
         try:
-            store = Store(self.config.database, check_integrity=True)
+            return Store(database, check_integrity=True, lock=self.lock, identity=identity)
         except CorruptDatabase:
-            raise RuntimeError(integrity_failure(self.config.database)) from None
-        except sqlite3.DatabaseError as error:
-            if (getattr(error, "sqlite_errorcode", 0) & 0xFF) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-                raise
-            raise RuntimeError(f"{integrity_failure(self.config.database)}\n  ({error})") from None
+            raise RuntimeError(integrity_failure(database)) from None
+        except (sqlite3.Error, MigrationFailed) as error:
+            code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise RuntimeError(f"{integrity_failure(database)}\n  ({error})") from None
+            raise opening_failure(database, error, code) from None
+        except OSError as error:
+            raise path_error(database, error, "open the database", "--db") from None
+
+    def _check_for_lost_commits(self, store: Store) -> dict[str, Any] | None:
+        """Loud if the database lost committed transactions: SQLite's WAL recovery dropped commit frames, or
+        its newest event is older than the one the lock file remembers. None if neither."""
+        expected = self.lock.previous_mark if self.lock is not None else 0
+        behind = store.mark < expected
+        if not behind and not store.wal_commits_dropped:
+            return None
+        log.critical(
+            "database %s lost committed transactions: %s%s; allocations acknowledged in them are gone. Serving "
+            "what the database holds; check `mcpctl events` and restore a backup if you have a newer one",
+            store.path,
+            f"its newest event is #{store.mark}, but #{expected} was committed before" if behind
+            else f"its newest event is #{store.mark}",
+            f"; SQLite's recovery dropped {store.wal_commits_dropped} committed transaction(s) from its -wal, "
+            f"which is damaged" if store.wal_commits_dropped else " (a damaged or deleted -wal, or an older copy)")
+        return {"expected_event": expected if behind else store.mark, "found_event": store.mark,
+                "wal_commits_dropped": store.wal_commits_dropped, "detected_at": self.clock()}
+
+    def _make_broker(self) -> Broker:
+        store = self._open_store()
+        lost = self._check_for_lost_commits(store)
+        store.lost_commits = lost
         broker = Broker(
             store,
             socket_path=self.socket_path,
@@ -146,12 +191,22 @@ class Daemon:
             monitor=self.config.monitor,
         )
         with store.transaction():
+            if lost is not None:
+                store.insert_event(self.clock(), "database.lost_commits",
+                                   detail={key: lost[key] for key in
+                                           ("expected_event", "found_event", "wal_commits_dropped")})
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
                 log.info("resources: %s", change)
-            for change in broker.pools.reconcile(self.config.pools):
+            try:
+                changes = broker.pools.reconcile(self.config.pools, strict=True)
+            except PoolNotApplied as error:
+                raise StartupConfigError(f"config: {error}") from None
+            for change in changes:
                 log.info("pools: %s", change)
             for allocation_id in broker.recover():
                 log.info("ended %s: its holder went away while the daemon was down", allocation_id)
+        if self.lock is not None:
+            self.lock.record(store.mark)
         return broker
 
     # -- what the loop does after each commit, and what it reports to the store --
@@ -357,6 +412,29 @@ class Daemon:
             raise RuntimeError(f"stopped because the store failed: {self.committer.broken}")
 
     async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
+        # The order matters: lock the database, then own the socket, and only then open the database. A daemon
+        # refused either one leaves the database untouched (no migration, no recovery of another's allocations).
+        if self.config.database != ":memory:":
+            self._database_dir = prepare_database_directory(self.config.database)
+            self.lock = DatabaseLock(self.config.database, self._database_dir)
+        inode: int | None = None
+        sock: socket.socket | None = inherited
+        try:
+            if inherited is None:
+                sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
+                # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
+                inode = os.lstat(self.config.socket).st_ino
+            assert sock is not None
+            await self._serve_on(stop, sock, inode)
+        finally:
+            if inherited is None and sock is not None:
+                sock.close()  # the listener closed it already, unless start-up failed before it listened
+            if inode is not None:
+                remove_socket(self.config.socket, inode)
+            if self.lock is not None:
+                self.lock.close()
+
+    async def _serve_on(self, stop: asyncio.Event, sock: socket.socket, inode: int | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
         limits = self.config.limits.fitted(open_file_limit())
@@ -368,13 +446,6 @@ class Daemon:
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
-        inode: int | None = None
-        if inherited is None:
-            sock = bind_unix_socket(self.config.socket, self.config.socket_mode)
-            # The path's inode, not the socket fd's (fstat of a socket gives its sockfs inode).
-            inode = os.lstat(self.config.socket).st_ino
-        else:
-            sock = inherited
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
         try:
@@ -424,11 +495,36 @@ def integrity_failure(database: str) -> str:
     return (
         f"database {database} failed its integrity check (PRAGMA quick_check); refusing to start on it.\n"
         f"  To restore a copy made with `mcpctl db backup`:\n"
-        f"    rm -f {database}-wal {database}-shm && cp BACKUP {database}\n"
+        f"    rm -f {database}-wal {database}-shm {database}.lock && cp BACKUP {database}\n"
         f"  Or move the damaged file aside and start afresh (allocations and history are lost):\n"
-        f"    mv {database} {database}.corrupt; mv {database}-wal {database}.corrupt-wal; rm -f {database}-shm\n"
+        f"    mv {database} {database}.corrupt; mv {database}-wal {database}.corrupt-wal;"
+        f" rm -f {database}-shm {database}.lock\n"
         f"  Then start mcpresd again."
     )
+
+
+def opening_failure(database: str, error: Exception, code: int) -> StartupError:
+    """One line for a database SQLite could not open or create: the path, the cause, the fix."""
+    directory = os.path.dirname(os.path.abspath(database))
+    try:
+        disk = os.statvfs(directory)
+        full = disk.f_bavail * disk.f_frsize < (1 << 20) and code != sqlite3.SQLITE_READONLY
+    except OSError:
+        full = False
+    if code == sqlite3.SQLITE_FULL or (full and code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)):
+        return UnusablePath(f"cannot open the database {database}: the file system holding {directory} is full "
+                            f"({error}); free some space there, or choose another --db")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+        return UnusablePath(f"cannot open the database {database} for writing ({error}); make it, its -wal and "
+                            f"-shm and {directory} writable by uid {os.geteuid()} on a read-write file system, "
+                            f"or choose another --db")
+    if code == sqlite3.SQLITE_IOERR:
+        return UnusablePath(f"cannot open the database {database}: the disk reported an I/O error ({error}); "
+                            f"check the disk and the system log, or choose another --db")
+    if code == sqlite3.SQLITE_BUSY:
+        return AlreadyServed(f"cannot open the database {database}: another process holds a lock on it ({error}); "
+                             f"stop whatever else opened it")
+    return StartupError(f"cannot open the database {database}: {error}")
 
 
 def write_prometheus(path: str, readings: dict[str, dict[str, float | str | None]]) -> None:
@@ -461,8 +557,11 @@ def run(config: Config, load_config: Callable[[], Config] | None = None) -> int:
 
     try:
         asyncio.run(main())
+    except StartupError as error:
+        log.error("%s", error)
+        return error.exit_status
     except Exception as error:  # noqa: BLE001 - the one place start-up failures become an exit status
         log.error("%s", error)
         log.debug("details", exc_info=True)
-        return 1
+        return EXIT_FAILURE
     return 0

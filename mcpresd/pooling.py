@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from mcpresd.service import Broker, Caller
 
 
+class PoolNotApplied(Exception):
+    """A pool declared in the config cannot be served on this host (at start-up, a config error)."""
+
+
 @dataclass(frozen=True)
 class FactoryRun:
     """A command factory run for the daemon to carry out outside the store's transactions."""
@@ -440,8 +444,12 @@ class PoolKeeper:
         shown["state"] = "deleted"
         return shown
 
-    def reconcile(self, declared: Iterable[PoolSpec]) -> list[str]:
-        """Pools from the config: create the new, update the changed, delete those no longer declared."""
+    def reconcile(self, declared: Iterable[PoolSpec], *, strict: bool = False) -> list[str]:
+        """Pools from the config: create the new, update the changed, delete those no longer declared.
+
+        `strict` (at start-up): a declared pool this host cannot serve (an unknown member or parent) raises
+        PoolNotApplied instead of being reported as not applied (a reload keeps serving and reports it).
+        """
         from mcpresd.service import SYSTEM
 
         changes: list[str] = []
@@ -459,6 +467,8 @@ class PoolKeeper:
                     self._event(now, name, "changed", reason="the config changed")
                     changes.append(f"pool {name} changed")
             except DomainError as error:
+                if strict:
+                    raise PoolNotApplied(f"pool {name} cannot be served: {error.message}") from None
                 changes.append(f"pool {name} not applied: {error.message}")
         for name in [n for n, p in self.pools.items() if p.source == "config" and n not in wanted]:
             try:

@@ -270,6 +270,7 @@ if TYPE_CHECKING:
         allocations: dict[str, int]
         gpu_source: str
         decision_cache: dict[str, int]
+        lost_commits: dict[str, float] | None
 
 
     class BackupDict(TypedDict):

@@ -50,6 +50,7 @@ from functools import partial
 from typing import Any
 
 from mcpresd.core.errors import DomainError
+from mcpresd.files import AlreadyServed, UnusablePath, check_directory, path_error
 from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, ErrorCode
 from mcpresd.rpc import Dispatcher, StoreJob, encode, error_response
 from mcpresd.service import Broker, Caller, Outbox, event_for
@@ -227,15 +228,18 @@ def _resolve(outcomes: list[_Outcome]) -> None:
 # -- the listening socket ---------------------------------------------------
 
 
-class SocketInUse(RuntimeError):
+class SocketInUse(AlreadyServed):
     """Another daemon answers on the socket path."""
 
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
     """Create, bind and listen on a Unix socket at `path` with `mode`, safely."""
     directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.lexists(directory):
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as error:
+            raise path_error(directory, error, "create the socket directory", "--socket") from None
     _check_directory(directory)
     _remove_if_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -302,20 +306,9 @@ def socket_name(sock: socket.socket) -> str:
     return "@" + text[1:] if text.startswith("\0") else text
 
 
-class UnsafeDirectory(RuntimeError):
-    """The socket's directory could be changed by another user."""
-
-
 def _check_directory(directory: str) -> None:
     """Refuse a directory another user owns or may write to (they could swap the socket for theirs)."""
-    info = os.stat(directory)
-    if info.st_uid not in (os.getuid(), 0):
-        raise UnsafeDirectory(f"{directory} belongs to uid {info.st_uid}, not to you; choose another --socket")
-    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-        raise UnsafeDirectory(
-            f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"run `chmod go-w {directory}` or choose another --socket"
-        )
+    check_directory(directory, "--socket")
 
 
 def _remove_if_stale(path: str) -> None:
@@ -324,7 +317,7 @@ def _remove_if_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise UnusablePath(f"{path} exists and is not a socket; remove it or choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:

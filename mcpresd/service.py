@@ -369,6 +369,7 @@ class Broker:
             "allocations": self.store.count_allocations(),
             "gpu_source": self.gpu_source,
             "decision_cache": {"hits": self.ledger.cache_hits, "misses": self.ledger.cache_misses},
+            "lost_commits": self.store.lost_commits,
         }
 
     def summary(self) -> str:

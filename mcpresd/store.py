@@ -8,6 +8,11 @@ Rules:
 - Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
   requests into one transaction and replies only after it commits.
 - Schema changes are registered migrations; CHECK constraints back the core's rules.
+- After each COMMIT the database's path (and its -wal's) must still name the files this connection writes:
+  a deleted or replaced database is a `DatabaseGone`, and from then on the store refuses every transaction
+  (nothing more is acknowledged into a file nobody will read again).
+- The newest committed event id is the commit high-water mark; the daemon's lock file remembers it
+  (`mcpresd.files.DatabaseLock`), so a database that comes back behind it is seen to have lost commits.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +31,7 @@ from typing import Any
 
 from mcpresd.core.accounting import Charge
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
+from mcpresd.files import DatabaseLock
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
 MIGRATIONS_NAME = "mcpresd"
@@ -237,6 +244,16 @@ class CorruptDatabase(StorageError):
     """The database file failed its integrity check."""
 
 
+class MigrationFailed(StorageError):
+    """Applying the migrations failed; `sqlite_errorcode` is SQLite's primary result code where known."""
+
+    sqlite_errorcode = 0
+
+
+class DatabaseGone(StorageError):
+    """The database's path no longer names the file the daemon writes (deleted or replaced)."""
+
+
 def apply_migrations(conn: sqlite3.Connection) -> None:
     from sqlite_utils import Database
 
@@ -249,10 +266,20 @@ class Store:
     migrate_in_child = False
     """Set by the daemon: apply pending migrations in a child process (keeps sqlite-utils out of its memory)."""
 
-    def __init__(self, path: str | Path, *, check_integrity: bool = False) -> None:
+    def __init__(self, path: str | Path, *, check_integrity: bool = False, lock: DatabaseLock | None = None,
+                 identity: tuple[int, int] | None = None) -> None:
         self.path = str(path)
+        self.lock = lock
+        self.lost_commits: dict[str, Any] | None = None
+        """Set by the daemon when the database came back behind its commit high-water mark (see daemon.status)."""
+        self.gone: str | None = None
+        """Why the database can no longer be written (its file was deleted or replaced), once seen."""
+        self.wal_commits_dropped = 0
+        """Committed transactions in the -wal that SQLite's recovery dropped at this open (a damaged frame)."""
+        frames: list[tuple[int, bool]] = []
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            frames = wal_frames(self.path + "-wal")
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -264,7 +291,34 @@ class Store:
         if check_integrity and not self.integrity_ok():
             self.conn.close()  # before any migration writes into a damaged file
             raise CorruptDatabase(f"database {self.path} failed its integrity check (PRAGMA quick_check)")
+        if frames:
+            self.wal_commits_dropped = self._commits_recovery_dropped(frames)
         self._migrate()
+        self._files: dict[str, tuple[int, int]] = {}
+        if self.path != ":memory:":
+            if identity is None:
+                info = os.stat(self.path)
+                identity = (info.st_dev, info.st_ino)
+            self._files[self.path] = identity
+            self._note_wal()
+        self.mark = self.last_event_id()
+        """The commit high-water mark: the newest committed event id."""
+        self._newest_event = self.mark
+
+    def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
+        """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
+
+        SQLite drops a WAL from its first frame that fails its checksum on, silently (its log callback is not
+        reachable from Python). The frames it kept are `mxFrame`, which a PASSIVE checkpoint reports. A commit
+        frame past it is a transaction that was committed and is gone, unless it is the only one and the file's
+        very last frame: a commit torn by a crash of the host (never acknowledged: its fsync did not return).
+        """
+        row = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        kept = int(row[1]) if row is not None else -1
+        if kept < 0:
+            return 0
+        dropped = [number for number, commit in frames if commit and number > kept]
+        return 0 if dropped == [frames[-1][0]] else len(dropped)
 
     def _migrate(self) -> None:
         if self._applied_migrations() >= {m.__name__ for m in MIGRATIONS}:
@@ -273,7 +327,10 @@ class Store:
             # A short-lived child applies them, so the long-running daemon never carries sqlite-utils.
             done = subprocess.run([sys.executable, "-m", "mcpresd.store", self.path], capture_output=True, text=True)
             if done.returncode != 0:
-                raise StorageError(f"migrating {self.path} failed: {done.stderr.strip() or done.returncode}")
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                failure = MigrationFailed(f"migrating {self.path} failed: {lines[-1]}")
+                failure.sqlite_errorcode = done.returncode
+                raise failure
             return
         apply_migrations(self.conn)
 
@@ -292,10 +349,50 @@ class Store:
     # -- transactions -----------------------------------------------------
 
     def begin(self) -> None:
+        if self.gone is not None:
+            raise DatabaseGone(self.gone)
         self.conn.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+        self.verify_files()
+        if self._newest_event != self.mark:
+            self.mark = self._newest_event
+            if self.lock is not None:
+                self.lock.record(self.mark)
+
+    def _note_wal(self) -> None:
+        try:
+            info = os.lstat(self.path + "-wal")
+        except FileNotFoundError:
+            return
+        self._files[self.path + "-wal"] = (info.st_dev, info.st_ino)
+
+    def verify_files(self) -> None:
+        """Raise DatabaseGone (now and for every later transaction) if a path no longer names its open file."""
+        if self.gone is not None:
+            raise DatabaseGone(self.gone)
+        if not self._files:
+            return
+        if len(self._files) == 1:
+            self._note_wal()  # SQLite had not made the -wal yet when the store opened
+        for path, identity in self._files.items():
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                self._lost(path, "no longer exists")
+            else:
+                if (info.st_dev, info.st_ino) != identity:
+                    self._lost(path, "now names another file")
+        if self.lock is not None and not self.lock.still_named():
+            self._lost(self.lock.path, "no longer names the lock this daemon holds",
+                       "another daemon could open the database beside this one")
+
+    def _lost(self, path: str, what: str, why: str = "the database was deleted or replaced while the daemon ran") \
+            -> None:
+        self.gone = (f"{path} {what}: {why}; writes are no longer acknowledged and the daemon stops (its "
+                     f"supervisor restarts it; to restore a backup, `cp BACKUP {self.path}` while it is stopped)")
+        raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
         """Checkpoint every WAL_CHECKPOINT_PAGES pages where the disk has room for WAL_ROOM_FACTOR such WALs, at
@@ -320,6 +417,8 @@ class Store:
     def rollback(self) -> None:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        self._newest_event = self.mark
+        self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -539,7 +638,8 @@ class Store:
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (now, kind, allocation_id, resource, uid, _compact(detail) if detail else "{}"),
         )
-        return int(cursor.lastrowid or 0)
+        self._newest_event = int(cursor.lastrowid or 0)
+        return self._newest_event
 
     def last_event_id(self) -> int:
         row = self.conn.execute("SELECT max(id) FROM events").fetchone()
@@ -620,6 +720,37 @@ class Store:
             return bool(self.conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
         except sqlite3.DatabaseError:
             return False
+
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def wal_frames(path: str) -> list[tuple[int, bool]]:
+    """The frames of a -wal file's current generation (their salts match its header): (number from 1, is it a
+    commit). Empty for no file, an empty or unrecognised one. Only the frame headers are read, no checksums."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return []
+    try:
+        size = os.fstat(handle).st_size
+        header = os.pread(handle, 32, 0)
+        if len(header) < 32:
+            return []
+        magic, _, page_size, _, salt1, salt2 = struct.unpack_from(">6I", header)
+        if magic not in WAL_MAGIC or not 512 <= page_size <= 65536:
+            return []
+        frame = 24 + page_size
+        frames = []
+        for number, offset in enumerate(range(32, size - frame + 1, frame), start=1):
+            _, commit, frame_salt1, frame_salt2 = struct.unpack(">4I", os.pread(handle, 16, offset))
+            if (frame_salt1, frame_salt2) == (salt1, salt2):
+                frames.append((number, commit != 0))
+        return frames
+    except (OSError, struct.error):
+        return []
+    finally:
+        os.close(handle)
 
 
 def _fsync(path: str) -> None:
@@ -813,13 +944,18 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m mcpresd.store DATABASE", file=sys.stderr)
         return 2
-    conn = sqlite3.connect(argv[0], isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
     try:
-        apply_migrations(conn)
-    finally:
-        conn.close()
+        conn = sqlite3.connect(argv[0], isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            apply_migrations(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        # One line for the daemon to pass on; the exit status is SQLite's primary result code.
+        print(f"{error}", file=sys.stderr)
+        return (getattr(error, "sqlite_errorcode", 0) & 0xFF) or 1
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mcpctl.client import Client
+from mcpctl.client import Client, DaemonUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -69,10 +69,11 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mcpresd exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(self.socket)
+                # It listens before it opens its database (early clients wait in the backlog): ready once it answers.
+                with Client(self.socket, timeout=max(0.1, deadline - time.monotonic())) as client:
+                    client.call("daemon.status")
                 return
-            except OSError:
+            except DaemonUnreachable:
                 time.sleep(0.02)
         raise RuntimeError(f"mcpresd did not start in {timeout}s:\n{self.log()}")
 

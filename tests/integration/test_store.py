@@ -46,3 +46,43 @@ def test_check_constraints_back_the_rules(tmp_path: Path) -> None:
             continue
         raise AssertionError(f"accepted: {statement}")
     store.close()
+
+
+def _copy_while_open(store: Store, target: Path) -> Path:
+    """The database and its -wal as a crash would leave them: copied while the store still has them open."""
+    target.mkdir()
+    copy = target / "state.db"
+    for suffix in ("", "-wal"):
+        copy.with_name(copy.name + suffix).write_bytes(Path(store.path + suffix).read_bytes())
+    return copy
+
+
+def test_commits_that_wal_recovery_drops_are_counted_but_not_an_intact_wal_or_a_torn_last_commit(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    for n in range(60):
+        with store.transaction():
+            store.insert_event(float(n), "test")
+    intact = _copy_while_open(store, tmp_path / "intact")
+    damaged = _copy_while_open(store, tmp_path / "damaged")
+    torn = _copy_while_open(store, tmp_path / "torn")
+    store.close()
+    for copy, which in ((damaged, "middle"), (torn, "last")):
+        wal = Path(f"{copy}-wal")
+        data = bytearray(wal.read_bytes())
+        page_size = int.from_bytes(data[8:12], "big")
+        frames = (len(data) - 32) // (24 + page_size)
+        frame = 32 + (frames // 2 if which == "middle" else frames - 1) * (24 + page_size)
+        data[frame + 24 + 100] ^= 0xFF  # a byte of that frame's page: its checksum no longer matches
+        wal.write_bytes(bytes(data))
+
+    kept = Store(intact)
+    assert (kept.wal_commits_dropped, kept.mark) == (0, 60)
+    kept.close()
+    lost = Store(damaged)
+    assert lost.mark < 60  # SQLite dropped the damaged frame's transaction and every later one, silently
+    assert lost.wal_commits_dropped == 60 - lost.mark
+    lost.close()
+    # Only the last commit, in the file's last frame: what a host crash during a COMMIT leaves (never acknowledged).
+    cut = Store(torn)
+    assert (cut.wal_commits_dropped, cut.mark) == (0, 59)
+    cut.close()

@@ -89,6 +89,46 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
         config.load(tmp_path / "nope.toml")
 
 
+def test_a_deeply_nested_file_is_one_config_error_not_a_recursion_traceback(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="nested too deeply") as raised:
+        config.load(write(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n"))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("reserve", ['"1P"', '"100000T"'])
+def test_a_memory_reserve_of_at_least_the_hosts_memory_is_refused(tmp_path: Path, reserve: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"memory_reserve: .* is not less than this host's memory"):
+        config.load(write(tmp_path, f"memory_reserve = {reserve}\n"))
+
+
+def test_a_memory_reserve_equal_to_the_hosts_memory_is_refused(tmp_path: Path) -> None:
+    total = config.host_memory()
+    assert total is not None
+    with pytest.raises(config.ConfigError, match="not less than this host's memory"):
+        config.load(write(tmp_path, f"memory_reserve = {total}\n"))
+    assert config.load(write(tmp_path, f"memory_reserve = {total - 1}\n")).memory_reserve == total - 1
+
+
+@pytest.mark.parametrize("text, meant", [
+    ("socket_mode = 438", '"0666"'),
+    ("socket_mode = 660", '"0660"'),
+    ("socket_mode = 0o660", '"0660"'),
+])
+def test_a_socket_mode_given_as_a_number_is_refused_with_the_string_it_probably_meant(
+        tmp_path: Path, text: str, meant: str) -> None:
+    with pytest.raises(config.ConfigError, match=f"socket_mode: .* is a number; write the octal mode as a string.*"
+                                                 f"did you mean {meant}"):
+        config.load(write(tmp_path, text + "\n"))
+    assert config.load(write(tmp_path, 'socket_mode = "0660"\n')).socket_mode == 0o660
+
+
+def test_an_alert_rule_on_a_metric_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    rule = '[[alerts]]\nname = "hot"\nmetric = "gpu.temprature_c"\nselector = "gpu"\nwarning = 80\n'
+    with pytest.raises(config.ConfigError, match=r"alerts\[0\] \(hot\): metric 'gpu.temprature_c' does not exist"):
+        config.load(write(tmp_path, rule))
+    assert config.load(write(tmp_path, rule.replace("temprature", "temperature"))).monitor.rules[-1].name == "hot"
+
+
 def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
     import logging
 
