@@ -24,6 +24,8 @@ import fcntl
 import os
 import stat
 
+from mcpresd.protocol import socket_directory_problem
+
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3
@@ -64,23 +66,23 @@ class UnsafeDirectory(UnusablePath):
 
 
 def check_directory(directory: str, option: str) -> os.stat_result:
-    """Refuse a directory another user owns or may write to (they could swap our files for theirs)."""
-    info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode):
-        if info.st_uid not in (os.geteuid(), 0):
-            raise UnsafeDirectory(f"{directory} is a symbolic link made by uid {info.st_uid}, not by you or root; "
-                                  f"remove it or choose another {option}")
-        info = os.stat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeDirectory(f"{directory} is not a directory; choose another {option}")
-    if info.st_uid not in (os.geteuid(), 0):
-        raise UnsafeDirectory(f"{directory} belongs to uid {info.st_uid}, not to you; choose another {option}")
-    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-        raise UnsafeDirectory(
-            f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"run `chmod go-w {directory}` or choose another {option}"
-        )
-    return info
+    """Refuse a directory another user owns or may write to (they could swap our files for theirs).
+
+    The rule is `protocol.socket_directory_problem`, the one mcpctl applies to the daemon's socket; here a
+    directory that cannot be read is an error (OSError), and the refusal says what to do.
+    """
+    problem = socket_directory_problem(directory, (os.geteuid(), 0))
+    if problem is None:
+        return os.stat(directory)
+    if "writable by other users" in problem:
+        fix = f"run `chmod go-w {directory}` or choose another {option}"
+    elif "symbolic link" in problem:
+        fix = f"it is not yours or root's: remove it or choose another {option}"
+    elif "belongs to uid" in problem:
+        fix = f"not to you: choose another {option}"
+    else:
+        fix = f"choose another {option}"
+    raise UnsafeDirectory(f"{problem}; {fix}")
 
 
 def shared(info: os.stat_result) -> bool:
