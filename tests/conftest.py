@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -39,6 +40,18 @@ unit = "slots"
 """
 
 
+def mcpresd_command() -> list[str]:
+    """The installed `mcpresd` console script beside this interpreter, as a user runs it, so the packaging is
+    what is tested. Outside CI, a checkout without it (not installed with pip) falls back to `python -m mcpresd`;
+    in CI (CI set) its absence is a failure, never a silent fallback."""
+    installed = Path(sys.executable).parent / "mcpresd"
+    if installed.exists():
+        return [str(installed)]
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{installed} is missing: install the package (pip install -e .) before testing")
+    return [sys.executable, "-m", "mcpresd"]
+
+
 class DaemonProcess:
     """mcpresd run as a user runs it, as a subprocess of this interpreter."""
 
@@ -51,7 +64,7 @@ class DaemonProcess:
         self.config_path = tmp / "mcpresd.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / "mcpresd.log"
-        self.args = [sys.executable, "-m", "mcpresd", "--config", str(self.config_path), "--socket", self.socket,
+        self.args = [*mcpresd_command(), "--config", str(self.config_path), "--socket", self.socket,
                      "--db", self.db, *extra_args]
         if gpu_replay is not None:
             self.args += ["--gpu-replay", str(gpu_replay)]
@@ -142,6 +155,22 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def throwaway_group() -> Iterator[grp.struct_group]:
+    """A system group made for this test session and removed after it (root only: skips otherwise), so tests of
+    group rights depend on no group the host happens to have."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to create a group")
+    name = f"mcpres-test-{os.getpid()}"
+    done = subprocess.run(["groupadd", "--system", name], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"groupadd {name} failed: {done.stderr}")
+    try:
+        yield grp.getgrnam(name)
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True, timeout=60)
 
 
 @pytest.fixture
