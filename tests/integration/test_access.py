@@ -164,14 +164,14 @@ def test_a_half_sent_message_is_dropped_after_the_idle_timeout(tmp_path: Path) -
     daemon.start()
     try:
         with socket.socket(socket.AF_UNIX) as conn:
-            conn.settimeout(5)
+            conn.settimeout(60)  # a deadline for a broken daemon, not a timing
             conn.connect(daemon.socket)
             conn.sendall(b'{"jsonrpc":"2.0","id":1,"meth')
             started = time.monotonic()
             reply = conn.recv(65536)
             assert b"not finished within" in reply
             assert conn.recv(65536) == b""  # then closed
-            assert 0.4 < time.monotonic() - started < 3.0
+            assert time.monotonic() - started > 0.4  # not before the idle timeout (load only makes it later)
         assert daemon.call("daemon.status")["version"]
     finally:
         daemon.stop()
@@ -200,10 +200,8 @@ def test_a_flood_of_idle_connections_does_not_stop_a_legitimate_client(daemon: D
             conn = socket.socket(socket.AF_UNIX)
             conn.connect(daemon.socket)
             flood.append(conn)
-        started = time.monotonic()
         for _ in range(20):
             assert daemon.call("daemon.status")["version"]
-        assert time.monotonic() - started < 5.0
     finally:
         for conn in flood:
             conn.close()
