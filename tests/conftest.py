@@ -192,6 +192,23 @@ def run_cli(*args: str, socket_path: str | None = None, env: dict[str, str] | No
                           timeout=timeout)
 
 
+def connections_to(socket_path: str) -> int:
+    """How many client connections the daemon listening at `socket_path` holds open now: in /proc/net/unix an
+    accepted socket carries its listener's path, in state 03 (connected)."""
+    with open("/proc/net/unix") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return sum(1 for row in rows if len(row) == 8 and row[7] == socket_path and row[5] == "03")
+
+
+def wait_for_connections(socket_path: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until the daemon at `socket_path` holds at least `count` client connections."""
+    deadline = time.monotonic() + timeout
+    while connections_to(socket_path) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the daemon did not hold {count} connections within {timeout}s")
+        time.sleep(0.01)
+
+
 # -- the installed mcpctl against a DaemonProcess (e2e tests) ---------------------------
 
 def cli(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli
+from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli, wait_for_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -372,7 +372,7 @@ def test_alerts_follow_exits_5_when_the_daemon_goes_away(tmp_path: Path) -> None
     daemon = started(tmp_path)
     proc = follower(daemon, "alerts", "--follow")
     try:
-        time.sleep(0.3)
+        wait_for_connections(daemon.socket, 1)  # following, when the daemon goes away
         daemon.stop()
         assert proc.wait(STEP_S) == exitcodes.UNREACHABLE
     finally:
