@@ -1,8 +1,13 @@
-"""A grant that reaches the gateway after its call was cancelled is released, and the call never runs.
+"""Allocations and calls that part ways: a grant that reaches the gateway after its call was cancelled is
+released and the call never runs; an allocation that ends while its call runs is not released twice, and the
+call's answer still reaches the client. (A gateway not subscribed to events, as here where the call was
+granted at once, does not learn of the end before the call finishes; it is only logged when it is.)
 
-The race is made exact, not timed: the daemon is stopped (SIGSTOP) while the gateway asks for the call's
-allocation, so the cancel is read while the gateway still waits for that answer; then the daemon goes on
-(SIGCONT), grants the request (the GPU is free) and the grant arrives for a call that no longer exists.
+Races are made exact, not timed. For the cancel, the daemon is stopped (SIGSTOP) while the gateway asks for
+the call's allocation, so the cancel is read while the gateway still waits for that answer; then the daemon
+goes on (SIGCONT), grants the request (the GPU is free) and the grant arrives for a call that no longer exists.
+For the running call, the server's `ask` tool runs until the client answers its sampling request, so the
+allocation is ended (by root) while the call certainly runs.
 """
 
 from __future__ import annotations
@@ -68,3 +73,25 @@ def test_a_grant_that_arrives_after_the_cancel_is_released_and_the_call_never_ru
     assert not any(m.get("id") == 1 for m in gateway.messages())  # no answer to a cancelled request
     methods = [json.loads(raw).get("method") for raw in tap_lines(tmp_path / "server.tap")]
     assert "tools/call" not in methods, methods
+
+
+def test_an_allocation_ended_while_its_call_runs_is_not_released_again_and_the_answer_passes(
+        gateways: Any, mcpresd: DaemonProcess) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    gateway.send(tool_call(1, "ask"))
+    [running] = until(lambda: allocations(mcpresd, "active", "raw/"), timeout=30)
+    asked = gateway.wait_for(lambda m: m.get("method") == "sampling/createMessage", timeout=30)
+
+    mcpresd.call("release", {"id": running["id"]})  # root ends it under the running call
+    gateway.send({"jsonrpc": "2.0", "id": asked["id"], "result": {"role": "assistant", "model": "m",
+                                                                   "content": {"type": "text", "text": "ok"}}})
+
+    answer = gateway.response(1, timeout=30)
+    gateway.send({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+    gateway.response(9)  # the gateway has handled the end of the call, and lives
+    assert answer["result"]["content"][0]["text"].startswith("client said ")
+    kinds = [e["kind"] for e in mcpresd.call("events.list", {"allocation_id": running["id"]})]
+    assert kinds == ["allocated", "released"]  # root's release only: nothing released twice, nothing held
+    assert "AlreadyReleased" not in gateway.stderr() and "already released" not in gateway.stderr()
+    assert not allocations(mcpresd, "active", "raw/")
