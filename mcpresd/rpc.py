@@ -264,6 +264,11 @@ class Dispatcher:
             finish(_Failure(error_object(ErrorCode.INVALID_PARAMS, error.message,
                                          {"type": "InvalidParams", "field": error.field})))
             return
+        except Exception:  # a bug in a parser: one reply, not a dropped connection
+            log.exception("internal error parsing the params of %s", method)
+            finish(_Failure(error_object(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log",
+                                         {"type": "InternalError"})))
+            return
         run = handler.run
         caller = peer.caller
         if handler.discovers:

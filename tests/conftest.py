@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -39,6 +40,18 @@ unit = "slots"
 """
 
 
+def mcpresd_command() -> list[str]:
+    """The installed `mcpresd` console script beside this interpreter, as a user runs it, so the packaging is
+    what is tested. Outside CI, a checkout without it (not installed with pip) falls back to `python -m mcpresd`;
+    in CI (CI set) its absence is a failure, never a silent fallback."""
+    installed = Path(sys.executable).parent / "mcpresd"
+    if installed.exists():
+        return [str(installed)]
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{installed} is missing: install the package (pip install -e .) before testing")
+    return [sys.executable, "-m", "mcpresd"]
+
+
 class DaemonProcess:
     """mcpresd run as a user runs it, as a subprocess of this interpreter."""
 
@@ -51,7 +64,7 @@ class DaemonProcess:
         self.config_path = tmp / "mcpresd.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / "mcpresd.log"
-        self.args = [sys.executable, "-m", "mcpresd", "--config", str(self.config_path), "--socket", self.socket,
+        self.args = [*mcpresd_command(), "--config", str(self.config_path), "--socket", self.socket,
                      "--db", self.db, *extra_args]
         if gpu_replay is not None:
             self.args += ["--gpu-replay", str(gpu_replay)]
@@ -145,6 +158,22 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         process.stop()
 
 
+@pytest.fixture(scope="session")
+def throwaway_group() -> Iterator[grp.struct_group]:
+    """A system group made for this test session and removed after it (root only: skips otherwise), so tests of
+    group rights depend on no group the host happens to have."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to create a group")
+    name = f"mcpres-test-{os.getpid()}"
+    done = subprocess.run(["groupadd", "--system", name], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"groupadd {name} failed: {done.stderr}")
+    try:
+        yield grp.getgrnam(name)
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+
+
 @pytest.fixture
 def bin_dir() -> Path:
     """The directory of the installed `mcpctl` and `mcpresd` commands (the test interpreter's venv)."""
@@ -162,6 +191,23 @@ def run_cli(*args: str, socket_path: str | None = None, env: dict[str, str] | No
     mcpctl = str(Path(sys.executable).parent / "mcpctl")
     return subprocess.run([mcpctl, *args], capture_output=True, text=True, env=full_env, input=input,
                           timeout=timeout)
+
+
+def connections_to(socket_path: str) -> int:
+    """How many client connections the daemon listening at `socket_path` holds open now: in /proc/net/unix an
+    accepted socket carries its listener's path, in state 03 (connected)."""
+    with open("/proc/net/unix") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return sum(1 for row in rows if len(row) == 8 and row[7] == socket_path and row[5] == "03")
+
+
+def wait_for_connections(socket_path: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until the daemon at `socket_path` holds at least `count` client connections."""
+    deadline = time.monotonic() + timeout
+    while connections_to(socket_path) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the daemon did not hold {count} connections within {timeout}s")
+        time.sleep(0.01)
 
 
 # -- the installed mcpctl against a DaemonProcess (e2e tests) ---------------------------

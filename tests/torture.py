@@ -24,7 +24,7 @@ from typing import Any
 
 from mcpctl.client import Client, DaemonUnreachable, RpcError
 from mcpresd.protocol import ErrorCode
-from tests.conftest import FIXTURES, DaemonProcess
+from tests.conftest import FIXTURES, DaemonProcess, mcpresd_command
 
 CAPACITY = {"slot": 10.0, "licence": 2.0}
 CONFIG = "".join(f'\n[[resources]]\nname = "{name}"\ncapacity = {capacity:g}\nunit = "u"\n'
@@ -218,7 +218,7 @@ def torture(tmp: Path, kills: int, *, unsafe: bool = False, clients: int = 4, se
     rng = random.Random(seed)
     daemon = DaemonProcess(tmp, config=CONFIG, gpu_replay=None)
     if unsafe:
-        daemon.args[1:3] = [str(UNSAFE_DAEMON)]
+        daemon.args[:len(mcpresd_command())] = [sys.executable, str(UNSAFE_DAEMON)]
     log = Log()
     result = Result()
     daemon.start()

@@ -10,7 +10,8 @@ Rules:
   `Live(auto_refresh=False)`, on the terminal's alternate screen.
 - By default it refreshes at the daemon's sampling interval, just after each
   sample; a daemon that goes away is shown and retried, not fatal, once the
-  view is up. Ctrl-C, SIGTERM or `q` end it with exit 0.
+  view is up. Ctrl-C, SIGTERM or `q` end it with exit 0, Ctrl-C also when
+  the shell started it with SIGINT ignored.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def fetch(client: Client) -> dashboard.Snapshot:
 
 def run_top(socket_path: str, *, once: bool, every: float | None, as_json: bool) -> int:
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with it ignored: Ctrl-C quits
     client = Client(socket_path, timeout=10.0)
     try:
         snapshot = fetch(client)

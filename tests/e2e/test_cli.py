@@ -356,13 +356,26 @@ def test_commands_on_a_pipe_print_plain_text_without_escape_codes(daemon: Daemon
     assert not BOX_DRAWING.search(result.stdout), result.stdout
 
 
+def _shows_the_allocation(command: str, data: Any, allocation_id: str) -> bool:
+    """Whether `command --json` shows the allocation of gpu=0.5 + licence=1 with this id."""
+    if command == "status":
+        return bool(data["allocations"]["active"] == 1)
+    if command == "resources":
+        return {r["name"]: r["allocated"] for r in data}["licence"] == 1.0
+    if command == "allocations":
+        return [(a["id"], a["state"], {i["resource"]: i["amount"] for i in a["items"]}["licence"]) for a in data] \
+            == [(allocation_id, "active", 1.0)]
+    return any(e["kind"] == "allocated" and e["allocation_id"] == allocation_id
+               and e["detail"]["items"]["licence"] == 1.0 for e in data)
+
+
 @pytest.mark.parametrize("command", ["status", "resources", "allocations", "events"])
 def test_commands_with_json_print_valid_json(daemon: DaemonProcess, command: str) -> None:
-    ok(daemon, "allocate", "--gpu", "0.5", "--res", "licence=1")
+    allocation_id = ok(daemon, "allocate", "--gpu", "0.5", "--res", "licence=1").strip()
 
     data = as_json(daemon, command)
 
-    assert data
+    assert _shows_the_allocation(command, data, allocation_id), data
 
 
 # -- help -------------------------------------------------------------------

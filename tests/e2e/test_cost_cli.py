@@ -37,7 +37,11 @@ def resource(daemon: DaemonProcess, name: str) -> dict[str, Any]:
 def held_briefly(daemon: DaemonProcess, *request: str, measured: str | None = None) -> str:
     """Allocate, hold for a moment, release (reporting `measured`); the allocation's id."""
     allocation_id = ok(daemon, "allocate", *request).strip()
-    time.sleep(0.2)
+    granted_at = daemon.call("allocations.get", {"id": allocation_id})["granted_at"]
+    deadline = time.monotonic() + 30
+    while time.time() < granted_at + 0.2:  # held 0.2 s by the daemon's grant time (the host's one clock)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     ok(daemon, "release", allocation_id, *(["--measured", measured] if measured else []))
     return allocation_id
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli
+from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli, wait_for_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -260,35 +260,52 @@ def test_top_refuses_an_interval_under_half_a_second(monitored: DaemonProcess, i
     assert "--interval" in result.stderr
 
 
-def test_top_live_view_exits_0_on_ctrl_c(monitored: DaemonProcess) -> None:
+def _read_until(master: int, seen: bytearray, done: Callable[[], bool], timeout: float) -> None:
+    """Keep reading the pty into `seen` until `done()` or the pty closes; fail after `timeout` seconds.
+
+    The view's writes block once the pty's buffer (about 20 KiB, seven frames) is full, so the test reads for as
+    long as the process lives, never stopping at a pause in its output."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout}s; the terminal showed:\n{bytes(seen)[-2000:]!r}")
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                return
+            if not chunk:
+                return
+            seen += chunk
+
+
+def _sigint(disposition: str) -> Callable[[], None]:
+    """Start the child with SIGINT at its default disposition or ignored, whatever this process has."""
+    handler = signal.SIG_IGN if disposition == "ignored" else signal.SIG_DFL
+    return lambda: signal.signal(signal.SIGINT, handler) and None
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_top_live_view_exits_0_on_ctrl_c(monitored: DaemonProcess, inherited: str) -> None:
+    """Ctrl-C ends the live view, also when started with SIGINT ignored (a background job of a script, some CI
+    runners): it is an interactive view on a terminal, and q or Ctrl-C are how it is left."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen([MCPCTL, "top", "--interval", "0.5"], stdin=slave, stdout=slave, stderr=slave,
                             env=dict(os.environ, MCPRES_SOCKET=monitored.socket, TERM="xterm-256color"),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint(inherited))
     os.close(slave)
-    seen = b""
+    seen = bytearray()
     try:
-        deadline = time.monotonic() + STEP_S
-        while seen.count(b"mcpres top") < 2 and time.monotonic() < deadline:  # two refreshes drawn
-            if select.select([master], [], [], 0.1)[0]:
-                seen += os.read(master, 65536)
+        _read_until(master, seen, lambda: seen.count(b"mcpres top") >= 2, ALERT_S)  # two refreshes drawn
         proc.send_signal(signal.SIGINT)
-        while select.select([master], [], [], 0.5)[0]:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-        assert proc.wait(STEP_S) == 0
+        _read_until(master, seen, lambda: proc.poll() is not None, ALERT_S)
+        assert proc.wait(ALERT_S) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
-    assert seen.count(b"mcpres top") >= 2
     assert b"\x1b[?1049h" in seen and b"\x1b[?1049l" in seen  # the alternate screen, left on exit
     assert b"Traceback" not in seen
 
@@ -355,7 +372,7 @@ def test_alerts_follow_exits_5_when_the_daemon_goes_away(tmp_path: Path) -> None
     daemon = started(tmp_path)
     proc = follower(daemon, "alerts", "--follow")
     try:
-        time.sleep(0.3)
+        wait_for_connections(daemon.socket, 1)  # following, when the daemon goes away
         daemon.stop()
         assert proc.wait(STEP_S) == exitcodes.UNREACHABLE
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mcpresd.daemon import SHUTDOWN_GRACE_S
 from tests.conftest import DaemonProcess, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -159,13 +160,18 @@ def test_sigterm_shuts_down_cleanly_and_removes_the_socket(daemon: DaemonProcess
 
 
 def test_sigterm_does_not_wait_on_an_idle_client(daemon: DaemonProcess) -> None:
+    """Waiting on the idle client would take the whole shutdown grace (SHUTDOWN_GRACE_S) by construction, so that
+    is the bound, not a guess at how fast a machine is; the idle client is told by its connection closing."""
     with daemon.client() as idle:
         idle.connect()
+        assert idle._sock is not None
+        idle._sock.settimeout(60)
         started = time.monotonic()
 
-        assert daemon.stop(signal.SIGTERM, timeout=15) == 0
+        assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+        assert idle._sock.recv(1) == b""  # closed by the daemon, not left hanging
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < SHUTDOWN_GRACE_S
     assert not os.path.lexists(daemon.socket)
 
 

@@ -1,11 +1,15 @@
 """Access control between users and the limits that keep one client from starving the rest.
 
 Two real uids: the daemon runs as root (as these tests do, in CI too) and a forked child
-drops to `nobody` (65534) before it connects.
+drops to uid 65534 before it connects (no user entry is needed for a bare uid). Only the
+tests that change uid need root; the limits are tested as any user. The admin group is a
+throwaway group made for the session (tests/conftest.py `throwaway_group`), so no test
+depends on which groups the host happens to have.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -23,7 +27,7 @@ from tests.conftest import CONFIG, DaemonProcess
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user")
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user (uid 65534)")
 
 
 @pytest.fixture
@@ -75,14 +79,15 @@ def shared_daemon(tmp_path: Path, shared_dir: Path, extra: str = "") -> DaemonPr
     return daemon
 
 
-def as_nobody(socket_path: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Send requests on one connection from a child process running as nobody; return the replies."""
+def as_nobody(socket_path: str, requests: list[dict[str, Any]], groups: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Send requests on one connection from a child process running as uid and gid 65534 with these supplementary
+    groups; return the replies."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop privileges, talk, report, exit without running pytest's cleanup
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             with socket.socket(socket.AF_UNIX) as sock:
@@ -107,6 +112,7 @@ def as_nobody(socket_path: str, requests: list[dict[str, Any]]) -> list[dict[str
     return result
 
 
+@needs_root
 def test_another_users_allocation_looks_not_found_and_is_listed_without_details(
         tmp_path: Path, shared_dir: Path) -> None:
     daemon = shared_daemon(tmp_path, shared_dir)
@@ -128,6 +134,7 @@ def test_another_users_allocation_looks_not_found_and_is_listed_without_details(
         daemon.stop()
 
 
+@needs_root
 def test_a_users_allocations_are_theirs_and_root_may_release_them(
         tmp_path: Path, shared_dir: Path, nobodys_process: int) -> None:
     daemon = shared_daemon(tmp_path, shared_dir)
@@ -140,17 +147,23 @@ def test_a_users_allocations_are_theirs_and_root_may_release_them(
         daemon.stop()
 
 
-def test_members_of_the_admin_group_manage_every_allocation(tmp_path: Path, shared_dir: Path) -> None:
-    daemon = shared_daemon(tmp_path, shared_dir, '\n[access]\nadmin_group = "nogroup"\n')
+@needs_root
+def test_members_of_the_admin_group_manage_every_allocation(tmp_path: Path, shared_dir: Path,
+                                                            throwaway_group: grp.struct_group) -> None:
+    daemon = shared_daemon(tmp_path, shared_dir, f'\n[access]\nadmin_group = "{throwaway_group.gr_name}"\n')
     try:
         mine = daemon.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
                                         "holder_pid": os.getpid()})
-        (release,) = as_nobody(daemon.socket, [{"method": "release", "params": {"id": mine["id"]}}])
+        (outsider,) = as_nobody(daemon.socket, [{"method": "release", "params": {"id": mine["id"]}}])
+        assert outsider["error"]["code"] == ErrorCode.ALLOCATION_NOT_FOUND  # not in the group: not theirs
+        (release,) = as_nobody(daemon.socket, [{"method": "release", "params": {"id": mine["id"]}}],
+                               groups=(throwaway_group.gr_gid,))
         assert release["result"]["state"] == "released"
     finally:
         daemon.stop()
 
 
+@needs_root
 def test_connections_per_uid_are_limited_and_other_users_still_get_in(tmp_path: Path, shared_dir: Path) -> None:
     daemon = shared_daemon(tmp_path, shared_dir, '\n[limits]\nmax_connections_per_uid = 3\n')
     held = []
@@ -176,14 +189,14 @@ def test_a_half_sent_message_is_dropped_after_the_idle_timeout(tmp_path: Path) -
     daemon.start()
     try:
         with socket.socket(socket.AF_UNIX) as conn:
-            conn.settimeout(5)
+            conn.settimeout(60)  # a deadline for a broken daemon, not a timing
             conn.connect(daemon.socket)
             conn.sendall(b'{"jsonrpc":"2.0","id":1,"meth')
             started = time.monotonic()
             reply = conn.recv(65536)
             assert b"not finished within" in reply
             assert conn.recv(65536) == b""  # then closed
-            assert 0.4 < time.monotonic() - started < 3.0
+            assert time.monotonic() - started > 0.4  # not before the idle timeout (load only makes it later)
         assert daemon.call("daemon.status")["version"]
     finally:
         daemon.stop()
@@ -212,10 +225,8 @@ def test_a_flood_of_idle_connections_does_not_stop_a_legitimate_client(daemon: D
             conn = socket.socket(socket.AF_UNIX)
             conn.connect(daemon.socket)
             flood.append(conn)
-        started = time.monotonic()
         for _ in range(20):
             assert daemon.call("daemon.status")["version"]
-        assert time.monotonic() - started < 5.0
     finally:
         for conn in flood:
             conn.close()

@@ -188,15 +188,22 @@ def test_the_daemon_measures_a_holders_process_tree(tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path, config=CONFIG + '\n[monitor]\ninterval = "0.5s"\n')
     daemon.start()
     try:
-        burner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass\n"
-                                   "b=bytearray(64<<20)\ntime.sleep(60)"])
+        # Burns a second of CPU, takes 64 MiB, says so, then idles until killed.
+        burner = subprocess.Popen([sys.executable, "-c", "import os, time\nwhile os.times().user < 1.0: pass\n"
+                                   "b=bytearray(64<<20)\nprint('ready', flush=True)\ntime.sleep(600)"],
+                                  stdout=subprocess.PIPE)
         held = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "tool_id": "burn",
                                         "holder_pid": burner.pid})
-        time.sleep(2.5)
+        assert burner.stdout is not None and burner.stdout.readline() == b"ready\n"
+        ready = time.time()
+        deadline = time.monotonic() + 30
+        while (daemon.call("metrics.current")["ts"] or 0) <= ready:  # a sampling round after it was ready
+            assert time.monotonic() < deadline, "no sample taken"
+            time.sleep(0.05)
         burner.kill()
         burner.wait()
-        deadline = time.monotonic() + 5
-        while daemon.call("allocations.get", {"id": held["id"]})["state"] == "active" and time.monotonic() < deadline:
+        while daemon.call("allocations.get", {"id": held["id"]})["state"] == "active":
+            assert time.monotonic() < deadline, "the killed holder's allocation was not released"
             time.sleep(0.05)
         measured = daemon.call("allocations.get", {"id": held["id"]})["measured"]
         assert measured["cpu_seconds"] > 0.5

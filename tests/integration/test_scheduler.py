@@ -1,6 +1,8 @@
 """The wait queue, holders and leases, checked through the real daemon (docs/scheduling.md states the rules).
 
 Every daemon here ticks every 50 ms, so timeouts, TTLs, aging and preemption grace are seen within a tick.
+Tests never time the daemon: they wait (bounded by DEADLINE_S) for the state or event they expect, and check
+when things happened through the daemon's own timestamps (granted_at, released_at, expires_at, preempt_at).
 Queued requests that must outlive the call that made them are detached and held by a `sleep` child
 (`holders`), one per request, so a test can end any one of them; every child is killed afterwards.
 Every wait is bounded: a broken daemon fails a test, it never hangs it.
@@ -35,6 +37,7 @@ capacity = 2
 """
 
 ORDER = ["critical", "high", "normal", "low"]
+DEADLINE_S = 30.0  # how long a wait for an expected state may take on a loaded machine before the test fails
 
 
 def config(**scheduler: str | bool) -> str:
@@ -177,7 +180,7 @@ def granted_order(daemon: DaemonProcess, ids: list[str]) -> list[str]:
     return [e["allocation_id"] for e in events(daemon) if e["kind"] == "allocated" and e["allocation_id"] in wanted]
 
 
-def eventually(check: Callable[[], bool], within: float = 2.0, every: float = 0.02) -> float:
+def eventually(check: Callable[[], bool], within: float = DEADLINE_S, every: float = 0.02) -> float:
     """Seconds until `check()` held; fails the test if it did not within `within` seconds."""
     start = time.monotonic()
     while not check():
@@ -238,7 +241,7 @@ def test_aging_serves_a_low_request_that_waited_three_intervals_before_a_newer_h
     daemon = start_daemon(aging_interval="1s")
     current = hold(daemon, "one", 1)
     old_low = enqueue(daemon, "one", 1, holders().pid, priority="low")
-    time.sleep(3.2)
+    eventually(lambda: daemon.call(Method.ALLOCATIONS_EXPLAIN, {"id": old_low})["effective_priority"] == "critical")
     new_high = enqueue(daemon, "one", 1, holders().pid, priority="high")
     assert daemon.call(Method.ALLOCATIONS_EXPLAIN, {"id": old_low})["effective_priority"] == "critical"
 
@@ -270,13 +273,11 @@ def test_a_two_unit_head_is_granted_before_one_unit_requests_that_keep_arriving(
 
 def test_a_wait_that_runs_out_is_error_1012_and_leaves_nothing_held(daemon: DaemonProcess) -> None:
     hold(daemon, "one", 1)
-    start = time.monotonic()
     error = error_of(daemon, Method.ALLOCATE, demand("one", 1, holder_pid=os.getpid(), wait=0.3))
-    waited = time.monotonic() - start
 
     assert error.code == ErrorCode.WAIT_TIMEOUT
-    assert 0.3 <= waited < 2.0
     withdrawn = get(daemon, error.data["id"])
+    assert withdrawn["released_at"] - withdrawn["created_at"] >= 0.3  # the daemon's clock: not before its wait
     assert (withdrawn["state"], withdrawn["release_reason"], withdrawn["items"]) == ("withdrawn", "timeout", [])
     assert daemon.call(Method.ALLOCATIONS_LIST, {"state": "queued"}) == []
     assert free(daemon, "one") == 0  # only the first allocation holds it
@@ -292,8 +293,7 @@ def test_a_waiting_client_that_disconnects_withdraws_its_request(daemon: DaemonP
     eventually(lambda: state(daemon, queued["id"]) == "withdrawn")
 
     assert get(daemon, queued["id"])["release_reason"] == "disconnected"
-    daemon.call(Method.RELEASE, {"id": current})
-    time.sleep(0.2)
+    daemon.call(Method.RELEASE, {"id": current})  # the queue is served in the release's own transaction
     assert state(daemon, queued["id"]) == "withdrawn"
     assert free(daemon, "one") == 1
 
@@ -305,10 +305,8 @@ def test_a_waiting_client_that_only_stops_sending_still_gets_its_grant(daemon: D
         request = waiting.send(Method.ALLOCATE, demand("one", 1, holder_pid=os.getpid(), wait=30))
         waiting.sock.shutdown(socket.SHUT_WR)
         [queued] = eventually_queued(daemon)
-        time.sleep(0.2)
-        assert state(daemon, queued["id"]) == "queued"
         daemon.call(Method.RELEASE, {"id": current})
-        reply = waiting.read(timeout=2.0)
+        reply = waiting.read(timeout=DEADLINE_S)  # a withdrawal on the half-close would answer 1013 here
 
     assert reply["id"] == request
     assert (reply["result"]["id"], reply["result"]["state"]) == (queued["id"], "active")
@@ -330,20 +328,18 @@ def eventually_queued(daemon: DaemonProcess, count: int = 1) -> list[dict[str, A
 
 def test_a_sigkilled_holder_releases_at_once_and_the_waiter_is_granted(
         daemon: DaemonProcess, holders: Callable[[], subprocess.Popen[bytes]]) -> None:
-    """The holder is watched (pidfd): its death frees the slot within milliseconds; here bounded by 1 s."""
+    """The holder is watched (pidfd): its death frees the slot and the waiter is granted, without a poll of its
+    own (the read below waits for that reply)."""
     holder = holders()
     held = hold(daemon, "one", 1, holder=holder.pid)
     with Line(daemon) as waiting:
         request = waiting.send(Method.ALLOCATE, demand("one", 1, wait=10))
         [queued] = eventually_queued(daemon)
-        killed_at = time.monotonic()
         holder.send_signal(signal.SIGKILL)
-        reply = waiting.read(timeout=5.0)
-        latency = time.monotonic() - killed_at
+        reply = waiting.read(timeout=DEADLINE_S)
 
     assert reply["id"] == request and reply["result"]["id"] == queued["id"]
     assert reply["result"]["state"] == "active"
-    assert latency < 1.0, f"granted {latency * 1000:.0f} ms after the holder was killed"
     released = get(daemon, held)
     assert (released["state"], released["release_reason"]) == ("released", "holder_exited")
     assert kinds(daemon, held) == ["allocated", "holder_exited"]
@@ -353,10 +349,10 @@ def test_a_connection_held_allocation_lives_while_its_connection_is_open(daemon:
     with Line(daemon) as client:
         granted = client.call(Method.ALLOCATE, demand("licence", 1))["result"]
         assert granted["holder"] == "connection" and granted["holder_pid"] is None
-        time.sleep(0.2)
+        assert client.call(Method.DAEMON_STATUS)["result"]  # the connection is still served, and it holds:
         assert state(daemon, granted["id"]) == "active"
         assert free(daemon, "licence") == 1
-    eventually(lambda: state(daemon, granted["id"]) == "released", within=1.0)
+    eventually(lambda: state(daemon, granted["id"]) == "released")
 
     assert get(daemon, granted["id"])["release_reason"] == "connection_closed"
     assert free(daemon, "licence") == 2
@@ -367,26 +363,29 @@ def test_an_allocation_is_released_when_its_ttl_runs_out(daemon: DaemonProcess) 
     allocation_id = hold(daemon, "licence", 1, ttl=0.5)
     assert get(daemon, allocation_id)["expires_at"] is not None
 
-    took = eventually(lambda: state(daemon, allocation_id) == "released", within=1.5)
+    eventually(lambda: state(daemon, allocation_id) == "released")
 
-    assert took >= 0.3
-    assert get(daemon, allocation_id)["release_reason"] == "expired"
+    expired = get(daemon, allocation_id)
+    assert expired["release_reason"] == "expired"
+    assert expired["released_at"] >= expired["expires_at"]  # not before the lease ran out
     assert kinds(daemon, allocation_id) == ["allocated", "expired"]
 
 
 def test_renewing_before_expiry_extends_the_lease(daemon: DaemonProcess) -> None:
     allocation_id = hold(daemon, "licence", 1, ttl=1.0)
     first_expiry = get(daemon, allocation_id)["expires_at"]
-    time.sleep(0.5)
 
-    renewed = daemon.call(Method.ALLOCATIONS_RENEW, {"id": allocation_id})
-    assert renewed["expires_at"] >= first_expiry + 0.4
-    time.sleep(0.8)  # past the first expiry, before the renewed one
-    assert state(daemon, allocation_id) == "active"
+    renewed = daemon.call(Method.ALLOCATIONS_RENEW, {"id": allocation_id, "ttl": DEADLINE_S})
+    assert renewed["expires_at"] > first_expiry
+    eventually(lambda: time.time() > first_expiry + 0.2)  # past the first expiry (the host's one clock)...
+    daemon.call(Method.DAEMON_STATUS)
+    assert state(daemon, allocation_id) == "active"  # ...and it was kept: the renewed lease runs on
 
-    eventually(lambda: state(daemon, allocation_id) == "released", within=1.5)
-    assert get(daemon, allocation_id)["release_reason"] == "expired"
-    assert kinds(daemon, allocation_id) == ["allocated", "renewed", "expired"]
+    shortened = daemon.call(Method.ALLOCATIONS_RENEW, {"id": allocation_id, "ttl": 0.2})
+    eventually(lambda: state(daemon, allocation_id) == "released")
+    expired = get(daemon, allocation_id)
+    assert expired["release_reason"] == "expired" and expired["released_at"] >= shortened["expires_at"]
+    assert kinds(daemon, allocation_id) == ["allocated", "renewed", "renewed", "expired"]
 
 
 # -- preemption ---------------------------------------------------------------------
@@ -396,7 +395,6 @@ def test_a_preemptible_low_allocation_is_revoked_for_a_high_request_after_the_gr
         start_daemon: Callable[..., DaemonProcess], holders: Callable[[], subprocess.Popen[bytes]]) -> None:
     daemon = start_daemon(preemption=True, preempt_grace="1s")
     victim = hold(daemon, "one", 1, priority="low", preemptible=True)
-    asked_at = time.monotonic()
     high = enqueue(daemon, "one", 1, holders().pid, priority="high")
 
     assert "preempted" in kinds(daemon, victim)
@@ -405,9 +403,9 @@ def test_a_preemptible_low_allocation_is_revoked_for_a_high_request_after_the_gr
     assert get(daemon, victim)["preempt_at"] is not None
     assert state(daemon, victim) == "active"  # the grace period first
 
-    eventually(lambda: state(daemon, high) == "active", within=3.0)
-    waited = time.monotonic() - asked_at
-    assert 0.8 <= waited < 3.0
+    preempt_at = get(daemon, victim)["preempt_at"]
+    eventually(lambda: state(daemon, high) == "active")
+    assert get(daemon, high)["granted_at"] >= preempt_at  # after the grace, by the daemon's clock
     revoked = get(daemon, victim)
     assert (revoked["state"], revoked["release_reason"]) == ("released", "revoked")
     assert granted_order(daemon, [victim, high]) == [victim, high]
@@ -424,7 +422,9 @@ def test_without_consent_and_policy_nothing_is_preempted(
     victim = hold(daemon, "one", 1, priority="low", preemptible=preemptible)
     critical = enqueue(daemon, "one", 1, holders().pid, priority="critical")
 
-    time.sleep(1.5)
+    # Past the grace a preemption would have had, by the daemon's clock (its uptime):
+    asked = daemon.call(Method.DAEMON_STATUS)["uptime_s"]
+    eventually(lambda: daemon.call(Method.DAEMON_STATUS)["uptime_s"] > asked + 1.5)
 
     assert (state(daemon, victim), state(daemon, critical)) == ("active", "queued")
     assert kinds(daemon, victim) == ["allocated"]

@@ -26,7 +26,7 @@ if fd != 3:
     os.close(fd)
 os.set_inheritable(3, True)
 env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="mcpresd.socket", LISTEN_PID=str(os.getpid()))
-os.execve(sys.executable, [sys.executable, *sys.argv[2:]], env)
+os.execve(sys.argv[2], sys.argv[2:], env)
 """
 
 
@@ -44,7 +44,7 @@ class Activated:
     def start(self) -> None:
         fd = self.listener.fileno()
         with open(self.daemon.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(fd), *self.daemon.args[1:]],
+            self.proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(fd), *self.daemon.args],
                                          pass_fds=(fd,), stdout=log, stderr=log, cwd=ROOT)
 
     def stop(self) -> int:
@@ -120,7 +120,7 @@ def test_a_passed_descriptor_that_is_no_listening_socket_is_refused(tmp_path: Pa
     not_listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         fd = not_listening.fileno()
-        done = subprocess.run([sys.executable, "-c", WRAPPER, str(fd), *daemon.args[1:]], pass_fds=(fd,),
+        done = subprocess.run([sys.executable, "-c", WRAPPER, str(fd), *daemon.args], pass_fds=(fd,),
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
     finally:
         not_listening.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -163,13 +165,19 @@ def test_an_invalid_budget_is_refused_with_a_reason(budget: Budget, message: str
         budget.validate()
 
 
-@pytest.mark.parametrize("budget", [
-    Budget(BudgetScope.TOOL, "x" * 200, 0.01, Period.MONTH, soft=1.0),
-    Budget(BudgetScope.OWNER, "1000", 5.0, Period.WEEK),
-    Budget(BudgetScope.POOL, "gpus", 5.0, Period.DAY, soft=0.5),
+@pytest.mark.parametrize("budget, past_the_edge, message", [
+    (Budget(BudgetScope.TOOL, "x" * 200, 0.01, Period.MONTH, soft=1.0), {"subject": "x" * 201}, "subject"),
+    (Budget(BudgetScope.TOOL, "x" * 200, 0.01, Period.MONTH, soft=1.0), {"soft": 1.0 + 1e-9}, "soft"),
+    (Budget(BudgetScope.OWNER, "1000", 5.0, Period.WEEK), {"subject": "01000"}, "uid"),
+    (Budget(BudgetScope.POOL, "gpus", 5e-9, Period.DAY, soft=1e-9), {"limit": 0.0}, "positive finite"),
+    (Budget(BudgetScope.POOL, "gpus", 5e-9, Period.DAY, soft=1e-9), {"soft": 0.0}, "soft"),
 ])
-def test_a_valid_budget_passes(budget: Budget) -> None:
+def test_a_budget_at_each_bound_passes_and_one_step_past_it_is_refused(
+        budget: Budget, past_the_edge: dict[str, Any], message: str) -> None:
     budget.validate()
+
+    with pytest.raises(ValueError, match=message):
+        replace(budget, **past_the_edge).validate()
 
 
 NOON = at("2024-05-10T12:00+00:00")

@@ -49,12 +49,22 @@ def pool(spec: PoolSpec = COMMAND, **changes: Any) -> Pool:
 
 # -- validation ---------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [COMMAND, SLOTS, STATIC,
-                                  PoolSpec("a100", FactoryKind.STATIC, select=("type=gpu", "name~A100")),
-                                  replace(SLOTS, name="cpu-pairs", parent="cpu", slot_size=2.0),
-                                  replace(SLOTS, parent="gpu:0", slot_size=1.0)])
-def test_well_formed_specs_validate(spec: PoolSpec) -> None:
+@pytest.mark.parametrize(("spec", "one_step_off", "field"), [
+    (COMMAND, {"create": None}, "create"),
+    (COMMAND, {"max_size": 0}, "max_size"),
+    (SLOTS, {"parent": None}, "parent"),
+    (STATIC, {"members": ()}, "members"),
+    (PoolSpec("a100", FactoryKind.STATIC, select=("type=gpu", "name~A100")), {"select": ("type=",)}, "select"),
+    (replace(SLOTS, name="cpu-pairs", parent="cpu", slot_size=2.0), {"parent": "gpu"}, "slot_size"),
+    (replace(SLOTS, parent="gpu:0", slot_size=1.0), {"slot_size": 1.0 + 1e-9}, "slot_size"),
+])
+def test_well_formed_specs_validate_and_one_change_off_names_that_field(
+        spec: PoolSpec, one_step_off: dict[str, Any], field: str) -> None:
     spec.validate()
+
+    with pytest.raises(InvalidRequest) as raised:
+        replace(spec, **one_step_off).validate()
+    assert raised.value.data["field"] == field
 
 
 @pytest.mark.parametrize(("spec", "changes", "field"), [

@@ -1,0 +1,146 @@
+"""Who may see and change what, checked with two real uids against a real daemon on a shared (0666) socket.
+
+The daemon runs as root; the other user is uid 65534 run through `setpriv` (no user entry needed), with no
+supplementary groups or with the session's throwaway admin group as its only supplementary one: its primary
+group stays 65534, so admin rights can only come from the supplementary group. The client is a stdlib-only
+script on stdin/stdout, so nothing of this checkout needs to be readable by that uid.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcpresd.protocol import ErrorCode
+from tests.conftest import CONFIG, DaemonProcess
+
+OTHER = 65534
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user (uid 65534)")
+
+CLIENT = """
+import json, socket, sys
+path, requests = sys.argv[1], json.load(sys.stdin)
+replies = []
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.settimeout(10)
+    sock.connect(path)
+    stream = sock.makefile("rwb")
+    for number, request in enumerate(requests, 1):
+        stream.write(json.dumps({"jsonrpc": "2.0", "id": number, **request}).encode() + b"\\n")
+        stream.flush()
+        replies.append(json.loads(stream.readline()))
+json.dump(replies, sys.stdout)
+"""
+
+
+def as_other_user(socket_path: str, requests: list[dict[str, Any]], *, groups: tuple[int, ...] = ()
+                  ) -> list[dict[str, Any]]:
+    """Send `requests` on one connection as uid/gid 65534 with exactly these supplementary groups."""
+    group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    done = subprocess.run(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", group_option,
+                           sys.executable, "-I", "-c", CLIENT, socket_path],
+                          input=json.dumps(requests), capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    replies: list[dict[str, Any]] = json.loads(done.stdout)
+    return replies
+
+
+@pytest.fixture
+def shared(tmp_path: Path, throwaway_group: grp.struct_group) -> Iterator[DaemonProcess]:
+    """A root daemon whose socket (0666, in a directory others may enter) uid 65534 can reach; the throwaway
+    group is its admin group."""
+    reachable = Path(tempfile.mkdtemp(prefix="permissions-test-"))  # pytest's own tmp dirs are 0700
+    reachable.chmod(0o755)
+    daemon = DaemonProcess(tmp_path, config=CONFIG + f'\n[access]\nadmin_group = "{throwaway_group.gr_name}"\n',
+                           extra_args=("--socket-mode", "0666"))
+    daemon.socket = str(reachable / "mcpresd.sock")
+    daemon.args[daemon.args.index("--socket") + 1] = daemon.socket
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(reachable, ignore_errors=True)
+
+
+def roots_allocation(daemon: DaemonProcess) -> str:
+    granted = daemon.call("allocate", {"resources": [{"resource": "licence", "amount": 1}], "tool_id": "secret-tool",
+                                       "holder_pid": os.getpid()})
+    return str(granted["id"])
+
+
+def test_events_of_other_users_are_shown_to_a_non_admin_without_their_detail(shared: DaemonProcess) -> None:
+    root_id = roots_allocation(shared)
+    allocate, listing = as_other_user(shared.socket, [
+        {"method": "allocate", "params": {"resources": [{"resource": "slot", "amount": 1}], "tool_id": "mine"}},
+        {"method": "events.list", "params": {"limit": 10_000}},
+    ])
+    own_id = allocate["result"]["id"]
+    events = {(e["allocation_id"], e["kind"]): e for e in listing["result"] if e["allocation_id"]}
+
+    roots = events[(root_id, "allocated")]
+    assert roots["detail"] == {} and roots["redacted"] is True
+    own = events[(own_id, "allocated")]
+    assert own["detail"]["items"] == {"slot": 1.0} and not own.get("redacted")
+    # root sees both in full
+    full = {(e["allocation_id"], e["kind"]): e for e in shared.call("events.list", {"limit": 10_000})}
+    assert full[(root_id, "allocated")]["detail"]["items"] == {"licence": 1.0}
+
+
+def test_an_admin_group_member_sees_other_users_events_in_full(
+        shared: DaemonProcess, throwaway_group: grp.struct_group) -> None:
+    root_id = roots_allocation(shared)
+    (listing,) = as_other_user(shared.socket, [{"method": "events.list", "params": {"limit": 10_000}}],
+                               groups=(throwaway_group.gr_gid,))
+
+    [allocated] = [e for e in listing["result"] if e["allocation_id"] == root_id and e["kind"] == "allocated"]
+    assert allocated["detail"]["items"] == {"licence": 1.0} and not allocated.get("redacted")
+
+
+@pytest.mark.parametrize("admin", [False, True], ids=["no group", "admin group"])
+def test_db_backup_is_refused_to_any_user_but_root_and_the_daemons_own(
+        shared: DaemonProcess, throwaway_group: grp.struct_group, tmp_path: Path, admin: bool) -> None:
+    target = tmp_path / "copy.db"
+    (refused,) = as_other_user(shared.socket, [{"method": "db.backup", "params": {"path": str(target)}}],
+                               groups=(throwaway_group.gr_gid,) if admin else ())
+
+    assert refused["error"]["code"] == ErrorCode.PERMISSION_DENIED, refused
+    assert not target.exists()
+    assert shared.call("db.backup", {"path": str(target)})["path"] == str(target)  # root may
+
+
+def test_set_cost_is_refused_to_a_non_admin_and_changes_nothing(shared: DaemonProcess) -> None:
+    (refused,) = as_other_user(shared.socket, [
+        {"method": "resources.set_cost", "params": {"name": "licence", "cost_per_unit_hour": 0}}])
+
+    assert refused["error"]["code"] == ErrorCode.PERMISSION_DENIED, refused
+    [licence] = [r for r in shared.call("resources.list") if r["name"] == "licence"]
+    assert licence["cost_per_unit_hour"] == 1.5
+    assert not [e for e in shared.call("events.list", {"limit": 10_000}) if e["kind"] == "resource.cost"]
+
+
+def test_admin_rights_come_through_a_supplementary_group(
+        shared: DaemonProcess, throwaway_group: grp.struct_group) -> None:
+    root_id = roots_allocation(shared)
+    member = (throwaway_group.gr_gid,)
+
+    set_cost, get, release = as_other_user(shared.socket, [
+        {"method": "resources.set_cost", "params": {"name": "licence", "cost_per_unit_hour": 0.25}},
+        {"method": "allocations.get", "params": {"id": root_id}},
+        {"method": "release", "params": {"id": root_id}},
+    ], groups=member)
+
+    assert set_cost["result"]["cost_per_unit_hour"] == 0.25, set_cost
+    assert get["result"]["tool_id"] == "secret-tool", get
+    assert release["result"]["state"] == "released", release
