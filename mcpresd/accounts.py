@@ -107,12 +107,16 @@ class Accounts:
         self._gpu_samples.pop(allocation.id, None)
         self._ended += 1
         measured = {**(sampled or {}), **(reported or {})}
-        return allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
+        ended = allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
+        self.broker.store.add_usage(self.record(ended))
+        return ended
 
     def report(self, allocation: Allocation, measured: dict[str, float]) -> Allocation:
         """A measurement reported for an allocation that has already ended: it wins over what was sampled."""
         reported = allocation.changed(measured={**(allocation.measured or {}), **measured})
         self.broker.store.set_measured(allocation.id, reported.measured)
+        self.broker.store.add_usage(self.record(allocation), -1)
+        self.broker.store.add_usage(self.record(reported))
         self._ended += 1
         return reported
 
@@ -181,9 +185,8 @@ class Accounts:
         if cached is not None and cached[0] == start and cached[1] == self._ended:
             ended_part = cached[2]
         else:
-            tool = budget.subject if budget.scope is BudgetScope.TOOL else None
-            records = [self.record(a) for a in self.broker.store.ended_since(start, tool)]
-            ended_part = accounting.spent(budget, records, now)
+            tallies = self._ended_usage({}, budget.scope.value, start, now, key=budget.subject)[0]
+            ended_part = tallies[budget.subject].cost if budget.subject in tallies else 0.0
             self._ended_cost[key] = (start, self._ended, ended_part)
         live = [self.record(a) for a in self.broker.live.values() if a.is_active]
         return ended_part + accounting.spent(budget, live, now)
@@ -258,14 +261,38 @@ class Accounts:
 
     def usage(self, caller: Caller, command: p.UsageCommand) -> dict[str, Any]:
         now = self.broker.clock()
-        since = now - command.since
-        ended = {a.id: a for a in self.broker.store.ended_since(since)}
-        allocations = list(ended.values()) + [a for a in self.broker.live.values() if a.id not in ended]
-        if not caller.administers:
-            allocations = [a for a in allocations if a.owner_uid == caller.uid]
-        rows = accounting.usage_rows([self.record(a) for a in allocations], cast("accounting.UsageBy", command.by),
-                                     since, now)
+        by = cast("accounting.UsageBy", command.by)
+        owner = None if caller.administers else caller.uid
+        tallies, since = self._ended_usage({}, by, now - command.since, now, owner)
+        live = [self.record(a) for a in self.broker.live.values() if owner is None or a.owner_uid == owner]
+        rows = accounting.rows_of(accounting.usage_tallies(live, by, since, now, tallies))
         return {"by": command.by, "since": since, "until": now, "rows": rows, "totals": accounting.usage_totals(rows)}
+
+    def _ended_usage(self, tallies: dict[str, Any], by: str, since: float, now: float, owner: int | None = None,
+                     key: str | None = None) -> tuple[dict[str, Any], float]:
+        """Add ended allocations' usage in [since, now] to `tallies`, from the hourly totals; returns them and the
+        window's start.
+
+        Whole hours come from the totals; the hour `since` falls in takes the part after `since` of what was
+        held through it, and reads the few allocations that began or ended in it. Where that hour's
+        allocations may have been pruned, the window starts at the top of the hour instead.
+        """
+        store = self.broker.store
+        hour = math.floor(since / accounting.USAGE_HOUR) * accounting.USAGE_HOUR
+        if since < self.pruned_before(now):
+            since = hour
+        start = hour if hour == since else hour + accounting.USAGE_HOUR
+        accounting.add_totals(tallies, store.usage_totals(by, start, owner, key))
+        if start > since:
+            fraction = (start - since) / accounting.USAGE_HOUR
+            accounting.add_totals(tallies, store.usage_totals(by, hour, owner, key, through_hour=hour), fraction)
+            records = [r for r in store.ended_within_hour(hour, start) if owner is None or r.owner_uid == owner]
+            accounting.ended_part_tallies(records, cast("accounting.UsageBy", by), since, start, tallies)
+        return tallies, since
+
+    def pruned_before(self, now: float) -> float:
+        """Ended allocations before this may have been pruned (retention)."""
+        return -math.inf
 
     def recommend(self, caller: Caller, command: p.RecommendCommand) -> dict[str, Any]:
         runs = self.broker.store.recent_runs(command.tool_id, command.runs)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mcpresd.core.accounting import Charge
+from mcpresd.core.accounting import Charge, UsageRecord, hourly_usage_parts
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
@@ -204,6 +204,28 @@ CREATE TABLE budgets (
 """
 
 
+SCHEMA_V4_USAGE_HOURS = """
+CREATE TABLE usage_hours (
+    hour REAL NOT NULL,
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'owner', 'pool', 'resource')),
+    key TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    through INTEGER NOT NULL CHECK (through IN (0, 1)),
+    allocations INTEGER NOT NULL DEFAULT 0,
+    waited REAL NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    resource_hours REAL,
+    requested REAL,
+    measured REAL,
+    PRIMARY KEY (grouping, hour, owner_uid, key, kind, through)
+) WITHOUT ROWID;
+CREATE INDEX allocations_by_grant ON allocations (granted_at) WHERE released_at IS NOT NULL;
+"""
+"""Ended allocations' usage summed per clock hour as they end (see `core.accounting.hourly_usage_parts`):
+`usage` and budgets read these totals instead of every allocation, and they outlive pruned allocations."""
+
+
 def m001_initial_schema(db: Any) -> None:
     db.executescript(SCHEMA_V1)
 
@@ -216,8 +238,52 @@ def m003_pools_and_cost(db: Any) -> None:
     db.executescript(SCHEMA_V3_POOLS_AND_COST)
 
 
+def m004_usage_hours(db: Any) -> None:
+    db.executescript(SCHEMA_V4_USAGE_HOURS)
+    conn = db.conn
+    last = ""
+    while True:
+        rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations WHERE released_at IS NOT NULL AND id > ?"
+                            " ORDER BY id LIMIT 5000", (last,)).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            add_usage(conn, usage_record(row), 1)
+        last = rows[-1][0]
+
+
 # Registered in order; never edit one that has shipped, add the next.
-MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost)
+MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours)
+
+_RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
+
+
+def usage_record(row: tuple[Any, ...]) -> UsageRecord:
+    """An ended allocation as accounting sees it, from a row of _RECORD_COLUMNS."""
+    return UsageRecord(row[0], row[1], row[2], row[3], row[4], row[5], _charges_from_json(row[6]),
+                       {} if row[7] is None else json.loads(row[7]))
+
+
+def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
+    """Add (sign 1) or take back (-1) an ended record's hourly usage parts."""
+    def signed(value: float | None) -> float | None:
+        return None if value is None else sign * value
+
+    conn.executemany(
+        "INSERT INTO usage_hours (hour, grouping, key, owner_uid, kind, through, allocations, waited, cost,"
+        " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (grouping, hour, owner_uid, key, kind, through) DO UPDATE SET allocations = allocations + excluded.allocations,"
+        " waited = waited + excluded.waited, cost = cost + excluded.cost,"
+        " resource_hours = " + _plus("resource_hours") + ", requested = " + _plus("requested")
+        + ", measured = " + _plus("measured"),
+        [(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
+          sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
+          signed(part.measured)) for hour, through, part in hourly_usage_parts(record)])
+
+
+def _plus(column: str) -> str:
+    """NULL (nothing of that kind) stays NULL until a part brings a figure."""
+    return f"CASE WHEN excluded.{column} IS NULL THEN {column} ELSE coalesce({column}, 0) + excluded.{column} END"
 
 
 def _migrations() -> Any:
@@ -468,6 +534,41 @@ class Store:
             return self._select_allocations("WHERE released_at >= ? ORDER BY released_at", (since,))
         return self._select_allocations("WHERE tool_id = ? AND released_at >= ? ORDER BY released_at",
                                         (tool_id, since))
+
+    def add_usage(self, record: UsageRecord, sign: int = 1) -> None:
+        add_usage(self.conn, record, sign)
+
+    def usage_totals(self, by: str, from_hour: float, owner_uid: int | None = None, key: str | None = None,
+                     *, through_hour: float | None = None) -> list[tuple[Any, ...]]:
+        """Summed hourly usage by key and kind: every hour from `from_hour` on, or only what was held through
+        the whole of `through_hour`. Each row: key, kind, allocations, waited, cost, resource_hours, requested,
+        measured."""
+        where = "grouping = ?"
+        args: list[Any] = [by]
+        if through_hour is None:
+            where += " AND hour >= ?"
+            args.append(from_hour)
+        else:
+            where += " AND hour = ? AND through = 1"
+            args.append(through_hour)
+        if owner_uid is not None:
+            where += " AND owner_uid = ?"
+            args.append(owner_uid)
+        if key is not None:
+            where += " AND key = ?"
+            args.append(key)
+        return self.conn.execute(
+            "SELECT key, kind, sum(allocations), sum(waited), sum(cost), sum(resource_hours), sum(requested),"
+            f" sum(measured) FROM usage_hours WHERE {where} GROUP BY key, kind", args).fetchall()
+
+    def ended_within_hour(self, hour: float, end: float) -> list[UsageRecord]:
+        """Ended allocations granted or ended in [hour, end) (end within the hour): those not held through it."""
+        rows = self.conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM allocations WHERE released_at >= ? AND released_at < ?"
+            f" UNION SELECT {_RECORD_COLUMNS} FROM allocations"
+            " WHERE granted_at > ? AND granted_at < ? AND released_at IS NOT NULL",
+            (hour, end, hour, end)).fetchall()
+        return [usage_record(row) for row in rows]
 
     def recent_runs(self, tool_id: str, limit: int) -> list[Allocation]:
         """The newest released allocations of a tool that carry measurements, newest first."""

@@ -1,0 +1,183 @@
+"""`usage` and budgets read hourly totals kept as allocations end, not every ended allocation (issue 13, item 11)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from mcpctl.client import Client
+from mcpresd.core import accounting
+from mcpresd.core.accounting import Charge
+from mcpresd.core.model import Allocation, AllocationItem, HolderKind
+from mcpresd.protocol import AllocationState, Priority
+from tests.live import T0, LiveDaemon, live  # noqa: F401 - a fixture
+
+MINUTE = 60.0
+HOUR = 3600.0
+ENDED = 6_000
+
+
+def ended_allocation(n: int, start: float) -> Allocation:
+    granted = start + n * 7.0
+    return Allocation(
+        id=f"bulk{n:012x}", state=AllocationState.RELEASED, items=(AllocationItem("licence", 1.0),),
+        priority=Priority.NORMAL, owner_uid=os.getuid(), created_at=granted - 2.0, tool_id=f"tool{n % 3}",
+        holder_kind=HolderKind.NONE, granted_at=granted, released_at=granted + 360.0, release_reason="released",
+        charges=(Charge("licence", "custom", 1.0, 1.5, None),), measured={"cpu_seconds": 36.0})
+
+
+def bulk_end(live: LiveDaemon, count: int, start: float) -> None:
+    """`count` ended allocations written through the store, as ending them would write them."""
+    def job(first: int) -> Any:
+        def end(broker: Any) -> None:
+            for n in range(first, min(count, first + 1000)):
+                allocation = ended_allocation(n, start)
+                broker.store.insert_allocation(allocation)
+                broker.store.add_usage(broker.accounts.record(allocation))
+        return end
+
+    for first in range(0, count, 1000):
+        live.on_store(job(first))
+
+
+def sqlite_steps(live: LiveDaemon, work: Any) -> int:
+    """How many times SQLite's progress handler fired (every 100 VM steps) on the store's connection during
+    `work()`."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    live.on_store(lambda broker: broker.store.conn.set_progress_handler(count, 100))
+    try:
+        work()
+    finally:
+        live.on_store(lambda broker: broker.store.conn.set_progress_handler(None, 100))
+    return steps[0]
+
+
+def test_usage_reads_totals_not_every_ended_allocation(live: LiveDaemon) -> None:
+    start = T0 - 2 * 86400
+    bulk_end(live, ENDED, start)
+    live.clock.now = start + ENDED * 7.0 + HOUR
+    one_pass = sqlite_steps(live, lambda: live.on_store(lambda broker: broker.store.ended_since(start)))
+    shown: dict[str, Any] = {}
+    usage_steps = sqlite_steps(live, lambda: shown.update(live.call("usage", {"by": "tool", "since": 30 * 86400})))
+    totals = shown["totals"]
+    assert totals["allocations"] == ENDED
+    assert totals["cost"] == pytest.approx(ENDED * 1.5 * 0.1, abs=1e-6), "each held 6 minutes at 1.5 an hour"
+    assert totals["resource_hours"]["custom"] == pytest.approx(ENDED * 0.1, abs=1e-6)
+    assert totals["waited_s"] == pytest.approx(ENDED * 2.0)
+    assert {row["key"] for row in shown["rows"]} == {"tool0", "tool1", "tool2"}
+    assert usage_steps * 10 < one_pass, f"usage took {usage_steps} steps; one pass over the history {one_pass}"
+
+
+def test_a_budget_check_reads_totals_not_the_periods_allocations(live: LiveDaemon) -> None:
+    start = T0 - 6 * HOUR
+    bulk_end(live, ENDED // 4, start)
+    live.call("budgets.set", {"scope": "tool", "subject": "tool1", "limit": 1e6, "period": "month"})
+    other = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()})
+    live.call("release", {"id": other["id"]})  # an allocation ended since the budget was last summed
+    one_pass = sqlite_steps(live, lambda: live.on_store(lambda broker: broker.store.ended_since(start)))
+    granted: dict[str, Any] = {}
+    steps = sqlite_steps(live, lambda: granted.update(live.call("allocate", {
+        "resources": [{"resource": "slot", "amount": 1}], "tool_id": "tool1", "holder_pid": os.getpid()})))
+    assert granted["state"] == "active"
+    [budget] = live.call("budgets.list")
+    assert budget["spent"] == pytest.approx(len(range(1, ENDED // 4, 3)) * 1.5 * 0.1, abs=1e-6)
+    assert steps * 10 < one_pass, f"allocate took {steps} steps; one pass over the period {one_pass}"
+
+
+def test_an_allocate_is_answered_while_usage_runs_over_a_long_history(live: LiveDaemon) -> None:
+    start = T0 - 2 * 86400
+    bulk_end(live, ENDED, start)
+    replies: dict[str, Any] = {}
+    usage_sent = threading.Event()
+
+    def usage() -> None:
+        with Client(live.socket, timeout=60.0) as client:
+            usage_sent.set()
+            replies["usage"] = client.call("usage", {"by": "resource", "since": 30 * 86400})
+
+    reader = threading.Thread(target=usage)
+    reader.start()
+    assert usage_sent.wait(10)
+    replies["allocate"] = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
+                                                 "holder_pid": os.getpid()})
+    reader.join(60)
+    assert replies["allocate"]["state"] == "active"
+    [row] = replies["usage"]["rows"]
+    assert row["key"] == "licence" and row["allocations"] + row["active"] >= ENDED
+
+
+SPANS = [  # (minutes after the previous event, action)
+    (0, "a"), (7, "b"), (50, "release a"), (13, "c"), (95, "release b"), (1, "d"), (61, "release c"),
+    (200, "release d"), (3, "e"), (30, "release e measured"), (2, "f"),
+]
+
+
+@pytest.mark.parametrize("since_minutes", [1, 17, 59.5, 60, 61, 125, 247, 301, 10_000])
+@pytest.mark.parametrize("by", ["tool", "owner", "pool", "resource"])
+def test_usage_from_hourly_totals_equals_a_full_scan(live: LiveDaemon, by: str, since_minutes: float) -> None:
+    live.call("pools.create", {"name": "builds", "factory": "slots", "parent": "slot", "slot_size": 2, "min": 2,
+                               "max": 2, "cost_per_unit_hour": 0.25})
+    live.clock.now = T0 + 23 * MINUTE + 11.5  # not on the hour
+    held: dict[str, str] = {}
+    for minutes, action in SPANS:
+        live.clock.now += minutes * MINUTE
+        if action.startswith("release"):
+            name = action.split()[1]
+            measured = {"cpu_seconds": 900.0, "memory_peak": 1e6} if "measured" in action else None
+            live.call("release", {"id": held[name], **({"measured": measured} if measured else {})})
+            continue
+        resources = ([{"resource": "licence", "amount": 1}] if action in "ace"
+                     else [{"resource": "pool:builds", "amount": 1}, {"resource": "slot", "amount": 2}])
+        held[action] = live.call("allocate", {"resources": resources, "tool_id": f"t-{action}",
+                                              "holder_pid": os.getpid()})["id"]
+    live.call("release", {"id": held["a"], "measured": {"cpu_seconds": 60.0}})  # a report after the end
+    now = live.clock.now
+    shown = live.call("usage", {"by": by, "since": since_minutes * MINUTE})
+
+    def scan(broker: Any) -> list[dict[str, Any]]:
+        records = [broker.accounts.record(a) for a in broker.store.ended_since(0)]
+        records += [broker.accounts.record(a) for a in broker.live.values()]
+        return accounting.usage_rows(records, by, now - since_minutes * MINUTE, now)
+
+    expected = live.on_store(scan)
+    assert shown["since"] == now - since_minutes * MINUTE
+    assert [row["key"] for row in shown["rows"]] == [row["key"] for row in expected]
+    for row, want in zip(shown["rows"], expected):
+        assert row == approx_row(want)
+    assert shown["totals"] == approx_row(accounting.usage_totals(expected))
+
+
+def approx_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (pytest.approx(v, rel=1e-9, abs=1e-9) if isinstance(v, (int, float)) else
+                {kind: pytest.approx(x, rel=1e-9, abs=1e-9) for kind, x in v.items()} if isinstance(v, dict) else v)
+            for k, v in row.items()}
+
+
+def test_the_migration_sums_the_allocations_that_ended_before_it(tmp_path: Any) -> None:
+    from mcpresd.store import Store
+
+    path = tmp_path / "state.db"
+    store = Store(path)
+    with store.transaction():
+        for n in range(50):
+            store.insert_allocation(ended_allocation(n, T0))
+        store.conn.execute("DROP TABLE usage_hours")
+        store.conn.execute("DROP INDEX allocations_by_grant")
+        store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
+    store.close()
+    store = Store(path)  # migrates: the hourly totals of what ended before
+    try:
+        rows = store.usage_totals("tool", 0)
+        assert {row[0] for row in rows} == {"tool0", "tool1", "tool2"}
+        assert sum(row[2] for row in rows) == 50
+        assert sum(row[4] for row in rows) == pytest.approx(50 * 1.5 * 0.1)
+    finally:
+        store.close()
