@@ -290,10 +290,10 @@ class UsagePart:
     measured: float | None = None
 
 
-def usage_parts(record: UsageRecord, start: float, end: float) -> list[UsagePart]:
+def usage_parts(record: UsageRecord, start: float, end: float, by: UsageBy | None = None) -> list[UsagePart]:
     """An ended record's part of every usage row in [start, end): the time it was held there, and the record
-    itself (one allocation, its wait) where it ended there. The parts of adjoining spans add up to what
-    `usage_tallies` takes over their union."""
+    itself (one allocation, its wait) where it ended there; of the rows by `by` only, if given. The parts of
+    adjoining spans add up to what `usage_tallies` takes over their union."""
     released = record.released_at
     if released is None:
         raise ValueError(f"usage parts are of ended records; {record.allocation_id} has not ended")
@@ -307,10 +307,10 @@ def usage_parts(record: UsageRecord, start: float, end: float) -> list[UsagePart
         return []
     used = {kind: _used_hours(record, kind, hours, held_hours) for kind in MEASURED_KINDS}
     parts: list[UsagePart] = []
-    for by in USAGE_BY:
-        for key, charges in _groups(record, by).items():
+    for grouping in USAGE_BY if by is None else (by,):
+        for key, charges in _groups(record, grouping).items():
             if counted:
-                parts.append(UsagePart(by, key, "", allocations=1, waited=record.waited(released)))
+                parts.append(UsagePart(grouping, key, "", allocations=1, waited=record.waited(released)))
             kinds: dict[str, list[float | None]] = {}
             for c in charges:
                 cost, resource_hours, requested, measured = kinds.setdefault(c.kind, [0.0, 0.0, None, None])
@@ -323,7 +323,7 @@ def usage_parts(record: UsageRecord, start: float, end: float) -> list[UsagePart
                     figures[3] = (measured or 0.0) + use * c.amount / total
                 kinds[c.kind] = figures
             for kind, (cost, resource_hours, requested, measured) in kinds.items():
-                parts.append(UsagePart(by, key, kind, cost=cost or 0.0, resource_hours=resource_hours,
+                parts.append(UsagePart(grouping, key, kind, cost=cost or 0.0, resource_hours=resource_hours,
                                        requested=requested, measured=measured))
     return parts
 
@@ -365,7 +365,7 @@ def ended_part_tallies(records: Iterable[UsageRecord], by: UsageBy, start: float
                        tallies: dict[str, _Tally]) -> dict[str, _Tally]:
     """Add ended records' parts of [start, end) by `by` to `tallies`."""
     for record in records:
-        parts = [p for p in usage_parts(record, start, end) if p.by == by]
+        parts = usage_parts(record, start, end, by)
         add_totals(tallies, [(p.key, p.kind, p.allocations, p.waited, p.cost, p.resource_hours, p.requested,
                               p.measured) for p in parts])
     return tallies

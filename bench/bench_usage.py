@@ -1,0 +1,143 @@
+"""Heavy reads beside grants: `usage` over many ended allocations, and an allocate sent while it runs.
+
+Run:  .venv/bin/python bench/bench_usage.py [--ended 500000] [--days 30]
+
+It builds a database on temporary paths with `--ended` released allocations spread over the last `--days`
+days (inserted in bulk through the store, with charges and measurements as `mcpctl run` leaves them),
+starts mcpresd on it and prints:
+- the latency of one `usage --by tool --since 30d` alone (median of 3);
+- the latency of that `usage` and of an `allocate` sent on another connection just after it, together:
+  the allocate's latency is how long a grant waits behind the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_foundation import start_daemon, stop_daemon  # noqa: E402
+from mcpresd.core.accounting import Charge, UsageRecord  # noqa: E402
+from mcpresd.core.model import Allocation, AllocationItem, HolderKind  # noqa: E402
+from mcpresd.protocol import AllocationState, Priority  # noqa: E402
+from mcpresd.store import Store  # noqa: E402
+
+CONFIG = """
+memory_reserve = "0"
+
+[[resources]]
+name = "licence"
+capacity = 4
+unit = "seats"
+cost_per_unit_hour = 1.5
+"""
+
+
+def fill(db: Path, ended: int, days: float) -> None:
+    store = Store(db)
+    now = time.time()
+    span = days * 86400
+    batch: list[Allocation] = []
+    with store.transaction():
+        for n in range(ended):
+            granted = now - span + span * n / ended
+            released = granted + 60 + (n % 17) * 30
+            charge = Charge("licence", "custom", 1.0, 1.5, None)
+            batch.append(Allocation(
+                id=f"{n:016x}", state=AllocationState.RELEASED, items=(AllocationItem("licence", 1.0),),
+                priority=Priority.NORMAL, owner_uid=os.getuid(), created_at=granted - 1, tool_id=f"tool{n % 7}",
+                holder_kind=HolderKind.NONE, granted_at=granted, released_at=min(released, now),
+                release_reason="released", charges=(charge,),
+                measured={"cpu_seconds": 30.0, "memory_peak": 1e8}))
+            if len(batch) == 10_000:
+                end(store, batch)
+                batch = []
+        end(store, batch)
+    store.close()
+
+
+def end(store: Store, allocations: list[Allocation]) -> None:
+    """Write ended allocations as the daemon does when it ends them (with their hourly usage, where kept)."""
+    add_usage = getattr(store, "add_usage", None)
+    for allocation in allocations:
+        store.insert_allocation(allocation)
+        if add_usage is not None:
+            add_usage(UsageRecord(allocation.id, allocation.tool_id, allocation.owner_uid, allocation.created_at,
+                                  allocation.granted_at, allocation.released_at, allocation.charges,
+                                  allocation.measured or {}))
+
+
+def call(sock: str, method: str, params: dict[str, object], into: dict[str, float], start: threading.Event) -> None:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(sock)
+        start.wait()
+        began = time.perf_counter()
+        conn.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            reply += chunk
+        into[method] = time.perf_counter() - began
+        if b'"error"' in reply:
+            print(f"{method}: {reply[:300]!r}", file=sys.stderr)
+
+
+def together(sock: str) -> dict[str, float]:
+    times: dict[str, float] = {}
+    usage_go, allocate_go = threading.Event(), threading.Event()
+    usage = threading.Thread(target=call, args=(sock, "usage", {"by": "tool", "since": 30 * 86400}, times, usage_go))
+    allocate = threading.Thread(target=call, args=(
+        sock, "allocate", {"resources": [{"resource": "licence", "amount": 1}], "holder_pid": os.getpid()},
+        times, allocate_go))
+    usage.start()
+    allocate.start()
+    usage_go.set()
+    time.sleep(0.05)  # the usage request is in before the allocate
+    allocate_go.set()
+    usage.join(120)
+    allocate.join(120)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ended", type=int, default=500_000)
+    parser.add_argument("--days", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        began = time.perf_counter()
+        fill(tmp / "bench.db", args.ended, args.days)
+        print(f"inserted {args.ended:,} ended allocations over {args.days:g} days in {time.perf_counter() - began:.1f} s")
+        began = time.perf_counter()
+        proc, sock = start_daemon(tmp, sys.executable, CONFIG)
+        print(f"daemon answering after {time.perf_counter() - began:.1f} s (migrations included)")
+        try:
+            alone = []
+            for _ in range(3):
+                times: dict[str, float] = {}
+                go = threading.Event()
+                go.set()
+                call(sock, "usage", {"by": "tool", "since": 30 * 86400}, times, go)
+                alone.append(times["usage"])
+            print(f"usage --since 30d alone: median {statistics.median(alone) * 1000:.1f} ms")
+            both = together(sock)
+            print(f"together: usage {both.get('usage', float('nan')) * 1000:.1f} ms,"
+                  f" allocate sent 50 ms after it {both.get('allocate', float('nan')) * 1000:.1f} ms")
+        finally:
+            stop_daemon(proc)
+
+
+if __name__ == "__main__":
+    main()
