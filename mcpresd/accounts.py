@@ -291,8 +291,9 @@ class Accounts:
         return tallies, since
 
     def pruned_before(self, now: float) -> float:
-        """Ended allocations before this may have been pruned (retention)."""
-        return -math.inf
+        """Allocations that ended before this may have been pruned (retention)."""
+        before = self.broker.policy.retention.allocations_before(now)
+        return -math.inf if before is None else before
 
     def recommend(self, caller: Caller, command: p.RecommendCommand) -> dict[str, Any]:
         runs = self.broker.store.recent_runs(command.tool_id, command.runs)

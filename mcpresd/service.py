@@ -51,6 +51,7 @@ from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.pooling import FactoryRun, PoolKeeper
+from mcpresd.retention import Retention, prune
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
 
@@ -89,6 +90,7 @@ class Policy:
     max_queued_per_uid: int = 256
     pool_interval: float = 1.0
     """How often pools are evaluated for scaling (their tick)."""
+    retention: Retention = Retention()
 
 
 @dataclass
@@ -465,6 +467,9 @@ class Broker:
         if command.idempotency_key is not None:
             digest = _digest(command)
             earlier = self.store.find_by_key(caller.uid, command.idempotency_key)
+            if earlier is not None and self.policy.retention.key_expired(earlier, self.clock()):
+                self.store.forget_key(earlier.id)
+                earlier = None
             if earlier is not None:
                 if self.store.request_digest(earlier.id) != digest:
                     raise IdempotencyConflict(
@@ -771,6 +776,7 @@ class Broker:
         if changed or (self.queued and self.policy.aging_interval > 0):
             self.schedule()
         self.accounts.tick(now)
+        prune(self.store, self.policy.retention, now)
 
     # -- reading ----------------------------------------------------------
 

@@ -570,6 +570,22 @@ class Store:
             (hour, end, hour, end)).fetchall()
         return [usage_record(row) for row in rows]
 
+    def prune_ended_allocations(self, before: float, limit: int) -> int:
+        """Delete up to `limit` allocations that ended before `before`, oldest first (their usage stays in
+        usage_hours)."""
+        ids = [row[0] for row in self.conn.execute(
+            "SELECT id FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?", (before, limit))]
+        if ids:
+            marks = ",".join("?" * len(ids))
+            self.conn.execute(f"DELETE FROM allocation_items WHERE allocation_id IN ({marks})", ids)
+            self.conn.execute(f"DELETE FROM allocations WHERE id IN ({marks})", ids)
+        return len(ids)
+
+    def forget_key(self, allocation_id: str) -> None:
+        """An expired idempotency key: the ended allocation keeps no key, and the key can be used again."""
+        self.conn.execute("UPDATE allocations SET idempotency_key = NULL, request_digest = NULL WHERE id = ?",
+                          (allocation_id,))
+
     def recent_runs(self, tool_id: str, limit: int) -> list[Allocation]:
         """The newest released allocations of a tool that carry measurements, newest first."""
         return self._select_allocations(
@@ -638,6 +654,12 @@ class Store:
             (now, kind, allocation_id, resource, uid, _compact(detail) if detail else "{}"),
         )
         return int(cursor.lastrowid or 0)
+
+    def prune_events(self, before: float, limit: int) -> int:
+        """Delete those of the `limit` oldest events that happened before `before`."""
+        return int(self.conn.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?",
+            (limit, before)).rowcount)
 
     def last_event_id(self) -> int:
         row = self.conn.execute("SELECT max(id) FROM events").fetchone()
