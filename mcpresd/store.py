@@ -220,6 +220,7 @@ CREATE TABLE usage_hours (
     measured REAL,
     PRIMARY KEY (grouping, hour, owner_uid, key, kind, through)
 ) WITHOUT ROWID;
+CREATE INDEX usage_hours_by_key ON usage_hours (grouping, key, hour);
 CREATE INDEX allocations_by_grant ON allocations (granted_at) WHERE released_at IS NOT NULL;
 """
 """Ended allocations' usage summed per clock hour as they end (see `core.accounting.hourly_usage_parts`):
@@ -549,8 +550,8 @@ class Store:
             where += " AND hour >= ?"
             args.append(from_hour)
         else:
-            where += " AND hour = ? AND through = 1"
-            args.append(through_hour)
+            where += " AND hour >= ? AND hour <= ? AND through = 1"  # a range: `hour = ?` picks the key index
+            args += [through_hour, through_hour]
         if owner_uid is not None:
             where += " AND owner_uid = ?"
             args.append(owner_uid)
