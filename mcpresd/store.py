@@ -242,15 +242,21 @@ def m003_pools_and_cost(db: Any) -> None:
 def m004_usage_hours(db: Any) -> None:
     db.executescript(SCHEMA_V4_USAGE_HOURS)
     conn = db.conn
+    totals: dict[tuple[Any, ...], list[Any]] = {}
     last = ""
     while True:
         rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations WHERE released_at IS NOT NULL AND id > ?"
                             " ORDER BY id LIMIT 5000", (last,)).fetchall()
         if not rows:
-            return
+            break
         for row in rows:
-            add_usage(conn, usage_record(row), 1)
+            for entry in _usage_rows(usage_record(row), 1):
+                summed = totals.setdefault(entry[:6], [0, 0.0, 0.0, None, None, None])
+                for index, value in enumerate(entry[6:]):
+                    if value is not None:
+                        summed[index] = (summed[index] or 0) + value
         last = rows[-1][0]
+    conn.executemany(_ADD_USAGE, [(*key, *summed) for key, summed in totals.items()])
 
 
 # Registered in order; never edit one that has shipped, add the next.
@@ -267,24 +273,30 @@ def usage_record(row: tuple[Any, ...]) -> UsageRecord:
 
 def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
     """Add (sign 1) or take back (-1) an ended record's hourly usage parts."""
+    conn.executemany(_ADD_USAGE, _usage_rows(record, sign))
+
+
+def _usage_rows(record: UsageRecord, sign: int) -> list[tuple[Any, ...]]:
     def signed(value: float | None) -> float | None:
         return None if value is None else sign * value
 
-    conn.executemany(
-        "INSERT INTO usage_hours (hour, grouping, key, owner_uid, kind, through, allocations, waited, cost,"
-        " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (grouping, hour, owner_uid, key, kind, through) DO UPDATE SET allocations = allocations + excluded.allocations,"
-        " waited = waited + excluded.waited, cost = cost + excluded.cost,"
-        " resource_hours = " + _plus("resource_hours") + ", requested = " + _plus("requested")
-        + ", measured = " + _plus("measured"),
-        [(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
-          sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
-          signed(part.measured)) for hour, through, part in hourly_usage_parts(record)])
+    return [(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
+             sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
+             signed(part.measured)) for hour, through, part in hourly_usage_parts(record)]
 
 
 def _plus(column: str) -> str:
     """NULL (nothing of that kind) stays NULL until a part brings a figure."""
     return f"CASE WHEN excluded.{column} IS NULL THEN {column} ELSE coalesce({column}, 0) + excluded.{column} END"
+
+
+_ADD_USAGE = (
+    "INSERT INTO usage_hours (hour, grouping, key, owner_uid, kind, through, allocations, waited, cost,"
+    " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (grouping, hour, owner_uid, key, kind, through) DO UPDATE SET"
+    " allocations = allocations + excluded.allocations, waited = waited + excluded.waited,"
+    f" cost = cost + excluded.cost, resource_hours = {_plus('resource_hours')}, requested = {_plus('requested')},"
+    f" measured = {_plus('measured')}")
 
 
 def _migrations() -> Any:

@@ -20,8 +20,8 @@ HOUR = 3600.0
 ENDED = 6_000
 
 
-def ended_allocation(n: int, start: float) -> Allocation:
-    granted = start + n * 7.0
+def ended_allocation(n: int, start: float, every: float = 7.0) -> Allocation:
+    granted = start + n * every
     return Allocation(
         id=f"bulk{n:012x}", state=AllocationState.RELEASED, items=(AllocationItem("licence", 1.0),),
         priority=Priority.NORMAL, owner_uid=os.getuid(), created_at=granted - 2.0, tool_id=f"tool{n % 3}",
@@ -164,20 +164,38 @@ def approx_row(row: dict[str, Any]) -> dict[str, Any]:
 def test_the_migration_sums_the_allocations_that_ended_before_it(tmp_path: Any) -> None:
     from mcpresd.store import Store
 
+    def hours(store: Store) -> list[tuple[Any, ...]]:
+        return store.conn.execute("SELECT * FROM usage_hours ORDER BY grouping, hour, owner_uid, key, kind,"
+                                  " through").fetchall()
+
     path = tmp_path / "state.db"
     store = Store(path)
     with store.transaction():
-        for n in range(50):
-            store.insert_allocation(ended_allocation(n, T0))
+        for n in range(200):
+            allocation = ended_allocation(n, T0 + 11.0, every=97.0)  # 6 minutes each, over 5.4 hours
+            store.insert_allocation(allocation)
+            store.add_usage(store_record(allocation))
+    kept = hours(store)
+    with store.transaction():
         store.conn.execute("DROP TABLE usage_hours")
         store.conn.execute("DROP INDEX allocations_by_grant")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
     store.close()
     store = Store(path)  # migrates: the hourly totals of what ended before
     try:
-        rows = store.usage_totals("tool", 0)
-        assert {row[0] for row in rows} == {"tool0", "tool1", "tool2"}
-        assert sum(row[2] for row in rows) == 50
-        assert sum(row[4] for row in rows) == pytest.approx(50 * 1.5 * 0.1)
+        backfilled = hours(store)
+        assert len(backfilled) == len(kept) > 4 * 6
+        for row, want in zip(backfilled, kept):
+            assert row[:6] == want[:6]
+            assert [v is None for v in row[6:]] == [v is None for v in want[6:]]
+            assert [v for v in row[6:] if v is not None] == pytest.approx([v for v in want[6:] if v is not None],
+                                                                          rel=1e-12)
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 200
     finally:
         store.close()
+
+
+def store_record(allocation: Allocation) -> accounting.UsageRecord:
+    return accounting.UsageRecord(allocation.id, allocation.tool_id, allocation.owner_uid, allocation.created_at,
+                                  allocation.granted_at, allocation.released_at, allocation.charges,
+                                  allocation.measured or {})
