@@ -19,6 +19,7 @@ from mcpresd.core.errors import DomainError
 from mcpresd.core.model import Demand, Request
 from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
+    ALLOCATIONS_PAGE,
     MAX_DEMANDS,
     POOL_PREFIX,
     BudgetScope,
@@ -108,6 +109,7 @@ class GetAllocationCommand:
 class ListAllocationsCommand:
     state: AllocationState | None
     limit: int
+    before_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,7 @@ def get_allocation(params: Any) -> GetAllocationCommand:
 
 
 def list_allocations(params: Any) -> ListAllocationsCommand:
-    fields = _Fields(params, frozenset({"state", "limit"}))
+    fields = _Fields(params, frozenset({"state", "limit", "before_id"}))
     state_text = fields.text("state") or AllocationState.ACTIVE.value
     state: AllocationState | None
     if state_text == "all":
@@ -398,7 +400,8 @@ def list_allocations(params: Any) -> ListAllocationsCommand:
         except ValueError:
             raise InvalidParams(f"state must be one of {', '.join(s.value for s in AllocationState)} or all,"
                                 f" got {state_text!r}", "state") from None
-    return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=100_000))
+    return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=ALLOCATIONS_PAGE),
+                                  before_id=fields.text("before_id", limit=MAX_NAME_LENGTH))
 
 
 def list_resources(params: Any) -> ListResourcesCommand:

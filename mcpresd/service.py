@@ -785,11 +785,13 @@ class Broker:
 
     def allocations_list(self, caller: Caller, command: p.ListAllocationsCommand) -> list[AllocationDict]:
         state = None if command.state is None else command.state.value
+        before = command.before_id
         if state in ("active", "queued"):
-            rows = sorted((a for a in self.live.values() if a.state.value == state), key=lambda a: a.id,
-                          reverse=True)[: command.limit]
+            rows = sorted((a for a in self.live.values()
+                           if a.state.value == state and (before is None or a.id < before)),
+                          key=lambda a: a.id, reverse=True)[: command.limit]
         else:
-            rows = [self.live.get(a.id, a) for a in self.store.list_allocations(state, command.limit)]
+            rows = [self.live.get(a.id, a) for a in self.store.list_allocations(state, command.limit, before)]
         return [self.allocation_dict(a) if _may_manage(caller, a) else redact(self.allocation_dict(a)) for a in rows]
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:

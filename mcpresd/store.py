@@ -511,10 +511,14 @@ class Store:
         """Queued and active allocations."""
         return self._select_allocations("WHERE state IN ('queued', 'active') ORDER BY id", ())
 
-    def list_allocations(self, state: str | None, limit: int) -> list[Allocation]:
-        if state is None:
-            return self._select_allocations("ORDER BY id DESC LIMIT ?", (limit,))
-        return self._select_allocations("WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+    def list_allocations(self, state: str | None, limit: int, before_id: str | None = None) -> list[Allocation]:
+        """The newest `limit` allocations (in `state`; older than `before_id`), newest first."""
+        where = "WHERE id < ?" if before_id is not None else "WHERE 1"
+        args: tuple[Any, ...] = () if before_id is None else (before_id,)
+        if state is not None:
+            where += " AND state = ?"
+            args += (state,)
+        return self._select_allocations(f"{where} ORDER BY id DESC LIMIT ?", (*args, limit))
 
     def count_allocations(self) -> dict[str, int]:
         counts = {state.value: 0 for state in AllocationState}

@@ -52,7 +52,7 @@ odd_numbers = st.sampled_from([0, -1, 0.5, 1e-300, 1e300, 2**63, -(2**63), 10**3
 NAMES = ["licence", "slot", "gpu", "gpu0", "gpu1", "GPU-0000", "cpu", "memory", "nope", "licence:x", "a b", ""]
 FIELDS = ["resources", "resource", "amount", "max", "priority", "tool_id", "execution_id", "idempotency_key",
           "holder_pid", "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible", "signal_holder",
-          "id", "timeout", "after_id", "limit", "allocation_id", "state", "type", "name", "capacity", "unit",
+          "id", "timeout", "after_id", "before_id", "limit", "allocation_id", "state", "type", "name", "capacity", "unit",
           "labels", "cost_per_unit_hour", "metric", "since", "in", "all", "path", "overwrite", "bogus"]
 plausible = (st.sampled_from(NAMES) | st.sampled_from(["low", "normal", "high", "critical", "urgent", "forever",
                                                       "active", "queued", "all", "best-fit", "first-fit",
