@@ -78,6 +78,7 @@ def test_old_events_and_ended_allocations_are_pruned_in_batches_and_usage_keeps_
         live.tick()
     assert counts(live) == (0, 1, 1), "the recent allocation is kept"
     assert live.call("allocations.get", {"id": recent["id"]})["state"] == "released"
+    assert live.call("daemon.status")["allocations"]["released"] == 1
     kinds = {e["kind"] for e in live.call("events.list", {"limit": 10_000})}
     assert "test.old" not in kinds and "released" in kinds
 

@@ -161,7 +161,7 @@ def approx_row(row: dict[str, Any]) -> dict[str, Any]:
             for k, v in row.items()}
 
 
-def test_the_migration_sums_the_allocations_that_ended_before_it(tmp_path: Any) -> None:
+def test_the_migrations_sum_and_count_the_allocations_that_ended_before_them(tmp_path: Any) -> None:
     from mcpresd.store import Store
 
     def hours(store: Store) -> list[tuple[Any, ...]]:
@@ -180,8 +180,12 @@ def test_the_migration_sums_the_allocations_that_ended_before_it(tmp_path: Any) 
         store.conn.execute("DROP TABLE usage_hours")
         store.conn.execute("DROP INDEX allocations_by_grant")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
+        for trigger in ("insert", "change", "delete"):
+            store.conn.execute(f"DROP TRIGGER allocations_counted_on_{trigger}")
+        store.conn.execute("DROP TABLE allocation_counts")
+        store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm005_allocation_counts'")
     store.close()
-    store = Store(path)  # migrates: the hourly totals of what ended before
+    store = Store(path)  # migrates: the hourly totals and the counts of what ended before
     try:
         backfilled = hours(store)
         assert len(backfilled) == len(kept) > 4 * 6
@@ -191,6 +195,7 @@ def test_the_migration_sums_the_allocations_that_ended_before_it(tmp_path: Any) 
             assert [v for v in row[6:] if v is not None] == pytest.approx([v for v in want[6:] if v is not None],
                                                                           rel=1e-12)
         assert sum(row[2] for row in store.usage_totals("tool", 0)) == 200
+        assert store.count_allocations() == {"queued": 0, "active": 0, "released": 200, "withdrawn": 0}
     finally:
         store.close()
 
@@ -199,3 +204,23 @@ def store_record(allocation: Allocation) -> accounting.UsageRecord:
     return accounting.UsageRecord(allocation.id, allocation.tool_id, allocation.owner_uid, allocation.created_at,
                                   allocation.granted_at, allocation.released_at, allocation.charges,
                                   allocation.measured or {})
+
+
+def test_status_counts_allocations_by_state_without_reading_them(live: LiveDaemon) -> None:
+    bulk_end(live, ENDED, T0 - 2 * 86400)
+    held = live.call("allocate", {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": os.getpid()})
+    waiting = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}], "holder_pid": os.getpid(),
+                                     "wait": 600, "detach": True})
+    cancelled = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
+                                       "holder_pid": os.getpid(), "wait": 600, "detach": True})
+    live.call("release", {"id": cancelled["id"]})
+    assert waiting["state"] == "queued" and held["state"] == "active"
+    one_pass = sqlite_steps(live, lambda: live.on_store(lambda broker: broker.store.conn.execute(
+        "SELECT state, count(*) FROM allocations GROUP BY state").fetchall()))
+    shown: dict[str, Any] = {}
+    steps = sqlite_steps(live, lambda: shown.update(live.call("daemon.status")))
+    assert shown["allocations"] == {"active": 1, "queued": 1, "released": ENDED, "withdrawn": 1}
+    live.call("release", {"id": held["id"]})
+    assert live.call("daemon.status")["allocations"] == {"active": 1, "queued": 0, "released": ENDED + 1,
+                                                         "withdrawn": 1}
+    assert steps * 10 < one_pass, f"daemon.status took {steps} steps; counting the allocations {one_pass}"
