@@ -284,9 +284,16 @@ def m005_allocation_counts(db: Any) -> None:
     db.executescript(SCHEMA_V5_ALLOCATION_COUNTS)
 
 
+def m006_measured_runs(db: Any) -> None:
+    # `recent_runs` reads only a tool's measured runs, newest first: without it, the newest measured run of a
+    # tool behind 500,000 unmeasured ones was found after reading all of them.
+    db.executescript("CREATE INDEX allocations_measured_runs ON allocations (tool_id, released_at)"
+                     " WHERE state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL;")
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts)
+              m005_allocation_counts, m006_measured_runs)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -224,3 +225,20 @@ def test_status_counts_allocations_by_state_without_reading_them(live: LiveDaemo
     assert live.call("daemon.status")["allocations"] == {"active": 1, "queued": 0, "released": ENDED + 1,
                                                          "withdrawn": 1}
     assert steps * 10 < one_pass, f"daemon.status took {steps} steps; counting the allocations {one_pass}"
+
+
+def test_recommend_reads_only_measured_runs(live: LiveDaemon) -> None:
+    def job(broker: Any) -> None:
+        for n in range(3):  # measured, before the rest
+            broker.store.insert_allocation(replace(ended_allocation(n, T0 - 3 * 86400), tool_id="sim"))
+        for n in range(3, ENDED):
+            broker.store.insert_allocation(replace(ended_allocation(n, T0 - 2 * 86400), tool_id="sim",
+                                                   measured=None))
+
+    live.on_store(job)
+    one_pass = sqlite_steps(live, lambda: live.on_store(lambda broker: broker.store.conn.execute(
+        "SELECT count(*) FROM allocations WHERE tool_id = 'sim' AND measured IS NULL").fetchall()))
+    shown: dict[str, Any] = {}
+    steps = sqlite_steps(live, lambda: shown.update(live.call("recommend", {"tool_id": "sim", "runs": 3})))
+    assert shown["runs"] == 3 and shown["evidence"]["cpu"]["p50"] == pytest.approx(0.1)
+    assert steps * 10 < one_pass, f"recommend took {steps} steps; one pass over the tool's runs {one_pass}"
