@@ -221,10 +221,26 @@ CREATE TABLE usage_hours (
     PRIMARY KEY (grouping, hour, owner_uid, key, kind, through)
 ) WITHOUT ROWID;
 CREATE INDEX usage_hours_by_key ON usage_hours (grouping, key, hour);
+CREATE TABLE usage_spans (
+    allocation_id TEXT NOT NULL,
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'owner', 'pool', 'resource')),
+    key TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    first_hour REAL NOT NULL,
+    end_hour REAL NOT NULL CHECK (end_hour > first_hour),
+    cost REAL NOT NULL,
+    resource_hours REAL,
+    requested REAL,
+    measured REAL
+);
+CREATE INDEX usage_spans_by_end ON usage_spans (grouping, end_hour);
+CREATE INDEX usage_spans_by_allocation ON usage_spans (allocation_id);
 CREATE INDEX allocations_by_grant ON allocations (granted_at) WHERE released_at IS NOT NULL;
 """
 """Ended allocations' usage summed per clock hour as they end (see `core.accounting.hourly_usage_parts`):
-`usage` and budgets read these totals instead of every allocation, and they outlive pruned allocations."""
+`usage` and budgets read these totals instead of every allocation, and they outlive pruned allocations.
+A long hold keeps its whole hours as one row of usage_spans, figures per hour."""
 
 
 SCHEMA_V5_ALLOCATION_COUNTS = """
@@ -271,11 +287,13 @@ def m004_usage_hours(db: Any) -> None:
         if not rows:
             break
         for row in rows:
-            for entry in _usage_rows(usage_record(row), 1):
+            hours, spans = _usage_rows(usage_record(row), 1)
+            for entry in hours:
                 summed = totals.setdefault(entry[:6], [0, 0.0, 0.0, None, None, None])
                 for index, value in enumerate(entry[6:]):
                     if value is not None:
                         summed[index] = (summed[index] or 0) + value
+            conn.executemany(_ADD_SPAN, spans)
         last = rows[-1][0]
     conn.executemany(_ADD_USAGE, [(*key, *summed) for key, summed in totals.items()])
 
@@ -305,17 +323,25 @@ def usage_record(row: tuple[Any, ...]) -> UsageRecord:
 
 
 def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
-    """Add (sign 1) or take back (-1) an ended record's hourly usage parts."""
-    conn.executemany(_ADD_USAGE, _usage_rows(record, sign))
+    """Add (sign 1) or take back (-1) an ended record's hourly usage parts and spans."""
+    hours, spans = _usage_rows(record, sign)
+    conn.executemany(_ADD_USAGE, hours)
+    if sign < 0:
+        conn.execute("DELETE FROM usage_spans WHERE allocation_id = ?", (record.allocation_id,))
+    else:
+        conn.executemany(_ADD_SPAN, spans)
 
 
-def _usage_rows(record: UsageRecord, sign: int) -> list[tuple[Any, ...]]:
+def _usage_rows(record: UsageRecord, sign: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     def signed(value: float | None) -> float | None:
         return None if value is None else sign * value
 
-    return [(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
-             sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
-             signed(part.measured)) for hour, through, part in hourly_usage_parts(record)]
+    hours, spans = hourly_usage_parts(record)
+    return ([(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
+              sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
+              signed(part.measured)) for hour, through, part in hours],
+            [(record.allocation_id, part.by, part.key, record.owner_uid, part.kind, first, end, part.cost,
+              part.resource_hours, part.requested, part.measured) for first, end, part in spans])
 
 
 def _plus(column: str) -> str:
@@ -330,6 +356,8 @@ _ADD_USAGE = (
     " allocations = allocations + excluded.allocations, waited = waited + excluded.waited,"
     f" cost = cost + excluded.cost, resource_hours = {_plus('resource_hours')}, requested = {_plus('requested')},"
     f" measured = {_plus('measured')}")
+_ADD_SPAN = ("INSERT INTO usage_spans (allocation_id, grouping, key, owner_uid, kind, first_hour, end_hour, cost,"
+             " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _migrations() -> Any:
@@ -595,21 +623,33 @@ class Store:
         measured."""
         where = "grouping = ?"
         args: list[Any] = [by]
+        spans = "grouping = ?"
+        span_args: list[Any] = [by]
         if through_hour is None:
             where += " AND hour >= ?"
             args.append(from_hour)
+            spans += " AND end_hour > ?"
+            span_args.append(from_hour)
+            hours = "(end_hour - max(first_hour, ?)) / 3600.0"
+            hours_args: list[Any] = [from_hour]
         else:
             where += " AND hour >= ? AND hour <= ? AND through = 1"  # a range: `hour = ?` picks the key index
             args += [through_hour, through_hour]
-        if owner_uid is not None:
-            where += " AND owner_uid = ?"
-            args.append(owner_uid)
-        if key is not None:
-            where += " AND key = ?"
-            args.append(key)
+            spans += " AND end_hour > ? AND first_hour <= ?"
+            span_args += [through_hour, through_hour]
+            hours, hours_args = "1.0", []
+        for column, value in (("owner_uid", owner_uid), ("key", key)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+                spans += f" AND {column} = ?"
+                span_args.append(value)
         return self.conn.execute(
             "SELECT key, kind, sum(allocations), sum(waited), sum(cost), sum(resource_hours), sum(requested),"
-            f" sum(measured) FROM usage_hours WHERE {where} GROUP BY key, kind", args).fetchall()
+            f" sum(measured) FROM usage_hours WHERE {where} GROUP BY key, kind"
+            " UNION ALL SELECT key, kind, 0, 0.0, sum(cost * n), sum(resource_hours * n), sum(requested * n),"
+            f" sum(measured * n) FROM (SELECT *, {hours} AS n FROM usage_spans WHERE {spans}) GROUP BY key, kind",
+            [*args, *hours_args, *span_args]).fetchall()
 
     def ended_within_hour(self, hour: float, end: float) -> list[UsageRecord]:
         """Ended allocations granted or ended in [hour, end) (end within the hour): those not held through it."""

@@ -115,13 +115,13 @@ def test_an_allocate_is_answered_while_usage_runs_over_a_long_history(live: Live
     assert row["key"] == "licence" and row["allocations"] + row["active"] >= ENDED
 
 
-SPANS = [  # (minutes after the previous event, action)
-    (0, "a"), (7, "b"), (50, "release a"), (13, "c"), (95, "release b"), (1, "d"), (61, "release c"),
-    (200, "release d"), (3, "e"), (30, "release e measured"), (2, "f"),
+SPANS = [  # (minutes after the previous event, action); g is held through more than a day: a span
+    (0, "a"), (0.5, "g"), (7, "b"), (50, "release a"), (13, "c"), (95, "release b"), (1, "d"), (61, "release c"),
+    (200, "release d"), (3, "e"), (30, "release e measured"), (1700, "release g measured"), (2, "f"),
 ]
 
 
-@pytest.mark.parametrize("since_minutes", [1, 17, 59.5, 60, 61, 125, 247, 301, 10_000])
+@pytest.mark.parametrize("since_minutes", [1, 17, 59.5, 60, 61, 125, 247, 301, 1000, 1999.5, 10_000])
 @pytest.mark.parametrize("by", ["tool", "owner", "pool", "resource"])
 def test_usage_from_hourly_totals_equals_a_full_scan(live: LiveDaemon, by: str, since_minutes: float) -> None:
     live.call("pools.create", {"name": "builds", "factory": "slots", "parent": "slot", "slot_size": 2, "min": 2,
@@ -179,6 +179,7 @@ def test_the_migrations_sum_and_count_the_allocations_that_ended_before_them(tmp
     kept = hours(store)
     with store.transaction():
         store.conn.execute("DROP TABLE usage_hours")
+        store.conn.execute("DROP TABLE usage_spans")
         store.conn.execute("DROP INDEX allocations_by_grant")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
         for trigger in ("insert", "change", "delete"):
@@ -242,3 +243,18 @@ def test_recommend_reads_only_measured_runs(live: LiveDaemon) -> None:
     steps = sqlite_steps(live, lambda: shown.update(live.call("recommend", {"tool_id": "sim", "runs": 3})))
     assert shown["runs"] == 3 and shown["evidence"]["cpu"]["p50"] == pytest.approx(0.1)
     assert steps * 10 < one_pass, f"recommend took {steps} steps; one pass over the tool's runs {one_pass}"
+
+
+def test_a_long_hold_is_summed_as_a_span_not_an_hour_at_a_time(live: LiveDaemon) -> None:
+    held = live.call("allocate", {"resources": [{"resource": "licence", "amount": 2}], "tool_id": "service",
+                                  "holder_pid": os.getpid()})
+    live.clock.now += 365 * 86400 + 17 * MINUTE
+    live.call("release", {"id": held["id"], "measured": {"cpu_seconds": 3600.0}})
+    rows = live.on_store(lambda broker: broker.store.conn.execute(
+        "SELECT (SELECT count(*) FROM usage_hours) + (SELECT count(*) FROM usage_spans)").fetchone()[0])
+    assert rows < 100, f"{rows} rows for one allocation"
+    usage = live.call("usage", {"by": "tool", "since": 366 * 86400})
+    [row] = usage["rows"]
+    assert row["cost"] == pytest.approx(2 * 1.5 * (365 * 24 + 17 / 60), rel=1e-12)
+    part = live.call("usage", {"by": "tool", "since": 50 * 86400 + 7.5})["rows"][0]  # within what is kept
+    assert part["cost"] == pytest.approx(2 * 1.5 * (50 * 24 + 7.5 / 3600), rel=1e-12)
