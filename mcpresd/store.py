@@ -309,9 +309,15 @@ def m006_measured_runs(db: Any) -> None:
                      " WHERE state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL;")
 
 
+def m007_allocations_by_state(db: Any) -> None:
+    # `allocations.list` of one state, newest first, reads that state's rows only: a list of a rare state
+    # (withdrawn) read the whole history by id.
+    db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts, m006_measured_runs)
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 

@@ -258,3 +258,17 @@ def test_a_long_hold_is_summed_as_a_span_not_an_hour_at_a_time(live: LiveDaemon)
     assert row["cost"] == pytest.approx(2 * 1.5 * (365 * 24 + 17 / 60), rel=1e-12)
     part = live.call("usage", {"by": "tool", "since": 50 * 86400 + 7.5})["rows"][0]  # within what is kept
     assert part["cost"] == pytest.approx(2 * 1.5 * (50 * 24 + 7.5 / 3600), rel=1e-12)
+
+
+def test_a_list_of_one_state_reads_only_that_states_allocations(live: LiveDaemon) -> None:
+    bulk_end(live, ENDED, T0 - 2 * 86400)
+    live.call("allocate", {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": os.getpid()})
+    cancelled = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}], "wait": 600,
+                                       "detach": True, "holder_pid": os.getpid()})
+    live.call("release", {"id": cancelled["id"]})
+    one_pass = sqlite_steps(live, lambda: live.on_store(lambda broker: broker.store.conn.execute(
+        "SELECT count(*) FROM allocations WHERE +state = 'withdrawn'").fetchall()))
+    shown: list[Any] = []
+    steps = sqlite_steps(live, lambda: shown.extend(live.call("allocations.list", {"state": "withdrawn"})))
+    assert [a["id"] for a in shown] == [cancelled["id"]]
+    assert steps * 10 < one_pass, f"allocations.list took {steps} steps; one pass over the history {one_pass}"
