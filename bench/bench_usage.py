@@ -5,7 +5,12 @@ Run:  .venv/bin/python bench/bench_usage.py [--ended 500000] [--days 30]
 It builds a database on temporary paths with `--ended` released allocations spread over the last `--days`
 days (inserted in bulk through the store, with charges and measurements as `mcpctl run` leaves them),
 starts mcpresd on it and prints:
+- where the daemon keeps hourly usage totals: how long migration m004 takes to backfill them from those
+  allocations (an upgrade);
 - the latency of one `usage --by tool --since 30d` alone (median of 3);
+- the latency of the other reads that could cover the whole history, alone: `daemon.status` (counts by
+  state), `allocations.list` at its largest page (1,000; before paging, 100,000) of all allocations and of a
+  state none has, `recommend` at its most runs, `events.list` at its largest limit;
 - the latency of that `usage` and of an `allocate` sent on another connection just after it, together:
   the allocate's latency is how long a grant waits behind the read.
 """
@@ -17,6 +22,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_foundation import start_daemon, stop_daemon  # noqa: E402
-from mcpresd.core.accounting import Charge, UsageRecord  # noqa: E402
+from mcpresd.core.accounting import Charge  # noqa: E402
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind  # noqa: E402
 from mcpresd.protocol import AllocationState, Priority  # noqa: E402
 from mcpresd.store import Store  # noqa: E402
@@ -66,14 +72,25 @@ def fill(db: Path, ended: int, days: float) -> None:
 
 
 def end(store: Store, allocations: list[Allocation]) -> None:
-    """Write ended allocations as the daemon does when it ends them (with their hourly usage, where kept)."""
-    add_usage = getattr(store, "add_usage", None)
     for allocation in allocations:
         store.insert_allocation(allocation)
-        if add_usage is not None:
-            add_usage(UsageRecord(allocation.id, allocation.tool_id, allocation.owner_uid, allocation.created_at,
-                                  allocation.granted_at, allocation.released_at, allocation.charges,
-                                  allocation.measured or {}))
+
+
+def as_before_the_hourly_totals(db: Path) -> bool:
+    """Take the database back to before migration m004, where it has one: the daemon's start then backfills
+    the hourly totals, as an upgrade does. False where there is no such migration (before the change)."""
+    store = Store(db)
+    try:
+        if not store.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage_hours'").fetchone():
+            return False
+        with store.transaction():
+            store.conn.execute("DROP TABLE usage_hours")
+            store.conn.execute("DROP TABLE usage_spans")
+            store.conn.execute("DROP INDEX allocations_by_grant")
+            store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
+        return True
+    finally:
+        store.close()
 
 
 def call(sock: str, method: str, params: dict[str, object], into: dict[str, float], start: threading.Event) -> None:
@@ -120,9 +137,14 @@ def main() -> None:
         began = time.perf_counter()
         fill(tmp / "bench.db", args.ended, args.days)
         print(f"inserted {args.ended:,} ended allocations over {args.days:g} days in {time.perf_counter() - began:.1f} s")
+        if as_before_the_hourly_totals(tmp / "bench.db"):
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "mcpresd.store", str(tmp / "bench.db")], check=True)
+            print(f"migration m004 (the hours of {args.ended:,} ended allocations summed, as an upgrade does):"
+                  f" {time.perf_counter() - began:.1f} s")
         began = time.perf_counter()
         proc, sock = start_daemon(tmp, sys.executable, CONFIG)
-        print(f"daemon answering after {time.perf_counter() - began:.1f} s (migrations included)")
+        print(f"daemon answering after {time.perf_counter() - began:.1f} s")
         try:
             alone = []
             for _ in range(3):
@@ -132,6 +154,15 @@ def main() -> None:
                 call(sock, "usage", {"by": "tool", "since": 30 * 86400}, times, go)
                 alone.append(times["usage"])
             print(f"usage --since 30d alone: median {statistics.median(alone) * 1000:.1f} ms")
+            for method, params in [("daemon.status", {}), ("allocations.list", {"state": "all", "limit": 1000}),
+                                   ("allocations.list", {"state": "withdrawn", "limit": 1000}),
+                                   ("recommend", {"tool_id": "tool0", "runs": 10_000}),
+                                   ("events.list", {"limit": 10_000})]:
+                times = {}
+                go = threading.Event()
+                go.set()
+                call(sock, method, params, times, go)
+                print(f"{method} {json.dumps(params)}: {times[method] * 1000:.1f} ms")
             both = together(sock)
             print(f"together: usage {both.get('usage', float('nan')) * 1000:.1f} ms,"
                   f" allocate sent 50 ms after it {both.get('allocate', float('nan')) * 1000:.1f} ms")
