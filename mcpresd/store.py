@@ -609,16 +609,6 @@ class Store:
                 items[allocation_id].append(AllocationItem(resource, amount))
         return [_allocation(row, tuple(items[row[0]])) for row in rows]
 
-    def set_measured(self, allocation_id: str, measured: Any) -> None:
-        self.conn.execute("UPDATE allocations SET measured = ? WHERE id = ?", (_compact(dict(measured)), allocation_id))
-
-    def ended_since(self, since: float, tool_id: str | None = None) -> list[Allocation]:
-        """Allocations that ended at or after `since` (for accounting and budgets), oldest first."""
-        if tool_id is None:
-            return self._select_allocations("WHERE released_at >= ? ORDER BY released_at", (since,))
-        return self._select_allocations("WHERE tool_id = ? AND released_at >= ? ORDER BY released_at",
-                                        (tool_id, since))
-
     def add_usage(self, record: UsageRecord, sign: int = 1) -> None:
         add_usage(self.conn, record, sign)
 
@@ -681,6 +671,16 @@ class Store:
         """An expired idempotency key: the ended allocation keeps no key, and the key can be used again."""
         self.conn.execute("UPDATE allocations SET idempotency_key = NULL, request_digest = NULL WHERE id = ?",
                           (allocation_id,))
+
+    def set_measured(self, allocation_id: str, measured: Any) -> None:
+        self.conn.execute("UPDATE allocations SET measured = ? WHERE id = ?", (_compact(dict(measured)), allocation_id))
+
+    def ended_since(self, since: float, tool_id: str | None = None) -> list[Allocation]:
+        """Allocations that ended at or after `since` (for accounting and budgets), oldest first."""
+        if tool_id is None:
+            return self._select_allocations("WHERE released_at >= ? ORDER BY released_at", (since,))
+        return self._select_allocations("WHERE tool_id = ? AND released_at >= ? ORDER BY released_at",
+                                        (tool_id, since))
 
     def recent_runs(self, tool_id: str, limit: int) -> list[Allocation]:
         """The newest released allocations of a tool that carry measurements, newest first."""
