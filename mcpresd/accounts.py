@@ -45,7 +45,8 @@ class Accounts:
         self.measured: dict[str, dict[str, float]] = {}
         """What the daemon sampled of each active allocation's holder, by allocation id."""
         self._ended = 0
-        self._ended_cost: dict[tuple[str, str, str], tuple[float, int, float]] = {}
+        self._ended_cost: dict[tuple[str, str, str], tuple[float, float]] = {}
+        """Per budget: its period's start and what allocations that ended in it cost in it."""
         self._durations: dict[str, tuple[int, float | None, int]] = {}
         self._last_check = -math.inf
         self._last_pass = broker.clock()
@@ -108,7 +109,14 @@ class Accounts:
         self._ended += 1
         measured = {**(sampled or {}), **(reported or {})}
         ended = allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
-        self.broker.store.add_usage(self.record(ended))
+        record = self.record(ended)
+        self.broker.store.add_usage(record)
+        now = self.broker.clock()
+        for key, (start, spent) in self._ended_cost.items():
+            # The budget's ended part takes what the live part had of it: summed again only for a new period.
+            budget = self.budgets.get(key)
+            if budget is not None and budget.applies_to(record):
+                self._ended_cost[key] = (start, spent + accounting.spent(budget, [record], now))
         return ended
 
     def report(self, allocation: Allocation, measured: dict[str, float]) -> Allocation:
@@ -182,12 +190,12 @@ class Accounts:
         start, _ = accounting.period_bounds(budget.period, now)
         key = _key(budget)
         cached = self._ended_cost.get(key)
-        if cached is not None and cached[0] == start and cached[1] == self._ended:
-            ended_part = cached[2]
+        if cached is not None and cached[0] == start:
+            ended_part = cached[1]
         else:
             tallies = self._ended_usage({}, budget.scope.value, start, now, key=budget.subject)[0]
             ended_part = tallies[budget.subject].cost if budget.subject in tallies else 0.0
-            self._ended_cost[key] = (start, self._ended, ended_part)
+            self._ended_cost[key] = (start, ended_part)
         live = [self.record(a) for a in self.broker.live.values() if a.is_active]
         return ended_part + accounting.spent(budget, live, now)
 
@@ -229,6 +237,7 @@ class Accounts:
             raise InvalidRequest(str(error)) from None
         now = self.broker.clock()
         self.budgets[_key(budget)] = budget
+        self._ended_cost.pop(_key(budget), None)
         self.broker.store.save_budget((budget.scope.value, budget.subject, budget.period.value, budget.limit,
                                        budget.soft), now)
         self.broker._event(now, "budget.set", uid=caller.uid, detail={
@@ -246,6 +255,7 @@ class Accounts:
         now = self.broker.clock()
         shown = accounting.budget_dict(budget, self.spent(budget, now), now)
         del self.budgets[_key(budget)]
+        self._ended_cost.pop(_key(budget), None)
         self.broker.store.delete_budget(key.scope.value, key.subject, key.period.value)
         self.broker.monitor.condition("budget", _alert_resource(budget), None, shown["spent"], now,
                                       {"why": "the budget was deleted"})

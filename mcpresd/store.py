@@ -207,7 +207,7 @@ CREATE TABLE budgets (
 SCHEMA_V4_USAGE_HOURS = """
 CREATE TABLE usage_hours (
     hour REAL NOT NULL,
-    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'owner', 'pool', 'resource')),
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'pool', 'resource')),
     key TEXT NOT NULL,
     owner_uid INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -220,10 +220,9 @@ CREATE TABLE usage_hours (
     measured REAL,
     PRIMARY KEY (grouping, hour, owner_uid, key, kind, through)
 ) WITHOUT ROWID;
-CREATE INDEX usage_hours_by_key ON usage_hours (grouping, key, hour);
 CREATE TABLE usage_spans (
     allocation_id TEXT NOT NULL,
-    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'owner', 'pool', 'resource')),
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'pool', 'resource')),
     key TEXT NOT NULL,
     owner_uid INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -240,7 +239,8 @@ CREATE INDEX allocations_by_grant ON allocations (granted_at) WHERE released_at 
 """
 """Ended allocations' usage summed per clock hour as they end (see `core.accounting.hourly_usage_parts`):
 `usage` and budgets read these totals instead of every allocation, and they outlive pruned allocations.
-A long hold keeps its whole hours as one row of usage_spans, figures per hour."""
+A long hold keeps its whole hours as one row of usage_spans, figures per hour. Totals by owner are the tool
+rows summed by owner_uid."""
 
 
 SCHEMA_V5_ALLOCATION_COUNTS = """
@@ -617,10 +617,13 @@ class Store:
         """Summed hourly usage by key and kind: every hour from `from_hour` on, or only what was held through
         the whole of `through_hour`. Each row: key, kind, allocations, waited, cost, resource_hours, requested,
         measured."""
+        kept, key_of = ("tool", "CAST(owner_uid AS TEXT)") if by == "owner" else (by, "key")
+        if by == "owner" and key is not None:
+            owner_uid, key = int(key), None
         where = "grouping = ?"
-        args: list[Any] = [by]
+        args: list[Any] = [kept]
         spans = "grouping = ?"
-        span_args: list[Any] = [by]
+        span_args: list[Any] = [kept]
         if through_hour is None:
             where += " AND hour >= ?"
             args.append(from_hour)
@@ -629,7 +632,7 @@ class Store:
             hours = "(end_hour - max(first_hour, ?)) / 3600.0"
             hours_args: list[Any] = [from_hour]
         else:
-            where += " AND hour >= ? AND hour <= ? AND through = 1"  # a range: `hour = ?` picks the key index
+            where += " AND hour >= ? AND hour <= ? AND through = 1"
             args += [through_hour, through_hour]
             spans += " AND end_hour > ? AND first_hour <= ?"
             span_args += [through_hour, through_hour]
@@ -641,11 +644,11 @@ class Store:
                 spans += f" AND {column} = ?"
                 span_args.append(value)
         return self.conn.execute(
-            "SELECT key, kind, sum(allocations), sum(waited), sum(cost), sum(resource_hours), sum(requested),"
-            f" sum(measured) FROM usage_hours WHERE {where} GROUP BY key, kind"
-            " UNION ALL SELECT key, kind, 0, 0.0, sum(cost * n), sum(resource_hours * n), sum(requested * n),"
-            f" sum(measured * n) FROM (SELECT *, {hours} AS n FROM usage_spans WHERE {spans}) GROUP BY key, kind",
-            [*args, *hours_args, *span_args]).fetchall()
+            f"SELECT {key_of} AS shown, kind, sum(allocations), sum(waited), sum(cost), sum(resource_hours),"
+            f" sum(requested), sum(measured) FROM usage_hours WHERE {where} GROUP BY shown, kind"
+            f" UNION ALL SELECT {key_of} AS shown, kind, 0, 0.0, sum(cost * n), sum(resource_hours * n),"
+            f" sum(requested * n), sum(measured * n) FROM (SELECT *, {hours} AS n FROM usage_spans WHERE {spans})"
+            " GROUP BY shown, kind", [*args, *hours_args, *span_args]).fetchall()
 
     def ended_within_hour(self, hour: float, end: float) -> list[UsageRecord]:
         """Ended allocations granted or ended in [hour, end) (end within the hour): those not held through it."""

@@ -270,7 +270,8 @@ def usage_tallies(records: Iterable[UsageRecord], by: UsageBy, since: float, now
 
 # -- usage totals kept as allocations end ---------------------------------------
 
-USAGE_BY: tuple[UsageBy, ...] = ("tool", "owner", "pool", "resource")
+USAGE_KEPT: tuple[UsageBy, ...] = ("tool", "pool", "resource")
+"""The groupings whose totals are kept; an owner's are the tool rows of that owner (each record has one tool key)."""
 USAGE_HOUR = 3600.0
 """Ended allocations are summed into totals per clock hour (Unix time, UTC) as they end."""
 
@@ -292,7 +293,8 @@ class UsagePart:
 
 def usage_parts(record: UsageRecord, start: float, end: float, by: UsageBy | None = None) -> list[UsagePart]:
     """An ended record's part of every usage row in [start, end): the time it was held there, and the record
-    itself (one allocation, its wait) where it ended there; of the rows by `by` only, if given. The parts of
+    itself (one allocation, its wait) where it ended there; of the rows by `by` if given, else of the kept
+    groupings (USAGE_KEPT). The parts of
     adjoining spans add up to what `usage_tallies` takes over their union."""
     released = record.released_at
     if released is None:
@@ -307,7 +309,7 @@ def usage_parts(record: UsageRecord, start: float, end: float, by: UsageBy | Non
         return []
     used = {kind: _used_hours(record, kind, hours, held_hours) for kind in MEASURED_KINDS}
     parts: list[UsagePart] = []
-    for grouping in USAGE_BY if by is None else (by,):
+    for grouping in USAGE_KEPT if by is None else (by,):
         for key, charges in _groups(record, grouping).items():
             if counted:
                 parts.append(UsagePart(grouping, key, "", allocations=1, waited=record.waited(released)))

@@ -272,3 +272,26 @@ def test_a_list_of_one_state_reads_only_that_states_allocations(live: LiveDaemon
     steps = sqlite_steps(live, lambda: shown.extend(live.call("allocations.list", {"state": "withdrawn"})))
     assert [a["id"] for a in shown] == [cancelled["id"]]
     assert steps * 10 < one_pass, f"allocations.list took {steps} steps; one pass over the history {one_pass}"
+
+
+def test_a_budgets_spending_kept_as_allocations_end_equals_a_fresh_sum(live: LiveDaemon) -> None:
+    live.call("pools.create", {"name": "builds", "factory": "slots", "parent": "slot", "slot_size": 2, "min": 2,
+                               "max": 2, "cost_per_unit_hour": 0.25})
+    for scope, subject in [("tool", "t-b"), ("owner", str(os.getuid())), ("pool", "builds")]:
+        live.call("budgets.set", {"scope": scope, "subject": subject, "limit": 1e6, "period": "week"})
+    live.clock.now = T0 + 23 * MINUTE + 11.5
+    held: dict[str, str] = {}
+    for minutes, action in SPANS:
+        live.clock.now += minutes * MINUTE
+        if action.startswith("release"):
+            live.call("release", {"id": held[action.split()[1]]})
+            continue
+        resources = ([{"resource": "licence", "amount": 1}] if action in "ace"
+                     else [{"resource": "pool:builds", "amount": 1}, {"resource": "slot", "amount": 2}])
+        held[action] = live.call("allocate", {"resources": resources, "tool_id": f"t-{action}"[:3],
+                                              "holder_pid": os.getpid()})["id"]
+    kept = {(b["scope"], b["subject"]): b["spent"] for b in live.call("budgets.list")}
+    live.on_store(lambda broker: broker.accounts.load())  # forgets what it kept: sums the week afresh
+    fresh = {(b["scope"], b["subject"]): b["spent"] for b in live.call("budgets.list")}
+    assert kept == pytest.approx(fresh, abs=1e-6) and len(kept) == 3
+    assert all(spent > 0 for spent in kept.values())
