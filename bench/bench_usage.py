@@ -7,6 +7,7 @@ days (inserted in bulk through the store, with charges and measurements as `mcpc
 starts mcpresd on it and prints:
 - where the daemon keeps hourly usage totals: how long migration m004 takes to backfill them from those
   allocations (an upgrade);
+- where the daemon prunes: how long one retention step (a tick's batch) takes over that history;
 - the latency of one `usage --by tool --since 30d` alone (median of 3);
 - the latency of the other reads that could cover the whole history, alone: `daemon.status` (counts by
   state), `allocations.list` at its largest page (1,000; before paging, 100,000) of all allocations and of a
@@ -93,6 +94,31 @@ def as_before_the_hourly_totals(db: Path) -> bool:
         store.close()
 
 
+def prune_batch(db: Path, days: float) -> None:
+    """One retention step (a tick's) over the oldest allocations, beside 100,000 old events, as the daemon runs it."""
+    try:
+        from mcpresd.retention import Retention, prune
+    except ImportError:
+        return  # before retention
+    store = Store(db)
+    try:
+        now = time.time()
+        with store.transaction():
+            for n in range(100_000):
+                store.insert_event(now - days * 86400 + n, "bench.old")
+        retention = Retention(events_days=1, ended_allocations_days=1)
+        times = []
+        for _ in range(5):
+            began = time.perf_counter()
+            with store.transaction():
+                events, allocations = prune(store, retention, now)
+            times.append(time.perf_counter() - began)
+        print(f"one retention step ({events} events, {allocations} ended allocations, committed):"
+              f" median {statistics.median(times) * 1000:.1f} ms of 5")
+    finally:
+        store.close()
+
+
 def call(sock: str, method: str, params: dict[str, object], into: dict[str, float], start: threading.Event) -> None:
     with socket.socket(socket.AF_UNIX) as conn:
         conn.connect(sock)
@@ -142,6 +168,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "mcpresd.store", str(tmp / "bench.db")], check=True)
             print(f"migration m004 (the hours of {args.ended:,} ended allocations summed, as an upgrade does):"
                   f" {time.perf_counter() - began:.1f} s")
+        prune_batch(tmp / "bench.db", args.days)
         began = time.perf_counter()
         proc, sock = start_daemon(tmp, sys.executable, CONFIG)
         print(f"daemon answering after {time.perf_counter() - began:.1f} s")
