@@ -21,9 +21,9 @@ from mcpresd.protocol import Strategy
 from mcpresd.core.alerts import default_rules, rule_from_config
 from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy
-from mcpresd.retention import Retention
 from mcpresd.server import Limits
 from mcpresd.service import Policy
+from mcpresd.retention import Retention
 from mcpresd.core.pools import PoolSpec
 from mcpresd.params import InvalidParams, check_custom_name, check_text, pool_spec
 from mcpresd.protocol import ResourceType, UnitError, default_socket_path, is_valid_number, parse_duration, parse_size
