@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from mcpctl.client import Client
 from mcpresd.core import accounting
 from mcpresd.core.accounting import Charge
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind
@@ -91,28 +89,6 @@ def test_a_budget_check_reads_totals_not_the_periods_allocations(live: LiveDaemo
     [budget] = live.call("budgets.list")
     assert budget["spent"] == pytest.approx(len(range(1, ENDED // 4, 3)) * 1.5 * 0.1, abs=1e-6)
     assert steps * 10 < one_pass, f"allocate took {steps} steps; one pass over the period {one_pass}"
-
-
-def test_an_allocate_is_answered_while_usage_runs_over_a_long_history(live: LiveDaemon) -> None:
-    start = T0 - 2 * 86400
-    bulk_end(live, ENDED, start)
-    replies: dict[str, Any] = {}
-    usage_sent = threading.Event()
-
-    def usage() -> None:
-        with Client(live.socket, timeout=60.0) as client:
-            usage_sent.set()
-            replies["usage"] = client.call("usage", {"by": "resource", "since": 30 * 86400})
-
-    reader = threading.Thread(target=usage)
-    reader.start()
-    assert usage_sent.wait(10)
-    replies["allocate"] = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
-                                                 "holder_pid": os.getpid()})
-    reader.join(60)
-    assert replies["allocate"]["state"] == "active"
-    [row] = replies["usage"]["rows"]
-    assert row["key"] == "licence" and row["allocations"] + row["active"] >= ENDED
 
 
 SPANS = [  # (minutes after the previous event, action); g is held through more than a day: a span
