@@ -45,7 +45,8 @@ class Accounts:
         self.measured: dict[str, dict[str, float]] = {}
         """What the daemon sampled of each active allocation's holder, by allocation id."""
         self._ended = 0
-        self._ended_cost: dict[tuple[str, str, str], tuple[float, int, float]] = {}
+        self._ended_cost: dict[tuple[str, str, str], tuple[float, float]] = {}
+        """Per budget: its period's start and what allocations that ended in it cost in it."""
         self._durations: dict[str, tuple[int, float | None, int]] = {}
         self._last_check = -math.inf
         self._last_pass = broker.clock()
@@ -107,12 +108,23 @@ class Accounts:
         self._gpu_samples.pop(allocation.id, None)
         self._ended += 1
         measured = {**(sampled or {}), **(reported or {})}
-        return allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
+        ended = allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
+        record = self.record(ended)
+        self.broker.store.add_usage(record)
+        now = self.broker.clock()
+        for key, (start, spent) in self._ended_cost.items():
+            # The budget's ended part takes what the live part had of it: summed again only for a new period.
+            budget = self.budgets.get(key)
+            if budget is not None and budget.applies_to(record):
+                self._ended_cost[key] = (start, spent + accounting.spent(budget, [record], now))
+        return ended
 
     def report(self, allocation: Allocation, measured: dict[str, float]) -> Allocation:
         """A measurement reported for an allocation that has already ended: it wins over what was sampled."""
         reported = allocation.changed(measured={**(allocation.measured or {}), **measured})
         self.broker.store.set_measured(allocation.id, reported.measured)
+        self.broker.store.add_usage(self.record(allocation), -1)
+        self.broker.store.add_usage(self.record(reported))
         self._ended += 1
         return reported
 
@@ -178,13 +190,12 @@ class Accounts:
         start, _ = accounting.period_bounds(budget.period, now)
         key = _key(budget)
         cached = self._ended_cost.get(key)
-        if cached is not None and cached[0] == start and cached[1] == self._ended:
-            ended_part = cached[2]
+        if cached is not None and cached[0] == start:
+            ended_part = cached[1]
         else:
-            tool = budget.subject if budget.scope is BudgetScope.TOOL else None
-            records = [self.record(a) for a in self.broker.store.ended_since(start, tool)]
-            ended_part = accounting.spent(budget, records, now)
-            self._ended_cost[key] = (start, self._ended, ended_part)
+            tallies = self._ended_usage({}, budget.scope.value, start, now, key=budget.subject)[0]
+            ended_part = tallies[budget.subject].cost if budget.subject in tallies else 0.0
+            self._ended_cost[key] = (start, ended_part)
         live = [self.record(a) for a in self.broker.live.values() if a.is_active]
         return ended_part + accounting.spent(budget, live, now)
 
@@ -229,6 +240,7 @@ class Accounts:
             raise InvalidRequest(str(error)) from None
         now = self.broker.clock()
         self.budgets[_key(budget)] = budget
+        self._ended_cost.pop(_key(budget), None)
         self.broker.store.save_budget((budget.scope.value, budget.subject, budget.period.value, budget.limit,
                                        budget.soft), now)
         self.broker._event(now, "budget.set", uid=caller.uid, detail={
@@ -246,6 +258,7 @@ class Accounts:
         now = self.broker.clock()
         shown = accounting.budget_dict(budget, self.spent(budget, now), now)
         del self.budgets[_key(budget)]
+        self._ended_cost.pop(_key(budget), None)
         self.broker.store.delete_budget(key.scope.value, key.subject, key.period.value)
         self.broker.monitor.condition("budget", _alert_resource(budget), None, shown["spent"], now,
                                       {"why": "the budget was deleted"})
@@ -264,14 +277,39 @@ class Accounts:
 
     def usage(self, caller: Caller, command: p.UsageCommand) -> dict[str, Any]:
         now = self.broker.clock()
-        since = now - command.since
-        ended = {a.id: a for a in self.broker.store.ended_since(since)}
-        allocations = list(ended.values()) + [a for a in self.broker.live.values() if a.id not in ended]
-        if not caller.administers:
-            allocations = [a for a in allocations if a.owner_uid == caller.uid]
-        rows = accounting.usage_rows([self.record(a) for a in allocations], cast("accounting.UsageBy", command.by),
-                                     since, now)
+        by = cast("accounting.UsageBy", command.by)
+        owner = None if caller.administers else caller.uid
+        tallies, since = self._ended_usage({}, by, now - command.since, now, owner)
+        live = [self.record(a) for a in self.broker.live.values() if owner is None or a.owner_uid == owner]
+        rows = accounting.rows_of(accounting.usage_tallies(live, by, since, now, tallies))
         return {"by": command.by, "since": since, "until": now, "rows": rows, "totals": accounting.usage_totals(rows)}
+
+    def _ended_usage(self, tallies: dict[str, Any], by: str, since: float, now: float, owner: int | None = None,
+                     key: str | None = None) -> tuple[dict[str, Any], float]:
+        """Add ended allocations' usage in [since, now] to `tallies`, from the hourly totals; returns them and the
+        window's start.
+
+        Whole hours come from the totals; the hour `since` falls in takes the part after `since` of what was
+        held through it, and reads the few allocations that began or ended in it. Where that hour's
+        allocations may have been pruned, the window starts at the top of the hour instead.
+        """
+        store = self.broker.store
+        hour = math.floor(since / accounting.USAGE_HOUR) * accounting.USAGE_HOUR
+        if since < self.pruned_before(now):
+            since = hour
+        start = hour if hour == since else hour + accounting.USAGE_HOUR
+        accounting.add_totals(tallies, store.usage_totals(by, start, owner, key))
+        if start > since:
+            fraction = (start - since) / accounting.USAGE_HOUR
+            accounting.add_totals(tallies, store.usage_totals(by, hour, owner, key, through_hour=hour), fraction)
+            records = [r for r in store.ended_within_hour(hour, start) if owner is None or r.owner_uid == owner]
+            accounting.ended_part_tallies(records, cast("accounting.UsageBy", by), since, start, tallies)
+        return tallies, since
+
+    def pruned_before(self, now: float) -> float:
+        """Allocations that ended before this may have been pruned (retention)."""
+        before = self.broker.policy.retention.allocations_before(now)
+        return -math.inf if before is None else before
 
     def recommend(self, caller: Caller, command: p.RecommendCommand) -> dict[str, Any]:
         # As `usage`: a user who does not administer learns from their own runs only, not from other users'.

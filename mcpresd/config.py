@@ -24,6 +24,7 @@ from mcpresd.monitor import MonitorPolicy
 from mcpresd.samplers.metrics import METRICS
 from mcpresd.server import Limits
 from mcpresd.service import Policy
+from mcpresd.retention import Retention
 from mcpresd.core.pools import PoolSpec
 from mcpresd.params import InvalidParams, check_custom_name, check_quantity, check_text, pool_spec
 from mcpresd.protocol import (MAX_QUANTITY, ResourceType, UnitError, default_socket_path, is_valid_number,
@@ -68,7 +69,7 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools"}
+         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
                "reply_buffer", "batch_reply", "subscriber_buffer"}
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
@@ -79,6 +80,7 @@ _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometh
 _SCHEDULER_KEYS = {"aging_interval", "default_strategy", "preemption", "preempt_grace", "tick_interval",
                    "pool_interval"}
 _RESOURCE_KEYS = {"name", "capacity", "unit", "cost_per_unit_hour", "labels"}
+_RETENTION_KEYS = {"events_days", "ended_allocations_days", "key_expiry"}
 
 
 def load(path: str | Path | None, **overrides: Any) -> Config:
@@ -134,6 +136,9 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes.update(_scheduler(data["scheduler"], path))
     if "limits" in data:
         changes.update(_limits(data["limits"], path, changes.get("policy", config.policy)))
+    if "retention" in data:
+        changes["policy"] = replace(changes.get("policy", config.policy),
+                                    retention=_retention(data["retention"], path))
     if "access" in data:
         changes["limits"] = replace(changes.get("limits", config.limits), admin_gid=_admin_gid(data["access"], path))
     if "monitor" in data or "alerts" in data:
@@ -266,6 +271,30 @@ def _scheduler(table: Any, path: Path) -> dict[str, Any]:
         changes["tick_interval"] = tick
     changes["policy"] = policy
     return changes
+
+
+def _retention(table: Any, path: Path) -> Retention:
+    where = f"{path}: [retention]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _RETENTION_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_RETENTION_KEYS))})")
+    days = {}
+    for key in ("events_days", "ended_allocations_days"):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not is_valid_number(value) or not 0 <= value <= 100 * 365:
+                raise ConfigError(f"{where} {key} must be a number of days from 0 (keep for ever) to 36500")
+            days[key] = float(value)
+    retention = Retention(events_days=days.get("events_days", Retention.events_days),
+                          ended_allocations_days=days.get("ended_allocations_days", Retention.ended_allocations_days))
+    if "key_expiry" in table:
+        expiry = _duration(table["key_expiry"], f"{where} key_expiry")
+        if expiry > 100 * 365 * 86400:
+            raise ConfigError(f"{where} key_expiry must be at most 100 years (0: never)")
+        retention = replace(retention, key_expiry=expiry)
+    return retention
 
 
 def _duration(value: Any, where: str) -> float:

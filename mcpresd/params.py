@@ -22,6 +22,7 @@ from mcpresd.core.errors import DomainError
 from mcpresd.core.model import Demand, Request
 from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
+    ALLOCATIONS_PAGE,
     MAX_DEMANDS,
     MAX_QUANTITY,
     MIN_QUANTITY,
@@ -113,6 +114,7 @@ class GetAllocationCommand:
 class ListAllocationsCommand:
     state: AllocationState | None
     limit: int
+    before_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -409,7 +411,7 @@ def get_allocation(params: Any) -> GetAllocationCommand:
 
 
 def list_allocations(params: Any) -> ListAllocationsCommand:
-    fields = _Fields(params, frozenset({"state", "limit"}))
+    fields = _Fields(params, frozenset({"state", "limit", "before_id"}))
     state_text = fields.text("state") or AllocationState.ACTIVE.value
     state: AllocationState | None
     if state_text == "all":
@@ -420,7 +422,8 @@ def list_allocations(params: Any) -> ListAllocationsCommand:
         except ValueError:
             raise InvalidParams(f"state must be one of {', '.join(s.value for s in AllocationState)} or all,"
                                 f" got {state_text!r}", "state") from None
-    return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=100_000))
+    return ListAllocationsCommand(state=state, limit=fields.integer("limit", 1000, minimum=1, maximum=ALLOCATIONS_PAGE),
+                                  before_id=fields.text("before_id", limit=MAX_NAME_LENGTH))
 
 
 def list_resources(params: Any) -> ListResourcesCommand:

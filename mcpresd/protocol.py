@@ -30,6 +30,8 @@ JSONRPC = "2.0"
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BATCH = 1000
 MAX_NAME_LENGTH = 200
+ALLOCATIONS_PAGE = 1000
+"""The most allocations one `allocations.list` returns: a longer list is read page by page (`before_id`)."""
 MAX_TEXT_LENGTH = 1000
 MAX_DEMANDS = 64
 MAX_QUANTITY = float(1 << 63)

@@ -50,6 +50,7 @@ from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.pooling import FactoryRun, PoolKeeper
+from mcpresd.retention import Retention, prune
 from mcpresd.protocol import VERSION, AllocationState, ResourceType
 from mcpresd.store import Store
 
@@ -88,6 +89,7 @@ class Policy:
     max_queued_per_uid: int = 256
     pool_interval: float = 1.0
     """How often pools are evaluated for scaling (their tick)."""
+    retention: Retention = Retention()
 
 
 @dataclass
@@ -502,6 +504,9 @@ class Broker:
         if command.idempotency_key is not None:
             digest = _digest(command)
             earlier = self.store.find_by_key(caller.uid, command.idempotency_key)
+            if earlier is not None and self.policy.retention.key_expired(earlier, self.clock()):
+                self.store.forget_key(earlier.id)
+                earlier = None
             if earlier is not None:
                 if self.store.request_digest(earlier.id) != digest:
                     raise IdempotencyConflict(
@@ -805,6 +810,7 @@ class Broker:
         if changed or (self.queued and self.policy.aging_interval > 0):
             self.schedule()
         self.accounts.tick(now)
+        prune(self.store, self.policy.retention, now)
 
     # -- reading ----------------------------------------------------------
 
@@ -813,11 +819,13 @@ class Broker:
 
     def allocations_list(self, caller: Caller, command: p.ListAllocationsCommand) -> list[AllocationDict]:
         state = None if command.state is None else command.state.value
+        before = command.before_id
         if state in ("active", "queued"):
-            rows = sorted((a for a in self.live.values() if a.state.value == state), key=lambda a: a.id,
-                          reverse=True)[: command.limit]
+            rows = sorted((a for a in self.live.values()
+                           if a.state.value == state and (before is None or a.id < before)),
+                          key=lambda a: a.id, reverse=True)[: command.limit]
         else:
-            rows = [self.live.get(a.id, a) for a in self.store.list_allocations(state, command.limit)]
+            rows = [self.live.get(a.id, a) for a in self.store.list_allocations(state, command.limit, before)]
         return [self.allocation_dict(a) if _may_manage(caller, a) else redact(self.allocation_dict(a)) for a in rows]
 
     def events_list(self, caller: Caller, command: p.ListEventsCommand) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mcpresd.core.accounting import Charge
+from mcpresd.core.accounting import Charge, UsageRecord, hourly_usage_parts
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
 from mcpresd.files import DatabaseLock
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
@@ -211,6 +211,66 @@ CREATE TABLE budgets (
 """
 
 
+SCHEMA_V4_USAGE_HOURS = """
+CREATE TABLE usage_hours (
+    hour REAL NOT NULL,
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'pool', 'resource')),
+    key TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    through INTEGER NOT NULL CHECK (through IN (0, 1)),
+    allocations INTEGER NOT NULL DEFAULT 0,
+    waited REAL NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    resource_hours REAL,
+    requested REAL,
+    measured REAL,
+    PRIMARY KEY (grouping, hour, owner_uid, key, kind, through)
+) WITHOUT ROWID;
+CREATE TABLE usage_spans (
+    allocation_id TEXT NOT NULL,
+    grouping TEXT NOT NULL CHECK (grouping IN ('tool', 'pool', 'resource')),
+    key TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    first_hour REAL NOT NULL,
+    end_hour REAL NOT NULL CHECK (end_hour > first_hour),
+    cost REAL NOT NULL,
+    resource_hours REAL,
+    requested REAL,
+    measured REAL
+);
+CREATE INDEX usage_spans_by_end ON usage_spans (grouping, end_hour);
+CREATE INDEX usage_spans_by_allocation ON usage_spans (allocation_id);
+CREATE INDEX allocations_by_grant ON allocations (granted_at) WHERE released_at IS NOT NULL;
+"""
+"""Ended allocations' usage summed per clock hour as they end (see `core.accounting.hourly_usage_parts`):
+`usage` and budgets read these totals instead of every allocation, and they outlive pruned allocations.
+A long hold keeps its whole hours as one row of usage_spans, figures per hour. Totals by owner are the tool
+rows summed by owner_uid."""
+
+
+SCHEMA_V5_ALLOCATION_COUNTS = """
+CREATE TABLE allocation_counts (
+    state TEXT PRIMARY KEY CHECK (state IN ('queued', 'active', 'released', 'withdrawn')),
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO allocation_counts (state, count) VALUES ('queued', 0), ('active', 0), ('released', 0), ('withdrawn', 0);
+UPDATE allocation_counts SET count = (SELECT count(*) FROM allocations WHERE allocations.state = allocation_counts.state);
+CREATE TRIGGER allocations_counted_on_insert AFTER INSERT ON allocations BEGIN
+    UPDATE allocation_counts SET count = count + 1 WHERE state = new.state;
+END;
+CREATE TRIGGER allocations_counted_on_change AFTER UPDATE OF state ON allocations WHEN old.state != new.state BEGIN
+    UPDATE allocation_counts SET count = count - 1 WHERE state = old.state;
+    UPDATE allocation_counts SET count = count + 1 WHERE state = new.state;
+END;
+CREATE TRIGGER allocations_counted_on_delete AFTER DELETE ON allocations BEGIN
+    UPDATE allocation_counts SET count = count - 1 WHERE state = old.state;
+END;
+"""
+"""Allocations by state, kept by triggers: `daemon.status` reads four rows instead of counting the table."""
+
+
 def m001_initial_schema(db: Any) -> None:
     db.executescript(SCHEMA_V1)
 
@@ -223,8 +283,94 @@ def m003_pools_and_cost(db: Any) -> None:
     db.executescript(SCHEMA_V3_POOLS_AND_COST)
 
 
+def m004_usage_hours(db: Any) -> None:
+    db.executescript(SCHEMA_V4_USAGE_HOURS)
+    conn = db.conn
+    totals: dict[tuple[Any, ...], list[Any]] = {}
+    last = ""
+    while True:
+        rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations WHERE released_at IS NOT NULL AND id > ?"
+                            " ORDER BY id LIMIT 5000", (last,)).fetchall()
+        if not rows:
+            break
+        for row in rows:
+            hours, spans = _usage_rows(usage_record(row), 1)
+            for entry in hours:
+                summed = totals.setdefault(entry[:6], [0, 0.0, 0.0, None, None, None])
+                for index, value in enumerate(entry[6:]):
+                    if value is not None:
+                        summed[index] = (summed[index] or 0) + value
+            conn.executemany(_ADD_SPAN, spans)
+        last = rows[-1][0]
+    conn.executemany(_ADD_USAGE, [(*key, *summed) for key, summed in totals.items()])
+
+
+def m005_allocation_counts(db: Any) -> None:
+    db.executescript(SCHEMA_V5_ALLOCATION_COUNTS)
+
+
+def m006_measured_runs(db: Any) -> None:
+    # `recent_runs` reads only a tool's measured runs, newest first: without it, the newest measured run of a
+    # tool behind 500,000 unmeasured ones was found after reading all of them.
+    db.executescript("CREATE INDEX allocations_measured_runs ON allocations (tool_id, released_at)"
+                     " WHERE state = 'released' AND measured IS NOT NULL AND granted_at IS NOT NULL;")
+
+
+def m007_allocations_by_state(db: Any) -> None:
+    # `allocations.list` of one state, newest first, reads that state's rows only: a list of a rare state
+    # (withdrawn) read the whole history by id.
+    db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
+
+
 # Registered in order; never edit one that has shipped, add the next.
-MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost)
+MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state)
+
+_RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
+
+
+def usage_record(row: tuple[Any, ...]) -> UsageRecord:
+    """An ended allocation as accounting sees it, from a row of _RECORD_COLUMNS."""
+    return UsageRecord(row[0], row[1], row[2], row[3], row[4], row[5], _charges_from_json(row[6]),
+                       {} if row[7] is None else json.loads(row[7]))
+
+
+def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
+    """Add (sign 1) or take back (-1) an ended record's hourly usage parts and spans."""
+    hours, spans = _usage_rows(record, sign)
+    conn.executemany(_ADD_USAGE, hours)
+    if sign < 0:
+        conn.execute("DELETE FROM usage_spans WHERE allocation_id = ?", (record.allocation_id,))
+    else:
+        conn.executemany(_ADD_SPAN, spans)
+
+
+def _usage_rows(record: UsageRecord, sign: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def signed(value: float | None) -> float | None:
+        return None if value is None else sign * value
+
+    hours, spans = hourly_usage_parts(record)
+    return ([(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
+              sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
+              signed(part.measured)) for hour, through, part in hours],
+            [(record.allocation_id, part.by, part.key, record.owner_uid, part.kind, first, end, part.cost,
+              part.resource_hours, part.requested, part.measured) for first, end, part in spans])
+
+
+def _plus(column: str) -> str:
+    """NULL (nothing of that kind) stays NULL until a part brings a figure."""
+    return f"CASE WHEN excluded.{column} IS NULL THEN {column} ELSE coalesce({column}, 0) + excluded.{column} END"
+
+
+_ADD_USAGE = (
+    "INSERT INTO usage_hours (hour, grouping, key, owner_uid, kind, through, allocations, waited, cost,"
+    " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (grouping, hour, owner_uid, key, kind, through) DO UPDATE SET"
+    " allocations = allocations + excluded.allocations, waited = waited + excluded.waited,"
+    f" cost = cost + excluded.cost, resource_hours = {_plus('resource_hours')}, requested = {_plus('requested')},"
+    f" measured = {_plus('measured')}")
+_ADD_SPAN = ("INSERT INTO usage_spans (allocation_id, grouping, key, owner_uid, kind, first_hour, end_hour, cost,"
+             " resource_hours, requested, measured) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _migrations() -> Any:
@@ -531,14 +677,18 @@ class Store:
         """Queued and active allocations."""
         return self._select_allocations("WHERE state IN ('queued', 'active') ORDER BY id", ())
 
-    def list_allocations(self, state: str | None, limit: int) -> list[Allocation]:
-        if state is None:
-            return self._select_allocations("ORDER BY id DESC LIMIT ?", (limit,))
-        return self._select_allocations("WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+    def list_allocations(self, state: str | None, limit: int, before_id: str | None = None) -> list[Allocation]:
+        """The newest `limit` allocations (in `state`; older than `before_id`), newest first."""
+        where = "WHERE id < ?" if before_id is not None else "WHERE 1"
+        args: tuple[Any, ...] = () if before_id is None else (before_id,)
+        if state is not None:
+            where += " AND state = ?"
+            args += (state,)
+        return self._select_allocations(f"{where} ORDER BY id DESC LIMIT ?", (*args, limit))
 
     def count_allocations(self) -> dict[str, int]:
         counts = {state.value: 0 for state in AllocationState}
-        for state, count in self.conn.execute("SELECT state, count(*) FROM allocations GROUP BY state"):
+        for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"):
             counts[state] = count
         return counts
 
@@ -557,6 +707,72 @@ class Store:
             ):
                 items[allocation_id].append(AllocationItem(resource, amount))
         return [_allocation(row, tuple(items[row[0]])) for row in rows]
+
+    def add_usage(self, record: UsageRecord, sign: int = 1) -> None:
+        add_usage(self.conn, record, sign)
+
+    def usage_totals(self, by: str, from_hour: float, owner_uid: int | None = None, key: str | None = None,
+                     *, through_hour: float | None = None) -> list[tuple[Any, ...]]:
+        """Summed hourly usage by key and kind: every hour from `from_hour` on, or only what was held through
+        the whole of `through_hour`. Each row: key, kind, allocations, waited, cost, resource_hours, requested,
+        measured."""
+        kept, key_of = ("tool", "CAST(owner_uid AS TEXT)") if by == "owner" else (by, "key")
+        if by == "owner" and key is not None:
+            owner_uid, key = int(key), None
+        where = "grouping = ?"
+        args: list[Any] = [kept]
+        spans = "grouping = ?"
+        span_args: list[Any] = [kept]
+        if through_hour is None:
+            where += " AND hour >= ?"
+            args.append(from_hour)
+            spans += " AND end_hour > ?"
+            span_args.append(from_hour)
+            hours = "(end_hour - max(first_hour, ?)) / 3600.0"
+            hours_args: list[Any] = [from_hour]
+        else:
+            where += " AND hour >= ? AND hour <= ? AND through = 1"
+            args += [through_hour, through_hour]
+            spans += " AND end_hour > ? AND first_hour <= ?"
+            span_args += [through_hour, through_hour]
+            hours, hours_args = "1.0", []
+        for column, value in (("owner_uid", owner_uid), ("key", key)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+                spans += f" AND {column} = ?"
+                span_args.append(value)
+        return self.conn.execute(
+            f"SELECT {key_of} AS shown, kind, sum(allocations), sum(waited), sum(cost), sum(resource_hours),"
+            f" sum(requested), sum(measured) FROM usage_hours WHERE {where} GROUP BY shown, kind"
+            f" UNION ALL SELECT {key_of} AS shown, kind, 0, 0.0, sum(cost * n), sum(resource_hours * n),"
+            f" sum(requested * n), sum(measured * n) FROM (SELECT *, {hours} AS n FROM usage_spans WHERE {spans})"
+            " GROUP BY shown, kind", [*args, *hours_args, *span_args]).fetchall()
+
+    def ended_within_hour(self, hour: float, end: float) -> list[UsageRecord]:
+        """Ended allocations granted or ended in [hour, end) (end within the hour): those not held through it."""
+        rows = self.conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM allocations WHERE released_at >= ? AND released_at < ?"
+            f" UNION SELECT {_RECORD_COLUMNS} FROM allocations"
+            " WHERE granted_at > ? AND granted_at < ? AND released_at IS NOT NULL",
+            (hour, end, hour, end)).fetchall()
+        return [usage_record(row) for row in rows]
+
+    def prune_ended_allocations(self, before: float, limit: int) -> int:
+        """Delete up to `limit` allocations that ended before `before`, oldest first (their usage stays in
+        usage_hours)."""
+        ids = [row[0] for row in self.conn.execute(
+            "SELECT id FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?", (before, limit))]
+        if ids:
+            marks = ",".join("?" * len(ids))
+            self.conn.execute(f"DELETE FROM allocation_items WHERE allocation_id IN ({marks})", ids)
+            self.conn.execute(f"DELETE FROM allocations WHERE id IN ({marks})", ids)
+        return len(ids)
+
+    def forget_key(self, allocation_id: str) -> None:
+        """An expired idempotency key: the ended allocation keeps no key, and the key can be used again."""
+        self.conn.execute("UPDATE allocations SET idempotency_key = NULL, request_digest = NULL WHERE id = ?",
+                          (allocation_id,))
 
     def set_measured(self, allocation_id: str, measured: Any) -> None:
         self.conn.execute("UPDATE allocations SET measured = ? WHERE id = ?", (_compact(dict(measured)), allocation_id))
@@ -640,6 +856,12 @@ class Store:
         )
         self._newest_event = int(cursor.lastrowid or 0)
         return self._newest_event
+
+    def prune_events(self, before: float, limit: int) -> int:
+        """Delete those of the `limit` oldest events that happened before `before`."""
+        return int(self.conn.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?",
+            (limit, before)).rowcount)
 
     def last_event_id(self) -> int:
         row = self.conn.execute("SELECT max(id) FROM events").fetchone()

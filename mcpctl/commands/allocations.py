@@ -9,7 +9,7 @@ import typer
 
 from mcpctl.output import call, fancy, plain_table, print_json, usage
 from mcpctl.view import age, cost_text, items_text
-from mcpresd.protocol import Method
+from mcpresd.protocol import ALLOCATIONS_PAGE, Method
 
 
 def allocations(
@@ -30,8 +30,15 @@ def allocations(
     if ids:
         rows = [call(ctx, Method.ALLOCATIONS_GET, {"id": allocation_id}) for allocation_id in ids]
     else:
-        rows = call(ctx, Method.ALLOCATIONS_LIST, {"state": "all" if all_ else "queued" if queued else "active",
-                                                       "limit": limit})
+        state = "all" if all_ else "queued" if queued else "active"
+        rows = []
+        while len(rows) < limit:  # the daemon answers at most ALLOCATIONS_PAGE a request: read on from the last
+            asked = min(ALLOCATIONS_PAGE, limit - len(rows))
+            page = call(ctx, Method.ALLOCATIONS_LIST, {"state": state, "limit": asked,
+                                                       **({"before_id": rows[-1]["id"]} if rows else {})})
+            rows += page
+            if len(page) < asked:
+                break
     if json_output:
         print_json(rows)
     elif fancy():

@@ -191,6 +191,8 @@ class _Tally:
     """A usage row while it is summed."""
 
     ids: set[str] = field(default_factory=set)
+    counted: int = 0
+    """Allocations counted from totals (hourly ones), beside those in `ids`."""
     active: int = 0
     waited: float = 0.0
     cost: float = 0.0
@@ -225,7 +227,18 @@ def _used_hours(record: UsageRecord, kind: str, hours: float, held_hours: float)
 
 
 def usage_rows(records: Iterable[UsageRecord], by: UsageBy, since: float, now: float) -> list[dict[str, Any]]:
-    tallies: dict[str, _Tally] = {}
+    return rows_of(usage_tallies(records, by, since, now))
+
+
+def rows_of(tallies: Mapping[str, _Tally]) -> list[dict[str, Any]]:
+    rows = [_row(key, t) for key, t in tallies.items()]
+    return sorted(rows, key=lambda row: (-row["cost"], row["key"]))
+
+
+def usage_tallies(records: Iterable[UsageRecord], by: UsageBy, since: float, now: float,
+                  tallies: dict[str, _Tally] | None = None) -> dict[str, _Tally]:
+    """Sum each record's part of [since, now] into `tallies` (new ones if None), by `by`."""
+    tallies = {} if tallies is None else tallies
     for record in records:
         end = min(record.end(now), now)
         if end < since or record.created_at > now:
@@ -252,8 +265,131 @@ def usage_rows(records: Iterable[UsageRecord], by: UsageBy, since: float, now: f
                 if use is not None and total > 0:
                     _add(tally.requested, c.kind, c.amount * hours)
                     _add(tally.measured, c.kind, use * c.amount / total)
-    rows = [_row(key, t) for key, t in tallies.items()]
-    return sorted(rows, key=lambda row: (-row["cost"], row["key"]))
+    return tallies
+
+
+# -- usage totals kept as allocations end ---------------------------------------
+
+USAGE_KEPT: tuple[UsageBy, ...] = ("tool", "pool", "resource")
+"""The groupings whose totals are kept; an owner's are the tool rows of that owner (each record has one tool key)."""
+USAGE_HOUR = 3600.0
+"""Ended allocations are summed into totals per clock hour (Unix time, UTC) as they end."""
+
+
+@dataclass(frozen=True)
+class UsagePart:
+    """What one ended record adds to one usage row inside a span; kind "" is the record itself (count, wait)."""
+
+    by: UsageBy
+    key: str
+    kind: str
+    allocations: int = 0
+    waited: float = 0.0
+    cost: float = 0.0
+    resource_hours: float | None = None
+    requested: float | None = None
+    measured: float | None = None
+
+
+def usage_parts(record: UsageRecord, start: float, end: float, by: UsageBy | None = None) -> list[UsagePart]:
+    """An ended record's part of every usage row in [start, end): the time it was held there, and the record
+    itself (one allocation, its wait) where it ended there; of the rows by `by` if given, else of the kept
+    groupings (USAGE_KEPT). The parts of
+    adjoining spans add up to what `usage_tallies` takes over their union."""
+    released = record.released_at
+    if released is None:
+        raise ValueError(f"usage parts are of ended records; {record.allocation_id} has not ended")
+    counted = start <= released < end
+    granted = record.granted_at
+    hours = held_hours = 0.0
+    if granted is not None:
+        hours = max(0.0, min(released, end) - max(granted, start)) / 3600
+        held_hours = max(0.0, released - granted) / 3600
+    if not counted and hours <= 0:
+        return []
+    used = {kind: _used_hours(record, kind, hours, held_hours) for kind in MEASURED_KINDS}
+    parts: list[UsagePart] = []
+    for grouping in USAGE_KEPT if by is None else (by,):
+        for key, charges in _groups(record, grouping).items():
+            if counted:
+                parts.append(UsagePart(grouping, key, "", allocations=1, waited=record.waited(released)))
+            kinds: dict[str, list[float | None]] = {}
+            for c in charges:
+                cost, resource_hours, requested, measured = kinds.setdefault(c.kind, [0.0, 0.0, None, None])
+                assert cost is not None and resource_hours is not None
+                figures: list[float | None] = [cost + c.rate * hours, resource_hours + c.amount * hours,
+                                               requested, measured]
+                use, total = used.get(c.kind), record.amount(c.kind)
+                if use is not None and total > 0:
+                    figures[2] = (requested or 0.0) + c.amount * hours
+                    figures[3] = (measured or 0.0) + use * c.amount / total
+                kinds[c.kind] = figures
+            for kind, (cost, resource_hours, requested, measured) in kinds.items():
+                parts.append(UsagePart(grouping, key, kind, cost=cost or 0.0, resource_hours=resource_hours,
+                                       requested=requested, measured=measured))
+    return parts
+
+
+USAGE_SPAN_HOURS = 24
+"""A record held through more whole hours than this keeps them as one span (its figures per hour and its
+bounds) rather than one entry an hour: releasing a year-long hold writes a few rows, not 80,000."""
+
+
+def hourly_usage_parts(record: UsageRecord) -> tuple[list[tuple[float, bool, UsagePart]],
+                                                     list[tuple[float, float, UsagePart]]]:
+    """An ended record's parts per clock hour, each with whether it was held through that whole hour; and,
+    where it was held through more than USAGE_SPAN_HOURS whole hours, those hours as spans instead:
+    (first hour, end of the last, its parts of one such hour)."""
+    released = record.released_at
+    if released is None:
+        raise ValueError(f"usage parts are of ended records; {record.allocation_id} has not ended")
+    granted = record.granted_at
+    hour = math.floor(min(released, released if granted is None else granted) / USAGE_HOUR) * USAGE_HOUR
+    spans: list[tuple[float, float, UsagePart]] = []
+    through_from = through_to = hour
+    if granted is not None:
+        through_from = math.ceil(granted / USAGE_HOUR) * USAGE_HOUR
+        through_to = math.floor(released / USAGE_HOUR) * USAGE_HOUR
+        if through_to - through_from > USAGE_SPAN_HOURS * USAGE_HOUR:
+            spans = [(through_from, through_to, part)
+                     for part in usage_parts(record, through_from, through_from + USAGE_HOUR) if part.kind]
+    found: list[tuple[float, bool, UsagePart]] = []
+    while hour <= released:
+        if spans and through_from <= hour < through_to:
+            hour = through_to
+            continue
+        through = granted is not None and granted <= hour and released >= hour + USAGE_HOUR
+        found += [(hour, through, part) for part in usage_parts(record, hour, hour + USAGE_HOUR)]
+        hour += USAGE_HOUR
+    return found, spans
+
+
+def add_totals(tallies: dict[str, _Tally], totals: Iterable[tuple[str, str, int, float, float, float | None,
+                                                                   float | None, float | None]],
+               scale: float = 1.0) -> dict[str, _Tally]:
+    """Add summed parts (key, kind, allocations, waited, cost, resource_hours, requested, measured) to
+    `tallies`, their held-time figures times `scale` (a fraction of an hour held throughout)."""
+    for key, kind, allocations, waited, cost, resource_hours, requested, measured in totals:
+        tally = tallies.setdefault(key, _Tally())
+        tally.counted += allocations
+        tally.waited += waited
+        tally.cost += cost * scale
+        if kind and resource_hours is not None:
+            _add(tally.resource_hours, kind, resource_hours * scale)
+        if kind and requested is not None and measured is not None:
+            _add(tally.requested, kind, requested * scale)
+            _add(tally.measured, kind, measured * scale)
+    return tallies
+
+
+def ended_part_tallies(records: Iterable[UsageRecord], by: UsageBy, start: float, end: float,
+                       tallies: dict[str, _Tally]) -> dict[str, _Tally]:
+    """Add ended records' parts of [start, end) by `by` to `tallies`."""
+    for record in records:
+        parts = usage_parts(record, start, end, by)
+        add_totals(tallies, [(p.key, p.kind, p.allocations, p.waited, p.cost, p.resource_hours, p.requested,
+                              p.measured) for p in parts])
+    return tallies
 
 
 def _add(into: dict[str, float], kind: str, value: float) -> None:
@@ -261,7 +397,7 @@ def _add(into: dict[str, float], kind: str, value: float) -> None:
 
 
 def _row(key: str, t: _Tally) -> dict[str, Any]:
-    return _row_from(key, len(t.ids), t.active, t.resource_hours, t.cost, t.waited, t.requested, t.measured)
+    return _row_from(key, len(t.ids) + t.counted, t.active, t.resource_hours, t.cost, t.waited, t.requested, t.measured)
 
 
 def _row_from(key: str, allocations: int, active: int, resource_hours: Mapping[str, float], cost: float,

@@ -56,7 +56,7 @@ bounded_numbers = (st.sampled_from(AROUND_THE_BOUNDS)
 NAMES = ["licence", "slot", "gpu", "gpu0", "gpu1", "GPU-0000", "cpu", "memory", "nope", "licence:x", "a b", ""]
 FIELDS = ["resources", "resource", "amount", "max", "priority", "tool_id", "execution_id", "idempotency_key",
           "holder_pid", "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible", "signal_holder",
-          "id", "timeout", "after_id", "limit", "allocation_id", "state", "type", "name", "capacity", "unit",
+          "id", "timeout", "after_id", "before_id", "limit", "allocation_id", "state", "type", "name", "capacity", "unit",
           "labels", "cost_per_unit_hour", "metric", "since", "in", "all", "path", "overwrite", "bogus",
           "scope", "subject", "period", "soft", "measured", "slot_size"]
 plausible = (st.sampled_from(NAMES) | st.sampled_from(["low", "normal", "high", "critical", "urgent", "forever",
