@@ -23,6 +23,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 
 from mcpresd.protocol import socket_directory_problem
 
@@ -178,7 +179,7 @@ class DatabaseLock:
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            holder = self._read()[0]
+            holder = self._holder() if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else 0
             os.close(self._handle)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 by = f"pid {holder}" if holder else "another process"
@@ -196,6 +197,18 @@ class DatabaseLock:
             raise path_error(self.path, error, "write", "--db") from None
         info = os.fstat(self._handle)
         self.identity = (info.st_dev, info.st_ino)
+
+    def _holder(self, patience_s: float = 1.0) -> int:
+        """The pid of the daemon that holds the lock, or 0. It writes its pid just after taking the lock, so a
+        daemon started at the same moment may find the file empty, or still naming the last (dead) holder."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            pid = self._read()[0]
+            if pid and os.path.exists(f"/proc/{pid}"):
+                return pid
+            if time.monotonic() >= deadline:
+                return 0
+            time.sleep(0.01)
 
     def _read(self) -> tuple[int, int]:
         """(pid, high-water mark) as written by the holder; zeros where unreadable."""
