@@ -119,6 +119,14 @@ class AllocationState(StrEnum):
     WITHDRAWN = "withdrawn"
 
 
+class EnforceMode(StrEnum):
+    """How an allocation's grant is enforced on its processes (docs/api.md, "Enforcement")."""
+
+    OFF = "off"
+    SOFT = "soft"
+    HARD = "hard"
+
+
 class Strategy(StrEnum):
     """How the daemon chooses among resources that fit a typed demand (docs/scheduling.md)."""
 
