@@ -114,3 +114,16 @@ def over_grant(limits: Limits, grant: Grant, memory_used: float, cpu_rate: float
     if grant.cpu is not None and cpu_rate is not None and cpu_rate > grant.cpu * 1.05:
         over.append({"kind": "cpu", "granted": grant.cpu, "used": round(cpu_rate, 3)})
     return over
+
+
+@dataclass(frozen=True)
+class EnforcePolicy:
+    """The config's [enforce] table."""
+
+    mode: EnforceMode = EnforceMode.SOFT
+    max_mode: EnforceMode = EnforceMode.HARD
+    kill_grace: float = 5.0
+    """Seconds between SIGTERM and SIGKILL to the processes left in an allocation that ended."""
+    tasks_max: int = DEFAULT_TASKS_MAX
+    cgroup: str = "mcpres"
+    """The daemon's subtree under each cgroup controller (v1) or the unified hierarchy (v2)."""
