@@ -40,7 +40,17 @@ def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("resources", str(data["resources"])),
         ("allocations", f"{counts.get('active', 0)} active, {counts.get('released', 0)} released"),
         ("GPUs from", data["gpu_source"]),
+        *([("enforcement", enforcement_line(data["enforcement"]))] if "enforcement" in data else []),
     ]
+
+
+def enforcement_line(enforcement: dict[str, Any]) -> str:
+    """`soft (max hard) by cgroup-v1: cpu, memory, ...`, or `off: why`."""
+    if enforcement["backend"] == "none":
+        return f"off: {enforcement.get('why_not') or 'no backend'}"
+    line = (f"{enforcement['mode']} (max {enforcement['max_mode']}) by {enforcement['backend']}: "
+            f"{', '.join(enforcement['controllers'])}")
+    return f"{line} ({enforcement['why_not']})" if enforcement.get("why_not") else line
 
 
 def resources(rows: list[dict[str, Any]]) -> None:

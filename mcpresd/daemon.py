@@ -29,6 +29,7 @@ from dataclasses import fields, replace
 
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
+from mcpresd.enforce import Enforcer, NoEnforcement, choose, let_go
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun
 from mcpresd.protocol import prometheus_text
@@ -46,7 +47,7 @@ from mcpresd.server import (
     remove_socket,
     socket_name,
 )
-from mcpresd.service import Broker, Outbox
+from mcpresd.service import Broker, Confine, Outbox
 from mcpresd.watch import HolderWatch, send_signal
 from mcpresd.store import CorruptDatabase, Store
 
@@ -58,7 +59,7 @@ log = logging.getLogger("mcpresd")
 SHUTDOWN_GRACE_S = 5.0
 STATUS_INTERVAL_S = 30.0
 """How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
-RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay")
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce")
 """Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
@@ -109,6 +110,8 @@ class Daemon:
         self._wake: asyncio.TimerHandle | None = None
         self._links: list[str] = []
         self._factories: set[asyncio.Task[None]] = set()
+        self.enforcer: Enforcer = NoEnforcement("the daemon has not started")
+        self._endings: dict[str, asyncio.Task[None]] = {}
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -142,6 +145,8 @@ class Daemon:
             clock=self.clock,
             policy=self.config.policy,
             monitor=self.config.monitor,
+            enforce=self.config.enforce,
+            enforcer=self.enforcer,
         )
         with store.transaction():
             for change in broker.reconcile_resources(self.discover(), self.config.resources):
@@ -156,6 +161,12 @@ class Daemon:
 
     def _committed(self, outbox: Outbox) -> None:
         assert self.server is not None and self.watch is not None
+        # Before the replies go out (they are written on a later loop round): a process the reply starts
+        # (`mcpctl run`'s command) is in its cgroup before it runs.
+        for confine in outbox.confine:
+            self._confine(confine)
+        for allocation_id, keep in outbox.unconfine:
+            self._unconfine(allocation_id, keep)
         self.server.publish(outbox.events)
         for pid, start in outbox.watch:
             self.watch.add(pid, start)
@@ -167,6 +178,35 @@ class Daemon:
             task.add_done_callback(self._factories.discard)
         if outbox.wake_at is not None:
             self._wake_at(outbox.wake_at)
+
+    def _confine(self, confine: Confine) -> None:
+        try:
+            if confine.allocation_id not in self.enforcer.existing():
+                self.enforcer.create(confine.allocation_id, confine.limits)
+            if confine.pid is not None:
+                self.enforcer.move(confine.allocation_id, confine.pid)
+        except OSError as error:
+            log.warning("allocation %s: cannot enforce its %s limits on pid %s: %s", confine.allocation_id,
+                        confine.limits.mode.value, confine.pid, error)
+
+    def _unconfine(self, allocation_id: str, keep: bool) -> None:
+        if allocation_id in self._endings:
+            return
+
+        async def end() -> None:
+            try:
+                count = await let_go(self.enforcer, allocation_id, keep, self.config.enforce.kill_grace)
+            except OSError as error:
+                log.warning("allocation %s: cannot remove its cgroup: %s", allocation_id, error)
+                return
+            finally:
+                self._endings.pop(allocation_id, None)
+            if allocation_id in self.enforcer.existing():
+                log.warning("allocation %s: its cgroup is still busy; it is removed at the next start", allocation_id)
+            self._submit_quietly(lambda broker: broker.processes_stopped(allocation_id, count),
+                                 f"allocation {allocation_id}: recording its stopped processes")
+
+        self._endings[allocation_id] = asyncio.get_running_loop().create_task(end())
 
     def _submit_quietly(self, job: Callable[[Broker], object], what: str) -> None:
         assert self.committer is not None
@@ -357,6 +397,9 @@ class Daemon:
     async def _serve(self, stop: asyncio.Event, inherited: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
+        self.enforcer = choose(self.config.enforce.cgroup)
+        log.info("enforcement: %s%s", self.enforcer.name,
+                 f" ({self.enforcer.why_not})" if self.enforcer.why_not else f" ({', '.join(self.enforcer.controllers)})")
         self.watch = HolderWatch(loop, self._holder_exited)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
                                                     on_broken=lambda error: stop.set())
@@ -401,6 +444,8 @@ class Daemon:
             sampler.cancel()
             for factory in list(self._factories):
                 factory.cancel()
+            for ending in list(self._endings.values()):
+                ending.cancel()  # what is left in those cgroups is stopped at the next start
             await server.close_all(SHUTDOWN_GRACE_S)
             # Closed transports report connection_lost on a later round: let them, so the jobs they submit
             # (a waiting client's request withdrawn) run before the store closes.

@@ -261,6 +261,7 @@ if TYPE_CHECKING:
         cost_per_hour: float | None
         pools: list[str]
         measured: dict[str, float] | None
+        enforce: str
 
 
     class StatusDict(TypedDict):
@@ -273,6 +274,7 @@ if TYPE_CHECKING:
         allocations: dict[str, int]
         gpu_source: str
         decision_cache: dict[str, int]
+        enforcement: dict[str, Any]
 
 
     class BackupDict(TypedDict):

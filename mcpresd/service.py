@@ -43,14 +43,16 @@ from mcpresd.core.errors import (
     WaitTimeout,
     Withdrawn,
 )
+from mcpresd.core.enforcement import EnforcePolicy, Limits, effective_mode, grant_of, limits_for
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
+from mcpresd.enforce import Enforcer, NoEnforcement
 from mcpresd.pooling import FactoryRun, PoolKeeper
-from mcpresd.protocol import VERSION, AllocationState, ResourceType
+from mcpresd.protocol import VERSION, AllocationState, EnforceMode, ResourceType
 from mcpresd.store import Store
 
 if TYPE_CHECKING:
@@ -90,6 +92,15 @@ class Policy:
     """How often pools are evaluated for scaling (their tick)."""
 
 
+@dataclass(frozen=True)
+class Confine:
+    """Make an allocation's cgroup with its limits (if it has none yet) and move `pid` into it."""
+
+    allocation_id: str
+    limits: Limits
+    pid: int | None
+
+
 @dataclass
 class Outbox:
     """What the event loop must do once the transaction that produced it has committed."""
@@ -100,12 +111,15 @@ class Outbox:
     signals: list[tuple[int, int | None, int]] = field(default_factory=list)
     factory: list[FactoryRun] = field(default_factory=list)
     """Pool factory commands to run outside the store's transactions."""
+    confine: list[Confine] = field(default_factory=list)
+    unconfine: list[tuple[str, bool]] = field(default_factory=list)
+    """Allocations whose cgroups go: (id, keep_processes); without keep, their processes are stopped first."""
     wake_at: float | None = None
     """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 
     def __bool__(self) -> bool:
         return bool(self.events or self.settled or self.watch or self.signals or self.factory
-                    or self.wake_at is not None)
+                    or self.confine or self.unconfine or self.wake_at is not None)
 
 
 class AllocationIds:
@@ -152,8 +166,12 @@ class Broker:
         new_id: Callable[[], str] | None = None,
         policy: Policy = Policy(),
         monitor: MonitorPolicy | None = None,
+        enforce: EnforcePolicy = EnforcePolicy(),
+        enforcer: Enforcer | None = None,
     ) -> None:
         self.store = store
+        self.enforce = enforce
+        self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
@@ -330,6 +348,12 @@ class Broker:
                 ended.append(allocation.id)
             elif allocation.holder_pid is not None:
                 self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+        for allocation_id in sorted(self.enforcer.existing()):
+            if allocation_id not in self.live and self.store.get_allocation(allocation_id) is not None:
+                # Its allocation ended while the daemon was down (or before it could remove the cgroup).
+                kept = self.store.get_allocation(allocation_id)
+                keep = kept is not None and kept.request is not None and kept.request.keep_processes
+                self.outbox.unconfine.append((allocation_id, keep))
         self.schedule()
         return ended
 
@@ -346,6 +370,9 @@ class Broker:
             "allocations": self.store.count_allocations(),
             "gpu_source": self.gpu_source,
             "decision_cache": {"hits": self.ledger.cache_hits, "misses": self.ledger.cache_misses},
+            "enforcement": {**self.enforcer.describe(), "mode": self.enforce.mode.value if self.enforcer.enforces
+                            else EnforceMode.OFF.value, "max_mode": self.enforce.max_mode.value,
+                            "kill_grace_s": self.enforce.kill_grace},
         }
 
     def summary(self) -> str:
@@ -480,6 +507,10 @@ class Broker:
             holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)
         if command.signal_holder and command.holder_pid is None:
             raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
+        mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
+        if not self.enforcer.enforces:
+            mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says
+        request = replace(command.request, enforce=None if mode is EnforceMode.OFF else mode.value)
         now = self.clock()
         allocation = Allocation(
             id=self.new_id(),
@@ -494,7 +525,7 @@ class Broker:
             requester_pid=caller.pid,
             holder_pid=holder_pid,
             holder_start=holder_start,
-            request=command.request,
+            request=request,
             holder_kind=HolderKind.PID if command.holder_pid is not None else HolderKind.CONNECTION,
             connection_id=caller.connection,
             wait_until=None if command.wait is None else now + command.wait,
@@ -574,6 +605,21 @@ class Broker:
                     detail={"items": {i.resource: i.amount for i in allocation.items}})
         if allocation.holder_pid is not None:
             self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+            if allocation.request is not None and allocation.request.confine_holder:
+                self._confine(allocation, allocation.holder_pid)
+
+    def _confine(self, allocation: Allocation, pid: int | None) -> bool:
+        """Ask the event loop to put `pid` (None: nobody yet) in the allocation's cgroup; False where it has none."""
+        limits = self.limits_of(allocation)
+        if not limits.contained:
+            return False
+        self.outbox.confine.append(Confine(allocation.id, limits, pid))
+        return True
+
+    def limits_of(self, allocation: Allocation) -> Limits:
+        mode = EnforceMode(allocation.request.enforce) if allocation.request and allocation.request.enforce \
+            else EnforceMode.OFF
+        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max)
 
     def schedule(self) -> None:
         """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
@@ -627,11 +673,31 @@ class Broker:
         self._drop(allocation)
         if allocation.is_active:
             self.ledger.unhold(allocation.items)
+            if allocation.request is not None and allocation.request.enforce:
+                self._unconfine(allocation, now)
         else:
             error: DomainError = (WaitTimeout if reason == "timeout" else Withdrawn)(
                 f"request {allocation.id} was withdrawn: {_WHY.get(reason, reason)}", id=allocation.id, reason=reason)
             self._settle(allocation.id, error)
         return ended
+
+    def _unconfine(self, allocation: Allocation, now: float) -> None:
+        """An enforced allocation ended: say if the kernel killed in it for memory, then let its cgroup go."""
+        assert allocation.request is not None
+        usage = self.enforcer.usage(allocation.id)
+        if usage is not None and usage.oom_kills:
+            granted = grant_of((i.resource, i.amount) for i in allocation.items).memory
+            self._event(now, "oom_killed", allocation_id=allocation.id, uid=allocation.owner_uid,
+                        detail={"oom_kills": usage.oom_kills, "memory_granted": granted,
+                                "memory_peak": usage.memory_peak, "mode": allocation.request.enforce})
+        self.outbox.unconfine.append((allocation.id, allocation.request.keep_processes))
+
+    def processes_stopped(self, allocation_id: str, count: int) -> None:
+        """The event loop stopped what was left in an ended allocation's cgroup."""
+        if count:
+            allocation = self.store.get_allocation(allocation_id)
+            self._event(self.clock(), "processes_stopped", allocation_id=allocation_id,
+                        uid=None if allocation is None else allocation.owner_uid, detail={"count": count})
 
     def release(self, caller: Caller, command: p.ReleaseCommand) -> AllocationDict:
         allocation = self._visible(caller, command.id)
@@ -941,6 +1007,7 @@ class Broker:
             "cost_per_hour": round(sum(c.rate for c in allocation.charges), 6) if allocation.charges else None,
             "pools": sorted({c.pool for c in allocation.charges if c.pool is not None}),
             "measured": None if allocation.measured is None else dict(allocation.measured),
+            "enforce": request.enforce if request is not None and request.enforce else EnforceMode.OFF.value,
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],
@@ -995,6 +1062,7 @@ def _digest(command: p.AllocateCommand) -> str:
             sorted(request.where),
             request.max_cost,
             *([request.objective] if request.objective else []),
+            *([command.enforce.value, request.keep_processes, request.confine_holder] if command.enforce else []),
         ],
         separators=(",", ":"),
     )

@@ -10,6 +10,8 @@ from mcpctl.actions import AllocateOptions
 from mcpctl.commands.allocate import (
     Cpu,
     Disk,
+    EnforceOption,
+    KeepProcesses,
     ExecId,
     Gpu,
     Key,
@@ -57,6 +59,8 @@ def run(
     pool: Pool = None,
     members: Members = None,
     objective: ObjectiveOption = None,
+    enforce: EnforceOption = None,
+    keep_processes: KeepProcesses = False,
 ) -> None:
     """Run a command inside an allocation: allocate, run it, release when it ends.
 
@@ -78,6 +82,12 @@ def run(
     When it ends, mcpctl releases the allocation and reports what the command
     used (CPU seconds and peak memory, from the kernel), so `mcpctl usage` and
     `mcpctl recommend TOOL` can show how much of the request was used.
+
+    With enforcement (--enforce, or the daemon's [enforce] mode) the command is in
+    the allocation's cgroup before it starts, and so is everything it starts:
+    under hard, going over --mem is an OOM kill (exit 137, and mcpctl says by
+    how much); when it ends, what it left running is stopped (--keep-processes
+    keeps it).
 
     Exits with the command's exit code, 128+N if signal N killed it, 127 if it
     could not be started; or, when nothing ran, with allocate's exit code (3:
@@ -102,6 +112,8 @@ def run(
         pool=pool,
         members=members,
         objective=None if objective is None else objective.value,
+        enforce=None if enforce is None else enforce.value,
+        keep_processes=keep_processes,
     )
     exit_with(run_command(socket_of(ctx), options, command or [], retry_of(ctx)))
 

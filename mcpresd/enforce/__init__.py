@@ -65,6 +65,10 @@ class Enforcer(Protocol):
 
     def remove(self, allocation_id: str) -> bool: ...
 
+    def evict(self, allocation_id: str) -> int:
+        """Move every process out of the allocation's cgroup (to the root cgroup), for --keep-processes."""
+        ...
+
     def existing(self) -> set[str]: ...
 
     def describe(self) -> dict[str, object]: ...
@@ -97,6 +101,9 @@ class NoEnforcement:
 
     def remove(self, allocation_id: str) -> bool:
         return True
+
+    def evict(self, allocation_id: str) -> int:
+        return 0
 
     def existing(self) -> set[str]:
         return set()
@@ -138,6 +145,13 @@ async def stop_processes(enforcer: Enforcer, allocation_id: str, grace: float, p
         if loop.time() > deadline:
             return stopped
         await asyncio.sleep(poll)
+
+
+async def let_go(enforcer: Enforcer, allocation_id: str, keep_processes: bool, grace: float) -> int:
+    """End an allocation's cgroup: its processes stopped (or moved out, kept), the cgroup removed; how many stopped."""
+    if keep_processes:
+        enforcer.evict(allocation_id)
+    return await stop_processes(enforcer, allocation_id, grace)
 
 
 def choose(subtree: str, *, mounts: str = "/proc/self/mounts") -> Enforcer:

@@ -117,6 +117,17 @@ class CgroupV1:
                 gone = False
         return gone
 
+    def evict(self, allocation_id: str) -> int:
+        moved = 0
+        for root, directory in zip(self._roots, self._dirs(allocation_id)):
+            for pid in _procs(directory):
+                try:
+                    _write(root / "cgroup.procs", pid)
+                    moved += 1
+                except OSError:
+                    continue
+        return moved
+
     def existing(self) -> set[str]:
         found: set[str] = set()
         for root in self._roots:
@@ -130,6 +141,13 @@ class CgroupV1:
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
                 "cgroup": {c: str(self._base(c)) for c in self.controllers}}
+
+
+def _procs(directory: Path) -> list[int]:
+    try:
+        return [int(line) for line in (directory / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _inherit_cpuset(directory: Path) -> None:

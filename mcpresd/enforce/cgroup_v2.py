@@ -96,6 +96,16 @@ class CgroupV2:
             return False
         return True
 
+    def evict(self, allocation_id: str) -> int:
+        moved = 0
+        for pid in self.pids(allocation_id):
+            try:
+                _write(self.root.parent / "cgroup.procs", pid)
+                moved += 1
+            except OSError:
+                continue
+        return moved
+
     def existing(self) -> set[str]:
         try:
             return {entry.name[len(PREFIX):] for entry in os.scandir(self.root)

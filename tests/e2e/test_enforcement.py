@@ -1,0 +1,207 @@
+"""Enforcement end to end, as root on this host's real cgroup v1 controllers: the installed mcpctl and mcpresd.
+
+Each test's daemon owns a fresh cgroup subtree (tests/cgroups.py), removed with everything in it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cgroups import cgroup_subtree, v1_mounts, wait_for  # noqa: F401 - fixtures
+from tests.conftest import CONFIG, DaemonProcess, cli, ok
+from tests.conftest import run_cli  # noqa: F401
+
+MIB = 1 << 20
+KILL_GRACE_S = 1.0
+HOG_512M = "import sys; data = b'x' * (512 << 20); print('survived', len(data) >> 20, 'MiB')"
+
+
+@pytest.fixture
+def enforced(tmp_path: Path, cgroup_subtree: str) -> Iterator[DaemonProcess]:
+    config = CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\nkill_grace = "{KILL_GRACE_S}s"\n'
+    process = DaemonProcess(tmp_path, config=config)
+    process.start()
+    process.subtree = cgroup_subtree  # type: ignore[attr-defined]
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def cgroup_dir(daemon: DaemonProcess, controller: str, allocation_id: str) -> Path:
+    return v1_mounts()[controller] / daemon.subtree / f"alloc-{allocation_id}"  # type: ignore[attr-defined]
+
+
+def events(daemon: DaemonProcess, allocation_id: str) -> list[dict[str, Any]]:
+    return daemon.call("events.list", {"allocation_id": allocation_id, "after_id": 0, "limit": 1000})
+
+
+def kinds(daemon: DaemonProcess, allocation_id: str) -> list[str]:
+    return [e["kind"] for e in events(daemon, allocation_id)]
+
+
+def start_run(daemon: DaemonProcess, *options: str, script: str) -> tuple[subprocess.Popen[str], str]:
+    """`mcpctl run OPTIONS -- sh -c SCRIPT` in the background; the command prints its allocation id first."""
+    env = {**os.environ, "MCPRES_SOCKET": daemon.socket}
+    mcpctl = str(Path(os.sys.executable).parent / "mcpctl")  # type: ignore[attr-defined]
+    process = subprocess.Popen([mcpctl, "run", *options, "--", "sh", "-c", f'echo "$MCPRES_ALLOCATION_ID"; {script}'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stdout is not None
+    allocation_id = process.stdout.readline().strip()
+    assert allocation_id, process.stderr.read() if process.stderr else ""
+    return process, allocation_id
+
+
+def in_cgroup(pid: int, daemon: DaemonProcess, allocation_id: str) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return f"/{daemon.subtree}/alloc-{allocation_id}" in text  # type: ignore[attr-defined]
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_hard_command_over_its_mem_grant_is_oom_killed_and_told_why_its_neighbour_untouched(
+        enforced: DaemonProcess):
+    neighbour, neighbour_id = start_run(enforced, "--enforce", "hard", "--mem", "128M", script="exec sleep 120")
+    try:
+        result = cli(enforced, "run", "--enforce", "hard", "--mem", "128M", "--", "python3", "-c", HOG_512M)
+        assert result.returncode == 137, result.stderr
+        assert "survived" not in result.stdout
+        assert "went over its --mem grant of 128.0 MiB" in result.stderr
+        assert "OOM killer" in result.stderr
+        oom = [e for e in enforced.call("events.list", {"after_id": 0, "limit": 1000}) if e["kind"] == "oom_killed"]
+        assert len(oom) == 1
+        assert oom[0]["detail"]["memory_granted"] == 128 * MIB
+        assert oom[0]["detail"]["oom_kills"] >= 1
+        assert oom[0]["allocation_id"] != neighbour_id
+        assert neighbour.poll() is None
+        assert enforced.call("allocations.get", {"id": neighbour_id})["state"] == "active"
+        assert "oom_killed" not in kinds(enforced, neighbour_id)
+    finally:
+        neighbour.terminate()
+        neighbour.wait(10)
+
+
+def test_the_same_command_under_soft_completes(enforced: DaemonProcess):
+    result = cli(enforced, "run", "--enforce", "soft", "--mem", "128M", "--", "python3", "-c", HOG_512M)
+    assert result.returncode == 0, result.stderr
+    assert "survived 512 MiB" in result.stdout
+
+
+def test_a_hard_cpu_1_command_burning_two_cores_gets_at_most_about_one(enforced: DaemonProcess):
+    burner, allocation_id = start_run(
+        enforced, "--enforce", "hard", "--cpu", "1",
+        script="yes >/dev/null & a=$!; yes >/dev/null & b=$!; sleep 3; kill $a $b")
+    try:
+        usage = cgroup_dir(enforced, "cpuacct", allocation_id) / "cpuacct.usage"
+        assert (cgroup_dir(enforced, "cpu", allocation_id) / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        wait_for(lambda: int(usage.read_text()) > 0, what="the burners to start")
+        cpu0, wall0 = int(usage.read_text()), time.monotonic()
+        time.sleep(1.5)  # the measuring window, not a wait for an event
+        cpu1, wall1 = int(usage.read_text()), time.monotonic()
+        cores = (cpu1 - cpu0) / 1e9 / (wall1 - wall0)
+        assert 0.05 < cores <= 1.3, f"{cores:.2f} cores of CPU time per second of wall time"
+    finally:
+        assert burner.wait(30) == 0
+
+
+def test_a_double_forked_grandchild_is_gone_within_kill_grace_of_the_release(enforced: DaemonProcess):
+    # The grandchild ignores SIGTERM, so only the SIGKILL after kill_grace ends it.
+    result = cli(enforced, "run", "--enforce", "soft", "--cpu", "0.5", "--", "sh", "-c",
+                 "(trap '' TERM; exec sleep 300) >/dev/null 2>&1 & echo $!")
+    released = time.monotonic()
+    assert result.returncode == 0, result.stderr
+    grandchild = int(result.stdout.split()[-1])
+    wait_for(lambda: gone(grandchild), timeout=KILL_GRACE_S + 1, what=f"grandchild {grandchild} to be stopped")
+    assert time.monotonic() - released <= KILL_GRACE_S + 1
+    wait_for(lambda: [e for e in enforced.call("events.list", {"after_id": 0, "limit": 1000})
+                      if e["kind"] == "processes_stopped"], what="the processes_stopped event")
+    stopped = [e for e in enforced.call("events.list", {"after_id": 0, "limit": 1000})
+               if e["kind"] == "processes_stopped"]
+    assert stopped[0]["detail"] == {"count": 1}
+
+
+def test_keep_processes_leaves_them_running_outside_the_cgroup(enforced: DaemonProcess):
+    result = cli(enforced, "run", "--enforce", "soft", "--cpu", "0.5", "--keep-processes", "--", "sh", "-c",
+                 "(exec sleep 300) >/dev/null 2>&1 & echo $!; echo $MCPRES_ALLOCATION_ID")
+    assert result.returncode == 0, result.stderr
+    pid_text, allocation_id = result.stdout.split()
+    grandchild = int(pid_text)
+    try:
+        wait_for(lambda: not cgroup_dir(enforced, "memory", allocation_id).exists(), what="the cgroup to go")
+        assert not gone(grandchild)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
+def test_allocate_moves_a_named_holder_but_never_the_default_one(enforced: DaemonProcess):
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        named = ok(enforced, "allocate", "--enforce", "hard", "--mem", "64M", "--holder-pid", str(holder.pid)).strip()
+        assert in_cgroup(holder.pid, enforced, named)
+        limit = cgroup_dir(enforced, "memory", named) / "memory.limit_in_bytes"
+        assert int(limit.read_text()) == 64 * MIB
+        script = ok(enforced, "allocate", "--enforce", "hard", "--mem", "64M").strip()
+        assert not cgroup_dir(enforced, "memory", script).exists()
+        assert not in_cgroup(os.getpid(), enforced, script)
+        ok(enforced, "release", named)
+        wait_for(lambda: gone(holder.pid) or holder.poll() is not None, what="the named holder to be stopped")
+        wait_for(lambda: not cgroup_dir(enforced, "memory", named).exists(), what="its cgroup to be removed")
+        ok(enforced, "release", script)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_daemon_killed_and_restarted_loses_no_cgroup_bookkeeping(enforced: DaemonProcess):
+    keeper, kept_id = start_run(enforced, "--enforce", "hard", "--mem", "64M", script="exec sleep 120")
+    # The holder starts its child once it is in the cgroup (a child started before stays where it was).
+    holder = subprocess.Popen(["sh", "-c", "read go; sleep 120 & echo $!; wait"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        ended_id = ok(enforced, "allocate", "--enforce", "soft", "--cpu", "0.5", "--holder-pid",
+                      str(holder.pid)).strip()
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        orphan = int(holder.stdout.readline())
+        wait_for(lambda: in_cgroup(orphan, enforced, ended_id), what="the holder's child in the cgroup")
+        enforced.kill()
+        holder.kill()  # the holder dies while the daemon is down; its child stays in the cgroup
+        holder.wait()
+        enforced.start()
+        wait_for(lambda: gone(orphan), timeout=KILL_GRACE_S + 5, what="the ended allocation's leftover process")
+        wait_for(lambda: not cgroup_dir(enforced, "memory", ended_id).exists(), what="the ended cgroup removed")
+        assert enforced.call("allocations.get", {"id": ended_id})["release_reason"] == "holder_exited"
+        assert enforced.call("allocations.get", {"id": kept_id})["state"] == "active"
+        assert int((cgroup_dir(enforced, "memory", kept_id) / "memory.limit_in_bytes").read_text()) == 64 * MIB
+        assert keeper.poll() is None
+    finally:
+        keeper.terminate()
+        keeper.wait(10)
+    wait_for(lambda: not cgroup_dir(enforced, "memory", kept_id).exists(), what="the kept allocation's cgroup to go")
+
+
+def test_status_shows_the_backend_and_its_controllers(enforced: DaemonProcess):
+    status = json.loads(ok(enforced, "status", "--json"))
+    assert status["enforcement"]["backend"] == "cgroup-v1"
+    assert {"cpu", "memory"} <= set(status["enforcement"]["controllers"])
+    assert status["enforcement"]["mode"] == "soft"
+    assert "soft (max hard) by cgroup-v1: cpu" in ok(enforced, "status")
