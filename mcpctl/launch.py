@@ -96,6 +96,7 @@ def _say_if_oom_killed(socket_path: str, allocation: dict[str, Any], retry_for: 
     """The command was SIGKILLed in a hard allocation: if it was for memory, say so and by how much."""
     try:
         with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
+            client.call(Method.ALLOCATIONS_GET, {"id": allocation["id"]})  # a step's OOM kill is recorded now
             events = client.call(Method.EVENTS_LIST, {"allocation_id": allocation["id"], "after_id": 0,
                                                       "limit": 1000})
     except (RpcError, DaemonUnreachable):
@@ -114,6 +115,31 @@ def _say_if_oom_killed(socket_path: str, allocation: dict[str, Any], retry_for: 
 
 def _mib(value: object) -> str:
     return f"{value / 1048576:.1f} MiB" if isinstance(value, (int, float)) else "?"
+
+
+def run_step(socket_path: str, allocation_id: str, argv: Sequence[str], retry_for: float = 0.0) -> int:
+    """Run `argv` as a step of an allocation that exists (its cgroup's limits, its GPUs); the allocation stays."""
+    if not argv:
+        return fail("give the command to run after the options, e.g. mcpctl run --allocation ID -- make -j8",
+                    exitcodes.USAGE)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        _become_command(read_end, write_end, list(argv))
+    os.close(read_end)
+    try:
+        with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
+            allocation: dict[str, Any] = client.call(Method.ALLOCATIONS_ATTACH, {"id": allocation_id, "pid": child})
+    except (DaemonUnreachable, RpcError) as error:
+        os.close(write_end)
+        _stop(child)
+        return unreachable(error) if isinstance(error, DaemonUnreachable) else rpc_failure(error)
+    status, _ = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
+        _say_if_oom_killed(socket_path, allocation, retry_for)
+    return _exit_code(status)
 
 
 def measured_of(usage: struct_rusage) -> dict[str, float]:

@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 
-from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row
+from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row, used_text
 
 console = Console()
 
@@ -66,7 +66,7 @@ def resources(rows: list[dict[str, Any]]) -> None:
 
 def allocations(rows: list[dict[str, Any]]) -> None:
     grid = Table(header_style="bold")
-    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE", "COST"):
+    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "USED", "AGE", "COST"):
         grid.add_column(header, justify="right" if header == "COST" else "left")
     now = time.time()
     for allocation in rows:
@@ -77,6 +77,7 @@ def allocations(rows: list[dict[str, Any]]) -> None:
             items_text(allocation),
             allocation["tool_id"] or "",
             str(allocation["holder_pid"] or ""),
+            used_text(allocation),
             age(now - allocation["created_at"]),
             cost_text(allocation),
             style="dim" if allocation["state"] != "active" else None,

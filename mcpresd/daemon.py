@@ -189,6 +189,10 @@ class Daemon:
             log.warning("allocation %s: cannot enforce its %s limits on pid %s: %s", confine.allocation_id,
                         confine.limits.mode.value, confine.pid, error)
 
+    def _cgroup_figures(self, allocation_id: str) -> dict[str, float] | None:
+        usage = self.enforcer.usage(allocation_id)
+        return None if usage is None else usage.figures()
+
     def _unconfine(self, allocation_id: str, keep: bool) -> None:
         if allocation_id in self._endings:
             return
@@ -203,6 +207,8 @@ class Daemon:
                 self._endings.pop(allocation_id, None)
             if allocation_id in self.enforcer.existing():
                 log.warning("allocation %s: its cgroup is still busy; it is removed at the next start", allocation_id)
+            if not count:
+                return
             self._submit_quietly(lambda broker: broker.processes_stopped(allocation_id, count),
                                  f"allocation {allocation_id}: recording its stopped processes")
 
@@ -291,7 +297,8 @@ class Daemon:
                 processes = dict(sampler.gpu_processes)
                 holders = await self.committer.submit(lambda broker: broker.accounts.holders()) \
                     if self.committer is not None else {}
-                usage = await loop.run_in_executor(None, holder_usage, holders, processes) if holders else {}
+                usage = await loop.run_in_executor(None, holder_usage, holders, processes, self._cgroup_figures) \
+                    if holders else {}
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:

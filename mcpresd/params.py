@@ -75,6 +75,12 @@ class AllocateCommand:
 
 
 @dataclass(frozen=True)
+class AttachCommand:
+    id: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class WaitCommand:
     id: str
     timeout: float | None
@@ -350,6 +356,14 @@ def renew(params: Any) -> RenewCommand:
     if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
         raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
     return RenewCommand(id=_required_text(fields, "id"), ttl=ttl)
+
+
+def attach(params: Any) -> AttachCommand:
+    fields = _Fields(params, frozenset({"id", "pid"}))
+    pid = fields.params.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31:
+        raise InvalidParams(f"pid must be a positive process id, got {_describe(pid)}", "pid")
+    return AttachCommand(id=_required_text(fields, "id"), pid=pid)
 
 
 def explain(params: Any) -> ExplainCommand:

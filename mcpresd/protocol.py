@@ -49,6 +49,7 @@ class Method(StrEnum):
     ALLOCATIONS_WAIT = "allocations.wait"
     ALLOCATIONS_RENEW = "allocations.renew"
     ALLOCATIONS_EXPLAIN = "allocations.explain"
+    ALLOCATIONS_ATTACH = "allocations.attach"
     EVENTS_LIST = "events.list"
     EVENTS_SUBSCRIBE = "events.subscribe"
     METRICS_CURRENT = "metrics.current"

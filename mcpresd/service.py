@@ -43,7 +43,15 @@ from mcpresd.core.errors import (
     WaitTimeout,
     Withdrawn,
 )
-from mcpresd.core.enforcement import EnforcePolicy, Limits, effective_mode, grant_of, limits_for
+from mcpresd.core.enforcement import (
+    EnforcePolicy,
+    Limits,
+    Overuse,
+    effective_mode,
+    grant_of,
+    limits_for,
+    over_grant,
+)
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, resolve_holder
@@ -172,6 +180,9 @@ class Broker:
         self.store = store
         self.enforce = enforce
         self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
+        self.overuse = Overuse()
+        self._oom_seen: dict[str, int] = {}
+        self._cpu_seen: dict[str, tuple[float, float]] = {}
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
@@ -685,12 +696,41 @@ class Broker:
         """An enforced allocation ended: say if the kernel killed in it for memory, then let its cgroup go."""
         assert allocation.request is not None
         usage = self.enforcer.usage(allocation.id)
-        if usage is not None and usage.oom_kills:
+        if usage is not None:
+            self._note_oom(allocation, usage.figures(), now)
+        self.overuse.forget(allocation.id)
+        self._oom_seen.pop(allocation.id, None)
+        self._cpu_seen.pop(allocation.id, None)
+        self.outbox.unconfine.append((allocation.id, allocation.request.keep_processes))
+
+    def _note_oom(self, allocation: Allocation, figures: dict[str, float], now: float) -> None:
+        """An `oom_killed` event for OOM kills in the allocation's cgroup not reported yet."""
+        kills = int(figures.get("oom_kills", 0))
+        if kills > self._oom_seen.get(allocation.id, 0):
             granted = grant_of((i.resource, i.amount) for i in allocation.items).memory
             self._event(now, "oom_killed", allocation_id=allocation.id, uid=allocation.owner_uid,
-                        detail={"oom_kills": usage.oom_kills, "memory_granted": granted,
-                                "memory_peak": usage.memory_peak, "mode": allocation.request.enforce})
-        self.outbox.unconfine.append((allocation.id, allocation.request.keep_processes))
+                        detail={"oom_kills": kills - self._oom_seen.get(allocation.id, 0), "memory_granted": granted,
+                                "memory_peak": int(figures.get("memory_peak", 0)),
+                                "mode": allocation.request.enforce if allocation.request else None})
+            self._oom_seen[allocation.id] = kills
+
+    def _enforcement_sampled(self, usage: dict[str, dict[str, float]], now: float) -> None:
+        """Measured use from cgroups: OOM kills, and soft allocations over their grant (`overuse`)."""
+        for allocation_id, figures in usage.items():
+            allocation = self.live.get(allocation_id)
+            if allocation is None or not allocation.is_active or "memory_current" not in figures:
+                continue  # only cgroups report memory_current
+            self._note_oom(allocation, figures, now)
+            cpu, previous = figures.get("cpu_seconds", 0.0), self._cpu_seen.get(allocation_id)
+            self._cpu_seen[allocation_id] = (now, cpu)
+            rate = None if previous is None or now <= previous[0] else (cpu - previous[1]) / (now - previous[0])
+            limits = self.limits_of(allocation)
+            if limits.mode is not EnforceMode.SOFT:
+                continue
+            grant = grant_of((i.resource, i.amount) for i in allocation.items)
+            for over in self.overuse.observe(allocation_id, over_grant(limits, grant, figures["memory_current"],
+                                                                       rate)):
+                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=over)
 
     def processes_stopped(self, allocation_id: str, count: int) -> None:
         """The event loop stopped what was left in an ended allocation's cgroup."""
@@ -742,6 +782,16 @@ class Broker:
         self._event(now, "renewed", allocation_id=allocation.id, uid=caller.uid,
                     detail={"ttl_s": ttl, "expires_at": renewed.expires_at})
         return self.allocation_dict(renewed)
+
+    def allocations_attach(self, caller: Caller, command: p.AttachCommand) -> AllocationDict:
+        """A step of an active allocation (`mcpctl run --allocation`): `pid` joins its cgroup, if it has one."""
+        allocation = self._visible(caller, command.id)
+        if not allocation.is_active:
+            raise AlreadyReleased(f"allocation {allocation.id} is {allocation.state.value}, not active",
+                                  id=allocation.id)
+        pid, _ = resolve_holder(command.pid, caller.pid, caller.uid, caller.administers)
+        self._confine(allocation, pid)
+        return self.allocation_dict(allocation)
 
     def allocations_explain(self, caller: Caller, command: p.ExplainCommand) -> dict[str, Any]:
         allocation = self._visible(caller, command.id)
@@ -838,7 +888,12 @@ class Broker:
     # -- reading ----------------------------------------------------------
 
     def allocations_get(self, caller: Caller, command: p.GetAllocationCommand) -> AllocationDict:
-        return self.allocation_dict(self._visible(caller, command.id))
+        allocation = self._visible(caller, command.id)
+        if allocation.is_active and allocation.request is not None and allocation.request.enforce:
+            usage = self.enforcer.usage(allocation.id)  # an OOM kill of a step is told at once, not next round
+            if usage is not None:
+                self._note_oom(allocation, usage.figures(), self.clock())
+        return self.allocation_dict(allocation)
 
     def allocations_list(self, caller: Caller, command: p.ListAllocationsCommand) -> list[AllocationDict]:
         state = None if command.state is None else command.state.value
@@ -917,6 +972,7 @@ class Broker:
                        usage: dict[str, dict[str, float]] | None = None) -> None:
         self.store.fit_wal_to_disk()  # a disk filling up gets SQLite's smaller WAL before the WAL fills it
         self.accounts.sampled(usage or {}, readings)
+        self._enforcement_sampled(usage or {}, self.clock())
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value
                                   for method, figures in rpc.items() for name, value in figures.items()}
@@ -961,6 +1017,8 @@ class Broker:
     def _risks_of(self, allocation: Allocation) -> list[str]:
         """What NVML saw (foreign use, throttling) and poor health, for the resources this allocation holds."""
         notes = [note for item in allocation.items for note in self.risks.get(item.resource, ())]
+        for over in self.overuse.current(allocation.id):
+            notes.append(_overuse_note(over))
         for item in allocation.items:
             health = self.monitor.health.get(item.resource)
             if health is not None and health.score < 100:
@@ -1006,7 +1064,8 @@ class Broker:
             "cost": self.accounts.cost_of(allocation, self.clock()),
             "cost_per_hour": round(sum(c.rate for c in allocation.charges), 6) if allocation.charges else None,
             "pools": sorted({c.pool for c in allocation.charges if c.pool is not None}),
-            "measured": None if allocation.measured is None else dict(allocation.measured),
+            "measured": dict(allocation.measured) if allocation.measured is not None
+            else dict(self.accounts.measured[allocation.id]) if allocation.id in self.accounts.measured else None,
             "enforce": request.enforce if request is not None and request.enforce else EnforceMode.OFF.value,
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
@@ -1027,6 +1086,13 @@ _WHY = {
     "connection_closed": "its connection closed",
     "rejected": "it can no longer be served",
 }
+
+
+def _overuse_note(over: dict[str, float | str]) -> str:
+    if over["kind"] == "memory":
+        return (f"overuse: memory {float(over['used']) / 1048576:.0f} MiB of a {float(over['granted']) / 1048576:.0f}"
+                " MiB grant (soft: throttled, not killed)")
+    return f"overuse: cpu {float(over['used']):.2f} of {float(over['granted']):g} cores (soft)"
 
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:

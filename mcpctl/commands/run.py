@@ -29,8 +29,8 @@ from mcpctl.commands.allocate import (
     Wait,
     Where,
 )
-from mcpctl.launch import run_command
-from mcpctl.output import exit_with, retry_of, socket_of
+from mcpctl.launch import run_command, run_step
+from mcpctl.output import exit_with, retry_of, socket_of, usage
 from mcpresd.protocol import Priority
 
 
@@ -61,6 +61,12 @@ def run(
     objective: ObjectiveOption = None,
     enforce: EnforceOption = None,
     keep_processes: KeepProcesses = False,
+    allocation: Annotated[
+        str | None,
+        typer.Option("--allocation", metavar="ID",
+                     help="Run the command as a step of this existing allocation (in its cgroup, with its GPUs); "
+                          "the allocation stays when the command ends. Takes no request options."),
+    ] = None,
 ) -> None:
     """Run a command inside an allocation: allocate, run it, release when it ends.
 
@@ -89,10 +95,23 @@ def run(
     how much); when it ends, what it left running is stopped (--keep-processes
     keeps it).
 
+    With --allocation ID the command runs as a step of an allocation made
+    before (id=$(mcpctl allocate ...)): it joins that allocation's cgroup, so
+    all the steps share its limits, and the allocation is not released when
+    the step ends.
+
     Exits with the command's exit code, 128+N if signal N killed it, 127 if it
     could not be started; or, when nothing ran, with allocate's exit code (3:
     does not fit now or the --wait ran out).
     """
+    if allocation is not None:
+        asked = [name for name, value in (("--cpu", cpu), ("--mem", mem), ("--gpu", gpu), ("--disk", disk),
+                                          ("--res", res), ("--pool", pool), ("--enforce", enforce), ("--key", key),
+                                          ("--wait", wait), ("--ttl", ttl)) if value]
+        if asked or keep_processes:
+            usage(f"--allocation runs a step of an allocation that exists; it takes no "
+                  f"{', '.join(asked) or '--keep-processes'}")
+        exit_with(run_step(socket_of(ctx), allocation, command or [], retry_of(ctx)))
     options = AllocateOptions(
         cpu=cpu,
         mem=mem,

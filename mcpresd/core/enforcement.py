@@ -127,3 +127,36 @@ class EnforcePolicy:
     tasks_max: int = DEFAULT_TASKS_MAX
     cgroup: str = "mcpres"
     """The daemon's subtree under each cgroup controller (v1) or the unified hierarchy (v2)."""
+
+
+class Overuse:
+    """Soft mode's overuse: use over the grant in two samples in a row (longer than one sampling interval).
+
+    Each kind (cpu, memory) is reported once per spell: again only after it fell back under the grant.
+    """
+
+    def __init__(self) -> None:
+        self._over: dict[str, set[str]] = {}
+        self._reported: dict[str, dict[str, dict[str, float | str]]] = {}
+
+    def observe(self, allocation_id: str, over: list[dict[str, float | str]]) -> list[dict[str, float | str]]:
+        """This round's excesses of one allocation; returns those to report now."""
+        kinds = {str(o["kind"]) for o in over}
+        before = self._over.get(allocation_id, set())
+        self._over[allocation_id] = kinds
+        reported = self._reported.setdefault(allocation_id, {})
+        for kind in set(reported) - kinds:
+            del reported[kind]
+        fresh = [o for o in over if o["kind"] in before and o["kind"] not in reported]
+        for o in over:
+            if o["kind"] in reported or o in fresh:
+                reported[str(o["kind"])] = o
+        return fresh
+
+    def current(self, allocation_id: str) -> list[dict[str, float | str]]:
+        """The excesses reported and still going on."""
+        return list(self._reported.get(allocation_id, {}).values())
+
+    def forget(self, allocation_id: str) -> None:
+        self._over.pop(allocation_id, None)
+        self._reported.pop(allocation_id, None)

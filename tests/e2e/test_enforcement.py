@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,8 @@ HOG_512M = "import sys; data = b'x' * (512 << 20); print('survived', len(data) >
 
 @pytest.fixture
 def enforced(tmp_path: Path, cgroup_subtree: str) -> Iterator[DaemonProcess]:
-    config = CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\nkill_grace = "{KILL_GRACE_S}s"\n'
+    config = CONFIG + (f'\n[enforce]\ncgroup = "{cgroup_subtree}"\nkill_grace = "{KILL_GRACE_S}s"\n'
+                       '\n[monitor]\ninterval = "0.5s"\n')
     process = DaemonProcess(tmp_path, config=config)
     process.start()
     process.subtree = cgroup_subtree  # type: ignore[attr-defined]
@@ -52,9 +54,10 @@ def kinds(daemon: DaemonProcess, allocation_id: str) -> list[str]:
 def start_run(daemon: DaemonProcess, *options: str, script: str) -> tuple[subprocess.Popen[str], str]:
     """`mcpctl run OPTIONS -- sh -c SCRIPT` in the background; the command prints its allocation id first."""
     env = {**os.environ, "MCPRES_SOCKET": daemon.socket}
-    mcpctl = str(Path(os.sys.executable).parent / "mcpctl")  # type: ignore[attr-defined]
+    mcpctl = str(Path(sys.executable).parent / "mcpctl")
     process = subprocess.Popen([mcpctl, "run", *options, "--", "sh", "-c", f'echo "$MCPRES_ALLOCATION_ID"; {script}'],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
     assert process.stdout is not None
     allocation_id = process.stdout.readline().strip()
     assert allocation_id, process.stderr.read() if process.stderr else ""
@@ -99,10 +102,26 @@ def test_a_hard_command_over_its_mem_grant_is_oom_killed_and_told_why_its_neighb
         neighbour.wait(10)
 
 
-def test_the_same_command_under_soft_completes(enforced: DaemonProcess):
-    result = cli(enforced, "run", "--enforce", "soft", "--mem", "128M", "--", "python3", "-c", HOG_512M)
-    assert result.returncode == 0, result.stderr
-    assert "survived 512 MiB" in result.stdout
+def test_the_same_command_under_soft_completes_and_raises_overuse(enforced: DaemonProcess):
+    hog, allocation_id = start_run(enforced, "--enforce", "soft", "--mem", "128M",
+                                   script=f"python3 -c \"{HOG_512M}; import sys; sys.stdin.readline()\"")
+    hog_stdin = hog.stdin
+    try:
+        overuse = wait_for(lambda: [e for e in events(enforced, allocation_id) if e["kind"] == "overuse"],
+                           timeout=20, what="the overuse event")
+        assert overuse[0]["detail"]["kind"] == "memory"
+        assert overuse[0]["detail"]["granted"] == 128 * MIB
+        assert overuse[0]["detail"]["used"] >= 512 * MIB
+        shown = enforced.call("allocations.get", {"id": allocation_id})
+        assert any(r.startswith("overuse: memory") for r in shown["risks"]), shown["risks"]
+        assert shown["measured"]["memory_peak"] >= 512 * MIB
+        listing = ok(enforced, "allocations")
+        assert "soft: " in listing and "MiB peak" in listing
+    finally:
+        out, err = hog.communicate("go\n", timeout=30)
+    assert hog.returncode == 0, err
+    assert "survived 512 MiB" in out
+    assert "oom_killed" not in kinds(enforced, allocation_id)
 
 
 def test_a_hard_cpu_1_command_burning_two_cores_gets_at_most_about_one(enforced: DaemonProcess):
@@ -149,6 +168,38 @@ def test_keep_processes_leaves_them_running_outside_the_cgroup(enforced: DaemonP
         assert not gone(grandchild)
     finally:
         os.kill(grandchild, signal.SIGKILL)
+
+
+def test_steps_of_an_allocation_run_in_its_cgroup_with_their_exit_status(enforced: DaemonProcess):
+    allocation_id = ok(enforced, "allocate", "--enforce", "hard", "--mem", "128M").strip()
+    try:
+        step = cli(enforced, "run", "--allocation", allocation_id, "--", "sh", "-c", "cat /proc/self/cgroup; exit 3")
+        assert step.returncode == 3, step.stderr
+        assert f"/{enforced.subtree}/alloc-{allocation_id}" in step.stdout  # type: ignore[attr-defined]
+        hog = cli(enforced, "run", "--allocation", allocation_id, "--", "python3", "-c", HOG_512M)
+        assert hog.returncode == 137, hog.stderr
+        assert "went over its --mem grant of 128.0 MiB" in hog.stderr
+        assert enforced.call("allocations.get", {"id": allocation_id})["state"] == "active"
+        assert kinds(enforced, allocation_id).count("oom_killed") == 1
+        refused = cli(enforced, "run", "--allocation", allocation_id, "--mem", "1G", "--", "true")
+        assert refused.returncode == 2 and "takes no --mem" in refused.stderr
+    finally:
+        ok(enforced, "release", allocation_id)
+    wait_for(lambda: not cgroup_dir(enforced, "memory", allocation_id).exists(), what="the cgroup to go")
+    gone_step = cli(enforced, "run", "--allocation", allocation_id, "--", "true")
+    assert gone_step.returncode == 1 and "not active" in gone_step.stderr
+
+
+def test_asking_above_max_mode_is_refused(tmp_path: Path, cgroup_subtree: str):
+    config = CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\nmax_mode = "soft"\n'
+    daemon = DaemonProcess(tmp_path, config=config)
+    daemon.start()
+    try:
+        refused = cli(daemon, "run", "--enforce", "hard", "--cpu", "1", "--", "true")
+        assert refused.returncode == 2, refused.stderr
+        assert "enforce 'hard' is above this daemon's max_mode 'soft'" in refused.stderr
+    finally:
+        daemon.stop()
 
 
 def test_allocate_moves_a_named_holder_but_never_the_default_one(enforced: DaemonProcess):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcpresd.core.enforcement import Grant, Limits, effective_mode, grant_of, limits_for, over_grant
+from mcpresd.core.enforcement import Grant, Limits, Overuse, effective_mode, grant_of, limits_for, over_grant
 from mcpresd.core.errors import InvalidRequest
 from mcpresd.protocol import EnforceMode
 
@@ -80,3 +80,18 @@ def test_overuse_names_the_kind_the_grant_and_the_use():
     assert over_grant(limits, grant, 150, 0.5) == [{"kind": "memory", "granted": 100.0, "used": 150.0}]
     assert over_grant(limits, grant, 50, 1.8) == [{"kind": "cpu", "granted": 1, "used": 1.8}]
     assert over_grant(limits, grant, 100, 1.0) == []
+
+
+def test_overuse_is_reported_after_two_rounds_over_once_per_spell():
+    watch = Overuse()
+    memory = {"kind": "memory", "granted": 100.0, "used": 150.0}
+    assert watch.observe("a", [memory]) == []          # one round over: not yet longer than an interval
+    assert watch.observe("a", [memory]) == [memory]    # the second round in a row: reported
+    assert watch.current("a") == [memory]
+    assert watch.observe("a", [{**memory, "used": 170.0}]) == []  # the same spell: not again
+    assert watch.current("a") == [{**memory, "used": 170.0}]
+    assert watch.observe("a", []) == [] and watch.current("a") == []  # back under: the spell ends
+    assert watch.observe("a", [memory]) == []
+    assert watch.observe("a", [memory]) == [memory]    # a new spell is reported again
+    watch.forget("a")
+    assert watch.current("a") == []
