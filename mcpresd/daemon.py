@@ -167,6 +167,12 @@ class Daemon:
             self._confine(confine)
         for allocation_id, keep in outbox.unconfine:
             self._unconfine(allocation_id, keep)
+        for allocation_id in outbox.sweep:
+            try:
+                if self.enforcer.remove(allocation_id):
+                    log.info("removed the empty cgroup of unknown allocation %s", allocation_id)
+            except OSError as error:
+                log.warning("cannot remove the cgroup of unknown allocation %s: %s", allocation_id, error)
         self.server.publish(outbox.events)
         for pid, start in outbox.watch:
             self.watch.add(pid, start)

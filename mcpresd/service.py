@@ -122,12 +122,14 @@ class Outbox:
     confine: list[Confine] = field(default_factory=list)
     unconfine: list[tuple[str, bool]] = field(default_factory=list)
     """Allocations whose cgroups go: (id, keep_processes); without keep, their processes are stopped first."""
+    sweep: list[str] = field(default_factory=list)
+    """Cgroups this daemon's database does not know (a lost database, another daemon's): removed if empty."""
     wake_at: float | None = None
     """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 
     def __bool__(self) -> bool:
         return bool(self.events or self.settled or self.watch or self.signals or self.factory
-                    or self.confine or self.unconfine or self.wake_at is not None)
+                    or self.confine or self.unconfine or self.sweep or self.wake_at is not None)
 
 
 class AllocationIds:
@@ -360,11 +362,15 @@ class Broker:
             elif allocation.holder_pid is not None:
                 self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
         for allocation_id in sorted(self.enforcer.existing()):
-            if allocation_id not in self.live and self.store.get_allocation(allocation_id) is not None:
+            if allocation_id in self.live:
+                continue
+            stored = self.store.get_allocation(allocation_id)
+            if stored is not None:
                 # Its allocation ended while the daemon was down (or before it could remove the cgroup).
-                kept = self.store.get_allocation(allocation_id)
-                keep = kept is not None and kept.request is not None and kept.request.keep_processes
-                self.outbox.unconfine.append((allocation_id, keep))
+                self.outbox.unconfine.append((allocation_id, stored.request is not None
+                                              and stored.request.keep_processes))
+            else:
+                self.outbox.sweep.append(allocation_id)
         self.schedule()
         return ended
 

@@ -256,3 +256,27 @@ def test_status_shows_the_backend_and_its_controllers(enforced: DaemonProcess):
     assert {"cpu", "memory"} <= set(status["enforcement"]["controllers"])
     assert status["enforcement"]["mode"] == "soft"
     assert "soft (max hard) by cgroup-v1: cpu" in ok(enforced, "status")
+
+
+def test_at_start_empty_cgroups_the_database_does_not_know_are_removed_busy_ones_kept(tmp_path: Path,
+                                                                                     cgroup_subtree: str):
+    from mcpresd.core.enforcement import Limits
+    from mcpresd.enforce import choose
+    from mcpresd.protocol import EnforceMode
+
+    backend = choose(cgroup_subtree)
+    backend.create("0000000000000001", Limits(EnforceMode.SOFT))
+    backend.create("0000000000000002", Limits(EnforceMode.SOFT))
+    busy = subprocess.Popen(["sleep", "120"])
+    try:
+        backend.move("0000000000000002", busy.pid)
+        daemon = DaemonProcess(tmp_path, config=CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\n')
+        daemon.start()
+        try:
+            wait_for(lambda: backend.existing() == {"0000000000000002"}, what="the empty unknown cgroup removed")
+            assert busy.poll() is None  # another daemon's process, perhaps: never signalled
+        finally:
+            daemon.stop()
+    finally:
+        busy.kill()
+        busy.wait()
