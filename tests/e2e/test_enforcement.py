@@ -280,3 +280,23 @@ def test_at_start_empty_cgroups_the_database_does_not_know_are_removed_busy_ones
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_use_is_measured_from_the_cgroup_double_forked_children_included(enforced: DaemonProcess):
+    # The holder's tree does not hold the memory: a grandchild re-parented to init does, which a walk of the
+    # holder's process tree misses and the cgroup does not.
+    runner, allocation_id = start_run(
+        enforced, "--enforce", "soft", "--mem", "1G",
+        script="(python3 -c \"import time; data = b'x' * (200 << 20); time.sleep(120)\" &); exec sleep 120")
+    try:
+        measured = wait_for(
+            lambda: (enforced.call("allocations.get", {"id": allocation_id})["measured"] or {})
+            .get("memory_peak", 0) >= 200 * MIB, timeout=20, what="the grandchild's 200 MiB measured")
+        assert measured
+        pids = {int(p) for p in (cgroup_dir(enforced, "memory", allocation_id) / "cgroup.procs").read_text().split()}
+        parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
+        orphans = [pid for pid, parent in parents.items() if parent not in pids and parent != runner.pid]
+        assert orphans, f"the grandchild should have left the holder's tree: {parents}"
+    finally:
+        runner.terminate()
+        runner.wait(10)
