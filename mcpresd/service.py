@@ -821,7 +821,8 @@ class Broker:
             "blockers": [
                 {"id": blocker.id, "items": [{"resource": i.resource, "amount": i.amount} for i in held],
                  "holder_pid": blocker.holder_pid, "owner_uid": blocker.owner_uid, "priority": blocker.priority.value,
-                 "expires_at": blocker.expires_at, "tool_id": blocker.tool_id}
+                 "expires_at": blocker.expires_at, "tool_id": blocker.tool_id,
+                 "overuse": [_overuse_note(o) for o in self.overuse.current(blocker.id)]}
                 for blocker, held in why.blockers
             ],
             "ahead": why.head.id if why.head else None,

@@ -103,9 +103,8 @@ def test_a_hard_command_over_its_mem_grant_is_oom_killed_and_told_why_its_neighb
 
 
 def test_the_same_command_under_soft_completes_and_raises_overuse(enforced: DaemonProcess):
-    hog, allocation_id = start_run(enforced, "--enforce", "soft", "--mem", "128M",
+    hog, allocation_id = start_run(enforced, "--enforce", "soft", "--mem", "128M", "--res", "licence=2",
                                    script=f"python3 -c \"{HOG_512M}; import sys; sys.stdin.readline()\"")
-    hog_stdin = hog.stdin
     try:
         overuse = wait_for(lambda: [e for e in events(enforced, allocation_id) if e["kind"] == "overuse"],
                            timeout=20, what="the overuse event")
@@ -117,6 +116,10 @@ def test_the_same_command_under_soft_completes_and_raises_overuse(enforced: Daem
         assert shown["measured"]["memory_peak"] >= 512 * MIB
         listing = ok(enforced, "allocations")
         assert "soft: " in listing and "MiB peak" in listing
+        waiter = ok(enforced, "allocate", "--res", "licence=1", "--wait", "1m", "--no-block").strip()
+        explained = ok(enforced, "explain", waiter)
+        assert allocation_id in explained and "overuse: memory" in explained, explained
+        ok(enforced, "release", waiter)
     finally:
         out, err = hog.communicate("go\n", timeout=30)
     assert hog.returncode == 0, err
