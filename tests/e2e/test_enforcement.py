@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cgroups import cgroup_subtree, v1_mounts, wait_for  # noqa: F401 - fixtures
+from tests.integration.test_access import shared_dir  # noqa: F401 - a fixture
 from tests.conftest import CONFIG, DaemonProcess, cli, ok
 from tests.conftest import run_cli  # noqa: F401
 
@@ -303,3 +304,27 @@ def test_use_is_measured_from_the_cgroup_double_forked_children_included(enforce
     finally:
         runner.terminate()
         runner.wait(10)
+
+
+def test_a_user_without_rights_on_cgroups_gets_the_command_confined_by_the_daemon(tmp_path: Path, shared_dir: Path,
+                                                                                  cgroup_subtree: str):
+    from tests.integration.test_access import shared_daemon
+    from tests.integration.test_holder_checks import AS_NOBODY, mcpctl_env
+
+    daemon = shared_daemon(tmp_path, shared_dir, f'\n[enforce]\ncgroup = "{cgroup_subtree}"\n')
+    try:
+        env = mcpctl_env(daemon)
+        seen = subprocess.run([*AS_NOBODY, "mcpctl", "run", "--enforce", "hard", "--mem", "128M", "--", "sh", "-c",
+                               'id -u; echo "$MCPRES_ALLOCATION_ID"; cat /proc/self/cgroup'],
+                              text=True, capture_output=True, env=env, timeout=60)
+        assert seen.returncode == 0, seen.stderr
+        uid, allocation_id, *cgroups = seen.stdout.split("\n")
+        assert uid == "65534"
+        assert any(line.endswith(f"/{cgroup_subtree}/alloc-{allocation_id}") and ":memory:" in line
+                   for line in cgroups), cgroups
+        hog = subprocess.run([*AS_NOBODY, "mcpctl", "run", "--enforce", "hard", "--mem", "128M", "--", "python3",
+                              "-c", HOG_512M], text=True, capture_output=True, env=env, timeout=60)
+        assert hog.returncode == 137, hog.stderr
+        assert "went over its --mem grant of 128.0 MiB" in hog.stderr
+    finally:
+        daemon.stop()
