@@ -171,3 +171,26 @@ def test_v2_reads_cpu_stat_memory_current_peak_and_oom_kills(fake_v2: Path):
     assert backend.pids("r1") == {101, 102}
     assert backend.existing() == {"r1"}
     assert backend.usage("gone") is None
+
+
+def test_v2_keep_processes_moves_them_to_the_root_cgroup(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("k1", limits_for(EnforceMode.SOFT, Grant()))
+    (fake_v2 / "mcpres.slice" / "alloc-k1" / "cgroup.procs").write_text("101\n")
+    assert backend.evict("k1") == 1
+    assert (fake_v2 / "cgroup.procs").read_text() == "101"
+
+
+def test_v1_keep_processes_moves_them_out_and_the_cgroup_goes(v1: CgroupV1):
+    v1.create("e1", limits_for(EnforceMode.HARD, Grant(memory=64 * MIB)))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        v1.move("e1", sleeper.pid)
+        assert v1.evict("e1") >= 1
+        assert v1.pids("e1") == set()
+        assert v1.remove("e1")
+        assert sleeper.poll() is None
+        assert f"/{v1.subtree}/" not in Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
