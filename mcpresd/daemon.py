@@ -187,7 +187,7 @@ class Daemon:
 
     def _confine(self, confine: Confine) -> None:
         try:
-            if confine.allocation_id not in self.enforcer.existing():
+            if not self.enforcer.exists(confine.allocation_id):
                 self.enforcer.create(confine.allocation_id, confine.limits)
             if confine.pid is not None:
                 self.enforcer.move(confine.allocation_id, confine.pid)
@@ -211,7 +211,7 @@ class Daemon:
                 return
             finally:
                 self._endings.pop(allocation_id, None)
-            if allocation_id in self.enforcer.existing():
+            if self.enforcer.exists(allocation_id):
                 log.warning("allocation %s: its cgroup is still busy; it is removed at the next start", allocation_id)
             if not count:
                 return

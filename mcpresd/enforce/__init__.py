@@ -57,6 +57,8 @@ class Enforcer(Protocol):
 
     def create(self, allocation_id: str, limits: Limits) -> None: ...
 
+    def exists(self, allocation_id: str) -> bool: ...
+
     def move(self, allocation_id: str, pid: int) -> None: ...
 
     def usage(self, allocation_id: str) -> CgroupUsage | None: ...
@@ -89,6 +91,9 @@ class NoEnforcement:
 
     def create(self, allocation_id: str, limits: Limits) -> None:
         raise OSError(f"no enforcement: {self.why_not}")
+
+    def exists(self, allocation_id: str) -> bool:
+        return False
 
     def move(self, allocation_id: str, pid: int) -> None:
         raise OSError(f"no enforcement: {self.why_not}")

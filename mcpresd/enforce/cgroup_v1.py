@@ -79,6 +79,9 @@ class CgroupV1:
             _write(self._dir("pids", allocation_id) / "pids.max",
                    "max" if limits.tasks_max is None else limits.tasks_max)
 
+    def exists(self, allocation_id: str) -> bool:
+        return self._dir("memory", allocation_id).is_dir()
+
     def move(self, allocation_id: str, pid: int) -> None:
         # Each v1 move costs the kernel an RCU grace period (~3 ms): skip the hierarchies that limit nothing here.
         for directory in self._dirs_in_use(allocation_id):

@@ -64,6 +64,9 @@ class CgroupV2:
         if "pids" in self.controllers:
             _write(directory / "pids.max", _bytes(limits.tasks_max))
 
+    def exists(self, allocation_id: str) -> bool:
+        return self._dir(allocation_id).is_dir()
+
     def move(self, allocation_id: str, pid: int) -> None:
         _write(self._dir(allocation_id) / "cgroup.procs", pid)
 

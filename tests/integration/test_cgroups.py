@@ -39,7 +39,7 @@ def test_v1_writes_hard_limits_in_each_controller_and_moves_a_process(v1: Cgroup
         assert f"/{v1.subtree}/alloc-a1" in lines
         usage = v1.usage("a1")
         assert usage is not None and usage.oom_kills == 0
-        assert v1.existing() == {"a1"}
+        assert v1.existing() == {"a1"} and v1.exists("a1")
         assert not v1.remove("a1")  # busy: a process is still in it
     finally:
         sleeper.kill()
