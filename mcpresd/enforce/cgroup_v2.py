@@ -43,7 +43,9 @@ class CgroupV2:
             self.root.mkdir()
         control = self.root / "cgroup.subtree_control"
         enabled = set(control.read_text().split()) if control.exists() else set()
-        wanted = [c for c in self.controllers if c not in enabled]
+        offered = self.root / "cgroup.controllers"  # what the parent passes down: enabling more is refused
+        available = set(offered.read_text().split()) if offered.exists() else set(self.controllers)
+        wanted = [c for c in self.controllers if c not in enabled and c in available]
         if wanted:
             _write(control, " ".join(f"+{c}" for c in wanted))
 

@@ -194,3 +194,11 @@ def test_v1_keep_processes_moves_them_out_and_the_cgroup_goes(v1: CgroupV1):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_v2_enables_only_the_controllers_its_parent_passes_down(fake_v2: Path):
+    subtree = fake_v2 / "mcpres.slice"
+    subtree.mkdir()
+    (subtree / "cgroup.controllers").write_text("cpu memory pids\n")  # the root's subtree_control lacks cpuset
+    CgroupV2(fake_v2, "mcpres.slice").create("c1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    assert (subtree / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
