@@ -30,6 +30,8 @@ class CgroupV2:
         self.controllers = tuple(c for c in WANTED if c in available)
         missing = [c for c in WANTED if c not in self.controllers]
         self.why_not: str | None = f"no {', '.join(missing)} controller" if missing else None
+        self.enabled = set(self.controllers)
+        """The controllers the subtree's children have (set when the subtree is prepared)."""
 
     @property
     def enforces(self) -> bool:
@@ -48,22 +50,23 @@ class CgroupV2:
         wanted = [c for c in self.controllers if c not in enabled and c in available]
         if wanted:
             _write(control, " ".join(f"+{c}" for c in wanted))
+        self.enabled = {c for c in self.controllers if c in enabled or c in wanted}
 
     def create(self, allocation_id: str, limits: Limits) -> None:
         self._prepare()
         directory = self._dir(allocation_id)
         directory.mkdir(exist_ok=True)
-        if "cpu" in self.controllers:
+        if "cpu" in self.enabled:
             _write(directory / "cpu.weight", 100 if limits.cpu_weight is None else limits.cpu_weight)
             quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
             _write(directory / "cpu.max", f"{quota} {limits.cpu_period_us}")
-        if "cpuset" in self.controllers and limits.cpus:
+        if "cpuset" in self.enabled and limits.cpus:
             _write(directory / "cpuset.cpus", ",".join(str(c) for c in limits.cpus))
         _write(directory / "memory.high", _bytes(limits.memory_soft))
         _write(directory / "memory.max", _bytes(limits.memory_max))
         if limits.memory_max is not None:
             _write(directory / "memory.swap.max", _bytes(limits.swap_max))
-        if "pids" in self.controllers:
+        if "pids" in self.enabled:
             _write(directory / "pids.max", _bytes(limits.tasks_max))
 
     def exists(self, allocation_id: str) -> bool:

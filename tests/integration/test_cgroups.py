@@ -200,5 +200,7 @@ def test_v2_enables_only_the_controllers_its_parent_passes_down(fake_v2: Path):
     subtree = fake_v2 / "mcpres.slice"
     subtree.mkdir()
     (subtree / "cgroup.controllers").write_text("cpu memory pids\n")  # the root's subtree_control lacks cpuset
-    CgroupV2(fake_v2, "mcpres.slice").create("c1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    CgroupV2(fake_v2, "mcpres.slice").create("c1", limits_for(EnforceMode.HARD, Grant(cpu=1, cores=(1,))))
     assert (subtree / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert not (subtree / "alloc-c1" / "cpuset.cpus").exists()  # no cpuset here: the cores are not pinned
+    assert (subtree / "alloc-c1" / "cpu.max").read_text() == "100000 100000"
