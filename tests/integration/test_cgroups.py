@@ -204,3 +204,33 @@ def test_v2_enables_only_the_controllers_its_parent_passes_down(fake_v2: Path):
     assert (subtree / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     assert not (subtree / "alloc-c1" / "cpuset.cpus").exists()  # no cpuset here: the cores are not pinned
     assert (subtree / "alloc-c1" / "cpu.max").read_text() == "100000 100000"
+
+
+def test_v2_on_a_real_unified_hierarchy_limits_moves_measures_and_removes():
+    """Runs where the host offers cgroup v2 with cpu and memory (as root); this project's CI hosts are v1."""
+    import os
+
+    subtree = "mcpres-test-" + os.urandom(4).hex()
+    chosen = choose(subtree)
+    if not isinstance(chosen, CgroupV2):
+        pytest.skip(f"no writable cgroup v2 hierarchy with cpu and memory here ({chosen.name}: "
+                    f"{chosen.why_not or 'v1 is used'})")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        chosen.create("r1", limits_for(EnforceMode.HARD, Grant(cpu=0.5, memory=64 * MIB)))
+        assert (chosen.root / "alloc-r1" / "memory.max").read_text().strip() == str(64 * MIB)
+        assert (chosen.root / "alloc-r1" / "cpu.max").read_text().split() == ["50000", "100000"]
+        chosen.move("r1", sleeper.pid)
+        assert chosen.pids("r1") == {sleeper.pid}
+        usage = chosen.usage("r1")
+        assert usage is not None and usage.memory_current >= 0
+        asyncio.run(stop_processes(chosen, "r1", grace=1))
+        assert sleeper.wait(5) == -15
+        assert not chosen.exists("r1")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for leftover in chosen.existing():
+            chosen.remove(leftover)
+        if chosen.root.exists():
+            chosen.root.rmdir()
