@@ -361,6 +361,10 @@ class Broker:
                 ended.append(allocation.id)
             elif allocation.holder_pid is not None:
                 self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+                request = allocation.request
+                if (allocation.is_active and request is not None and request.enforce and request.confine_holder
+                        and not self.enforcer.exists(allocation.id)):
+                    self._confine(allocation, allocation.holder_pid)  # granted, then a crash before the move
         for allocation_id in sorted(self.enforcer.existing()):
             if allocation_id in self.live:
                 continue

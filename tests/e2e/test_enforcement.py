@@ -328,3 +328,23 @@ def test_a_user_without_rights_on_cgroups_gets_the_command_confined_by_the_daemo
         assert "went over its --mem grant of 128.0 MiB" in hog.stderr
     finally:
         daemon.stop()
+
+
+def test_a_grant_whose_holder_was_never_moved_before_a_crash_is_confined_at_restart(enforced: DaemonProcess):
+    from mcpresd.enforce import choose
+
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        allocation_id = ok(enforced, "allocate", "--enforce", "hard", "--mem", "64M", "--holder-pid",
+                           str(holder.pid)).strip()
+        enforced.kill()
+        backend = choose(enforced.subtree)  # type: ignore[attr-defined]
+        backend.evict(allocation_id)  # as if the daemon died between the commit and the move
+        assert backend.remove(allocation_id) and not in_cgroup(holder.pid, enforced, allocation_id)
+        enforced.start()
+        wait_for(lambda: in_cgroup(holder.pid, enforced, allocation_id), what="the holder moved in at restart")
+        limit = cgroup_dir(enforced, "memory", allocation_id) / "memory.limit_in_bytes"
+        assert int(limit.read_text()) == 64 * MIB
+    finally:
+        holder.kill()
+        holder.wait()
