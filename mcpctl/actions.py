@@ -27,6 +27,7 @@ from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError, UntrustedDaemon, backoff_delays
 from mcpresd.protocol import (
     POOL_PREFIX,
+    EnforceMode,
     ErrorCode,
     Method,
     Objective,
@@ -76,7 +77,7 @@ class AllocateOptions:
 
     __slots__ = ("cpu", "mem", "gpu", "disk", "res", "priority", "tool", "exec_id", "key", "holder_pid", "output",
                  "wait", "no_block", "ttl", "strategy", "where", "max_cost", "preemptible", "pool", "members",
-                 "objective")
+                 "objective", "enforce", "keep_processes")
 
     def __init__(
         self,
@@ -101,6 +102,8 @@ class AllocateOptions:
         pool: str | None = None,
         members: str | None = None,
         objective: str | None = None,
+        enforce: str | None = None,
+        keep_processes: bool = False,
     ) -> None:
         self.cpu, self.mem, self.gpu = cpu, mem, gpu
         self.disk, self.res = tuple(disk), tuple(res)
@@ -109,6 +112,7 @@ class AllocateOptions:
         self.wait, self.no_block, self.ttl = wait, no_block, ttl
         self.strategy, self.where, self.max_cost, self.preemptible = strategy, tuple(where), max_cost, preemptible
         self.pool, self.members, self.objective = pool, members, objective
+        self.enforce, self.keep_processes = enforce, keep_processes
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -198,6 +202,15 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
         if options.objective not in {o.value for o in Objective}:
             raise UsageError(f"--objective must be one of {', '.join(Objective)}, got {options.objective!r}")
         params["objective"] = options.objective
+    if options.enforce is not None:
+        if options.enforce not in {m.value for m in EnforceMode}:
+            raise UsageError(f"--enforce must be one of {', '.join(EnforceMode)}, got {options.enforce!r}")
+        params["enforce"] = options.enforce
+        if options.holder_pid is not None:
+            # A named holder joins the allocation's cgroup; the default holder (the calling script) never does.
+            params["confine_holder"] = True
+    if options.keep_processes:
+        params["keep_processes"] = True
     return params
 
 

@@ -18,7 +18,7 @@ import datetime
 import unicodedata
 from typing import Any, NamedTuple
 
-from mcpctl.view import LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text
+from mcpctl.view import LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, used_text
 
 Segment = tuple[str, str]
 """Text and a Rich style name ('' for none)."""
@@ -222,7 +222,7 @@ def _since(timestamp: float, now: float) -> str:
 
 
 def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -> tuple[Line, list[Line]]:
-    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "HOLDS"]
+    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "HOLDS"]
     cells = []
     for allocation in allocations:
         active = allocation["state"] == "active"
@@ -235,7 +235,10 @@ def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -
             items = "asks " + ", ".join(f"{d['resource']}={d['amount']:g}" for d in asked) if asked else "-"
         cells.append([(allocation["id"], "" if active else "yellow"), (allocation["state"], "" if active else "yellow"),
                       (allocation.get("tool_id") or "-", ""), (allocation.get("execution_id") or "-", "dim"),
-                      (holder, ""), (age(now - (since or allocation["created_at"])), ""), (items or "-", "dim")])
+                      (holder, ""), (age(now - (since or allocation["created_at"])), ""),
+                      (used_text(allocation), "red" if any(str(r).startswith("overuse") for r in
+                                                           allocation.get("risks") or []) else ""),
+                      (items or "-", "dim")])
     return _table(headers, cells, width, flex=len(headers) - 1)
 
 

@@ -29,9 +29,11 @@ ALLOCATE_VALUES = {
     "--pool": "pool",
     "--members": "members",
     "--objective": "objective",
+    "--enforce": "enforce",
 }
 ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
-ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible"}
+ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible",
+                  "--keep-processes": "keep_processes"}
 OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
 RELEASE_VALUES = {"--measured": "measured"}
@@ -126,6 +128,7 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
         output=next(iter(outputs), "id"),
         no_block="no_block" in flags,
         preemptible="preemptible" in flags,
+        keep_processes="keep_processes" in flags,
     )
     return run_allocate(socket_path, options, retry_for)
 

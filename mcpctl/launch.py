@@ -78,6 +78,7 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
     os.close(read_end)
     params["holder_pid"] = child
     params["signal_holder"] = True
+    params["confine_holder"] = True  # with enforcement, the daemon moves the child into the cgroup before it replies
     code = _allocate_for(socket_path, params, child, retry_for)
     if isinstance(code, int):
         os.close(write_end)
@@ -86,6 +87,58 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
     allocation = code
     status, usage = _hand_over_and_wait(child, write_end, run_environment(allocation))
     _release(socket_path, allocation["id"], retry_for, measured_of(usage))
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
+        _say_if_oom_killed(socket_path, allocation, retry_for)
+    return _exit_code(status)
+
+
+def _say_if_oom_killed(socket_path: str, allocation: dict[str, Any], retry_for: float) -> None:
+    """The command was SIGKILLed in a hard allocation: if it was for memory, say so and by how much."""
+    try:
+        with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
+            client.call(Method.ALLOCATIONS_GET, {"id": allocation["id"]})  # a step's OOM kill is recorded now
+            events = client.call(Method.EVENTS_LIST, {"allocation_id": allocation["id"], "after_id": 0,
+                                                      "limit": 1000})
+    except (RpcError, DaemonUnreachable):
+        return
+    for event in events:
+        if event.get("kind") == "oom_killed":
+            detail = event.get("detail") or {}
+            granted, peak = detail.get("memory_granted"), detail.get("memory_peak")
+            what = f"its --mem grant of {_mib(granted)}" if granted else "its memory limit"
+            print(f"mcpctl: the command went over {what} and was killed by the kernel's OOM killer "
+                  f"(memory peak {_mib(peak)}, {detail.get('oom_kills', 1)} process(es) killed; allocation "
+                  f"{allocation['id']}, enforce hard). Ask for more with --mem, or use --enforce soft.",
+                  file=sys.stderr)
+            return
+
+
+def _mib(value: object) -> str:
+    return f"{value / 1048576:.1f} MiB" if isinstance(value, (int, float)) else "?"
+
+
+def run_step(socket_path: str, allocation_id: str, argv: Sequence[str], retry_for: float = 0.0) -> int:
+    """Run `argv` as a step of an allocation that exists (its cgroup's limits, its GPUs); the allocation stays."""
+    if not argv:
+        return fail("give the command to run after the options, e.g. mcpctl run --allocation ID -- make -j8",
+                    exitcodes.USAGE)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        _become_command(read_end, write_end, list(argv))
+    os.close(read_end)
+    try:
+        with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
+            allocation: dict[str, Any] = client.call(Method.ALLOCATIONS_ATTACH, {"id": allocation_id, "pid": child})
+    except (DaemonUnreachable, RpcError) as error:
+        os.close(write_end)
+        _stop(child)
+        return unreachable(error) if isinstance(error, DaemonUnreachable) else rpc_failure(error)
+    status, _ = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
+        _say_if_oom_killed(socket_path, allocation, retry_for)
     return _exit_code(status)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 
-from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row
+from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row, used_text
 
 console = Console()
 
@@ -44,7 +44,17 @@ def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("resources", str(data["resources"])),
         ("allocations", f"{counts.get('active', 0)} active, {counts.get('released', 0)} released"),
         ("GPUs from", data["gpu_source"]),
+        *([("enforcement", enforcement_line(data["enforcement"]))] if "enforcement" in data else []),
     ]
+
+
+def enforcement_line(enforcement: dict[str, Any]) -> str:
+    """`soft (max hard) by cgroup-v1: cpu, memory, ...`, or `off: why`."""
+    if enforcement["backend"] == "none":
+        return f"off: {enforcement.get('why_not') or 'no backend'}"
+    line = (f"{enforcement['mode']} (max {enforcement['max_mode']}) by {enforcement['backend']}: "
+            f"{', '.join(enforcement['controllers'])}")
+    return f"{line} ({enforcement['why_not']})" if enforcement.get("why_not") else line
 
 
 def resources(rows: list[dict[str, Any]]) -> None:
@@ -60,7 +70,7 @@ def resources(rows: list[dict[str, Any]]) -> None:
 
 def allocations(rows: list[dict[str, Any]]) -> None:
     grid = Table(header_style="bold")
-    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE", "COST"):
+    for header in ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "USED", "AGE", "COST"):
         grid.add_column(header, justify="right" if header == "COST" else "left")
     now = time.time()
     for allocation in rows:
@@ -71,6 +81,7 @@ def allocations(rows: list[dict[str, Any]]) -> None:
             items_text(allocation),
             allocation["tool_id"] or "",
             str(allocation["holder_pid"] or ""),
+            used_text(allocation),
             age(now - allocation["created_at"]),
             cost_text(allocation),
             style="dim" if allocation["state"] != "active" else None,

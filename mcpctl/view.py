@@ -21,6 +21,19 @@ def cost_text(allocation: dict[str, Any]) -> str:
     return money(cost)
 
 
+def used_text(allocation: dict[str, Any]) -> str:
+    """What it was measured to use, and its enforcement: 'hard: 3.2 cpu-s, 120.5 MiB peak'; '-' for nothing."""
+    measured = allocation.get("measured") or {}
+    parts = []
+    if "cpu_seconds" in measured:
+        parts.append(f"{measured['cpu_seconds']:.1f} cpu-s")
+    if "memory_peak" in measured:
+        parts.append(f"{measured['memory_peak'] / 1048576:.1f} MiB peak")
+    mode = allocation.get("enforce")
+    text = ", ".join(parts) or "-"
+    return f"{mode}: {text}" if mode and mode != "off" else text
+
+
 def items_text(allocation: dict[str, Any]) -> str:
     return ", ".join(f"{item['resource']}={format_amount(item['amount'], item['unit'])}" for item in allocation["items"])
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mcpresd.core.enforcement import EnforcePolicy
 from mcpresd.core.model import Resource
 from mcpresd.protocol import Strategy
 from mcpresd.core.alerts import default_rules, rule_from_config
@@ -27,7 +28,7 @@ from mcpresd.service import Policy
 from mcpresd.retention import Retention
 from mcpresd.core.pools import PoolSpec
 from mcpresd.params import InvalidParams, check_custom_name, check_quantity, check_text, pool_spec
-from mcpresd.protocol import (MAX_QUANTITY, ResourceType, UnitError, default_socket_path, is_valid_number,
+from mcpresd.protocol import (MAX_QUANTITY, EnforceMode, ResourceType, UnitError, default_socket_path, is_valid_number,
                               parse_duration, parse_size)
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
@@ -54,6 +55,7 @@ class Config:
     monitor: MonitorPolicy = MonitorPolicy()
     prometheus_file: str | None = None
     limits: Limits = Limits()
+    enforce: EnforcePolicy = EnforcePolicy()
 
     @property
     def sample_interval(self) -> float:
@@ -69,11 +71,13 @@ def default_database_path() -> str:
 
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
-         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention"}
+         "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention",
+         "enforce"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
                "reply_buffer", "batch_reply", "subscriber_buffer"}
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
 MIN_BUFFER = 4096
+_ENFORCE_KEYS = {"mode", "max_mode", "kill_grace", "tasks_max", "cgroup"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
@@ -141,9 +145,43 @@ def _apply_file(config: Config, path: Path) -> Config:
                                     retention=_retention(data["retention"], path))
     if "access" in data:
         changes["limits"] = replace(changes.get("limits", config.limits), admin_gid=_admin_gid(data["access"], path))
+    if "enforce" in data:
+        changes["enforce"] = _enforce(data["enforce"], path)
     if "monitor" in data or "alerts" in data:
         changes.update(_monitor(data.get("monitor", {}), data.get("alerts", []), path))
     return replace(config, **changes)
+
+
+def _enforce(table: Any, path: Path) -> EnforcePolicy:
+    where = f"{path}: [enforce]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _ENFORCE_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_ENFORCE_KEYS))})")
+    policy = EnforcePolicy()
+    modes = {m.value: m for m in EnforceMode}
+    for key in ("mode", "max_mode"):
+        if key in table and table[key] not in modes:
+            raise ConfigError(f"{where} {key} must be one of {', '.join(modes)}")
+    policy = replace(policy, mode=modes[table.get("mode", policy.mode.value)],
+                     max_mode=modes[table.get("max_mode", policy.max_mode.value)])
+    if "kill_grace" in table:
+        grace = _duration(table["kill_grace"], f"{where} kill_grace")
+        if not 0 <= grace <= 3600:
+            raise ConfigError(f"{where} kill_grace must be between 0s and 1h")
+        policy = replace(policy, kill_grace=grace)
+    if "tasks_max" in table:
+        value = table["tasks_max"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4_194_304:
+            raise ConfigError(f"{where} tasks_max must be a whole number from 1 to 4194304")
+        policy = replace(policy, tasks_max=value)
+    if "cgroup" in table:
+        name = table["cgroup"]
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or len(name) > 64:
+            raise ConfigError(f"{where} cgroup must be a directory name (no '/'), e.g. mcpres")
+        policy = replace(policy, cgroup=name)
+    return policy
 
 
 def _admin_gid(table: Any, path: Path) -> int | None:

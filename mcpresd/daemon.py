@@ -30,6 +30,7 @@ from typing import Any
 
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
+from mcpresd.enforce import Enforcer, NoEnforcement, choose, let_go
 from mcpresd.files import (
     EXIT_FAILURE,
     AlreadyServed,
@@ -60,7 +61,7 @@ from mcpresd.server import (
     remove_socket,
     socket_name,
 )
-from mcpresd.service import Broker, Outbox
+from mcpresd.service import Broker, Confine, Outbox
 from mcpresd.watch import HolderWatch, send_signal
 from mcpresd.store import CorruptDatabase, MigrationFailed, Store
 
@@ -72,7 +73,7 @@ log = logging.getLogger("mcpresd")
 SHUTDOWN_GRACE_S = 5.0
 STATUS_INTERVAL_S = 30.0
 """How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
-RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay")
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce")
 """Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
@@ -125,6 +126,8 @@ class Daemon:
         self._factories: set[asyncio.Task[None]] = set()
         self.lock: DatabaseLock | None = None
         self._database_dir: os.stat_result | None = None
+        self.enforcer: Enforcer = NoEnforcement("the daemon has not started")
+        self._endings: dict[str, asyncio.Task[None]] = {}
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -189,6 +192,8 @@ class Daemon:
             clock=self.clock,
             policy=self.config.policy,
             monitor=self.config.monitor,
+            enforce=self.config.enforce,
+            enforcer=self.enforcer,
         )
         with store.transaction():
             if lost is not None:
@@ -213,6 +218,18 @@ class Daemon:
 
     def _committed(self, outbox: Outbox) -> None:
         assert self.server is not None and self.watch is not None
+        # Before the replies go out (they are written on a later loop round): a process the reply starts
+        # (`mcpctl run`'s command) is in its cgroup before it runs.
+        for confine in outbox.confine:
+            self._confine(confine)
+        for allocation_id, keep in outbox.unconfine:
+            self._unconfine(allocation_id, keep)
+        for allocation_id in outbox.sweep:
+            try:
+                if self.enforcer.remove(allocation_id):
+                    log.info("removed the empty cgroup of unknown allocation %s", allocation_id)
+            except OSError as error:
+                log.warning("cannot remove the cgroup of unknown allocation %s: %s", allocation_id, error)
         self.server.publish(outbox.events)
         for pid, start in outbox.watch:
             self.watch.add(pid, start)
@@ -224,6 +241,41 @@ class Daemon:
             task.add_done_callback(self._factories.discard)
         if outbox.wake_at is not None:
             self._wake_at(outbox.wake_at)
+
+    def _confine(self, confine: Confine) -> None:
+        try:
+            if not self.enforcer.exists(confine.allocation_id):
+                self.enforcer.create(confine.allocation_id, confine.limits)
+            if confine.pid is not None:
+                self.enforcer.move(confine.allocation_id, confine.pid)
+        except OSError as error:
+            log.warning("allocation %s: cannot enforce its %s limits on pid %s: %s", confine.allocation_id,
+                        confine.limits.mode.value, confine.pid, error)
+
+    def _cgroup_figures(self, allocation_id: str) -> dict[str, float] | None:
+        usage = self.enforcer.usage(allocation_id)
+        return None if usage is None else usage.figures()
+
+    def _unconfine(self, allocation_id: str, keep: bool) -> None:
+        if allocation_id in self._endings:
+            return
+
+        async def end() -> None:
+            try:
+                count = await let_go(self.enforcer, allocation_id, keep, self.config.enforce.kill_grace)
+            except OSError as error:
+                log.warning("allocation %s: cannot remove its cgroup: %s", allocation_id, error)
+                return
+            finally:
+                self._endings.pop(allocation_id, None)
+            if self.enforcer.exists(allocation_id):
+                log.warning("allocation %s: its cgroup is still busy; it is removed at the next start", allocation_id)
+            if not count:
+                return
+            self._submit_quietly(lambda broker: broker.processes_stopped(allocation_id, count),
+                                 f"allocation {allocation_id}: recording its stopped processes")
+
+        self._endings[allocation_id] = asyncio.get_running_loop().create_task(end())
 
     def _submit_quietly(self, job: Callable[[Broker], object], what: str) -> None:
         assert self.committer is not None
@@ -308,7 +360,8 @@ class Daemon:
                 processes = dict(sampler.gpu_processes)
                 holders = await self.committer.submit(lambda broker: broker.accounts.holders()) \
                     if self.committer is not None else {}
-                usage = await loop.run_in_executor(None, holder_usage, holders, processes) if holders else {}
+                usage = await loop.run_in_executor(None, holder_usage, holders, processes, self._cgroup_figures) \
+                    if holders else {}
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:
@@ -437,6 +490,9 @@ class Daemon:
     async def _serve_on(self, stop: asyncio.Event, sock: socket.socket, inode: int | None) -> None:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
+        self.enforcer = choose(self.config.enforce.cgroup)
+        log.info("enforcement: %s%s", self.enforcer.name,
+                 f" ({self.enforcer.why_not})" if self.enforcer.why_not else f" ({', '.join(self.enforcer.controllers)})")
         limits = self.config.limits.fitted(open_file_limit())
         self.watch = HolderWatch(loop, self._holder_exited, max_fds=limits.holder_fds)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
@@ -475,6 +531,8 @@ class Daemon:
             sampler.cancel()
             for factory in list(self._factories):
                 factory.cancel()
+            for ending in list(self._endings.values()):
+                ending.cancel()  # what is left in those cgroups is stopped at the next start
             await server.close_all(SHUTDOWN_GRACE_S)
             # Closed transports report connection_lost on a later round: let them, so the jobs they submit
             # (a waiting client's request withdrawn) run before the store closes.

@@ -35,6 +35,7 @@ from mcpresd.protocol import (
     MAX_NAME_LENGTH,
     MAX_TEXT_LENGTH,
     AllocationState,
+    EnforceMode,
     Priority,
     ResourceType,
     is_valid_number,
@@ -71,10 +72,18 @@ class AllocateCommand:
     ttl: float | None = None
     preemptible: bool = False
     signal_holder: bool = False
+    enforce: EnforceMode | None = None
+    """None: the daemon's [enforce] mode."""
 
     @property
     def demands(self) -> tuple[Demand, ...]:
         return self.request.demands
+
+
+@dataclass(frozen=True)
+class AttachCommand:
+    id: str
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -257,7 +266,7 @@ def no_params(params: Any) -> NoParams:
 
 _ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid",
                               "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible",
-                              "signal_holder", "objective"})
+                              "signal_holder", "objective", "enforce", "keep_processes", "confine_holder"})
 _DEMAND_FIELDS = frozenset({"resource", "amount", "max"})
 _STRATEGIES = {s.value: s for s in Strategy}
 MAX_WAIT_S = 365 * 86400.0
@@ -311,9 +320,16 @@ def allocate(params: Any) -> AllocateCommand:
     objective = fields.text("objective")
     if objective is not None and objective not in _OBJECTIVES:
         raise InvalidParams(f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}", "objective")
+    enforce = fields.text("enforce")
+    if enforce is not None and enforce not in _ENFORCE_MODES:
+        raise InvalidParams(f"enforce must be one of {', '.join(_ENFORCE_MODES)}, got {enforce!r}", "enforce")
+    confine_holder = fields.flag("confine_holder")
+    if confine_holder and holder is None:
+        raise InvalidParams("confine_holder needs a holder_pid", "confine_holder")
     return AllocateCommand(
         request=Request(tuple(demands), strategy_text, tuple(selectors), fields.number("max_cost", minimum=0),
-                        objective),
+                        objective, keep_processes=fields.flag("keep_processes"), confine_holder=confine_holder),
+        enforce=None if enforce is None else _ENFORCE_MODES[enforce],
         priority=priority,
         tool_id=fields.text("tool_id", limit=MAX_NAME_LENGTH),
         execution_id=fields.text("execution_id", limit=MAX_NAME_LENGTH),
@@ -328,6 +344,7 @@ def allocate(params: Any) -> AllocateCommand:
 
 
 _OBJECTIVES = tuple(o.value for o in Objective)
+_ENFORCE_MODES = {m.value: m for m in EnforceMode}
 
 
 def _check_pool_demand(selector: str, amount: float, most: Any, where: str) -> None:
@@ -363,6 +380,14 @@ def renew(params: Any) -> RenewCommand:
     if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
         raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
     return RenewCommand(id=_required_text(fields, "id"), ttl=ttl)
+
+
+def attach(params: Any) -> AttachCommand:
+    fields = _Fields(params, frozenset({"id", "pid"}))
+    pid = fields.params.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31:
+        raise InvalidParams(f"pid must be a positive process id, got {_describe(pid)}", "pid")
+    return AttachCommand(id=_required_text(fields, "id"), pid=pid)
 
 
 def explain(params: Any) -> ExplainCommand:

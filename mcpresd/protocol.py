@@ -56,6 +56,7 @@ class Method(StrEnum):
     ALLOCATIONS_WAIT = "allocations.wait"
     ALLOCATIONS_RENEW = "allocations.renew"
     ALLOCATIONS_EXPLAIN = "allocations.explain"
+    ALLOCATIONS_ATTACH = "allocations.attach"
     EVENTS_LIST = "events.list"
     EVENTS_SUBSCRIBE = "events.subscribe"
     METRICS_CURRENT = "metrics.current"
@@ -124,6 +125,14 @@ class AllocationState(StrEnum):
     ACTIVE = "active"
     RELEASED = "released"
     WITHDRAWN = "withdrawn"
+
+
+class EnforceMode(StrEnum):
+    """How an allocation's grant is enforced on its processes (docs/api.md, "Enforcement")."""
+
+    OFF = "off"
+    SOFT = "soft"
+    HARD = "hard"
 
 
 class Strategy(StrEnum):
@@ -260,6 +269,7 @@ if TYPE_CHECKING:
         cost_per_hour: float | None
         pools: list[str]
         measured: dict[str, float] | None
+        enforce: str
 
 
     class StatusDict(TypedDict):
@@ -273,6 +283,7 @@ if TYPE_CHECKING:
         gpu_source: str
         decision_cache: dict[str, int]
         lost_commits: dict[str, float] | None
+        enforcement: dict[str, Any]
 
 
     class BackupDict(TypedDict):

@@ -74,6 +74,7 @@ HANDLERS: dict[Method, Handler] = {
     Method.ALLOCATIONS_WAIT: Handler(params.wait_for, Broker.allocations_wait, waits=True),
     Method.ALLOCATIONS_RENEW: Handler(params.renew, Broker.allocations_renew),
     Method.ALLOCATIONS_EXPLAIN: Handler(params.explain, Broker.allocations_explain),
+    Method.ALLOCATIONS_ATTACH: Handler(params.attach, Broker.allocations_attach),
     Method.EVENTS_LIST: Handler(params.list_events, Broker.events_list),
     Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
     Method.METRICS_CURRENT: Handler(params.metrics_current, Broker.metrics_current),

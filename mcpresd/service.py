@@ -43,15 +43,25 @@ from mcpresd.core.errors import (
     WaitTimeout,
     Withdrawn,
 )
+from mcpresd.core.enforcement import (
+    EnforcePolicy,
+    Limits,
+    Overuse,
+    effective_mode,
+    grant_of,
+    limits_for,
+    over_grant,
+)
 from mcpresd.core.ledger import Ledger
 from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
+from mcpresd.enforce import Enforcer, NoEnforcement
 from mcpresd.pooling import FactoryRun, PoolKeeper
 from mcpresd.retention import Retention, prune
-from mcpresd.protocol import VERSION, AllocationState, ResourceType
+from mcpresd.protocol import VERSION, AllocationState, EnforceMode, ResourceType
 from mcpresd.store import Store
 
 if TYPE_CHECKING:
@@ -92,6 +102,15 @@ class Policy:
     retention: Retention = Retention()
 
 
+@dataclass(frozen=True)
+class Confine:
+    """Make an allocation's cgroup with its limits (if it has none yet) and move `pid` into it."""
+
+    allocation_id: str
+    limits: Limits
+    pid: int | None
+
+
 @dataclass
 class Outbox:
     """What the event loop must do once the transaction that produced it has committed."""
@@ -102,12 +121,17 @@ class Outbox:
     signals: list[tuple[int, int | None, int]] = field(default_factory=list)
     factory: list[FactoryRun] = field(default_factory=list)
     """Pool factory commands to run outside the store's transactions."""
+    confine: list[Confine] = field(default_factory=list)
+    unconfine: list[tuple[str, bool]] = field(default_factory=list)
+    """Allocations whose cgroups go: (id, keep_processes); without keep, their processes are stopped first."""
+    sweep: list[str] = field(default_factory=list)
+    """Cgroups this daemon's database does not know (a lost database, another daemon's): removed if empty."""
     wake_at: float | None = None
     """When the broker next has timed work (a deadline, a TTL, a grace period, aging); None for nothing."""
 
     def __bool__(self) -> bool:
         return bool(self.events or self.settled or self.watch or self.signals or self.factory
-                    or self.wake_at is not None)
+                    or self.confine or self.unconfine or self.sweep or self.wake_at is not None)
 
 
 class AllocationIds:
@@ -154,8 +178,15 @@ class Broker:
         new_id: Callable[[], str] | None = None,
         policy: Policy = Policy(),
         monitor: MonitorPolicy | None = None,
+        enforce: EnforcePolicy = EnforcePolicy(),
+        enforcer: Enforcer | None = None,
     ) -> None:
         self.store = store
+        self.enforce = enforce
+        self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
+        self.overuse = Overuse()
+        self._oom_seen: dict[str, int] = {}
+        self._cpu_seen: dict[str, tuple[float, float]] = {}
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
@@ -355,6 +386,20 @@ class Broker:
                 ended.append(allocation.id)
             elif allocation.holder_pid is not None:
                 self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+                request = allocation.request
+                if (allocation.is_active and request is not None and request.enforce and request.confine_holder
+                        and not self.enforcer.exists(allocation.id)):
+                    self._confine(allocation, allocation.holder_pid)  # granted, then a crash before the move
+        for allocation_id in sorted(self.enforcer.existing()):
+            if allocation_id in self.live:
+                continue
+            stored = self.store.get_allocation(allocation_id)
+            if stored is not None:
+                # Its allocation ended while the daemon was down (or before it could remove the cgroup).
+                self.outbox.unconfine.append((allocation_id, stored.request is not None
+                                              and stored.request.keep_processes))
+            else:
+                self.outbox.sweep.append(allocation_id)
         self.schedule()
         return ended
 
@@ -372,6 +417,9 @@ class Broker:
             "gpu_source": self.gpu_source,
             "decision_cache": {"hits": self.ledger.cache_hits, "misses": self.ledger.cache_misses},
             "lost_commits": self.store.lost_commits,
+            "enforcement": {**self.enforcer.describe(), "mode": self.enforce.mode.value if self.enforcer.enforces
+                            else EnforceMode.OFF.value, "max_mode": self.enforce.max_mode.value,
+                            "kill_grace_s": self.enforce.kill_grace},
         }
 
     def summary(self) -> str:
@@ -523,6 +571,10 @@ class Broker:
             holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)
         if command.signal_holder and command.holder_pid is None:
             raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
+        mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
+        if not self.enforcer.enforces:
+            mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says
+        request = replace(command.request, enforce=None if mode is EnforceMode.OFF else mode.value)
         now = self.clock()
         allocation = Allocation(
             id=self.new_id(),
@@ -537,7 +589,7 @@ class Broker:
             requester_pid=caller.pid,
             holder_pid=holder_pid,
             holder_start=holder_start,
-            request=command.request,
+            request=request,
             holder_kind=HolderKind.PID if command.holder_pid is not None else HolderKind.CONNECTION,
             connection_id=caller.connection,
             wait_until=None if command.wait is None else now + command.wait,
@@ -617,6 +669,21 @@ class Broker:
                     detail={"items": {i.resource: i.amount for i in allocation.items}})
         if allocation.holder_pid is not None:
             self.outbox.watch.append((allocation.holder_pid, allocation.holder_start))
+            if allocation.request is not None and allocation.request.confine_holder:
+                self._confine(allocation, allocation.holder_pid)
+
+    def _confine(self, allocation: Allocation, pid: int | None) -> bool:
+        """Ask the event loop to put `pid` (None: nobody yet) in the allocation's cgroup; False where it has none."""
+        limits = self.limits_of(allocation)
+        if not limits.contained:
+            return False
+        self.outbox.confine.append(Confine(allocation.id, limits, pid))
+        return True
+
+    def limits_of(self, allocation: Allocation) -> Limits:
+        mode = EnforceMode(allocation.request.enforce) if allocation.request and allocation.request.enforce \
+            else EnforceMode.OFF
+        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max)
 
     def schedule(self) -> None:
         """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
@@ -670,11 +737,60 @@ class Broker:
         self._drop(allocation)
         if allocation.is_active:
             self.ledger.unhold(allocation.items)
+            if allocation.request is not None and allocation.request.enforce:
+                self._unconfine(allocation, now)
         else:
             error: DomainError = (WaitTimeout if reason == "timeout" else Withdrawn)(
                 f"request {allocation.id} was withdrawn: {_WHY.get(reason, reason)}", id=allocation.id, reason=reason)
             self._settle(allocation.id, error)
         return ended
+
+    def _unconfine(self, allocation: Allocation, now: float) -> None:
+        """An enforced allocation ended: say if the kernel killed in it for memory, then let its cgroup go."""
+        assert allocation.request is not None
+        usage = self.enforcer.usage(allocation.id)
+        if usage is not None:
+            self._note_oom(allocation, usage.figures(), now)
+        self.overuse.forget(allocation.id)
+        self._oom_seen.pop(allocation.id, None)
+        self._cpu_seen.pop(allocation.id, None)
+        self.outbox.unconfine.append((allocation.id, allocation.request.keep_processes))
+
+    def _note_oom(self, allocation: Allocation, figures: dict[str, float], now: float) -> None:
+        """An `oom_killed` event for OOM kills in the allocation's cgroup not reported yet."""
+        kills = int(figures.get("oom_kills", 0))
+        if kills > self._oom_seen.get(allocation.id, 0):
+            granted = grant_of((i.resource, i.amount) for i in allocation.items).memory
+            self._event(now, "oom_killed", allocation_id=allocation.id, uid=allocation.owner_uid,
+                        detail={"oom_kills": kills - self._oom_seen.get(allocation.id, 0), "memory_granted": granted,
+                                "memory_peak": int(figures.get("memory_peak", 0)),
+                                "mode": allocation.request.enforce if allocation.request else None})
+            self._oom_seen[allocation.id] = kills
+
+    def _enforcement_sampled(self, usage: dict[str, dict[str, float]], now: float) -> None:
+        """Measured use from cgroups: OOM kills, and soft allocations over their grant (`overuse`)."""
+        for allocation_id, figures in usage.items():
+            allocation = self.live.get(allocation_id)
+            if allocation is None or not allocation.is_active or "memory_current" not in figures:
+                continue  # only cgroups report memory_current
+            self._note_oom(allocation, figures, now)
+            cpu, previous = figures.get("cpu_seconds", 0.0), self._cpu_seen.get(allocation_id)
+            self._cpu_seen[allocation_id] = (now, cpu)
+            rate = None if previous is None or now <= previous[0] else (cpu - previous[1]) / (now - previous[0])
+            limits = self.limits_of(allocation)
+            if limits.mode is not EnforceMode.SOFT:
+                continue
+            grant = grant_of((i.resource, i.amount) for i in allocation.items)
+            for over in self.overuse.observe(allocation_id, over_grant(limits, grant, figures["memory_current"],
+                                                                       rate)):
+                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=over)
+
+    def processes_stopped(self, allocation_id: str, count: int) -> None:
+        """The event loop stopped what was left in an ended allocation's cgroup."""
+        if count:
+            allocation = self.store.get_allocation(allocation_id)
+            self._event(self.clock(), "processes_stopped", allocation_id=allocation_id,
+                        uid=None if allocation is None else allocation.owner_uid, detail={"count": count})
 
     def release(self, caller: Caller, command: p.ReleaseCommand) -> AllocationDict:
         allocation = self._visible(caller, command.id)
@@ -720,6 +836,16 @@ class Broker:
                     detail={"ttl_s": ttl, "expires_at": renewed.expires_at})
         return self.allocation_dict(renewed)
 
+    def allocations_attach(self, caller: Caller, command: p.AttachCommand) -> AllocationDict:
+        """A step of an active allocation (`mcpctl run --allocation`): `pid` joins its cgroup, if it has one."""
+        allocation = self._visible(caller, command.id)
+        if not allocation.is_active:
+            raise AlreadyReleased(f"allocation {allocation.id} is {allocation.state.value}, not active",
+                                  id=allocation.id)
+        pid, _ = resolve_holder(command.pid, caller.pid, caller.uid, caller.administers)
+        self._confine(allocation, pid)
+        return self.allocation_dict(allocation)
+
     def allocations_explain(self, caller: Caller, command: p.ExplainCommand) -> dict[str, Any]:
         allocation = self._visible(caller, command.id)
         if not allocation.is_queued:
@@ -743,7 +869,11 @@ class Broker:
             "wait_until": allocation.wait_until,
             "fits_now": why.fits_now,
             "shortfalls": list(why.shortfalls),
-            "blockers": [_blocker_for(caller, blocker, held) for blocker, held in why.blockers],
+            "blockers": [
+                {**_blocker_for(caller, blocker, held),
+                 "overuse": [_overuse_note(o) for o in self.overuse.current(blocker.id)]}  # everyone waiting sees it
+                for blocker, held in why.blockers
+            ],
             "ahead": why.head.id if why.head else None,
             "suggestion": why.suggestion,
             "estimate": why.estimate,
@@ -815,7 +945,12 @@ class Broker:
     # -- reading ----------------------------------------------------------
 
     def allocations_get(self, caller: Caller, command: p.GetAllocationCommand) -> AllocationDict:
-        return self.allocation_dict(self._visible(caller, command.id))
+        allocation = self._visible(caller, command.id)
+        if allocation.is_active and allocation.request is not None and allocation.request.enforce:
+            usage = self.enforcer.usage(allocation.id)  # an OOM kill of a step is told at once, not next round
+            if usage is not None:
+                self._note_oom(allocation, usage.figures(), self.clock())
+        return self.allocation_dict(allocation)
 
     def allocations_list(self, caller: Caller, command: p.ListAllocationsCommand) -> list[AllocationDict]:
         state = None if command.state is None else command.state.value
@@ -894,6 +1029,7 @@ class Broker:
                        usage: dict[str, dict[str, float]] | None = None) -> None:
         self.store.fit_wal_to_disk()  # a disk filling up gets SQLite's smaller WAL before the WAL fills it
         self.accounts.sampled(usage or {}, readings)
+        self._enforcement_sampled(usage or {}, self.clock())
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value
                                   for method, figures in rpc.items() for name, value in figures.items()}
@@ -942,6 +1078,8 @@ class Broker:
     def _risks_of(self, allocation: Allocation) -> list[str]:
         """What NVML saw (foreign use, throttling) and poor health, for the resources this allocation holds."""
         notes = [note for item in allocation.items for note in self.risks.get(item.resource, ())]
+        for over in self.overuse.current(allocation.id):
+            notes.append(_overuse_note(over))
         for item in allocation.items:
             health = self.monitor.health.get(item.resource)
             if health is not None and health.score < 100:
@@ -987,7 +1125,9 @@ class Broker:
             "cost": self.accounts.cost_of(allocation, self.clock()),
             "cost_per_hour": round(sum(c.rate for c in allocation.charges), 6) if allocation.charges else None,
             "pools": sorted({c.pool for c in allocation.charges if c.pool is not None}),
-            "measured": None if allocation.measured is None else dict(allocation.measured),
+            "measured": dict(allocation.measured) if allocation.measured is not None
+            else dict(self.accounts.measured[allocation.id]) if allocation.id in self.accounts.measured else None,
+            "enforce": request.enforce if request is not None and request.enforce else EnforceMode.OFF.value,
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],
@@ -1012,6 +1152,13 @@ _WHY = {
 def _administer(caller: Caller, what: str) -> None:
     if not caller.administers:
         raise PermissionDenied(f"only root, the daemon's user and the admin group may {what}", uid=caller.uid)
+
+
+def _overuse_note(over: dict[str, float | str]) -> str:
+    if over["kind"] == "memory":
+        return (f"overuse: memory {float(over['used']) / 1048576:.0f} MiB of a {float(over['granted']) / 1048576:.0f}"
+                " MiB grant (soft: throttled, not killed)")
+    return f"overuse: cpu {float(over['used']):.2f} of {float(over['granted']):g} cores (soft)"
 
 
 def _may_manage(caller: Caller, allocation: Allocation) -> bool:
@@ -1100,6 +1247,7 @@ def _digest(command: p.AllocateCommand) -> str:
             sorted(request.where),
             request.max_cost,
             *([request.objective] if request.objective else []),
+            *([command.enforce.value, request.keep_processes, request.confine_holder] if command.enforce else []),
         ],
         separators=(",", ":"),
     )

@@ -1050,6 +1050,9 @@ def _request_json(request: Request) -> str:
         "where": list(request.where),
         "max_cost": request.max_cost,
         **({"objective": request.objective} if request.objective else {}),
+        **({"enforce": request.enforce} if request.enforce else {}),
+        **({"keep_processes": True} if request.keep_processes else {}),
+        **({"confine_holder": True} if request.confine_holder else {}),
     })
 
 
@@ -1061,6 +1064,9 @@ def _request_from_json(text: str) -> Request:
         where=tuple(data["where"]),
         max_cost=data["max_cost"],
         objective=data.get("objective"),
+        enforce=data.get("enforce"),
+        keep_processes=data.get("keep_processes", False),
+        confine_holder=data.get("confine_holder", False),
     )
 
 

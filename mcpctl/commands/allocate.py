@@ -13,7 +13,7 @@ import typer
 
 from mcpctl.actions import AllocateOptions, run_allocate
 from mcpctl.output import exit_with, retry_of, socket_of, usage
-from mcpresd.protocol import Objective, Priority, Strategy
+from mcpresd.protocol import EnforceMode, Objective, Priority, Strategy
 
 Cpu = Annotated[str | None, typer.Option("--cpu", metavar="N", help="CPU cores; fractions allowed (0.5); or MIN..MAX.")]
 Mem = Annotated[
@@ -77,6 +77,17 @@ ObjectiveOption = Annotated[
     typer.Option("--objective", help="With --pool naming several pools: which to prefer (default: the order named)."),
 ]
 
+EnforceOption = Annotated[
+    EnforceMode | None,
+    typer.Option("--enforce", help="Hold the processes to the grant: off (a reservation), soft (CPU weight, memory "
+                                   "throttled above the grant) or hard (CPU quota, memory capped, OOM-killed above "
+                                   "it). Default: the daemon's [enforce] mode."),
+]
+KeepProcesses = Annotated[
+    bool, typer.Option("--keep-processes", help="Leave the allocation's processes running when it ends (default: "
+                                                "SIGTERM, then SIGKILL after the daemon's kill_grace).")
+]
+
 
 def allocate(
     ctx: typer.Context,
@@ -109,6 +120,8 @@ def allocate(
     pool: Pool = None,
     members: Members = None,
     objective: ObjectiveOption = None,
+    enforce: EnforceOption = None,
+    keep_processes: KeepProcesses = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
         bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval.")
@@ -131,6 +144,8 @@ def allocate(
       id=$(mcpctl allocate --pool 'build-*' --members 2 --objective cost --wait 5m)
 
     The allocation is held by the calling shell (see --holder-pid) and released when it exits.
+    With --enforce and --holder-pid, the named process (and its future children) joins the allocation's
+    cgroup; the calling shell never does: run steps in it with `mcpctl run --allocation ID -- cmd`.
     Any amount may be a range MIN..MAX: the daemon grants as much as fits, at least MIN.
     --pool takes whole members of a pool (see `mcpctl pools`); --objective picks among several.
     Exits 3 if the request does not fit now (or its --wait runs out); 1 if it can never fit, was withdrawn,
@@ -160,6 +175,8 @@ def allocate(
         pool=pool,
         members=members,
         objective=None if objective is None else objective.value,
+        enforce=None if enforce is None else enforce.value,
+        keep_processes=keep_processes,
     )
     exit_with(run_allocate(socket_of(ctx), options, retry_of(ctx)))
 

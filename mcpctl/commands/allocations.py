@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mcpctl.output import call, fancy, plain_table, print_json, usage
-from mcpctl.view import age, cost_text, items_text
+from mcpctl.view import age, cost_text, items_text, used_text
 from mcpresd.protocol import ALLOCATIONS_PAGE, Method
 
 
@@ -48,10 +48,10 @@ def allocations(
     else:
         now = time.time()
         plain_table(
-            ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "AGE", "COST"),
+            ("ID", "STATE", "PRIORITY", "ITEMS", "TOOL", "HOLDER", "USED", "AGE", "COST"),
             [
                 (a["id"], a["state"], a["priority"], items_text(a), a["tool_id"] or "-",
-                 str(a["holder_pid"] or "-"), age(now - a["created_at"]), cost_text(a))
+                 str(a["holder_pid"] or "-"), used_text(a), age(now - a["created_at"]), cost_text(a))
                 for a in rows
             ],
         )

@@ -59,6 +59,8 @@ def explanation_lines(result: dict[str, Any], now: float) -> list[str]:
             expires = when(b["expires_at"], now) if b.get("expires_at") is not None else "no TTL"
             lines.append(f"  {b['id']}  {items}  pid {b.get('holder_pid') or '-'}  tool {b.get('tool_id') or '-'}"
                          f"  priority {b['priority']}  expires {expires}")
+            for note in b.get("overuse") or []:
+                lines.append(f"    {note}")
     if result.get("suggestion"):
         lines.append(f"suggestion: {result['suggestion']}")
     if result.get("estimate") is not None:

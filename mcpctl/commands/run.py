@@ -10,6 +10,8 @@ from mcpctl.actions import AllocateOptions
 from mcpctl.commands.allocate import (
     Cpu,
     Disk,
+    EnforceOption,
+    KeepProcesses,
     ExecId,
     Gpu,
     Key,
@@ -27,8 +29,8 @@ from mcpctl.commands.allocate import (
     Wait,
     Where,
 )
-from mcpctl.launch import run_command
-from mcpctl.output import exit_with, retry_of, socket_of
+from mcpctl.launch import run_command, run_step
+from mcpctl.output import exit_with, retry_of, socket_of, usage
 from mcpresd.protocol import Priority
 
 
@@ -57,6 +59,14 @@ def run(
     pool: Pool = None,
     members: Members = None,
     objective: ObjectiveOption = None,
+    enforce: EnforceOption = None,
+    keep_processes: KeepProcesses = False,
+    allocation: Annotated[
+        str | None,
+        typer.Option("--allocation", metavar="ID",
+                     help="Run the command as a step of this existing allocation (in its cgroup, with its GPUs); "
+                          "the allocation stays when the command ends. Takes no request options."),
+    ] = None,
 ) -> None:
     """Run a command inside an allocation: allocate, run it, release when it ends.
 
@@ -79,10 +89,29 @@ def run(
     used (CPU seconds and peak memory, from the kernel), so `mcpctl usage` and
     `mcpctl recommend TOOL` can show how much of the request was used.
 
+    With enforcement (--enforce, or the daemon's [enforce] mode) the command is in
+    the allocation's cgroup before it starts, and so is everything it starts:
+    under hard, going over --mem is an OOM kill (exit 137, and mcpctl says by
+    how much); when it ends, what it left running is stopped (--keep-processes
+    keeps it).
+
+    With --allocation ID the command runs as a step of an allocation made
+    before (id=$(mcpctl allocate ...)): it joins that allocation's cgroup, so
+    all the steps share its limits, and the allocation is not released when
+    the step ends.
+
     Exits with the command's exit code, 128+N if signal N killed it, 127 if it
     could not be started; or, when nothing ran, with allocate's exit code (3:
     does not fit now or the --wait ran out).
     """
+    if allocation is not None:
+        asked = [name for name, value in (("--cpu", cpu), ("--mem", mem), ("--gpu", gpu), ("--disk", disk),
+                                          ("--res", res), ("--pool", pool), ("--enforce", enforce), ("--key", key),
+                                          ("--wait", wait), ("--ttl", ttl)) if value]
+        if asked or keep_processes:
+            usage(f"--allocation runs a step of an allocation that exists; it takes no "
+                  f"{', '.join(asked) or '--keep-processes'}")
+        exit_with(run_step(socket_of(ctx), allocation, command or [], retry_of(ctx)))
     options = AllocateOptions(
         cpu=cpu,
         mem=mem,
@@ -102,6 +131,8 @@ def run(
         pool=pool,
         members=members,
         objective=None if objective is None else objective.value,
+        enforce=None if enforce is None else enforce.value,
+        keep_processes=keep_processes,
     )
     exit_with(run_command(socket_of(ctx), options, command or [], retry_of(ctx)))
 

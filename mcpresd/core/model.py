@@ -56,6 +56,12 @@ class Request:
     max_cost: float | None = None
     objective: str | None = None
     """What to optimise when a demand names several pools (protocol.Objective); None: the order named."""
+    enforce: str | None = None
+    """The enforcement mode decided when the request arrived (protocol.EnforceMode); None: off."""
+    keep_processes: bool = False
+    """Leave the allocation's processes running when it ends (they leave its cgroup)."""
+    confine_holder: bool = False
+    """Move the holder process into the allocation's cgroup at the grant (an explicit holder, never a script)."""
 
     @cached_property
     def key(self) -> tuple[object, ...]:

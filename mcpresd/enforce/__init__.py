@@ -1,0 +1,199 @@
+"""Enforcement backends: the shell side of mcpresd.core.enforcement. One is chosen at start-up.
+
+Rules:
+- A backend turns `Limits` into its own files under a subtree the daemon owns
+  (`<controller mount>/<subtree>/alloc-<allocation id>`), moves processes in,
+  reads what the processes used, signals and removes. It never decides a limit.
+- The cgroup tree is the record of which allocations have processes: after a
+  restart the daemon lists `existing()` and ends what belongs to no active
+  allocation. Nothing about it is kept in the database.
+- `choose()` runs once: cgroup v2 where the unified hierarchy has the cpu and
+  memory controllers and the daemon may write it, else cgroup v1 where the
+  memory and cpu hierarchies are mounted and writable, else `NoEnforcement`
+  with the reason; `mcpctl status` shows which and why.
+- Every method is cheap (a few small file reads or writes) and raises OSError
+  only from `create` and `move`; readers return None for what is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mcpresd.core.enforcement import Limits
+
+PREFIX = "alloc-"
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    """What an allocation's cgroup measured: CPU seconds since it was made, memory now and at its peak."""
+
+    cpu_seconds: float
+    memory_current: int
+    memory_peak: int
+    oom_kills: int = 0
+
+    def figures(self) -> dict[str, float]:
+        return {"cpu_seconds": round(self.cpu_seconds, 6), "memory_peak": float(self.memory_peak),
+                "memory_current": float(self.memory_current), "oom_kills": float(self.oom_kills)}
+
+
+class Enforcer(Protocol):
+    """A way to hold an allocation's processes to its limits."""
+
+    name: str
+    controllers: tuple[str, ...]
+    why_not: str | None
+    """Why nothing is enforced (the `none` backend), or what is missing; None when all is there."""
+
+    @property
+    def enforces(self) -> bool: ...
+
+    def create(self, allocation_id: str, limits: Limits) -> None: ...
+
+    def exists(self, allocation_id: str) -> bool: ...
+
+    def move(self, allocation_id: str, pid: int) -> None: ...
+
+    def usage(self, allocation_id: str) -> CgroupUsage | None: ...
+
+    def pids(self, allocation_id: str) -> set[int]: ...
+
+    def remove(self, allocation_id: str) -> bool: ...
+
+    def evict(self, allocation_id: str) -> int:
+        """Move every process out of the allocation's cgroup (to the root cgroup), for --keep-processes."""
+        ...
+
+    def existing(self) -> set[str]: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+class NoEnforcement:
+    """Enforcement `off`: no cgroups; allocations are reservations, use is measured by walking process trees."""
+
+    name = "none"
+    controllers: tuple[str, ...] = ()
+
+    def __init__(self, why_not: str) -> None:
+        self.why_not: str | None = why_not
+
+    @property
+    def enforces(self) -> bool:
+        return False
+
+    def create(self, allocation_id: str, limits: Limits) -> None:
+        raise OSError(f"no enforcement: {self.why_not}")
+
+    def exists(self, allocation_id: str) -> bool:
+        return False
+
+    def move(self, allocation_id: str, pid: int) -> None:
+        raise OSError(f"no enforcement: {self.why_not}")
+
+    def usage(self, allocation_id: str) -> CgroupUsage | None:
+        return None
+
+    def pids(self, allocation_id: str) -> set[int]:
+        return set()
+
+    def remove(self, allocation_id: str) -> bool:
+        return True
+
+    def evict(self, allocation_id: str) -> int:
+        return 0
+
+    def existing(self) -> set[str]:
+        return set()
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "controllers": [], "why_not": self.why_not}
+
+
+def signal_all(pids: Iterable[int], signum: int) -> int:
+    """Send `signum` to each pid; how many were still there to receive it."""
+    sent = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+            sent += 1
+        except ProcessLookupError:
+            pass
+    return sent
+
+
+async def stop_processes(enforcer: Enforcer, allocation_id: str, grace: float, poll: float = 0.05) -> int:
+    """SIGTERM every process in the allocation's cgroup, SIGKILL what is left after `grace`, remove the cgroup.
+
+    Returns how many processes were signalled. Gives up on removing after `grace` + 5 s more (logged by the caller
+    through `existing()` on the next start).
+    """
+    loop = asyncio.get_running_loop()
+    stopped = signal_all(enforcer.pids(allocation_id), signal.SIGTERM)
+    deadline = loop.time() + grace
+    while stopped and enforcer.pids(allocation_id) and loop.time() < deadline:
+        await asyncio.sleep(poll)
+    deadline = loop.time() + 5.0
+    while True:
+        left = enforcer.pids(allocation_id)
+        if left:
+            signal_all(left, signal.SIGKILL)
+        elif enforcer.remove(allocation_id):
+            return stopped
+        if loop.time() > deadline:
+            return stopped
+        await asyncio.sleep(poll)
+
+
+async def let_go(enforcer: Enforcer, allocation_id: str, keep_processes: bool, grace: float) -> int:
+    """End an allocation's cgroup: its processes stopped (or moved out, kept), the cgroup removed; how many stopped."""
+    if keep_processes:
+        enforcer.evict(allocation_id)
+    return await stop_processes(enforcer, allocation_id, grace)
+
+
+def choose(subtree: str, *, mounts: str = "/proc/self/mounts") -> Enforcer:
+    """The backend this host allows, with the cgroup subtree `subtree` under each controller."""
+    from mcpresd.enforce.cgroup_v1 import CgroupV1
+    from mcpresd.enforce.cgroup_v2 import CgroupV2
+
+    try:
+        table = Path(mounts).read_text()
+    except OSError as error:
+        return NoEnforcement(f"cannot read {mounts}: {error.strerror}")
+    v1: dict[str, Path] = {}
+    v2_reason = "no cgroup v2 hierarchy is mounted"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        where, kind, options = Path(fields[1]), fields[2], fields[3].split(",")
+        if kind == "cgroup2":
+            try:
+                available = set((where / "cgroup.controllers").read_text().split())
+            except OSError:
+                available = set()
+            missing = {"cpu", "memory"} - available
+            if missing:
+                v2_reason = f"the cgroup v2 hierarchy at {where} has no {' or '.join(sorted(missing))} controller"
+            elif not os.access(where / subtree if (where / subtree).exists() else where, os.W_OK):
+                v2_reason = f"the cgroup v2 hierarchy at {where} is not writable by uid {os.getuid()} " \
+                            "(run as root, or with Delegate=yes)"
+            else:
+                return CgroupV2(where, subtree)
+        elif kind == "cgroup":
+            for controller in ("cpu", "cpuacct", "cpuset", "memory", "pids"):
+                if controller in options:
+                    v1[controller] = where
+    if "memory" in v1 and "cpu" in v1:
+        if all(os.access(path, os.W_OK) for path in v1.values()):
+            return CgroupV1(v1, subtree)
+        return NoEnforcement(f"{v2_reason}; the cgroup v1 hierarchies are not writable by uid {os.getuid()}")
+    return NoEnforcement(f"{v2_reason}; no cgroup v1 memory and cpu hierarchies either")

@@ -1,0 +1,144 @@
+"""cgroup v2: one directory per allocation under a delegated subtree (`<mount>/<subtree>/alloc-<id>`).
+
+The subtree enables the cpu, cpuset, memory and pids controllers for its children (cgroup.subtree_control).
+Files written: cpu.weight, cpu.max, cpuset.cpus (hard, granted cores), memory.high (soft), memory.max and
+memory.swap.max (hard), pids.max. Files read: cpu.stat (usage_usec), memory.current, memory.peak,
+memory.events (oom_kill).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from mcpresd.core.enforcement import Limits
+from mcpresd.enforce import PREFIX, CgroupUsage
+
+WANTED = ("cpu", "cpuset", "memory", "pids")
+
+
+class CgroupV2:
+    name = "cgroup-v2"
+
+    def __init__(self, mount: Path, subtree: str) -> None:
+        self.root = Path(mount) / subtree
+        try:
+            available = (Path(mount) / "cgroup.controllers").read_text().split()
+        except OSError:
+            available = []
+        self.controllers = tuple(c for c in WANTED if c in available)
+        missing = [c for c in WANTED if c not in self.controllers]
+        self.why_not: str | None = f"no {', '.join(missing)} controller" if missing else None
+        self.enabled = set(self.controllers)
+        """The controllers the subtree's children have (set when the subtree is prepared)."""
+
+    @property
+    def enforces(self) -> bool:
+        return True
+
+    def _dir(self, allocation_id: str) -> Path:
+        return self.root / f"{PREFIX}{allocation_id}"
+
+    def _prepare(self) -> None:
+        if not self.root.is_dir():
+            self.root.mkdir()
+        control = self.root / "cgroup.subtree_control"
+        enabled = set(control.read_text().split()) if control.exists() else set()
+        offered = self.root / "cgroup.controllers"  # what the parent passes down: enabling more is refused
+        available = set(offered.read_text().split()) if offered.exists() else set(self.controllers)
+        wanted = [c for c in self.controllers if c not in enabled and c in available]
+        if wanted:
+            _write(control, " ".join(f"+{c}" for c in wanted))
+        self.enabled = {c for c in self.controllers if c in enabled or c in wanted}
+
+    def create(self, allocation_id: str, limits: Limits) -> None:
+        self._prepare()
+        directory = self._dir(allocation_id)
+        directory.mkdir(exist_ok=True)
+        if "cpu" in self.enabled:
+            _write(directory / "cpu.weight", 100 if limits.cpu_weight is None else limits.cpu_weight)
+            quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+            _write(directory / "cpu.max", f"{quota} {limits.cpu_period_us}")
+        if "cpuset" in self.enabled and limits.cpus:
+            _write(directory / "cpuset.cpus", ",".join(str(c) for c in limits.cpus))
+        _write(directory / "memory.high", _bytes(limits.memory_soft))
+        _write(directory / "memory.max", _bytes(limits.memory_max))
+        if limits.memory_max is not None:
+            _write(directory / "memory.swap.max", _bytes(limits.swap_max))
+        if "pids" in self.enabled:
+            _write(directory / "pids.max", _bytes(limits.tasks_max))
+
+    def exists(self, allocation_id: str) -> bool:
+        return self._dir(allocation_id).is_dir()
+
+    def move(self, allocation_id: str, pid: int) -> None:
+        _write(self._dir(allocation_id) / "cgroup.procs", pid)
+
+    def usage(self, allocation_id: str) -> CgroupUsage | None:
+        directory = self._dir(allocation_id)
+        try:
+            cpu_us = _keyed(directory / "cpu.stat").get("usage_usec", 0)
+            current = int((directory / "memory.current").read_text())
+            peak_file = directory / "memory.peak"  # since Linux 5.19
+            peak = int(peak_file.read_text()) if peak_file.exists() else current
+            oom = _keyed(directory / "memory.events").get("oom_kill", 0)
+        except (OSError, ValueError):
+            return None
+        return CgroupUsage(cpu_seconds=cpu_us / 1e6, memory_current=current, memory_peak=peak, oom_kills=oom)
+
+    def pids(self, allocation_id: str) -> set[int]:
+        try:
+            return {int(line) for line in (self._dir(allocation_id) / "cgroup.procs").read_text().split()}
+        except (OSError, ValueError):
+            return set()
+
+    def remove(self, allocation_id: str) -> bool:
+        try:
+            self._dir(allocation_id).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            if error.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
+            return False
+        return True
+
+    def evict(self, allocation_id: str) -> int:
+        moved = 0
+        for pid in self.pids(allocation_id):
+            try:
+                _write(self.root.parent / "cgroup.procs", pid)
+                moved += 1
+            except OSError:
+                continue
+        return moved
+
+    def existing(self) -> set[str]:
+        try:
+            return {entry.name[len(PREFIX):] for entry in os.scandir(self.root)
+                    if entry.is_dir() and entry.name.startswith(PREFIX)}
+        except OSError:
+            return set()
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
+                "cgroup": str(self.root)}
+
+
+def _bytes(value: int | None) -> str:
+    return "max" if value is None else str(value)
+
+
+def _write(path: Path, value: object) -> None:
+    with open(path, "w") as file:
+        file.write(str(value))
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return values

@@ -1,0 +1,236 @@
+"""The enforcement backends: cgroup v1 against this host's real hierarchies (as root), v2 against a fake tree."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcpresd.core.enforcement import Grant, limits_for
+from mcpresd.enforce import NoEnforcement, choose, stop_processes
+from mcpresd.enforce.cgroup_v1 import CgroupV1
+from mcpresd.enforce.cgroup_v2 import CgroupV2
+from mcpresd.protocol import EnforceMode
+from tests.cgroups import cgroup_subtree, v1, v1_mounts, wait_for  # noqa: F401 - fixtures
+
+MIB = 1 << 20
+
+
+def test_v1_writes_hard_limits_in_each_controller_and_moves_a_process(v1: CgroupV1):
+    limits = limits_for(EnforceMode.HARD, Grant(cpu=1.5, memory=128 * MIB), tasks_max=64)
+    v1.create("a1", limits)
+    cpu = v1.mounts["cpu"] / v1.subtree / "alloc-a1"
+    memory = v1.mounts["memory"] / v1.subtree / "alloc-a1"
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "150000"
+    assert (cpu / "cpu.shares").read_text().strip() == "1536"
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 128 * MIB
+    if (memory / "memory.memsw.limit_in_bytes").exists():
+        assert int((memory / "memory.memsw.limit_in_bytes").read_text()) == 128 * MIB
+    if "pids" in v1.mounts:
+        assert (v1.mounts["pids"] / v1.subtree / "alloc-a1" / "pids.max").read_text().strip() == "64"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        v1.move("a1", sleeper.pid)
+        assert v1.pids("a1") == {sleeper.pid}
+        lines = Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+        assert f"/{v1.subtree}/alloc-a1" in lines
+        usage = v1.usage("a1")
+        assert usage is not None and usage.oom_kills == 0
+        assert v1.existing() == {"a1"} and v1.exists("a1")
+        assert not v1.remove("a1")  # busy: a process is still in it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    wait_for(lambda: not v1.pids("a1"), what="the killed sleeper to leave its cgroup")
+    assert v1.remove("a1")
+    assert v1.existing() == set()
+    assert v1.usage("a1") is None
+
+
+def test_v1_soft_sets_a_soft_limit_and_no_cap(v1: CgroupV1):
+    v1.create("s1", limits_for(EnforceMode.SOFT, Grant(cpu=0.5, memory=64 * MIB)))
+    memory = v1.mounts["memory"] / v1.subtree / "alloc-s1"
+    cpu = v1.mounts["cpu"] / v1.subtree / "alloc-s1"
+    assert int((memory / "memory.soft_limit_in_bytes").read_text()) == 64 * MIB
+    assert int((memory / "memory.limit_in_bytes").read_text()) > 1 << 50  # unlimited
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+    assert (cpu / "cpu.shares").read_text().strip() == "512"
+    assert v1.remove("s1")
+
+
+def test_v1_measures_cpu_seconds_and_peak_memory_of_everything_in_the_cgroup(v1: CgroupV1):
+    v1.create("m1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    script = "import sys; sys.stdin.readline(); b = bytearray(48 << 20); sum(range(3_000_000))"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    v1.move("m1", child.pid)
+    assert child.stdin is not None
+    child.stdin.write(b"go\n")
+    child.stdin.close()
+    assert child.wait(30) == 0
+    usage = v1.usage("m1")
+    assert usage is not None
+    assert usage.memory_peak >= 48 * MIB
+    assert usage.cpu_seconds > 0.05
+    assert v1.remove("m1")
+
+
+def test_stopping_an_allocations_processes_terms_then_kills_the_ones_that_ignore_it(v1: CgroupV1):
+    v1.create("k1", limits_for(EnforceMode.SOFT, Grant()))
+    polite = subprocess.Popen(["sleep", "60"])
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    for process in (polite, stubborn):
+        v1.move("k1", process.pid)
+
+    async def stop() -> int:
+        waiting = asyncio.gather(asyncio.to_thread(polite.wait), asyncio.to_thread(stubborn.wait))
+        stopped = await stop_processes(v1, "k1", grace=0.5)
+        await waiting
+        return stopped
+
+    assert asyncio.run(stop()) == 2
+    assert polite.returncode == -15 and stubborn.returncode == -9
+    assert v1.existing() == set()
+
+
+def test_choose_finds_v1_here_and_names_its_controllers(cgroup_subtree: str):
+    chosen = choose(cgroup_subtree)
+    mounts = v1_mounts()
+    if isinstance(chosen, CgroupV2):
+        pytest.skip("this host offers cgroup v2 with controllers; v1 is not chosen")
+    assert isinstance(chosen, CgroupV1)
+    assert set(chosen.controllers) == {c for c in ("cpu", "cpuacct", "cpuset", "memory", "pids") if c in mounts}
+    assert chosen.describe()["backend"] == "cgroup-v1"
+
+
+def test_choose_says_why_nothing_is_enforced_without_usable_controllers(tmp_path: Path):
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("\n")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup2 {unified} cgroup2 rw,nosuid 0 0\nproc /proc proc rw 0 0\n")
+    chosen = choose("mcpres", mounts=str(mounts))
+    assert isinstance(chosen, NoEnforcement)
+    assert chosen.why_not == (f"the cgroup v2 hierarchy at {unified} has no cpu or memory controller; "
+                              "no cgroup v1 memory and cpu hierarchies either")
+    assert chosen.describe() == {"backend": "none", "controllers": [], "why_not": chosen.why_not}
+
+
+@pytest.fixture
+def fake_v2(tmp_path: Path) -> Path:
+    """A directory with the cgroup v2 root's file names, standing in for /sys/fs/cgroup."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    return tmp_path
+
+
+def test_choose_takes_v2_where_the_unified_hierarchy_has_cpu_and_memory(fake_v2: Path, tmp_path: Path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup2 {fake_v2} cgroup2 rw 0 0\n")
+    chosen = choose("mcpres.slice", mounts=str(mounts))
+    assert isinstance(chosen, CgroupV2)
+    assert chosen.controllers == ("cpu", "cpuset", "memory", "pids")
+
+
+def test_v2_writes_hard_limits_and_enables_its_controllers(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("h1", limits_for(EnforceMode.HARD, Grant(cpu=1, memory=128 * MIB, cores=(2, 3)), tasks_max=512))
+    directory = fake_v2 / "mcpres.slice" / "alloc-h1"
+    written = {f.name: f.read_text() for f in directory.iterdir()}
+    assert written == {"cpu.weight": "100", "cpu.max": "100000 100000", "cpuset.cpus": "2,3",
+                       "memory.high": "max", "memory.max": str(128 * MIB), "memory.swap.max": "0",
+                       "pids.max": "512"}
+    assert (fake_v2 / "mcpres.slice" / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory +pids"
+
+
+def test_v2_soft_writes_a_weight_and_memory_high_only(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("s1", limits_for(EnforceMode.SOFT, Grant(cpu=2.5, memory=64 * MIB)))
+    directory = fake_v2 / "mcpres.slice" / "alloc-s1"
+    assert {f.name: f.read_text() for f in directory.iterdir()} == {
+        "cpu.weight": "250", "cpu.max": "max 100000", "memory.high": str(64 * MIB), "memory.max": "max",
+        "pids.max": "max"}
+
+
+def test_v2_reads_cpu_stat_memory_current_peak_and_oom_kills(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("r1", limits_for(EnforceMode.HARD, Grant(memory=MIB)))
+    directory = fake_v2 / "mcpres.slice" / "alloc-r1"
+    (directory / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    (directory / "memory.current").write_text("1000\n")
+    (directory / "memory.peak").write_text("1048576\n")
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n")
+    (directory / "cgroup.procs").write_text("101\n102\n")
+    usage = backend.usage("r1")
+    assert usage is not None
+    assert (usage.cpu_seconds, usage.memory_current, usage.memory_peak, usage.oom_kills) == (2.5, 1000, MIB, 1)
+    assert backend.pids("r1") == {101, 102}
+    assert backend.existing() == {"r1"}
+    assert backend.usage("gone") is None
+
+
+def test_v2_keep_processes_moves_them_to_the_root_cgroup(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("k1", limits_for(EnforceMode.SOFT, Grant()))
+    (fake_v2 / "mcpres.slice" / "alloc-k1" / "cgroup.procs").write_text("101\n")
+    assert backend.evict("k1") == 1
+    assert (fake_v2 / "cgroup.procs").read_text() == "101"
+
+
+def test_v1_keep_processes_moves_them_out_and_the_cgroup_goes(v1: CgroupV1):
+    v1.create("e1", limits_for(EnforceMode.HARD, Grant(memory=64 * MIB)))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        v1.move("e1", sleeper.pid)
+        assert v1.evict("e1") >= 1
+        assert v1.pids("e1") == set()
+        assert v1.remove("e1")
+        assert sleeper.poll() is None
+        assert f"/{v1.subtree}/" not in Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_v2_enables_only_the_controllers_its_parent_passes_down(fake_v2: Path):
+    subtree = fake_v2 / "mcpres.slice"
+    subtree.mkdir()
+    (subtree / "cgroup.controllers").write_text("cpu memory pids\n")  # the root's subtree_control lacks cpuset
+    CgroupV2(fake_v2, "mcpres.slice").create("c1", limits_for(EnforceMode.HARD, Grant(cpu=1, cores=(1,))))
+    assert (subtree / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert not (subtree / "alloc-c1" / "cpuset.cpus").exists()  # no cpuset here: the cores are not pinned
+    assert (subtree / "alloc-c1" / "cpu.max").read_text() == "100000 100000"
+
+
+def test_v2_on_a_real_unified_hierarchy_limits_moves_measures_and_removes():
+    """Runs where the host offers cgroup v2 with cpu and memory (as root); this project's CI hosts are v1."""
+    import os
+
+    subtree = "mcpres-test-" + os.urandom(4).hex()
+    chosen = choose(subtree)
+    if not isinstance(chosen, CgroupV2):
+        pytest.skip(f"no writable cgroup v2 hierarchy with cpu and memory here ({chosen.name}: "
+                    f"{chosen.why_not or 'v1 is used'})")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        chosen.create("r1", limits_for(EnforceMode.HARD, Grant(cpu=0.5, memory=64 * MIB)))
+        assert (chosen.root / "alloc-r1" / "memory.max").read_text().strip() == str(64 * MIB)
+        assert (chosen.root / "alloc-r1" / "cpu.max").read_text().split() == ["50000", "100000"]
+        chosen.move("r1", sleeper.pid)
+        assert chosen.pids("r1") == {sleeper.pid}
+        usage = chosen.usage("r1")
+        assert usage is not None and usage.memory_current >= 0
+        asyncio.run(stop_processes(chosen, "r1", grace=1))
+        assert sleeper.wait(5) == -15
+        assert not chosen.exists("r1")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for leftover in chosen.existing():
+            chosen.remove(leftover)
+        if chosen.root.exists():
+            chosen.root.rmdir()
