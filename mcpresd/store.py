@@ -858,9 +858,12 @@ class Store:
         return self._newest_event
 
     def prune_events(self, before: float, limit: int) -> int:
-        """Delete those of the `limit` oldest events that happened before `before`."""
+        """Delete those of the `limit` oldest events that happened before `before`, never the newest: event ids
+        are rowids, and an emptied table would number the next event 1 again (subscribers resume by id, and
+        the lock file's high-water mark would take the restart for lost commits)."""
         return int(self.conn.execute(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?",
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?"
+            " AND id < (SELECT max(id) FROM events)",
             (limit, before)).rowcount)
 
     def last_event_id(self) -> int:
