@@ -31,7 +31,7 @@ from typing import Any
 
 from mcpresd.core.accounting import Charge, UsageRecord, hourly_usage_parts
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
-from mcpresd.files import DatabaseLock
+from mcpresd.files import DatabaseLock, restore_recipe
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
 MIGRATIONS_NAME = "mcpresd"
@@ -537,7 +537,7 @@ class Store:
     def _lost(self, path: str, what: str, why: str = "the database was deleted or replaced while the daemon ran") \
             -> None:
         self.gone = (f"{path} {what}: {why}; writes are no longer acknowledged and the daemon stops (its "
-                     f"supervisor restarts it; to restore a backup, `cp BACKUP {self.path}` while it is stopped)")
+                     f"supervisor restarts it; to restore a backup while it is stopped: `{restore_recipe(self.path)}`)")
         raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
