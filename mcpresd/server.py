@@ -7,6 +7,10 @@ Rules:
   that COMMIT.
 - A failed batch is rolled back, the ledger rebuilt, and its requests retried
   one per transaction, so one bad request never fails its neighbours.
+- Groups are fair and short: jobs are taken one per submitter (a uid; the
+  daemon's own jobs are one more) in turn, and a group stops taking jobs once
+  it has run GROUP_BUDGET_S, so the loop serves I/O again and one user's
+  thousand heavy reads never stall everyone else, nor the watchdog's job.
 - The socket is created with a umask (never briefly world-accessible); a stale
   socket file is replaced only after a connect to it was refused; the socket is
   removed on exit if it is still ours.
@@ -43,6 +47,7 @@ import socket
 import sqlite3
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
@@ -59,10 +64,13 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.server")
 
 MAX_GROUP = 512
+GROUP_BUDGET_S = 0.05
+"""How long one group's jobs may run before it commits; the jobs left wait for the next round of the loop."""
 HALF_CLOSED_CHECK_S = 0.5
 # asyncio re-listens with its own default of 100 unless told: a burst of clients would be refused.
 BACKLOG = 4096
 _Outcome = tuple["asyncio.Future[Any]", bool, Any]
+_Entry = tuple[StoreJob, "asyncio.Future[Any]"]
 
 
 class GroupCommitter:
@@ -80,7 +88,11 @@ class GroupCommitter:
         self._make_broker = make_broker
         self._on_commit = on_commit
         self._on_broken = on_broken
-        self._pending: deque[tuple[StoreJob, asyncio.Future[Any]]] = deque()
+        self._queues: dict[object, deque[_Entry]] = {}
+        """Pending jobs by submitter (see submit), each in the order submitted."""
+        self._turns: deque[object] = deque()
+        """The submitters with pending jobs, in the order they take their next turn."""
+        self.pending = 0
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.broker: Broker | None = None
@@ -93,7 +105,8 @@ class GroupCommitter:
         self.broker = self._make_broker()
         self._committed([], self.broker.take_outbox())  # what start-up recovery found: holders to watch
 
-    def submit(self, job: StoreJob) -> asyncio.Future[Any]:
+    def submit(self, job: StoreJob, submitter: object = None) -> asyncio.Future[Any]:
+        """Run `job` in a coming group; `submitter` (a caller's uid; None: the daemon) takes turns with the others."""
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         if self.broken is not None:
@@ -102,7 +115,12 @@ class GroupCommitter:
         if self.broker is None:
             future.cancel()  # the daemon is stopping and the store is closed: nothing more runs
             return future
-        self._pending.append((job, future))
+        queue = self._queues.get(submitter)
+        if queue is None:
+            queue = self._queues[submitter] = deque()
+            self._turns.append(submitter)
+        queue.append((job, future))
+        self.pending += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
@@ -110,14 +128,13 @@ class GroupCommitter:
 
     def stop(self) -> None:
         """Run what is still pending, then close the store (what cannot run is cancelled)."""
-        while self._pending and self.broker is not None and self.broken is None:
-            left = len(self._pending)
+        while self.pending and self.broker is not None and self.broken is None:
+            left = self.pending
             self._flush()
-            if len(self._pending) >= left:
+            if self.pending >= left:
                 break  # nothing ran (a group still waits for its commit): do not spin
-        for _, future in self._pending:
+        for _, future in self._drain():
             future.cancel()
-        self._pending.clear()
         if self.broker is not None:
             self.broker.store.close()
             self.broker = None
@@ -126,41 +143,69 @@ class GroupCommitter:
         """Run one group of pending jobs in one transaction (the next group waits for the next round)."""
         self._scheduled = False
         broker = self.broker
-        if broker is None or not self._pending:
+        first = self.take() if broker is not None else None
+        if broker is None or first is None:
             return
-        pending = self._pending
-        batch = [pending.popleft() for _ in range(min(MAX_GROUP, len(pending)))]
+        batch = [first]
         try:
-            outcomes = self._run_batch(batch)
+            outcomes = self._run_batch(batch, more=self.take)
             outbox = broker.take_outbox()
         except Exception as error:  # the group failed and so did rebuilding the state in memory
             self._break(batch, error)
             return
         self._committed(outcomes, outbox)
-        if pending and not self._scheduled:  # more than one group was waiting: the next, after these replies
+        if self.pending and not self._scheduled:  # more than one group was waiting: the next, after these replies
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    def _break(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]], error: Exception) -> None:
+    def take(self) -> _Entry | None:
+        """The next pending job, taking the submitters in turn; None if none is pending."""
+        if not self._turns:
+            return None
+        submitter = self._turns.popleft()
+        queue = self._queues[submitter]
+        entry = queue.popleft()
+        if queue:
+            self._turns.append(submitter)
+        else:
+            del self._queues[submitter]
+        self.pending -= 1
+        return entry
+
+    def _drain(self) -> list[_Entry]:
+        """Every pending job, taken off the queues."""
+        entries = [entry for queue in self._queues.values() for entry in queue]
+        self._queues.clear()
+        self._turns.clear()
+        self.pending = 0
+        return entries
+
+    def _break(self, batch: list[_Entry], error: Exception) -> None:
         """Fail every waiting job and stop taking new ones; the daemon stops (a supervisor restarts it)."""
         log.critical("the store failed and its state in memory cannot be trusted (%s); stopping", error,
                      exc_info=error)
         self.broken = error
         failure = StorageError(f"the store failed ({error}); the daemon is stopping, nothing was applied")
-        for _, future in [*batch, *self._pending]:
+        for _, future in [*batch, *self._drain()]:
             if not future.done():
                 future.set_exception(failure)
-        self._pending.clear()
         self._on_broken(error)
 
-    def _run_batch(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]]) -> list[_Outcome]:
+    def _run_batch(self, batch: list[_Entry], more: Callable[[], _Entry | None] | None = None) -> list[_Outcome]:
+        """Run `batch` in one transaction, and after it what `more` gives (appended to `batch`) until the group
+        holds MAX_GROUP jobs or has run GROUP_BUDGET_S."""
         broker = self.broker
         assert broker is not None
         outcomes: list[_Outcome] = []
+        deadline = time.monotonic() + GROUP_BUDGET_S
         try:
             broker.store.begin()
-            for job, future in batch:
+            done = 0
+            while done < len(batch) or (more is not None and len(batch) < MAX_GROUP
+                                        and time.monotonic() < deadline and _took(batch, more)):
+                job, future = batch[done]
+                done += 1
                 try:
                     outcomes.append((future, True, job(broker)))
                 except DomainError as error:
@@ -192,6 +237,13 @@ class GroupCommitter:
         if outbox:
             _resolve([(waiter, not isinstance(outcome, BaseException), outcome) for waiter, outcome in outbox.settled])
             self._on_commit(outbox)
+
+
+def _took(batch: list[_Entry], more: Callable[[], _Entry | None]) -> bool:
+    entry = more()
+    if entry is not None:
+        batch.append(entry)
+    return entry is not None
 
 
 def _storage_error(error: Exception, path: str) -> Exception:
