@@ -28,7 +28,9 @@ Rules:
   an error and the connection is closed; other clients are never affected.
 - What a connection queues is bounded (config [limits]): at most
   `max_pipelined` of its requests are in flight, and none is started while its
-  unread replies exceed `reply_buffer` (the lines wait, and reading pauses);
+  unread replies exceed `reply_buffer` (the lines wait, and reading pauses;
+  a client that closes meanwhile is still noticed, within HALF_CLOSED_CHECK_S,
+  and its waiting requests withdrawn);
   a subscriber whose unread notifications exceed `subscriber_buffer` is
   unsubscribed with one last line saying so (it may subscribe again with
   `after_id`).
@@ -573,6 +575,7 @@ class Connection(asyncio.Protocol):
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
         self._idle: asyncio.TimerHandle | None = None
+        self._paused_watch: asyncio.TimerHandle | None = None
         self._admitted = False
         self.id = server.next_id()
         self.caller = Caller(uid=-1, gid=-1, pid=None, connection=self.id)
@@ -638,6 +641,9 @@ class Connection(asyncio.Protocol):
             self._pumping = False
         if self._lines or self._write_paused:
             self.stop_reading()
+            if self._lines and self._paused_watch is None and not self._eof:
+                self._paused_watch = asyncio.get_running_loop().call_later(HALF_CLOSED_CHECK_S,
+                                                                           self._watch_while_paused)
         elif not self._reading and self._transport is not None and not self._server.closing:
             self._reading = True
             self._transport.resume_reading()
@@ -645,6 +651,21 @@ class Connection(asyncio.Protocol):
                 self._idle.cancel()
                 self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout,
                                                                    self._half_sent)
+
+    def _watch_while_paused(self) -> None:
+        """While its further lines wait unread, look now and then whether the client went away entirely.
+
+        Reading is paused, so its close is not seen by reading: without this, the requests it has in flight
+        (up to max_pipelined waiting allocates) stayed queued for nobody, and one granted later was held by its
+        holder_pid without any client knowing.
+        """
+        self._paused_watch = None
+        if self._transport is None or self._reading or self._eof or not self._lines:
+            return
+        if self._peer_gone():
+            self._transport.abort()
+            return
+        self._paused_watch = asyncio.get_running_loop().call_later(HALF_CLOSED_CHECK_S, self._watch_while_paused)
 
     def _half_sent(self) -> None:
         """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
@@ -697,6 +718,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
+        if self._paused_watch is not None:
+            self._paused_watch.cancel()
         self._lines.clear()
         if not self._admitted:
             return

@@ -11,6 +11,7 @@ import subprocess
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -472,4 +473,31 @@ def test_a_pipelined_client_that_reads_late_gets_every_reply_in_order(tmp_path: 
         assert [reply["id"] for reply in replies] == list(range(200))
         assert all("result" in reply for reply in replies)
     finally:
+        live.close()
+
+
+def test_a_pipelined_client_that_closes_while_its_requests_wait_has_them_withdrawn(tmp_path: Path) -> None:
+    """Past max_pipelined the daemon stops reading, and so did not see the close: 8 waiting allocates stayed
+    queued, and the first one granted went to their holder_pid with no client to know of it."""
+    live = LiveDaemon(tmp_path).start()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        blocker = live.call("allocate", {"resources": [{"resource": "licence", "amount": 2}],
+                                         "holder_pid": os.getpid()})
+        waiting = {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": holder.pid, "wait": 600}
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(live.socket)
+            sock.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": n, "method": "allocate",
+                                              "params": waiting}).encode() + b"\n" for n in range(9)))
+            wait_until("eight requests in flight", lambda state: [1 for in_flight, _, _ in state if in_flight == 8],
+                       live)
+        deadline = time.monotonic() + 10
+        while live.call("daemon.status")["allocations"]["queued"]:
+            assert time.monotonic() < deadline, "the closed client's requests are still queued"
+            time.sleep(0.05)
+        live.call("release", {"id": blocker["id"]})
+        assert live.call("daemon.status")["allocations"]["active"] == 0, "granted to a client that was gone"
+    finally:
+        holder.kill()
+        holder.wait()
         live.close()
