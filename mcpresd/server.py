@@ -33,7 +33,9 @@ Rules:
   and its waiting requests withdrawn);
   a subscriber whose unread notifications exceed `subscriber_buffer` is
   unsubscribed with one last line saying so (it may subscribe again with
-  `after_id`).
+  `after_id`), and so is every subscriber of a uid whose connections together
+  hold more than UNREAD_SHARES_PER_UID times that unread (else one user's
+  thousand subscribers that never read held a thousand buffers).
 """
 
 from __future__ import annotations
@@ -416,6 +418,9 @@ def _groups_of(pid: int) -> set[int]:
     return set()
 
 
+UNREAD_SHARES_PER_UID = 4
+"""One uid's connections together may hold this many `subscriber_buffer`s unread before its subscribers are cut."""
+
 FD_OVERHEAD = 64
 """Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs."""
 
@@ -496,6 +501,7 @@ class Server:
         self.on_close = on_close
         self.limits = limits
         self.per_uid: dict[int, int] = {}
+        self.of_uid: dict[int, set[Connection]] = {}
         self._ids = itertools.count(1)
 
     def admit(self, connection: Connection) -> str | None:
@@ -519,21 +525,33 @@ class Server:
         """Push events to subscribed connections as JSON-RPC notifications."""
         if not self.subscribers:
             return
+        limit = self.limits.subscriber_buffer
+        unread: dict[int, int] = {}
+        """Per subscribing uid: what all its connections hold unread (lagged subscribers and replies too)."""
+        for connection in self.subscribers:
+            uid = connection.caller.uid
+            if uid not in unread:
+                unread[uid] = sum(c.unread() for c in self.of_uid.get(uid, ()))
         for event in events:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
             private: dict[int, bytes] = {}  # what a uid may see differs from the event only by uid (event_for)
             for connection in list(self.subscribers):
-                if connection.lagging(self.limits.subscriber_buffer):
-                    connection.lagged(event.get("id"), self.limits.subscriber_buffer)
+                uid = connection.caller.uid
+                if connection.unread() > limit:
+                    connection.lagged(event.get("id"), limit)
+                    continue
+                if unread[uid] > limit * UNREAD_SHARES_PER_UID:
+                    connection.lagged(event.get("id"), limit * UNREAD_SHARES_PER_UID,
+                                      f"replies and notifications on uid {uid}'s connections together")
                     continue
                 shown = event_for(connection.caller, event)
-                if shown is event:
-                    connection.notify(line)
-                else:
-                    uid = connection.caller.uid
+                data = line
+                if shown is not event:
                     if uid not in private:
                         private[uid] = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": shown})
-                    connection.notify(private[uid])
+                    data = private[uid]
+                connection.notify(data)
+                unread[uid] += len(data)
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -593,6 +611,7 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
         self._server.connections.add(self)
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
+        self._server.of_uid.setdefault(self.caller.uid, set()).add(self)
         self._admitted = True
         if self._server.closing:
             self.close()
@@ -730,6 +749,11 @@ class Connection(asyncio.Protocol):
             self._server.per_uid.pop(self.caller.uid, None)
         self._server.connections.discard(self)
         self._server.subscribers.discard(self)
+        same = self._server.of_uid.get(self.caller.uid)
+        if same is not None:
+            same.discard(self)
+            if not same:
+                del self._server.of_uid[self.caller.uid]
         self._transport = None
         self._server.on_close(self.id)
 
@@ -740,21 +764,21 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def lagging(self, limit: int) -> bool:
-        """Whether this subscriber's unread bytes are past `limit` (it does not read its notifications)."""
-        return self._transport is not None and self._transport.get_write_buffer_size() > limit
+    def unread(self) -> int:
+        """Bytes written to this connection that the client has not read yet (beyond the socket's buffer)."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
-    def lagged(self, next_event: Any, limit: int) -> None:
+    def lagged(self, next_event: Any, limit: int, whose: str = "event notifications") -> None:
         """Unsubscribe a subscriber that fell behind; its last line says so and where to resume."""
         self._server.subscribers.discard(self)
-        log.warning("connection %d (uid %d, pid %s) left over %d bytes of events unread; unsubscribed it",
-                    self.id, self.caller.uid, self.caller.pid, limit)
+        log.warning("connection %d (uid %d, pid %s): over %d bytes of %s left unread; unsubscribed it",
+                    self.id, self.caller.uid, self.caller.pid, limit, whose)
         after = next_event - 1 if isinstance(next_event, int) else None
         self.notify(encode(error_response(
             None, ErrorCode.LIMIT_EXCEEDED,
-            f"unsubscribed: over {limit} bytes of event notifications were left unread; events.subscribe again"
+            f"unsubscribed: over {limit} bytes of {whose} were left unread; events.subscribe again"
             f" with after_id {after} to resume where they stopped" if after is not None else
-            f"unsubscribed: over {limit} bytes of event notifications were left unread",
+            f"unsubscribed: over {limit} bytes of {whose} were left unread",
             {"type": "SubscriberLagged", "limit": limit, "after_id": after})))
 
     def pause_writing(self) -> None:

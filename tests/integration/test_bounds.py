@@ -501,3 +501,30 @@ def test_a_pipelined_client_that_closes_while_its_requests_wait_has_them_withdra
         holder.kill()
         holder.wait()
         live.close()
+
+
+def test_one_users_many_subscribers_that_never_read_hold_a_bounded_number_of_bytes_together(
+        tmp_path: Path) -> None:
+    """Each subscriber was bounded alone: nobody's 100 subscribers held 760 MB of the daemon (8 GiB at the 1024
+    connections one uid may have)."""
+    live = LiveDaemon(tmp_path, BOUNDED).start()
+    listeners = [Line(live.socket, timeout=30) for _ in range(12)]
+    try:
+        for n, listener in enumerate(listeners):
+            assert "result" in listener.call(n, "events.subscribe")
+        for round in range(40):
+            make_events(live, 500, tag=f"r{round}-")
+            if not any(subscribed for _, _, subscribed in connection_state(live)):
+                break
+        else:
+            raise AssertionError("subscribers that never read stayed subscribed")
+        held = sum(size for _, size, _ in connection_state(live))
+        assert held <= 4 * 64 * 1024 + 12 * 4096, f"{held} bytes queued for one user's subscribers"
+        message = {}
+        while "id" not in message:
+            message = listeners[-1].read()
+        assert message["error"]["data"]["type"] == "SubscriberLagged"
+    finally:
+        for listener in listeners:
+            listener.close()
+        live.close()
