@@ -71,8 +71,8 @@ def default_database_path() -> str:
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
-               "reply_buffer", "batch_reply", "subscriber_buffer"}
-_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
+               "reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid"}
+_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
 MIN_BUFFER = 4096
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}

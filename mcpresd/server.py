@@ -33,9 +33,11 @@ Rules:
   and its waiting requests withdrawn);
   a subscriber whose unread notifications exceed `subscriber_buffer` is
   unsubscribed with one last line saying so (it may subscribe again with
-  `after_id`), and so is every subscriber of a uid whose connections together
-  hold more than UNREAD_SHARES_PER_UID times that unread (else one user's
-  thousand subscribers that never read held a thousand buffers).
+  `after_id`). What one uid's connections hold unread together is bounded too
+  (`unread_per_uid`): past it, its subscribers are unsubscribed and its
+  connections that are not reading (past `reply_buffer`) are closed, largest
+  first, as Redis's hard output-buffer limit does (else one user's thousand
+  connections that never read held a thousand buffers).
 """
 
 from __future__ import annotations
@@ -418,9 +420,6 @@ def _groups_of(pid: int) -> set[int]:
     return set()
 
 
-UNREAD_SHARES_PER_UID = 4
-"""One uid's connections together may hold this many `subscriber_buffer`s unread before its subscribers are cut."""
-
 FD_OVERHEAD = 64
 """Descriptors kept for the daemon's own use: database, WAL and SHM, the listener, NVML, logs."""
 
@@ -460,6 +459,9 @@ class Limits:
     """Bytes one batch's replies may take; members past it get 1014 instead of their result."""
     subscriber_buffer: int = 8 << 20
     """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
+    unread_per_uid: int = 64 << 20
+    """Bytes one uid's connections may hold unread together: past it its subscribers are unsubscribed and its
+    connections that do not read are closed."""
     admin_reserve: int = 0
     """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
     holder_fds: int | None = None
@@ -540,8 +542,8 @@ class Server:
                 if connection.unread() > limit:
                     connection.lagged(event.get("id"), limit)
                     continue
-                if unread[uid] > limit * UNREAD_SHARES_PER_UID:
-                    connection.lagged(event.get("id"), limit * UNREAD_SHARES_PER_UID,
+                if unread[uid] > self.limits.unread_per_uid:
+                    connection.lagged(event.get("id"), self.limits.unread_per_uid,
                                       f"replies and notifications on uid {uid}'s connections together")
                     continue
                 shown = event_for(connection.caller, event)
@@ -552,6 +554,29 @@ class Server:
                     data = private[uid]
                 connection.notify(data)
                 unread[uid] += len(data)
+        for uid, total in unread.items():
+            if total > self.limits.unread_per_uid:
+                self.hold_unread_budget(uid)
+
+    def unread_of(self, uid: int) -> int:
+        """What all of the uid's connections hold unread."""
+        return sum(c.unread() for c in self.of_uid.get(uid, ()))
+
+    def hold_unread_budget(self, uid: int) -> None:
+        """Close the uid's connections that do not read (past reply_buffer), largest first, until what its
+        connections hold unread together is within unread_per_uid."""
+        over = self.unread_of(uid) - self.limits.unread_per_uid
+        if over <= 0:
+            return
+        idle = sorted((c for c in self.of_uid.get(uid, ()) if c.unread() > self.limits.reply_buffer),
+                      key=lambda c: c.unread(), reverse=True)
+        for connection in idle:
+            if over <= 0:
+                break
+            over -= connection.unread()
+            log.warning("connection %d (uid %d, pid %s) closed: uid %d's connections left over %d bytes unread"
+                        " together", connection.id, uid, connection.caller.pid, uid, self.limits.unread_per_uid)
+            connection.abort()
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -798,6 +823,12 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping what the client has not read (and writing nothing more to it)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+
     def _dispatch(self, line: bytes) -> None:
         self.in_flight += 1
         slot = _Slot()
@@ -820,6 +851,8 @@ class Connection(asyncio.Protocol):
             self.in_flight -= 1
             if done.data is not None and self._transport is not None:
                 self._transport.write(done.data)
+        if self._write_paused:
+            self._server.hold_unread_budget(self.caller.uid)
         if self._lines:
             self._pump()
         if (self._transport is not None and self.in_flight == 0 and
