@@ -35,8 +35,8 @@ Rules:
   unsubscribed with one last line saying so (it may subscribe again with
   `after_id`). What one uid's connections hold unread together is bounded too
   (`unread_per_uid`): past it, its subscribers are unsubscribed and its
-  connections that are not reading (past `reply_buffer`) are closed, largest
-  first, as Redis's hard output-buffer limit does (else one user's thousand
+  connections that are not reading (bytes waiting past the socket's own
+  buffer) are closed, largest first, as Redis's hard output-buffer limit does (else one user's thousand
   connections that never read held a thousand buffers).
 """
 
@@ -563,12 +563,12 @@ class Server:
         return sum(c.unread() for c in self.of_uid.get(uid, ()))
 
     def hold_unread_budget(self, uid: int) -> None:
-        """Close the uid's connections that do not read (past reply_buffer), largest first, until what its
-        connections hold unread together is within unread_per_uid."""
+        """Close the uid's connections that do not read (with replies or notifications waiting past what the
+        socket holds), largest first, until what its connections hold unread together is within unread_per_uid."""
         over = self.unread_of(uid) - self.limits.unread_per_uid
         if over <= 0:
             return
-        idle = sorted((c for c in self.of_uid.get(uid, ()) if c.unread() > self.limits.reply_buffer),
+        idle = sorted((c for c in self.of_uid.get(uid, ()) if c.unread() > 0),
                       key=lambda c: c.unread(), reverse=True)
         for connection in idle:
             if over <= 0:
@@ -851,7 +851,7 @@ class Connection(asyncio.Protocol):
             self.in_flight -= 1
             if done.data is not None and self._transport is not None:
                 self._transport.write(done.data)
-        if self._write_paused:
+        if self.unread():  # the socket's buffer is full: the client is not reading (as fast)
             self._server.hold_unread_budget(self.caller.uid)
         if self._lines:
             self._pump()

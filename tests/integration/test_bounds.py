@@ -530,19 +530,22 @@ def test_one_users_many_subscribers_that_never_read_hold_a_bounded_number_of_byt
         live.close()
 
 
+@pytest.mark.parametrize(("limit", "reply_buffer"), [(10_000, "64K"), (250, "1M")],
+                         ids=["each past its reply_buffer", "each under its reply_buffer"])
 def test_one_users_many_connections_that_never_read_hold_a_bounded_number_of_bytes_together(
-        tmp_path: Path) -> None:
+        tmp_path: Path, limit: int, reply_buffer: str) -> None:
     """Each connection was bounded alone: nobody's 100 connections with 8 events.list each, never read, held
     400 MB of the daemon (4 GB at the 1024 connections one uid may have). Past unread_per_uid the connections
     that do not read are closed, largest first; the others are served."""
-    live = LiveDaemon(tmp_path, BOUNDED + 'unread_per_uid = "1M"\n').start()
+    config = BOUNDED.replace('reply_buffer = "64K"', f'reply_buffer = "{reply_buffer}"')
+    live = LiveDaemon(tmp_path, config + 'unread_per_uid = "1M"\n').start()
     greedy = [Line(live.socket, timeout=30) for _ in range(12)]
     try:
         make_events(live, 1000)
-        one_reply = len(json.dumps(live.call("events.list", {"limit": 10_000})))
+        one_reply = len(json.dumps(live.call("events.list", {"limit": limit})))
         for line in greedy:
             line.sock.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": n, "method": "events.list",
-                                                   "params": {"limit": 10_000}}).encode() + b"\n"
+                                                   "params": {"limit": limit}}).encode() + b"\n"
                                        for n in range(20)))
         wait_until("the greedy clients' replies to stop coming", lambda state: len(state) < 13 and all(
             in_flight == 0 for in_flight, _, _ in state), live)
