@@ -74,8 +74,8 @@ _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "d
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention",
          "enforce"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
-               "reply_buffer", "batch_reply", "subscriber_buffer"}
-_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer")
+               "reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid"}
+_LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
 MIN_BUFFER = 4096
 _ENFORCE_KEYS = {"mode", "max_mode", "kill_grace", "tasks_max", "cgroup"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",

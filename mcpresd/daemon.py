@@ -41,6 +41,7 @@ from mcpresd.files import (
     path_error,
     prepare_database_directory,
     prepare_database_files,
+    restore_recipe,
 )
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun, PoolNotApplied
@@ -553,7 +554,7 @@ def integrity_failure(database: str) -> str:
     return (
         f"database {database} failed its integrity check (PRAGMA quick_check); refusing to start on it.\n"
         f"  To restore a copy made with `mcpctl db backup`:\n"
-        f"    rm -f {database}-wal {database}-shm {database}.lock && cp BACKUP {database}\n"
+        f"    {restore_recipe(database)}\n"
         f"  Or move the damaged file aside and start afresh (allocations and history are lost):\n"
         f"    mv {database} {database}.corrupt; mv {database}-wal {database}.corrupt-wal;"
         f" rm -f {database}-shm {database}.lock\n"

@@ -66,6 +66,12 @@ class UnsafeDirectory(UnusablePath):
     """A directory another user owns or may write to, or reached through their symbolic link."""
 
 
+def restore_recipe(database: str) -> str:
+    """The one way to put a backup in place of `database`, while no daemon runs on it: its -wal would be replayed
+    onto the copy, and its lock's high-water mark would take the copy for lost commits."""
+    return f"rm -f {database}-wal {database}-shm {database}.lock && cp BACKUP {database}"
+
+
 def check_directory(directory: str, option: str) -> os.stat_result:
     """Refuse a directory another user owns or may write to (they could swap our files for theirs).
 

@@ -8,15 +8,24 @@ A caller names its holder, so the name is checked (`resolve_holder`): it must
 be a process (a thread group's leader), the caller's own unless the caller
 administers, and a pid from the caller's pid namespace is translated to the
 daemon's; a pid the caller could not mean is refused, never recorded.
+
+Translating looks at the caller's ancestors and children first (where `mcpctl`'s holders are); a walk of
+every process in /proc, which runs on the daemon's event loop, is done for one uid at most once every
+NAMESPACE_SEARCH_INTERVAL_S, so a caller naming pids that do not exist cannot stall the daemon.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Iterator
 
 from mcpresd.core.errors import InvalidHolder
+
+NAMESPACE_SEARCH_INTERVAL_S = 0.5
+"""The least time between two walks of /proc on behalf of one uid (each costs a stat per process on the host)."""
+_searched_at: dict[int, float] = {}
 
 
 def process_start_time(pid: int) -> int | None:
@@ -152,11 +161,7 @@ def resolve_holder(named: int, peer: int | None, uid: int, administers: bool) ->
                                 "of the connecting process; leave holder_pid out so the connection holds the "
                                 "allocation", holder_pid=named, reason="other_namespace")
         if len(caller.nspid) > _own_depth() and namespace is not None:
-            found = _in_namespace_of(peer, namespace, len(caller.nspid), named)
-            if found is None:
-                raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
-                                    holder_pid=named, reason="not_found")
-            pid = found
+            pid = _in_namespace_of(peer, namespace, len(caller.nspid), named, uid)
     status = process_status(pid)
     start = process_start_time(pid)
     if status is None or start is None:
@@ -182,27 +187,38 @@ def _own_namespace() -> tuple[int, int] | None:
     return pid_namespace(os.getpid())
 
 
-def _in_namespace_of(peer: int, namespace: tuple[int, int], depth: int, named: int) -> int | None:
-    """The daemon's pid of the process that `peer`'s pid namespace (`depth` deep) calls `named`, or None.
+def _in_namespace_of(peer: int, namespace: tuple[int, int], depth: int, named: int, uid: int) -> int:
+    """The daemon's pid of the process that `peer`'s pid namespace (`depth` deep) calls `named`.
 
-    Looks first where holders are (the caller's ancestors and children), then at every process; only
-    processes in the caller's own namespace match (NSpid's last entry is the pid it sees).
+    Looks first where holders are (the caller's ancestors and children), then, at most once per
+    NAMESPACE_SEARCH_INTERVAL_S for `uid`, at every process; only processes in the caller's own namespace
+    match (NSpid's last entry is the pid it sees). Refused (InvalidHolder, `not_found`) if none does.
     """
-    for pid in _candidates(peer, namespace):
+    def named_there(pid: int) -> bool:
         status = process_status(pid)
-        if (status is not None and status.tgid == status.pid and len(status.nspid) == depth
-                and status.nspid[-1] == named and pid_namespace(pid) == namespace):
+        return (status is not None and status.tgid == status.pid and len(status.nspid) == depth
+                and status.nspid[-1] == named and pid_namespace(pid) == namespace)
+
+    for pid in _near(peer):
+        if named_there(pid):
             return pid
-    return None
+    now = time.monotonic()
+    if now - _searched_at.get(uid, -NAMESPACE_SEARCH_INTERVAL_S) < NAMESPACE_SEARCH_INTERVAL_S:
+        raise InvalidHolder(f"holder process {named} is neither an ancestor nor a child of the caller, and its pid "
+                            f"namespace was searched for uid {uid} less than {NAMESPACE_SEARCH_INTERVAL_S:g} s ago; "
+                            "retry in a moment", holder_pid=named, reason="not_found")
+    _searched_at[uid] = now
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and pid_namespace(entry) == namespace and named_there(int(entry)):
+            return int(entry)
+    raise InvalidHolder(f"holder process {named} does not exist in the caller's pid namespace",
+                        holder_pid=named, reason="not_found")
 
 
-def _candidates(peer: int, namespace: tuple[int, int]) -> Iterator[int]:
+def _near(peer: int) -> Iterator[int]:
     yield from lineage(peer)
     try:
         with open(f"/proc/{peer}/task/{peer}/children", "rb") as children:
             yield from (int(child) for child in children.read().split())
     except (OSError, ValueError):
         pass
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and pid_namespace(entry) == namespace:
-            yield int(entry)

@@ -3,6 +3,7 @@
 Rules:
 - Each call of `prune` (one per broker tick) deletes at most `batch` events and `batch` ended allocations,
   oldest first, so no store job holds the database for long; a backlog drains over the following ticks.
+- The newest event is never pruned: event ids are rowids and must only rise (subscribers resume by id).
 - An ended allocation's usage outlives it in the hourly totals (`usage_hours`): `usage` and budgets stay right
   after it is pruned. A `usage` window that reaches back past the allocations kept starts on the hour.
 - An idempotency key expires `key_expiry` after the request that used it, once the allocation it made has

@@ -32,7 +32,8 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.rpc")
 
 StoreJob = Callable[[Broker], Any]
-Submit = Callable[[StoreJob], "asyncio.Future[Any]"]
+Submit = Callable[[StoreJob, object], "asyncio.Future[Any]"]
+"""Run a store job; the second argument is who submits it (the caller's uid): submitters take turns."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ class Dispatcher:
         if handler.waits:
             self._call_and_wait(method, run, caller, command, finish)
             return
-        future = self._submit(lambda broker: run(broker, caller, command))
+        future = self._submit(lambda broker: run(broker, caller, command), caller.uid)
         if handler.subscribes:
             peer.subscribe()  # before the reply: no event committed after the reply's snapshot is missed
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
@@ -290,7 +291,7 @@ class Dispatcher:
         """Run a job that may leave the request queued; then answer when it settles (or the wait times out)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        future = self._submit(lambda broker: run(broker, caller, command, waiter))
+        future = self._submit(lambda broker: run(broker, caller, command, waiter), caller.uid)
 
         def first(f: asyncio.Future[Any]) -> None:
             result = _outcome(method, f)
@@ -324,7 +325,7 @@ class Dispatcher:
             finish(_Failure(error_object(ErrorCode.INTERNAL_ERROR, "discovery failed; see the daemon's log",
                                          {"type": "InternalError"})))
             return
-        future = self._submit(lambda broker: run(broker, caller, discovered))
+        future = self._submit(lambda broker: run(broker, caller, discovered), caller.uid)
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
 
 

@@ -7,6 +7,10 @@ Rules:
   that COMMIT.
 - A failed batch is rolled back, the ledger rebuilt, and its requests retried
   one per transaction, so one bad request never fails its neighbours.
+- Groups are fair and short: jobs are taken one per submitter (a uid; the
+  daemon's own jobs are one more) in turn, and a group stops taking jobs once
+  it has run GROUP_BUDGET_S, so the loop serves I/O again and one user's
+  thousand heavy reads never stall everyone else, nor the watchdog's job.
 - The socket is created with a umask (never briefly world-accessible); a stale
   socket file is replaced only after a connect to it was refused; the socket is
   removed on exit if it is still ours.
@@ -24,10 +28,16 @@ Rules:
   an error and the connection is closed; other clients are never affected.
 - What a connection queues is bounded (config [limits]): at most
   `max_pipelined` of its requests are in flight, and none is started while its
-  unread replies exceed `reply_buffer` (the lines wait, and reading pauses);
+  unread replies exceed `reply_buffer` (the lines wait, and reading pauses;
+  a client that closes meanwhile is still noticed, within HALF_CLOSED_CHECK_S,
+  and its waiting requests withdrawn);
   a subscriber whose unread notifications exceed `subscriber_buffer` is
   unsubscribed with one last line saying so (it may subscribe again with
-  `after_id`).
+  `after_id`). What one uid's connections hold unread together is bounded too
+  (`unread_per_uid`): past it, its subscribers are unsubscribed and its
+  connections that are not reading (bytes waiting past the socket's own
+  buffer) are closed, largest first, as Redis's hard output-buffer limit does (else one user's thousand
+  connections that never read held a thousand buffers).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import socket
 import sqlite3
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
@@ -59,10 +70,13 @@ from mcpresd.store import StorageError
 log = logging.getLogger("mcpresd.server")
 
 MAX_GROUP = 512
+GROUP_BUDGET_S = 0.05
+"""How long one group's jobs may run before it commits; the jobs left wait for the next round of the loop."""
 HALF_CLOSED_CHECK_S = 0.5
 # asyncio re-listens with its own default of 100 unless told: a burst of clients would be refused.
 BACKLOG = 4096
 _Outcome = tuple["asyncio.Future[Any]", bool, Any]
+_Entry = tuple[StoreJob, "asyncio.Future[Any]"]
 
 
 class GroupCommitter:
@@ -80,7 +94,11 @@ class GroupCommitter:
         self._make_broker = make_broker
         self._on_commit = on_commit
         self._on_broken = on_broken
-        self._pending: deque[tuple[StoreJob, asyncio.Future[Any]]] = deque()
+        self._queues: dict[object, deque[_Entry]] = {}
+        """Pending jobs by submitter (see submit), each in the order submitted."""
+        self._turns: deque[object] = deque()
+        """The submitters with pending jobs, in the order they take their next turn."""
+        self.pending = 0
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.broker: Broker | None = None
@@ -93,7 +111,8 @@ class GroupCommitter:
         self.broker = self._make_broker()
         self._committed([], self.broker.take_outbox())  # what start-up recovery found: holders to watch
 
-    def submit(self, job: StoreJob) -> asyncio.Future[Any]:
+    def submit(self, job: StoreJob, submitter: object = None) -> asyncio.Future[Any]:
+        """Run `job` in a coming group; `submitter` (a caller's uid; None: the daemon) takes turns with the others."""
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         if self.broken is not None:
@@ -102,7 +121,12 @@ class GroupCommitter:
         if self.broker is None:
             future.cancel()  # the daemon is stopping and the store is closed: nothing more runs
             return future
-        self._pending.append((job, future))
+        queue = self._queues.get(submitter)
+        if queue is None:
+            queue = self._queues[submitter] = deque()
+            self._turns.append(submitter)
+        queue.append((job, future))
+        self.pending += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
@@ -110,14 +134,13 @@ class GroupCommitter:
 
     def stop(self) -> None:
         """Run what is still pending, then close the store (what cannot run is cancelled)."""
-        while self._pending and self.broker is not None and self.broken is None:
-            left = len(self._pending)
+        while self.pending and self.broker is not None and self.broken is None:
+            left = self.pending
             self._flush()
-            if len(self._pending) >= left:
+            if self.pending >= left:
                 break  # nothing ran (a group still waits for its commit): do not spin
-        for _, future in self._pending:
+        for _, future in self._drain():
             future.cancel()
-        self._pending.clear()
         if self.broker is not None:
             self.broker.store.close()
             self.broker = None
@@ -126,41 +149,69 @@ class GroupCommitter:
         """Run one group of pending jobs in one transaction (the next group waits for the next round)."""
         self._scheduled = False
         broker = self.broker
-        if broker is None or not self._pending:
+        first = self.take() if broker is not None else None
+        if broker is None or first is None:
             return
-        pending = self._pending
-        batch = [pending.popleft() for _ in range(min(MAX_GROUP, len(pending)))]
+        batch = [first]
         try:
-            outcomes = self._run_batch(batch)
+            outcomes = self._run_batch(batch, more=self.take)
             outbox = broker.take_outbox()
         except Exception as error:  # the group failed and so did rebuilding the state in memory
             self._break(batch, error)
             return
         self._committed(outcomes, outbox)
-        if pending and not self._scheduled:  # more than one group was waiting: the next, after these replies
+        if self.pending and not self._scheduled:  # more than one group was waiting: the next, after these replies
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    def _break(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]], error: Exception) -> None:
+    def take(self) -> _Entry | None:
+        """The next pending job, taking the submitters in turn; None if none is pending."""
+        if not self._turns:
+            return None
+        submitter = self._turns.popleft()
+        queue = self._queues[submitter]
+        entry = queue.popleft()
+        if queue:
+            self._turns.append(submitter)
+        else:
+            del self._queues[submitter]
+        self.pending -= 1
+        return entry
+
+    def _drain(self) -> list[_Entry]:
+        """Every pending job, taken off the queues."""
+        entries = [entry for queue in self._queues.values() for entry in queue]
+        self._queues.clear()
+        self._turns.clear()
+        self.pending = 0
+        return entries
+
+    def _break(self, batch: list[_Entry], error: Exception) -> None:
         """Fail every waiting job and stop taking new ones; the daemon stops (a supervisor restarts it)."""
         log.critical("the store failed and its state in memory cannot be trusted (%s); stopping", error,
                      exc_info=error)
         self.broken = error
         failure = StorageError(f"the store failed ({error}); the daemon is stopping, nothing was applied")
-        for _, future in [*batch, *self._pending]:
+        for _, future in [*batch, *self._drain()]:
             if not future.done():
                 future.set_exception(failure)
-        self._pending.clear()
         self._on_broken(error)
 
-    def _run_batch(self, batch: list[tuple[StoreJob, asyncio.Future[Any]]]) -> list[_Outcome]:
+    def _run_batch(self, batch: list[_Entry], more: Callable[[], _Entry | None] | None = None) -> list[_Outcome]:
+        """Run `batch` in one transaction, and after it what `more` gives (appended to `batch`) until the group
+        holds MAX_GROUP jobs or has run GROUP_BUDGET_S."""
         broker = self.broker
         assert broker is not None
         outcomes: list[_Outcome] = []
+        deadline = time.monotonic() + GROUP_BUDGET_S
         try:
             broker.store.begin()
-            for job, future in batch:
+            done = 0
+            while done < len(batch) or (more is not None and len(batch) < MAX_GROUP
+                                        and time.monotonic() < deadline and _took(batch, more)):
+                job, future = batch[done]
+                done += 1
                 try:
                     outcomes.append((future, True, job(broker)))
                 except DomainError as error:
@@ -192,6 +243,13 @@ class GroupCommitter:
         if outbox:
             _resolve([(waiter, not isinstance(outcome, BaseException), outcome) for waiter, outcome in outbox.settled])
             self._on_commit(outbox)
+
+
+def _took(batch: list[_Entry], more: Callable[[], _Entry | None]) -> bool:
+    entry = more()
+    if entry is not None:
+        batch.append(entry)
+    return entry is not None
 
 
 def _storage_error(error: Exception, path: str) -> Exception:
@@ -401,6 +459,9 @@ class Limits:
     """Bytes one batch's replies may take; members past it get 1014 instead of their result."""
     subscriber_buffer: int = 8 << 20
     """Bytes of unread notifications above which a subscriber is unsubscribed (told so in one last line)."""
+    unread_per_uid: int = 64 << 20
+    """Bytes one uid's connections may hold unread together: past it its subscribers are unsubscribed and its
+    connections that do not read are closed."""
     admin_reserve: int = 0
     """Connections beyond max_connections that only root and the admin group may open (set by `fitted`)."""
     holder_fds: int | None = None
@@ -442,6 +503,7 @@ class Server:
         self.on_close = on_close
         self.limits = limits
         self.per_uid: dict[int, int] = {}
+        self.of_uid: dict[int, set[Connection]] = {}
         self._ids = itertools.count(1)
 
     def admit(self, connection: Connection) -> str | None:
@@ -465,21 +527,56 @@ class Server:
         """Push events to subscribed connections as JSON-RPC notifications."""
         if not self.subscribers:
             return
+        limit = self.limits.subscriber_buffer
+        unread: dict[int, int] = {}
+        """Per subscribing uid: what all its connections hold unread (lagged subscribers and replies too)."""
+        for connection in self.subscribers:
+            uid = connection.caller.uid
+            if uid not in unread:
+                unread[uid] = sum(c.unread() for c in self.of_uid.get(uid, ()))
         for event in events:
             line = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": event})
             private: dict[int, bytes] = {}  # what a uid may see differs from the event only by uid (event_for)
             for connection in list(self.subscribers):
-                if connection.lagging(self.limits.subscriber_buffer):
-                    connection.lagged(event.get("id"), self.limits.subscriber_buffer)
+                uid = connection.caller.uid
+                if connection.unread() > limit:
+                    connection.lagged(event.get("id"), limit)
+                    continue
+                if unread[uid] > self.limits.unread_per_uid:
+                    connection.lagged(event.get("id"), self.limits.unread_per_uid,
+                                      f"replies and notifications on uid {uid}'s connections together")
                     continue
                 shown = event_for(connection.caller, event)
-                if shown is event:
-                    connection.notify(line)
-                else:
-                    uid = connection.caller.uid
+                data = line
+                if shown is not event:
                     if uid not in private:
                         private[uid] = encode({"jsonrpc": JSONRPC, "method": EVENT_NOTIFICATION, "params": shown})
-                    connection.notify(private[uid])
+                    data = private[uid]
+                connection.notify(data)
+                unread[uid] += len(data)
+        for uid, total in unread.items():
+            if total > self.limits.unread_per_uid:
+                self.hold_unread_budget(uid)
+
+    def unread_of(self, uid: int) -> int:
+        """What all of the uid's connections hold unread."""
+        return sum(c.unread() for c in self.of_uid.get(uid, ()))
+
+    def hold_unread_budget(self, uid: int) -> None:
+        """Close the uid's connections that do not read (with replies or notifications waiting past what the
+        socket holds), largest first, until what its connections hold unread together is within unread_per_uid."""
+        over = self.unread_of(uid) - self.limits.unread_per_uid
+        if over <= 0:
+            return
+        idle = sorted((c for c in self.of_uid.get(uid, ()) if c.unread() > 0),
+                      key=lambda c: c.unread(), reverse=True)
+        for connection in idle:
+            if over <= 0:
+                break
+            over -= connection.unread()
+            log.warning("connection %d (uid %d, pid %s) closed: uid %d's connections left over %d bytes unread"
+                        " together", connection.id, uid, connection.caller.pid, uid, self.limits.unread_per_uid)
+            connection.abort()
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -521,6 +618,7 @@ class Connection(asyncio.Protocol):
         self.in_flight = 0
         self._slots: deque[_Slot] = deque()
         self._idle: asyncio.TimerHandle | None = None
+        self._paused_watch: asyncio.TimerHandle | None = None
         self._admitted = False
         self.id = server.next_id()
         self.caller = Caller(uid=-1, gid=-1, pid=None, connection=self.id)
@@ -538,6 +636,7 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
         self._server.connections.add(self)
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
+        self._server.of_uid.setdefault(self.caller.uid, set()).add(self)
         self._admitted = True
         if self._server.closing:
             self.close()
@@ -586,6 +685,9 @@ class Connection(asyncio.Protocol):
             self._pumping = False
         if self._lines or self._write_paused:
             self.stop_reading()
+            if self._lines and self._paused_watch is None and not self._eof:
+                self._paused_watch = asyncio.get_running_loop().call_later(HALF_CLOSED_CHECK_S,
+                                                                           self._watch_while_paused)
         elif not self._reading and self._transport is not None and not self._server.closing:
             self._reading = True
             self._transport.resume_reading()
@@ -593,6 +695,21 @@ class Connection(asyncio.Protocol):
                 self._idle.cancel()
                 self._idle = asyncio.get_running_loop().call_later(self._server.limits.idle_timeout,
                                                                    self._half_sent)
+
+    def _watch_while_paused(self) -> None:
+        """While its further lines wait unread, look now and then whether the client went away entirely.
+
+        Reading is paused, so its close is not seen by reading: without this, the requests it has in flight
+        (up to max_pipelined waiting allocates) stayed queued for nobody, and one granted later was held by its
+        holder_pid without any client knowing.
+        """
+        self._paused_watch = None
+        if self._transport is None or self._reading or self._eof or not self._lines:
+            return
+        if self._peer_gone():
+            self._transport.abort()
+            return
+        self._paused_watch = asyncio.get_running_loop().call_later(HALF_CLOSED_CHECK_S, self._watch_while_paused)
 
     def _half_sent(self) -> None:
         """A message started long ago and never finished: answer once, then close (issue: a slowloris)."""
@@ -645,6 +762,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
+        if self._paused_watch is not None:
+            self._paused_watch.cancel()
         self._lines.clear()
         if not self._admitted:
             return
@@ -655,6 +774,11 @@ class Connection(asyncio.Protocol):
             self._server.per_uid.pop(self.caller.uid, None)
         self._server.connections.discard(self)
         self._server.subscribers.discard(self)
+        same = self._server.of_uid.get(self.caller.uid)
+        if same is not None:
+            same.discard(self)
+            if not same:
+                del self._server.of_uid[self.caller.uid]
         self._transport = None
         self._server.on_close(self.id)
 
@@ -665,21 +789,21 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def lagging(self, limit: int) -> bool:
-        """Whether this subscriber's unread bytes are past `limit` (it does not read its notifications)."""
-        return self._transport is not None and self._transport.get_write_buffer_size() > limit
+    def unread(self) -> int:
+        """Bytes written to this connection that the client has not read yet (beyond the socket's buffer)."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
-    def lagged(self, next_event: Any, limit: int) -> None:
+    def lagged(self, next_event: Any, limit: int, whose: str = "event notifications") -> None:
         """Unsubscribe a subscriber that fell behind; its last line says so and where to resume."""
         self._server.subscribers.discard(self)
-        log.warning("connection %d (uid %d, pid %s) left over %d bytes of events unread; unsubscribed it",
-                    self.id, self.caller.uid, self.caller.pid, limit)
+        log.warning("connection %d (uid %d, pid %s): over %d bytes of %s left unread; unsubscribed it",
+                    self.id, self.caller.uid, self.caller.pid, limit, whose)
         after = next_event - 1 if isinstance(next_event, int) else None
         self.notify(encode(error_response(
             None, ErrorCode.LIMIT_EXCEEDED,
-            f"unsubscribed: over {limit} bytes of event notifications were left unread; events.subscribe again"
+            f"unsubscribed: over {limit} bytes of {whose} were left unread; events.subscribe again"
             f" with after_id {after} to resume where they stopped" if after is not None else
-            f"unsubscribed: over {limit} bytes of event notifications were left unread",
+            f"unsubscribed: over {limit} bytes of {whose} were left unread",
             {"type": "SubscriberLagged", "limit": limit, "after_id": after})))
 
     def pause_writing(self) -> None:
@@ -698,6 +822,12 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what the client has not read (and writing nothing more to it)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
 
     def _dispatch(self, line: bytes) -> None:
         self.in_flight += 1
@@ -721,6 +851,8 @@ class Connection(asyncio.Protocol):
             self.in_flight -= 1
             if done.data is not None and self._transport is not None:
                 self._transport.write(done.data)
+        if self.unread():  # the socket's buffer is full: the client is not reading (as fast)
+            self._server.hold_unread_budget(self.caller.uid)
         if self._lines:
             self._pump()
         if (self._transport is not None and self.in_flight == 0 and

@@ -435,9 +435,13 @@ class Broker:
         target = command.path
         if self.store.path == ":memory:":
             raise InvalidRequest("the daemon's database is in memory; there is no file to back up")
-        live = {os.path.realpath(self.store.path + suffix) for suffix in ("", "-wal", "-shm", "-journal")}
-        if os.path.realpath(target) in live:
-            raise InvalidRequest(f"{target} is the live database; choose another path", field="path")
+        # Replacing any of them stops the daemon (the lock and database paths are checked after each commit).
+        own = {os.path.realpath(self.store.path + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
+        if self.socket_path and not self.socket_path.startswith("@"):
+            own.add(os.path.realpath(self.socket_path))
+        if os.path.realpath(target) in own:
+            raise InvalidRequest(f"{target} is one of the daemon's own files (the live database, its -wal, -shm, "
+                                 "-journal or .lock, or its socket); choose another path", field="path")
         try:
             size, pages = self.store.backup(target, overwrite=command.overwrite)
         except FileExistsError:

@@ -31,7 +31,7 @@ from typing import Any
 
 from mcpresd.core.accounting import Charge, UsageRecord, hourly_usage_parts
 from mcpresd.core.model import Allocation, AllocationItem, Demand, HolderKind, Request, Resource
-from mcpresd.files import DatabaseLock
+from mcpresd.files import DatabaseLock, restore_recipe
 from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceType, compact_json_encoder
 
 MIGRATIONS_NAME = "mcpresd"
@@ -537,7 +537,7 @@ class Store:
     def _lost(self, path: str, what: str, why: str = "the database was deleted or replaced while the daemon ran") \
             -> None:
         self.gone = (f"{path} {what}: {why}; writes are no longer acknowledged and the daemon stops (its "
-                     f"supervisor restarts it; to restore a backup, `cp BACKUP {self.path}` while it is stopped)")
+                     f"supervisor restarts it; to restore a backup while it is stopped: `{restore_recipe(self.path)}`)")
         raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
@@ -858,9 +858,12 @@ class Store:
         return self._newest_event
 
     def prune_events(self, before: float, limit: int) -> int:
-        """Delete those of the `limit` oldest events that happened before `before`."""
+        """Delete those of the `limit` oldest events that happened before `before`, never the newest: event ids
+        are rowids, and an emptied table would number the next event 1 again (subscribers resume by id, and
+        the lock file's high-water mark would take the restart for lost commits)."""
         return int(self.conn.execute(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?",
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND ts < ?"
+            " AND id < (SELECT max(id) FROM events)",
             (limit, before)).rowcount)
 
     def last_event_id(self) -> int:

@@ -78,7 +78,7 @@ class InProcessDaemon:
         self.loop.close()
         self.store.close()
 
-    def submit(self, job: StoreJob) -> asyncio.Future[Any]:
+    def submit(self, job: StoreJob, submitter: object = None) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self.loop.create_future()
         outcomes = self.thread._run_batch([(job, future)])
         self.thread._committed(outcomes, self.broker.take_outbox())

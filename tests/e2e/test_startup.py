@@ -350,6 +350,9 @@ def test_a_deleted_database_or_lock_fails_the_write_in_flight_and_stops_the_daem
 
         assert refused.value.code == ErrorCode.STORAGE_ERROR
         assert complaint.format(db=daemon.db) in refused.value.message
+        db = daemon.db
+        assert f"`rm -f {db}-wal {db}-shm {db}.lock && cp BACKUP {db}`" in refused.value.message, \
+            "the restore it advises leaves no old -wal to replay onto the copy"
         assert daemon.proc is not None and daemon.proc.wait(BOUND_S) == 1
         critical = [line for line in daemon.log().splitlines() if line.startswith("CRITICAL")]
         assert critical and complaint.format(db=daemon.db) in critical[0]

@@ -11,6 +11,7 @@ import subprocess
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -472,4 +473,86 @@ def test_a_pipelined_client_that_reads_late_gets_every_reply_in_order(tmp_path: 
         assert [reply["id"] for reply in replies] == list(range(200))
         assert all("result" in reply for reply in replies)
     finally:
+        live.close()
+
+
+def test_a_pipelined_client_that_closes_while_its_requests_wait_has_them_withdrawn(tmp_path: Path) -> None:
+    """Past max_pipelined the daemon stops reading, and so did not see the close: 8 waiting allocates stayed
+    queued, and the first one granted went to their holder_pid with no client to know of it."""
+    live = LiveDaemon(tmp_path).start()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        blocker = live.call("allocate", {"resources": [{"resource": "licence", "amount": 2}],
+                                         "holder_pid": os.getpid()})
+        waiting = {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": holder.pid, "wait": 600}
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(live.socket)
+            sock.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": n, "method": "allocate",
+                                              "params": waiting}).encode() + b"\n" for n in range(9)))
+            wait_until("eight requests in flight", lambda state: [1 for in_flight, _, _ in state if in_flight == 8],
+                       live)
+        deadline = time.monotonic() + 10
+        while live.call("daemon.status")["allocations"]["queued"]:
+            assert time.monotonic() < deadline, "the closed client's requests are still queued"
+            time.sleep(0.05)
+        live.call("release", {"id": blocker["id"]})
+        assert live.call("daemon.status")["allocations"]["active"] == 0, "granted to a client that was gone"
+    finally:
+        holder.kill()
+        holder.wait()
+        live.close()
+
+
+def test_one_users_many_subscribers_that_never_read_hold_a_bounded_number_of_bytes_together(
+        tmp_path: Path) -> None:
+    """Each subscriber was bounded alone: nobody's 100 subscribers held 760 MB of the daemon (8 GiB at the 1024
+    connections one uid may have)."""
+    live = LiveDaemon(tmp_path, BOUNDED + 'unread_per_uid = "256K"\n').start()
+    listeners = [Line(live.socket, timeout=30) for _ in range(12)]
+    try:
+        for n, listener in enumerate(listeners):
+            assert "result" in listener.call(n, "events.subscribe")
+        for round in range(40):
+            make_events(live, 500, tag=f"r{round}-")
+            if not any(subscribed for _, _, subscribed in connection_state(live)):
+                break
+        else:
+            raise AssertionError("subscribers that never read stayed subscribed")
+        held = sum(size for _, size, _ in connection_state(live))
+        assert held <= 256 * 1024 + 12 * 4096, f"{held} bytes queued for one user's subscribers"
+        message = {}
+        while "id" not in message:
+            message = listeners[-1].read()
+        assert message["error"]["data"]["type"] == "SubscriberLagged"
+    finally:
+        for listener in listeners:
+            listener.close()
+        live.close()
+
+
+@pytest.mark.parametrize(("limit", "reply_buffer"), [(10_000, "64K"), (250, "1M")],
+                         ids=["each past its reply_buffer", "each under its reply_buffer"])
+def test_one_users_many_connections_that_never_read_hold_a_bounded_number_of_bytes_together(
+        tmp_path: Path, limit: int, reply_buffer: str) -> None:
+    """Each connection was bounded alone: nobody's 100 connections with 8 events.list each, never read, held
+    400 MB of the daemon (4 GB at the 1024 connections one uid may have). Past unread_per_uid the connections
+    that do not read are closed, largest first; the others are served."""
+    config = BOUNDED.replace('reply_buffer = "64K"', f'reply_buffer = "{reply_buffer}"')
+    live = LiveDaemon(tmp_path, config + 'unread_per_uid = "1M"\n').start()
+    greedy = [Line(live.socket, timeout=30) for _ in range(12)]
+    try:
+        make_events(live, 1000)
+        one_reply = len(json.dumps(live.call("events.list", {"limit": limit})))
+        for line in greedy:
+            line.sock.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": n, "method": "events.list",
+                                                   "params": {"limit": limit}}).encode() + b"\n"
+                                       for n in range(20)))
+        wait_until("the greedy clients' replies to stop coming", lambda state: len(state) < 13 and all(
+            in_flight == 0 for in_flight, _, _ in state), live)
+        held = sum(size for _, size, _ in connection_state(live))
+        assert held <= (1 << 20) + 4 * one_reply, f"{held} bytes queued for one user's connections"
+        assert live.call("daemon.status")["version"]
+    finally:
+        for line in greedy:
+            line.close()
         live.close()

@@ -96,7 +96,7 @@ def test_an_existing_file_is_kept_unless_overwrite_is_given(daemon: DaemonProces
 @pytest.mark.parametrize(("path", "says"), [
     ("relative/copy.db", "must be absolute"),
     ("/no/such/directory/copy.db", "does not exist"),
-    ("{db}", "is the live database"),
+    ("{db}", "the daemon's own files"),
     ("{tmp}/", "must name a file"),
 ])
 def test_a_backup_to_a_bad_path_is_refused(daemon: DaemonProcess, tmp_path: Path, path: str, says: str) -> None:
@@ -116,3 +116,16 @@ def test_a_backup_that_cannot_be_written_is_a_storage_error(daemon: DaemonProces
 
     assert failed.value.code == 1010 and failed.value.data["type"] == "BackupFailed"
     assert daemon.call("daemon.status")["allocations"] is not None  # still serving
+
+
+@pytest.mark.parametrize("path", ["{db}.lock", "{db}-wal", "{socket}"])
+def test_a_backup_over_the_daemons_own_files_is_refused_and_it_keeps_serving(daemon: DaemonProcess,
+                                                                             path: str) -> None:
+    """`--overwrite` onto the lock file replaced the file the daemon holds: its next commit stopped it."""
+    target = path.format(db=daemon.db, socket=daemon.socket)
+    with pytest.raises(RpcError) as refused:
+        daemon.call("db.backup", {"path": target, "overwrite": True})
+
+    assert refused.value.code == -32602 and "daemon's own" in refused.value.message
+    allocate_slot(daemon)
+    assert daemon.proc.poll() is None

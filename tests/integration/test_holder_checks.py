@@ -6,7 +6,9 @@ named as holders are real ones of each user.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import pytest
 
 from mcpresd.protocol import ErrorCode
 from tests.conftest import DaemonProcess
+from tests.live import LiveDaemon
 from tests.integration.test_access import NOBODY, as_nobody, nobodys_process, shared_daemon, shared_dir
 
 __all__ = ["nobodys_process", "shared_dir"]  # fixtures, used by name
@@ -118,3 +121,45 @@ def test_mcpctl_run_by_another_user_cannot_name_init_as_holder(daemon: DaemonPro
     assert "holder process 1 is not yours" in refused.stderr
     assert daemon.call("allocations.list", {"state": "active"}) == []
 
+
+
+NAMESPACE_CLIENT = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+batch = [{"jsonrpc": "2.0", "id": n, "method": "allocate",
+          "params": {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": 30000 + n}} for n in range(200)]
+sock.sendall(json.dumps(batch).encode() + b"\\n")
+print(sock.makefile("rb").readline().decode())
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_pids_that_do_not_exist_named_from_a_pid_namespace_walk_proc_once_not_per_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each walk of /proc (a stat per host process) ran on the event loop: a batch of 1000 such names from an
+    `unshare --pid` froze the daemon for everyone (1.5 s with 87 processes; past systemd's watchdog on a host
+    with thousands)."""
+    walks: list[str] = []
+    listdir = os.listdir
+
+    def counted(path: Any = ".") -> list[str]:
+        if str(path) == "/proc":
+            walks.append(threading.current_thread().name)
+        return listdir(path)
+
+    live = LiveDaemon(tmp_path).start()
+    try:
+        monkeypatch.setattr(os, "listdir", counted)
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACE_CLIENT,
+                               live.socket], capture_output=True, text=True, timeout=60)
+        monkeypatch.undo()
+        replies = json.loads(done.stdout)
+        assert len(replies) == 200
+        assert {(r["error"]["code"], r["error"]["data"]["reason"]) for r in replies} == {
+            (ErrorCode.INVALID_HOLDER, "not_found")}
+        assert len(walks) <= 1, f"{len(walks)} walks of /proc for one batch"
+        assert live.call("daemon.status")["allocations"]["active"] == 0
+    finally:
+        monkeypatch.undo()
+        live.close()

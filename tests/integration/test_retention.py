@@ -104,3 +104,29 @@ def test_a_key_past_its_expiry_makes_a_new_allocation_once_the_old_one_ended(kep
     live.clock.now += HOUR
     different = {**request, "resources": [{"resource": "slot", "amount": 1}]}
     assert live.call("allocate", different)["state"] == "active", "an expired key is no conflict"
+
+
+def test_event_ids_keep_rising_after_every_event_was_old_enough_to_prune(tmp_path: Path) -> None:
+    """A quiet daemon prunes every event it has; the next event must not reuse id 1 (subscribers resume
+    with after_id, and the lock file's high-water mark would call the restart a loss of commits)."""
+    live = LiveDaemon(tmp_path, RETAINED).start()
+    try:
+        held = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
+                                      "holder_pid": os.getpid()})
+        live.call("release", {"id": held["id"]})
+        newest = max(event["id"] for event in live.call("events.list", {"limit": 10_000}))
+        live.clock.now += 3 * DAY
+        for _ in range(3):
+            live.tick()
+        later = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}],
+                                       "holder_pid": os.getpid()})
+        ids = [event["id"] for event in live.call("events.list", {"limit": 10_000})
+               if event.get("allocation_id") == later["id"]]
+        assert ids and min(ids) > newest, f"event ids reused: {ids} after #{newest}"
+    finally:
+        live.close()
+    restarted = LiveDaemon(tmp_path, RETAINED).start()
+    try:
+        assert restarted.call("daemon.status").get("lost_commits") is None, "a restart after pruning lost nothing"
+    finally:
+        restarted.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mcpresd import server
 from mcpresd.server import GroupCommitter
 from mcpresd.service import Outbox
 from mcpresd.store import StorageError
@@ -141,3 +142,32 @@ def test_stop_runs_what_is_pending_then_closes_the_store(rig: Rig) -> None:
     assert pending.result() == "last" and rig.broker.store.log == ["BEGIN", "last", "COMMIT"]
     assert rig.broker.store.closed
     assert rig.committer.submit(rig.job("after")).cancelled()
+
+
+def test_one_submitters_flood_of_slow_jobs_neither_holds_the_loop_nor_keeps_others_waiting(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of 1000 heavy reads (events.list of 10,000, ~170 ms each) ran in one group: the loop was stuck
+    for minutes, other users' requests and the watchdog's job waited behind all of them."""
+    now = [0.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: now[0])
+
+    def slow(name: str) -> Any:
+        def run(broker: FakeBroker) -> str:
+            now[0] += 0.03
+            broker.store.log.append(name)
+            return name
+        return run
+
+    flood = [rig.committer.submit(slow(f"read{n}"), 65534) for n in range(100)]
+    other = rig.committer.submit(rig.job("root's"), 0)
+    daemon = rig.committer.submit(rig.job("watchdog"))
+
+    rig.loop.run_until_complete(asyncio.sleep(0))
+
+    first_group = rig.broker.store.log[:rig.broker.store.log.index("COMMIT") + 1]
+    assert first_group == ["BEGIN", "read0", "root's", "watchdog", "read1", "COMMIT"], \
+        "submitters take turns, and the group commits once its time is spent"
+    assert other.done() and daemon.done() and not flood[-1].done()
+    for _ in range(200):
+        rig.loop.run_until_complete(asyncio.sleep(0))
+    assert all(f.done() for f in flood) and rig.committer.pending == 0
