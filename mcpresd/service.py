@@ -184,6 +184,9 @@ class Broker:
         self.store = store
         self.enforce = enforce
         self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
+        self.confined: set[str] = set()
+        """Allocations given a cgroup (asked of the event loop, or found at start): only these are read, and
+        let go when they end. Most allocations (a script's reservation) never have one: no cgroup I/O for them."""
         self.overuse = Overuse()
         self._oom_seen: dict[str, int] = {}
         self._cpu_seen: dict[str, tuple[float, float]] = {}
@@ -228,6 +231,8 @@ class Broker:
             self.pools.load()
             self.accounts.load()
             self.monitor.block_unhealthy(self.ledger)
+            # What the committed work confined has been done by now; a rolled-back end must not forget its cgroup.
+            self.confined = {allocation_id for allocation_id in self.enforcer.existing() if allocation_id in self.live}
 
     def _keep_waiters(self) -> None:
         """After a rollback: waiters live on the event loop, not in the database, so they survive it.
@@ -392,6 +397,7 @@ class Broker:
                     self._confine(allocation, allocation.holder_pid)  # granted, then a crash before the move
         for allocation_id in sorted(self.enforcer.existing()):
             if allocation_id in self.live:
+                self.confined.add(allocation_id)
                 continue
             stored = self.store.get_allocation(allocation_id)
             if stored is not None:
@@ -682,6 +688,7 @@ class Broker:
         if not limits.contained:
             return False
         self.outbox.confine.append(Confine(allocation.id, limits, pid))
+        self.confined.add(allocation.id)
         return True
 
     def limits_of(self, allocation: Allocation) -> Limits:
@@ -741,7 +748,7 @@ class Broker:
         self._drop(allocation)
         if allocation.is_active:
             self.ledger.unhold(allocation.items)
-            if allocation.request is not None and allocation.request.enforce:
+            if allocation.id in self.confined:
                 self._unconfine(allocation, now)
         else:
             error: DomainError = (WaitTimeout if reason == "timeout" else Withdrawn)(
@@ -751,14 +758,15 @@ class Broker:
 
     def _unconfine(self, allocation: Allocation, now: float) -> None:
         """An enforced allocation ended: say if the kernel killed in it for memory, then let its cgroup go."""
-        assert allocation.request is not None
+        self.confined.discard(allocation.id)
         usage = self.enforcer.usage(allocation.id)
         if usage is not None:
             self._note_oom(allocation, usage.figures(), now)
         self.overuse.forget(allocation.id)
         self._oom_seen.pop(allocation.id, None)
         self._cpu_seen.pop(allocation.id, None)
-        self.outbox.unconfine.append((allocation.id, allocation.request.keep_processes))
+        self.outbox.unconfine.append((allocation.id, allocation.request is not None
+                                      and allocation.request.keep_processes))
 
     def _note_oom(self, allocation: Allocation, figures: dict[str, float], now: float) -> None:
         """An `oom_killed` event for OOM kills in the allocation's cgroup not reported yet."""
@@ -950,7 +958,7 @@ class Broker:
 
     def allocations_get(self, caller: Caller, command: p.GetAllocationCommand) -> AllocationDict:
         allocation = self._visible(caller, command.id)
-        if allocation.is_active and allocation.request is not None and allocation.request.enforce:
+        if allocation.is_active and allocation.id in self.confined:
             usage = self.enforcer.usage(allocation.id)  # an OOM kill of a step is told at once, not next round
             if usage is not None:
                 self._note_oom(allocation, usage.figures(), self.clock())
