@@ -25,7 +25,7 @@ from mcpresd.core.accounting import Budget, Charge, UsageRecord, cost_per_hour
 from mcpresd.core.errors import BudgetExceeded, DomainError, InvalidRequest, PermissionDenied
 from mcpresd.core.model import Allocation, AllocationItem, Demand
 from mcpresd.core.pools import utilisation
-from mcpresd.protocol import POOL_PREFIX, BudgetScope, Period, PoolState
+from mcpresd.protocol import POOL_PREFIX, AllocationState, BudgetScope, Period, PoolState
 
 if TYPE_CHECKING:
     from mcpresd import params as p
@@ -145,9 +145,9 @@ class Accounts:
                     kept[key] = max(0.0, value - base)
                 elif key.endswith("_peak"):
                     kept[key] = max(kept.get(key, 0.0), value)
-        for allocation in self.broker.live.values():
-            if not allocation.is_active or readings is None:
-                continue
+        if readings is None or not any("utilisation" in values for values in readings.values()):
+            return  # no GPU utilisation read this round: nothing to average (and no pass over every allocation)
+        for allocation in self.broker.active_on_gpus():
             gpus = [c.resource for c in allocation.charges if c.kind == "gpu" and c.amount >= 1]
             values = [v for g in gpus if isinstance(v := readings.get(g, {}).get("utilisation"), (int, float))]
             if gpus and len(values) == len(gpus):
@@ -159,7 +159,9 @@ class Accounts:
 
     def holders(self) -> dict[str, int]:
         """Active allocations held by a process: what the sampler reads."""
-        return {a.id: a.holder_pid for a in self.broker.live.values() if a.is_active and a.holder_pid is not None}
+        active = AllocationState.ACTIVE  # is_active, inline: this runs over every allocation each round
+        return {a.id: a.holder_pid for a in self.broker.live.values()
+                if a.holder_pid is not None and a.state is active}
 
     # -- budgets ----------------------------------------------------------------
 

@@ -216,6 +216,7 @@ class Broker:
         self._by_connection: dict[int, set[str]] = {}
         self._by_holder: dict[int, set[str]] = {}
         self._timed: set[str] = set()
+        self._on_gpus: set[str] = set()  # live allocations with a GPU item or charge: what each round's GPU steps read
         for allocation in live:
             self._put(allocation)
         self._keep_waiters()
@@ -282,11 +283,17 @@ class Broker:
             self._timed.add(allocation.id)
         else:
             self._timed.discard(allocation.id)
+        if any(item.resource.startswith("gpu:") for item in allocation.items) \
+                or any(charge.kind == "gpu" for charge in allocation.charges):
+            self._on_gpus.add(allocation.id)
+        else:
+            self._on_gpus.discard(allocation.id)
 
     def _drop(self, allocation: Allocation) -> None:
         self.live.pop(allocation.id, None)
         self._queued.pop(allocation.id, None)
         self._timed.discard(allocation.id)
+        self._on_gpus.discard(allocation.id)
         for index, key in ((self._by_connection, allocation.connection_id), (self._by_holder, allocation.holder_pid)):
             if key is not None and key in index:
                 index[key].discard(allocation.id)
@@ -296,6 +303,10 @@ class Broker:
     @property
     def active(self) -> list[Allocation]:
         return [a for a in self.live.values() if a.is_active]
+
+    def active_on_gpus(self) -> list[Allocation]:
+        """Active allocations with a `gpu:` item or a GPU charge (an index: not a pass over every allocation)."""
+        return [a for a in map(self.live.__getitem__, self._on_gpus) if a.is_active]
 
     # -- start-up ---------------------------------------------------------
 
