@@ -49,7 +49,7 @@ from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
-from mcpresd.samplers.usage import GpuProcesses, changed_since, holder_usage
+from mcpresd.samplers.usage import GpuProcesses, holder_usage
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import (
     BACKLOG,
@@ -363,7 +363,6 @@ class Daemon:
         assert self.server is not None
         loop = asyncio.get_running_loop()
         sampler = HostSampler(self.nvml)
-        previous: dict[str, dict[str, float]] = {}
         while not stop.is_set():
             disks, links = self._disks, self._links
             try:
@@ -371,10 +370,8 @@ class Daemon:
                 processes = dict(sampler.gpu_processes)
                 holders = await self.committer.submit(lambda broker: broker.accounts.holders()) \
                     if self.committer is not None else {}
-                measured = await loop.run_in_executor(None, self._holder_usage, holders, processes) \
+                usage = await loop.run_in_executor(None, self._holder_usage, holders, processes) \
                     if holders else {}
-                usage = await loop.run_in_executor(None, changed_since, previous, measured) if measured else {}
-                previous = measured
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:

@@ -155,14 +155,3 @@ def holder_usage(holders: dict[str, int], gpu_processes: GpuProcesses,
     usage.update({allocation_id: by_pid[pid] for allocation_id, pid in walked.items() if pid in by_pid})
     return usage
 
-
-def changed_since(previous: dict[str, dict[str, float]],
-                  usage: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """What the broker needs of this round: the walked figures that differ from the round before's, and every
-    cgroup's (they carry memory_current, and the broker takes a CPU rate over each round from them).
-
-    An allocation whose tree used nothing since (an idle script's) changes nothing the broker keeps: its CPU base
-    is set on its first figures, its peaks stay; 10,000 of them cost the store 10 ms a round for nothing.
-    """
-    return {allocation_id: figures for allocation_id, figures in usage.items()
-            if "memory_current" in figures or previous.get(allocation_id) != figures}

@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from mcpresd.samplers.usage import changed_since, holder_usage
+from mcpresd.samplers.usage import holder_usage
 from tests.live import LiveDaemon, live  # noqa: F401 - a fixture
 
 BURN = "import time\nend = time.process_time() + 0.05\nwhile time.process_time() < end: pass\n"
@@ -127,16 +127,6 @@ def test_a_round_reads_each_process_once_whatever_the_number_of_allocations(hold
     assert len(stats) <= len(psutil.pids()) + 50  # one pass (+ processes started meanwhile), not 2000 passes
     statms = [path for path in opened if path.endswith("/statm")]
     assert len(statms) == len(set(statms)) == 10  # the resident set of the two trees' 10 processes, once each
-
-
-def test_the_broker_gets_walked_figures_that_changed_and_every_cgroups() -> None:
-    previous = {"idle": {"cpu_seconds": 1.0, "memory_peak": 10.0}, "busy": {"cpu_seconds": 1.0, "memory_peak": 10.0},
-                "confined": {"cpu_seconds": 1.0, "memory_current": 5.0, "memory_peak": 10.0}}
-    now = {"idle": {"cpu_seconds": 1.0, "memory_peak": 10.0}, "busy": {"cpu_seconds": 1.5, "memory_peak": 10.0},
-           "confined": {"cpu_seconds": 1.0, "memory_current": 5.0, "memory_peak": 10.0},
-           "new": {"cpu_seconds": 0.0, "memory_peak": 1.0}}
-
-    assert changed_since(previous, now) == {name: now[name] for name in ("busy", "confined", "new")}
 
 
 def test_the_sampled_holders_are_the_active_pid_held_allocations_as_they_change(live: LiveDaemon) -> None:
