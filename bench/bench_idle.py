@@ -8,6 +8,11 @@ that many scripts makes them; many allocations share a holder), plus 100 held by
 leaves the daemon idle `--seconds` and reads its CPU from /proc/PID/stat (utime + stime) over that span,
 with the machine's steal time from /proc/stat beside it; then its RSS, then how long it takes from SIGTERM
 to exit. It prints each run and the median of the runs.
+
+Figures on this machine (2 shared cores), median of 3:
+  main (c6e9ef2):  idle CPU 78.63 % of a core (steal 0.07 %), RSS 50.7 MiB, SIGTERM to exit 41.48 s
+  0dd5205:         idle CPU  0.97 % of a core (steal 0.01 %), RSS 48.8 MiB, SIGTERM to exit  0.27 s
+  (f74c803, which also sent the broker only changed walked figures: 0.37 and 0.40 % in two runs; dropped in 0dd5205)
 """
 
 from __future__ import annotations
