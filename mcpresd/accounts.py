@@ -145,9 +145,9 @@ class Accounts:
                     kept[key] = max(0.0, value - base)
                 elif key.endswith("_peak"):
                     kept[key] = max(kept.get(key, 0.0), value)
-        for allocation in self.broker.live.values():
-            if not allocation.is_active or readings is None:
-                continue
+        if readings is None or not any("utilisation" in values for values in readings.values()):
+            return  # no GPU utilisation read this round: nothing to average (and no pass over every allocation)
+        for allocation in self.broker.active_on_gpus():
             gpus = [c.resource for c in allocation.charges if c.kind == "gpu" and c.amount >= 1]
             values = [v for g in gpus if isinstance(v := readings.get(g, {}).get("utilisation"), (int, float))]
             if gpus and len(values) == len(gpus):
@@ -159,7 +159,7 @@ class Accounts:
 
     def holders(self) -> dict[str, int]:
         """Active allocations held by a process: what the sampler reads."""
-        return {a.id: a.holder_pid for a in self.broker.live.values() if a.is_active and a.holder_pid is not None}
+        return self.broker.held_by_pid()  # an index the broker keeps: a pass over 10,000 took 5 ms a round
 
     # -- budgets ----------------------------------------------------------------
 

@@ -241,9 +241,16 @@ class Monitor:
     def _observe_gpus(self, readings: Readings,
                       processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]]) -> None:
         broker = self.broker
-        for name, values in readings.items():
-            if not name.startswith("gpu:") or name not in broker.ledger:
-                continue
+        gpus = [name for name in readings if name.startswith("gpu:") and name in broker.ledger]
+        holders_of: dict[str, set[int]] = {name: set() for name in gpus}
+        if gpus:  # one pass over the allocations on GPUs for every GPU (a pass over all per GPU: 8 x 10,000)
+            for allocation in broker.active_on_gpus():
+                if allocation.holder_pid is not None:
+                    for item in allocation.items:
+                        if item.resource in holders_of:
+                            holders_of[item.resource].add(allocation.holder_pid)
+        for name in gpus:
+            values = readings[name]
             used, utilisation = values.get("memory_used"), values.get("utilisation")
             resource = broker.ledger.get(name)
             total = resource.labels.get("memory")
@@ -255,8 +262,7 @@ class Monitor:
                 processes=tuple(GpuProcess(pid, mem, lineage) for pid, mem, lineage in processes.get(name, [])),
             )
             broker.ledger.observe(name, Observation(reading.load, reading.memory_free))
-            holders = {a.holder_pid for a in broker.active
-                       if a.holder_pid is not None and any(i.resource == name for i in a.items)}
+            holders = holders_of[name]
             broker.risks[name] = risk_notes(name, reading, holders)
             foreign = foreign_processes(reading, holders)
             values["foreign_memory"] = float(sum(p.used_memory or 0 for p in foreign))

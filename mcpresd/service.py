@@ -219,6 +219,8 @@ class Broker:
         self._by_connection: dict[int, set[str]] = {}
         self._by_holder: dict[int, set[str]] = {}
         self._timed: set[str] = set()
+        self._on_gpus: set[str] = set()  # live allocations with a GPU item or charge: what each round's GPU steps read
+        self._held_by_pid: dict[str, int] = {}  # active allocations held by a process: what each round samples
         for allocation in live:
             self._put(allocation)
         self._keep_waiters()
@@ -287,11 +289,22 @@ class Broker:
             self._timed.add(allocation.id)
         else:
             self._timed.discard(allocation.id)
+        if allocation.holder_pid is not None and allocation.is_active:
+            self._held_by_pid[allocation.id] = allocation.holder_pid
+        else:
+            self._held_by_pid.pop(allocation.id, None)
+        if any(item.resource.startswith("gpu:") for item in allocation.items) \
+                or any(charge.kind == "gpu" for charge in allocation.charges):
+            self._on_gpus.add(allocation.id)
+        else:
+            self._on_gpus.discard(allocation.id)
 
     def _drop(self, allocation: Allocation) -> None:
         self.live.pop(allocation.id, None)
         self._queued.pop(allocation.id, None)
         self._timed.discard(allocation.id)
+        self._on_gpus.discard(allocation.id)
+        self._held_by_pid.pop(allocation.id, None)
         for index, key in ((self._by_connection, allocation.connection_id), (self._by_holder, allocation.holder_pid)):
             if key is not None and key in index:
                 index[key].discard(allocation.id)
@@ -301,6 +314,14 @@ class Broker:
     @property
     def active(self) -> list[Allocation]:
         return [a for a in self.live.values() if a.is_active]
+
+    def held_by_pid(self) -> dict[str, int]:
+        """{allocation id: holder pid} of the active allocations held by a process (an index, copied)."""
+        return dict(self._held_by_pid)
+
+    def active_on_gpus(self) -> list[Allocation]:
+        """Active allocations with a `gpu:` item or a GPU charge (an index: not a pass over every allocation)."""
+        return [a for a in map(self.live.__getitem__, self._on_gpus) if a.is_active]
 
     # -- start-up ---------------------------------------------------------
 
