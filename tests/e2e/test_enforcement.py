@@ -114,7 +114,9 @@ def test_the_same_command_under_soft_completes_and_raises_overuse(enforced: Daem
         assert overuse[0]["detail"]["used"] >= 512 * MIB
         shown = enforced.call("allocations.get", {"id": allocation_id})
         assert any(r.startswith("overuse: memory") for r in shown["risks"]), shown["risks"]
-        assert shown["measured"]["memory_peak"] >= 512 * MIB
+        # Well over the grant. Not the cgroup's full 512 MiB: the holder's walked RSS (what `measured` keeps
+        # between rounds) can read a little less than the cgroup's peak; see the closing note of issue 14.
+        assert shown["measured"]["memory_peak"] >= 3 * 128 * MIB
         listing = ok(enforced, "allocations")
         assert "soft: " in listing and "MiB peak" in listing
         waiter = ok(enforced, "allocate", "--res", "licence=1", "--wait", "1m", "--no-block").strip()
