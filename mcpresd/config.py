@@ -152,13 +152,18 @@ def _apply_file(config: Config, path: Path) -> Config:
     return replace(config, **changes)
 
 
-def _enforce(table: Any, path: Path) -> EnforcePolicy:
-    where = f"{path}: [enforce]"
+
+def _check_table(table: Any, where: str, known: set[str]) -> None:
+    """A config table is a table of known keys; say which are not."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - _ENFORCE_KEYS)
+    unknown = sorted(set(table) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_ENFORCE_KEYS))})")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+def _enforce(table: Any, path: Path) -> EnforcePolicy:
+    where = f"{path}: [enforce]"
+    _check_table(table, where, _ENFORCE_KEYS)
     policy = EnforcePolicy()
     modes = {m.value: m for m in EnforceMode}
     for key in ("mode", "max_mode"):
@@ -202,11 +207,7 @@ def _admin_gid(table: Any, path: Path) -> int | None:
 
 def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
     where = f"{path}: [limits]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - _LIMIT_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_LIMIT_KEYS))})")
+    _check_table(table, where, _LIMIT_KEYS)
     counts = {}
     for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid", "max_pipelined"):
         if key in table:
@@ -236,11 +237,7 @@ def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
 
 def _monitor(table: Any, rules: Any, path: Path) -> dict[str, Any]:
     where = f"{path}: [monitor]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - _MONITOR_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_MONITOR_KEYS))})")
+    _check_table(table, where, _MONITOR_KEYS)
     settings: dict[str, Any] = {key: _duration(table[key], f"{where} {key}") for key in _MONITOR_DURATIONS & set(table)}
     if "interval" in settings and not 0.5 <= settings["interval"] <= 3600:
         raise ConfigError(f"{where} interval must be between 0.5s and 1h")
@@ -277,11 +274,7 @@ def _monitor(table: Any, rules: Any, path: Path) -> dict[str, Any]:
 
 def _scheduler(table: Any, path: Path) -> dict[str, Any]:
     where = f"{path}: [scheduler]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - _SCHEDULER_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_SCHEDULER_KEYS))})")
+    _check_table(table, where, _SCHEDULER_KEYS)
     policy = Policy()
     changes: dict[str, Any] = {}
     if "aging_interval" in table:
@@ -313,11 +306,7 @@ def _scheduler(table: Any, path: Path) -> dict[str, Any]:
 
 def _retention(table: Any, path: Path) -> Retention:
     where = f"{path}: [retention]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - _RETENTION_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_RETENTION_KEYS))})")
+    _check_table(table, where, _RETENTION_KEYS)
     days = {}
     for key in ("events_days", "ended_allocations_days"):
         if key in table:
