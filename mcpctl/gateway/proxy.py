@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import signal
 import time
@@ -333,15 +334,45 @@ class Gateway:
     # -- client -> server ------------------------------------------------------
 
     async def _from_client(self, reader: asyncio.StreamReader) -> None:
+        passing: bool | None = None  # within an over-long line: whether its pieces go on to the server
+        head = tail = b""
         async for line, whole in lines(reader):
-            if whole and self._client_line(line):
-                continue
+            if whole:
+                if self._client_line(line):
+                    continue
+            else:
+                # Over LINE_LIMIT: too long to examine. A response (the client answering the server's sampling or
+                # elicitation request) is passed on in pieces; a request, which may be a gated tools/call, is not.
+                if passing is None:
+                    head, tail = line[:wire.EDGE_BYTES], b""
+                    passing = wire.is_response_head(head)
+                ended = line.endswith(b"\n")
+                if not passing:
+                    tail = (tail + line[-wire.EDGE_BYTES:])[-wire.EDGE_BYTES:]
+                    if ended:
+                        self._refuse_long(head, tail)
+                        passing = None
+                    continue
+                if ended:
+                    passing = None
             self.to_server.write(line)
             await self.to_server.drain()
+
+    def _refuse_long(self, head: bytes, tail: bytes) -> None:
+        """An over-long client request was dropped: answer it (by its id, where either end shows it)."""
+        request_id = wire.long_request_id(head, tail)
+        log(f"a client message over {format_size(LINE_LIMIT)} was not passed on (request id "
+            f"{wire.id_key(request_id) if request_id is not None else 'unknown'}): too long to examine for gating")
+        self.to_client.write(wire.error_response(
+            request_id, GatewayErrorCode.NOT_EXAMINABLE,
+            f"a message over {format_size(LINE_LIMIT)} was not passed on to the server: the gateway cannot "
+            "examine a message that long for gating"))
 
     def _client_line(self, line: bytes) -> bool:
         """Examine a client line; True when the gateway has taken it (held, answered or swallowed)."""
         message = wire.parse(line)
+        if isinstance(message, list):
+            return self._batch(message)
         if not isinstance(message, dict):
             return False
         method = message.get("method")
@@ -355,6 +386,30 @@ class Gateway:
             if isinstance(task_id, str) and task_id in self.tasks:
                 self.task_queries[wire.id_key(message["id"])] = (task_id, method)
         return False
+
+    def _batch(self, batch: list[Any]) -> bool:
+        """A JSON-RPC batch (MCP dropped them in 2025-06-18): passed on, unless it holds a gated tools/call.
+
+        The gateway cannot hold one member of a batch while the others run, so such a batch is refused whole:
+        each request in it is answered with NOT_EXAMINABLE, and the server sees none of it.
+        """
+        def gated(member: Any) -> bool:
+            if not isinstance(member, dict) or member.get("method") != "tools/call" or "id" not in member:
+                return False
+            params = member.get("params")
+            name = params.get("name") if isinstance(params, dict) else None
+            return isinstance(name, str) and self.config.rule_for(name) is not None
+
+        if not any(gated(member) for member in batch):
+            return False
+        answers = [json.loads(wire.error_response(
+            member["id"], GatewayErrorCode.NOT_EXAMINABLE,
+            "a JSON-RPC batch holding a gated tools/call was not passed on to the server: send the call alone"))
+            for member in batch if isinstance(member, dict) and "id" in member and "method" in member]
+        if answers:
+            self.to_client.write(json.dumps(answers, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        log("a JSON-RPC batch holding a gated tools/call was refused: send gated calls alone")
+        return True
 
     def _admit(self, message: dict[str, Any], line: bytes) -> bool:
         params = message.get("params")

@@ -33,6 +33,7 @@ _VERSION = rb'(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?'
 _HEAD_ID = re.compile(rb'\s*\{\s*' + _VERSION + rb'"id"\s*:\s*' + _ID + rb'\s*,\s*' + _VERSION
                       + rb'"(?:result|error)"\s*:')
 _HEAD_RESPONSE = re.compile(rb'\s*\{\s*' + _VERSION + rb'"(?:result|error)"\s*:')
+_HEAD_REQUEST_ID = re.compile(rb'\s*\{\s*' + _VERSION + rb'"id"\s*:\s*' + _ID + rb'\s*[,}]')
 _TAIL_ID = re.compile(rb',\s*"id"\s*:\s*' + _ID + rb'\s*(?:,\s*"jsonrpc"\s*:\s*"2\.0"\s*)?\}\s*\Z')
 
 
@@ -45,6 +46,9 @@ class GatewayErrorCode(IntEnum):
     """The wrapped server exited while the call waited for its allocation."""
     SHUTTING_DOWN = 1103
     """The gateway is stopping (its client closed stdin, or it got SIGTERM) while the call waited."""
+    NOT_EXAMINABLE = 1104
+    """A client request the gateway cannot examine for gating (over LINE_LIMIT, or a batch holding a gated
+    `tools/call`): refused, never passed on ungated."""
 
 
 def parse(line: bytes) -> Any:
@@ -79,6 +83,25 @@ def long_response_id(head: bytes, tail: bytes) -> str | None:
         return None
     try:
         return id_key(json.loads(found.group(1)))
+    except ValueError:
+        return None
+
+
+def is_response_head(head: bytes) -> bool:
+    """Whether a line opening with `head` is a response (result or error), by its first members only."""
+    return _HEAD_ID.match(head) is not None or _HEAD_RESPONSE.match(head) is not None
+
+
+def long_request_id(head: bytes, tail: bytes) -> Any:
+    """The id of an over-long request, as JSON, from its first or last EDGE_BYTES; None where neither end holds it.
+
+    An `"id"` opening the outermost object (after `"jsonrpc"` at most) or closing it is that object's own.
+    """
+    found = _HEAD_REQUEST_ID.match(head) or _TAIL_ID.search(tail)
+    if found is None:
+        return None
+    try:
+        return json.loads(found.group(1))
     except ValueError:
         return None
 

@@ -447,6 +447,59 @@ def test_a_result_over_32_mib_is_delivered_and_releases_its_allocation(
     assert json.loads(text_of(gateway.response(2))) == {"n": 2}
 
 
+@pytest.mark.parametrize("id_last", [False, True], ids=["id-first", "id-last"])
+def test_a_tools_call_over_32_mib_is_refused_not_passed_on_ungated(
+        gateways: Any, mcpresd: DaemonProcess, tmp_path: Path, id_last: bool) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    before = {a["id"] for a in allocations(mcpresd, "all", "raw/")}
+    payload = "x" * (33 * 1024 * 1024)
+    call = tool_call(1, "echo", {"payload": payload})  # gated: it takes a GPU
+    if id_last:
+        call = {"method": call["method"], "params": call["params"], "jsonrpc": "2.0", "id": 1}
+    gateway.send(call)
+    refused = gateway.response(1, timeout=30)
+    assert refused["error"]["code"] == 1104
+    assert "over 32M" in refused["error"]["message"] and "not passed on" in refused["error"]["message"]
+    assert not [raw for raw in tap_lines(tmp_path / "server.tap") if b"payload" in raw]  # the server never saw it
+    assert {a["id"] for a in allocations(mcpresd, "all", "raw/")} == before  # nothing allocated for it
+    assert "too long to examine" in gateway.stderr()
+    gateway.send(tool_call(2, "echo", {"n": 2}))  # the next line is examined as usual: gated
+    assert json.loads(text_of(gateway.response(2))) == {"n": 2}
+    assert [a["tool_id"] for a in allocations(mcpresd, "all", "raw/") if a["id"] not in before] == ["raw/echo"]
+
+
+def test_a_client_answer_over_32_mib_to_the_servers_request_is_passed_on(gateways: Any, tmp_path: Path) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    gateway.send(tool_call(1, "ask"))
+    ask = gateway.wait_for(lambda m: m.get("method") == "sampling/createMessage")
+    size = 33 * 1024 * 1024
+    gateway.send({"jsonrpc": "2.0", "id": ask["id"],
+                  "result": {"role": "assistant", "content": {"type": "text", "text": "q" * size}}})
+    said = text_of(gateway.response(1, timeout=30))
+    assert said.startswith("client said ") and said.count("q") == size
+
+
+def test_a_batch_holding_a_gated_call_is_refused_whole_and_other_batches_pass(
+        gateways: Any, mcpresd: DaemonProcess, tmp_path: Path) -> None:
+    gateway = gateways(gated())
+    gateway.initialize()
+    before = {a["id"] for a in allocations(mcpresd, "all", "raw/")}
+    batch = [tool_call(1, "echo", {"n": 1}), {"jsonrpc": "2.0", "id": "p", "method": "ping"},
+             {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}]
+    gateway.send(json.dumps(batch).encode() + b"\n")
+    raw = gateway.recv(timeout=10)
+    answers = json.loads(raw)
+    assert [(a["id"], a["error"]["code"]) for a in answers] == [(1, 1104), ("p", 1104)]
+    assert "send the call alone" in answers[0]["error"]["message"]
+    assert not [line for line in tap_lines(tmp_path / "server.tap") if line.startswith(b"[")]
+    assert {a["id"] for a in allocations(mcpresd, "all", "raw/")} == before
+    ungated = json.dumps([{"jsonrpc": "2.0", "id": "q", "method": "ping"}]).encode() + b"\n"
+    gateway.send(ungated)
+    until(lambda: ungated in tap_lines(tmp_path / "server.tap"), timeout=10)  # passed on as it was
+
+
 @pytest.mark.parametrize("locale", [{}, {"LANG": "C"}, {"LC_CTYPE": "C"}, {"LC_CTYPE": "C.UTF-8"}],
                          ids=["no-locale", "LANG=C", "LC_CTYPE=C", "LC_CTYPE=C.UTF-8"])
 def test_the_server_gets_the_gateways_environment_unchanged(gateways: Any, locale: dict[str, str]) -> None:

@@ -39,3 +39,26 @@ def test_an_over_long_response_is_known_by_the_id_at_either_end(line: bytes, exp
 ])
 def test_progress_is_complete_only_when_it_reaches_its_total(params: object, complete: bool) -> None:
     assert wire.progress_complete(params) is complete
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":' + BODY + b"}\n", 7),
+    (b'{"method":"tools/call","params":' + BODY + b',"jsonrpc":"2.0","id":"a"}\n', "a"),
+    (b'{ "id" : -3 , "method" : "tools/call", "params":' + BODY + b"}\n", -3),
+    # an "id" inside the params is not the request's; a notification has none
+    (b'{"jsonrpc":"2.0","method":"tools/call","params":{"text":"' + b"z" * 9000 + b'","id":5}}\n', None),
+    (b'{"jsonrpc":"2.0","method":"notifications/message","params":' + BODY + b"}\n", None),
+])
+def test_an_over_long_request_is_known_by_the_id_at_either_end(line: bytes, expected: object) -> None:
+    assert wire.long_request_id(*edges(line)) == expected
+
+
+@pytest.mark.parametrize(("line", "response"), [
+    (b'{"jsonrpc":"2.0","id":7,"result":' + BODY + b"}\n", True),
+    (b'{"result":' + BODY + b',"jsonrpc":"2.0","id":7}\n', True),
+    (b'{"jsonrpc":"2.0","error":{"code":1,"message":"' + b"y" * 9000 + b'"},"id":2}\n', True),
+    (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":' + BODY + b"}\n", False),
+    (b'{"method":"tools/call","params":' + BODY + b',"jsonrpc":"2.0","id":7}\n', False),
+])
+def test_a_response_is_known_by_its_first_members(line: bytes, response: bool) -> None:
+    assert wire.is_response_head(line[:wire.EDGE_BYTES]) is response
