@@ -1059,14 +1059,16 @@ class Broker:
     def record_samples(self, readings: dict[str, dict[str, float | str | None]],
                        gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
                        rpc: dict[str, dict[str, float]] | None = None,
-                       usage: dict[str, dict[str, float]] | None = None) -> None:
+                       usage: dict[str, dict[str, float]] | None = None,
+                       members: dict[int, str] | None = None) -> None:
+        """One sampling round; `members`: {GPU process pid: the allocation whose cgroup holds it}."""
         self.store.fit_wal_to_disk()  # a disk filling up gets SQLite's smaller WAL before the WAL fills it
         self.accounts.sampled(usage or {}, readings)
         self._enforcement_sampled(usage or {}, self.clock())
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value
                                   for method, figures in rpc.items() for name, value in figures.items()}
-        self.monitor.record(self.clock(), readings, gpu_processes)
+        self.monitor.record(self.clock(), readings, gpu_processes, members)
 
     def metrics_current(self, caller: Caller, command: p.MetricsCommand) -> dict[str, Any]:
         latest = self.monitor.current()

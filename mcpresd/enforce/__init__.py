@@ -11,6 +11,9 @@ Rules:
   memory controllers and the daemon may write it, else cgroup v1 where the
   memory and cpu hierarchies are mounted and writable, else `NoEnforcement`
   with the reason; `mcpctl status` shows which and why.
+- Which allocation a process belongs to is read from /proc/PID/cgroup
+  (`allocation_of`), the same way for every backend that names cgroups
+  `<subtree>/alloc-<id>`.
 - Every method is cheap (a few small file reads or writes) and raises OSError
   only from `create` and `move`; readers return None for what is gone.
 """
@@ -115,6 +118,25 @@ class NoEnforcement:
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": [], "why_not": self.why_not}
+
+
+def allocation_in(cgroup_file: str, subtree: str) -> str | None:
+    """The allocation whose cgroup (`.../<subtree>/alloc-<id>`, in any hierarchy) a /proc/PID/cgroup text names."""
+    for line in cgroup_file.splitlines():
+        path = line.split(":", 2)[-1].rstrip("/")
+        parent, _, name = path.rpartition("/")
+        if name.startswith(PREFIX) and len(name) > len(PREFIX) and (parent + "/").endswith(f"/{subtree}/"):
+            return name[len(PREFIX):]
+    return None
+
+
+def allocation_of(pid: int, subtree: str, proc: str = "/proc") -> str | None:
+    """The allocation whose cgroup holds `pid`; None for a process in none of them, or gone."""
+    try:
+        with open(f"{proc}/{pid}/cgroup") as file:
+            return allocation_in(file.read(), subtree)
+    except OSError:
+        return None
 
 
 def signal_all(pids: Iterable[int], signum: int) -> int:
