@@ -184,6 +184,7 @@ class Broker:
         self.store = store
         self.enforce = enforce
         self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
+        self._gpu_minors: tuple[Ledger, int, dict[str, int]] | None = None
         self.confined: set[str] = set()
         """Allocations given a cgroup (asked of the event loop, or found at start): only these are read, and
         let go when they end. Most allocations (a script's reservation) never have one: no cgroup I/O for them."""
@@ -715,7 +716,19 @@ class Broker:
     def limits_of(self, allocation: Allocation) -> Limits:
         mode = EnforceMode(allocation.request.enforce) if allocation.request and allocation.request.enforce \
             else EnforceMode.OFF
-        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max)
+        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max,
+                          self._gpu_devices() if mode is EnforceMode.HARD else None)
+
+    def _gpu_devices(self) -> dict[str, int]:
+        """{GPU resource: its device node's minor} for the host's GPUs whose minor NVML gave (looked at again only
+        when resources came or went)."""
+        ledger = self.ledger
+        if self._gpu_minors is None or self._gpu_minors[0] is not ledger \
+                or self._gpu_minors[1] != ledger.catalogue_version:
+            minors = {r.name: minor for r in ledger.resources() if r.type is ResourceType.GPU
+                      and isinstance(minor := r.labels.get("minor"), int) and not isinstance(minor, bool)}
+            self._gpu_minors = (ledger, ledger.catalogue_version, minors)
+        return self._gpu_minors[2]
 
     def schedule(self) -> None:
         """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
