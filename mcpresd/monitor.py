@@ -53,6 +53,7 @@ from mcpresd.core.risk import (
     ForeignSpells,
     ForeignUse,
     GpuProcess,
+    belongs_to,
     GpuReading,
     foreign_gpu_use,
     foreign_processes,
@@ -127,6 +128,9 @@ class Monitor:
         self._forecasts: list[tuple[str, str, forecasting.Forecast]] = []
         self._scored: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._foreign = ForeignSpells()
+        self.gpu_processes: dict[str, list[dict[str, Any]]] = {}
+        """The latest round's compute processes per GPU: pid, used_memory, the allocations each belongs to and
+        whether its use is foreign (what `metrics.current` shows and `mcpctl top` draws)."""
         self._load_open_alerts()
 
     def _load_open_alerts(self) -> None:
@@ -293,6 +297,11 @@ class Monitor:
             found = foreign_gpu_use(name, reading.processes, granted_of[name], members, held_by or {}) \
                 if held_by is not None else []
             self._foreign_use(name, found, now)
+            foreign_pids = {use.pid for use in found}
+            self.gpu_processes[name] = [
+                {"pid": p.pid, "used_memory": p.used_memory,
+                 "allocations": sorted(belongs_to(p, members, held_by or {})), "foreign": p.pid in foreign_pids}
+                for p in reading.processes]
 
     def _foreign_use(self, gpu: str, found: list[ForeignUse], now: float) -> None:
         """One event per (GPU, pid) spell; the GPU's foreign-gpu-use alert fires while any is left."""

@@ -1091,7 +1091,9 @@ class Broker:
             if resource is None and name != "daemon":
                 raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
             latest = {name: latest.get(name, {})}
-        return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest}
+        processes = {name: listed for name, listed in self.monitor.gpu_processes.items() if name in latest}
+        return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest,
+                "processes": processes}
 
     def metrics_history(self, caller: Caller, command: p.HistoryCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)

@@ -93,6 +93,16 @@ class ForeignUse:
         return f"pid {self.pid}, outside every allocation, uses {self.gpu} ({held})"
 
 
+def belongs_to(process: GpuProcess, members: Mapping[int, str], held_by: Mapping[int, Collection[str]]) -> set[str]:
+    """The allocations a GPU process belongs to: the one whose cgroup holds it, and those its ancestors hold."""
+    if process.pid is None:
+        return set()
+    own = {members[process.pid]} if process.pid in members else set()
+    for pid in process.lineage or (process.pid,):
+        own.update(held_by.get(pid, ()))
+    return own
+
+
 def foreign_gpu_use(gpu: str, processes: Collection[GpuProcess], granted: Collection[str],
                     members: Mapping[int, str], held_by: Mapping[int, Collection[str]]) -> list[ForeignUse]:
     """The processes on `gpu` it was not granted to (see the module's rules).
@@ -104,9 +114,7 @@ def foreign_gpu_use(gpu: str, processes: Collection[GpuProcess], granted: Collec
     for process in processes:
         if process.pid is None:
             continue  # NVML gave no pid: nothing to attribute
-        own = {members[process.pid]} if process.pid in members else set()
-        for pid in process.lineage or (process.pid,):
-            own.update(held_by.get(pid, ()))
+        own = belongs_to(process, members, held_by)
         if own & set(granted) or not (own or granted):
             continue
         found.append(ForeignUse(gpu, process.pid, process.used_memory, tuple(sorted(own)), tuple(sorted(granted))))
