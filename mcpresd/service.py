@@ -725,7 +725,10 @@ class Broker:
         ledger = self.ledger
         if self._gpu_minors is None or self._gpu_minors[0] is not ledger \
                 or self._gpu_minors[1] != ledger.catalogue_version:
-            minors = {r.name: minor for r in ledger.resources() if r.type is ResourceType.GPU
+            # Only discovered GPUs (named gpu:N, as grant_of reads a grant): a label on a declared resource is
+            # not a device node this host has.
+            minors = {r.name: minor for r in ledger.resources()
+                      if r.type is ResourceType.GPU and r.source == "discovered" and r.name.startswith("gpu:")
                       and isinstance(minor := r.labels.get("minor"), int) and not isinstance(minor, bool)}
             self._gpu_minors = (ledger, ledger.catalogue_version, minors)
         return self._gpu_minors[2]
