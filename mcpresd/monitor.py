@@ -308,7 +308,9 @@ class Monitor:
         if not found and not self._foreign.pids(gpu) and ("foreign-gpu-use", gpu) not in self.alerts:
             return
         for use in self._foreign.observe(gpu, found):
-            self.broker.emit(now, "foreign_gpu_use", resource=gpu, detail={
+            # Filed under the process's own allocation, else the first holding the GPU (`events --allocation`).
+            self.broker.emit(now, "foreign_gpu_use", resource=gpu, allocation_id=(use.allocations + use.granted)[0],
+                             detail={
                 "gpu": gpu, "pid": use.pid, "used_memory": use.used_memory,
                 "allocation": ",".join(use.allocations) or None, "granted_to": ",".join(use.granted) or None,
                 "why": use.why()})

@@ -1022,9 +1022,10 @@ class Broker:
             raise AllocationNotFound(f"no allocation with id {allocation_id!r}", id=allocation_id)
         return allocation
 
-    def emit(self, now: float, kind: str, *, resource: str | None = None, detail: dict[str, Any] | None = None) -> None:
-        """Record an event from the monitor (alerts, health) and push it to subscribers."""
-        self._event(now, kind, resource=resource, detail=detail)
+    def emit(self, now: float, kind: str, *, resource: str | None = None, detail: dict[str, Any] | None = None,
+             allocation_id: str | None = None) -> None:
+        """Record an event from the monitor (alerts, health, foreign GPU use) and push it to subscribers."""
+        self._event(now, kind, allocation_id=allocation_id, resource=resource, detail=detail)
 
     # -- pools, budgets, accounting -------------------------------------------
 

@@ -9,6 +9,7 @@ sampled, counting a full lineage scan (every 5th round).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -130,6 +131,9 @@ def test_a_process_outside_every_allocation_on_an_allocated_gpu_is_reported_once
     assert events.returncode == 0, events.stderr
     line = next(line for line in events.stdout.splitlines() if "foreign_gpu_use" in line)
     assert f"pid={stranger.pid}" in line and f"granted_to={held}" in line and "outside every allocation" in line
+    filed = cli(daemon, "events", "--allocation", held, "--json")
+    assert filed.returncode == 0, filed.stderr
+    assert "foreign_gpu_use" in [e["kind"] for e in json.loads(filed.stdout)]
 
 
 def test_a_process_of_an_allocation_not_granted_the_gpu_is_foreign_and_a_holders_own_is_not(
@@ -152,6 +156,7 @@ def test_a_process_of_an_allocation_not_granted_the_gpu_is_foreign_and_a_holders
     event = eventually(lambda: foreign_events(daemon), what="a foreign_gpu_use event")[0]
     assert (event["detail"]["pid"], event["detail"]["allocation"], event["detail"]["granted_to"]) == \
         (child, on_slot, None)
+    assert event["allocation_id"] == on_slot
     assert event["detail"]["why"] == f"pid {child} of allocation {on_slot} uses gpu:0, which {on_slot} was not " \
                                      "granted (gpu:0 is allocated to nobody)"
     alert = eventually(lambda: foreign_alert(daemon), what="the foreign-gpu-use alert")
