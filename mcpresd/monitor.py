@@ -272,7 +272,10 @@ class Monitor:
                         granted_of[item.resource].add(allocation.id)
                         if allocation.holder_pid is not None:
                             holders_of[item.resource].add(allocation.holder_pid)
-        held_by: dict[int, set[str]] | None = None
+        # The holders among the GPU processes and their ancestors, from the broker's index: a few lookups a round.
+        lineages = {pid for listed in processes.values() for first, _, lineage in listed if first is not None
+                    for pid in (lineage or (first,))}
+        held_by = {pid: held for pid in lineages if (held := broker.active_held_by(pid))} if gpus else {}
         for name in gpus:
             values = readings[name]
             used, utilisation = values.get("memory_used"), values.get("utilisation")
@@ -290,17 +293,12 @@ class Monitor:
             broker.risks[name] = risk_notes(name, reading, holders)
             foreign = foreign_processes(reading, holders)
             values["foreign_memory"] = float(sum(p.used_memory or 0 for p in foreign))
-            if held_by is None and any(p.pid is not None for p in reading.processes):
-                held_by = {}  # only where NVML names a process: a copy of the pid-held index, inverted
-                for allocation_id, pid in broker.held_by_pid().items():
-                    held_by.setdefault(pid, set()).add(allocation_id)
-            found = foreign_gpu_use(name, reading.processes, granted_of[name], members, held_by or {}) \
-                if held_by is not None else []
+            found = foreign_gpu_use(name, reading.processes, granted_of[name], members, held_by)
             self._foreign_use(name, found, now)
             foreign_pids = {use.pid for use in found}
             self.gpu_processes[name] = [
                 {"pid": p.pid, "used_memory": p.used_memory,
-                 "allocations": sorted(belongs_to(p, members, held_by or {})), "foreign": p.pid in foreign_pids}
+                 "allocations": sorted(belongs_to(p, members, held_by)), "foreign": p.pid in foreign_pids}
                 for p in reading.processes]
 
     def _foreign_use(self, gpu: str, found: list[ForeignUse], now: float) -> None:

@@ -320,6 +320,10 @@ class Broker:
         """{allocation id: holder pid} of the active allocations held by a process (an index, copied)."""
         return dict(self._held_by_pid)
 
+    def active_held_by(self, pid: int) -> set[str]:
+        """The active allocations `pid` holds (an index: not a pass over every allocation)."""
+        return {i for i in self._by_holder.get(pid, ()) if self.live[i].is_active}
+
     def active_on_gpus(self) -> list[Allocation]:
         """Active allocations with a `gpu:` item or a GPU charge (an index: not a pass over every allocation)."""
         return [a for a in map(self.live.__getitem__, self._on_gpus) if a.is_active]
