@@ -268,8 +268,9 @@ def test_top_shows_each_gpu_process_with_its_device_memory(tmp_path: Path) -> No
         daemon.start()
         allocation = daemon.call("allocate", {"resources": [{"resource": "gpu:0", "amount": 1}],
                                               "holder_pid": os.getpid()})  # the process's parent holds gpu:0
-        listed = eventually(lambda: daemon.call("metrics.current", {"resource": "gpu:0"})["processes"].get("gpu:0"),
-                            timeout=ALERT_S)
+        # A round recorded before the allocation lists the process as nobody's: wait for one that attributes it.
+        listed = eventually(lambda: [p for p in daemon.call("metrics.current", {"resource": "gpu:0"})["processes"]
+                                     .get("gpu:0", ()) if p["allocations"]], timeout=ALERT_S)
         assert [(p["pid"], p["allocations"], p["foreign"]) for p in listed] == [(user.pid, [allocation["id"]], False)]
         assert listed[0]["used_memory"] > 1 << 30
 

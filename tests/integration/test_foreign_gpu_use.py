@@ -179,9 +179,9 @@ def test_a_process_in_an_allocations_cgroup_belongs_to_it_whoever_started_it(
     memory = v1_mounts()["memory"] / cgroup_subtree / f"alloc-{confined}"
     eventually(lambda: str(holder.pid) in (memory / "cgroup.procs").read_text().split() if memory.exists() else False,
                what="the holder in its allocation's cgroup")
+    on_gpu = allocate(daemon, "gpu:0", gpu_holder.pid)
     # A process its tree no longer shows (double-forked and re-parented) that stayed in the allocation's cgroup.
     (memory / "cgroup.procs").write_text(str(escaped.pid))
-    on_gpu = allocate(daemon, "gpu:0", gpu_holder.pid)
 
     event = eventually(lambda: foreign_events(daemon), what="a foreign_gpu_use event")[0]
     assert (event["detail"]["pid"], event["detail"]["allocation"], event["detail"]["granted_to"]) == \
