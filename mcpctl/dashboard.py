@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import unicodedata
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from mcpctl.view import LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, used_text
@@ -91,6 +92,7 @@ def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: 
 
 def resource_rows(snapshot: Snapshot, width: int, ascii_only: bool) -> tuple[Line, list[Line]]:
     readings: dict[str, dict[str, Any]] = snapshot.metrics.get("resources") or {}
+    processes: dict[str, list[dict[str, Any]]] = snapshot.metrics.get("processes") or {}
     name_w = max(8, min(width // 5, max((len(r["name"]) for r in snapshot.resources), default=8)))
     fixed = name_w + 1 + 1 + 4 + 2 + 1 + 4 + 2
     bar_w = max(4, min(24, (width - fixed - 30) // 2))
@@ -107,7 +109,7 @@ def resource_rows(snapshot: Snapshot, width: int, ascii_only: bool) -> tuple[Lin
         line += _bar(measured(resource, values), bar_w, None, ascii_only)
         if detail_w > 2:
             line.append(("  ", ""))
-            line += _crop(details(resource, values, detail_w), detail_w)
+            line += _crop(details(resource, values, detail_w, processes.get(resource["name"], ())), detail_w)
         rows.append(_crop(line, width))
     return title, rows
 
@@ -125,8 +127,12 @@ def measured(resource: dict[str, Any], values: dict[str, Any]) -> object:
     return ""
 
 
-def details(resource: dict[str, Any], values: dict[str, Any], room: int) -> Line:
-    """What matters most first: health, then the type's own readings; more of them when there is room."""
+def details(resource: dict[str, Any], values: dict[str, Any], room: int,
+            processes: Iterable[dict[str, Any]] = ()) -> Line:
+    """What matters most first: health, then the type's own readings; more of them when there is room.
+
+    A GPU's compute processes (`processes`, from metrics.current) come after its power, each as
+    'pid N MEM', largest first, in yellow where its use is foreign; then how many there are."""
     wide = room >= 60
     parts: Line = []
     health = resource.get("health") or {}
@@ -143,9 +149,10 @@ def details(resource: dict[str, Any], values: dict[str, Any], room: int) -> Line
         if wide and isinstance(values.get("memory_used"), (int, float)) and isinstance(total, (int, float)):
             memory += f" {text('memory_used')}/{amount_text(total, 'bytes')}"
         parts += [(memory, ""), (text("temperature_c"), _hot(values.get("temperature_c"))), (text("power_w"), "")]
+        parts += _gpu_processes(processes)
         if wide:
-            parts += [(text("clock_sm_mhz"), "dim"), (f"fan {text('fan_speed_pct')}", "dim"),
-                      (f"{text('processes')} proc", "dim")]
+            parts += [(f"{text('processes')} proc", "dim"), (text("clock_sm_mhz"), "dim"),
+                      (f"fan {text('fan_speed_pct')}", "dim")]
             foreign = values.get("foreign_memory")
             if isinstance(foreign, (int, float)) and foreign > 0:
                 parts.append((f"{text('foreign_memory')} used outside mcpres", "yellow"))
@@ -173,6 +180,13 @@ def details(resource: dict[str, Any], values: dict[str, Any], room: int) -> Line
             line.append(("  ", ""))
         line.append(part)
     return line
+
+
+def _gpu_processes(processes: Iterable[dict[str, Any]]) -> Line:
+    named = sorted((p for p in processes if isinstance(p.get("pid"), int)),
+                   key=lambda p: (-(p.get("used_memory") or 0), p["pid"]))
+    return [(f"pid {p['pid']} {metric_text('memory_used', p.get('used_memory'), space=False)}",
+             "yellow" if p.get("foreign") else "") for p in named]
 
 
 def _metric_texts(values: dict[str, Any]) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
-from mcpresd.enforce import Enforcer, NoEnforcement, choose, let_go
+from mcpresd.enforce import Enforcer, NoEnforcement, allocation_of, choose, let_go
 from mcpresd.files import (
     EXIT_FAILURE,
     AlreadyServed,
@@ -257,6 +257,11 @@ class Daemon:
         usage = self.enforcer.usage(allocation_id)
         return None if usage is None else usage.figures()
 
+    def _gpu_members(self, pids: set[int]) -> dict[int, str]:
+        """Off the loop: the allocation whose cgroup holds each GPU process, where one does."""
+        found = {pid: allocation_of(pid, self.config.enforce.cgroup) for pid in pids}
+        return {pid: allocation_id for pid, allocation_id in found.items() if allocation_id is not None}
+
     def _holder_usage(self, holders: dict[str, int], gpu_processes: GpuProcesses) -> dict[str, dict[str, float]]:
         """Off the loop: the allocations that have a cgroup (one listing) read from it, the rest from /proc in one
         pass. Asking the enforcer about each allocation cost a failed open per one without a cgroup (10,000
@@ -372,12 +377,15 @@ class Daemon:
                     if self.committer is not None else {}
                 usage = await loop.run_in_executor(None, self._holder_usage, holders, processes) \
                     if holders else {}
+                gpu_pids = {pid for listed in processes.values() for pid, _, _ in listed if pid is not None}
+                members = await loop.run_in_executor(None, self._gpu_members, gpu_pids) \
+                    if gpu_pids and self.enforcer.enforces else {}
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:
                 current = {name: dict(values) for name, values in readings.items()}  # the broker adds to readings
                 stats = self.server.dispatcher.stats.take()
-                self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats, usage),
+                self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats, usage, members),
                                      "sampling")
                 if self.config.prometheus_file:
                     await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, current)

@@ -24,6 +24,11 @@ Rules:
 - Alerts follow `mcpresd.core.alerts`; a transition that notifies becomes an
   event (`alert.firing`, `alert.level`, `alert.resolved`), and a firing alert
   names the allocations holding the resource, largest first.
+- Foreign GPU use (`mcpresd.core.risk.foreign_gpu_use`): each (GPU, pid) spell
+  is one `foreign_gpu_use` event, and a GPU with any foreign process has a
+  `foreign-gpu-use` alert (value: how many), naming the allocations concerned
+  and the pids, resolved when none is left. Membership comes from the cgroups
+  the sampler read (`members`) and from the holders' process trees.
 - Health (`mcpresd.core.health`) is scored every `health_interval`; a resource
   below `health_threshold` is not granted until it recovers (events both ways).
 - Forecasts: a linear fit over `forecast_window` of raw samples. Every minute the
@@ -44,7 +49,16 @@ from mcpresd.core import alerts as alerting
 from mcpresd.core import forecast as forecasting
 from mcpresd.core import health as healthing
 from mcpresd.core.ledger import Ledger, Observation
-from mcpresd.core.risk import GpuProcess, GpuReading, foreign_processes, risk_notes
+from mcpresd.core.risk import (
+    ForeignSpells,
+    ForeignUse,
+    GpuProcess,
+    GpuReading,
+    belongs_to,
+    foreign_gpu_use,
+    foreign_processes,
+    risk_notes,
+)
 from mcpresd.core.rollup import minute_of, retention_cutoffs, roll_up
 from mcpresd.store import MetricStore
 
@@ -56,7 +70,7 @@ Readings = dict[str, dict[str, Value]]
 UNSUPPORTED = "unsupported"
 
 
-CONDITIONS = ("budget", "pool-factory")
+CONDITIONS = ("budget", "pool-factory", "foreign-gpu-use")
 """Alert rules the broker raises itself (`Monitor.condition`), beside the configured metric rules."""
 
 
@@ -113,6 +127,10 @@ class Monitor:
         self._last_retain = -math.inf
         self._forecasts: list[tuple[str, str, forecasting.Forecast]] = []
         self._scored: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._foreign = ForeignSpells()
+        self.gpu_processes: dict[str, list[dict[str, Any]]] = {}
+        """The latest round's compute processes per GPU: pid, used_memory, the allocations each belongs to and
+        whether its use is foreign (what `metrics.current` shows and `mcpctl top` draws)."""
         self._load_open_alerts()
 
     def _load_open_alerts(self) -> None:
@@ -167,7 +185,9 @@ class Monitor:
     # -- one sampling round -----------------------------------------------
 
     def record(self, now: float, readings: Readings,
-               gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]] | None = None) -> None:
+               gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]] | None = None,
+               members: dict[int, str] | None = None) -> None:
+        """One sampling round; `members` maps GPU processes' pids to the allocation whose cgroup holds them."""
         first_seen_idle = self._add_utilisation_rates(readings)
         rows: list[tuple[str, str, float, float | None, str]] = []
         for resource_name, values in readings.items():
@@ -183,7 +203,7 @@ class Monitor:
         for name, rate in first_seen_idle.items():  # no row, but the alert rules see the value once
             readings.setdefault(name, {})["utilisation_rate"] = rate
         self.latest, self.latest_ts = readings, now
-        self._observe_gpus(readings, gpu_processes or {})
+        self._observe_gpus(readings, gpu_processes or {}, members or {}, now)
         self._evaluate_alerts(now, readings)
         self._roll_up_finished_minutes(now)
         self._forecast_and_score(now)
@@ -239,16 +259,23 @@ class Monitor:
         return current
 
     def _observe_gpus(self, readings: Readings,
-                      processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]]) -> None:
+                      processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
+                      members: dict[int, str], now: float) -> None:
         broker = self.broker
         gpus = [name for name in readings if name.startswith("gpu:") and name in broker.ledger]
         holders_of: dict[str, set[int]] = {name: set() for name in gpus}
+        granted_of: dict[str, set[str]] = {name: set() for name in gpus}
         if gpus:  # one pass over the allocations on GPUs for every GPU (a pass over all per GPU: 8 x 10,000)
             for allocation in broker.active_on_gpus():
-                if allocation.holder_pid is not None:
-                    for item in allocation.items:
-                        if item.resource in holders_of:
+                for item in allocation.items:
+                    if item.resource in holders_of:
+                        granted_of[item.resource].add(allocation.id)
+                        if allocation.holder_pid is not None:
                             holders_of[item.resource].add(allocation.holder_pid)
+        # The holders among the GPU processes and their ancestors, from the broker's index: a few lookups a round.
+        lineages = {pid for listed in processes.values() for first, _, lineage in listed if first is not None
+                    for pid in (lineage or (first,))}
+        held_by = {pid: held for pid in lineages if (held := broker.active_held_by(pid))} if gpus else {}
         for name in gpus:
             values = readings[name]
             used, utilisation = values.get("memory_used"), values.get("utilisation")
@@ -266,6 +293,42 @@ class Monitor:
             broker.risks[name] = risk_notes(name, reading, holders)
             foreign = foreign_processes(reading, holders)
             values["foreign_memory"] = float(sum(p.used_memory or 0 for p in foreign))
+            found = foreign_gpu_use(name, reading.processes, granted_of[name], members, held_by)
+            self._foreign_use(name, found, now)
+            foreign_pids = {use.pid for use in found}
+            self.gpu_processes[name] = [
+                {"pid": p.pid, "used_memory": p.used_memory,
+                 "allocations": sorted(belongs_to(p, members, held_by)), "foreign": p.pid in foreign_pids}
+                for p in reading.processes]
+
+    def _foreign_use(self, gpu: str, found: list[ForeignUse], now: float) -> None:
+        """One event per (GPU, pid) spell; the GPU's foreign-gpu-use alert fires while any is left."""
+        if not found and not self._foreign.pids(gpu) and ("foreign-gpu-use", gpu) not in self.alerts:
+            return
+        for use in self._foreign.observe(gpu, found):
+            # Filed under the process's own allocation, else the first holding the GPU (`events --allocation`).
+            self.broker.emit(now, "foreign_gpu_use", resource=gpu, allocation_id=(use.allocations + use.granted)[0],
+                             detail={
+                "gpu": gpu, "pid": use.pid, "used_memory": use.used_memory,
+                "allocation": ",".join(use.allocations) or None, "granted_to": ",".join(use.granted) or None,
+                "why": use.why()})
+        concerned: dict[str, list[int]] = {}
+        for use in found:
+            for allocation_id in use.allocations + use.granted:
+                concerned.setdefault(allocation_id, []).append(use.pid)
+        named: list[dict[str, Any]] = []
+        for allocation_id, pids in concerned.items():
+            allocation = self.broker.live.get(allocation_id)
+            if allocation is not None:
+                named.append({"id": allocation.id, "amount": sum(i.amount for i in allocation.items
+                                                                 if i.resource == gpu),
+                              "tool_id": allocation.tool_id, "holder_pid": allocation.holder_pid,
+                              "owner_uid": allocation.owner_uid, "gpu_pids": sorted(set(pids))})
+        named.sort(key=lambda h: (-float(h["amount"]), h["id"]))
+        pids = sorted({use.pid for use in found})
+        self.condition("foreign-gpu-use", gpu, alerting.Level.WARNING if found else None, float(len(pids)), now,
+                       {"pids": ",".join(map(str, pids)), "why": "; ".join(use.why() for use in found)}
+                       if found else {"why": "no process uses it without a grant"}, allocations=named)
 
     # -- alerts -----------------------------------------------------------
 
@@ -306,10 +369,12 @@ class Monitor:
                         self._announce(transition, alert, entry.id, allocations)
 
     def condition(self, rule: str, resource: str, level: alerting.Level | None, value: float, now: float,
-                  detail: dict[str, Any]) -> None:
-        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory), not by a metric.
+                  detail: dict[str, Any], allocations: list[dict[str, Any]] | None = None) -> None:
+        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory, foreign GPU use),
+        not by a metric.
 
-        It fires at once at `level` (or changes level), and resolves when called with level None.
+        It fires at once at `level` (or changes level), and resolves when called with level None. `allocations`
+        (the ones concerned) are kept with it, and updated while it fires at the same level.
         """
         assert rule in CONDITIONS
         key = (rule, resource)
@@ -325,17 +390,21 @@ class Monitor:
                 "value": value, **detail})
             return
         if opened is not None and opened.alert.level is level:
+            if allocations is not None and allocations != self._stored_allocations(opened.id):
+                opened.alert = replace(opened.alert, last_value=value)
+                self._save(opened, allocations)
             return
         previous = opened.alert.level if opened is not None else None
         alert = alerting.Alert(rule, resource, state=alerting.State.FIRING, level=level, since=now, fired_at=now,
                                last_value=value, min=value, max=value, total=value, count=1)
         entry = opened or _Open(None, alert)
         entry.alert = replace(alert, since=opened.alert.since, fired_at=opened.alert.fired_at) if opened else alert
-        entry.id = self._save(entry, [])
+        entry.id = self._save(entry, allocations or [])
         self.alerts[key] = entry
         self.broker.emit(now, "alert.firing", resource=resource, detail={
             "alert_id": entry.id, "rule": rule, "level": level.value, "value": value,
-            **({"previous_level": previous.value} if previous else {}), **detail})
+            **({"previous_level": previous.value} if previous else {}), **detail,
+            **({"allocations": allocations} if allocations else {})})
 
     def _holders_of(self, resource: str) -> list[dict[str, Any]]:
         held = []

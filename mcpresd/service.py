@@ -184,6 +184,7 @@ class Broker:
         self.store = store
         self.enforce = enforce
         self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
+        self._gpu_minors: tuple[Ledger, int, dict[str, int]] | None = None
         self.confined: set[str] = set()
         """Allocations given a cgroup (asked of the event loop, or found at start): only these are read, and
         let go when they end. Most allocations (a script's reservation) never have one: no cgroup I/O for them."""
@@ -318,6 +319,10 @@ class Broker:
     def held_by_pid(self) -> dict[str, int]:
         """{allocation id: holder pid} of the active allocations held by a process (an index, copied)."""
         return dict(self._held_by_pid)
+
+    def active_held_by(self, pid: int) -> set[str]:
+        """The active allocations `pid` holds (an index: not a pass over every allocation)."""
+        return {i for i in self._by_holder.get(pid, ()) if self.live[i].is_active}
 
     def active_on_gpus(self) -> list[Allocation]:
         """Active allocations with a `gpu:` item or a GPU charge (an index: not a pass over every allocation)."""
@@ -715,7 +720,22 @@ class Broker:
     def limits_of(self, allocation: Allocation) -> Limits:
         mode = EnforceMode(allocation.request.enforce) if allocation.request and allocation.request.enforce \
             else EnforceMode.OFF
-        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max)
+        return limits_for(mode, grant_of((i.resource, i.amount) for i in allocation.items), self.enforce.tasks_max,
+                          self._gpu_devices() if mode is EnforceMode.HARD else None)
+
+    def _gpu_devices(self) -> dict[str, int]:
+        """{GPU resource: its device node's minor} for the host's GPUs whose minor NVML gave (looked at again only
+        when resources came or went)."""
+        ledger = self.ledger
+        if self._gpu_minors is None or self._gpu_minors[0] is not ledger \
+                or self._gpu_minors[1] != ledger.catalogue_version:
+            # Only discovered GPUs (named gpu:N, as grant_of reads a grant): a label on a declared resource is
+            # not a device node this host has.
+            minors = {r.name: minor for r in ledger.resources()
+                      if r.type is ResourceType.GPU and r.source == "discovered" and r.name.startswith("gpu:")
+                      and isinstance(minor := r.labels.get("minor"), int) and not isinstance(minor, bool)}
+            self._gpu_minors = (ledger, ledger.catalogue_version, minors)
+        return self._gpu_minors[2]
 
     def schedule(self) -> None:
         """Serve the queue: grant what may be granted, drop what never can be, preempt if enabled."""
@@ -1006,9 +1026,10 @@ class Broker:
             raise AllocationNotFound(f"no allocation with id {allocation_id!r}", id=allocation_id)
         return allocation
 
-    def emit(self, now: float, kind: str, *, resource: str | None = None, detail: dict[str, Any] | None = None) -> None:
-        """Record an event from the monitor (alerts, health) and push it to subscribers."""
-        self._event(now, kind, resource=resource, detail=detail)
+    def emit(self, now: float, kind: str, *, resource: str | None = None, detail: dict[str, Any] | None = None,
+             allocation_id: str | None = None) -> None:
+        """Record an event from the monitor (alerts, health, foreign GPU use) and push it to subscribers."""
+        self._event(now, kind, allocation_id=allocation_id, resource=resource, detail=detail)
 
     # -- pools, budgets, accounting -------------------------------------------
 
@@ -1059,14 +1080,16 @@ class Broker:
     def record_samples(self, readings: dict[str, dict[str, float | str | None]],
                        gpu_processes: dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]],
                        rpc: dict[str, dict[str, float]] | None = None,
-                       usage: dict[str, dict[str, float]] | None = None) -> None:
+                       usage: dict[str, dict[str, float]] | None = None,
+                       members: dict[int, str] | None = None) -> None:
+        """One sampling round; `members`: {GPU process pid: the allocation whose cgroup holds it}."""
         self.store.fit_wal_to_disk()  # a disk filling up gets SQLite's smaller WAL before the WAL fills it
         self.accounts.sampled(usage or {}, readings)
         self._enforcement_sampled(usage or {}, self.clock())
         if rpc:
             readings["daemon"] = {f"rpc.{method}.{name}": value
                                   for method, figures in rpc.items() for name, value in figures.items()}
-        self.monitor.record(self.clock(), readings, gpu_processes)
+        self.monitor.record(self.clock(), readings, gpu_processes, members)
 
     def metrics_current(self, caller: Caller, command: p.MetricsCommand) -> dict[str, Any]:
         latest = self.monitor.current()
@@ -1076,7 +1099,9 @@ class Broker:
             if resource is None and name != "daemon":
                 raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
             latest = {name: latest.get(name, {})}
-        return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest}
+        processes = {name: listed for name, listed in self.monitor.gpu_processes.items() if name in latest}
+        return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest,
+                "processes": processes}
 
     def metrics_history(self, caller: Caller, command: p.HistoryCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)

@@ -26,7 +26,7 @@ def v1_mounts() -> dict[str, Path]:
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
         if len(fields) >= 4 and fields[2] == "cgroup":
-            for controller in ("cpu", "cpuacct", "cpuset", "memory", "pids"):
+            for controller in ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices"):
                 if controller in fields[3].split(","):
                     mounts[controller] = Path(fields[1])
     return mounts

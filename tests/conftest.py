@@ -40,6 +40,32 @@ unit = "slots"
 """
 
 
+
+def capture_with_process(tmp: Path, pid: int) -> Path:
+    """A variant of the H100 capture whose compute process is `pid`, a live process the test controls, with the
+    load held: written to `tmp` for `DaemonProcess(gpu_replay=...)`.
+
+    The capture recorded its one compute process (the load it ran, `load_pid` 464) only as repr() strings of
+    pynvml objects, which `ReplayNvml` counts but cannot attribute. The variant replaces each such record with
+    `{"pid": pid, "usedGpuMemory": ...}`, the device memory that sample used above the idle snapshot (what the
+    load took). Its trace is the load's part only (from the first sample with the process), and it has no
+    `after`, so the last loaded sample is held: the process stays on the GPU for as long as the test runs.
+    No production path knows of this: ReplayNvml plays any capture whose records carry fields.
+    """
+    capture = json.loads(GPU_CAPTURE.read_text())
+    idle_used = capture["idle"][0]["memory_info"]["used"]
+    loaded = [entry for entry in capture["load_trace"] if entry.get("compute_processes")]
+    for entry in loaded:
+        entry["compute_processes"] = [
+            {"pid": pid, "usedGpuMemory": entry["memory_info"]["used"] - idle_used} for _ in entry["compute_processes"]
+        ]
+    capture["load_trace"] = loaded
+    capture["after"] = []
+    path = tmp / f"h100-capture-pid-{pid}.json"
+    path.write_text(json.dumps(capture))
+    return path
+
+
 def mcpresd_command() -> list[str]:
     """The installed `mcpresd` console script beside this interpreter, as a user runs it, so the packaging is
     what is tested. Outside CI, a checkout without it (not installed with pip) falls back to `python -m mcpresd`;

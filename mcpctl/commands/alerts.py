@@ -42,7 +42,8 @@ def alerts(
       mcpctl alerts --follow --json | jq -c 'select(.kind == "alert.firing")'
 
     HELD BY names the allocations that held the resource when the alert fired,
-    largest first. With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe,
+    largest first; for foreign-gpu-use, the allocations concerned and the pids
+    of the GPU processes their grants do not cover ("gpu pid N"). With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe,
     and 5 if the daemon goes away.
     """
     if follow:
@@ -96,7 +97,8 @@ def alert_cells(alert: dict[str, Any], now: float) -> tuple[str, ...]:
 
 def holder_text(holder: dict[str, Any]) -> str:
     extras = [f"tool {holder['tool_id']}" if holder.get("tool_id") else "",
-              f"pid {holder['holder_pid']}" if holder.get("holder_pid") else ""]
+              f"pid {holder['holder_pid']}" if holder.get("holder_pid") else "",
+              f"gpu pid {', '.join(map(str, holder['gpu_pids']))}" if holder.get("gpu_pids") else ""]
     extra = ", ".join(e for e in extras if e)
     return str(holder["id"]) + (f" ({extra})" if extra else "")
 

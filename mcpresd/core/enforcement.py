@@ -5,7 +5,9 @@ Rules:
   proportion to the granted cores and a memory threshold at the grant that
   throttles and reclaims, never kills. `hard` caps: a CPU quota of the granted
   cores, the cores themselves where the grant names them, memory and swap at
-  the grant, and a task limit.
+  the grant, a task limit, and the device nodes of the host's GPUs it was
+  not granted (cgroup v1's devices controller; on v2 that needs BPF and is
+  not done).
 - A request may ask for any mode up to the config's `max_mode`; none asked
   means the config's `mode`, lowered to `max_mode` if it is above it.
 - A backend (mcpresd.enforce) turns `Limits` into its own files: cgroup v2
@@ -14,7 +16,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mcpresd.core.errors import InvalidRequest
@@ -46,6 +48,9 @@ class Limits:
     swap_max: int | None = None
     """Swap the allocation may use beyond memory_max (v2 memory.swap.max; v1 memsw = memory_max + this)."""
     tasks_max: int | None = None
+    gpu_devices_denied: tuple[int, ...] = ()
+    """Minors of the NVIDIA device nodes (/dev/nvidiaN, char 195:N) its processes may not open: the host's GPUs
+    it was not granted. /dev/nvidiactl, nvidia-uvm and the others stay open."""
 
     @property
     def contained(self) -> bool:
@@ -73,14 +78,19 @@ class Grant:
     """Bytes."""
     cores: tuple[int, ...] | None = None
     """Whole cores the grant names (resources `cpu:N`), if any."""
+    gpus: tuple[str, ...] = ()
+    """The GPUs granted (resources `gpu:N`)."""
 
 
 def grant_of(items: Iterable[tuple[str, float]]) -> Grant:
     """The CPU and memory in an allocation's items (resource name, amount): `cpu`, `memory`, `cpu:N` cores."""
     cpu = memory = 0.0
     cores: list[int] = []
+    gpus: list[str] = []
     for resource, amount in items:
-        if resource == "cpu":
+        if resource.startswith("gpu:") and amount > 0:
+            gpus.append(resource)
+        elif resource == "cpu":
             cpu += amount
         elif resource == "memory":
             memory += amount
@@ -88,11 +98,13 @@ def grant_of(items: Iterable[tuple[str, float]]) -> Grant:
             cores.append(int(resource[4:]))
             cpu += amount
     return Grant(cpu=cpu or None, memory=int(memory) if memory else None,
-                 cores=tuple(sorted(cores)) if cores else None)
+                 cores=tuple(sorted(cores)) if cores else None, gpus=tuple(sorted(gpus)))
 
 
-def limits_for(mode: EnforceMode, grant: Grant, tasks_max: int = DEFAULT_TASKS_MAX) -> Limits:
-    """The limits `mode` puts on an allocation granted `grant`."""
+def limits_for(mode: EnforceMode, grant: Grant, tasks_max: int = DEFAULT_TASKS_MAX,
+               gpu_devices: Mapping[str, int] | None = None) -> Limits:
+    """The limits `mode` puts on an allocation granted `grant`; `gpu_devices`: {GPU resource: device minor} of
+    every GPU on the host."""
     if mode is EnforceMode.OFF:
         return Limits(mode)
     shares = weight = None
@@ -102,8 +114,10 @@ def limits_for(mode: EnforceMode, grant: Grant, tasks_max: int = DEFAULT_TASKS_M
     if mode is EnforceMode.SOFT:
         return Limits(mode, cpu_shares=shares, cpu_weight=weight, memory_soft=grant.memory)
     quota = None if grant.cpu is None else max(MIN_CPU_QUOTA_US, round(grant.cpu * CPU_PERIOD_US))
+    denied = sorted({minor for name, minor in (gpu_devices or {}).items() if name not in grant.gpus})
     return Limits(mode, cpu_shares=shares, cpu_weight=weight, cpu_quota_us=quota, cpus=grant.cores,
-                  memory_max=grant.memory, swap_max=None if grant.memory is None else 0, tasks_max=tasks_max)
+                  memory_max=grant.memory, swap_max=None if grant.memory is None else 0, tasks_max=tasks_max,
+                  gpu_devices_denied=tuple(denied))
 
 
 def over_grant(limits: Limits, grant: Grant, memory_used: float, cpu_rate: float | None) -> list[dict[str, float | str]]:

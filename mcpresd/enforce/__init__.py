@@ -9,8 +9,12 @@ Rules:
   allocation. Nothing about it is kept in the database.
 - `choose()` runs once: cgroup v2 where the unified hierarchy has the cpu and
   memory controllers and the daemon may write it, else cgroup v1 where the
-  memory and cpu hierarchies are mounted and writable, else `NoEnforcement`
-  with the reason; `mcpctl status` shows which and why.
+  memory and cpu hierarchies are mounted and writable (with the devices
+  hierarchy where it is writable too: hard mode's GPU fence), else
+  `NoEnforcement` with the reason; `mcpctl status` shows which and why.
+- Which allocation a process belongs to is read from /proc/PID/cgroup
+  (`allocation_of`), the same way for every backend that names cgroups
+  `<subtree>/alloc-<id>`.
 - Every method is cheap (a few small file reads or writes) and raises OSError
   only from `create` and `move`; readers return None for what is gone.
 """
@@ -117,6 +121,25 @@ class NoEnforcement:
         return {"backend": self.name, "controllers": [], "why_not": self.why_not}
 
 
+def allocation_in(cgroup_file: str, subtree: str) -> str | None:
+    """The allocation whose cgroup (`.../<subtree>/alloc-<id>`, in any hierarchy) a /proc/PID/cgroup text names."""
+    for line in cgroup_file.splitlines():
+        path = line.split(":", 2)[-1].rstrip("/")
+        parent, _, name = path.rpartition("/")
+        if name.startswith(PREFIX) and len(name) > len(PREFIX) and (parent + "/").endswith(f"/{subtree}/"):
+            return name[len(PREFIX):]
+    return None
+
+
+def allocation_of(pid: int, subtree: str, proc: str = "/proc") -> str | None:
+    """The allocation whose cgroup holds `pid`; None for a process in none of them, or gone."""
+    try:
+        with open(f"{proc}/{pid}/cgroup") as file:
+            return allocation_in(file.read(), subtree)
+    except OSError:
+        return None
+
+
 def signal_all(pids: Iterable[int], signum: int) -> int:
     """Send `signum` to each pid; how many were still there to receive it."""
     sent = 0
@@ -189,11 +212,15 @@ def choose(subtree: str, *, mounts: str = "/proc/self/mounts") -> Enforcer:
             else:
                 return CgroupV2(where, subtree)
         elif kind == "cgroup":
-            for controller in ("cpu", "cpuacct", "cpuset", "memory", "pids"):
+            for controller in ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices"):
                 if controller in options:
                     v1[controller] = where
+    devices_why_not = None
+    if "devices" in v1 and not os.access(v1["devices"], os.W_OK):
+        devices_why_not = f"the devices hierarchy is not writable by uid {os.getuid()}"
+        del v1["devices"]  # the GPU device fence is left out, not every limit
     if "memory" in v1 and "cpu" in v1:
         if all(os.access(path, os.W_OK) for path in v1.values()):
-            return CgroupV1(v1, subtree)
+            return CgroupV1(v1, subtree, devices_why_not)
         return NoEnforcement(f"{v2_reason}; the cgroup v1 hierarchies are not writable by uid {os.getuid()}")
     return NoEnforcement(f"{v2_reason}; no cgroup v1 memory and cpu hierarchies either")

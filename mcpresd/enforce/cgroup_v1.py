@@ -4,6 +4,12 @@ Files written: cpu.shares, cpu.cfs_quota_us and cpu.cfs_period_us; cpuset.cpus a
 the parent, which v1 requires before a task may join; the granted cores in hard mode); memory.soft_limit_in_bytes
 (soft), memory.limit_in_bytes and memory.memsw.limit_in_bytes (hard, where swap accounting is on); pids.max.
 Files read: cpuacct.usage, memory.usage_in_bytes, memory.max_usage_in_bytes, memory.oom_control (oom_kill).
+
+Devices (hard mode): where the allocation is denied GPUs' device nodes (`Limits.gpu_devices_denied`), a
+directory in the devices hierarchy too, with `c 195:N rwm` written to devices.deny for each; the kernel then
+refuses those nodes' open() with EPERM. Only such allocations get a devices directory (a v1 move costs an RCU
+grace period per hierarchy). devices.list cannot show the denials: a cgroup that allows by default lists only
+`a *:* rwm`.
 """
 
 from __future__ import annotations
@@ -15,18 +21,25 @@ from pathlib import Path
 from mcpresd.core.enforcement import Limits
 from mcpresd.enforce import PREFIX, CgroupUsage
 
-CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
+CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices")
+NVIDIA_MAJOR = 195
+"""The character major of /dev/nvidia0..N (and of nvidiactl, 195:255, which is never denied)."""
 
 
 class CgroupV1:
     name = "cgroup-v1"
 
-    def __init__(self, mounts: dict[str, Path], subtree: str) -> None:
+    def __init__(self, mounts: dict[str, Path], subtree: str, devices_why_not: str | None = None) -> None:
+        """`devices_why_not`: why the devices hierarchy is left out though mounted (not writable)."""
         self.mounts = {c: Path(p) for c, p in mounts.items() if c in CONTROLLERS}
         self.subtree = subtree
         self.controllers = tuple(c for c in CONTROLLERS if c in self.mounts)
-        missing = [c for c in CONTROLLERS if c not in self.mounts]
-        self.why_not: str | None = f"no {', '.join(missing)} hierarchy mounted" if missing else None
+        missing = [c for c in CONTROLLERS if c not in self.mounts and c != "devices"]
+        reasons = [f"no {', '.join(missing)} hierarchy mounted"] if missing else []
+        if "devices" not in self.mounts:
+            reasons.append(f"devices: unavailable ({devices_why_not or 'no devices hierarchy mounted'}): "
+                           "GPUs are fenced by CUDA_VISIBLE_DEVICES only")
+        self.why_not: str | None = "; ".join(reasons) or None
         self._roots = sorted({p for p in self.mounts.values()})
 
     @property
@@ -51,8 +64,13 @@ class CgroupV1:
 
     def create(self, allocation_id: str, limits: Limits) -> None:
         self._prepare()
+        devices = self._dir("devices", allocation_id) if "devices" in self.mounts else None
         for directory in self._dirs(allocation_id):
-            directory.mkdir(exist_ok=True)
+            if directory != devices or limits.gpu_devices_denied:
+                directory.mkdir(exist_ok=True)
+        if devices is not None:
+            for minor in limits.gpu_devices_denied:
+                _write(devices / "devices.deny", f"c {NVIDIA_MAJOR}:{minor} rwm")
         if "cpuset" in self.mounts:
             directory = self._dir("cpuset", allocation_id)
             _inherit_cpuset(directory)
@@ -89,6 +107,11 @@ class CgroupV1:
 
     def _dirs_in_use(self, allocation_id: str) -> list[Path]:
         idle: set[Path] = set()
+        if "devices" in self.mounts and self.mounts["devices"] not in (self.mounts.get("memory"),
+                                                                       self.mounts.get("cpu")):
+            directory = self._dir("devices", allocation_id)
+            if not directory.is_dir():
+                idle.add(directory)  # made only for an allocation denied some GPUs
         if "pids" in self.mounts and self.mounts["pids"] not in (self.mounts.get("memory"), self.mounts.get("cpu")):
             directory = self._dir("pids", allocation_id)
             if _read(str(directory / "pids.max")).strip() == b"max":

@@ -219,6 +219,7 @@ def gpu_resources(gpus: tuple[GpuFacts, ...]) -> list[Resource]:
                 "pci_bus_id": gpu.pci_bus_id,
                 "mig": gpu.mig_enabled,
                 "numa_node": gpu.numa_node,
+                "minor": gpu.minor_number,
             },
             uuid=gpu.uuid,
             source="discovered",

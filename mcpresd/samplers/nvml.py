@@ -54,6 +54,8 @@ class GpuFacts:
     pci_bus_id: str
     mig_enabled: bool | None
     numa_node: int | None
+    minor_number: int | None = None
+    """N of the device node /dev/nvidiaN (not always the NVML index); None where NVML did not say."""
 
 
 class Nvml(Protocol):
@@ -114,6 +116,7 @@ class RealNvml:
             raise GpuError(f"GPU {index}: {error}") from error
         mig = self._read(lambda: lib.nvmlDeviceGetMigMode(handle)[0] == _MIG_ENABLED)
         numa = _optional_int(self._read(lambda: lib.nvmlDeviceGetNumaNodeId(handle)))
+        minor = _optional_int(self._read(lambda: int(lib.nvmlDeviceGetMinorNumber(handle))))
         return GpuFacts(
             index=index,
             uuid=uuid,
@@ -122,6 +125,7 @@ class RealNvml:
             pci_bus_id=pci_bus_id,
             mig_enabled=mig if isinstance(mig, bool) else None,
             numa_node=numa if numa is not None and numa >= 0 else None,
+            minor_number=minor if minor is not None and minor >= 0 else None,
         )
 
     def sample(self, index: int) -> dict[str, object]:
@@ -254,6 +258,8 @@ def _facts_from_snapshot(snapshot: Mapping[str, object], position: int) -> GpuFa
         pci_bus_id=_required_str(_required_object(snapshot, "pci", where), "busId", f"{where}.pci"),
         mig_enabled=mig_mode[0] == _MIG_ENABLED if isinstance(mig_mode, list) and mig_mode else None,
         numa_node=numa_node if numa_node is not None and numa_node >= 0 else None,
+        minor_number=minor if (minor := _optional_int(snapshot.get("minor_number"))) is not None and minor >= 0
+        else None,
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from mcpctl import exitcodes
-from tests.conftest import DaemonProcess, H100_UUID, as_json, cli, ok, run_cli, wait_for_connections
+from tests.conftest import DaemonProcess, H100_UUID, as_json, capture_with_process, cli, ok, run_cli, wait_for_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -258,6 +258,33 @@ def test_top_refuses_an_interval_under_half_a_second(monitored: DaemonProcess, i
 
     assert result.returncode == exitcodes.USAGE
     assert "--interval" in result.stderr
+
+
+def test_top_shows_each_gpu_process_with_its_device_memory(tmp_path: Path) -> None:
+    """The replay's compute process is a live process here (tests/conftest.py capture_with_process)."""
+    user = subprocess.Popen(["sleep", "600"])
+    daemon = DaemonProcess(tmp_path, config=CONFIG, gpu_replay=capture_with_process(tmp_path, user.pid))
+    try:
+        daemon.start()
+        allocation = daemon.call("allocate", {"resources": [{"resource": "gpu:0", "amount": 1}],
+                                              "holder_pid": os.getpid()})  # the process's parent holds gpu:0
+        # A round recorded before the allocation lists the process as nobody's: wait for one that attributes it.
+        listed = eventually(lambda: [p for p in daemon.call("metrics.current", {"resource": "gpu:0"})["processes"]
+                                     .get("gpu:0", ()) if p["allocations"]], timeout=ALERT_S)
+        assert [(p["pid"], p["allocations"], p["foreign"]) for p in listed] == [(user.pid, [allocation["id"]], False)]
+        assert listed[0]["used_memory"] > 1 << 30
+
+        data = as_json(daemon, "top", "--once")
+        assert data["metrics"]["processes"]["gpu:0"][0]["pid"] == user.pid
+        result = cli(daemon, "top", "--once", env={"COLUMNS": "160", "LINES": ""})
+        assert result.returncode == 0, result.stderr
+        row = next(line for line in result.stdout.splitlines() if line.startswith("gpu:0 "))
+        assert re.search(rf"pid {user.pid} \d+(\.\d+)?G\b", row), row
+        assert "1 proc" in row
+    finally:
+        daemon.stop()
+        user.kill()
+        user.wait()
 
 
 def _read_until(master: int, seen: bytearray, done: Callable[[], bool], timeout: float) -> None:

@@ -104,7 +104,8 @@ def test_choose_finds_v1_here_and_names_its_controllers(cgroup_subtree: str):
     if isinstance(chosen, CgroupV2):
         pytest.skip("this host offers cgroup v2 with controllers; v1 is not chosen")
     assert isinstance(chosen, CgroupV1)
-    assert set(chosen.controllers) == {c for c in ("cpu", "cpuacct", "cpuset", "memory", "pids") if c in mounts}
+    assert set(chosen.controllers) == {c for c in ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices")
+                                       if c in mounts}
     assert chosen.describe()["backend"] == "cgroup-v1"
 
 
@@ -234,3 +235,114 @@ def test_v2_on_a_real_unified_hierarchy_limits_moves_measures_and_removes():
             chosen.remove(leftover)
         if chosen.root.exists():
             chosen.root.rmdir()
+
+
+# -- the devices controller: hard mode's GPU fence -------------------------------------------------
+
+OPEN_EACH = """
+import errno, os, sys
+sys.stdin.readline()
+for path in sys.argv[1:]:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        print("opened")
+    except OSError as error:
+        print(errno.errorcode[error.errno])
+"""
+
+
+def device_nodes(tmp_path: Path, minors: dict[str, int]) -> dict[str, str]:
+    """Character nodes 195:N made in `tmp_path` (a node's cgroup check does not care where it lives)."""
+    import os
+
+    nodes = {}
+    for name, minor in minors.items():
+        path = tmp_path / name
+        try:
+            os.mknod(path, 0o600 | 0o020000, os.makedev(195, minor))
+        except PermissionError as error:
+            pytest.skip(f"cannot make device nodes here: {error}")
+        nodes[name] = str(path)
+    return nodes
+
+
+def opened_from(v1: CgroupV1, allocation_id: str | None, paths: list[str]) -> list[str]:
+    """What open() of each path gives a process in the allocation's cgroup (None: in none of the daemon's)."""
+    child = subprocess.Popen([sys.executable, "-c", OPEN_EACH, *paths], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        if allocation_id is not None:
+            v1.move(allocation_id, child.pid)
+        out, _ = child.communicate("go\n", timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+    return out.split()
+
+
+def test_v1_hard_denies_the_device_nodes_of_the_gpus_not_granted_and_nothing_else(v1: CgroupV1, tmp_path: Path):
+    if "devices" not in v1.mounts:
+        pytest.skip(f"no writable devices hierarchy here: {v1.why_not}")
+    # Minors no real GPU has: the fence is checked by the kernel before any driver is asked.
+    gpus = {"gpu:0": 200, "gpu:1": 201}
+    nodes = device_nodes(tmp_path, {"granted": 200, "other": 201, "nvidiactl": 255})
+    limits = limits_for(EnforceMode.HARD, Grant(cpu=1, gpus=("gpu:0",)), gpu_devices=gpus)
+    assert limits.gpu_devices_denied == (201,)
+    v1.create("g1", limits)
+    devices = v1.mounts["devices"] / v1.subtree / "alloc-g1"
+    assert devices.is_dir()
+
+    granted, other, control = opened_from(v1, "g1", [nodes["granted"], nodes["other"], nodes["nvidiactl"]])
+
+    assert other == "EPERM"  # refused by the cgroup
+    assert granted != "EPERM" and control != "EPERM"  # left to the driver: ENXIO here, where there is none
+    assert opened_from(v1, None, [nodes["other"]]) != ["EPERM"]  # outside the allocation it is not refused
+    wait_for(lambda: not v1.pids("g1"), what="the child to leave its cgroup")
+    assert v1.remove("g1") and not devices.exists()
+
+
+def test_v1_soft_and_a_grant_of_every_gpu_get_no_devices_cgroup(v1: CgroupV1):
+    if "devices" not in v1.mounts:
+        pytest.skip(f"no writable devices hierarchy here: {v1.why_not}")
+    gpus = {"gpu:0": 200}
+    v1.create("s1", limits_for(EnforceMode.SOFT, Grant(cpu=1), gpu_devices=gpus))
+    v1.create("h1", limits_for(EnforceMode.HARD, Grant(cpu=1, gpus=("gpu:0",)), gpu_devices=gpus))
+    assert not (v1.mounts["devices"] / v1.subtree / "alloc-s1").exists()
+    assert not (v1.mounts["devices"] / v1.subtree / "alloc-h1").exists()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        v1.move("h1", sleeper.pid)
+        assert v1.pids("h1") == {sleeper.pid}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    wait_for(lambda: not v1.pids("h1"), what="the sleeper to leave its cgroup")
+    assert v1.remove("s1") and v1.remove("h1")
+
+
+def fake_v1_tree(tmp_path: Path, controllers: tuple[str, ...]) -> Path:
+    """A /proc/self/mounts naming one directory per v1 controller under `tmp_path`."""
+    lines = []
+    for controller in controllers:
+        (tmp_path / controller).mkdir()
+        lines.append(f"cgroup {tmp_path / controller} cgroup rw,nosuid,{controller} 0 0")
+    mounts = tmp_path / "mounts"
+    mounts.write_text("\n".join(lines) + "\n")
+    return mounts
+
+
+def test_a_v1_host_without_a_devices_hierarchy_says_the_gpu_fence_is_unavailable(tmp_path: Path):
+    mounts = fake_v1_tree(tmp_path, ("cpu", "cpuacct", "cpuset", "memory", "pids"))
+    chosen = choose("mcpres", mounts=str(mounts))
+    assert isinstance(chosen, CgroupV1)
+    assert "devices" not in chosen.controllers
+    assert chosen.why_not == ("devices: unavailable (no devices hierarchy mounted): "
+                              "GPUs are fenced by CUDA_VISIBLE_DEVICES only")
+    assert chosen.describe()["why_not"] == chosen.why_not
+
+
+def test_a_v1_host_with_a_devices_hierarchy_names_it(tmp_path: Path):
+    mounts = fake_v1_tree(tmp_path, ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices"))
+    chosen = choose("mcpres", mounts=str(mounts))
+    assert isinstance(chosen, CgroupV1)
+    assert "devices" in chosen.controllers and chosen.why_not is None

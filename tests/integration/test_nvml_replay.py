@@ -65,6 +65,7 @@ def test_replay_lists_the_recorded_devices_with_their_facts(replay: ReplayNvml) 
         pci_bus_id="00000000:00:06.0",
         mig_enabled=False,
         numa_node=None,
+        minor_number=0,
     )
 
 

@@ -34,6 +34,25 @@ def test_the_grant_is_read_from_cpu_memory_and_named_cores():
     assert grant_of([("cpu", 1.5), ("memory", 2 * GIB), ("gpu0", 1)]) == Grant(cpu=1.5, memory=2 * GIB)
     assert grant_of([("cpu:3", 1), ("cpu:1", 1)]) == Grant(cpu=2, cores=(1, 3))
     assert grant_of([("licence", 1)]) == Grant()
+    assert grant_of([("gpu:1", 1), ("gpu:0", 0.5), ("cpu", 1)]) == Grant(cpu=1, gpus=("gpu:0", "gpu:1"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "granted", "denied"),
+    [
+        (HARD, (), (0, 3)),
+        (HARD, ("gpu:1",), (0,)),
+        (HARD, ("gpu:0", "gpu:1"), ()),
+        (SOFT, (), ()),  # soft and off fence nothing
+        (OFF, (), ()),
+    ],
+)
+def test_hard_denies_the_device_nodes_of_the_gpus_not_granted(mode, granted, denied):  # type: ignore[no-untyped-def]
+    gpus = {"gpu:0": 0, "gpu:1": 3}  # the minor of /dev/nvidiaN is NVML's, not always the index
+
+    limits = limits_for(mode, Grant(cpu=1, gpus=granted), gpu_devices=gpus)
+
+    assert limits.gpu_devices_denied == denied
 
 
 def test_off_limits_nothing_and_makes_no_cgroup():
