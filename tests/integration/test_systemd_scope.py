@@ -22,7 +22,7 @@ import pytest
 from mcpctl.launch import systemd_run_argv
 from mcpresd.core.enforcement import Grant, limits_for
 from mcpresd.enforce import StepScopes
-from mcpresd.enforce.systemd_scope import SystemdScope
+from mcpresd.enforce.systemd_scope import SystemdScope, probe
 from mcpresd.protocol import EnforceMode
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -146,3 +146,37 @@ def test_scopes_left_from_before_a_restart_are_found_in_the_slice(tmp_path: Path
     used = backend.usage("b2")
     assert used is not None and used.cpu_seconds == 1.0 and used.memory_peak == 2 * MIB
     assert backend.why_not == "the user manager delegates no cpuset, pids controller: AllowedCPUs is not applied"
+
+
+def _fake_systemd_run(bin_dir: Path, body: str) -> None:
+    bin_dir.mkdir()
+    (bin_dir / "systemd-run").write_text("#!/bin/sh\n" + body)
+    (bin_dir / "systemd-run").chmod(0o755)
+
+
+def test_the_start_up_probe_finds_the_slice_and_the_controllers_the_user_manager_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # What `cat /proc/self/cgroup` prints in a scope of a user manager (systemd 252, Debian 12), replayed.
+    manager = tmp_path / "cgroup/user.slice/user-1000.slice/user@1000.service"
+    manager.mkdir(parents=True)
+    (manager / "cgroup.controllers").write_text("cpu memory pids\n")  # the slice itself is gone with the probe
+    _fake_systemd_run(tmp_path / "bin", 'echo "0::/user.slice/user-1000.slice/user@1000.service/mcpres.slice/'
+                                        'run-r5e1.scope"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    found = probe("mcpres", tmp_path / "cgroup")
+
+    assert isinstance(found, SystemdScope)
+    assert found.slice_dir == manager / "mcpres.slice"
+    assert found.controllers == ("cpu", "memory", "pids")
+    assert found.why_not == "the user manager delegates no cpuset controller: AllowedCPUs is not applied"
+
+
+def test_the_start_up_probe_says_why_systemd_run_cannot_be_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _fake_systemd_run(tmp_path / "bin", 'echo "Failed to connect to bus: No medium found" >&2\nexit 1\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    assert probe("mcpres", tmp_path) == \
+        "systemd-run --user cannot start a scope (Failed to connect to bus: No medium found)"
+    assert probe("mcpres", None) == \
+        "no cgroup v2 hierarchy is mounted, so a user manager's scopes cannot be limited"
