@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -228,3 +229,21 @@ def test_allocate_naming_a_holder_stays_advisory_and_says_so(user_daemon: UserDa
     assert f"pid {holder} was not moved into a cgroup" in done.stderr
     assert f"allocation {allocation_id} is a reservation (advisory)" in done.stderr
     assert [call for call in user_daemon.calls() if call[:1] == ["systemd-run"]] == [PROBE]
+
+
+def test_a_signal_to_mcpctl_reaches_the_command_in_its_scope(user_daemon: UserDaemon):
+    env = {**os.environ, "PATH": user_daemon.path, "MCPRES_SOCKET": user_daemon.daemon.socket}
+    run = subprocess.Popen([*AS_NOBODY, MCPCTL, "run", "--cpu", "1", "--enforce", "hard", "--", "sh", "-c",
+                            'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done'],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline() == "ready\n"  # the command runs (through the fake systemd-run)
+        run.send_signal(signal.SIGTERM)  # setpriv exec'd mcpctl: this is mcpctl's pid
+        assert run.wait(timeout=60) == 42
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=30)
+    assert [call[:3] for call in user_daemon.calls() if call[:1] == ["systemd-run"]][1:] == \
+        [["systemd-run", "--user", "--scope"]]
