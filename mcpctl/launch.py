@@ -204,7 +204,9 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
             import shutil
 
             if shutil.which(argv[0]) is None:
-                _cannot_run(argv[0], FileNotFoundError(2, os.strerror(2)))
+                present = os.sep in argv[0] and os.path.exists(argv[0])
+                _cannot_run(argv[0], PermissionError(13, os.strerror(13)) if present
+                            else FileNotFoundError(2, os.strerror(2)))
             run = systemd_run_argv(handed["scope"], argv)
         try:
             os.execvp(run[0], run)

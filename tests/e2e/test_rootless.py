@@ -190,11 +190,16 @@ def test_run_with_enforcement_off_starts_no_scope(user_daemon: UserDaemon):
     assert user_daemon.calls() == [PROBE]
 
 
-def test_a_command_that_does_not_exist_exits_127_without_starting_a_scope(user_daemon: UserDaemon):
-    done = user_daemon.mcpctl("run", "--cpu", "1", "--", "no-such-command-here")
+def test_a_command_that_cannot_run_exits_127_or_126_without_starting_a_scope(user_daemon: UserDaemon):
+    not_executable = user_daemon.home / "data.txt"
+    not_executable.write_text("not a program\n")
+    not_executable.chmod(0o644)
 
-    assert done.returncode == 127
-    assert "cannot run 'no-such-command-here'" in done.stderr
+    missing = user_daemon.mcpctl("run", "--cpu", "1", "--", "no-such-command-here")
+    refused = user_daemon.mcpctl("run", "--cpu", "1", "--", str(not_executable))
+
+    assert missing.returncode == 127 and "cannot run 'no-such-command-here'" in missing.stderr
+    assert refused.returncode == 126 and "Permission denied" in refused.stderr
     assert [call for call in user_daemon.calls() if call[:1] == ["systemd-run"]] == [PROBE]
 
 
