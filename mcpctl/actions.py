@@ -533,6 +533,11 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
         return fail(f"the allocation for key {options.key!r} ({allocation['id']}) was already {state}; "
                     "use a new --key", exitcodes.ERROR)
     warn_risks(allocation)
+    if "scope" in allocation and options.holder_pid is not None:
+        print(f"mcpctl: note: pid {options.holder_pid} was not moved into a cgroup: this daemon limits only "
+              f"commands started by `mcpctl run` (each in a transient systemd scope); allocation "
+              f"{allocation['id']} is a reservation (advisory). Run its work with "
+              f"`mcpctl run --allocation {allocation['id']} -- CMD`.", file=sys.stderr)
     if options.output == "json":
         print(json.dumps(allocation, indent=2))
     elif options.output == "env":

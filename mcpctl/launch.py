@@ -16,6 +16,11 @@ Rules:
   terminal) reached the command already and are not sent twice.
 - The exit status is the command's, as a shell reports it: its exit code,
   128+N when signal N killed it, 126/127 when it could not be started.
+- Where the daemon names a transient scope for the step (systemd-scope backend,
+  a per-user daemon), the child execs `systemd-run --user --scope ... -- cmd`
+  instead, which starts the scope around itself and execs the command: the
+  same pid, the same exit status. The command is looked up first, so that one
+  that cannot be found still exits 127 (systemd-run would exit 1).
 Standard library and `mcpresd.protocol` only.
 """
 
@@ -85,7 +90,7 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
         _stop(child)
         return code
     allocation = code
-    status, usage = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    status, usage = _hand_over_and_wait(child, write_end, run_environment(allocation), allocation.get("scope"))
     _release(socket_path, allocation["id"], retry_for, measured_of(usage))
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
         _say_if_oom_killed(socket_path, allocation, retry_for)
@@ -136,10 +141,16 @@ def run_step(socket_path: str, allocation_id: str, argv: Sequence[str], retry_fo
         os.close(write_end)
         _stop(child)
         return unreachable(error) if isinstance(error, DaemonUnreachable) else rpc_failure(error)
-    status, _ = _hand_over_and_wait(child, write_end, run_environment(allocation))
+    status, _ = _hand_over_and_wait(child, write_end, run_environment(allocation), allocation.get("scope"))
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
         _say_if_oom_killed(socket_path, allocation, retry_for)
     return _exit_code(status)
+
+
+def systemd_run_argv(scope: dict[str, Any], argv: Sequence[str]) -> list[str]:
+    """The command line that starts `argv` in the step's transient scope (the daemon's ScopeDict)."""
+    return ["systemd-run", "--user", "--scope", "--quiet", "--collect", f"--unit={scope['unit']}",
+            f"--slice={scope['slice']}", *(f"--property={p}" for p in scope["properties"]), "--", *argv]
 
 
 def measured_of(usage: struct_rusage) -> dict[str, float]:
@@ -186,25 +197,42 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
         os.close(read_end)
         if not data:
             os._exit(exitcodes.ERROR)  # no allocation: the parent says why
-        os.environ.update(json.loads(data))
+        handed = json.loads(data)
+        os.environ.update(handed["environment"])
+        run = argv
+        if handed.get("scope") is not None:
+            import shutil
+
+            if shutil.which(argv[0]) is None:
+                present = os.sep in argv[0] and os.path.exists(argv[0])
+                _cannot_run(argv[0], PermissionError(13, os.strerror(13)) if present
+                            else FileNotFoundError(2, os.strerror(2)))
+            run = systemd_run_argv(handed["scope"], argv)
         try:
-            os.execvp(argv[0], argv)
+            os.execvp(run[0], run)
         except OSError as error:
-            code = exitcodes.NOT_FOUND if isinstance(error, FileNotFoundError) else exitcodes.CANNOT_EXECUTE
-            os.write(2, f"mcpctl: cannot run {argv[0]!r}: {error.strerror or error}\n".encode(errors="replace"))
-            os._exit(code)
+            _cannot_run(run[0], error)
     except BaseException:
         os._exit(exitcodes.ERROR)
     os._exit(exitcodes.ERROR)
 
 
-def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str]) -> tuple[int, struct_rusage]:
-    """Start the command, forward signals to it until it ends; its wait status and resource usage."""
+def _cannot_run(program: str, error: OSError) -> None:
+    """In the child: say why `program` cannot run, and exit 127 (not found) or 126. Never returns."""
+    code = exitcodes.NOT_FOUND if isinstance(error, FileNotFoundError) else exitcodes.CANNOT_EXECUTE
+    os.write(2, f"mcpctl: cannot run {program!r}: {error.strerror or error}\n".encode(errors="replace"))
+    os._exit(code)
+
+
+def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str],
+                        scope: dict[str, Any] | None = None) -> tuple[int, struct_rusage]:
+    """Start the command (in `scope`, where the daemon names one), forward signals to it until it ends; its wait
+    status and resource usage."""
     watched = {*FORWARDED, signal.SIGCHLD}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
         try:
-            os.write(write_end, json.dumps(environment).encode())
+            os.write(write_end, json.dumps({"environment": environment, "scope": scope}).encode())
         except BrokenPipeError:
             pass  # the child is gone already; waitpid says how
         finally:

@@ -53,8 +53,10 @@ def enforcement_line(enforcement: dict[str, Any]) -> str:
     if enforcement["backend"] == "none":
         return f"off: {enforcement.get('why_not') or 'no backend'}"
     line = (f"{enforcement['mode']} (max {enforcement['max_mode']}) by {enforcement['backend']}: "
-            f"{', '.join(enforcement['controllers'])}")
-    return f"{line} ({enforcement['why_not']})" if enforcement.get("why_not") else line
+            f"{', '.join(enforcement['controllers']) or 'controllers unknown'}")
+    line = f"{line} ({enforcement['why_not']})" if enforcement.get("why_not") else line
+    # The systemd-scope backend says why it was chosen and what it leaves advisory.
+    return "; ".join([line, *(str(enforcement[key]) for key in ("why", "advisory") if enforcement.get(key))])
 
 
 def resources(rows: list[dict[str, Any]]) -> None:

@@ -242,6 +242,15 @@ if TYPE_CHECKING:
         uuid: str | None
 
 
+    class ScopeDict(TypedDict):
+        """A step's transient scope (systemd-scope backend): `systemd-run --user --scope --unit=UNIT
+        --slice=SLICE --property=P ... -- CMD`."""
+
+        unit: str
+        slice: str
+        properties: list[str]
+
+
     class AllocationDict(TypedDict):
         id: str
         state: str
@@ -270,6 +279,8 @@ if TYPE_CHECKING:
         pools: list[str]
         measured: dict[str, float] | None
         enforce: str
+        scope: NotRequired[ScopeDict]
+        """systemd-scope backend only: the transient scope `mcpctl run` starts its step in."""
 
 
     class StatusDict(TypedDict):

@@ -58,7 +58,7 @@ from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
-from mcpresd.enforce import Enforcer, NoEnforcement
+from mcpresd.enforce import Enforcer, NoEnforcement, StepScopes
 from mcpresd.pooling import FactoryRun, PoolKeeper
 from mcpresd.retention import Retention, prune
 from mcpresd.protocol import VERSION, AllocationState, EnforceMode, ResourceType
@@ -897,7 +897,9 @@ class Broker:
                                   id=allocation.id)
         pid, _ = resolve_holder(command.pid, caller.pid, caller.uid, caller.administers)
         self._confine(allocation, pid)
-        return self.allocation_dict(allocation)
+        result = self.allocation_dict(allocation)
+        self._add_scope(result, allocation, pid)
+        return result
 
     def allocations_explain(self, caller: Caller, command: p.ExplainCommand) -> dict[str, Any]:
         allocation = self._visible(caller, command.id)
@@ -1158,7 +1160,7 @@ class Broker:
                 }
             )
         request = allocation.request
-        return {
+        result: AllocationDict = {
             "id": allocation.id,
             "state": allocation.state.value,
             "items": items,
@@ -1195,6 +1197,17 @@ class Broker:
                 "objective": request.objective,
             },
         }
+        if (allocation.is_active and request is not None and request.confine_holder
+                and allocation.holder_pid is not None):
+            self._add_scope(result, allocation, allocation.holder_pid)
+        return result
+
+    def _add_scope(self, result: AllocationDict, allocation: Allocation, pid: int) -> None:
+        """systemd-scope backend: the transient scope a step (`pid`) starts itself in, for `mcpctl run`."""
+        if isinstance(self.enforcer, StepScopes):
+            limits = self.limits_of(allocation)
+            if limits.contained:
+                result["scope"] = self.enforcer.step(allocation.id, pid, limits, self.enforce.kill_grace)
 
 
 _WHY = {
@@ -1246,6 +1259,7 @@ def redact(allocation: AllocationDict) -> AllocationDict:
     shown = dict(allocation)
     for key in _PRIVATE:
         shown[key] = [] if key == "risks" else None
+    shown.pop("scope", None)  # its unit names the holder's pid
     shown["redacted"] = True
     return shown  # type: ignore[return-value]
 

@@ -95,6 +95,11 @@ def run(
     how much); when it ends, what it left running is stopped (--keep-processes
     keeps it).
 
+    A per-user daemon (`mcpctl status`: systemd-scope) moves no process: the
+    command is started through `systemd-run --user --scope` in a transient
+    scope of your systemd user manager, with the allocation's limits as the
+    scope's properties (same pid, same exit status).
+
     With --allocation ID the command runs as a step of an allocation made
     before (id=$(mcpctl allocate ...)): it joins that allocation's cgroup, so
     all the steps share its limits, and the allocation is not released when

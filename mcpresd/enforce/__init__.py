@@ -10,11 +10,14 @@ Rules:
 - `choose()` runs once: cgroup v2 where the unified hierarchy has the cpu and
   memory controllers and the daemon may write it, else cgroup v1 where the
   memory and cpu hierarchies are mounted and writable (with the devices
-  hierarchy where it is writable too: hard mode's GPU fence), else
-  `NoEnforcement` with the reason; `mcpctl status` shows which and why.
+  hierarchy where it is writable too: hard mode's GPU fence), else (a daemon
+  that is not root) systemd-scope where `systemd-run --user` starts a scope,
+  else `NoEnforcement` with the reason; `mcpctl status` shows which and why.
 - Which allocation a process belongs to is read from /proc/PID/cgroup
   (`allocation_of`), the same way for every backend that names cgroups
   `<subtree>/alloc-<id>`.
+- A backend that cannot move processes (`StepScopes`: systemd-scope) names the
+  scope each step starts itself in, and ends an allocation its own way.
 - Every method is cheap (a few small file reads or writes) and raises OSError
   only from `create` and `move`; readers return None for what is gone.
 """
@@ -27,9 +30,12 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mcpresd.core.enforcement import Limits
+
+if TYPE_CHECKING:
+    from mcpresd.protocol import ScopeDict
 
 PREFIX = "alloc-"
 
@@ -78,6 +84,15 @@ class Enforcer(Protocol):
     def existing(self) -> set[str]: ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class StepScopes(Protocol):
+    """A backend that moves no process: each step starts itself in the scope named here (`mcpctl run`)."""
+
+    def step(self, allocation_id: str, pid: int, limits: Limits, kill_grace: float) -> ScopeDict: ...
+
+    async def end(self, allocation_id: str, keep_processes: bool, grace: float) -> int: ...
 
 
 class NoEnforcement:
@@ -177,6 +192,8 @@ async def stop_processes(enforcer: Enforcer, allocation_id: str, grace: float, p
 
 async def let_go(enforcer: Enforcer, allocation_id: str, keep_processes: bool, grace: float) -> int:
     """End an allocation's cgroup: its processes stopped (or moved out, kept), the cgroup removed; how many stopped."""
+    if isinstance(enforcer, StepScopes):
+        return await enforcer.end(allocation_id, keep_processes, grace)
     if keep_processes:
         enforcer.evict(allocation_id)
     return await stop_processes(enforcer, allocation_id, grace)
@@ -193,12 +210,14 @@ def choose(subtree: str, *, mounts: str = "/proc/self/mounts") -> Enforcer:
         return NoEnforcement(f"cannot read {mounts}: {error.strerror}")
     v1: dict[str, Path] = {}
     v2_reason = "no cgroup v2 hierarchy is mounted"
+    unified: Path | None = None
     for line in table.splitlines():
         fields = line.split()
         if len(fields) < 4:
             continue
         where, kind, options = Path(fields[1]), fields[2], fields[3].split(",")
         if kind == "cgroup2":
+            unified = where
             try:
                 available = set((where / "cgroup.controllers").read_text().split())
             except OSError:
@@ -222,5 +241,15 @@ def choose(subtree: str, *, mounts: str = "/proc/self/mounts") -> Enforcer:
     if "memory" in v1 and "cpu" in v1:
         if all(os.access(path, os.W_OK) for path in v1.values()):
             return CgroupV1(v1, subtree, devices_why_not)
-        return NoEnforcement(f"{v2_reason}; the cgroup v1 hierarchies are not writable by uid {os.getuid()}")
-    return NoEnforcement(f"{v2_reason}; no cgroup v1 memory and cpu hierarchies either")
+        reason = f"{v2_reason}; the cgroup v1 hierarchies are not writable by uid {os.getuid()}"
+    else:
+        reason = f"{v2_reason}; no cgroup v1 memory and cpu hierarchies either"
+    if os.getuid() == 0:
+        return NoEnforcement(reason)
+    from mcpresd.enforce.systemd_scope import probe
+
+    scopes = probe(subtree, unified)
+    if isinstance(scopes, str):
+        return NoEnforcement(f"{reason}; {scopes}")
+    scopes.why = f"{reason}; systemd-run --user starts scopes"
+    return scopes

@@ -1,5 +1,5 @@
-"""The systemd units in systemd/: they verify without a warning, the system unit's exposure stays at 2.0 or
-below, and they keep what the daemon needs (NVML devices, /proc, real uids, a socket that outlives it)."""
+"""The systemd units in systemd/: they verify without a warning, the system unit's exposure stays at 1.5 or
+below (its score before Delegate=yes), and they keep what the daemon needs (NVML devices, /proc, real uids, a socket that outlives it)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ UNITS = ROOT / "systemd"
 SYSTEM_SERVICE = UNITS / "mcpresd.service"
 SOCKET = UNITS / "mcpresd.socket"
 USER_SERVICE = UNITS / "user" / "mcpresd.service"
-MAX_EXPOSURE = 2.0
+MAX_EXPOSURE = 1.5
+"""`systemd-analyze security --offline=true` rated the system unit 1.5 before Delegate=yes; it must not rise."""
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
@@ -57,7 +58,7 @@ def stub(path: Path) -> None:
 
 
 @needs_analyze
-def test_the_system_service_is_exposed_at_most_2_0() -> None:
+def test_the_system_service_is_exposed_at_most_1_5() -> None:
     done = analyze("security", "--offline=yes", str(SYSTEM_SERVICE))
 
     match = re.search(r"Overall exposure level for mcpresd\.service: (\d+\.\d)", done.stdout)
@@ -129,3 +130,20 @@ def test_the_user_service_serves_where_mcpctl_looks_by_default() -> None:
 
     assert "--socket %t/mcpres/mcpresd.sock" in service["ExecStart"][0]  # %t is $XDG_RUNTIME_DIR
     assert service["Type"] == ["notify"] and service["StateDirectory"] == ["mcpresd"]
+
+
+@pytest.mark.parametrize("unit", [SYSTEM_SERVICE, USER_SERVICE], ids=["system", "user"])
+def test_a_start_that_a_restart_cannot_mend_is_not_restarted(unit: Path) -> None:
+    # mcpresd exits 3 when the database or socket is another daemon's and 4 for a path it cannot use
+    # (README, "The daemon"; tests/e2e/test_startup.py): restarting every RestartSec would only loop.
+    service = directives(unit)
+
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["3 4"]
+
+
+def test_the_system_service_owns_a_delegated_cgroup_and_the_user_service_does_not() -> None:
+    # The system daemon's subtree is its unit's cgroup; a per-user daemon's steps run in the user manager's
+    # transient scopes (systemd-scope backend), which are not below the service.
+    assert directives(SYSTEM_SERVICE)["Delegate"] == ["yes"]
+    assert "Delegate" not in directives(USER_SERVICE)
