@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from mcpresd import params
 from mcpresd.core import errors
 from mcpresd.core.model import Resource
+from mcpresd.exposition import RpcTotals
 from mcpresd.protocol import JSONRPC, MAX_BATCH, ErrorCode, Method, compact_json_encoder
 from mcpresd.service import Broker, Caller
 from mcpresd.store import StorageError
@@ -80,6 +81,7 @@ HANDLERS: dict[Method, Handler] = {
     Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
     Method.METRICS_CURRENT: Handler(params.metrics_current, Broker.metrics_current),
     Method.METRICS_HISTORY: Handler(params.metrics_history, Broker.metrics_history),
+    Method.METRICS_EXPOSITION: Handler(params.no_params, Broker.metrics_exposition),
     Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
     Method.PREDICT: Handler(params.predict, Broker.predict),
     Method.DB_BACKUP: Handler(params.db_backup, Broker.db_backup),
@@ -168,14 +170,28 @@ class RpcStats:
         self._calls: dict[str, list[float]] = {}
         self._errors: dict[str, int] = {}
         self._since = time.monotonic()
+        # Since the daemon started, for the Prometheus exposition; every key from the start, so the store
+        # thread may copy them while the loop counts (their size never changes).
+        self.started = time.time()
+        self._requests_total = dict.fromkeys(_KNOWN | {"unknown"}, 0)
+        self._errors_total = dict.fromkeys(_KNOWN | {"unknown"}, 0)
+        self._seconds_total = dict.fromkeys(_KNOWN | {"unknown"}, 0.0)
 
     def record(self, method: str, seconds: float, failed: bool) -> None:
         key = method if method in _KNOWN else "unknown"
         times = self._calls.setdefault(key, [])
         if len(times) < 10_000:
             times.append(seconds)
+        self._requests_total[key] += 1
+        self._seconds_total[key] += seconds
         if failed:
             self._errors[key] = self._errors.get(key, 0) + 1
+            self._errors_total[key] += 1
+
+    def totals(self) -> RpcTotals:
+        """Requests, errors and seconds by method since the daemon started (a copy)."""
+        return RpcTotals(self.started, dict(self._requests_total), dict(self._errors_total),
+                         dict(self._seconds_total))
 
     def take(self) -> dict[str, dict[str, float]]:
         now = time.monotonic()

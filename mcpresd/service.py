@@ -59,6 +59,7 @@ from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.enforce import Enforcer, NoEnforcement
+from mcpresd.exposition import CONTENT_TYPE, RpcTotals, Snapshot, exposition
 from mcpresd.pooling import FactoryRun, PoolKeeper
 from mcpresd.retention import Retention, prune
 from mcpresd.protocol import VERSION, AllocationState, EnforceMode, ResourceType
@@ -210,6 +211,8 @@ class Broker:
         self.monitor = Monitor(self, monitor or MonitorPolicy())
         self.pools = PoolKeeper(self)
         self.accounts = Accounts(self)
+        self.rpc_totals: Callable[[], RpcTotals] | None = None
+        """The daemon's RPC figures since it started (set by the daemon: the dispatcher counts them)."""
 
     def reload(self) -> None:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
@@ -1077,6 +1080,30 @@ class Broker:
                 raise UnknownResource(f"no resource named {command.resource!r}", resource=command.resource)
             latest = {name: latest.get(name, {})}
         return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest}
+
+    def metrics_exposition(self, caller: Caller, command: p.NoParams) -> dict[str, Any]:
+        return {"content_type": CONTENT_TYPE, "text": self.exposition()}
+
+    def exposition(self) -> str:
+        """Every metric in the Prometheus text format (`mcpresd.exposition`; docs/metrics.md)."""
+        now = self.clock()
+        counters, buckets = self.store.metric_counters()
+        queued_since, active, measured = [], 0, []
+        for allocation in self.live.values():
+            if allocation.is_queued:
+                queued_since.append(allocation.created_at)
+            elif allocation.is_active:
+                active += 1
+                figures = self.accounts.measured.get(allocation.id)
+                if figures:
+                    measured.append((allocation.id, allocation.owner_uid, dict(figures)))
+        budgets = [(b.scope.value, b.subject, b.period.value, self.accounts.spent(b, now), b.limit)
+                   for b in self.accounts.budgets.values()]
+        return exposition(Snapshot(
+            now=now, readings=self.monitor.latest, sampled_at=self.monitor.latest_ts,
+            resources=self.ledger.resources(), in_use=self.ledger.in_use(), queued_since=queued_since,
+            active=active, counters=counters, wait_buckets=buckets, measured=measured, budgets=budgets,
+            rpc=self.rpc_totals() if self.rpc_totals is not None else None))
 
     def metrics_history(self, caller: Caller, command: p.HistoryCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)
