@@ -35,6 +35,11 @@ class MetricsEndpoint:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._tasks)
+
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, limit=self.max_request,
                                                   reuse_address=True)

@@ -263,3 +263,85 @@ def test_a_port_in_use_is_refused_at_start_with_what_to_do(tmp_path: Path) -> No
 
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "choose another port" in done.stderr
+
+
+def test_a_client_that_never_reads_its_reply_is_dropped_while_others_are_served() -> None:
+    """In-process, with a 64 MB exposition no socket buffer holds and short timeouts."""
+    import asyncio
+
+    from mcpresd.metrics_http import MetricsEndpoint
+
+    big = "x" * (64 << 20)
+
+    async def produce() -> str:
+        return big
+
+    async def scenario() -> tuple[bytes, int, int]:
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0, write_timeout=0.5, max_connections=2)
+        port = free_port()
+        await endpoint.start("127.0.0.1", port)
+        try:
+            _, stuck = await asyncio.open_connection("127.0.0.1", port)
+            stuck.write(b"GET /metrics HTTP/1.1\r\n\r\n")  # and never reads
+            await stuck.drain()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            served = await asyncio.wait_for(reader.read(), 60)  # a reading client gets all of it meanwhile
+            writer.close()
+            deadline = asyncio.get_running_loop().time() + 60
+            while endpoint.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            left = endpoint.connections
+            third_reader, third = await asyncio.open_connection("127.0.0.1", port)  # room again
+            third.write(b"GET / HTTP/1.1\r\n\r\n")
+            status = int((await asyncio.wait_for(third_reader.read(), 60)).split(b" ", 2)[1])
+            stuck.close()
+            third.close()
+            return served, left, status
+        finally:
+            await endpoint.close()
+
+    served, left, status = asyncio.run(scenario())
+
+    assert served.startswith(b"HTTP/1.1 200 ") and served.endswith(big[-100:].encode())
+    assert len(served) > len(big)
+    assert left == 0  # the stuck client was dropped after the write timeout
+    assert status == 404
+
+
+def test_connections_past_the_limit_are_closed_at_once() -> None:
+    import asyncio
+
+    from mcpresd.metrics_http import MetricsEndpoint
+
+    async def produce() -> str:
+        return "# nothing\n"
+
+    async def scenario() -> tuple[bytes, bytes]:
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0, max_connections=2)
+        port = free_port()
+        await endpoint.start("127.0.0.1", port)
+        try:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            deadline = asyncio.get_running_loop().time() + 30
+            while endpoint.connections < 2 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            try:
+                refused = await asyncio.wait_for(reader.read(), 30)
+            except ConnectionResetError:
+                refused = b""
+            held[0][1].write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            answered = await asyncio.wait_for(held[0][0].read(), 30)
+            for _, w in held:
+                w.close()
+            writer.close()
+            return refused, answered
+        finally:
+            await endpoint.close()
+
+    refused, answered = asyncio.run(scenario())
+
+    assert refused == b""
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"# nothing\n")
