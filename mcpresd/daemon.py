@@ -45,6 +45,7 @@ from mcpresd.files import (
 )
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun, PoolNotApplied
+from mcpresd.exposition import Snapshot, exposition
 from mcpresd.metrics_http import MetricsEndpoint
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
@@ -390,8 +391,8 @@ class Daemon:
     async def exposition(self) -> str:
         """Every metric in the Prometheus text format, from a store job (the textfile, GET /metrics)."""
         assert self.committer is not None
-        text: str = await self.committer.submit(lambda broker: broker.exposition())
-        return text
+        snapshot: Snapshot = await self.committer.submit(lambda broker: broker.exposition_snapshot())
+        return await asyncio.get_running_loop().run_in_executor(None, exposition, snapshot)  # off the store thread
 
     async def _write_prometheus(self, path: str) -> None:
         try:

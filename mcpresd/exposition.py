@@ -23,7 +23,6 @@ from mcpresd.protocol import ResourceType
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 Kind = Literal["gauge", "counter", "histogram", "summary"]
-Labels = tuple[tuple[str, str], ...]
 
 WAIT_BUCKETS: Final = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 """Upper bounds of the wait-time histogram (seconds); +Inf follows. The store's triggers count into them."""
@@ -34,11 +33,12 @@ class Family:
     name: str  # a counter's name ends in _total
     kind: Kind
     help: str
-    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
+    samples: list[tuple[str, str, float]] = field(default_factory=list)  # (suffix, written labels, value)
 
     def add(self, value: float, suffix: str = "", **labels: str) -> None:
         if math.isfinite(value):
-            self.samples.append((suffix, tuple(labels.items()), float(value)))
+            written = ",".join(f'{key}="{_escape_label(text)}"' for key, text in labels.items())
+            self.samples.append((suffix, f"{{{written}}}" if written else "", float(value)))
 
 
 @dataclass(frozen=True)
@@ -299,21 +299,16 @@ def render(found: Iterable[Family]) -> str:
     for entry in found:
         lines.append(f"# HELP {entry.name} {_escape_help(entry.help)}")
         lines.append(f"# TYPE {entry.name} {entry.kind}")
-        for suffix, labels, value in entry.samples:
-            name = entry.name + suffix
-            if labels:
-                inner = ",".join(f'{key}="{_escape_label(text)}"' for key, text in labels)
-                lines.append(f"{name}{{{inner}}} {_number(value)}")
-            else:
-                lines.append(f"{name} {_number(value)}")
+        name = entry.name
+        lines.extend(f"{name}{suffix}{labels} {_number(value)}" for suffix, labels, value in entry.samples)
     return "\n".join(lines) + "\n"
 
 
 def _number(value: float) -> str:
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     if value == math.inf:
         return "+Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
     return repr(value)  # the shortest text that reads back as the same float
 
 
@@ -322,4 +317,6 @@ def _escape_help(text: str) -> str:
 
 
 def _escape_label(text: str) -> str:
+    if "\\" not in text and '"' not in text and "\n" not in text:
+        return text
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
