@@ -147,6 +147,10 @@ BROKER: Final = {
                  "CPU time used by an active allocation's processes since its grant, where it is measured."),
     "memory": _spec("mcpres_allocation_memory_peak_bytes", "gauge", "bytes",
                     "Peak memory of an active allocation's processes, where it is measured."),
+    "gpu_memory": _spec("mcpres_allocation_gpu_memory_peak_bytes", "gauge", "bytes",
+                        "Peak GPU memory of an active allocation's processes, where it is measured."),
+    "gpu_busy": _spec("mcpres_allocation_gpu_utilisation_ratio", "gauge", "ratio",
+                      "Mean utilisation of the whole GPUs an active allocation holds, since its grant (0-1)."),
     "spent": _spec("mcpres_budget_spent", "gauge", "cost units",
                    "Cost spent in a budget's current period, in the units of resources' cost_per_unit_hour."),
     "limit": _spec("mcpres_budget_limit", "gauge", "cost units", "A budget's limit for its period."),
@@ -254,12 +258,13 @@ def _broker_families(snapshot: Snapshot, family: Callable[[Spec], Family]) -> No
         wait.add(cumulative, "_bucket", le="+Inf" if bound == math.inf else repr(float(bound)))  # 1.0, as clients write it
     wait.add(snapshot.counters.get("wait_sum", 0.0), "_sum")
     wait.add(cumulative, "_count")
-    cpu, memory = family(BROKER["cpu"]), family(BROKER["memory"])
+    measured = [(key, family(BROKER[name])) for key, name in (
+        ("cpu_seconds", "cpu"), ("memory_peak", "memory"), ("gpu_memory_peak", "gpu_memory"),
+        ("gpu_utilisation", "gpu_busy"))]
     for allocation_id, owner, figures in snapshot.measured:
-        if "cpu_seconds" in figures:
-            cpu.add(figures["cpu_seconds"], allocation=allocation_id, owner=str(owner))
-        if "memory_peak" in figures:
-            memory.add(figures["memory_peak"], allocation=allocation_id, owner=str(owner))
+        for key, made in measured:
+            if key in figures:
+                made.add(figures[key], allocation=allocation_id, owner=str(owner))
     spent, limit = family(BROKER["spent"]), family(BROKER["limit"])
     for scope, subject, period, value, bound in snapshot.budgets:
         spent.add(value, scope=scope, subject=subject, period=period)

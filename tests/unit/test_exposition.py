@@ -79,3 +79,17 @@ def test_the_wait_histogram_is_cumulative_and_the_queue_is_timed_from_its_oldest
     assert found[("mcpres_wait_seconds_count", None)] == 6 and found[("mcpres_wait_seconds_sum", None)] == 42.5
     assert found[("mcpres_queue_oldest_wait_seconds", None)] == 60
     assert found[("mcpres_queue_length", None)] == 2
+
+
+def test_measured_use_is_shown_per_allocation_with_its_owner() -> None:
+    measured = (("a1", 1000, {"cpu_seconds": 2.5, "memory_peak": 1024.0, "gpu_utilisation": 0.5}),
+                ("a2", 0, {"cpu_seconds": 1.0}))
+
+    text = exposition(snapshot(measured=measured))
+
+    found = {(s.name, s.labels["allocation"], s.labels["owner"]): s.value
+             for f in text_string_to_metric_families(text) for s in f.samples if "allocation" in s.labels}
+    assert found == {("mcpres_allocation_cpu_seconds_total", "a1", "1000"): 2.5,
+                     ("mcpres_allocation_memory_peak_bytes", "a1", "1000"): 1024.0,
+                     ("mcpres_allocation_gpu_utilisation_ratio", "a1", "1000"): 0.5,
+                     ("mcpres_allocation_cpu_seconds_total", "a2", "0"): 1.0}
