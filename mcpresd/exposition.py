@@ -24,10 +24,6 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 Kind = Literal["gauge", "counter", "histogram", "summary"]
 
-WAIT_BUCKETS: Final = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
-"""Upper bounds of the wait-time histogram (seconds); +Inf follows. The store's triggers count into them."""
-
-
 @dataclass
 class Family:
     name: str  # a counter's name ends in _total
@@ -196,7 +192,7 @@ class Snapshot:
     queued_since: Sequence[float]  # created_at of each queued request
     active: int
     counters: Mapping[str, float]  # grants, releases, withdrawals, timeouts, wait_sum
-    wait_buckets: Sequence[tuple[float, int]]  # (upper bound, count in that bucket alone), +Inf last
+    wait_buckets: Sequence[tuple[float, int]]  # (upper bound, how many waited at most that long), +Inf last
     measured: Sequence[tuple[str, int, Mapping[str, float]]]  # (allocation id, owner uid, figures)
     budgets: Sequence[tuple[str, str, str, float, float]]  # scope, subject, period, spent, limit
     rpc: RpcTotals | None = None
@@ -252,12 +248,10 @@ def _broker_families(snapshot: Snapshot, family: Callable[[Spec], Family]) -> No
     for key in ("grants", "releases", "withdrawals", "timeouts"):
         family(BROKER[key]).add(snapshot.counters.get(key, 0.0))
     wait = family(BROKER["wait"])
-    cumulative = 0
     for bound, count in snapshot.wait_buckets:
-        cumulative += count
-        wait.add(cumulative, "_bucket", le="+Inf" if bound == math.inf else repr(float(bound)))  # 1.0, as clients write it
+        wait.add(count, "_bucket", le="+Inf" if bound == math.inf else repr(float(bound)))  # 1.0, as clients write
     wait.add(snapshot.counters.get("wait_sum", 0.0), "_sum")
-    wait.add(cumulative, "_count")
+    wait.add(snapshot.wait_buckets[-1][1] if snapshot.wait_buckets else 0, "_count")
     measured = [(key, family(BROKER[name])) for key, name in (
         ("cpu_seconds", "cpu"), ("memory_peak", "memory"), ("gpu_memory_peak", "gpu_memory"),
         ("gpu_utilisation", "gpu_busy"))]

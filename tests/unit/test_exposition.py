@@ -70,9 +70,9 @@ def test_values_that_are_not_numbers_are_left_out_never_written_as_0() -> None:
     assert 'core="0"' not in text
 
 
-def test_the_wait_histogram_is_cumulative_and_the_queue_is_timed_from_its_oldest() -> None:
+def test_the_wait_histogram_counts_every_grant_and_the_queue_is_timed_from_its_oldest() -> None:
     text = exposition(snapshot(now=100.0, queued_since=(40.0, 70.0),
-                               wait_buckets=((1.0, 3), (10.0, 2), (math.inf, 1)), counters={"wait_sum": 42.5}))
+                               wait_buckets=((1.0, 3), (10.0, 5), (math.inf, 6)), counters={"wait_sum": 42.5}))
 
     found = {(s.name, s.labels.get("le")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert [found[("mcpres_wait_seconds_bucket", le)] for le in ("1.0", "10.0", "+Inf")] == [3, 5, 6]
