@@ -6,6 +6,7 @@ Every exposition is parsed with prometheus_client's parser and checked with `pro
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
 import socket
 import subprocess
@@ -120,6 +121,10 @@ def test_every_exposition_parses_and_passes_promtool(busy: tuple[DaemonProcess, 
 
 def test_the_exposition_shows_what_only_the_broker_knows(busy: tuple[DaemonProcess, int, Path]) -> None:
     daemon, port, _ = busy
+    owner = str(os.getuid())
+    daemon.call("budgets.set", {"scope": "owner", "subject": owner, "period": "day", "limit": 100})
+    eventually("the held licences cost something", lambda: value(
+        samples(scrape(port)[2]), "mcpres_budget_spent", scope="owner", subject=owner, period="day") > 0)
     found = samples(scrape(port)[2])
 
     assert value(found, "mcpres_custom_capacity", resource="licence", unit="seats") == 2
@@ -136,6 +141,8 @@ def test_the_exposition_shows_what_only_the_broker_knows(busy: tuple[DaemonProce
     assert value(found, "mcpres_wait_seconds_bucket", le="+Inf") == 1
     assert value(found, "mcpres_rpc_requests_total", method="allocate") == 2
     assert value(found, "mcpres_rpc_requests_total", method="pools.create") == 0  # listed before its first call
+    assert value(found, "mcpres_budget_limit", scope="owner", subject=owner, period="day") == 100
+    assert value(found, "mcpres_budget_spent", subject=owner) < 1  # 2 seats at 1.5 an hour, for seconds
 
 
 def test_gpu_series_carry_uuid_index_and_model(busy: tuple[DaemonProcess, int, Path]) -> None:
@@ -162,7 +169,7 @@ def test_per_allocation_use_is_shown_for_active_allocations_only(busy: tuple[Dae
         assert measured > 0
         owner = {dict(labels)["owner"] for (name, labels) in samples(scrape(port)[2])
                  if name == "mcpres_allocation_memory_peak_bytes" and dict(labels)["allocation"] == held}
-        assert owner == {str(__import__("os").getuid())}
+        assert owner == {str(os.getuid())}
         ok(daemon, "release", held)
 
         active = {a["id"] for a in daemon.call("allocations.list", {"state": "active"})}
