@@ -202,6 +202,11 @@ def exposition(snapshot: Snapshot) -> str:
     return render(families(snapshot))
 
 
+def exposition_reply(snapshot: Snapshot) -> dict[str, str]:
+    """`metrics.exposition`'s result, rendered off the store's thread."""
+    return {"content_type": CONTENT_TYPE, "text": exposition(snapshot)}
+
+
 def families(snapshot: Snapshot) -> list[Family]:
     found: dict[str, Family] = {}
 

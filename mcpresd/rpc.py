@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from mcpresd import params
 from mcpresd.core import errors
 from mcpresd.core.model import Resource
-from mcpresd.exposition import RpcTotals
+from mcpresd.exposition import RpcTotals, exposition_reply
 from mcpresd.protocol import JSONRPC, MAX_BATCH, ErrorCode, Method, compact_json_encoder
 from mcpresd.service import Broker, Caller
 from mcpresd.store import StorageError
@@ -46,6 +46,8 @@ class Handler:
     discovers: bool = False
     waits: bool = False
     subscribes: bool = False
+    finish: Callable[[Any], Any] | None = None
+    """A pure step the store job's result goes through on the default executor, off the store's thread."""
 
 
 class Peer(Protocol):
@@ -81,7 +83,7 @@ HANDLERS: dict[Method, Handler] = {
     Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
     Method.METRICS_CURRENT: Handler(params.metrics_current, Broker.metrics_current),
     Method.METRICS_HISTORY: Handler(params.metrics_history, Broker.metrics_history),
-    Method.METRICS_EXPOSITION: Handler(params.no_params, Broker.metrics_exposition),
+    Method.METRICS_EXPOSITION: Handler(params.no_params, Broker.metrics_exposition, finish=exposition_reply),
     Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
     Method.PREDICT: Handler(params.predict, Broker.predict),
     Method.DB_BACKUP: Handler(params.db_backup, Broker.db_backup),
@@ -298,9 +300,22 @@ class Dispatcher:
             self._call_and_wait(method, run, caller, command, finish)
             return
         future = self._submit(lambda broker: run(broker, caller, command), caller.uid)
+        if handler.finish is not None:
+            then = handler.finish
+            future.add_done_callback(lambda f: self._finish_off_store(method, f, then, finish))
+            return
         if handler.subscribes:
             peer.subscribe()  # before the reply: no event committed after the reply's snapshot is missed
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
+
+    def _finish_off_store(self, method: str, future: asyncio.Future[Any], then: Callable[[Any], Any],
+                          finish: Callable[[Any], None]) -> None:
+        result = _outcome(method, future)
+        if isinstance(result, _Failure):
+            finish(result)
+            return
+        done = asyncio.get_running_loop().run_in_executor(None, then, result)
+        done.add_done_callback(lambda f: finish(_outcome(method, f)))
 
     def _call_and_wait(self, method: str, run: Callable[..., Any], caller: Caller, command: Any,
                        finish: Callable[[Any], None]) -> None:
