@@ -10,6 +10,7 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ class Config:
     tick_interval: float = 5.0
     monitor: MonitorPolicy = MonitorPolicy()
     prometheus_file: str | None = None
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen: loopback host and port; None: off
     limits: Limits = Limits()
     enforce: EnforcePolicy = EnforcePolicy()
 
@@ -72,7 +74,7 @@ def default_database_path() -> str:
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention",
-         "enforce"}
+         "enforce", "metrics"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
                "reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid"}
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
@@ -149,7 +151,37 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["enforce"] = _enforce(data["enforce"], path)
     if "monitor" in data or "alerts" in data:
         changes.update(_monitor(data.get("monitor", {}), data.get("alerts", []), path))
+    if "metrics" in data:
+        _check_table(data["metrics"], f"{path}: [metrics]", {"listen"})
+        if "listen" in data["metrics"]:
+            changes["metrics_listen"] = parse_listen(data["metrics"]["listen"], f"{path}: [metrics] listen")
     return replace(config, **changes)
+
+
+def parse_listen(value: Any, where: str) -> tuple[str, int] | None:
+    """`127.0.0.1:PORT` or `[::1]:PORT` (loopback only: anyone who can reach it reads every metric); "" is off."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string such as \"127.0.0.1:9464\"")
+    if not value:
+        return None
+    host, colon, port_text = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host) if colon else None
+    except ValueError:
+        address = None
+    if address is not None and address.version == 6 and not bracketed:
+        address = None  # ::1:9464 reads two ways: an IPv6 address goes in brackets
+    if address is None or not port_text.isdecimal() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where} must be a loopback address and a port, such as \"127.0.0.1:9464\" or "
+                          f"\"[::1]:9464\"; got {value!r}")
+    if not address.is_loopback:
+        raise ConfigError(f"{where} must be a loopback address (127.0.0.1 or [::1]), got {value!r}: the "
+                          f"endpoint has no authentication; to serve other hosts, put a proxy with TLS and "
+                          f"authentication in front of it")
+    return str(address), int(port_text)
 
 
 

@@ -45,7 +45,8 @@ from mcpresd.files import (
 )
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun, PoolNotApplied
-from mcpresd.protocol import prometheus_text
+from mcpresd.exposition import Snapshot, exposition
+from mcpresd.metrics_http import MetricsEndpoint
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
@@ -74,7 +75,7 @@ log = logging.getLogger("mcpresd")
 SHUTDOWN_GRACE_S = 5.0
 STATUS_INTERVAL_S = 30.0
 """How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
-RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce")
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce", "metrics_listen")
 """Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
@@ -196,6 +197,8 @@ class Daemon:
             enforce=self.config.enforce,
             enforcer=self.enforcer,
         )
+        if self.server is not None:
+            broker.rpc_totals = self.server.dispatcher.stats.totals
         with store.transaction():
             if lost is not None:
                 store.insert_event(self.clock(), "database.lost_commits",
@@ -383,16 +386,29 @@ class Daemon:
             except Exception as error:  # noqa: BLE001 - a sampler failure must never stop the daemon
                 log.warning("sampling failed: %s", error)
             else:
-                current = {name: dict(values) for name, values in readings.items()}  # the broker adds to readings
                 stats = self.server.dispatcher.stats.take()
                 self._submit_quietly(lambda broker: broker.record_samples(readings, processes, stats, usage, members),
                                      "sampling")
                 if self.config.prometheus_file:
-                    await loop.run_in_executor(None, write_prometheus, self.config.prometheus_file, current)
+                    await self._write_prometheus(self.config.prometheus_file)
             try:
                 await asyncio.wait_for(stop.wait(), self.config.sample_interval)
             except TimeoutError:
                 pass
+
+    async def exposition(self) -> str:
+        """Every metric in the Prometheus text format, from a store job (the textfile, GET /metrics)."""
+        assert self.committer is not None
+        snapshot: Snapshot = await self.committer.submit(lambda broker: broker.exposition_snapshot())
+        return await asyncio.get_running_loop().run_in_executor(None, exposition, snapshot)  # off the store thread
+
+    async def _write_prometheus(self, path: str) -> None:
+        try:
+            text = await self.exposition()
+        except Exception as error:  # noqa: BLE001 - a failed exposition must never stop the sampler
+            log.warning("metrics: the exposition for %s failed: %s", path, error)
+            return
+        await asyncio.get_running_loop().run_in_executor(None, write_prometheus, path, text)
 
     # -- systemd: status, watchdog, reload ---------------------------------
 
@@ -522,7 +538,17 @@ class Daemon:
         sampler = loop.create_task(self._sample(stop))
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
+        endpoint: MetricsEndpoint | None = None
         try:
+            if self.config.metrics_listen is not None:
+                host, port = self.config.metrics_listen
+                endpoint = MetricsEndpoint(self.exposition)
+                try:
+                    await endpoint.start(host, port)
+                except OSError as error:
+                    raise StartupConfigError(f"config: [metrics] listen: cannot listen on {host}:{port} "
+                                             f"({error.strerror or error}); choose another port") from None
+                log.info("metrics: GET http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             assert committer.broker is not None
             log.info(
                 "serving on %s (database %s, %d resources, GPUs: %s)",
@@ -541,6 +567,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             listener.close()
+            if endpoint is not None:
+                await endpoint.close()
             ticker.cancel()
             for task in background:
                 task.cancel()
@@ -603,12 +631,12 @@ def opening_failure(database: str, error: Exception, code: int) -> StartupError:
     return StartupError(f"cannot open the database {database}: {error}")
 
 
-def write_prometheus(path: str, readings: dict[str, dict[str, float | str | None]]) -> None:
-    """The current values in the Prometheus text format, for node_exporter's textfile collector (atomic)."""
+def write_prometheus(path: str, text: str) -> None:
+    """The exposition, for node_exporter's textfile collector: written whole, then renamed into place."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as file:
-            file.write(prometheus_text(readings))
+            file.write(text)
         os.replace(temporary, path)
     except OSError as error:
         log.warning("cannot write %s: %s", path, error)

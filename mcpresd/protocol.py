@@ -61,6 +61,7 @@ class Method(StrEnum):
     EVENTS_SUBSCRIBE = "events.subscribe"
     METRICS_CURRENT = "metrics.current"
     METRICS_HISTORY = "metrics.history"
+    METRICS_EXPOSITION = "metrics.exposition"
     ALERTS_LIST = "alerts.list"
     PREDICT = "predict"
     DB_BACKUP = "db.backup"
@@ -457,24 +458,6 @@ def is_valid_number(value: object) -> TypeGuard[int | float]:
         return math.isfinite(value)
     except OverflowError:  # an integer too large for a float (JSON allows 400 digits)
         return False
-
-
-def prometheus_text(readings: dict[str, dict[str, float | str | None]]) -> str:
-    """Current values in the Prometheus text exposition format; unsupported and unknown values are left out."""
-    lines: list[str] = []
-    by_metric: dict[str, list[tuple[str, float]]] = {}
-    for resource, values in sorted(readings.items()):
-        for metric, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                name = "mcpres_" + "".join(c if c.isalnum() else "_" for c in metric)
-                by_metric.setdefault(name, []).append((resource, float(value)))
-    for name, samples in sorted(by_metric.items()):
-        lines.append(f"# TYPE {name} gauge")
-        for resource, value in samples:
-            label = resource.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            lines.append(f'{name}{{resource="{label}"}} {value:.17g}')
-    return "\n".join(lines) + "\n"
-
 
 
 def compact_json_encoder(*, allow_nan: bool) -> Callable[[Any], str]:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from mcpresd import params
 from mcpresd.core import errors
 from mcpresd.core.model import Resource
+from mcpresd.exposition import RpcTotals, exposition_reply
 from mcpresd.protocol import JSONRPC, MAX_BATCH, ErrorCode, Method, compact_json_encoder
 from mcpresd.service import Broker, Caller
 from mcpresd.store import StorageError
@@ -45,6 +46,8 @@ class Handler:
     discovers: bool = False
     waits: bool = False
     subscribes: bool = False
+    finish: Callable[[Any], Any] | None = None
+    """A pure step the store job's result goes through on the default executor, off the store's thread."""
 
 
 class Peer(Protocol):
@@ -80,6 +83,7 @@ HANDLERS: dict[Method, Handler] = {
     Method.EVENTS_SUBSCRIBE: Handler(params.subscribe, Broker.events_subscribe, subscribes=True),
     Method.METRICS_CURRENT: Handler(params.metrics_current, Broker.metrics_current),
     Method.METRICS_HISTORY: Handler(params.metrics_history, Broker.metrics_history),
+    Method.METRICS_EXPOSITION: Handler(params.no_params, Broker.metrics_exposition, finish=exposition_reply),
     Method.ALERTS_LIST: Handler(params.alerts_list, Broker.alerts_list),
     Method.PREDICT: Handler(params.predict, Broker.predict),
     Method.DB_BACKUP: Handler(params.db_backup, Broker.db_backup),
@@ -168,14 +172,28 @@ class RpcStats:
         self._calls: dict[str, list[float]] = {}
         self._errors: dict[str, int] = {}
         self._since = time.monotonic()
+        # Since the daemon started, for the Prometheus exposition; every key from the start, so the store
+        # thread may copy them while the loop counts (their size never changes).
+        self.started = time.time()
+        self._requests_total = dict.fromkeys(_KNOWN | {"unknown"}, 0)
+        self._errors_total = dict.fromkeys(_KNOWN | {"unknown"}, 0)
+        self._seconds_total = dict.fromkeys(_KNOWN | {"unknown"}, 0.0)
 
     def record(self, method: str, seconds: float, failed: bool) -> None:
         key = method if method in _KNOWN else "unknown"
         times = self._calls.setdefault(key, [])
         if len(times) < 10_000:
             times.append(seconds)
+        self._requests_total[key] += 1
+        self._seconds_total[key] += seconds
         if failed:
             self._errors[key] = self._errors.get(key, 0) + 1
+            self._errors_total[key] += 1
+
+    def totals(self) -> RpcTotals:
+        """Requests, errors and seconds by method since the daemon started (a copy)."""
+        return RpcTotals(self.started, dict(self._requests_total), dict(self._errors_total),
+                         dict(self._seconds_total))
 
     def take(self) -> dict[str, dict[str, float]]:
         now = time.monotonic()
@@ -282,9 +300,22 @@ class Dispatcher:
             self._call_and_wait(method, run, caller, command, finish)
             return
         future = self._submit(lambda broker: run(broker, caller, command), caller.uid)
+        if handler.finish is not None:
+            then = handler.finish
+            future.add_done_callback(lambda f: self._finish_off_store(method, f, then, finish))
+            return
         if handler.subscribes:
             peer.subscribe()  # before the reply: no event committed after the reply's snapshot is missed
         future.add_done_callback(lambda f: finish(_outcome(method, f)))
+
+    def _finish_off_store(self, method: str, future: asyncio.Future[Any], then: Callable[[Any], Any],
+                          finish: Callable[[Any], None]) -> None:
+        result = _outcome(method, future)
+        if isinstance(result, _Failure):
+            finish(result)
+            return
+        done = asyncio.get_running_loop().run_in_executor(None, then, result)
+        done.add_done_callback(lambda f: finish(_outcome(method, f)))
 
     def _call_and_wait(self, method: str, run: Callable[..., Any], caller: Caller, command: Any,
                        finish: Callable[[Any], None]) -> None:

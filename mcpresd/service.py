@@ -59,6 +59,7 @@ from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.enforce import Enforcer, NoEnforcement, StepScopes
+from mcpresd.exposition import RpcTotals, Snapshot
 from mcpresd.pooling import FactoryRun, PoolKeeper
 from mcpresd.retention import Retention, prune
 from mcpresd.protocol import VERSION, AllocationState, EnforceMode, ResourceType
@@ -211,6 +212,8 @@ class Broker:
         self.monitor = Monitor(self, monitor or MonitorPolicy())
         self.pools = PoolKeeper(self)
         self.accounts = Accounts(self)
+        self.rpc_totals: Callable[[], RpcTotals] | None = None
+        """The daemon's RPC figures since it started (set by the daemon: the dispatcher counts them)."""
 
     def reload(self) -> None:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
@@ -1104,6 +1107,32 @@ class Broker:
         processes = {name: listed for name, listed in self.monitor.gpu_processes.items() if name in latest}
         return {"ts": self.monitor.latest_ts, "interval_s": self.monitor.policy.interval, "resources": latest,
                 "processes": processes}
+
+    def metrics_exposition(self, caller: Caller, command: p.NoParams) -> Snapshot:
+        return self.exposition_snapshot()  # rendered by rpc off the store's thread (exposition_reply)
+
+    def exposition_snapshot(self) -> Snapshot:
+        """What the Prometheus exposition shows (`mcpresd.exposition`; docs/metrics.md), copied: it is rendered
+        off the store's thread (10,000 measured allocations render in 0.2-0.3 s on 2 shared cores)."""
+        now = self.clock()
+        counters, buckets = self.store.metric_counters()
+        queued_since, active, measured = [], 0, []
+        for allocation in self.live.values():
+            if allocation.is_queued:
+                queued_since.append(allocation.created_at)
+            elif allocation.is_active:
+                active += 1
+                figures = self.accounts.measured.get(allocation.id)
+                if figures:
+                    measured.append((allocation.id, allocation.owner_uid, dict(figures)))
+        budgets = [(b.scope.value, b.subject, b.period.value, self.accounts.spent(b, now), b.limit)
+                   for b in self.accounts.budgets.values()]
+        return Snapshot(
+            now=now, readings={name: dict(values) for name, values in self.monitor.latest.items()},
+            sampled_at=self.monitor.latest_ts, resources=self.ledger.resources(), in_use=dict(self.ledger.in_use()),
+            queued_since=queued_since,
+            active=active, counters=counters, wait_buckets=buckets, measured=measured, budgets=budgets,
+            rpc=self.rpc_totals() if self.rpc_totals is not None else None)
 
     def metrics_history(self, caller: Caller, command: p.HistoryCommand) -> dict[str, Any]:
         resource = self.ledger.find(command.resource)

@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import struct
@@ -271,6 +272,51 @@ END;
 """Allocations by state, kept by triggers: `daemon.status` reads four rows instead of counting the table."""
 
 
+WAIT_BOUNDS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
+"""The wait-time histogram's upper bounds (seconds; +Inf is the grants column), fixed by m009: changing them
+takes a new migration."""
+_WAITED = "max(0, new.granted_at - new.created_at)"
+_GRANT_COUNTED = ("UPDATE metric_totals SET grants = grants + 1, wait_sum = wait_sum + {w}, "
+                  + ", ".join(f"wait_le_{i} = wait_le_{i} + ({{w}} <= {bound!r})" for i, bound in enumerate(WAIT_BOUNDS))
+                  + ";").format(w=_WAITED)
+SCHEMA_V9_METRIC_COUNTERS = f"""
+CREATE TABLE metric_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    grants INTEGER NOT NULL,
+    releases INTEGER NOT NULL,
+    withdrawals INTEGER NOT NULL,
+    timeouts INTEGER NOT NULL,
+    wait_sum REAL NOT NULL,
+    {", ".join(f"wait_le_{i} INTEGER NOT NULL" for i in range(len(WAIT_BOUNDS)))}
+);
+INSERT INTO metric_totals SELECT 1,
+    count(granted_at),
+    total(state = 'released' AND granted_at IS NOT NULL),
+    total(state = 'withdrawn'),
+    total(state = 'withdrawn' AND release_reason IS 'timeout'),
+    total(max(0, granted_at - created_at)),
+    {", ".join(f"total(max(0, granted_at - created_at) <= {bound!r})" for bound in WAIT_BOUNDS)}
+    FROM allocations;
+CREATE TRIGGER grants_counted_on_insert AFTER INSERT ON allocations WHEN new.state = 'active' BEGIN
+    {_GRANT_COUNTED}
+END;
+CREATE TRIGGER grants_counted_on_change AFTER UPDATE OF state ON allocations
+        WHEN old.state = 'queued' AND new.state = 'active' BEGIN
+    {_GRANT_COUNTED}
+END;
+CREATE TRIGGER ends_counted AFTER UPDATE OF state ON allocations
+        WHEN old.state IN ('queued', 'active') AND new.state IN ('released', 'withdrawn') BEGIN
+    UPDATE metric_totals SET releases = releases + (new.state = 'released'),
+        withdrawals = withdrawals + (new.state = 'withdrawn'),
+        timeouts = timeouts + (new.state = 'withdrawn' AND new.release_reason IS 'timeout');
+END;
+"""
+"""The Prometheus counters (grants, releases, withdrawals, timeouts, the wait-time histogram), in one row kept by
+triggers in the transaction that changes the allocation (one UPDATE per grant, one per end): they survive
+restarts and the pruning of ended allocations. On upgrade they start from the rows the database still holds.
+`wait_le_N` counts grants that waited at most WAIT_BOUNDS[N] (cumulative, as Prometheus's buckets are)."""
+
+
 def m001_initial_schema(db: Any) -> None:
     db.executescript(SCHEMA_V1)
 
@@ -322,9 +368,14 @@ def m007_allocations_by_state(db: Any) -> None:
     db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
 
 
+def m009_metric_counters(db: Any) -> None:
+    # m009: the perf branch registers m008_usage_unflushed; both are new, this one goes after it.
+    db.executescript(SCHEMA_V9_METRIC_COUNTERS)
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state)
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m009_metric_counters)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
@@ -691,6 +742,14 @@ class Store:
         for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"):
             counts[state] = count
         return counts
+
+    def metric_counters(self) -> tuple[dict[str, float], list[tuple[float, int]]]:
+        """The counters the triggers keep, and the wait-time histogram: (upper bound, grants that waited at most
+        that long), cumulative, +Inf last."""
+        row = self.conn.execute("SELECT * FROM metric_totals").fetchone()
+        counters = {"grants": row[1], "releases": row[2], "withdrawals": row[3], "timeouts": row[4],
+                    "wait_sum": row[5]}
+        return counters, [*zip(WAIT_BOUNDS, row[6:]), (math.inf, row[1])]
 
     def _select_allocations(self, where: str, args: tuple[Any, ...]) -> list[Allocation]:
         rows = self.conn.execute(f"SELECT {_COLUMNS} FROM allocations {where}", args).fetchall()

@@ -12,7 +12,7 @@ from mcpctl import exitcodes
 from mcpctl.actions import fail
 from mcpctl.output import call, duration, exit_with, fancy, plain_table, print_json, usage
 from mcpctl.view import UNSUPPORTED, age, human_duration, metric_text, metric_unit, sparkline
-from mcpresd.protocol import Method, prometheus_text
+from mcpresd.protocol import Method
 
 
 def metrics(
@@ -32,7 +32,8 @@ def metrics(
         str, typer.Option("--since", metavar="DURATION", help="How far back: 10m, 1h, 1d (at most 30d).")
     ] = "1h",
     prometheus: Annotated[
-        bool, typer.Option("--prometheus", help="Print current values in the Prometheus text exposition format.")
+        bool, typer.Option("--prometheus", help="Print every metric in the Prometheus text exposition format, as GET /metrics "
+                                         "and the textfile (docs/metrics.md).")
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
@@ -57,11 +58,9 @@ def metrics(
     if prometheus:
         if json_output:
             usage("--prometheus prints text; it does not go with --json")
-        current = call(ctx, Method.METRICS_CURRENT, {"resource": resource} if resource else {})
-        readings = current["resources"]
-        if metric is not None:
-            readings = {name: {k: v for k, v in values.items() if k == metric} for name, values in readings.items()}
-        print(prometheus_text(readings), end="")
+        if resource is not None or metric is not None:
+            usage("--prometheus prints every metric (docs/metrics.md); it does not go with a resource or --metric")
+        print(call(ctx, Method.METRICS_EXPOSITION, {})["text"], end="")
         return
     if resource is None:
         current = call(ctx, Method.METRICS_CURRENT, {})

@@ -485,28 +485,24 @@ def test_a_gpu_uuid_names_the_gpu(monitored: DaemonProcess) -> None:
     assert history["points"]
 
 
-PROMETHEUS_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{resource="((?:[^"\\\n]|\\[\\"n])*)"\} (\S+)$')
-
-
 def test_metrics_prometheus_is_valid_exposition_text(monitored: DaemonProcess) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = ok(monitored, "metrics", "--prometheus")
 
     assert text.endswith("\n")
-    assert re.search(r'^mcpres_utilisation\{resource="gpu:0"\} ', text, re.MULTILINE)
-    typed: set[str] = set()
-    current = None
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind == "gauge" and name not in typed
-            typed.add(name)
-            current = name
-            continue
-        match = PROMETHEUS_SAMPLE.match(line)
-        assert match, line
-        assert match.group(1) == current, f"{line}: not under its # TYPE line"
-        assert math.isfinite(float(match.group(3)))
-    assert "mcpres_fan_speed_pct" not in typed  # unsupported values are left out, not written as 0
+    assert re.search(r'^mcpres_gpu_utilisation_ratio\{resource="gpu:0",', text, re.MULTILINE)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert all(f.documentation for f in families.values())
+    assert all(math.isfinite(s.value) for f in families.values() for s in f.samples)
+    assert "mcpres_gpu_fan_speed_ratio" not in families  # unsupported values are left out, not written as 0
+
+
+def test_metrics_prometheus_goes_with_no_resource_or_metric(monitored: DaemonProcess) -> None:
+    result = cli(monitored, "metrics", "gpu:0", "--prometheus")
+
+    assert result.returncode == 2 and "does not go with a resource or --metric" in result.stderr
+    assert result.stdout == ""
 
 
 def test_metrics_without_a_resource_lists_current_values(monitored: DaemonProcess) -> None:

@@ -724,9 +724,9 @@ def test_the_prometheus_textfile_is_written_every_interval(tmp_path: Path) -> No
         while time.monotonic() < deadline and not target.exists():
             time.sleep(0.05)
         text = target.read_text()
-        assert '# TYPE mcpres_utilisation gauge' in text
-        assert 'mcpres_utilisation{resource="cpu"}' in text
-        assert 'mcpres_temperature_c{resource="gpu:0"}' in text
+        assert '# TYPE mcpres_cpu_busy_ratio gauge' in text
+        assert 'mcpres_cpu_busy_ratio{resource="cpu"}' in text
+        assert 'mcpres_gpu_temperature_celsius{resource="gpu:0",' in text
         assert "fan_speed" not in text  # unsupported values are left out, never written as 0
         assert not list(target.parent.glob("*.tmp"))  # written whole, then renamed into place
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store
+from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store, m009_metric_counters
 
 
 def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
@@ -87,3 +87,34 @@ def test_commits_that_wal_recovery_drops_are_counted_but_not_an_intact_wal_or_a_
     cut = Store(torn)
     assert (cut.wal_commits_dropped, cut.mark) == (0, commits - 1)
     cut.close()
+
+
+def test_the_metric_counters_start_from_the_allocations_an_upgraded_database_holds(tmp_path: Path) -> None:
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    path = tmp_path / "state.db"
+    earlier = Migrations(MIGRATIONS_NAME)
+    for migration in MIGRATIONS[:MIGRATIONS.index(m009_metric_counters)]:
+        earlier()(migration)
+    conn = sqlite3.connect(path)
+    earlier.apply(Database(conn))
+    rows = [  # id, state, created, granted, released, reason
+        ("a", "active", 100.0, 100.0, None, None),  # granted at once
+        ("b", "released", 100.0, 105.0, 200.0, "released"),  # waited 5 s
+        ("c", "withdrawn", 100.0, None, 110.0, "timeout"),
+        ("d", "withdrawn", 100.0, None, 120.0, "withdrawn"),
+        ("e", "queued", 100.0, None, None, None),
+    ]
+    with conn:
+        conn.executemany("INSERT INTO allocations (id, state, priority, owner_uid, created_at, granted_at, released_at,"
+                         " release_reason) VALUES (?, ?, 'normal', 0, ?, ?, ?, ?)", rows)
+    conn.close()
+
+    store = Store(path)
+    counters, buckets = store.metric_counters()
+    store.close()
+
+    assert counters == {"grants": 2, "releases": 1, "withdrawals": 2, "timeouts": 1, "wait_sum": 5.0}
+    assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 2)]  # the one granted at once, then the 5 s wait
+    assert buckets[-1] == (float("inf"), 2)

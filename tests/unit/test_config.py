@@ -192,3 +192,36 @@ def test_connections_and_holders_stay_below_the_open_file_limit_with_a_reserve_f
 def test_the_default_connection_caps_stand_where_descriptors_are_plenty() -> None:
     fitted = Limits().fitted(65_536)  # the systemd units' LimitNOFILE
     assert (fitted.max_connections, fitted.max_connections_per_uid) == (4096, 1024)
+
+
+@pytest.mark.parametrize(("listen", "expected"), [
+    ('"127.0.0.1:9464"', ("127.0.0.1", 9464)),
+    ('"127.1.2.3:80"', ("127.1.2.3", 80)),
+    ('"[::1]:9464"', ("::1", 9464)),
+    ('""', None),
+])
+def test_the_metrics_endpoint_listens_on_loopback(tmp_path: Path, listen: str, expected: object) -> None:
+    assert config.load(write(tmp_path, f"[metrics]\nlisten = {listen}\n")).metrics_listen == expected
+    assert config.load(None).metrics_listen is None  # off by default
+
+
+@pytest.mark.parametrize(("listen", "complaint"), [
+    ('"0.0.0.0:9464"', "must be a loopback address"),
+    ('"[::]:9464"', "must be a loopback address"),
+    ('"192.168.1.10:9464"', "must be a loopback address"),
+    ('"localhost:9464"', "a loopback address and a port"),
+    ('"127.0.0.1"', "a loopback address and a port"),
+    ('"127.0.0.1:0"', "a loopback address and a port"),
+    ('"127.0.0.1:65536"', "a loopback address and a port"),
+    ('"127.0.0.1:http"', "a loopback address and a port"),
+    ('"::1:9464"', "a loopback address and a port"),
+    ("9464", "must be a string"),
+])
+def test_a_metrics_endpoint_off_loopback_or_malformed_is_refused(tmp_path: Path, listen: str, complaint: str) -> None:
+    with pytest.raises(config.ConfigError, match=complaint):
+        config.load(write(tmp_path, f"[metrics]\nlisten = {listen}\n"))
+
+
+def test_the_metrics_table_knows_only_listen(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="unknown"):
+        config.load(write(tmp_path, '[metrics]\nlisten = ""\nport = 9464\n'))
