@@ -59,10 +59,10 @@ def socket_line(data: dict[str, Any]) -> str:
 
 
 def config_line(config: dict[str, Any]) -> str:
-    """`/etc/mcpres/mcpresd.toml (system)` or `embedded defaults (no ... )`."""
+    """`/etc/mcpres/mcpresd.toml (system)`, or why there is none: `embedded defaults: no /etc/...`."""
     if config.get("path"):
         return f"{config['path']} ({config['source']})"
-    return f"embedded defaults ({config['source']})"
+    return str(config["source"])
 
 
 def enforcement_line(enforcement: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from mcpresd.files import (
 )
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun, PoolNotApplied
+from mcpresd import __version__
 from mcpresd.protocol import prometheus_text
 from mcpresd.rpc import Dispatcher
 from mcpresd.samplers.metrics import HostSampler
@@ -195,6 +196,7 @@ class Daemon:
             monitor=self.config.monitor,
             enforce=self.config.enforce,
             enforcer=self.enforcer,
+            config_origin=(self.config.config_file, self.config.config_source),
         )
         with store.transaction():
             if lost is not None:
@@ -612,6 +614,8 @@ def run(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     SIGHUP reloads: `load_config` is called again (the same file and command-line options).
     """
     configure_logging(config.log_level)
+    log.info("mcpresd %s (pid %d): config %s", __version__, os.getpid(),
+             f"{config.config_file} ({config.config_source})" if config.config_file else f"({config.config_source})")
     raise_open_file_limit()
 
     async def main() -> None:

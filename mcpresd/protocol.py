@@ -272,11 +272,18 @@ if TYPE_CHECKING:
         enforce: str
 
 
+    class ConfigOriginDict(TypedDict):
+        """The config file the daemon read (None: the embedded defaults) and how it was chosen."""
+
+        path: str | None
+        source: str
+
     class StatusDict(TypedDict):
         version: str
         pid: int
         uptime_s: float
         socket: str
+        config: ConfigOriginDict
         database: str
         resources: int
         allocations: dict[str, int]
