@@ -15,6 +15,8 @@ examples:
   mcpresd --socket /tmp/m.sock --db /tmp/m.db --gpu-replay tests/fixtures/h100-nvml-capture.json
   mcpresd --check-config /etc/mcpres/mcpresd.toml     validate a file and exit (0: valid, 2: the error)
   mcpresd config show > mcpresd.toml   the effective configuration, defaults included, as TOML
+  mcpresd install --user               install, enable and start it as your systemd user service
+  mcpresd uninstall --user             stop, disable and remove that service (see mcpresd install --help)
 
 Options given here override the config file, which overrides the embedded defaults.
 Without --config the file is /etc/mcpres/mcpresd.toml for root and
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["config"]:
         return config_command(arguments[1:])
+    if arguments[:1] in (["install"], ["uninstall"]):
+        from mcpresd.install import main as install
+
+        return install(arguments)
     args = parser().parse_args(arguments)
     # The daemon serves a Unix socket and never speaks TLS: keep asyncio from loading OpenSSL (~4 MiB of RSS).
     # Before anything imports asyncio, hence the imports below.

@@ -1,6 +1,6 @@
 """The wheel carries the LICENSE, the systemd units and the sample config, declares its licence the SPDX way, and a
-fresh venv given only the wheel (its dependencies from this one, offline) runs `mcpresd --help` and `mcpctl --help`
-and installs units from its own copy."""
+fresh venv given only the wheel (its dependencies from this one, offline) runs `mcpresd --help` and
+`mcpctl --help`, and installs units from its own copy that run its own mcpresd."""
 
 from __future__ import annotations
 
@@ -66,10 +66,17 @@ def test_a_fresh_venv_from_the_wheel_runs_both_commands(wheel: Path, tmp_path: P
                             capture_output=True, text=True, timeout=BOUND_S, cwd=tmp_path)
     helps = {command: subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True,
                                      timeout=BOUND_S, cwd=tmp_path) for command in ("mcpresd", "mcpctl")}
+    root = tmp_path / "image"
+    root.mkdir()
+    install = subprocess.run([str(venv / "bin" / "mcpresd"), "install", "--system", "--root", str(root)],
+                             capture_output=True, text=True, timeout=BOUND_S, cwd=tmp_path)
 
     assert all(str(site) in path for path in origin.stdout.split()), origin.stdout + origin.stderr
     assert helps["mcpresd"].returncode == 0 and "usage: mcpresd" in helps["mcpresd"].stdout, helps["mcpresd"].stderr
     assert helps["mcpctl"].returncode == 0 and "Usage: mcpctl" in helps["mcpctl"].stdout, helps["mcpctl"].stderr
+    assert install.returncode == 0, install.stderr
+    unit = (root / "etc/systemd/system/mcpresd.service").read_text()
+    assert f"ExecStart={venv}/bin/mcpresd --config" in unit
 
 
 def test_the_sdist_carries_the_license_the_units_and_the_sample_config(tmp_path: Path) -> None:
