@@ -74,17 +74,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_parser() -> argparse.ArgumentParser:
-    cli = argparse.ArgumentParser(
-        prog="mcpresd config",
-        description="The daemon's configuration.",
-        epilog="examples:\n  mcpresd config show\n  mcpresd config show --config /etc/mcpres/mcpresd.toml > full.toml\n"
-               "  mcpresd --check-config full.toml     (it loads to the same configuration)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    examples = ("examples:\n  mcpresd config show\n  mcpresd config show --config /etc/mcpres/mcpresd.toml > full.toml\n"
+                "  mcpresd --check-config full.toml     (it loads to the same configuration)")
+    cli = argparse.ArgumentParser(prog="mcpresd config", description="The daemon's configuration.", epilog=examples,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cli.add_subparsers(dest="action", required=True, metavar="show")
     show = actions.add_parser("show", help="print the effective configuration, defaults included, as TOML",
                               description="Print the configuration the daemon would run with, every key and "
-                                          "default included, as TOML that loads back to the same configuration.")
+                                          "default included, as TOML that loads back to the same configuration.",
+                              epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("--config", metavar="PATH", help="TOML config file (default: as mcpresd finds it)")
     return cli
 

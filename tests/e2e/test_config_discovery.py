@@ -235,3 +235,9 @@ def _wait_for(sock: str, daemon: subprocess.Popen[bytes], log: Path) -> None:
         except DaemonUnreachable:
             time.sleep(0.05)
     raise AssertionError(f"mcpresd did not answer on {sock} within {BOUND_S}s")
+
+
+def test_config_show_help_has_an_example() -> None:
+    done = mcpresd("config", "show", "--help")
+
+    assert done.returncode == 0 and "mcpresd config show --config /etc/mcpres/mcpresd.toml" in done.stdout
