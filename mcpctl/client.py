@@ -18,9 +18,10 @@ its request again on a fresh connection while the socket is refused, or the
 connection broke before the reply, backing off from 50 ms to 1 s, until
 `retry_for` seconds after the first failure, and says on stderr that it waits.
 A socket missing from the start is waited for only when `wait_if_absent` (the
-user asked for a retry time): otherwise the call fails at once. A request that may have reached
-the daemon before the connection broke is sent again only by `call`; callers
-make that safe (an idempotency key) or read the outcome (`resent`).
+user asked for a retry time): otherwise the call fails at once. A request that
+may have reached the daemon before the connection broke is sent again only by
+`call`; callers make that safe (an idempotency key) or read the outcome
+(`resent`).
 """
 
 from __future__ import annotations
