@@ -37,6 +37,7 @@ from mcpresd.protocol import (
     parse_amount,
     parse_duration,
     parse_size,
+    resolve_socket,
 )
 
 RETRY_FOR = "10s"
@@ -64,6 +65,14 @@ def retry_seconds(text: str | None) -> float:
         return math.inf
     if not seconds >= 0 or seconds == math.inf:
         raise UsageError(f"--retry-for takes a duration of zero or more, e.g. 10s or 0; got {text!r}")
+    return seconds
+
+
+def configure_retry(text: str | None) -> float:
+    """`retry_seconds`, and whether a socket missing from the start is waited for: only when a retry time
+    was asked for (--retry-for or $MCPRES_RETRY_FOR); else no daemon is there and mcpctl exits 5 at once."""
+    seconds = retry_seconds(text)
+    Client.wait_if_absent = text is not None or bool(os.environ.get(RETRY_FOR_ENV))
     return seconds
 
 
@@ -447,7 +456,16 @@ def warn_risks(allocation: dict[str, Any]) -> None:
 def unreachable(error: DaemonUnreachable) -> int:
     if isinstance(error, UntrustedDaemon):
         return fail(str(error), exitcodes.UNTRUSTED)
-    return fail(f"{error} (start it with `mcpresd`)", exitcodes.UNREACHABLE)
+    return fail(f"{error} (start it with `mcpresd`){searched(error.path)}", exitcodes.UNREACHABLE)
+
+
+def searched(path: str) -> str:
+    """Where mcpctl looked for the daemon, if `path` was found by looking (not --socket or $MCPRES_SOCKET)."""
+    choice = resolve_socket()
+    if choice.source not in ("user", "system") or path not in choice.tried:
+        return ""
+    return (f"\n  looked for: {' and '.join(choice.tried)} ({choice.why}; $MCPRES_SOCKET unset)"
+            "\n  to start one: `mcpresd &`, or as a service: `mcpresd install --user` (or --system, as root)")
 
 
 def request_allocation(socket_path: str, params: dict[str, Any], retry_for: float = 0.0) -> dict[str, Any]:
@@ -481,10 +499,12 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
                 return result
         except DaemonUnreachable as error:
             now = time.monotonic()
-            if not error.transient:
+            if not error.transient or (error.absent and failed_at is None and not Client.wait_if_absent):
                 raise
             if failed_at is None:
                 failed_at = now
+                if retry_for > 0:
+                    Client(socket_path, retry_for=retry_for).say_waiting(error)
             if now - failed_at >= retry_for or (deadline is not None and now >= deadline):
                 raise
             if deadline is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mcpctl import exitcodes
-from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, retry_seconds
+from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, configure_retry
 from mcpctl.commands import (
     alerts,
     allocate,
@@ -35,7 +35,7 @@ from mcpctl.commands import (
     usage,
     wait,
 )
-from mcpresd.protocol import VERSION, default_socket_path
+from mcpresd.protocol import VERSION, resolve_socket
 
 EXIT_CODES = "\n\n".join(f"{code}  {meaning}" for code, meaning in exitcodes.TABLE)
 
@@ -63,9 +63,11 @@ def main(
         str | None,
         typer.Option(
             "--socket",
-            envvar="MCPRES_SOCKET",
             metavar="PATH",
-            help="Daemon socket (default: $XDG_RUNTIME_DIR/mcpres/mcpresd.sock, else /tmp/mcpres-UID/mcpresd.sock).",
+            help="Daemon socket. Default: $MCPRES_SOCKET, else your daemon's socket "
+                 "($XDG_RUNTIME_DIR/mcpres/mcpresd.sock, else /run/user/UID/mcpres/, else /tmp/mcpres-UID/) if it "
+                 "exists, else the system daemon's (/run/mcpres/mcpresd.sock) if it exists; `mcpctl status` says "
+                 "which and why.",
         ),
     ] = None,
     retry_for: Annotated[
@@ -74,8 +76,9 @@ def main(
             "--retry-for",
             envvar=RETRY_FOR_ENV,
             metavar="DURATION",
-            help=f"While the daemon is unreachable (restarting), keep retrying this long before exit 5 "
-                 f"(default {RETRY_FOR}; 0: do not retry; forever).",
+            help=f"While the daemon is unreachable, keep retrying this long before exit 5, saying so on stderr "
+                 f"(0: do not retry; forever). Default {RETRY_FOR} for a daemon that is restarting (its socket "
+                 "refuses, or the connection broke); with no socket at all, exit 5 at once unless this is given.",
         ),
     ] = None,
     version: Annotated[
@@ -83,10 +86,11 @@ def main(
     ] = False,
 ) -> None:
     try:
-        seconds = retry_seconds(retry_for)
+        seconds = configure_retry(retry_for)
     except UsageError as error:
         raise typer.BadParameter(str(error).removeprefix("--retry-for: "), param_hint="'--retry-for'") from None
-    ctx.obj = {"socket": socket or default_socket_path(), "retry_for": seconds}
+    choice = resolve_socket(socket)
+    ctx.obj = {"socket": choice.path, "socket_choice": choice, "retry_for": seconds}
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,

@@ -14,11 +14,14 @@ be able to put a socket there); after, the server's uid (SO_PEERCRED).
 Otherwise `UntrustedDaemon`, before a single request is sent.
 
 A daemon that restarts is ridden through: with `retry_for` > 0, `call` sends
-its request again on a fresh connection while the socket is missing or refused,
-or the connection broke before the reply, backing off from 50 ms to 1 s, until
-`retry_for` seconds after the first failure. A request that may have reached
-the daemon before the connection broke is sent again only by `call`; callers
-make that safe (an idempotency key) or read the outcome (`resent`).
+its request again on a fresh connection while the socket is refused, or the
+connection broke before the reply, backing off from 50 ms to 1 s, until
+`retry_for` seconds after the first failure, and says on stderr that it waits.
+A socket missing from the start is waited for only when `wait_if_absent` (the
+user asked for a retry time): otherwise the call fails at once. A request that
+may have reached the daemon before the connection broke is sent again only by
+`call`; callers make that safe (an idempotency key) or read the outcome
+(`resent`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 
 TYPE_CHECKING = False
@@ -47,12 +51,14 @@ _RESTARTING = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
 class DaemonUnreachable(Exception):
     """No daemon answers on the socket."""
 
-    def __init__(self, path: str, reason: str, *, lost: bool = False, transient: bool = False) -> None:
+    def __init__(self, path: str, reason: str, *, lost: bool = False, transient: bool = False,
+                 absent: bool = False) -> None:
         super().__init__(f"cannot reach mcpresd at {path}: {reason}")
         self.path = path
         self.reason = reason
         self.lost = lost  # the connection was up and then went away, e.g. the daemon restarted
         self.transient = transient  # what a restarting daemon looks like: worth trying again shortly
+        self.absent = absent  # no socket at all: no daemon was started there, or it stopped cleanly
 
 
 TRUSTED_UID_ENV = "MCPRES_TRUSTED_UID"
@@ -129,6 +135,13 @@ class Client:
     (for requests that wait on purpose, and for event streams).
     """
 
+    wait_if_absent = False
+    """Whether `call` retries when there is no socket at all, as it does for one refused or a connection lost
+    (a daemon restarting). Only when asked (--retry-for, $MCPRES_RETRY_FOR): with no socket, most likely no
+    daemon was started, and waiting would only delay the exit."""
+    announce_waits = True
+    """Say on stderr, once per call, that it is waiting for the daemon and for how long."""
+
     def __init__(self, path: str, timeout: float | None = 30.0, retry_for: float = 0.0) -> None:
         self.path = path
         self._timeout = timeout
@@ -154,7 +167,8 @@ class Client:
             sock.connect(self.path)
         except FileNotFoundError:
             sock.close()
-            raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)", transient=True) from None
+            raise DaemonUnreachable(self.path, "no socket there (is mcpresd running?)", transient=True,
+                                    absent=True) from None
         except ConnectionRefusedError:
             sock.close()
             raise DaemonUnreachable(self.path, "connection refused (a stale socket: is mcpresd running?)",
@@ -189,15 +203,23 @@ class Client:
                 return self.reply()
             except DaemonUnreachable as error:
                 maybe_delivered = maybe_delivered or error.lost
-                if not error.transient or self.retry_for <= 0:
+                if not error.transient or self.retry_for <= 0 or (error.absent and deadline is None
+                                                                    and not self.wait_if_absent):
                     raise
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.retry_for
+                    self.say_waiting(error)
                 if now >= deadline:
                     raise DaemonUnreachable(self.path, f"{error.reason}; gave up after retrying for {self.retry_for:g}s",
                                             lost=error.lost) from None
                 time.sleep(min(next(delays), deadline - now))
+
+    def say_waiting(self, error: DaemonUnreachable) -> None:
+        if self.announce_waits:
+            how_long = "with no time limit" if self.retry_for == float("inf") else f"for up to {self.retry_for:g}s"
+            print(f"mcpctl: cannot reach mcpresd at {self.path} ({error.reason}); retrying {how_long} "
+                  "(--retry-for, $MCPRES_RETRY_FOR; 0 fails at once)", file=sys.stderr, flush=True)
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one request; read its answer with `reply`."""

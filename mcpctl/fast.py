@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mcpctl.actions import AllocateOptions, UsageError, retry_seconds, run_allocate, run_release
-from mcpresd.protocol import Objective, Strategy, default_socket_path
+from mcpctl.actions import AllocateOptions, UsageError, configure_retry, run_allocate, run_release
+from mcpresd.protocol import Objective, Strategy, resolve_socket
 
 ALLOCATE_VALUES = {
     "--cpu": "cpu",
@@ -57,10 +57,10 @@ def try_fast(argv: Sequence[str]) -> int | None:
     if runner is None:
         return None
     try:
-        retry_for = retry_seconds(globals_.get("retry_for"))
+        retry_for = configure_retry(globals_.get("retry_for"))
     except UsageError:
         return None  # Typer says what is wrong with it
-    return runner(globals_.get("socket") or default_socket_path(), retry_for, rest)
+    return runner(resolve_socket(globals_.get("socket")).path, retry_for, rest)
 
 
 def _take_value(args: list[str], option: str) -> tuple[str | None, list[str]]:

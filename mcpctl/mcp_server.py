@@ -53,11 +53,11 @@ from mcpresd.protocol import (
     ErrorCode,
     Method,
     UnitError,
-    default_socket_path,
     format_amount,
     format_size,
     parse_amount,
     parse_size,
+    resolve_socket,
 )
 
 CALL_TIMEOUT_S = 30.0
@@ -811,7 +811,7 @@ def serve(socket_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mcpctl.mcp_server", description=serve.__doc__)
-    parser.add_argument("--socket", default=os.environ.get("MCPRES_SOCKET") or default_socket_path(),
+    parser.add_argument("--socket", default=resolve_socket().path,
                         help="The daemon's socket.")
     args = parser.parse_args(argv)
     serve(args.socket)

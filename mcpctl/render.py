@@ -39,13 +39,30 @@ def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     return warning + [
         ("daemon", f"mcpresd {data['version']} (pid {data['pid']})"),
         ("uptime", age(data["uptime_s"])),
-        ("socket", data["socket"]),
+        ("socket", socket_line(data)),
+        *([("config", config_line(data["config"]))] if "config" in data else []),
         ("database", data["database"]),
         ("resources", str(data["resources"])),
         ("allocations", f"{counts.get('active', 0)} active, {counts.get('released', 0)} released"),
         ("GPUs from", data["gpu_source"]),
         *([("enforcement", enforcement_line(data["enforcement"]))] if "enforcement" in data else []),
     ]
+
+
+def socket_line(data: dict[str, Any]) -> str:
+    """The daemon's socket, and how mcpctl came to it: `/run/mcpres/mcpresd.sock (system: why)`."""
+    found = data.get("found")
+    if not found:
+        return str(data["socket"])
+    line = f"{data['socket']} ({found['source']}: {found['why']})"
+    return line if found["path"] == data["socket"] else f"{line}; reached through {found['path']}"
+
+
+def config_line(config: dict[str, Any]) -> str:
+    """`/etc/mcpres/mcpresd.toml (system)`, or why there is none: `embedded defaults: no /etc/...`."""
+    if config.get("path"):
+        return f"{config['path']} ({config['source']})"
+    return str(config["source"])
 
 
 def enforcement_line(enforcement: dict[str, Any]) -> str:

@@ -4,8 +4,13 @@ Rules:
 - Unknown keys and bad values are errors that name the key; the daemon refuses
   to start rather than guess.
 - Paths default to per-user locations: the socket under $XDG_RUNTIME_DIR (else
-  a private directory in /tmp), the database under $XDG_STATE_HOME/mcpresd/
-  (else ~/.local/state/mcpresd/; $STATE_DIRECTORY when systemd provides one).
+  /run/user/UID, else a private directory in /tmp), the database under
+  $XDG_STATE_HOME/mcpresd/ (else ~/.local/state/mcpresd/; $STATE_DIRECTORY when
+  systemd provides one).
+- Without --config the file is found (`find_config`): /etc/mcpres/mcpresd.toml
+  for root, $XDG_CONFIG_HOME/mcpres/mcpresd.toml (else ~/.config/) for anyone
+  else, if it exists; the embedded defaults otherwise.
+- `as_toml` writes a Config back as a file that loads to the same Config.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from mcpresd.core.enforcement import EnforcePolicy
 from mcpresd.core.model import Resource
 from mcpresd.protocol import Strategy
-from mcpresd.core.alerts import default_rules, rule_from_config
+from mcpresd.core.alerts import AlertRule, default_rules, rule_from_config
 from mcpresd.core.errors import DomainError
 from mcpresd.monitor import MonitorPolicy
 from mcpresd.samplers.metrics import METRICS
@@ -33,6 +38,7 @@ from mcpresd.protocol import (MAX_QUANTITY, EnforceMode, ResourceType, UnitError
                               parse_duration, parse_size)
 
 DEFAULT_MEMORY_RESERVE = 1 << 30
+SYSTEM_CONFIG = "/etc/mcpres/mcpresd.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -58,10 +64,40 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen: loopback host and port; None: off
     limits: Limits = Limits()
     enforce: EnforcePolicy = EnforcePolicy()
+    config_file: str | None = field(default=None, compare=False)
+    """The file read, if any (where the configuration came from is not part of it)."""
+    config_source: str = field(default="embedded defaults", compare=False)
+    """How that file was chosen, or why there is none: for the first log line and `daemon.status`."""
 
     @property
     def sample_interval(self) -> float:
         return self.monitor.interval
+
+
+def user_config_path() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "mcpres", "mcpresd.toml")
+
+
+def default_config_path() -> tuple[str, str]:
+    """Where the config file is looked for without --config, and whose it is: root's, or this user's."""
+    if os.geteuid() == 0:
+        return SYSTEM_CONFIG, "system"
+    return user_config_path(), "user"
+
+
+def find_config(given: str | None) -> tuple[str | None, str]:
+    """The config file to read and how it was chosen: --config, else the default path if it exists, else none."""
+    if given is not None:
+        return given, "--config"
+    path, whose = default_config_path()
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None, f"embedded defaults: no {path}"
+    except OSError:
+        pass  # there may be one: reading it says what is wrong
+    return path, whose
 
 
 def default_database_path() -> str:
@@ -95,6 +131,8 @@ def load(path: str | Path | None, **overrides: Any) -> Config:
     if path is not None:
         config = _apply_file(config, Path(path))
     changes = {key: value for key, value in overrides.items() if value is not None}
+    if path is not None and "config_file" not in changes:
+        changes["config_file"] = str(path)
     if "socket_mode" in changes:
         changes["socket_mode"] = _parse_mode(changes["socket_mode"], "--socket-mode")
     if "log_level" in changes:
@@ -506,3 +544,103 @@ def _parse_log_level(value: Any, where: str) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(f"{where}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return value.lower()
+
+
+# -- writing a configuration back ------------------------------------------------
+
+
+def as_table(config: Config) -> dict[str, Any]:
+    """`config` as the TOML file's tables: every key, defaults included, that `load` reads back to `config`.
+
+    Durations are written in seconds and sizes in bytes, which the file accepts as well as "5m" or "1G".
+    """
+    table: dict[str, Any] = {
+        "socket": config.socket,
+        "database": config.database,
+        "socket_mode": f"{config.socket_mode:04o}",
+        "gpu_replay": config.gpu_replay or "",
+        "memory_reserve": config.memory_reserve,
+        "default_link_speed": int(config.default_link_bytes_per_s),
+        "log_level": config.log_level,
+    }
+    policy, monitor, limits, retention = config.policy, config.monitor, config.limits, config.policy.retention
+    table["scheduler"] = {"aging_interval": policy.aging_interval, "default_strategy": policy.default_strategy,
+                          "preemption": policy.preemption, "preempt_grace": policy.preempt_grace,
+                          "tick_interval": config.tick_interval, "pool_interval": policy.pool_interval}
+    defaults = {rule.name: rule for rule in default_rules()}
+    keeps_defaults = all(rule in monitor.rules for rule in defaults.values())
+    table["monitor"] = {"interval": monitor.interval, "raw_max_age": monitor.raw_max_age,
+                        "raw_points": monitor.raw_points, "rollup_max_age": monitor.rollup_max_age,
+                        "health_interval": monitor.health_interval, "health_threshold": monitor.health_threshold,
+                        "forecast_window": monitor.forecast_window, "forecast_horizon": monitor.forecast_horizon,
+                        "prometheus_file": config.prometheus_file or "", "default_alerts": keeps_defaults}
+    table["limits"] = {"max_connections": limits.max_connections,
+                       "max_connections_per_uid": limits.max_connections_per_uid,
+                       "idle_timeout": limits.idle_timeout, "max_queued_per_uid": policy.max_queued_per_uid,
+                       "max_pipelined": limits.max_pipelined,
+                       **{key: getattr(limits, key) for key in _LIMIT_SIZES}}
+    table["retention"] = {"events_days": retention.events_days,
+                          "ended_allocations_days": retention.ended_allocations_days,
+                          "key_expiry": retention.key_expiry}
+    table["access"] = {"admin_group": _group_name(limits.admin_gid)}
+    enforce = config.enforce
+    table["enforce"] = {"mode": enforce.mode.value, "max_mode": enforce.max_mode.value,
+                        "kill_grace": enforce.kill_grace, "tasks_max": enforce.tasks_max, "cgroup": enforce.cgroup}
+    if config.resources:
+        table["resources"] = [_resource_table(resource) for resource in config.resources]
+    if config.pools:
+        table["pools"] = [_pool_table(spec) for spec in config.pools]
+    rules = [rule for rule in monitor.rules if not (keeps_defaults and defaults.get(rule.name) == rule)]
+    if rules:
+        table["alerts"] = [_rule_table(rule) for rule in rules]
+    return table
+
+
+def as_toml(config: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(as_table(config))
+
+
+def _group_name(gid: int | None) -> str:
+    if gid is None:
+        return ""
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _resource_table(resource: Resource) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": resource.name, "capacity": resource.capacity, "unit": resource.unit}
+    if resource.cost_per_unit_hour is not None:
+        table["cost_per_unit_hour"] = resource.cost_per_unit_hour
+    if resource.labels:
+        table["labels"] = dict(resource.labels)
+    return table
+
+
+def _pool_table(spec: PoolSpec) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": spec.name, "factory": spec.factory.value, "min": spec.min_size,
+                             "strategy": spec.strategy.value, "timeout": spec.timeout_s,
+                             "scale_up_at": spec.scale.up_at, "scale_down_at": spec.scale.down_at,
+                             "target": spec.scale.target, "cooldown": spec.scale.cooldown_s}
+    optional = {"max": spec.max_size, "members": list(spec.members) or None, "select": list(spec.select) or None,
+                "parent": spec.parent, "slot_size": spec.slot_size, "create": spec.create, "destroy": spec.destroy,
+                "cost_per_unit_hour": spec.cost_per_unit_hour, "labels": dict(spec.labels) or None}
+    table.update({key: value for key, value in optional.items() if value is not None})
+    return table
+
+
+def _rule_table(rule: AlertRule) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": rule.name, "metric": rule.metric, "selector": rule.selector}
+    table.update({level.value: threshold for level, threshold in rule.thresholds})
+    if not rule.above:
+        table["below"] = True
+    if rule.clear is not None:
+        table["clear"] = rule.clear
+    table["for"] = rule.pending_for
+    table["keep_firing_for"] = rule.keep_firing_for
+    return table

@@ -45,6 +45,7 @@ from mcpresd.files import (
 )
 from mcpresd.notify import Notifier
 from mcpresd.pooling import FactoryRun, PoolNotApplied
+from mcpresd import __version__
 from mcpresd.exposition import Snapshot, exposition
 from mcpresd.metrics_http import MetricsEndpoint
 from mcpresd.rpc import Dispatcher
@@ -81,8 +82,9 @@ ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
 
 class LineFormatter(logging.Formatter):
-    """One line per event with a level prefix; under systemd (JOURNAL_STREAM set) also the `<N>` syslog
-    priority journald reads, so `journalctl -p warning` works. Newlines in messages are escaped."""
+    """One line per event: where stderr is the journal, with the `<N>` syslog priority journald reads (so
+    `journalctl -p warning` works) and no time (the journal keeps its own); elsewhere, after a local ISO 8601
+    timestamp with milliseconds and the UTC offset. Newlines in messages are escaped."""
 
     PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -94,12 +96,60 @@ class LineFormatter(logging.Formatter):
         line = super().format(record).replace("\n", "\\n")
         if self.journal:
             return f"<{self.PRIORITIES.get(record.levelno, 6)}>{line}"
-        return line
+        local = time.localtime(record.created)
+        return (f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(record.msecs):03d}"
+                f"{time.strftime('%z', local)} {line}")
+
+
+def stderr_is_the_journal() -> bool:
+    """Whether stderr is the stream systemd connected to the journal: $JOURNAL_STREAM is its `DEVICE:INODE`
+    (systemd.exec(5)). A child that inherits the variable but writes elsewhere (a redirect, a pipe) is not."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
+class RepeatFilter(logging.Filter):
+    """A warning or error repeated word for word (a metrics file that cannot be written, every sampling round)
+    is logged once; its repeats are counted, and once `window_s` has passed since it was last logged, the next
+    one is logged with `(repeated N times in the last M s)`. Times are the records' own."""
+
+    def __init__(self, window_s: float = 300.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        seen = self._seen.get(key)
+        if seen is None:
+            if len(self._seen) >= 1000:
+                self._seen.clear()
+            self._seen[key] = (record.created, 0)
+            return True
+        logged_at, repeats = seen
+        if record.created - logged_at < self.window_s:
+            self._seen[key] = (logged_at, repeats + 1)
+            return False
+        self._seen[key] = (record.created, 0)
+        if repeats:
+            record.msg = f"{key[2]} (repeated {repeats} times in the last {record.created - logged_at:.0f} s)"
+            record.args = None
+        return True
 
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    handler.setFormatter(LineFormatter(journal=stderr_is_the_journal()))
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger("mcpresd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -196,6 +246,7 @@ class Daemon:
             monitor=self.config.monitor,
             enforce=self.config.enforce,
             enforcer=self.enforcer,
+            config_origin=(self.config.config_file, self.config.config_source),
         )
         if self.server is not None:
             broker.rpc_totals = self.server.dispatcher.stats.totals
@@ -648,6 +699,8 @@ def run(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     SIGHUP reloads: `load_config` is called again (the same file and command-line options).
     """
     configure_logging(config.log_level)
+    log.info("mcpresd %s (pid %d): config %s", __version__, os.getpid(),
+             f"{config.config_file} ({config.config_source})" if config.config_file else f"({config.config_source})")
     raise_open_file_limit()
 
     async def main() -> None:

@@ -284,11 +284,18 @@ if TYPE_CHECKING:
         """systemd-scope backend only: the transient scope `mcpctl run` starts its step in."""
 
 
+    class ConfigOriginDict(TypedDict):
+        """The config file the daemon read (None: the embedded defaults) and how it was chosen."""
+
+        path: str | None
+        source: str
+
     class StatusDict(TypedDict):
         version: str
         pid: int
         uptime_s: float
         socket: str
+        config: ConfigOriginDict
         database: str
         resources: int
         allocations: dict[str, int]
@@ -315,19 +322,99 @@ if TYPE_CHECKING:
 # -- paths ------------------------------------------------------------------
 
 
-def default_runtime_dir() -> str:
-    """Where a per-user daemon puts its socket: $XDG_RUNTIME_DIR, else a private /tmp dir."""
+SOCKET_ENV = "MCPRES_SOCKET"
+SYSTEM_SOCKET = "/run/mcpres/mcpresd.sock"
+"""The system daemon's socket (systemd/mcpresd.socket)."""
+
+
+def user_runtime_dir() -> tuple[str, str]:
+    """This user's runtime directory for mcpres, and why it is that one.
+
+    $XDG_RUNTIME_DIR if it is a directory of this user's (sudo may keep the invoking user's); else
+    /run/user/UID, which the login manager makes and cron, `env -i` or su do not name; else a private
+    /tmp/mcpres-UID.
+    """
+    uid = os.getuid()
+    ignored = ""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "mcpres")
-    return os.path.join("/tmp", f"mcpres-{os.getuid()}")
+    if runtime:
+        try:
+            owner = os.stat(runtime).st_uid if os.path.isdir(runtime) else None
+        except OSError:
+            owner = None
+        if owner == uid:
+            return os.path.join(runtime, "mcpres"), "$XDG_RUNTIME_DIR"
+        ignored = (f"; $XDG_RUNTIME_DIR={runtime} ignored: "
+                   + ("not a directory" if owner is None else f"it belongs to uid {owner}, not to uid {uid}"))
+    login = f"/run/user/{uid}"
+    try:
+        if os.path.isdir(login) and os.stat(login).st_uid == uid:
+            return os.path.join(login, "mcpres"), f"{login}{ignored or ' ($XDG_RUNTIME_DIR unset)'}"
+    except OSError:
+        pass
+    return os.path.join("/tmp", f"mcpres-{uid}"), f"no runtime directory (no $XDG_RUNTIME_DIR, no {login}){ignored}"
+
+
+def default_runtime_dir() -> str:
+    """Where a per-user daemon puts its socket (`user_runtime_dir`)."""
+    return user_runtime_dir()[0]
 
 
 def default_socket_path() -> str:
-    env = os.environ.get("MCPRES_SOCKET")
+    """The socket a daemon serves by default: $MCPRES_SOCKET, else this user's."""
+    env = os.environ.get(SOCKET_ENV)
     if env:
         return env
     return os.path.join(default_runtime_dir(), "mcpresd.sock")
+
+
+class SocketChoice:
+    """The socket a client talks to, where that came from (`source`), why, and every path looked at."""
+
+    __slots__ = ("path", "source", "why", "tried")
+
+    def __init__(self, path: str, source: str, why: str, tried: tuple[str, ...]) -> None:
+        self.path = path
+        self.source = source  # "--socket", "$MCPRES_SOCKET", "user" or "system"
+        self.why = why
+        self.tried = tried
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "source": self.source, "why": self.why, "tried": list(self.tried)}
+
+
+def resolve_socket(given: str | None = None) -> SocketChoice:
+    """The daemon's socket for a client: --socket, else $MCPRES_SOCKET, else the first of this user's socket
+    and the system socket that exists, else this user's (where `mcpresd` started by hand listens).
+
+    The one rule for every client (Typer commands, the fast path, the gateway); it never connects.
+    """
+    if given:
+        return SocketChoice(given, "--socket", "given with --socket", (given,))
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return SocketChoice(env, "$" + SOCKET_ENV, f"${SOCKET_ENV} is set", (env,))
+    runtime, why = user_runtime_dir()
+    user = os.path.join(runtime, "mcpresd.sock")
+    tried = (user, SYSTEM_SOCKET) if user != SYSTEM_SOCKET else (user,)
+    if _is_socket(user):
+        return SocketChoice(user, "user", f"your daemon's socket exists (in {why})", tried)
+    if _is_socket(SYSTEM_SOCKET):
+        return SocketChoice(SYSTEM_SOCKET, "system", f"no socket at {user} (your daemon's, in {why}); "
+                                                     "the system daemon's socket exists", tried)
+    return SocketChoice(user, "user", f"no socket at {user} (your daemon's, in {why}) nor at {SYSTEM_SOCKET} "
+                                      "(the system daemon's)", tried)
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except PermissionError:
+        return True  # there may be one: connecting says whether it may be used
+    except OSError:
+        return False
 
 
 def socket_directory_problem(directory: str, trusted: Collection[int]) -> str | None:

@@ -181,8 +181,11 @@ class Broker:
         monitor: MonitorPolicy | None = None,
         enforce: EnforcePolicy = EnforcePolicy(),
         enforcer: Enforcer | None = None,
+        config_origin: tuple[str | None, str] = (None, "embedded defaults"),
     ) -> None:
         self.store = store
+        self.config_origin = config_origin
+        """The config file read (None: none) and how it was chosen, for daemon.status."""
         self.enforce = enforce
         self.enforcer: Enforcer = enforcer or NoEnforcement("no enforcement backend was given")
         self._gpu_minors: tuple[Ledger, int, dict[str, int]] | None = None
@@ -446,6 +449,7 @@ class Broker:
             "pid": os.getpid(),
             "uptime_s": round(self.clock() - self.started_at, 3),
             "socket": self.socket_path,
+            "config": {"path": self.config_origin[0], "source": self.config_origin[1]},
             "database": self.store.path,
             "resources": len(self.ledger),
             "allocations": self.store.count_allocations(),

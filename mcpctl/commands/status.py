@@ -14,11 +14,15 @@ def status(
     ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
-    """Show the daemon's version, uptime, socket, database and counts.
+    """Show the daemon's version, uptime, socket (and how mcpctl found it), config file, database and counts.
 
-    Example: mcpctl status
+    With --json, `found` says which socket mcpctl chose and why (source: --socket, $MCPRES_SOCKET, user or
+    system; tried: the paths it looked at).
+
+    Example: mcpctl status --json
     """
     data = call(ctx, Method.DAEMON_STATUS)
+    data["found"] = ctx.obj["socket_choice"].describe()
     if json_output:
         print_json(data)
         return

@@ -41,9 +41,9 @@ def main(tools: str, command: list[str], *, name: str | None = None, socket_path
         log(str(error))
         return exitcodes.USAGE
     if socket_path is None:
-        from mcpresd.protocol import default_socket_path
+        from mcpresd.protocol import resolve_socket
 
-        socket_path = default_socket_path()
+        socket_path = resolve_socket().path
     import asyncio
 
     from mcpctl.gateway.proxy import Gateway

@@ -42,10 +42,15 @@ def mcpresd(*args: str, env: dict[str, str] | None = None, user: int | None = No
     return subprocess.run(command, capture_output=True, text=True, timeout=BOUND_S, env=env, cwd=cwd)
 
 
+def untimed(line: str) -> str:
+    """A log line without the timestamp it starts with where stderr is not the journal."""
+    return line.split(" ", 1)[1] if line[:1].isdigit() else line
+
+
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
     """The one line a refused start prints (and check that it is one line, with no traceback)."""
     assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO ")]
+    errors = [untimed(line) for line in result.stderr.splitlines() if not untimed(line).startswith("INFO ")]
     assert len(errors) == 1, result.stderr
     return errors[0]
 
@@ -354,7 +359,7 @@ def test_a_deleted_database_or_lock_fails_the_write_in_flight_and_stops_the_daem
         assert f"`rm -f {db}-wal {db}-shm {db}.lock && cp BACKUP {db}`" in refused.value.message, \
             "the restore it advises leaves no old -wal to replay onto the copy"
         assert daemon.proc is not None and daemon.proc.wait(BOUND_S) == 1
-        critical = [line for line in daemon.log().splitlines() if line.startswith("CRITICAL")]
+        critical = [line for line in daemon.log().splitlines() if untimed(line).startswith("CRITICAL")]
         assert critical and complaint.format(db=daemon.db) in critical[0]
     finally:
         for client in clients:
@@ -370,7 +375,7 @@ def test_an_idle_daemon_notices_its_deleted_database_within_a_sampling_round(tmp
         _remove_database(daemon.db)
 
         assert daemon.proc is not None and daemon.proc.wait(BOUND_S) == 1
-        assert any(line.startswith("CRITICAL") and f"{daemon.db} no longer exists" in line
+        assert any(untimed(line).startswith("CRITICAL") and f"{daemon.db} no longer exists" in line
                    for line in daemon.log().splitlines())
         # Started again on the same path: a fresh database, and the loss is reported, not silent.
         daemon.start()
@@ -428,7 +433,7 @@ def test_a_damaged_wal_that_lost_acknowledged_allocations_is_reported_loudly(
         assert "WARNING: the database lost committed transactions" in ok(copy, "status")
         [event] = [e for e in as_json(copy, "events", "--limit", "1000") if e["kind"] == "database.lost_commits"]
         assert event["detail"] == {key: lost[key] for key in ("expected_event", "found_event", "wal_commits_dropped")}
-        assert any(line.startswith("CRITICAL") and "lost committed transactions" in line
+        assert any(untimed(line).startswith("CRITICAL") and "lost committed transactions" in line
                    for line in copy.log().splitlines())
     finally:
         copy.stop()

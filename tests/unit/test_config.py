@@ -132,11 +132,14 @@ def test_an_alert_rule_on_a_metric_that_does_not_exist_is_refused(tmp_path: Path
 def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
     import logging
 
+    import re
+
     from mcpresd.daemon import LineFormatter
 
     record = logging.LogRecord("mcpresd.server", logging.WARNING, __file__, 1, "two\nlines", None, None)
     assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\\nlines"
-    assert LineFormatter(journal=False).format(record) == "WARNING mcpresd.server: two\\nlines"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} WARNING mcpresd\.server: two\\nlines",
+                        LineFormatter(journal=False).format(record))
 
 
 def test_the_shipped_config_documents_pools_that_load_when_uncommented(tmp_path: Path) -> None:
