@@ -18,7 +18,8 @@ import datetime
 import unicodedata
 from typing import Any, NamedTuple
 
-from mcpctl.view import LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, used_text
+from mcpctl.view import (LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, pressure_text,
+                         used_text)
 
 Segment = tuple[str, str]
 """Text and a Rich style name ('' for none)."""
@@ -222,7 +223,7 @@ def _since(timestamp: float, now: float) -> str:
 
 
 def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -> tuple[Line, list[Line]]:
-    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "HOLDS"]
+    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "PRESSURE", "HOLDS"]
     cells = []
     for allocation in allocations:
         active = allocation["state"] == "active"
@@ -236,15 +237,19 @@ def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -
         cells.append([(allocation["id"], "" if active else "yellow"), (allocation["state"], "" if active else "yellow"),
                       (allocation.get("tool_id") or "-", ""), (allocation.get("execution_id") or "-", "dim"),
                       (holder, ""), (age(now - (since or allocation["created_at"])), ""),
-                      (used_text(allocation), "red" if any(str(r).startswith("overuse") for r in
-                                                           allocation.get("risks") or []) else ""),
+                      (used_text(allocation, pressure=False), "red" if any(str(r).startswith("overuse") for r in
+                                                                           allocation.get("risks") or []) else ""),
+                      (pressure_text(allocation.get("measured") or {}) or "-", ""),
                       (items or "-", "dim")])
-    return _table(headers, cells, width, flex=len(headers) - 1)
+    return _table(headers, cells, width, flex=len(headers) - 1, caps={headers.index("USED"): 48})
 
 
-def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int) -> tuple[Line, list[Line]]:
-    """Columns as wide as their cells (capped), the `flex` one giving way first, then cells cropped."""
-    widths = [min(24, max([len(h), *(_width([row[i]]) for row in rows)])) for i, h in enumerate(headers)]
+def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int,
+           caps: dict[int, int] | None = None) -> tuple[Line, list[Line]]:
+    """Columns as wide as their cells (capped at 24, or `caps` by index), the `flex` one giving way first, then
+    cells cropped."""
+    widths = [min((caps or {}).get(i, 24), max([len(h), *(_width([row[i]]) for row in rows)]))
+              for i, h in enumerate(headers)]
     widths[flex] = max([len(headers[flex]), *(_width([row[flex]]) for row in rows)])
     excess = sum(widths) + 2 * (len(widths) - 1) - width
     if excess > 0:

@@ -132,7 +132,9 @@ class Accounts:
         """Fold one round of samples into each active allocation's figures.
 
         CPU seconds count from the first sample (what the holder used before is not this allocation's);
-        memory keeps its peak; GPU utilisation is the running mean over the GPUs it holds whole.
+        memory keeps its peak; GPU utilisation is the running mean over the GPUs it holds whole. A cgroup's other
+        figures (memory now, OOM kills, memory.events counts, pressure) are its own since it was made: the last
+        read is kept.
         """
         for allocation_id, figures in usage.items():
             allocation = self.broker.live.get(allocation_id)
@@ -145,6 +147,8 @@ class Accounts:
                     kept[key] = max(0.0, value - base)
                 elif key.endswith("_peak"):
                     kept[key] = max(kept.get(key, 0.0), value)
+                else:
+                    kept[key] = value
         if readings is None or not any("utilisation" in values for values in readings.values()):
             return  # no GPU utilisation read this round: nothing to average (and no pass over every allocation)
         for allocation in self.broker.active_on_gpus():

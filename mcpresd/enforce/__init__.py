@@ -31,17 +31,51 @@ PREFIX = "alloc-"
 
 
 @dataclass(frozen=True)
+class Pressure:
+    """One PSI file (cgroup v2 `cpu.pressure`, `memory.pressure`): the share of wall time in the last 10 s that
+    some (or all) of the cgroup's runnable tasks stalled waiting for the resource, in %, and the stalled seconds
+    since the cgroup was made. `full` is None where the kernel has no full line (cpu before Linux 5.13)."""
+
+    some_avg10: float
+    some_total_s: float
+    full_avg10: float | None = None
+    full_total_s: float | None = None
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        shown = {f"{prefix}_some_avg10": self.some_avg10, f"{prefix}_some_s": self.some_total_s}
+        if self.full_avg10 is not None and self.full_total_s is not None:
+            shown.update({f"{prefix}_full_avg10": self.full_avg10, f"{prefix}_full_s": self.full_total_s})
+        return shown
+
+
+@dataclass(frozen=True)
 class CgroupUsage:
-    """What an allocation's cgroup measured: CPU seconds since it was made, memory now and at its peak."""
+    """What an allocation's cgroup measured: CPU seconds since it was made, memory now and at its peak, OOM kills;
+    on cgroup v2 also `memory.events` (how often memory.high throttled, memory.max was hit, the OOM killer ran)
+    and pressure (PSI). None: the backend has no such file (cgroup v1 has neither)."""
 
     cpu_seconds: float
     memory_current: int
     memory_peak: int
     oom_kills: int = 0
+    oom_events: int | None = None
+    memory_high_events: int | None = None
+    memory_max_events: int | None = None
+    cpu_pressure: Pressure | None = None
+    memory_pressure: Pressure | None = None
 
     def figures(self) -> dict[str, float]:
-        return {"cpu_seconds": round(self.cpu_seconds, 6), "memory_peak": float(self.memory_peak),
-                "memory_current": float(self.memory_current), "oom_kills": float(self.oom_kills)}
+        shown = {"cpu_seconds": round(self.cpu_seconds, 6), "memory_peak": float(self.memory_peak),
+                 "memory_current": float(self.memory_current), "oom_kills": float(self.oom_kills)}
+        for key, count in (("oom_events", self.oom_events), ("memory_high_events", self.memory_high_events),
+                           ("memory_max_events", self.memory_max_events)):
+            if count is not None:
+                shown[key] = float(count)
+        if self.cpu_pressure is not None:
+            shown.update(self.cpu_pressure.figures("cpu_pressure"))
+        if self.memory_pressure is not None:
+            shown.update(self.memory_pressure.figures("memory_pressure"))
+        return shown
 
 
 class Enforcer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mcpresd.core.enforcement import Grant, limits_for
-from mcpresd.enforce import NoEnforcement, choose, stop_processes
+from mcpresd.enforce import NoEnforcement, Pressure, choose, stop_processes
 from mcpresd.enforce.cgroup_v1 import CgroupV1
 from mcpresd.enforce.cgroup_v2 import CgroupV2
 from mcpresd.protocol import EnforceMode
@@ -234,3 +235,107 @@ def test_v2_on_a_real_unified_hierarchy_limits_moves_measures_and_removes():
             chosen.remove(leftover)
         if chosen.root.exists():
             chosen.root.rmdir()
+
+
+# The kernel's formats, as Documentation/admin-guide/cgroup-v2.rst and accounting/psi.rst give them.
+MEMORY_EVENTS = "low 0\nhigh 12\nmax 3\noom 2\noom_kill 1\noom_group_kill 0\n"
+CPU_PRESSURE = ("some avg10=1.50 avg60=0.80 avg300=0.20 total=2500000\n"
+                "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+MEMORY_PRESSURE = ("some avg10=12.34 avg60=5.00 avg300=1.00 total=750000\n"
+                   "full avg10=10.00 avg60=4.00 avg300=0.50 total=600000\n")
+
+
+def fill_v2(directory: Path, *, pressure: bool = True) -> None:
+    """What the kernel shows in an allocation's v2 cgroup that has run a while."""
+    (directory / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"
+                                        "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n")
+    (directory / "memory.current").write_text("1000\n")
+    (directory / "memory.peak").write_text("1048576\n")
+    (directory / "memory.events").write_text(MEMORY_EVENTS)
+    if pressure:
+        (directory / "cpu.pressure").write_text(CPU_PRESSURE)
+        (directory / "memory.pressure").write_text(MEMORY_PRESSURE)
+
+
+def test_v2_reads_memory_events_and_cpu_and_memory_pressure(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("p1", limits_for(EnforceMode.SOFT, Grant(memory=MIB)))
+    fill_v2(fake_v2 / "mcpres.slice" / "alloc-p1")
+    usage = backend.usage("p1")
+    assert usage is not None
+    assert (usage.oom_kills, usage.oom_events, usage.memory_high_events, usage.memory_max_events) == (1, 2, 12, 3)
+    assert usage.cpu_pressure == Pressure(some_avg10=1.5, some_total_s=2.5, full_avg10=0.0, full_total_s=0.0)
+    assert usage.memory_pressure == Pressure(some_avg10=12.34, some_total_s=0.75, full_avg10=10.0, full_total_s=0.6)
+    assert usage.figures() == {
+        "cpu_seconds": 2.5, "memory_current": 1000.0, "memory_peak": float(MIB), "oom_kills": 1.0,
+        "oom_events": 2.0, "memory_high_events": 12.0, "memory_max_events": 3.0,
+        "cpu_pressure_some_avg10": 1.5, "cpu_pressure_some_s": 2.5,
+        "cpu_pressure_full_avg10": 0.0, "cpu_pressure_full_s": 0.0,
+        "memory_pressure_some_avg10": 12.34, "memory_pressure_some_s": 0.75,
+        "memory_pressure_full_avg10": 10.0, "memory_pressure_full_s": 0.6}
+
+
+def test_v2_without_psi_reports_no_pressure_and_a_cpu_file_without_full_only_some(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("n1", limits_for(EnforceMode.SOFT, Grant()))
+    directory = fake_v2 / "mcpres.slice" / "alloc-n1"
+    fill_v2(directory, pressure=False)  # a kernel without CONFIG_PSI, or booted with psi=0
+    usage = backend.usage("n1")
+    assert usage is not None and usage.cpu_pressure is None and usage.memory_pressure is None
+    assert not [key for key in usage.figures() if "pressure" in key]
+    (directory / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")  # before 5.13
+    (directory / "memory.pressure").write_text("some avg10=oops\n")
+    usage = backend.usage("n1")
+    assert usage is not None and usage.memory_pressure is None
+    assert usage.cpu_pressure == Pressure(some_avg10=0.0, some_total_s=0.0)
+    assert {key for key in usage.figures() if "pressure" in key} == {"cpu_pressure_some_avg10", "cpu_pressure_some_s"}
+
+
+def test_v1_reports_oom_kills_but_no_pressure_nor_memory_events(v1: CgroupV1):
+    v1.create("q1", limits_for(EnforceMode.SOFT, Grant(memory=64 * MIB)))
+    usage = v1.usage("q1")
+    assert usage is not None
+    assert usage.cpu_pressure is None and usage.memory_pressure is None and usage.memory_high_events is None
+    assert set(usage.figures()) == {"cpu_seconds", "memory_current", "memory_peak", "oom_kills"}
+    assert v1.remove("q1")
+
+
+def test_an_allocations_pressure_and_memory_events_from_its_v2_cgroup_are_in_measured_and_shown(
+        tmp_path: Path, fake_v2: Path):
+    """The daemon's sampling round reads a (fake) v2 cgroup; allocations.get, mcpctl allocations and top show it."""
+    from tests.conftest import CONFIG, run_cli
+    from tests.live import LiveDaemon
+
+    subtree = "mcpres-fake-" + os.urandom(4).hex()  # never created on the real hierarchies: the tree is swapped
+    state = tmp_path / "daemon"
+    state.mkdir()
+    live = LiveDaemon(state, CONFIG + f'\n[enforce]\ncgroup = "{subtree}"\n[monitor]\ninterval = "0.5s"\n').start()
+    holder = subprocess.Popen(["sleep", "120"])  # signalled at the release: it is "in" the fake cgroup
+    try:
+        fake = CgroupV2(fake_v2, subtree)
+        live.daemon.enforcer = fake
+        live.on_store(lambda broker: setattr(broker, "enforcer", fake))
+        held = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": holder.pid,
+                                      "enforce": "soft", "confine_holder": True})
+        directory = fake_v2 / subtree / f"alloc-{held['id']}"
+        wait_for(lambda: (directory / "cgroup.procs").exists(), what="the allocation's cgroup")
+        assert (directory / "cgroup.procs").read_text() == str(holder.pid)
+        fill_v2(directory)
+        measured = wait_for(lambda: (m := live.call("allocations.get", {"id": held["id"]})["measured"] or {})
+                            .get("memory_pressure_some_avg10") and m, what="the pressure in measured")
+        assert measured["memory_pressure_full_avg10"] == 10.0 and measured["cpu_pressure_some_s"] == 2.5
+        assert (measured["oom_kills"], measured["memory_high_events"], measured["memory_max_events"]) == (1, 12, 3)
+        assert measured["memory_current"] == 1000 and measured["memory_peak"] >= MIB  # a round may predate the files
+        listing = run_cli("allocations", socket_path=live.socket, env={"COLUMNS": "200"})
+        assert listing.returncode == 0, listing.stderr
+        assert "1 OOM kill, pressure cpu 2% mem 12%" in listing.stdout
+        top = run_cli("top", "--once", socket_path=live.socket, env={"COLUMNS": "200", "LINES": ""})
+        assert top.returncode == 0, top.stderr
+        assert "PRESSURE" in top.stdout
+        row = next(line for line in top.stdout.splitlines() if line.startswith(held["id"]))
+        assert "cpu 2% mem 12%" in row and "1 OOM kill" in row
+        live.call("release", {"id": held["id"]})
+    finally:
+        live.close()
+        holder.kill()
+        holder.wait()
