@@ -50,7 +50,7 @@ def frame(snapshot: Snapshot, width: int, height: int | None, now: float, *, int
     for title, rows, noun in (
         (*resource_rows(snapshot, width, ascii_only), "resources"),
         (*alert_rows(firing, width, now), "firing alerts"),
-        (*allocation_rows(snapshot.active + snapshot.queued, width, now), "allocations"),
+        (*allocation_rows(snapshot.active + snapshot.queued, width, now, firing), "allocations"),
     ):
         if not rows:
             continue
@@ -222,8 +222,10 @@ def _since(timestamp: float, now: float) -> str:
     return f"{datetime.datetime.fromtimestamp(timestamp).strftime('%H:%M:%S')} ({age(now - timestamp)})"
 
 
-def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -> tuple[Line, list[Line]]:
-    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "PRESSURE", "HOLDS"]
+def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float,
+                    firing: list[dict[str, Any]] | None = None) -> tuple[Line, list[Line]]:
+    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "PRESSURE", "ALERTS", "HOLDS"]
+    alerts = alerts_by_allocation(firing or [])
     cells = []
     for allocation in allocations:
         active = allocation["state"] == "active"
@@ -240,8 +242,28 @@ def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -
                       (used_text(allocation, pressure=False), "red" if any(str(r).startswith("overuse") for r in
                                                                            allocation.get("risks") or []) else ""),
                       (pressure_text(allocation.get("measured") or {}) or "-", ""),
+                      (", ".join(text for text, _ in alerts.get(allocation["id"], ())) or "-",
+                       _worst(level for _, level in alerts.get(allocation["id"], ()))),
                       (items or "-", "dim")])
     return _table(headers, cells, width, flex=len(headers) - 1, caps={headers.index("USED"): 48})
+
+
+def alerts_by_allocation(firing: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    """{allocation id: [(what, level)]} for the firing alerts that name it: an overuse alert on it ('overuse
+    memory'), or a metric alert on a resource it holds (its rule)."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    for alert in firing:
+        resource = str(alert.get("resource") or "")
+        what = f"{alert['rule']} {resource.rsplit('/', 1)[-1]}" if resource.startswith("allocation:") else alert["rule"]
+        for held in alert.get("allocations") or ():
+            named.setdefault(str(held.get("id")), []).append((what, str(alert.get("level"))))
+    return named
+
+
+def _worst(levels: Any) -> str:
+    order = {"critical": 0, "error": 1, "warning": 2, "info": 3}
+    worst = min(levels, key=lambda level: order.get(level, 9), default=None)
+    return LEVEL_STYLES.get(worst, "") if worst else ""
 
 
 def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int,

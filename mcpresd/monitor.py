@@ -56,7 +56,7 @@ Readings = dict[str, dict[str, Value]]
 UNSUPPORTED = "unsupported"
 
 
-CONDITIONS = ("budget", "pool-factory")
+CONDITIONS = ("budget", "pool-factory", "overuse")
 """Alert rules the broker raises itself (`Monitor.condition`), beside the configured metric rules."""
 
 
@@ -306,8 +306,9 @@ class Monitor:
                         self._announce(transition, alert, entry.id, allocations)
 
     def condition(self, rule: str, resource: str, level: alerting.Level | None, value: float, now: float,
-                  detail: dict[str, Any]) -> None:
-        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory), not by a metric.
+                  detail: dict[str, Any], allocations: list[dict[str, Any]] | None = None) -> None:
+        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory, an allocation's
+        overuse), not by a metric; `allocations` names the allocations concerned, as a firing metric alert does.
 
         It fires at once at `level` (or changes level), and resolves when called with level None.
         """
@@ -331,11 +332,12 @@ class Monitor:
                                last_value=value, min=value, max=value, total=value, count=1)
         entry = opened or _Open(None, alert)
         entry.alert = replace(alert, since=opened.alert.since, fired_at=opened.alert.fired_at) if opened else alert
-        entry.id = self._save(entry, [])
+        entry.id = self._save(entry, allocations or [])
         self.alerts[key] = entry
         self.broker.emit(now, "alert.firing", resource=resource, detail={
             "alert_id": entry.id, "rule": rule, "level": level.value, "value": value,
-            **({"previous_level": previous.value} if previous else {}), **detail})
+            **({"previous_level": previous.value} if previous else {}), **detail,
+            **({"allocations": allocations} if allocations else {})})
 
     def _holders_of(self, resource: str) -> list[dict[str, Any]]:
         held = []

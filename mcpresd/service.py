@@ -57,6 +57,7 @@ from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
+from mcpresd.core.alerts import Level as AlertLevel
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.enforce import Enforcer, NoEnforcement
 from mcpresd.pooling import FactoryRun, PoolKeeper
@@ -784,6 +785,8 @@ class Broker:
         if usage is not None:
             self._note_oom(allocation, usage.figures(), now)
         self.overuse.forget(allocation.id)
+        for kind in OVERUSE_KINDS:
+            self._overuse_resolved(allocation.id, kind, now, "the allocation ended")
         self._oom_seen.pop(allocation.id, None)
         self._cpu_seen.pop(allocation.id, None)
         self.outbox.unconfine.append((allocation.id, allocation.request is not None
@@ -801,7 +804,8 @@ class Broker:
             self._oom_seen[allocation.id] = kills
 
     def _enforcement_sampled(self, usage: dict[str, dict[str, float]], now: float) -> None:
-        """Measured use from cgroups: OOM kills, and soft allocations over their grant (`overuse`)."""
+        """Measured use from cgroups: OOM kills, and soft allocations over their grant (an `overuse` event and
+        alert, resolved once use is back under the grant or the allocation ended)."""
         for allocation_id, figures in usage.items():
             allocation = self.live.get(allocation_id)
             if allocation is None or not allocation.is_active or "memory_current" not in figures:
@@ -814,9 +818,32 @@ class Broker:
             if limits.mode is not EnforceMode.SOFT:
                 continue
             grant = grant_of((i.resource, i.amount) for i in allocation.items)
-            for over in self.overuse.observe(allocation_id, over_grant(limits, grant, figures["memory_current"],
-                                                                       rate)):
-                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=over)
+            over = over_grant(limits, grant, figures["memory_current"], rate)
+            for fresh in self.overuse.observe(allocation_id, over):
+                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=fresh)
+                self._overuse_alert(allocation, fresh, now)
+            for kind in OVERUSE_KINDS:
+                if not any(o["kind"] == kind for o in over):
+                    self._overuse_resolved(allocation_id, kind, now, "its use fell back under the grant")
+        for rule, resource in [key for key in self.monitor.alerts if key[0] == OVERUSE_RULE]:
+            allocation_id, _, kind = resource.removeprefix(OVERUSE_PREFIX).partition("/")
+            if allocation_id not in self.live or not self.live[allocation_id].is_active:  # ended while down
+                self._overuse_resolved(allocation_id, kind, now, "the allocation ended")
+
+    def _overuse_alert(self, allocation: Allocation, over: dict[str, float | str], now: float) -> None:
+        """A warning alert on the allocation (`mcpctl alerts`, `mcpctl top`) while its use is over the grant."""
+        self.monitor.condition(
+            OVERUSE_RULE, f"{OVERUSE_PREFIX}{allocation.id}/{over['kind']}", AlertLevel.WARNING, float(over["used"]),
+            now, {**over, "allocation_id": allocation.id},
+            allocations=[{"id": allocation.id, "amount": over["granted"], "tool_id": allocation.tool_id,
+                          "holder_pid": allocation.holder_pid, "owner_uid": allocation.owner_uid}])
+
+    def _overuse_resolved(self, allocation_id: str, kind: str, now: float, why: str) -> None:
+        resource = f"{OVERUSE_PREFIX}{allocation_id}/{kind}"
+        opened = self.monitor.alerts.get((OVERUSE_RULE, resource))
+        if opened is not None:
+            self.monitor.condition(OVERUSE_RULE, resource, None, opened.alert.last_value or 0.0, now,
+                                   {"allocation_id": allocation_id, "kind": kind, "why": why})
 
     def processes_stopped(self, allocation_id: str, count: int) -> None:
         """The event loop stopped what was left in an ended allocation's cgroup."""
@@ -1171,6 +1198,11 @@ class Broker:
             },
         }
 
+
+OVERUSE_RULE = "overuse"
+OVERUSE_PREFIX = "allocation:"
+"""An overuse alert's resource: `allocation:<id>/<kind>` (kind `memory` or `cpu`), one alert per allocation and kind."""
+OVERUSE_KINDS = ("memory", "cpu")
 
 _WHY = {
     "timeout": "its wait ran out",

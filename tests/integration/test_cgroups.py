@@ -6,7 +6,9 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,8 @@ from mcpresd.enforce.cgroup_v1 import CgroupV1
 from mcpresd.enforce.cgroup_v2 import CgroupV2
 from mcpresd.protocol import EnforceMode
 from tests.cgroups import cgroup_subtree, v1, v1_mounts, wait_for  # noqa: F401 - fixtures
+from tests.conftest import CONFIG, run_cli
+from tests.live import LiveDaemon
 
 MIB = 1 << 20
 
@@ -300,42 +304,68 @@ def test_v1_reports_oom_kills_but_no_pressure_nor_memory_events(v1: CgroupV1):
     assert v1.remove("q1")
 
 
-def test_an_allocations_pressure_and_memory_events_from_its_v2_cgroup_are_in_measured_and_shown(
-        tmp_path: Path, fake_v2: Path):
-    """The daemon's sampling round reads a (fake) v2 cgroup; allocations.get, mcpctl allocations and top show it."""
-    from tests.conftest import CONFIG, run_cli
-    from tests.live import LiveDaemon
-
+@pytest.fixture
+def live_on_fake_v2(tmp_path: Path, fake_v2: Path) -> Iterator[tuple[LiveDaemon, Path, int]]:
+    """The real daemon in-process whose enforcer is cgroup v2 on the fake tree; (daemon, its subtree, a holder pid
+    to confine: a sleep, which the release signals as it is "in" the fake cgroup)."""
     subtree = "mcpres-fake-" + os.urandom(4).hex()  # never created on the real hierarchies: the tree is swapped
     state = tmp_path / "daemon"
     state.mkdir()
     live = LiveDaemon(state, CONFIG + f'\n[enforce]\ncgroup = "{subtree}"\n[monitor]\ninterval = "0.5s"\n').start()
-    holder = subprocess.Popen(["sleep", "120"])  # signalled at the release: it is "in" the fake cgroup
+    holder = subprocess.Popen(["sleep", "120"])
     try:
         fake = CgroupV2(fake_v2, subtree)
         live.daemon.enforcer = fake
         live.on_store(lambda broker: setattr(broker, "enforcer", fake))
-        held = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": holder.pid,
-                                      "enforce": "soft", "confine_holder": True})
-        directory = fake_v2 / subtree / f"alloc-{held['id']}"
-        wait_for(lambda: (directory / "cgroup.procs").exists(), what="the allocation's cgroup")
-        assert (directory / "cgroup.procs").read_text() == str(holder.pid)
-        fill_v2(directory)
-        measured = wait_for(lambda: (m := live.call("allocations.get", {"id": held["id"]})["measured"] or {})
-                            .get("memory_pressure_some_avg10") and m, what="the pressure in measured")
-        assert measured["memory_pressure_full_avg10"] == 10.0 and measured["cpu_pressure_some_s"] == 2.5
-        assert (measured["oom_kills"], measured["memory_high_events"], measured["memory_max_events"]) == (1, 12, 3)
-        assert measured["memory_current"] == 1000 and measured["memory_peak"] >= MIB  # a round may predate the files
-        listing = run_cli("allocations", socket_path=live.socket, env={"COLUMNS": "200"})
-        assert listing.returncode == 0, listing.stderr
-        assert "1 OOM kill, pressure cpu 2% mem 12%" in listing.stdout
-        top = run_cli("top", "--once", socket_path=live.socket, env={"COLUMNS": "200", "LINES": ""})
-        assert top.returncode == 0, top.stderr
-        assert "PRESSURE" in top.stdout
-        row = next(line for line in top.stdout.splitlines() if line.startswith(held["id"]))
-        assert "cpu 2% mem 12%" in row and "1 OOM kill" in row
-        live.call("release", {"id": held["id"]})
+        yield live, fake_v2 / subtree, holder.pid
     finally:
         live.close()
         holder.kill()
         holder.wait()
+
+
+def confined(live: LiveDaemon, subtree: Path, holder: int, **request: Any) -> tuple[dict[str, Any], Path]:
+    held = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": holder,
+                                  "enforce": "soft", "confine_holder": True, **request})
+    directory = subtree / f"alloc-{held['id']}"
+    wait_for(lambda: (directory / "cgroup.procs").exists(), what="the allocation's cgroup")
+    assert (directory / "cgroup.procs").read_text() == str(holder)
+    return held, directory
+
+
+def test_an_allocations_pressure_and_memory_events_from_its_v2_cgroup_are_in_measured_and_shown(
+        live_on_fake_v2: tuple[LiveDaemon, Path, int]):
+    """The daemon's sampling round reads a (fake) v2 cgroup; allocations.get, mcpctl allocations and top show it."""
+    live, subtree, holder = live_on_fake_v2
+    held, directory = confined(live, subtree, holder)
+    fill_v2(directory)
+    measured = wait_for(lambda: (m := live.call("allocations.get", {"id": held["id"]})["measured"] or {})
+                        .get("memory_pressure_some_avg10") and m, what="the pressure in measured")
+    assert measured["memory_pressure_full_avg10"] == 10.0 and measured["cpu_pressure_some_s"] == 2.5
+    assert (measured["oom_kills"], measured["memory_high_events"], measured["memory_max_events"]) == (1, 12, 3)
+    assert measured["memory_current"] == 1000 and measured["memory_peak"] >= MIB  # a round may predate the files
+    listing = run_cli("allocations", socket_path=live.socket, env={"COLUMNS": "200"})
+    assert listing.returncode == 0, listing.stderr
+    assert "1 OOM kill, pressure cpu 2% mem 12%" in listing.stdout
+    top = run_cli("top", "--once", socket_path=live.socket, env={"COLUMNS": "200", "LINES": ""})
+    assert top.returncode == 0, top.stderr
+    assert "PRESSURE" in top.stdout
+    row = next(line for line in top.stdout.splitlines() if line.startswith(held["id"]))
+    assert "cpu 2% mem 12%" in row and "1 OOM kill" in row
+    live.call("release", {"id": held["id"]})
+
+
+def test_an_overuse_alert_resolves_when_its_allocation_ends(live_on_fake_v2: tuple[LiveDaemon, Path, int]):
+    live, subtree, holder = live_on_fake_v2
+    held, directory = confined(live, subtree, holder, resources=[{"resource": "memory", "amount": MIB}])
+    fill_v2(directory)
+    (directory / "memory.current").write_text(f"{5 * MIB}\n")
+    [alert] = wait_for(lambda: [a for a in live.call("alerts.list") if a["rule"] == "overuse"],
+                       what="the overuse alert")
+    assert (alert["resource"], alert["state"], alert["last_value"]) == (f"allocation:{held['id']}/memory", "firing",
+                                                                       5 * MIB)
+    live.call("release", {"id": held["id"]})
+    assert not [a for a in live.call("alerts.list") if a["rule"] == "overuse"]
+    [resolved] = [e for e in live.call("events.list", {"limit": 1000}) if e["kind"] == "alert.resolved"]
+    assert resolved["detail"]["why"] == "the allocation ended"
+    assert resolved["detail"]["alert_id"] == alert["id"]
