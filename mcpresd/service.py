@@ -45,6 +45,7 @@ from mcpresd.core.errors import (
 )
 from mcpresd.core.enforcement import (
     EnforcePolicy,
+    Grant,
     Limits,
     Overuse,
     effective_mode,
@@ -191,6 +192,11 @@ class Broker:
         self.overuse = Overuse()
         self._oom_seen: dict[str, int] = {}
         self._cpu_seen: dict[str, tuple[float, float]] = {}
+        self._figures_seen: dict[str, dict[str, float]] = {}
+        """The cgroup figures each confined allocation was last judged on (a backend hands back the same dict for
+        a cgroup that did not change)."""
+        self._enforced_terms: dict[str, tuple[Allocation, Limits, Grant]] = {}
+        """Each confined allocation's limits and grant, worked out once (for that Allocation value)."""
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
@@ -789,6 +795,8 @@ class Broker:
             self._overuse_resolved(allocation.id, kind, now, "the allocation ended")
         self._oom_seen.pop(allocation.id, None)
         self._cpu_seen.pop(allocation.id, None)
+        self._figures_seen.pop(allocation.id, None)
+        self._enforced_terms.pop(allocation.id, None)
         self.outbox.unconfine.append((allocation.id, allocation.request is not None
                                       and allocation.request.keep_processes))
 
@@ -806,18 +814,29 @@ class Broker:
     def _enforcement_sampled(self, usage: dict[str, dict[str, float]], now: float) -> None:
         """Measured use from cgroups: OOM kills, and soft allocations over their grant (an `overuse` event and
         alert, resolved once use is back under the grant or the allocation ended)."""
+        seen = self._figures_seen
         for allocation_id, figures in usage.items():
             allocation = self.live.get(allocation_id)
             if allocation is None or not allocation.is_active or "memory_current" not in figures:
                 continue  # only cgroups report memory_current
+            cpu = figures.get("cpu_seconds", 0.0)
+            if seen.get(allocation_id) is figures and self.overuse.quiet(allocation_id):
+                # The same figures as the round before (the backend hands back what it read then), and nothing
+                # was over: no OOM kill, no CPU used, the same memory, so nothing to find or to report.
+                self._cpu_seen[allocation_id] = (now, cpu)
+                continue
+            seen[allocation_id] = figures
             self._note_oom(allocation, figures, now)
-            cpu, previous = figures.get("cpu_seconds", 0.0), self._cpu_seen.get(allocation_id)
+            previous = self._cpu_seen.get(allocation_id)
             self._cpu_seen[allocation_id] = (now, cpu)
             rate = None if previous is None or now <= previous[0] else (cpu - previous[1]) / (now - previous[0])
-            limits = self.limits_of(allocation)
+            terms = self._enforced_terms.get(allocation_id)
+            if terms is None or terms[0] is not allocation:
+                terms = self._enforced_terms[allocation_id] = (
+                    allocation, self.limits_of(allocation), grant_of((i.resource, i.amount) for i in allocation.items))
+            _, limits, grant = terms
             if limits.mode is not EnforceMode.SOFT:
                 continue
-            grant = grant_of((i.resource, i.amount) for i in allocation.items)
             over = over_grant(limits, grant, figures["memory_current"], rate)
             for fresh in self.overuse.observe(allocation_id, over):
                 self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=fresh)

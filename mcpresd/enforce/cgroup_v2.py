@@ -5,17 +5,19 @@ Files written: cpu.weight, cpu.max, cpuset.cpus (hard, granted cores), memory.hi
 memory.swap.max (hard), pids.max. Files read each sampling round: cpu.stat (usage_usec), memory.current,
 memory.peak (Linux 5.19; memory.current before), memory.events (high, max, oom, oom_kill) and the pressure (PSI)
 files cpu.pressure and memory.pressure (`some`/`full` avg10 and total; absent without CONFIG_PSI or with psi=0,
-then reported as none). Each is read with one os.read: a sampling round reads six files per allocation.
+then reported as none). They are kept open between rounds and read with one pread each (`HeldFiles`); a cgroup
+whose files read as the round before gives back the same CgroupUsage.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
-from mcpresd.enforce import PREFIX, CgroupUsage, Pressure
+from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles, Pressure
 
 WANTED = ("cpu", "cpuset", "memory", "pids")
 
@@ -34,6 +36,9 @@ class CgroupV2:
         self.why_not: str | None = f"no {', '.join(missing)} controller" if missing else None
         self.enabled = set(self.controllers)
         """The controllers the subtree's children have (set when the subtree is prepared)."""
+        self.files = HeldFiles()
+        self._last: dict[str, tuple[tuple[bytes | None, ...], CgroupUsage]] = {}
+        """Per allocation, the raw files of its last read and what they gave."""
 
     @property
     def enforces(self) -> bool:
@@ -79,21 +84,30 @@ class CgroupV2:
 
     def usage(self, allocation_id: str) -> CgroupUsage | None:
         directory = f"{self.root}/{PREFIX}{allocation_id}/"
+        read = self.files.read
         try:
-            cpu_us = _keyed(_read(directory + "cpu.stat")).get(b"usage_usec", 0)
-            current = int(_read(directory + "memory.current"))
-            try:
-                peak = int(_read(directory + "memory.peak"))  # since Linux 5.19
-            except FileNotFoundError:
-                peak = current
-            events = _keyed(_read(directory + "memory.events"))
-        except (OSError, ValueError):
+            stat, current, events = (read(allocation_id, directory + "cpu.stat"),
+                                     read(allocation_id, directory + "memory.current"),
+                                     read(allocation_id, directory + "memory.events"))
+        except OSError:
             return None
-        return CgroupUsage(cpu_seconds=cpu_us / 1e6, memory_current=current, memory_peak=peak,
-                           oom_kills=events.get(b"oom_kill", 0), oom_events=events.get(b"oom", 0),
-                           memory_high_events=events.get(b"high", 0), memory_max_events=events.get(b"max", 0),
-                           cpu_pressure=_pressure(directory + "cpu.pressure"),
-                           memory_pressure=_pressure(directory + "memory.pressure"))
+        raw = (stat, current, events, _optional(read, allocation_id, directory + "memory.peak"),  # since Linux 5.19
+               _optional(read, allocation_id, directory + "cpu.pressure"),
+               _optional(read, allocation_id, directory + "memory.pressure"))
+        last = self._last.get(allocation_id)
+        if last is not None and last[0] == raw:
+            return last[1]
+        try:
+            keyed = _keyed(events)
+            usage = CgroupUsage(cpu_seconds=_keyed(stat).get(b"usage_usec", 0) / 1e6, memory_current=int(current),
+                                memory_peak=int(current if raw[3] is None else raw[3]),
+                                oom_kills=keyed.get(b"oom_kill", 0), oom_events=keyed.get(b"oom", 0),
+                                memory_high_events=keyed.get(b"high", 0), memory_max_events=keyed.get(b"max", 0),
+                                cpu_pressure=_pressure(raw[4]), memory_pressure=_pressure(raw[5]))
+        except ValueError:
+            return None
+        self._last[allocation_id] = (raw, usage)
+        return usage
 
     def pids(self, allocation_id: str) -> set[int]:
         try:
@@ -102,6 +116,8 @@ class CgroupV2:
             return set()
 
     def remove(self, allocation_id: str) -> bool:
+        self.files.forget(allocation_id)
+        self._last.pop(allocation_id, None)
         try:
             self._dir(allocation_id).rmdir()
         except FileNotFoundError:
@@ -124,10 +140,14 @@ class CgroupV2:
 
     def existing(self) -> set[str]:
         try:
-            return {entry.name[len(PREFIX):] for entry in os.scandir(self.root)
-                    if entry.is_dir() and entry.name.startswith(PREFIX)}
+            found = {entry.name[len(PREFIX):] for entry in os.scandir(self.root)
+                     if entry.is_dir() and entry.name.startswith(PREFIX)}
         except OSError:
-            return set()
+            found = set()
+        self.files.keep_only(found)
+        for gone in self._last.keys() - found:
+            self._last.pop(gone, None)
+        return found
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
@@ -143,13 +163,12 @@ def _write(path: Path, value: object) -> None:
         file.write(str(value))
 
 
-def _read(path: str) -> bytes:
-    """A small cgroup file in one read (pathlib's read_text costs several times more, six files an allocation)."""
-    fd = os.open(path, os.O_RDONLY)
+def _optional(read: Callable[[str, str], bytes], allocation_id: str, path: str) -> bytes | None:
+    """A file the kernel may not have (memory.peak before 5.19; the PSI files without CONFIG_PSI or with psi=0)."""
     try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
+        return read(allocation_id, path)
+    except OSError:
+        return None
 
 
 def _keyed(data: bytes) -> dict[bytes, int]:
@@ -162,12 +181,10 @@ def _keyed(data: bytes) -> dict[bytes, int]:
     return values
 
 
-def _pressure(path: str) -> Pressure | None:
+def _pressure(data: bytes | None) -> Pressure | None:
     """A PSI file: `some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and (mostly) a `full` line alike; total in
     microseconds. None where the kernel offers none (no CONFIG_PSI, psi=0) or the line is not understood."""
-    try:
-        data = _read(path)
-    except OSError:
+    if data is None:
         return None
     lines: dict[bytes, tuple[float, float]] = {}
     for line in data.splitlines():

@@ -369,3 +369,78 @@ def test_an_overuse_alert_resolves_when_its_allocation_ends(live_on_fake_v2: tup
     [resolved] = [e for e in live.call("events.list", {"limit": 1000}) if e["kind"] == "alert.resolved"]
     assert resolved["detail"]["why"] == "the allocation ended"
     assert resolved["detail"]["alert_id"] == alert["id"]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_v1_keeps_its_files_open_between_rounds_and_reads_fresh_figures_through_them(v1: CgroupV1):
+    v1.files.budget = 100
+    fresh = CgroupV1(v1.mounts, v1.subtree)  # no budget: opens, reads and closes every file every round
+    v1.create("f1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    before = open_fds()
+    first = v1.usage("f1")
+    assert first is not None and v1.files.held == 4 and open_fds() == before + 4
+    assert v1.usage("f1") is first, "unchanged files give back the same figures"
+    assert first.figures() is first.figures()
+    script = "import sys; sys.stdin.readline(); b = bytearray(48 << 20); sum(range(3_000_000))"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    v1.move("f1", child.pid)
+    assert child.stdin is not None
+    child.stdin.write(b"go\n")
+    child.stdin.close()
+    assert child.wait(30) == 0
+    second = v1.usage("f1")
+    assert second is not None and second is not first
+    assert second.memory_peak >= 48 * MIB and second.cpu_seconds > 0.05
+    assert second == fresh.usage("f1"), "a held file reads what a fresh open reads"
+    assert v1.files.held == 4 and fresh.files.held == 0
+    assert v1.remove("f1")
+    assert v1.files.held == 0 and open_fds() == before
+
+
+def test_v1_a_cgroup_removed_behind_its_back_and_made_again_is_read_afresh(v1: CgroupV1, cgroup_subtree: str):
+    from tests.cgroups import remove_subtree
+
+    v1.files.budget = 100
+    v1.create("g1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    assert v1.usage("g1") is not None and v1.files.held == 4
+    remove_subtree(v1_mounts(), cgroup_subtree)  # its held files now read ENODEV
+    assert v1.usage("g1") is None and v1.files.held == 0
+    v1.create("g1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    again = v1.usage("g1")
+    assert again is not None and again.memory_current >= 0 and v1.files.held == 4
+    assert v1.existing() == {"g1"}
+    remove_subtree(v1_mounts(), cgroup_subtree)
+    assert v1.existing() == set() and v1.files.held == 0, "the listing lets go of the files of cgroups gone"
+
+
+def test_v2_unchanged_files_give_back_the_same_figures_and_changed_ones_new(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.files.budget = 100
+    backend.create("u1", limits_for(EnforceMode.SOFT, Grant(memory=MIB)))
+    directory = fake_v2 / "mcpres.slice" / "alloc-u1"
+    fill_v2(directory)
+    first = backend.usage("u1")
+    assert first is not None and backend.usage("u1") is first and backend.files.held == 6
+    (directory / "memory.pressure").write_text(MEMORY_PRESSURE.replace("avg10=12.34", "avg10=20.00"))
+    second = backend.usage("u1")
+    assert second is not None and second is not first
+    assert second.memory_pressure is not None and second.memory_pressure.some_avg10 == 20.0
+    backend.remove("u1")  # a fake directory keeps its files (ENOTEMPTY): the files are let go all the same
+    assert backend.files.held == 0
+
+
+def test_the_daemon_lets_its_backend_keep_files_open_within_what_the_open_file_limit_spares(
+        tmp_path: Path, cgroup_subtree: str):
+    import resource
+
+    live = LiveDaemon(tmp_path, CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\n').start()
+    try:
+        files = getattr(live.daemon.enforcer, "files")
+        limits = live.daemon.server.limits  # type: ignore[union-attr]
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert 0 < files.budget <= soft - limits.max_connections - (limits.holder_fds or 0)
+    finally:
+        live.close()
