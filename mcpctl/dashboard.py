@@ -18,8 +18,8 @@ import datetime
 import unicodedata
 from typing import Any, NamedTuple
 
-from mcpctl.view import (LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, pressure_text,
-                         used_text)
+from mcpctl.view import (LEVEL_STYLES, UNSUPPORTED, age, alert_value_text, amount_text, metric_text, number_text,
+                         pressure_text, used_text)
 
 Segment = tuple[str, str]
 """Text and a Rich style name ('' for none)."""
@@ -208,7 +208,8 @@ def alert_rows(firing: list[dict[str, Any]], width: int, now: float) -> tuple[Li
     cells = []
     for alert in sorted(firing, key=lambda a: (order.get(a["level"], 9), -(a.get("fired_at") or 0))):
         row = [(alert["level"], LEVEL_STYLES.get(alert["level"], "")), (alert["rule"], "bold"),
-               (alert["resource"], ""), (number_text(alert.get("last_value")), ""),
+               (alert["resource"], ""),
+               (alert_value_text(alert["resource"], alert.get("last_value")), ""),
                (_since(alert.get("fired_at") or alert["since"], now), "")]
         if wide:
             holders = ", ".join(f"{h['id']}" + (f" ({h['tool_id']})" if h.get("tool_id") else "")

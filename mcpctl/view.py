@@ -123,6 +123,14 @@ def metric_text(metric: str, value: object, *, space: bool = True) -> str:
     return f"{number} {unit}" if space else f"{number}{unit}"
 
 
+def alert_value_text(resource: object, value: object) -> str:
+    """An alert's value: an overuse alert's memory in MiB (`allocation:ID/memory`), any other as a number."""
+    if isinstance(resource, str) and resource.startswith("allocation:") and resource.endswith("/memory") \
+            and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value / 1048576:.0f} MiB"
+    return number_text(value)
+
+
 def number_text(value: object) -> str:
     """A reading without its unit: '100', '4.2', '?' for none."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -383,7 +383,8 @@ def test_a_soft_allocation_over_its_grant_is_an_alert_until_its_use_falls_back_u
                                                                       f"allocation:{allocation_id}/memory")
         assert alert["last_value"] > 128 * MIB
         assert [held["id"] for held in alert["allocations"]] == [allocation_id]
-        assert allocation_id in ok(enforced, "alerts")
+        shown = next(line for line in ok(enforced, "alerts").splitlines() if f"allocation:{allocation_id}" in line)
+        assert "overuse" in shown and "warning" in shown and " MiB" in shown, shown
         top = cli(enforced, "top", "--once", env={"COLUMNS": "220", "LINES": ""})
         assert top.returncode == 0, top.stderr
         row = next(line for line in top.stdout.splitlines() if line.startswith(allocation_id))
