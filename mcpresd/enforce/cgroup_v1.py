@@ -106,15 +106,16 @@ class CgroupV1:
 
     def usage(self, allocation_id: str) -> CgroupUsage | None:
         memory = f"{self.mounts['memory']}/{self.subtree}/{PREFIX}{allocation_id}/"
-        read = self.files.read
+        paths: tuple[str, ...] = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
+                                  memory + "memory.oom_control")
+        if "cpuacct" in self.mounts:
+            paths += (f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage",)
         try:
-            raw = (read(allocation_id, memory + "memory.usage_in_bytes"),
-                   read(allocation_id, memory + "memory.max_usage_in_bytes"),
-                   read(allocation_id, memory + "memory.oom_control"),
-                   read(allocation_id, f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage")
-                   if "cpuacct" in self.mounts else b"0")
+            raw = self.files.read_all(allocation_id, paths)
         except OSError:
             return None
+        if len(raw) == 3:
+            raw += (b"0",)
         last = self._last.get(allocation_id)
         if last is not None and last[0] == raw:
             return last[1]

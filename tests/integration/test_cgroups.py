@@ -444,3 +444,14 @@ def test_the_daemon_lets_its_backend_keep_files_open_within_what_the_open_file_l
         assert 0 < files.budget <= soft - limits.max_connections - (limits.holder_fds or 0)
     finally:
         live.close()
+
+
+def test_v1_past_its_budget_of_descriptors_files_are_opened_each_round(v1: CgroupV1):
+    v1.files.budget = 2  # half of one allocation's four files
+    fresh = CgroupV1(v1.mounts, v1.subtree)
+    v1.create("b1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    v1.create("b2", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    for _ in range(2):
+        assert v1.usage("b1") == fresh.usage("b1") and v1.usage("b2") == fresh.usage("b2")
+        assert v1.files.held == 2
+    assert v1.remove("b1") and v1.remove("b2") and v1.files.held == 0
