@@ -366,7 +366,8 @@ def test_an_overuse_alert_resolves_when_its_allocation_ends(live_on_fake_v2: tup
                                                                        5 * MIB)
     live.call("release", {"id": held["id"]})
     assert not [a for a in live.call("alerts.list") if a["rule"] == "overuse"]
-    [resolved] = [e for e in live.call("events.list", {"limit": 1000}) if e["kind"] == "alert.resolved"]
+    [resolved] = [e for e in live.call("events.list", {"limit": 1000})
+                  if e["kind"] == "alert.resolved" and e["detail"]["rule"] == "overuse"]
     assert resolved["detail"]["why"] == "the allocation ended"
     assert resolved["detail"]["alert_id"] == alert["id"]
 
@@ -455,3 +456,24 @@ def test_v1_past_its_budget_of_descriptors_files_are_opened_each_round(v1: Cgrou
         assert v1.usage("b1") == fresh.usage("b1") and v1.usage("b2") == fresh.usage("b2")
         assert v1.files.held == 2
     assert v1.remove("b1") and v1.remove("b2") and v1.files.held == 0
+
+
+def test_an_overuse_alert_whose_allocation_ended_while_the_daemon_was_down_resolves_at_the_next_round(
+        tmp_path: Path):
+    from mcpresd.core.alerts import Level
+
+    live = LiveDaemon(tmp_path, CONFIG + '\n[monitor]\ninterval = "0.5s"\n').start()
+    try:
+        # As the alerts table holds it after a restart: open, for an allocation the daemon no longer has.
+        live.on_store(lambda broker: broker.monitor.condition("overuse", "allocation:00000000deadbeef/memory",
+                                                              Level.WARNING, float(5 * MIB), broker.clock(), {}))
+        def overuse() -> list[str]:
+            return [a["resource"] for a in live.call("alerts.list") if a["rule"] == "overuse"]
+
+        assert overuse() == ["allocation:00000000deadbeef/memory"]
+        wait_for(lambda: not overuse(), what="the overuse alert to resolve")
+        [resolved] = [e for e in live.call("events.list", {"limit": 1000})
+                      if e["kind"] == "alert.resolved" and e["detail"]["rule"] == "overuse"]
+        assert resolved["detail"]["why"] == "the allocation ended"
+    finally:
+        live.close()
