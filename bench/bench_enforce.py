@@ -1,6 +1,7 @@
 """Enforcement benchmark: what a cgroup per allocation costs, as root on this host's cgroup backend.
 
-Run:  sudo .venv/bin/python bench/bench_enforce.py [--runs 20] [--allocations 1000]
+Run:  sudo .venv/bin/python bench/bench_enforce.py [--runs 20] [--allocations 1000] [--sampling-only]
+      [--profile py-spy.txt]
 
 It starts mcpresd on temporary paths (its own cgroup subtree `mcpres-bench-<random>`, removed at the end) and
 prints:
@@ -13,6 +14,8 @@ prints:
   (median of 5; the daemon polls every 50 ms);
 - the daemon's CPU time per sampling round with --allocations enforced allocations held (user + system of
   the daemon process over 10 rounds at a 0.5 s interval, per round), beside the same with none.
+--sampling-only prints only the last; --profile FILE also records the daemon with py-spy (if installed beside
+this interpreter) over those rounds, as collapsed stacks in FILE.
 Every loop is bounded in count and time.
 """
 
@@ -92,14 +95,24 @@ def daemon_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_round(proc: subprocess.Popen[bytes], sock: str, allocations: int, interval: float) -> tuple[float, float]:
+def cpu_per_round(proc: subprocess.Popen[bytes], sock: str, allocations: int, interval: float,
+                  profile: str | None = None) -> tuple[float, float]:
     """Daemon CPU seconds per sampling round: with nothing held, then with `allocations` enforced ones."""
     rounds = 10
 
-    def measure() -> float:
+    def measure(profiled: str | None = None) -> float:
+        spy = None
+        if profiled:
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
+                                    "--duration", str(int(rounds * interval) + 1), "--format", "raw", "--rate",
+                                    "250", "--output", profiled], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy attaching
         before = daemon_cpu(proc.pid)
         time.sleep(rounds * interval)
-        return (daemon_cpu(proc.pid) - before) / rounds
+        spent = (daemon_cpu(proc.pid) - before) / rounds
+        if spy is not None:
+            spy.wait(60)
+        return spent
 
     idle = measure()
     holders = []
@@ -109,8 +122,11 @@ def cpu_per_round(proc: subprocess.Popen[bytes], sock: str, allocations: int, in
             holders.append(holder)
             client.call("allocate", {"resources": [{"resource": "slot", "amount": 0.001}],
                                      "holder_pid": holder.pid, "enforce": "soft", "confine_holder": True})
+    time.sleep(2 * interval)  # the last grants' confinement and first reads out of the way
     try:
         loaded = measure()
+        if profile:
+            measure(profile)
     finally:
         for holder in holders:
             holder.kill()
@@ -123,6 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--allocations", type=int, default=1000)
+    parser.add_argument("--sampling-only", action="store_true", help="only the CPU per sampling round")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy's collapsed stacks of the loaded rounds into FILE")
     args = parser.parse_args()
     subtree = "mcpres-bench-" + os.urandom(4).hex()
     backend = choose(subtree)
@@ -135,31 +153,9 @@ def main() -> None:
     proc, sock = start_daemon(tmp, sys.executable, config)
     try:
         print(f"backend {backend.name}: {', '.join(backend.controllers)}")
-        for mode in ("off", "hard"):
-            run_once(sock, mode)  # warm the page cache and the daemon
-        timings: dict[str, list[float]] = {"off": [], "hard": []}
-        for _ in range(args.runs):
-            for mode in ("off", "hard"):
-                timings[mode].append(run_once(sock, mode))
-        for mode, values in timings.items():
-            print(f"mcpctl run --enforce {mode:4} -- true: median {statistics.median(values) * 1000:.1f} ms, "
-                  f"p90 {percentile(values, 0.9) * 1000:.1f} ms ({len(values)} runs)")
-        added = statistics.median(timings["hard"]) - statistics.median(timings["off"])
-        print(f"added by hard enforcement: {added * 1000:+.1f} ms median (target <= 5 ms; whole-process times "
-              "on a busy host are noisier than that, see the daemon's share below)")
-        trips: dict[str, list[float]] = {"off": [], "hard": []}
-        for _ in range(5):
-            for mode in ("off", "hard"):
-                trips[mode] += rpc_round_trips(sock, mode, 10)
-        for mode, values in trips.items():
-            print(f"allocate (holder moved in) + release, enforce {mode:4}: median {statistics.median(values) * 1000:.2f} ms,"
-                  f" p90 {percentile(values, 0.9) * 1000:.2f} ms ({len(values)} pairs)")
-        print(f"the daemon's added share: {(statistics.median(trips['hard']) - statistics.median(trips['off'])) * 1000:+.2f}"
-              " ms median per run (make, write limits, move, stop, remove)")
-        gone = release_to_gone(sock, subtree)
-        print(f"release -> last process gone (exits on SIGTERM): median {statistics.median(gone) * 1000:.1f} ms, "
-              f"max {max(gone) * 1000:.1f} ms")
-        idle, loaded = cpu_per_round(proc, sock, args.allocations, interval)
+        if not args.sampling_only:
+            latencies(sock, subtree, args.runs)
+        idle, loaded = cpu_per_round(proc, sock, args.allocations, interval, args.profile)
         share = loaded / 5.0 * 100  # per round at the default 5 s interval, as a share of one core
         print(f"daemon CPU per sampling round: {idle * 1000:.1f} ms idle, {loaded * 1000:.1f} ms with "
               f"{args.allocations} enforced allocations = {share:.2f}% of a core at a 5 s interval (target < 0.5%)")
@@ -167,6 +163,34 @@ def main() -> None:
         stop_daemon(proc)
         shutil.rmtree(tmp, ignore_errors=True)
         remove_subtree(backend, subtree)
+
+
+def latencies(sock: str, subtree: str, runs: int) -> None:
+    """The added latency of hard enforcement, per whole `mcpctl run` and per request pair; release to gone."""
+    for mode in ("off", "hard"):
+        run_once(sock, mode)  # warm the page cache and the daemon
+    timings: dict[str, list[float]] = {"off": [], "hard": []}
+    for _ in range(runs):
+        for mode in ("off", "hard"):
+            timings[mode].append(run_once(sock, mode))
+    for mode, values in timings.items():
+        print(f"mcpctl run --enforce {mode:4} -- true: median {statistics.median(values) * 1000:.1f} ms, "
+              f"p90 {percentile(values, 0.9) * 1000:.1f} ms ({len(values)} runs)")
+    added = statistics.median(timings["hard"]) - statistics.median(timings["off"])
+    print(f"added by hard enforcement: {added * 1000:+.1f} ms median (target <= 5 ms; whole-process times "
+          "on a busy host are noisier than that, see the daemon's share below)")
+    trips: dict[str, list[float]] = {"off": [], "hard": []}
+    for _ in range(5):
+        for mode in ("off", "hard"):
+            trips[mode] += rpc_round_trips(sock, mode, 10)
+    for mode, values in trips.items():
+        print(f"allocate (holder moved in) + release, enforce {mode:4}: median {statistics.median(values) * 1000:.2f} ms,"
+              f" p90 {percentile(values, 0.9) * 1000:.2f} ms ({len(values)} pairs)")
+    print(f"the daemon's added share: {(statistics.median(trips['hard']) - statistics.median(trips['off'])) * 1000:+.2f}"
+          " ms median per run (make, write limits, move, stop, remove)")
+    gone = release_to_gone(sock, subtree)
+    print(f"release -> last process gone (exits on SIGTERM): median {statistics.median(gone) * 1000:.1f} ms, "
+          f"max {max(gone) * 1000:.1f} ms")
 
 
 def remove_subtree(backend: Enforcer, subtree: str) -> None:

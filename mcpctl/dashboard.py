@@ -19,7 +19,8 @@ import unicodedata
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from mcpctl.view import LEVEL_STYLES, UNSUPPORTED, age, amount_text, metric_text, number_text, used_text
+from mcpctl.view import (LEVEL_STYLES, UNSUPPORTED, age, alert_value_text, amount_text, metric_text, number_text,
+                         pressure_text, used_text)
 
 Segment = tuple[str, str]
 """Text and a Rich style name ('' for none)."""
@@ -50,7 +51,7 @@ def frame(snapshot: Snapshot, width: int, height: int | None, now: float, *, int
     for title, rows, noun in (
         (*resource_rows(snapshot, width, ascii_only), "resources"),
         (*alert_rows(firing, width, now), "firing alerts"),
-        (*allocation_rows(snapshot.active + snapshot.queued, width, now), "allocations"),
+        (*allocation_rows(snapshot.active + snapshot.queued, width, now, firing), "allocations"),
     ):
         if not rows:
             continue
@@ -221,7 +222,8 @@ def alert_rows(firing: list[dict[str, Any]], width: int, now: float) -> tuple[Li
     cells = []
     for alert in sorted(firing, key=lambda a: (order.get(a["level"], 9), -(a.get("fired_at") or 0))):
         row = [(alert["level"], LEVEL_STYLES.get(alert["level"], "")), (alert["rule"], "bold"),
-               (alert["resource"], ""), (number_text(alert.get("last_value")), ""),
+               (alert["resource"], ""),
+               (alert_value_text(alert["resource"], alert.get("last_value")), ""),
                (_since(alert.get("fired_at") or alert["since"], now), "")]
         if wide:
             holders = ", ".join(f"{h['id']}" + (f" ({h['tool_id']})" if h.get("tool_id") else "")
@@ -235,8 +237,10 @@ def _since(timestamp: float, now: float) -> str:
     return f"{datetime.datetime.fromtimestamp(timestamp).strftime('%H:%M:%S')} ({age(now - timestamp)})"
 
 
-def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -> tuple[Line, list[Line]]:
-    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "HOLDS"]
+def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float,
+                    firing: list[dict[str, Any]] | None = None) -> tuple[Line, list[Line]]:
+    headers = ["ALLOCATION", "STATE", "TOOL", "EXECUTION", "HOLDER", "AGE", "USED", "PRESSURE", "ALERTS", "HOLDS"]
+    alerts = alerts_by_allocation(firing or [])
     cells = []
     for allocation in allocations:
         active = allocation["state"] == "active"
@@ -250,15 +254,39 @@ def allocation_rows(allocations: list[dict[str, Any]], width: int, now: float) -
         cells.append([(allocation["id"], "" if active else "yellow"), (allocation["state"], "" if active else "yellow"),
                       (allocation.get("tool_id") or "-", ""), (allocation.get("execution_id") or "-", "dim"),
                       (holder, ""), (age(now - (since or allocation["created_at"])), ""),
-                      (used_text(allocation), "red" if any(str(r).startswith("overuse") for r in
-                                                           allocation.get("risks") or []) else ""),
+                      (used_text(allocation, pressure=False), "red" if any(str(r).startswith("overuse") for r in
+                                                                           allocation.get("risks") or []) else ""),
+                      (pressure_text(allocation.get("measured") or {}) or "-", ""),
+                      (", ".join(text for text, _ in alerts.get(allocation["id"], ())) or "-",
+                       _worst(level for _, level in alerts.get(allocation["id"], ()))),
                       (items or "-", "dim")])
-    return _table(headers, cells, width, flex=len(headers) - 1)
+    return _table(headers, cells, width, flex=len(headers) - 1, caps={headers.index("USED"): 48})
 
 
-def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int) -> tuple[Line, list[Line]]:
-    """Columns as wide as their cells (capped), the `flex` one giving way first, then cells cropped."""
-    widths = [min(24, max([len(h), *(_width([row[i]]) for row in rows)])) for i, h in enumerate(headers)]
+def alerts_by_allocation(firing: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    """{allocation id: [(what, level)]} for the firing alerts that name it: an overuse alert on it ('overuse
+    memory'), or a metric alert on a resource it holds (its rule)."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    for alert in firing:
+        resource = str(alert.get("resource") or "")
+        what = f"{alert['rule']} {resource.rsplit('/', 1)[-1]}" if resource.startswith("allocation:") else alert["rule"]
+        for held in alert.get("allocations") or ():
+            named.setdefault(str(held.get("id")), []).append((what, str(alert.get("level"))))
+    return named
+
+
+def _worst(levels: Any) -> str:
+    order = {"critical": 0, "error": 1, "warning": 2, "info": 3}
+    worst = min(levels, key=lambda level: order.get(level, 9), default=None)
+    return LEVEL_STYLES.get(worst, "") if worst else ""
+
+
+def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int,
+           caps: dict[int, int] | None = None) -> tuple[Line, list[Line]]:
+    """Columns as wide as their cells (capped at 24, or `caps` by index), the `flex` one giving way first, then
+    cells cropped."""
+    widths = [min((caps or {}).get(i, 24), max([len(h), *(_width([row[i]]) for row in rows)]))
+              for i, h in enumerate(headers)]
     widths[flex] = max([len(headers[flex]), *(_width([row[flex]]) for row in rows)])
     excess = sum(widths) + 2 * (len(widths) - 1) - width
     if excess > 0:

@@ -21,17 +21,34 @@ def cost_text(allocation: dict[str, Any]) -> str:
     return money(cost)
 
 
-def used_text(allocation: dict[str, Any]) -> str:
-    """What it was measured to use, and its enforcement: 'hard: 3.2 cpu-s, 120.5 MiB peak'; '-' for nothing."""
+def used_text(allocation: dict[str, Any], pressure: bool = True) -> str:
+    """What it was measured to use, and its enforcement: 'hard: 3.2 cpu-s, 120.5 MiB peak, 1 OOM kill, pressure cpu
+    4% mem 12%'; '-' for nothing. `pressure`: with the cgroup's pressure (cgroup v2 only)."""
     measured = allocation.get("measured") or {}
     parts = []
     if "cpu_seconds" in measured:
         parts.append(f"{measured['cpu_seconds']:.1f} cpu-s")
     if "memory_peak" in measured:
         parts.append(f"{measured['memory_peak'] / 1048576:.1f} MiB peak")
+    kills = int(measured.get("oom_kills") or 0)
+    if kills:
+        parts.append(f"{kills} OOM kill{'s' if kills > 1 else ''}")
+    if pressure and (stalled := pressure_text(measured)):
+        parts.append(f"pressure {stalled}")
+    if any(str(risk).startswith("overuse:") for risk in allocation.get("risks") or ()):
+        parts.append("over its grant")
     mode = allocation.get("enforce")
     text = ", ".join(parts) or "-"
     return f"{mode}: {text}" if mode and mode != "off" else text
+
+
+def pressure_text(measured: dict[str, Any]) -> str:
+    """The cgroup's pressure over the last 10 s (PSI `some` avg10: the share of time some of its tasks waited):
+    'cpu 4% mem 12%'; '' where none was measured (cgroup v1, or no cgroup)."""
+    shown = [f"{name} {measured[key]:.0f}%" for name, key in (("cpu", "cpu_pressure_some_avg10"),
+                                                              ("mem", "memory_pressure_some_avg10"))
+             if isinstance(measured.get(key), (int, float))]
+    return " ".join(shown)
 
 
 def items_text(allocation: dict[str, Any]) -> str:
@@ -104,6 +121,14 @@ def metric_text(metric: str, value: object, *, space: bool = True) -> str:
     if not unit:
         return f"{value:.2f}".rstrip("0").rstrip(".") if metric == "load1" else number
     return f"{number} {unit}" if space else f"{number}{unit}"
+
+
+def alert_value_text(resource: object, value: object) -> str:
+    """An alert's value: an overuse alert's memory in MiB (`allocation:ID/memory`), any other as a number."""
+    if isinstance(resource, str) and resource.startswith("allocation:") and resource.endswith("/memory") \
+            and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value / 1048576:.0f} MiB"
+    return number_text(value)
 
 
 def number_text(value: object) -> str:

@@ -52,6 +52,8 @@ class Accounts:
         self._last_pass = broker.clock()
         self._last_found: list[str] = []
         self._cpu_base: dict[str, float] = {}
+        self._folded: dict[str, dict[str, float]] = {}
+        """The figures last folded per allocation (a cgroup backend hands back the same dict while nothing changed)."""
         self._gpu_samples: dict[str, int] = {}
         self.load()
 
@@ -104,6 +106,7 @@ class Accounts:
     def ended(self, allocation: Allocation, reported: dict[str, float] | None) -> Allocation:
         """The ended allocation with what its holder used (reported wins over sampled); forget the samples."""
         sampled = self.measured.pop(allocation.id, None)
+        self._folded.pop(allocation.id, None)
         self._cpu_base.pop(allocation.id, None)
         self._gpu_samples.pop(allocation.id, None)
         self._ended += 1
@@ -132,12 +135,18 @@ class Accounts:
         """Fold one round of samples into each active allocation's figures.
 
         CPU seconds count from the first sample (what the holder used before is not this allocation's);
-        memory keeps its peak; GPU utilisation is the running mean over the GPUs it holds whole.
+        memory keeps its peak; GPU utilisation is the running mean over the GPUs it holds whole. A cgroup's other
+        figures (memory now, OOM kills, memory.events counts, pressure) are its own since it was made: the last
+        read is kept.
         """
+        folded = self._folded
         for allocation_id, figures in usage.items():
+            if folded.get(allocation_id) is figures:
+                continue  # the same figures as the round before (an unchanged cgroup): folding them changes nothing
             allocation = self.broker.live.get(allocation_id)
             if allocation is None or not allocation.is_active:
                 continue
+            folded[allocation_id] = figures
             kept = self.measured.setdefault(allocation_id, {})
             for key, value in figures.items():
                 if key == "cpu_seconds":
@@ -145,6 +154,8 @@ class Accounts:
                     kept[key] = max(0.0, value - base)
                 elif key.endswith("_peak"):
                     kept[key] = max(kept.get(key, 0.0), value)
+                else:
+                    kept[key] = value
         if readings is None or not any("utilisation" in values for values in readings.values()):
             return  # no GPU utilisation read this round: nothing to average (and no pass over every allocation)
         for allocation in self.broker.active_on_gpus():

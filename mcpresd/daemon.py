@@ -30,7 +30,7 @@ from typing import Any
 
 from mcpresd.config import Config, ConfigError
 from mcpresd.core.model import Resource
-from mcpresd.enforce import Enforcer, NoEnforcement, allocation_of, choose, let_go
+from mcpresd.enforce import Enforcer, HeldFiles, NoEnforcement, allocation_of, choose, let_go
 from mcpresd.files import (
     EXIT_FAILURE,
     AlreadyServed,
@@ -55,8 +55,10 @@ from mcpresd.samplers.usage import GpuProcesses, holder_usage
 from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
 from mcpresd.server import (
     BACKLOG,
+    FD_OVERHEAD,
     Server,
     GroupCommitter,
+    Limits,
     bind_unix_socket,
     open_file_limit,
     raise_open_file_limit,
@@ -325,6 +327,14 @@ class Daemon:
                             (lambda allocation_id: self._cgroup_figures(allocation_id) if allocation_id in confined
                              else None) if confined else None)
 
+    def _keep_cgroup_files(self, limits: Limits) -> None:
+        """The enforcer may keep open, between sampling rounds, the descriptors that connections, holders' pidfds
+        and the daemon's own files leave spare of the open-file limit (0 where none are)."""
+        files = getattr(self.enforcer, "files", None)
+        if isinstance(files, HeldFiles):
+            files.budget = max(0, open_file_limit() - FD_OVERHEAD - (limits.holder_fds or 0)
+                               - limits.max_connections - limits.admin_reserve)
+
     def _unconfine(self, allocation_id: str, keep: bool) -> None:
         if allocation_id in self._endings:
             return
@@ -525,6 +535,7 @@ class Daemon:
             configure_logging(fresh.log_level)
         if self.server is not None:
             self.server.limits = fresh.limits.fitted(open_file_limit())
+            self._keep_cgroup_files(self.server.limits)
         self.config = fresh
         for change in changes:
             log.info("reload: %s", change)
@@ -579,6 +590,7 @@ class Daemon:
         log.info("enforcement: %s%s", self.enforcer.name,
                  f" ({self.enforcer.why_not})" if self.enforcer.why_not else f" ({', '.join(self.enforcer.controllers)})")
         limits = self.config.limits.fitted(open_file_limit())
+        self._keep_cgroup_files(limits)
         self.watch = HolderWatch(loop, self._holder_exited, max_fds=limits.holder_fds)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
                                                     on_broken=lambda error: stop.set())

@@ -70,7 +70,7 @@ Readings = dict[str, dict[str, Value]]
 UNSUPPORTED = "unsupported"
 
 
-CONDITIONS = ("budget", "pool-factory", "foreign-gpu-use")
+CONDITIONS = ("budget", "pool-factory", "overuse", "foreign-gpu-use")
 """Alert rules the broker raises itself (`Monitor.condition`), beside the configured metric rules."""
 
 
@@ -370,8 +370,9 @@ class Monitor:
 
     def condition(self, rule: str, resource: str, level: alerting.Level | None, value: float, now: float,
                   detail: dict[str, Any], allocations: list[dict[str, Any]] | None = None) -> None:
-        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory, foreign GPU use),
-        not by a metric.
+        """An alert raised by the broker itself (a budget's soft limit, a paused pool factory, an allocation's
+        overuse, foreign GPU use), not by a metric; `allocations` names the allocations concerned, as a firing
+        metric alert does.
 
         It fires at once at `level` (or changes level), and resolves when called with level None. `allocations`
         (the ones concerned) are kept with it, and updated while it fires at the same level.

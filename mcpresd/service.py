@@ -45,6 +45,7 @@ from mcpresd.core.errors import (
 )
 from mcpresd.core.enforcement import (
     EnforcePolicy,
+    Grant,
     Limits,
     Overuse,
     effective_mode,
@@ -57,6 +58,7 @@ from mcpresd.core.model import Allocation, AllocationItem, HolderKind, Resource
 from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.accounts import BUDGET_CHECK_INTERVAL_S, Accounts
 from mcpresd.core.pools import PoolSpec
+from mcpresd.core.alerts import Level as AlertLevel
 from mcpresd.monitor import Monitor, MonitorPolicy
 from mcpresd.enforce import Enforcer, NoEnforcement, StepScopes
 from mcpresd.exposition import RpcTotals, Snapshot
@@ -195,6 +197,11 @@ class Broker:
         self.overuse = Overuse()
         self._oom_seen: dict[str, int] = {}
         self._cpu_seen: dict[str, tuple[float, float]] = {}
+        self._figures_seen: dict[str, dict[str, float]] = {}
+        """The cgroup figures each confined allocation was last judged on (a backend hands back the same dict for
+        a cgroup that did not change)."""
+        self._enforced_terms: dict[str, tuple[Allocation, Limits, Grant]] = {}
+        """Each confined allocation's limits and grant, worked out once (for that Allocation value)."""
         self.clock = clock
         self.new_id = new_id or AllocationIds(clock, after=store.last_allocation_id())
         self.socket_path = socket_path
@@ -811,8 +818,12 @@ class Broker:
         if usage is not None:
             self._note_oom(allocation, usage.figures(), now)
         self.overuse.forget(allocation.id)
+        for kind in OVERUSE_KINDS:
+            self._overuse_resolved(allocation.id, kind, now, "the allocation ended")
         self._oom_seen.pop(allocation.id, None)
         self._cpu_seen.pop(allocation.id, None)
+        self._figures_seen.pop(allocation.id, None)
+        self._enforced_terms.pop(allocation.id, None)
         self.outbox.unconfine.append((allocation.id, allocation.request is not None
                                       and allocation.request.keep_processes))
 
@@ -828,22 +839,57 @@ class Broker:
             self._oom_seen[allocation.id] = kills
 
     def _enforcement_sampled(self, usage: dict[str, dict[str, float]], now: float) -> None:
-        """Measured use from cgroups: OOM kills, and soft allocations over their grant (`overuse`)."""
+        """Measured use from cgroups: OOM kills, and soft allocations over their grant (an `overuse` event and
+        alert, resolved once use is back under the grant or the allocation ended)."""
+        seen = self._figures_seen
         for allocation_id, figures in usage.items():
             allocation = self.live.get(allocation_id)
             if allocation is None or not allocation.is_active or "memory_current" not in figures:
                 continue  # only cgroups report memory_current
+            cpu = figures.get("cpu_seconds", 0.0)
+            if seen.get(allocation_id) is figures and self.overuse.quiet(allocation_id):
+                # The same figures as the round before (the backend hands back what it read then), and nothing
+                # was over: no OOM kill, no CPU used, the same memory, so nothing to find or to report.
+                self._cpu_seen[allocation_id] = (now, cpu)
+                continue
+            seen[allocation_id] = figures
             self._note_oom(allocation, figures, now)
-            cpu, previous = figures.get("cpu_seconds", 0.0), self._cpu_seen.get(allocation_id)
+            previous = self._cpu_seen.get(allocation_id)
             self._cpu_seen[allocation_id] = (now, cpu)
             rate = None if previous is None or now <= previous[0] else (cpu - previous[1]) / (now - previous[0])
-            limits = self.limits_of(allocation)
+            terms = self._enforced_terms.get(allocation_id)
+            if terms is None or terms[0] is not allocation:
+                terms = self._enforced_terms[allocation_id] = (
+                    allocation, self.limits_of(allocation), grant_of((i.resource, i.amount) for i in allocation.items))
+            _, limits, grant = terms
             if limits.mode is not EnforceMode.SOFT:
                 continue
-            grant = grant_of((i.resource, i.amount) for i in allocation.items)
-            for over in self.overuse.observe(allocation_id, over_grant(limits, grant, figures["memory_current"],
-                                                                       rate)):
-                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=over)
+            over = over_grant(limits, grant, figures["memory_current"], rate)
+            for fresh in self.overuse.observe(allocation_id, over):
+                self._event(now, "overuse", allocation_id=allocation_id, uid=allocation.owner_uid, detail=fresh)
+                self._overuse_alert(allocation, fresh, now)
+            for kind in OVERUSE_KINDS:
+                if not any(o["kind"] == kind for o in over):
+                    self._overuse_resolved(allocation_id, kind, now, "its use fell back under the grant")
+        for rule, resource in [key for key in self.monitor.alerts if key[0] == OVERUSE_RULE]:
+            allocation_id, _, kind = resource.removeprefix(OVERUSE_PREFIX).partition("/")
+            if allocation_id not in self.live or not self.live[allocation_id].is_active:  # ended while down
+                self._overuse_resolved(allocation_id, kind, now, "the allocation ended")
+
+    def _overuse_alert(self, allocation: Allocation, over: dict[str, float | str], now: float) -> None:
+        """A warning alert on the allocation (`mcpctl alerts`, `mcpctl top`) while its use is over the grant."""
+        self.monitor.condition(
+            OVERUSE_RULE, f"{OVERUSE_PREFIX}{allocation.id}/{over['kind']}", AlertLevel.WARNING, float(over["used"]),
+            now, {**over, "allocation_id": allocation.id},
+            allocations=[{"id": allocation.id, "amount": over["granted"], "tool_id": allocation.tool_id,
+                          "holder_pid": allocation.holder_pid, "owner_uid": allocation.owner_uid}])
+
+    def _overuse_resolved(self, allocation_id: str, kind: str, now: float, why: str) -> None:
+        resource = f"{OVERUSE_PREFIX}{allocation_id}/{kind}"
+        opened = self.monitor.alerts.get((OVERUSE_RULE, resource))
+        if opened is not None:
+            self.monitor.condition(OVERUSE_RULE, resource, None, opened.alert.last_value or 0.0, now,
+                                   {"allocation_id": allocation_id, "kind": kind, "why": why})
 
     def processes_stopped(self, allocation_id: str, count: int) -> None:
         """The event loop stopped what was left in an ended allocation's cgroup."""
@@ -1242,6 +1288,11 @@ class Broker:
             if limits.contained:
                 result["scope"] = self.enforcer.step(allocation.id, pid, limits, self.enforce.kill_grace)
 
+
+OVERUSE_RULE = "overuse"
+OVERUSE_PREFIX = "allocation:"
+"""An overuse alert's resource: `allocation:<id>/<kind>` (kind `memory` or `cpu`), one alert per allocation and kind."""
+OVERUSE_KINDS = ("memory", "cpu")
 
 _WHY = {
     "timeout": "its wait ran out",

@@ -11,7 +11,7 @@ import typer
 
 from mcpctl import stream
 from mcpctl.output import call, exit_with, fancy, plain_table, print_json, socket_of, usage
-from mcpctl.view import human_duration, number_text
+from mcpctl.view import alert_value_text, human_duration, number_text
 from mcpresd.protocol import Method
 
 HEADERS = ("ID", "STATE", "LEVEL", "ALERT", "RESOURCE", "VALUE", "SINCE", "DURATION", "MIN", "MAX", "AVG", "HELD BY")
@@ -85,7 +85,7 @@ def alert_cells(alert: dict[str, Any], now: float) -> tuple[str, ...]:
         alert["level"],
         alert["rule"],
         alert["resource"],
-        number_text(alert.get("last_value")) + (" (unknown)" if alert.get("unknown") else ""),
+        alert_value_text(alert["resource"], alert.get("last_value")) + (" (unknown)" if alert.get("unknown") else ""),
         _clock(started, now),
         "-" if lasted is None else human_duration(lasted),
         number_text(alert.get("min")),
@@ -112,7 +112,7 @@ def event_line(event: dict[str, Any]) -> str:
         event.get("resource") or "-",
         str(detail.get("rule", "-")),
         (f"{detail['previous_level']} -> " if detail.get("previous_level") else "") + str(detail.get("level", "-")),
-        f"value {number_text(detail.get('value'))}",
+        f"value {alert_value_text(event.get('resource'), detail.get('value'))}",
     ]
     if event["kind"] == "alert.resolved":
         lasted = detail.get("duration_s")

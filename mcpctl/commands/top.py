@@ -75,7 +75,10 @@ def top(
     Each resource shows two bars, ALLOCATED (granted / capacity) and MEASURED
     (sampled use), GPUs their memory, temperature and power, and a health score
     when below 100; then firing alerts, then active and queued allocations, as
-    many as the terminal has room for. "n/a": the device does not report it;
+    many as the terminal has room for: USED (measured from the allocation's
+    cgroup where it has one), PRESSURE (cgroup v2: the share of the last 10 s
+    its tasks waited for CPU and memory) and ALERTS (firing alerts naming it,
+    such as "overuse memory" for a soft allocation over its grant). "n/a": the device does not report it;
     "?": the read failed. Quit with q or Ctrl-C (exit 0); exits 5 if the
     daemon cannot be reached at start.
     """

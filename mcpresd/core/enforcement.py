@@ -167,6 +167,10 @@ class Overuse:
                 reported[str(o["kind"])] = o
         return fresh
 
+    def quiet(self, allocation_id: str) -> bool:
+        """Nothing of the allocation was over its grant in the last round observed (or none was)."""
+        return not self._over.get(allocation_id)
+
     def current(self, allocation_id: str) -> list[dict[str, float | str]]:
         """The excesses reported and still going on."""
         return list(self._reported.get(allocation_id, {}).values())

@@ -3,7 +3,9 @@
 Files written: cpu.shares, cpu.cfs_quota_us and cpu.cfs_period_us; cpuset.cpus and cpuset.mems (copied from
 the parent, which v1 requires before a task may join; the granted cores in hard mode); memory.soft_limit_in_bytes
 (soft), memory.limit_in_bytes and memory.memsw.limit_in_bytes (hard, where swap accounting is on); pids.max.
-Files read: cpuacct.usage, memory.usage_in_bytes, memory.max_usage_in_bytes, memory.oom_control (oom_kill).
+Files read: cpuacct.usage, memory.usage_in_bytes, memory.max_usage_in_bytes, memory.oom_control (oom_kill), kept
+open between sampling rounds (`HeldFiles`); a cgroup whose four files read as the round before gives back the same
+CgroupUsage, so nothing downstream redoes its work for an idle allocation.
 
 Devices (hard mode): where the allocation is denied GPUs' device nodes (`Limits.gpu_devices_denied`), a
 directory in the devices hierarchy too, with `c 195:N rwm` written to devices.deny for each; the kernel then
@@ -19,7 +21,7 @@ import os
 from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
-from mcpresd.enforce import PREFIX, CgroupUsage
+from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices")
 NVIDIA_MAJOR = 195
@@ -41,6 +43,9 @@ class CgroupV1:
                            "GPUs are fenced by CUDA_VISIBLE_DEVICES only")
         self.why_not: str | None = "; ".join(reasons) or None
         self._roots = sorted({p for p in self.mounts.values()})
+        self.files = HeldFiles()
+        self._last: dict[str, tuple[tuple[bytes, ...], CgroupUsage]] = {}
+        """Per allocation, the raw files of its last read and what they gave."""
 
     @property
     def enforces(self) -> bool:
@@ -124,17 +129,28 @@ class CgroupV1:
 
     def usage(self, allocation_id: str) -> CgroupUsage | None:
         memory = f"{self.mounts['memory']}/{self.subtree}/{PREFIX}{allocation_id}/"
+        paths: tuple[str, ...] = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
+                                  memory + "memory.oom_control")
+        if "cpuacct" in self.mounts:
+            paths += (f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage",)
         try:
-            current = int(_read(memory + "memory.usage_in_bytes"))
-            peak = int(_read(memory + "memory.max_usage_in_bytes"))
-            oom_control = _read(memory + "memory.oom_control")
-            at = oom_control.find(b"oom_kill ")
-            oom = int(oom_control[at + 9:].split(b"\n", 1)[0]) if at >= 0 else 0
-            cpu_ns = int(_read(f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage")) \
-                if "cpuacct" in self.mounts else 0
-        except (OSError, ValueError):
+            raw = self.files.read_all(allocation_id, paths)
+        except OSError:
             return None
-        return CgroupUsage(cpu_seconds=cpu_ns / 1e9, memory_current=current, memory_peak=peak, oom_kills=oom)
+        if len(raw) == 3:
+            raw += (b"0",)
+        last = self._last.get(allocation_id)
+        if last is not None and last[0] == raw:
+            return last[1]
+        try:
+            oom_control = raw[2]
+            at = oom_control.find(b"oom_kill ")
+            usage = CgroupUsage(cpu_seconds=int(raw[3]) / 1e9, memory_current=int(raw[0]), memory_peak=int(raw[1]),
+                                oom_kills=int(oom_control[at + 9:].split(b"\n", 1)[0]) if at >= 0 else 0)
+        except ValueError:
+            return None
+        self._last[allocation_id] = (raw, usage)
+        return usage
 
     def pids(self, allocation_id: str) -> set[int]:
         found: set[int] = set()
@@ -146,6 +162,8 @@ class CgroupV1:
         return found
 
     def remove(self, allocation_id: str) -> bool:
+        self.files.forget(allocation_id)
+        self._last.pop(allocation_id, None)
         gone = True
         for directory in self._dirs(allocation_id):
             try:
@@ -172,11 +190,14 @@ class CgroupV1:
     def existing(self) -> set[str]:
         found: set[str] = set()
         for root in self._roots:
-            try:
-                found.update(entry.name[len(PREFIX):] for entry in os.scandir(root / self.subtree)
-                             if entry.is_dir() and entry.name.startswith(PREFIX))
+            try:  # only cgroups are named alloc-* in a cgroup directory (its files are named cgroup.*, memory.*, ...)
+                found.update(name[len(PREFIX):] for name in os.listdir(f"{root}/{self.subtree}")
+                             if name.startswith(PREFIX))
             except OSError:
                 continue
+        self.files.keep_only(found)
+        for gone in self._last.keys() - found:
+            self._last.pop(gone, None)
         return found
 
     def describe(self) -> dict[str, object]:

@@ -362,3 +362,45 @@ def test_a_grant_whose_holder_was_never_moved_before_a_crash_is_confined_at_rest
     finally:
         holder.kill()
         holder.wait()
+
+
+HOG_THEN_FREE = ("import sys; data = b'x' * (512 << 20); print('survived', flush=True); sys.stdin.readline(); "
+                 "del data; print('freed', flush=True); sys.stdin.readline()")
+
+
+def overuse_alerts(daemon: DaemonProcess, *options: str) -> list[dict[str, Any]]:
+    return [a for a in json.loads(ok(daemon, "alerts", *options, "--json")) if a["rule"] == "overuse"]
+
+
+def test_a_soft_allocation_over_its_grant_is_an_alert_until_its_use_falls_back_under(enforced: DaemonProcess):
+    hog, allocation_id = start_run(enforced, "--enforce", "soft", "--mem", "128M",
+                                   script=f"python3 -c \"{HOG_THEN_FREE}\"")
+    assert hog.stdout is not None and hog.stdin is not None
+    try:
+        assert hog.stdout.readline().strip() == "survived"
+        [alert] = wait_for(lambda: overuse_alerts(enforced), timeout=20, what="the overuse alert")
+        assert (alert["state"], alert["level"], alert["resource"]) == ("firing", "warning",
+                                                                      f"allocation:{allocation_id}/memory")
+        assert alert["last_value"] > 128 * MIB
+        assert [held["id"] for held in alert["allocations"]] == [allocation_id]
+        shown = next(line for line in ok(enforced, "alerts").splitlines() if f"allocation:{allocation_id}" in line)
+        assert "overuse" in shown and "warning" in shown and " MiB" in shown, shown
+        top = cli(enforced, "top", "--once", env={"COLUMNS": "220", "LINES": ""})
+        assert top.returncode == 0, top.stderr
+        row = next(line for line in top.stdout.splitlines() if line.startswith(allocation_id))
+        assert "overuse memory" in row and "over its grant" in row, row
+        listing = next(line for line in ok(enforced, "allocations").splitlines() if line.startswith(allocation_id))
+        assert "over its grant" in listing, listing
+        hog.stdin.write("go\n")
+        hog.stdin.flush()
+        assert hog.stdout.readline().strip() == "freed"
+        wait_for(lambda: not overuse_alerts(enforced), timeout=20, what="the overuse alert to resolve")
+        [resolved] = overuse_alerts(enforced, "--all")
+        assert resolved["state"] == "resolved" and resolved["id"] == alert["id"]
+        [event] = [e for e in enforced.call("events.list", {"after_id": 0, "limit": 1000})
+                   if e["kind"] == "alert.resolved" and e["detail"].get("rule") == "overuse"]
+        assert event["detail"]["why"] == "its use fell back under the grant"
+        assert enforced.call("allocations.get", {"id": allocation_id})["state"] == "active"
+    finally:
+        out, err = hog.communicate("go\n", timeout=30)
+    assert hog.returncode == 0, err

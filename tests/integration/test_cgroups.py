@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mcpresd.core.enforcement import Grant, limits_for
-from mcpresd.enforce import NoEnforcement, choose, stop_processes
+from mcpresd.enforce import NoEnforcement, Pressure, choose, stop_processes
 from mcpresd.enforce.cgroup_v1 import CgroupV1
 from mcpresd.enforce.cgroup_v2 import CgroupV2
 from mcpresd.protocol import EnforceMode
 from tests.cgroups import cgroup_subtree, v1, v1_mounts, wait_for  # noqa: F401 - fixtures
+from tests.conftest import CONFIG, run_cli
+from tests.live import LiveDaemon
 
 MIB = 1 << 20
 
@@ -346,3 +351,239 @@ def test_a_v1_host_with_a_devices_hierarchy_names_it(tmp_path: Path):
     chosen = choose("mcpres", mounts=str(mounts))
     assert isinstance(chosen, CgroupV1)
     assert "devices" in chosen.controllers and chosen.why_not is None
+# The kernel's formats, as Documentation/admin-guide/cgroup-v2.rst and accounting/psi.rst give them.
+MEMORY_EVENTS = "low 0\nhigh 12\nmax 3\noom 2\noom_kill 1\noom_group_kill 0\n"
+CPU_PRESSURE = ("some avg10=1.50 avg60=0.80 avg300=0.20 total=2500000\n"
+                "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+MEMORY_PRESSURE = ("some avg10=12.34 avg60=5.00 avg300=1.00 total=750000\n"
+                   "full avg10=10.00 avg60=4.00 avg300=0.50 total=600000\n")
+
+
+def fill_v2(directory: Path, *, pressure: bool = True) -> None:
+    """What the kernel shows in an allocation's v2 cgroup that has run a while."""
+    (directory / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"
+                                        "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n")
+    (directory / "memory.current").write_text("1000\n")
+    (directory / "memory.peak").write_text("1048576\n")
+    (directory / "memory.events").write_text(MEMORY_EVENTS)
+    if pressure:
+        (directory / "cpu.pressure").write_text(CPU_PRESSURE)
+        (directory / "memory.pressure").write_text(MEMORY_PRESSURE)
+
+
+def test_v2_reads_memory_events_and_cpu_and_memory_pressure(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("p1", limits_for(EnforceMode.SOFT, Grant(memory=MIB)))
+    fill_v2(fake_v2 / "mcpres.slice" / "alloc-p1")
+    usage = backend.usage("p1")
+    assert usage is not None
+    assert (usage.oom_kills, usage.oom_events, usage.memory_high_events, usage.memory_max_events) == (1, 2, 12, 3)
+    assert usage.cpu_pressure == Pressure(some_avg10=1.5, some_total_s=2.5, full_avg10=0.0, full_total_s=0.0)
+    assert usage.memory_pressure == Pressure(some_avg10=12.34, some_total_s=0.75, full_avg10=10.0, full_total_s=0.6)
+    assert usage.figures() == {
+        "cpu_seconds": 2.5, "memory_current": 1000.0, "memory_peak": float(MIB), "oom_kills": 1.0,
+        "oom_events": 2.0, "memory_high_events": 12.0, "memory_max_events": 3.0,
+        "cpu_pressure_some_avg10": 1.5, "cpu_pressure_some_s": 2.5,
+        "cpu_pressure_full_avg10": 0.0, "cpu_pressure_full_s": 0.0,
+        "memory_pressure_some_avg10": 12.34, "memory_pressure_some_s": 0.75,
+        "memory_pressure_full_avg10": 10.0, "memory_pressure_full_s": 0.6}
+
+
+def test_v2_without_psi_reports_no_pressure_and_a_cpu_file_without_full_only_some(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.create("n1", limits_for(EnforceMode.SOFT, Grant()))
+    directory = fake_v2 / "mcpres.slice" / "alloc-n1"
+    fill_v2(directory, pressure=False)  # a kernel without CONFIG_PSI, or booted with psi=0
+    usage = backend.usage("n1")
+    assert usage is not None and usage.cpu_pressure is None and usage.memory_pressure is None
+    assert not [key for key in usage.figures() if "pressure" in key]
+    (directory / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")  # before 5.13
+    (directory / "memory.pressure").write_text("some avg10=oops\n")
+    usage = backend.usage("n1")
+    assert usage is not None and usage.memory_pressure is None
+    assert usage.cpu_pressure == Pressure(some_avg10=0.0, some_total_s=0.0)
+    assert {key for key in usage.figures() if "pressure" in key} == {"cpu_pressure_some_avg10", "cpu_pressure_some_s"}
+
+
+def test_v1_reports_oom_kills_but_no_pressure_nor_memory_events(v1: CgroupV1):
+    v1.create("q1", limits_for(EnforceMode.SOFT, Grant(memory=64 * MIB)))
+    usage = v1.usage("q1")
+    assert usage is not None
+    assert usage.cpu_pressure is None and usage.memory_pressure is None and usage.memory_high_events is None
+    assert set(usage.figures()) == {"cpu_seconds", "memory_current", "memory_peak", "oom_kills"}
+    assert v1.remove("q1")
+
+
+@pytest.fixture
+def live_on_fake_v2(tmp_path: Path, fake_v2: Path) -> Iterator[tuple[LiveDaemon, Path, int]]:
+    """The real daemon in-process whose enforcer is cgroup v2 on the fake tree; (daemon, its subtree, a holder pid
+    to confine: a sleep, which the release signals as it is "in" the fake cgroup)."""
+    subtree = "mcpres-fake-" + os.urandom(4).hex()  # never created on the real hierarchies: the tree is swapped
+    state = tmp_path / "daemon"
+    state.mkdir()
+    live = LiveDaemon(state, CONFIG + f'\n[enforce]\ncgroup = "{subtree}"\n[monitor]\ninterval = "0.5s"\n').start()
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        fake = CgroupV2(fake_v2, subtree)
+        live.daemon.enforcer = fake
+        live.on_store(lambda broker: setattr(broker, "enforcer", fake))
+        yield live, fake_v2 / subtree, holder.pid
+    finally:
+        live.close()
+        holder.kill()
+        holder.wait()
+
+
+def confined(live: LiveDaemon, subtree: Path, holder: int, **request: Any) -> tuple[dict[str, Any], Path]:
+    held = live.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": holder,
+                                  "enforce": "soft", "confine_holder": True, **request})
+    directory = subtree / f"alloc-{held['id']}"
+    wait_for(lambda: (directory / "cgroup.procs").exists(), what="the allocation's cgroup")
+    assert (directory / "cgroup.procs").read_text() == str(holder)
+    return held, directory
+
+
+def test_an_allocations_pressure_and_memory_events_from_its_v2_cgroup_are_in_measured_and_shown(
+        live_on_fake_v2: tuple[LiveDaemon, Path, int]):
+    """The daemon's sampling round reads a (fake) v2 cgroup; allocations.get, mcpctl allocations and top show it."""
+    live, subtree, holder = live_on_fake_v2
+    held, directory = confined(live, subtree, holder)
+    fill_v2(directory)
+    measured = wait_for(lambda: (m := live.call("allocations.get", {"id": held["id"]})["measured"] or {})
+                        .get("memory_pressure_some_avg10") and m, what="the pressure in measured")
+    assert measured["memory_pressure_full_avg10"] == 10.0 and measured["cpu_pressure_some_s"] == 2.5
+    assert (measured["oom_kills"], measured["memory_high_events"], measured["memory_max_events"]) == (1, 12, 3)
+    assert measured["memory_current"] == 1000 and measured["memory_peak"] >= MIB  # a round may predate the files
+    listing = run_cli("allocations", socket_path=live.socket, env={"COLUMNS": "200"})
+    assert listing.returncode == 0, listing.stderr
+    assert "1 OOM kill, pressure cpu 2% mem 12%" in listing.stdout
+    top = run_cli("top", "--once", socket_path=live.socket, env={"COLUMNS": "200", "LINES": ""})
+    assert top.returncode == 0, top.stderr
+    assert "PRESSURE" in top.stdout
+    row = next(line for line in top.stdout.splitlines() if line.startswith(held["id"]))
+    assert "cpu 2% mem 12%" in row and "1 OOM kill" in row
+    live.call("release", {"id": held["id"]})
+
+
+def test_an_overuse_alert_resolves_when_its_allocation_ends(live_on_fake_v2: tuple[LiveDaemon, Path, int]):
+    live, subtree, holder = live_on_fake_v2
+    held, directory = confined(live, subtree, holder, resources=[{"resource": "memory", "amount": MIB}])
+    fill_v2(directory)
+    (directory / "memory.current").write_text(f"{5 * MIB}\n")
+    [alert] = wait_for(lambda: [a for a in live.call("alerts.list") if a["rule"] == "overuse"],
+                       what="the overuse alert")
+    assert (alert["resource"], alert["state"], alert["last_value"]) == (f"allocation:{held['id']}/memory", "firing",
+                                                                       5 * MIB)
+    live.call("release", {"id": held["id"]})
+    assert not [a for a in live.call("alerts.list") if a["rule"] == "overuse"]
+    [resolved] = [e for e in live.call("events.list", {"limit": 1000})
+                  if e["kind"] == "alert.resolved" and e["detail"]["rule"] == "overuse"]
+    assert resolved["detail"]["why"] == "the allocation ended"
+    assert resolved["detail"]["alert_id"] == alert["id"]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_v1_keeps_its_files_open_between_rounds_and_reads_fresh_figures_through_them(v1: CgroupV1):
+    v1.files.budget = 100
+    fresh = CgroupV1(v1.mounts, v1.subtree)  # no budget: opens, reads and closes every file every round
+    v1.create("f1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    before = open_fds()
+    first = v1.usage("f1")
+    assert first is not None and v1.files.held == 4 and open_fds() == before + 4
+    assert v1.usage("f1") is first, "unchanged files give back the same figures"
+    assert first.figures() is first.figures()
+    script = "import sys; sys.stdin.readline(); b = bytearray(48 << 20); sum(range(3_000_000))"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    v1.move("f1", child.pid)
+    assert child.stdin is not None
+    child.stdin.write(b"go\n")
+    child.stdin.close()
+    assert child.wait(30) == 0
+    second = v1.usage("f1")
+    assert second is not None and second is not first
+    assert second.memory_peak >= 48 * MIB and second.cpu_seconds > 0.05
+    assert second == fresh.usage("f1"), "a held file reads what a fresh open reads"
+    assert v1.files.held == 4 and fresh.files.held == 0
+    assert v1.remove("f1")
+    assert v1.files.held == 0 and open_fds() == before
+
+
+def test_v1_a_cgroup_removed_behind_its_back_and_made_again_is_read_afresh(v1: CgroupV1, cgroup_subtree: str):
+    from tests.cgroups import remove_subtree
+
+    v1.files.budget = 100
+    v1.create("g1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    assert v1.usage("g1") is not None and v1.files.held == 4
+    remove_subtree(v1_mounts(), cgroup_subtree)  # its held files now read ENODEV
+    assert v1.usage("g1") is None and v1.files.held == 0
+    v1.create("g1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    again = v1.usage("g1")
+    assert again is not None and again.memory_current >= 0 and v1.files.held == 4
+    assert v1.existing() == {"g1"}
+    remove_subtree(v1_mounts(), cgroup_subtree)
+    assert v1.existing() == set() and v1.files.held == 0, "the listing lets go of the files of cgroups gone"
+
+
+def test_v2_unchanged_files_give_back_the_same_figures_and_changed_ones_new(fake_v2: Path):
+    backend = CgroupV2(fake_v2, "mcpres.slice")
+    backend.files.budget = 100
+    backend.create("u1", limits_for(EnforceMode.SOFT, Grant(memory=MIB)))
+    directory = fake_v2 / "mcpres.slice" / "alloc-u1"
+    fill_v2(directory)
+    first = backend.usage("u1")
+    assert first is not None and backend.usage("u1") is first and backend.files.held == 6
+    (directory / "memory.pressure").write_text(MEMORY_PRESSURE.replace("avg10=12.34", "avg10=20.00"))
+    second = backend.usage("u1")
+    assert second is not None and second is not first
+    assert second.memory_pressure is not None and second.memory_pressure.some_avg10 == 20.0
+    backend.remove("u1")  # a fake directory keeps its files (ENOTEMPTY): the files are let go all the same
+    assert backend.files.held == 0
+
+
+def test_the_daemon_lets_its_backend_keep_files_open_within_what_the_open_file_limit_spares(
+        tmp_path: Path, cgroup_subtree: str):
+    import resource
+
+    live = LiveDaemon(tmp_path, CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\n').start()
+    try:
+        files = getattr(live.daemon.enforcer, "files")
+        limits = live.daemon.server.limits  # type: ignore[union-attr]
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert 0 < files.budget <= soft - limits.max_connections - (limits.holder_fds or 0)
+    finally:
+        live.close()
+
+
+def test_v1_past_its_budget_of_descriptors_files_are_opened_each_round(v1: CgroupV1):
+    v1.files.budget = 2  # half of one allocation's four files
+    fresh = CgroupV1(v1.mounts, v1.subtree)
+    v1.create("b1", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    v1.create("b2", limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+    for _ in range(2):
+        assert v1.usage("b1") == fresh.usage("b1") and v1.usage("b2") == fresh.usage("b2")
+        assert v1.files.held == 2
+    assert v1.remove("b1") and v1.remove("b2") and v1.files.held == 0
+
+
+def test_an_overuse_alert_whose_allocation_ended_while_the_daemon_was_down_resolves_at_the_next_round(
+        tmp_path: Path):
+    from mcpresd.core.alerts import Level
+
+    live = LiveDaemon(tmp_path, CONFIG + '\n[monitor]\ninterval = "0.5s"\n').start()
+    try:
+        # As the alerts table holds it after a restart: open, for an allocation the daemon no longer has.
+        live.on_store(lambda broker: broker.monitor.condition("overuse", "allocation:00000000deadbeef/memory",
+                                                              Level.WARNING, float(5 * MIB), broker.clock(), {}))
+        def overuse() -> list[str]:
+            return [a["resource"] for a in live.call("alerts.list") if a["rule"] == "overuse"]
+
+        assert overuse() == ["allocation:00000000deadbeef/memory"]
+        wait_for(lambda: not overuse(), what="the overuse alert to resolve")
+        [resolved] = [e for e in live.call("events.list", {"limit": 1000})
+                      if e["kind"] == "alert.resolved" and e["detail"]["rule"] == "overuse"]
+        assert resolved["detail"]["why"] == "the allocation ended"
+    finally:
+        live.close()
