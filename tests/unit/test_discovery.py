@@ -176,6 +176,7 @@ def test_gpu_resources_are_named_by_index_and_keyed_by_uuid() -> None:
         "pci_bus_id": "00000000:00:06.0",
         "mig": False,
         "numa_node": None,
+        "minor": None,
     }
     assert (gpus[1].labels["mig"], gpus[1].labels["numa_node"]) == (None, 1)
 
@@ -243,6 +244,9 @@ class FakePynvml(types.ModuleType):
     def nvmlDeviceGetNumaNodeId(self, handle: object) -> object:
         return self._answer("nvmlDeviceGetNumaNodeId", 1)
 
+    def nvmlDeviceGetMinorNumber(self, handle: object) -> object:
+        return self._answer("nvmlDeviceGetMinorNumber", 0)
+
     def nvmlDeviceGetUtilizationRates(self, handle: object) -> object:
         return self._answer("nvmlDeviceGetUtilizationRates", SimpleNamespace(gpu=0, memory=0))
 
@@ -294,16 +298,17 @@ def test_real_nvml_reads_facts_and_decodes_bytes(monkeypatch: pytest.MonkeyPatch
 
     assert nvml is not None and nvml.source == "nvml"
     assert nvml.device_count() == 1
-    assert nvml.facts(0) == GpuFacts(0, H100.uuid, H100.name, 85520809984, "00000000:00:06.0", False, 1)
+    assert nvml.facts(0) == GpuFacts(0, H100.uuid, H100.name, 85520809984, "00000000:00:06.0", False, 1, 0)
 
 
 def test_real_nvml_facts_say_unknown_where_mig_and_numa_are_not_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    refuse = {"nvmlDeviceGetMigMode": NOT_SUPPORTED, "nvmlDeviceGetNumaNodeId": NOT_SUPPORTED}
+    refuse = {"nvmlDeviceGetMigMode": NOT_SUPPORTED, "nvmlDeviceGetNumaNodeId": NOT_SUPPORTED,
+              "nvmlDeviceGetMinorNumber": NOT_SUPPORTED}
     monkeypatch.setitem(sys.modules, "pynvml", FakePynvml(refuse))
 
     facts = RealNvml().facts(0)
 
-    assert (facts.mig_enabled, facts.numa_node) == (None, None)
+    assert (facts.mig_enabled, facts.numa_node, facts.minor_number) == (None, None, None)
 
 
 def test_real_nvml_samples_in_watts_and_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
