@@ -11,6 +11,10 @@ Rules:
 - After each COMMIT the database's path (and its -wal's) must still name the files this connection writes:
   a deleted or replaced database is a `DatabaseGone`, and from then on the store refuses every transaction
   (nothing more is acknowledged into a file nobody will read again).
+- An ended allocation's hourly usage is summed in memory (`UsageFold`) and written into usage_hours at the
+  next flush (each broker tick, any read of the totals, a correction, retention, close); its id waits in
+  usage_unflushed, written in the transaction that ended it, so a start-up after a crash sums again what
+  the last flush had not written, and nothing is lost or counted twice.
 - The newest committed event id is the commit high-water mark; the daemon's lock file remembers it
   (`mcpresd.files.DatabaseLock`), so a database that comes back behind it is seen to have lost commits.
 """
@@ -322,9 +326,14 @@ def m007_allocations_by_state(db: Any) -> None:
     db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
 
 
+def m008_usage_unflushed(db: Any) -> None:
+    # Ended allocations whose usage is summed in memory and not yet in usage_hours (see UsageFold).
+    db.executescript("CREATE TABLE usage_unflushed (allocation_id TEXT PRIMARY KEY) WITHOUT ROWID;")
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state)
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m008_usage_unflushed)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
@@ -343,6 +352,43 @@ def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
         conn.execute("DELETE FROM usage_spans WHERE allocation_id = ?", (record.allocation_id,))
     else:
         conn.executemany(_ADD_SPAN, spans)
+
+
+class UsageFold:
+    """Ended records' usage_hours rows summed by key, their usage_spans rows, in memory until written."""
+
+    __slots__ = ("hours", "spans")
+
+    def __init__(self) -> None:
+        self.hours: dict[tuple[Any, ...], list[Any]] = {}
+        self.spans: list[tuple[Any, ...]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.hours or self.spans)
+
+    def add(self, record: UsageRecord) -> None:
+        hours, spans = _usage_rows(record, 1)
+        self._sum(hours)
+        self.spans += spans
+
+    def merge(self, other: UsageFold) -> None:
+        self._sum([(*key, *figures) for key, figures in other.hours.items()])
+        self.spans += other.spans
+
+    def _sum(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        for row in rows:
+            key = row[:6]
+            summed = self.hours.get(key)
+            if summed is None:
+                self.hours[key] = list(row[6:])
+                continue
+            for index, value in enumerate(row[6:]):
+                if value is not None:
+                    summed[index] = value if summed[index] is None else summed[index] + value
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(_ADD_USAGE, [(*key, *figures) for key, figures in self.hours.items()])
+        conn.executemany(_ADD_SPAN, self.spans)
 
 
 def _usage_rows(record: UsageRecord, sign: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -450,6 +496,15 @@ class Store:
         self.mark = self.last_event_id()
         """The commit high-water mark: the newest committed event id."""
         self._newest_event = self.mark
+        self._usage_open = UsageFold()
+        """Usage of allocations ended in the open transaction (dropped if it rolls back)."""
+        self._usage_kept = UsageFold()
+        """Committed usage not yet written into usage_hours; at start, what the last run had not written."""
+        self._usage_writing = UsageFold()
+        """Kept usage written by the open transaction's flush (kept again if it rolls back)."""
+        for row in self.conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations"
+                                     " WHERE id IN (SELECT allocation_id FROM usage_unflushed)"):
+            self._usage_kept.add(usage_record(row))
 
     def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
         """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
@@ -490,6 +545,12 @@ class Store:
         return {row[0] for row in rows}
 
     def close(self) -> None:
+        if self._usage_kept and self.gone is None:
+            try:
+                with self.transaction():
+                    self.flush_usage()
+            except (sqlite3.Error, StorageError):
+                pass  # still in usage_unflushed: the next start sums it again
         self.conn.close()
 
     # -- transactions -----------------------------------------------------
@@ -501,6 +562,11 @@ class Store:
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+        if self._usage_open:
+            self._usage_kept.merge(self._usage_open)
+            self._usage_open = UsageFold()
+        if self._usage_writing:
+            self._usage_writing = UsageFold()
         self.verify_files()
         if self._newest_event != self.mark:
             self.mark = self._newest_event
@@ -564,6 +630,10 @@ class Store:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
         self._newest_event = self.mark
+        self._usage_open = UsageFold()
+        if self._usage_writing:
+            self._usage_kept.merge(self._usage_writing)
+            self._usage_writing = UsageFold()
         self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
@@ -709,13 +779,39 @@ class Store:
         return [_allocation(row, tuple(items[row[0]])) for row in rows]
 
     def add_usage(self, record: UsageRecord, sign: int = 1) -> None:
+        """Add (sign 1) or take back (-1) an ended record's usage in usage_hours now."""
+        if sign < 0:
+            self.flush_usage()  # what is taken back must be there, its spans included
         add_usage(self.conn, record, sign)
+
+    def end_usage(self, record: UsageRecord) -> None:
+        """An allocation ended (in the open transaction): sum its usage in memory, written at the next flush."""
+        self.conn.execute("INSERT INTO usage_unflushed (allocation_id) VALUES (?)", (record.allocation_id,))
+        self._usage_open.add(record)
+
+    def flush_usage(self) -> None:
+        """Write the usage summed in memory into usage_hours (in the open transaction, else in one of its own)."""
+        if not self._usage_kept and not self._usage_open:
+            return
+        if not self.conn.in_transaction:
+            with self.transaction():
+                self.flush_usage()
+            return
+        fold = UsageFold()
+        fold.merge(self._usage_kept)
+        fold.merge(self._usage_open)
+        fold.write(self.conn)
+        self.conn.execute("DELETE FROM usage_unflushed")
+        self._usage_writing.merge(self._usage_kept)
+        self._usage_kept = UsageFold()
+        self._usage_open = UsageFold()
 
     def usage_totals(self, by: str, from_hour: float, owner_uid: int | None = None, key: str | None = None,
                      *, through_hour: float | None = None) -> list[tuple[Any, ...]]:
         """Summed hourly usage by key and kind: every hour from `from_hour` on, or only what was held through
         the whole of `through_hour`. Each row: key, kind, allocations, waited, cost, resource_hours, requested,
         measured."""
+        self.flush_usage()
         kept, key_of = ("tool", "CAST(owner_uid AS TEXT)") if by == "owner" else (by, "key")
         if by == "owner" and key is not None:
             owner_uid, key = int(key), None
@@ -761,6 +857,7 @@ class Store:
     def prune_ended_allocations(self, before: float, limit: int) -> int:
         """Delete up to `limit` allocations that ended before `before`, oldest first (their usage stays in
         usage_hours)."""
+        self.flush_usage()
         ids = [row[0] for row in self.conn.execute(
             "SELECT id FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?", (before, limit))]
         if ids:

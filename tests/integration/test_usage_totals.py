@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from dataclasses import replace
 from typing import Any
 
@@ -271,3 +272,45 @@ def test_a_budgets_spending_kept_as_allocations_end_equals_a_fresh_sum(live: Liv
     fresh = {(b["scope"], b["subject"]): b["spent"] for b in live.call("budgets.list")}
     assert kept == pytest.approx(fresh, abs=1e-6) and len(kept) == 3
     assert all(spent > 0 for spent in kept.values())
+
+
+def test_usage_summed_in_memory_survives_sigkill_counted_once(tmp_path: Any) -> None:
+    """Usage is written into the hourly totals at the next tick or read; a kill -9 before it loses nothing, and
+    what was written before it is not counted again at start-up."""
+    from tests.conftest import CONFIG, DaemonProcess
+
+    daemon = DaemonProcess(tmp_path, config=CONFIG + '[scheduler]\ntick_interval = "60s"\n')
+    daemon.start()
+    try:
+        def release(count: int, tool: str) -> None:
+            with daemon.client() as client:
+                for _ in range(count):
+                    held = client.call("allocate", {"resources": [{"resource": "licence", "amount": 2},
+                                                                  {"resource": "slot", "amount": 1}],
+                                                    "tool_id": tool, "holder_pid": os.getpid()})
+                    client.call("release", {"id": held["id"], "measured": {"cpu_seconds": 1.0}})
+
+        def usage(by: str) -> dict[str, dict[str, Any]]:
+            with daemon.client() as client:
+                return {row["key"]: row for row in client.call("usage", {"by": by, "since": 86400})["rows"]}
+
+        release(3, "written")
+        before = usage("tool")  # the read writes what was summed in memory
+        assert before["written"]["allocations"] == 3
+        release(5, "unwritten")
+        release(2, "written")
+        with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as db:
+            unflushed = db.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0]
+        assert unflushed == 7  # no tick and no read since: their usage is only in memory (and named there)
+        daemon.kill()
+        daemon.start()
+        by_tool, by_resource = usage("tool"), usage("resource")
+        assert by_tool["written"]["allocations"] == 5 and by_tool["unwritten"]["allocations"] == 7 - 2
+        assert by_resource["licence"]["allocations"] == by_resource["slot"]["allocations"] == 10
+        assert by_resource["licence"]["cost"] == pytest.approx(sum(
+            row["cost"] for row in by_tool.values()), rel=1e-12)
+        daemon.kill()  # after the read wrote it all: nothing is summed again
+        daemon.start()
+        assert usage("tool") == by_tool
+    finally:
+        daemon.stop()
