@@ -396,6 +396,11 @@ def _usage_rows(record: UsageRecord, sign: int) -> tuple[list[tuple[Any, ...]], 
         return None if value is None else sign * value
 
     hours, spans = hourly_usage_parts(record)
+    owner = record.owner_uid
+    if sign == 1:
+        return ([(hour, part.by, part.key, owner, part.kind, int(through), *part[3:]) for hour, through, part in hours],
+                [(record.allocation_id, part.by, part.key, owner, part.kind, first, end, *part[5:])
+                 for first, end, part in spans])
     return ([(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
               sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
               signed(part.measured)) for hour, through, part in hours],
