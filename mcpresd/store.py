@@ -327,8 +327,15 @@ def m007_allocations_by_state(db: Any) -> None:
 
 
 def m008_usage_unflushed(db: Any) -> None:
-    # Ended allocations whose usage is summed in memory and not yet in usage_hours (see UsageFold).
-    db.executescript("CREATE TABLE usage_unflushed (allocation_id TEXT PRIMARY KEY) WITHOUT ROWID;")
+    # Ended allocations whose usage is summed in memory and not yet in usage_hours (see UsageFold). The
+    # counts by state are kept in memory too (Store.count_allocations) and written with the usage: the
+    # triggers cost three UPDATEs per allocate+release.
+    db.executescript("""
+        CREATE TABLE usage_unflushed (allocation_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        DROP TRIGGER allocations_counted_on_insert;
+        DROP TRIGGER allocations_counted_on_change;
+        DROP TRIGGER allocations_counted_on_delete;
+    """)
 
 
 # Registered in order; never edit one that has shipped, add the next.
@@ -510,6 +517,9 @@ class Store:
         for row in self.conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations"
                                      " WHERE id IN (SELECT allocation_id FROM usage_unflushed)"):
             self._usage_kept.add(usage_record(row))
+        self._counts = self._load_counts()
+        """Allocations by state, committed; the open transaction's changes are in _counts_open."""
+        self._counts_open: dict[str, int] = {}
 
     def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
         """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
@@ -549,6 +559,22 @@ class Store:
             return set()
         return {row[0] for row in rows}
 
+    def _load_counts(self) -> dict[str, int]:
+        """Live allocations counted (few, by their index); ended ones as last written, plus those ended since."""
+        counts = {state.value: 0 for state in AllocationState}
+        for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"
+                                              " WHERE state IN ('released', 'withdrawn')"):
+            counts[state] = count
+        for state, count in self.conn.execute(
+                "SELECT state, count(*) FROM allocations WHERE state IN ('queued', 'active') GROUP BY state"
+                " UNION ALL SELECT state, count(*) FROM allocations"
+                " WHERE id IN (SELECT allocation_id FROM usage_unflushed) GROUP BY state"):
+            counts[state] += count
+        return counts
+
+    def _count(self, state: str, change: int) -> None:
+        self._counts_open[state] = self._counts_open.get(state, 0) + change
+
     def close(self) -> None:
         if self._usage_kept and self.gone is None:
             try:
@@ -572,6 +598,10 @@ class Store:
             self._usage_open = UsageFold()
         if self._usage_writing:
             self._usage_writing = UsageFold()
+        if self._counts_open:
+            for state, change in self._counts_open.items():
+                self._counts[state] += change
+            self._counts_open = {}
         self.verify_files()
         if self._newest_event != self.mark:
             self.mark = self._newest_event
@@ -639,6 +669,7 @@ class Store:
         if self._usage_writing:
             self._usage_kept.merge(self._usage_writing)
             self._usage_writing = UsageFold()
+        self._counts_open = {}
         self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
@@ -695,6 +726,10 @@ class Store:
             f"INSERT INTO allocations ({_COLUMNS}, request_digest) VALUES ({_MARKS}, ?)",
             (*_row(allocation), request_digest),
         )
+        self._count(allocation.state.value, 1)
+        if allocation.released_at is not None:  # inserted ended (an import): not in usage_unflushed, so written now
+            self.conn.execute("UPDATE allocation_counts SET count = count + 1 WHERE state = ?",
+                              (allocation.state.value,))
         if allocation.items:
             self.insert_items(allocation.id, allocation.items)
 
@@ -712,6 +747,8 @@ class Store:
             (allocation.state.value, allocation.released_at, allocation.release_reason,
              None if allocation.measured is None else _compact(dict(allocation.measured)), allocation.id),
         )
+        self._count("active" if allocation.granted_at is not None else "queued", -1)
+        self._count(allocation.state.value, 1)
 
     def mark_granted(self, allocation: Allocation) -> None:
         """Record a queued request's grant (`allocation` is the granted value)."""
@@ -721,6 +758,8 @@ class Store:
             (allocation.granted_at, allocation.expires_at,
              _charges_json(allocation.charges) if allocation.charges else None, allocation.id),
         )
+        self._count("queued", -1)
+        self._count("active", 1)
         self.insert_items(allocation.id, allocation.items)
 
     def update_lease(self, allocation: Allocation) -> None:
@@ -762,10 +801,13 @@ class Store:
         return self._select_allocations(f"{where} ORDER BY id DESC LIMIT ?", (*args, limit))
 
     def count_allocations(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in AllocationState}
-        for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"):
-            counts[state] = count
-        return counts
+        """Allocations by state, as the open transaction sees them (kept in memory, see _load_counts)."""
+        return {state: count + self._counts_open.get(state, 0) for state, count in self._counts.items()}
+
+    def _write_counts(self) -> None:
+        """The counts into allocation_counts: with usage_unflushed emptied, what a start reads back."""
+        self.conn.executemany("UPDATE allocation_counts SET count = ? WHERE state = ?",
+                              [(count, state) for state, count in self.count_allocations().items()])
 
     def _select_allocations(self, where: str, args: tuple[Any, ...]) -> list[Allocation]:
         rows = self.conn.execute(f"SELECT {_COLUMNS} FROM allocations {where}", args).fetchall()
@@ -807,6 +849,7 @@ class Store:
         fold.merge(self._usage_open)
         fold.write(self.conn)
         self.conn.execute("DELETE FROM usage_unflushed")
+        self._write_counts()
         self._usage_writing.merge(self._usage_kept)
         self._usage_kept = UsageFold()
         self._usage_open = UsageFold()
@@ -863,13 +906,18 @@ class Store:
         """Delete up to `limit` allocations that ended before `before`, oldest first (their usage stays in
         usage_hours)."""
         self.flush_usage()
-        ids = [row[0] for row in self.conn.execute(
-            "SELECT id FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?", (before, limit))]
-        if ids:
+        rows = self.conn.execute(
+            "SELECT id, state FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?",
+            (before, limit)).fetchall()
+        if rows:
+            ids = [row[0] for row in rows]
             marks = ",".join("?" * len(ids))
             self.conn.execute(f"DELETE FROM allocation_items WHERE allocation_id IN ({marks})", ids)
             self.conn.execute(f"DELETE FROM allocations WHERE id IN ({marks})", ids)
-        return len(ids)
+            for _, state in rows:
+                self._count(state, -1)
+            self._write_counts()
+        return len(rows)
 
     def forget_key(self, allocation_id: str) -> None:
         """An expired idempotency key: the ended allocation keeps no key, and the key can be used again."""

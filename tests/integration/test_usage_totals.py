@@ -160,7 +160,7 @@ def test_the_migrations_sum_and_count_the_allocations_that_ended_before_them(tmp
         store.conn.execute("DROP INDEX allocations_by_grant")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
         for trigger in ("insert", "change", "delete"):
-            store.conn.execute(f"DROP TRIGGER allocations_counted_on_{trigger}")
+            store.conn.execute(f"DROP TRIGGER IF EXISTS allocations_counted_on_{trigger}")  # gone since m008
         store.conn.execute("DROP TABLE allocation_counts")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm005_allocation_counts'")
     store.close()
@@ -275,8 +275,8 @@ def test_a_budgets_spending_kept_as_allocations_end_equals_a_fresh_sum(live: Liv
 
 
 def test_usage_summed_in_memory_survives_sigkill_counted_once(tmp_path: Any) -> None:
-    """Usage is written into the hourly totals at the next tick or read; a kill -9 before it loses nothing, and
-    what was written before it is not counted again at start-up."""
+    """Usage (and the count of allocations by state) is written at the next tick or read; a kill -9 before it
+    loses nothing, and what was written before it is not counted again at start-up."""
     from tests.conftest import CONFIG, DaemonProcess
 
     daemon = DaemonProcess(tmp_path, config=CONFIG + '[scheduler]\ntick_interval = "60s"\n')
@@ -299,18 +299,27 @@ def test_usage_summed_in_memory_survives_sigkill_counted_once(tmp_path: Any) -> 
         assert before["written"]["allocations"] == 3
         release(5, "unwritten")
         release(2, "written")
+        with daemon.client() as client:
+            client.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()})
+            counted = client.call("daemon.status")["allocations"]
+        assert counted == {"queued": 0, "active": 1, "released": 10, "withdrawn": 0}
         with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as db:
             unflushed = db.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0]
         assert unflushed == 7  # no tick and no read since: their usage is only in memory (and named there)
         daemon.kill()
         daemon.start()
         by_tool, by_resource = usage("tool"), usage("resource")
+        with daemon.client() as client:
+            assert client.call("daemon.status")["allocations"] == counted  # counted in memory, as usage is
         assert by_tool["written"]["allocations"] == 5 and by_tool["unwritten"]["allocations"] == 7 - 2
-        assert by_resource["licence"]["allocations"] == by_resource["slot"]["allocations"] == 10
+        assert by_resource["licence"]["allocations"] == 10 and by_resource["slot"]["allocations"] == 10 + 1  # live
         assert by_resource["licence"]["cost"] == pytest.approx(sum(  # each row's cost is rounded to 6 places
             row["cost"] for row in by_tool.values()), abs=1e-5)
         daemon.kill()  # after the read wrote it all: nothing is summed again
         daemon.start()
-        assert usage("tool") == by_tool
+        again = usage("tool")
+        assert again["written"] == by_tool["written"] and again["unwritten"] == by_tool["unwritten"]
+        with daemon.client() as client:
+            assert client.call("daemon.status")["allocations"] == counted
     finally:
         daemon.stop()
