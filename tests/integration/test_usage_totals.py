@@ -323,3 +323,41 @@ def test_usage_summed_in_memory_survives_sigkill_counted_once(tmp_path: Any) -> 
             assert client.call("daemon.status")["allocations"] == counted
     finally:
         daemon.stop()
+
+
+def test_usage_summed_in_memory_follows_the_transactions_that_commit(tmp_path: Any) -> None:
+    """An end rolled back is not summed; a flush rolled back leaves its usage to the next one; counts alike."""
+    from mcpresd.store import Store
+
+    store = Store(tmp_path / "state.db")
+    try:
+        def end(n: int) -> None:
+            allocation = ended_allocation(n, T0)
+            store.insert_allocation(replace(allocation, state=AllocationState.ACTIVE, released_at=None,
+                                            release_reason=None))
+            store.end_usage(store_record(allocation))
+            store.mark_ended(allocation)
+
+        with store.transaction():
+            end(0)
+        store.begin()
+        end(1)
+        store.rollback()
+        assert store.count_allocations()["released"] == 1
+        store.begin()
+        store.flush_usage()
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 1
+        store.rollback()
+        with store.transaction():
+            end(2)
+        assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
+        assert store.conn.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0] == 0
+    finally:
+        store.close()
+    store = Store(tmp_path / "state.db")
+    try:
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
+        assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
+    finally:
+        store.close()
