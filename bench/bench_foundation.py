@@ -10,8 +10,12 @@ It starts mcpresd on temporary paths and prints:
   daemon and, on 2 cores, takes it from the daemon it measures. Without a C
   compiler (or with --python-client) the Python client is used;
 - the floors under those figures on this machine: one SQLite WAL/FULL commit
-  of one row (p50/p99, the disk's fsync), and a no-op asyncio JSON echo server
-  under the same client (what any Python asyncio server reaches here);
+  of one row (p50/p99, the disk's fsync), a no-op asyncio JSON echo server and
+  the minimal durable broker (`../shared/floors/minimal_broker.py`: asyncio,
+  stdlib json and sqlite3, WAL + FULL, group commit, the same rows per pair)
+  under the same client, and mcpresd's ratio to each (issue 15's targets: at
+  200 clients at least 0.7 of the minimal broker; at 1 client an allocate p99
+  within 0.5 ms of the one-row commit's);
 - whole-process `mcpctl allocate` and `mcpctl release` wall time (median of 20)
   from a non-editable install in its own virtualenv, beside `python -c pass`
   from the same interpreter;
@@ -303,6 +307,31 @@ def echo_ceiling(tmp: Path, python: str, loadgen: str | None, seconds: float, pr
         server.join(10)
 
 
+def floors_directory() -> Path | None:
+    """The shared floors (`../shared/floors/` beside the repository, or beside the worktree's parent), if there."""
+    for candidate in (ROOT.parent / "shared" / "floors", ROOT.parent.parent / "shared" / "floors"):
+        if (candidate / "minimal_broker.py").is_file():
+            return candidate
+    return None
+
+
+def minimal_broker_floor(tmp: Path, floors: Path, loadgen: str | None, seconds: float,
+                         processes: int) -> list[dict[str, float]]:
+    """`floors/minimal_broker.py` (stdlib json and sqlite3, WAL + FULL, group commit) under the same client."""
+    path = str(tmp / "minimal.sock")
+    proc = subprocess.Popen([sys.executable, str(floors / "minimal_broker.py"), path, str(tmp / "minimal.db")])
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"minimal_broker.py exited with {proc.returncode}")
+            time.sleep(0.02)
+        return [load_c(loadgen, path, clients, seconds) if loadgen else load(path, clients, seconds, processes)
+                for clients, processes in ((1, 1), (200, 2))]
+    finally:
+        stop_daemon(proc)
+
+
 # -- whole-process CLI timings ------------------------------------------------
 
 
@@ -335,74 +364,113 @@ def main() -> None:
     cli.add_argument("--quick", action="store_true", help="shorter runs (CI smoke)")
     cli.add_argument("--venv", default=str(ROOT / "bench" / ".venv"), help="venv for the non-editable install")
     cli.add_argument("--python-client", action="store_true", help="load from Python asyncio clients, not loadgen")
+    cli.add_argument("--throughput", action="store_true",
+                     help="only the load figures and their floors (no CLI timings, no RSS)")
     args = cli.parse_args()
     seconds = 2.0 if args.quick else 5.0
     python = str(bench_venv(Path(args.venv)))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
+    measured: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp_text:
         tmp = Path(tmp_text)
         loadgen = None if args.python_client else build_loadgen(tmp)
-        proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
-        try:
-            time.sleep(0.5)
-            idle_rss = rss_mib(proc.pid)
-            print(f"python: {python}")
-            print(f"machine: {os.cpu_count()} CPUs; load client: {'loadgen (C)' if loadgen else 'Python asyncio'}")
-            for clients, processes in ((1, 1), (200, 2)):
-                steal = StealMeter()
-                result = load_c(loadgen, sock, clients, seconds) if loadgen else load(sock, clients, seconds, processes)
-                print(f"persistent connections, {clients:>3} client(s): {result['pairs_per_s']:>8.0f} "
-                      f"durable allocate+release/s  allocate p50 {result['p50_ms']:.3f} ms  "
-                      f"p99 {result['p99_ms']:.3f} ms  (cpu steal {steal.percent():.1f} %)")
-            env["MCPRES_SOCKET"] = sock
-            bindir = Path(python).parent
-            pass_ms, _ = wall([python, "-c", "pass"], 20, env)
-            floor_ms, _ = wall([python, "-c", "import json, socket"], 20, env)
-            alloc_ms, ids = wall([str(bindir / "mcpctl"), "allocate", "--res", "slots=1"], 20, env)
-            release_ms = statistics.median(
-                wall([str(bindir / "mcpctl"), "release", allocation_id], 1, env)[0] for allocation_id in ids)
-            print(f"whole process (median of 20): python -c pass {pass_ms:.1f} ms  "
-                  f"python -c 'import json, socket' {floor_ms:.1f} ms  "
-                  f"mcpctl allocate {alloc_ms:.1f} ms  mcpctl release {release_ms:.1f} ms")
-            print(f"daemon RSS idle, first start (migrations applied): {idle_rss:.1f} MiB")
-        finally:
-            stop_daemon(proc)
-        proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
+        daemon_figures(args, python, env, tmp, loadgen, seconds, measured)
+        floors_figures(python, tmp, loadgen, seconds, measured)
+        if not args.throughput:
+            big_figures(python, tmp)
+
+
+def daemon_figures(args: argparse.Namespace, python: str, env: dict[str, str], tmp: Path, loadgen: str | None,
+                   seconds: float, measured: dict[int, dict[str, float]]) -> None:
+    proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
+    try:
         time.sleep(0.5)
-        print(f"daemon RSS idle, restarted: {rss_mib(proc.pid):.1f} MiB")
+        idle_rss = rss_mib(proc.pid)
+        print(f"python: {python}")
+        print(f"machine: {os.cpu_count()} CPUs; load client: {'loadgen (C)' if loadgen else 'Python asyncio'}")
+        for clients, processes in ((1, 1), (200, 2)):
+            steal = StealMeter()
+            result = load_c(loadgen, sock, clients, seconds) if loadgen else load(sock, clients, seconds, processes)
+            measured[clients] = result
+            print(f"persistent connections, {clients:>3} client(s): {result['pairs_per_s']:>8.0f} "
+                  f"durable allocate+release/s  allocate p50 {result['p50_ms']:.3f} ms  "
+                  f"p99 {result['p99_ms']:.3f} ms  (cpu steal {steal.percent():.1f} %)")
+        if args.throughput:
+            return
+        env["MCPRES_SOCKET"] = sock
+        bindir = Path(python).parent
+        pass_ms, _ = wall([python, "-c", "pass"], 20, env)
+        floor_ms, _ = wall([python, "-c", "import json, socket"], 20, env)
+        alloc_ms, ids = wall([str(bindir / "mcpctl"), "allocate", "--res", "slots=1"], 20, env)
+        release_ms = statistics.median(
+            wall([str(bindir / "mcpctl"), "release", allocation_id], 1, env)[0] for allocation_id in ids)
+        print(f"whole process (median of 20): python -c pass {pass_ms:.1f} ms  "
+              f"python -c 'import json, socket' {floor_ms:.1f} ms  "
+              f"mcpctl allocate {alloc_ms:.1f} ms  mcpctl release {release_ms:.1f} ms")
+        print(f"daemon RSS idle, first start (migrations applied): {idle_rss:.1f} MiB")
+    finally:
         stop_daemon(proc)
+    proc, sock = start_daemon(tmp, python, '[[resources]]\nname = "slots"\ncapacity = 100000\n')
+    time.sleep(0.5)
+    print(f"daemon RSS idle, restarted: {rss_mib(proc.pid):.1f} MiB")
+    stop_daemon(proc)
 
-        floor_p50, floor_p99 = sqlite_commit_floor(tmp)
-        print(f"floor: one-row SQLite WAL/FULL commit in the same directory, no daemon: p50 {floor_p50:.3f} ms  "
-              f"p99 {floor_p99:.3f} ms")
-        for result in echo_ceiling(tmp, python, loadgen, seconds, 2):
-            print(f"ceiling: no-op asyncio JSON echo server, {int(result['clients']):>3} client(s): "
-                  f"{result['pairs_per_s']:>8.0f} pairs/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms")
 
-        (tmp / "big").mkdir()
-        proc, sock = start_daemon(tmp / "big", python)
-        try:
-            started = time.perf_counter()
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.connect(sock)
-                stream = conn.makefile("rwb")
-                batch = []
-                for index in range(10_000):
-                    batch.append({"jsonrpc": "2.0", "id": index, "method": "resources.add",
-                                  "params": {"name": f"res-{index}", "capacity": 4}})
-                    if len(batch) == 500:
-                        stream.write(json.dumps(batch).encode() + b"\n")
-                        stream.flush()
-                        replies = json.loads(stream.readline())
-                        assert all("result" in r for r in replies), replies[:1]
-                        batch = []
-            elapsed = time.perf_counter() - started
-            time.sleep(0.5)
-            print(f"daemon RSS with 10,000 custom resources: {rss_mib(proc.pid):.1f} MiB "
-                  f"(registered in {elapsed:.1f} s)")
-        finally:
-            stop_daemon(proc)
+
+def floors_figures(python: str, tmp: Path, loadgen: str | None, seconds: float,
+                   measured: dict[int, dict[str, float]]) -> None:
+    floor_p50, floor_p99 = sqlite_commit_floor(tmp)
+    print(f"floor: one-row SQLite WAL/FULL commit in the same directory, no daemon: p50 {floor_p50:.3f} ms  "
+          f"p99 {floor_p99:.3f} ms")
+    echo = echo_ceiling(tmp, python, loadgen, seconds, 2)
+    for result in echo:
+        print(f"ceiling: no-op asyncio JSON echo server, {int(result['clients']):>3} client(s): "
+              f"{result['pairs_per_s']:>8.0f} pairs/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms")
+    floors = floors_directory()
+    minimal = minimal_broker_floor(tmp, floors, loadgen, seconds, 2) if floors is not None else []
+    if floors is None:
+        print("floor: minimal durable broker: ../shared/floors/minimal_broker.py not found, no ratio")
+    for result in minimal:
+        print(f"floor: minimal durable broker ({floors}/minimal_broker.py), {int(result['clients']):>3} client(s): "
+              f"{result['pairs_per_s']:>8.0f} pairs/s  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms")
+    for index, clients in enumerate((1, 200)):
+        mine = measured.get(clients)
+        if mine is None:
+            continue
+        ratios = [f"{mine['pairs_per_s'] / echo[index]['pairs_per_s']:.2f} of the echo server"]
+        if minimal:
+            ratios.append(f"{mine['pairs_per_s'] / minimal[index]['pairs_per_s']:.2f} of the minimal broker")
+        print(f"ratio: mcpresd at {clients:>3} client(s): " + ", ".join(ratios))
+    if 1 in measured:
+        print(f"ratio: mcpresd one-client allocate p99 {measured[1]['p99_ms']:.3f} ms = one-row commit p99 "
+              f"{floor_p99:.3f} ms {measured[1]['p99_ms'] - floor_p99:+.3f} ms (target: at most +0.5 ms)")
+
+
+def big_figures(python: str, tmp: Path) -> None:
+    (tmp / "big").mkdir()
+    proc, sock = start_daemon(tmp / "big", python)
+    try:
+        started = time.perf_counter()
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(sock)
+            stream = conn.makefile("rwb")
+            batch = []
+            for index in range(10_000):
+                batch.append({"jsonrpc": "2.0", "id": index, "method": "resources.add",
+                              "params": {"name": f"res-{index}", "capacity": 4}})
+                if len(batch) == 500:
+                    stream.write(json.dumps(batch).encode() + b"\n")
+                    stream.flush()
+                    replies = json.loads(stream.readline())
+                    assert all("result" in r for r in replies), replies[:1]
+                    batch = []
+        elapsed = time.perf_counter() - started
+        time.sleep(0.5)
+        print(f"daemon RSS with 10,000 custom resources: {rss_mib(proc.pid):.1f} MiB "
+              f"(registered in {elapsed:.1f} s)")
+    finally:
+        stop_daemon(proc)
 
 
 if __name__ == "__main__":

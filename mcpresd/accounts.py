@@ -113,7 +113,7 @@ class Accounts:
         measured = {**(sampled or {}), **(reported or {})}
         ended = allocation.changed(measured=measured) if measured and allocation.granted_at is not None else allocation
         record = self.record(ended)
-        self.broker.store.add_usage(record)
+        self.broker.store.end_usage(record)
         now = self.broker.clock()
         for key, (start, spent) in self._ended_cost.items():
             # The budget's ended part takes what the live part had of it: summed again only for a new period.

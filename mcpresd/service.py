@@ -1048,6 +1048,7 @@ class Broker:
         if changed or (self.queued and self.policy.aging_interval > 0):
             self.schedule()
         self.accounts.tick(now)
+        self.store.flush_usage()  # the usage of what ended since the last tick, summed in memory (Store.end_usage)
         prune(self.store, self.policy.retention, now)
 
     # -- reading ----------------------------------------------------------

@@ -11,6 +11,10 @@ Rules:
 - After each COMMIT the database's path (and its -wal's) must still name the files this connection writes:
   a deleted or replaced database is a `DatabaseGone`, and from then on the store refuses every transaction
   (nothing more is acknowledged into a file nobody will read again).
+- An ended allocation's hourly usage is summed in memory (`UsageFold`) and written into usage_hours at the
+  next flush (each broker tick, any read of the totals, a correction, retention, close); its id waits in
+  usage_unflushed, written in the transaction that ended it, so a start-up after a crash sums again what
+  the last flush had not written, and nothing is lost or counted twice.
 - The newest committed event id is the commit high-water mark; the daemon's lock file remembers it
   (`mcpresd.files.DatabaseLock`), so a database that comes back behind it is seen to have lost commits.
 """
@@ -368,14 +372,26 @@ def m007_allocations_by_state(db: Any) -> None:
     db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
 
 
+def m008_usage_unflushed(db: Any) -> None:
+    # Ended allocations whose usage is summed in memory and not yet in usage_hours (see UsageFold). The
+    # counts by state are kept in memory too (Store.count_allocations) and written with the usage: the
+    # triggers cost three UPDATEs per allocate+release.
+    db.executescript("""
+        CREATE TABLE usage_unflushed (allocation_id TEXT PRIMARY KEY) WITHOUT ROWID;
+        DROP TRIGGER allocations_counted_on_insert;
+        DROP TRIGGER allocations_counted_on_change;
+        DROP TRIGGER allocations_counted_on_delete;
+    """)
+
+
 def m009_metric_counters(db: Any) -> None:
-    # m009: the perf branch registers m008_usage_unflushed; both are new, this one goes after it.
     db.executescript(SCHEMA_V9_METRIC_COUNTERS)
 
 
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m009_metric_counters)
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m008_usage_unflushed,
+              m009_metric_counters)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
@@ -396,11 +412,53 @@ def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
         conn.executemany(_ADD_SPAN, spans)
 
 
+class UsageFold:
+    """Ended records' usage_hours rows summed by key, their usage_spans rows, in memory until written."""
+
+    __slots__ = ("hours", "spans")
+
+    def __init__(self) -> None:
+        self.hours: dict[tuple[Any, ...], list[Any]] = {}
+        self.spans: list[tuple[Any, ...]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.hours or self.spans)
+
+    def add(self, record: UsageRecord) -> None:
+        hours, spans = _usage_rows(record, 1)
+        self._sum(hours)
+        self.spans += spans
+
+    def merge(self, other: UsageFold) -> None:
+        self._sum([(*key, *figures) for key, figures in other.hours.items()])
+        self.spans += other.spans
+
+    def _sum(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        for row in rows:
+            key = row[:6]
+            summed = self.hours.get(key)
+            if summed is None:
+                self.hours[key] = list(row[6:])
+                continue
+            for index, value in enumerate(row[6:]):
+                if value is not None:
+                    summed[index] = value if summed[index] is None else summed[index] + value
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(_ADD_USAGE, [(*key, *figures) for key, figures in self.hours.items()])
+        conn.executemany(_ADD_SPAN, self.spans)
+
+
 def _usage_rows(record: UsageRecord, sign: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     def signed(value: float | None) -> float | None:
         return None if value is None else sign * value
 
     hours, spans = hourly_usage_parts(record)
+    owner = record.owner_uid
+    if sign == 1:
+        return ([(hour, part.by, part.key, owner, part.kind, int(through), *part[3:]) for hour, through, part in hours],
+                [(record.allocation_id, part.by, part.key, owner, part.kind, first, end, *part[5:])
+                 for first, end, part in spans])
     return ([(hour, part.by, part.key, record.owner_uid, part.kind, int(through), sign * part.allocations,
               sign * part.waited, sign * part.cost, signed(part.resource_hours), signed(part.requested),
               signed(part.measured)) for hour, through, part in hours],
@@ -501,6 +559,18 @@ class Store:
         self.mark = self.last_event_id()
         """The commit high-water mark: the newest committed event id."""
         self._newest_event = self.mark
+        self._usage_open = UsageFold()
+        """Usage of allocations ended in the open transaction (dropped if it rolls back)."""
+        self._usage_kept = UsageFold()
+        """Committed usage not yet written into usage_hours; at start, what the last run had not written."""
+        self._usage_writing = UsageFold()
+        """Kept usage written by the open transaction's flush (kept again if it rolls back)."""
+        for row in self.conn.execute(f"SELECT {_RECORD_COLUMNS} FROM allocations"
+                                     " WHERE id IN (SELECT allocation_id FROM usage_unflushed)"):
+            self._usage_kept.add(usage_record(row))
+        self._counts = self._load_counts()
+        """Allocations by state, committed; the open transaction's changes are in _counts_open."""
+        self._counts_open: dict[str, int] = {}
 
     def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
         """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
@@ -540,7 +610,29 @@ class Store:
             return set()
         return {row[0] for row in rows}
 
+    def _load_counts(self) -> dict[str, int]:
+        """Live allocations counted (few, by their index); ended ones as last written, plus those ended since."""
+        counts = {state.value: 0 for state in AllocationState}
+        for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"
+                                              " WHERE state IN ('released', 'withdrawn')"):
+            counts[state] = count
+        for state, count in self.conn.execute(
+                "SELECT state, count(*) FROM allocations WHERE state IN ('queued', 'active') GROUP BY state"
+                " UNION ALL SELECT state, count(*) FROM allocations"
+                " WHERE id IN (SELECT allocation_id FROM usage_unflushed) GROUP BY state"):
+            counts[state] += count
+        return counts
+
+    def _count(self, state: str, change: int) -> None:
+        self._counts_open[state] = self._counts_open.get(state, 0) + change
+
     def close(self) -> None:
+        if self._usage_kept and self.gone is None:
+            try:
+                with self.transaction():
+                    self.flush_usage()
+            except (sqlite3.Error, StorageError):
+                pass  # still in usage_unflushed: the next start sums it again
         self.conn.close()
 
     # -- transactions -----------------------------------------------------
@@ -552,6 +644,15 @@ class Store:
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+        if self._usage_open:
+            self._usage_kept.merge(self._usage_open)
+            self._usage_open = UsageFold()
+        if self._usage_writing:
+            self._usage_writing = UsageFold()
+        if self._counts_open:
+            for state, change in self._counts_open.items():
+                self._counts[state] += change
+            self._counts_open = {}
         self.verify_files()
         if self._newest_event != self.mark:
             self.mark = self._newest_event
@@ -615,6 +716,11 @@ class Store:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
         self._newest_event = self.mark
+        self._usage_open = UsageFold()
+        if self._usage_writing:
+            self._usage_kept.merge(self._usage_writing)
+            self._usage_writing = UsageFold()
+        self._counts_open = {}
         self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
@@ -671,6 +777,10 @@ class Store:
             f"INSERT INTO allocations ({_COLUMNS}, request_digest) VALUES ({_MARKS}, ?)",
             (*_row(allocation), request_digest),
         )
+        self._count(allocation.state.value, 1)
+        if allocation.released_at is not None:  # inserted ended (an import): not in usage_unflushed, so written now
+            self.conn.execute("UPDATE allocation_counts SET count = count + 1 WHERE state = ?",
+                              (allocation.state.value,))
         if allocation.items:
             self.insert_items(allocation.id, allocation.items)
 
@@ -688,6 +798,8 @@ class Store:
             (allocation.state.value, allocation.released_at, allocation.release_reason,
              None if allocation.measured is None else _compact(dict(allocation.measured)), allocation.id),
         )
+        self._count("active" if allocation.granted_at is not None else "queued", -1)
+        self._count(allocation.state.value, 1)
 
     def mark_granted(self, allocation: Allocation) -> None:
         """Record a queued request's grant (`allocation` is the granted value)."""
@@ -697,6 +809,8 @@ class Store:
             (allocation.granted_at, allocation.expires_at,
              _charges_json(allocation.charges) if allocation.charges else None, allocation.id),
         )
+        self._count("queued", -1)
+        self._count("active", 1)
         self.insert_items(allocation.id, allocation.items)
 
     def update_lease(self, allocation: Allocation) -> None:
@@ -738,10 +852,13 @@ class Store:
         return self._select_allocations(f"{where} ORDER BY id DESC LIMIT ?", (*args, limit))
 
     def count_allocations(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in AllocationState}
-        for state, count in self.conn.execute("SELECT state, count FROM allocation_counts"):
-            counts[state] = count
-        return counts
+        """Allocations by state, as the open transaction sees them (kept in memory, see _load_counts)."""
+        return {state: count + self._counts_open.get(state, 0) for state, count in self._counts.items()}
+
+    def _write_counts(self) -> None:
+        """The counts into allocation_counts: with usage_unflushed emptied, what a start reads back."""
+        self.conn.executemany("UPDATE allocation_counts SET count = ? WHERE state = ?",
+                              [(count, state) for state, count in self.count_allocations().items()])
 
     def metric_counters(self) -> tuple[dict[str, float], list[tuple[float, int]]]:
         """The counters the triggers keep, and the wait-time histogram: (upper bound, grants that waited at most
@@ -768,13 +885,40 @@ class Store:
         return [_allocation(row, tuple(items[row[0]])) for row in rows]
 
     def add_usage(self, record: UsageRecord, sign: int = 1) -> None:
+        """Add (sign 1) or take back (-1) an ended record's usage in usage_hours now."""
+        if sign < 0:
+            self.flush_usage()  # what is taken back must be there, its spans included
         add_usage(self.conn, record, sign)
+
+    def end_usage(self, record: UsageRecord) -> None:
+        """An allocation ended (in the open transaction): sum its usage in memory, written at the next flush."""
+        self.conn.execute("INSERT INTO usage_unflushed (allocation_id) VALUES (?)", (record.allocation_id,))
+        self._usage_open.add(record)
+
+    def flush_usage(self) -> None:
+        """Write the usage summed in memory into usage_hours (in the open transaction, else in one of its own)."""
+        if not self._usage_kept and not self._usage_open:
+            return
+        if not self.conn.in_transaction:
+            with self.transaction():
+                self.flush_usage()
+            return
+        fold = UsageFold()
+        fold.merge(self._usage_kept)
+        fold.merge(self._usage_open)
+        fold.write(self.conn)
+        self.conn.execute("DELETE FROM usage_unflushed")
+        self._write_counts()
+        self._usage_writing.merge(self._usage_kept)
+        self._usage_kept = UsageFold()
+        self._usage_open = UsageFold()
 
     def usage_totals(self, by: str, from_hour: float, owner_uid: int | None = None, key: str | None = None,
                      *, through_hour: float | None = None) -> list[tuple[Any, ...]]:
         """Summed hourly usage by key and kind: every hour from `from_hour` on, or only what was held through
         the whole of `through_hour`. Each row: key, kind, allocations, waited, cost, resource_hours, requested,
         measured."""
+        self.flush_usage()
         kept, key_of = ("tool", "CAST(owner_uid AS TEXT)") if by == "owner" else (by, "key")
         if by == "owner" and key is not None:
             owner_uid, key = int(key), None
@@ -820,13 +964,19 @@ class Store:
     def prune_ended_allocations(self, before: float, limit: int) -> int:
         """Delete up to `limit` allocations that ended before `before`, oldest first (their usage stays in
         usage_hours)."""
-        ids = [row[0] for row in self.conn.execute(
-            "SELECT id FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?", (before, limit))]
-        if ids:
+        self.flush_usage()
+        rows = self.conn.execute(
+            "SELECT id, state FROM allocations WHERE released_at < ? ORDER BY released_at LIMIT ?",
+            (before, limit)).fetchall()
+        if rows:
+            ids = [row[0] for row in rows]
             marks = ",".join("?" * len(ids))
             self.conn.execute(f"DELETE FROM allocation_items WHERE allocation_id IN ({marks})", ids)
             self.conn.execute(f"DELETE FROM allocations WHERE id IN ({marks})", ids)
-        return len(ids)
+            for _, state in rows:
+                self._count(state, -1)
+            self._write_counts()
+        return len(rows)
 
     def forget_key(self, allocation_id: str) -> None:
         """An expired idempotency key: the ended allocation keeps no key, and the key can be used again."""

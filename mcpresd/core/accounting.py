@@ -40,7 +40,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone, tzinfo
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from mcpresd.protocol import MAX_NAME_LENGTH, BudgetScope, Period, format_amount, format_size, parse_size
 
@@ -276,9 +276,10 @@ USAGE_HOUR = 3600.0
 """Ended allocations are summed into totals per clock hour (Unix time, UTC) as they end."""
 
 
-@dataclass(frozen=True)
-class UsagePart:
-    """What one ended record adds to one usage row inside a span; kind "" is the record itself (count, wait)."""
+class UsagePart(NamedTuple):
+    """What one ended record adds to one usage row inside a span; kind "" is the record itself (count, wait).
+
+    A named tuple: every release makes several, and a frozen dataclass took a fifth of the time to make them."""
 
     by: UsageBy
     key: str
@@ -307,20 +308,21 @@ def usage_parts(record: UsageRecord, start: float, end: float, by: UsageBy | Non
         held_hours = max(0.0, released - granted) / 3600
     if not counted and hours <= 0:
         return []
-    used = {kind: _used_hours(record, kind, hours, held_hours) for kind in MEASURED_KINDS}
+    used = {kind: _used_hours(record, kind, hours, held_hours) for kind in MEASURED_KINDS} if record.measured else {}
+    waited = record.waited(released)
     parts: list[UsagePart] = []
     for grouping in USAGE_KEPT if by is None else (by,):
         for key, charges in _groups(record, grouping).items():
             if counted:
-                parts.append(UsagePart(grouping, key, "", allocations=1, waited=record.waited(released)))
+                parts.append(UsagePart(grouping, key, "", 1, waited))
             kinds: dict[str, list[float | None]] = {}
             for c in charges:
                 cost, resource_hours, requested, measured = kinds.setdefault(c.kind, [0.0, 0.0, None, None])
                 assert cost is not None and resource_hours is not None
                 figures: list[float | None] = [cost + c.rate * hours, resource_hours + c.amount * hours,
                                                requested, measured]
-                use, total = used.get(c.kind), record.amount(c.kind)
-                if use is not None and total > 0:
+                use = used.get(c.kind)
+                if use is not None and (total := record.amount(c.kind)) > 0:
                     figures[2] = (requested or 0.0) + c.amount * hours
                     figures[3] = (measured or 0.0) + use * c.amount / total
                 kinds[c.kind] = figures

@@ -192,3 +192,18 @@ def test_the_event_log_records_allocations_and_releases(daemon: DaemonProcess) -
     daemon.call(Method.RELEASE, {"id": held["id"]})
     kinds = [e["kind"] for e in daemon.call(Method.EVENTS_LIST, {"allocation_id": held["id"]})]
     assert kinds == ["allocated", "released"]
+
+
+def test_what_start_up_made_is_frozen_out_of_the_cyclic_collector(tmp_path: Any) -> None:
+    import gc
+
+    from tests.live import LiveDaemon
+
+    gc.unfreeze()
+    daemon = LiveDaemon(tmp_path).start()
+    try:
+        ledger_frozen = daemon.on_store(lambda broker: gc.get_freeze_count())
+        assert ledger_frozen > 1000  # the modules, the config and the ledger the daemon started with
+    finally:
+        daemon.close()
+        gc.unfreeze()

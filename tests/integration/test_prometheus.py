@@ -273,7 +273,7 @@ def test_a_port_in_use_is_refused_at_start_with_what_to_do(tmp_path: Path) -> No
 
 
 def test_a_client_that_never_reads_its_reply_is_dropped_while_others_are_served() -> None:
-    """In-process, with a 64 MB exposition no socket buffer holds and short timeouts."""
+    """In-process, with a 64 MB exposition no socket buffer holds and a short write timeout."""
     import asyncio
 
     from mcpresd.metrics_http import MetricsEndpoint
@@ -284,7 +284,9 @@ def test_a_client_that_never_reads_its_reply_is_dropped_while_others_are_served(
         return big
 
     async def scenario() -> tuple[bytes, int, int]:
-        endpoint = MetricsEndpoint(produce, read_timeout=30.0, write_timeout=0.5, max_connections=2)
+        # The write timeout bounds the whole reply: long enough for the reading client on this loop to take
+        # 64 MB on a loaded machine (0.5 s cut it off too once), short enough to see the stuck one dropped.
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0, write_timeout=5.0, max_connections=2)
         port = free_port()
         await endpoint.start("127.0.0.1", port)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from dataclasses import replace
 from typing import Any
 
@@ -159,7 +160,7 @@ def test_the_migrations_sum_and_count_the_allocations_that_ended_before_them(tmp
         store.conn.execute("DROP INDEX allocations_by_grant")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_usage_hours'")
         for trigger in ("insert", "change", "delete"):
-            store.conn.execute(f"DROP TRIGGER allocations_counted_on_{trigger}")
+            store.conn.execute(f"DROP TRIGGER IF EXISTS allocations_counted_on_{trigger}")  # gone since m008
         store.conn.execute("DROP TABLE allocation_counts")
         store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm005_allocation_counts'")
     store.close()
@@ -271,3 +272,92 @@ def test_a_budgets_spending_kept_as_allocations_end_equals_a_fresh_sum(live: Liv
     fresh = {(b["scope"], b["subject"]): b["spent"] for b in live.call("budgets.list")}
     assert kept == pytest.approx(fresh, abs=1e-6) and len(kept) == 3
     assert all(spent > 0 for spent in kept.values())
+
+
+def test_usage_summed_in_memory_survives_sigkill_counted_once(tmp_path: Any) -> None:
+    """Usage (and the count of allocations by state) is written at the next tick or read; a kill -9 before it
+    loses nothing, and what was written before it is not counted again at start-up."""
+    from tests.conftest import CONFIG, DaemonProcess
+
+    daemon = DaemonProcess(tmp_path, config=CONFIG + '[scheduler]\ntick_interval = "60s"\n')
+    daemon.start()
+    try:
+        def release(count: int, tool: str) -> None:
+            with daemon.client() as client:
+                for _ in range(count):
+                    held = client.call("allocate", {"resources": [{"resource": "licence", "amount": 2},
+                                                                  {"resource": "slot", "amount": 1}],
+                                                    "tool_id": tool, "holder_pid": os.getpid()})
+                    client.call("release", {"id": held["id"], "measured": {"cpu_seconds": 1.0}})
+
+        def usage(by: str) -> dict[str, dict[str, Any]]:
+            with daemon.client() as client:
+                return {row["key"]: row for row in client.call("usage", {"by": by, "since": 86400})["rows"]}
+
+        release(3, "written")
+        before = usage("tool")  # the read writes what was summed in memory
+        assert before["written"]["allocations"] == 3
+        release(5, "unwritten")
+        release(2, "written")
+        with daemon.client() as client:
+            client.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()})
+            counted = client.call("daemon.status")["allocations"]
+        assert counted == {"queued": 0, "active": 1, "released": 10, "withdrawn": 0}
+        with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as db:
+            unflushed = db.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0]
+        assert unflushed == 7  # no tick and no read since: their usage is only in memory (and named there)
+        daemon.kill()
+        daemon.start()
+        by_tool, by_resource = usage("tool"), usage("resource")
+        with daemon.client() as client:
+            assert client.call("daemon.status")["allocations"] == counted  # counted in memory, as usage is
+        assert by_tool["written"]["allocations"] == 5 and by_tool["unwritten"]["allocations"] == 7 - 2
+        assert by_resource["licence"]["allocations"] == 10 and by_resource["slot"]["allocations"] == 10 + 1  # live
+        assert by_resource["licence"]["cost"] == pytest.approx(sum(  # each row's cost is rounded to 6 places
+            row["cost"] for row in by_tool.values()), abs=1e-5)
+        daemon.kill()  # after the read wrote it all: nothing is summed again
+        daemon.start()
+        again = usage("tool")
+        assert again["written"] == by_tool["written"] and again["unwritten"] == by_tool["unwritten"]
+        with daemon.client() as client:
+            assert client.call("daemon.status")["allocations"] == counted
+    finally:
+        daemon.stop()
+
+
+def test_usage_summed_in_memory_follows_the_transactions_that_commit(tmp_path: Any) -> None:
+    """An end rolled back is not summed; a flush rolled back leaves its usage to the next one; counts alike."""
+    from mcpresd.store import Store
+
+    store = Store(tmp_path / "state.db")
+    try:
+        def end(n: int) -> None:
+            allocation = ended_allocation(n, T0)
+            store.insert_allocation(replace(allocation, state=AllocationState.ACTIVE, released_at=None,
+                                            release_reason=None))
+            store.end_usage(store_record(allocation))
+            store.mark_ended(allocation)
+
+        with store.transaction():
+            end(0)
+        store.begin()
+        end(1)
+        store.rollback()
+        assert store.count_allocations()["released"] == 1
+        store.begin()
+        store.flush_usage()
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 1
+        store.rollback()
+        with store.transaction():
+            end(2)
+        assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
+        assert store.conn.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0] == 0
+    finally:
+        store.close()
+    store = Store(tmp_path / "state.db")
+    try:
+        assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
+        assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
+    finally:
+        store.close()
