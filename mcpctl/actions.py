@@ -437,6 +437,30 @@ def rpc_failure(error: RpcError) -> int:
     return fail(error.message + hint, exitcodes.for_error(error.code))
 
 
+def quiet_stdout() -> None:
+    """Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+    finally:
+        os.close(devnull)
+
+
+def emit(text: str) -> str | None:
+    """Write `text` and a newline on stdout and flush it; None if done, else why not: stdout closed (`>&-`),
+    its reader gone (`| head`, EPIPE) or a write error (`>/dev/full`)."""
+    out = sys.stdout
+    if out is None:
+        return "stdout is closed"
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except OSError as error:
+        quiet_stdout()
+        return "its reader is gone" if isinstance(error, BrokenPipeError) else error.strerror or str(error)
+    return None
+
+
 def warn_risks(allocation: dict[str, Any]) -> None:
     """On a terminal, the daemon's risk notes on a grant (a GPU busy outside mcpres, throttling) as warnings."""
     if sys.stderr.isatty():
@@ -534,12 +558,26 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
                     "use a new --key", exitcodes.ERROR)
     warn_risks(allocation)
     if options.output == "json":
-        print(json.dumps(allocation, indent=2))
+        text = json.dumps(allocation, indent=2)
     elif options.output == "env":
-        print("\n".join(env_lines(allocation)))
+        text = "\n".join(env_lines(allocation))
     else:
-        print(allocation["id"])
+        text = allocation["id"]
+    why = emit(text)
+    if why is not None:
+        return _unseen(socket_path, allocation["id"], why)
     return exitcodes.OK
+
+
+def _unseen(socket_path: str, allocation_id: str, why: str) -> int:
+    """The id could not be written: no script will ever release it, so release it now."""
+    try:
+        with Client(socket_path, timeout=30.0) as client:
+            client.call(Method.RELEASE, {"id": allocation_id})
+    except (DaemonUnreachable, RpcError) as error:
+        return fail(f"could not write allocation {allocation_id} to stdout ({why}), nor release it: {error}; "
+                    f"release it with `mcpctl release {allocation_id}`", exitcodes.ERROR)
+    return fail(f"could not write allocation {allocation_id} to stdout ({why}); released it", exitcodes.ERROR)
 
 
 def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retry_for: float = 0.0,
@@ -569,5 +607,5 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
     except DaemonUnreachable as error:
         return unreachable(error)
     if output == "json":
-        print(json.dumps(released, indent=2))
+        emit(json.dumps(released, indent=2))
     return worst

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
 
 from mcpctl import exitcodes
-from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, retry_seconds
+from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, fail, quiet_stdout, retry_seconds
 from mcpctl.commands import (
     alerts,
     allocate,
@@ -98,10 +99,60 @@ app.add_typer(budget.app, name="budget")
 app.add_typer(db.app, name="db")
 
 
+class OutputClosed(BrokenPipeError):
+    """Stdout's reader went away; unlike a plain EPIPE, Click lets it through (it would exit 1 on one)."""
+
+
+class OutputFailed(OSError):
+    """Stdout could not be written (a full disk, /dev/full): the output is lost, which is a failure."""
+
+
+class _GuardedStdout:
+    """sys.stdout whose EPIPE is an OutputClosed (the command stops printing, and `run_app` gives its status) and
+    whose other write errors are an OutputFailed."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            written: int = self._stream.write(text)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as error:
+            raise OutputFailed(error.errno, error.strerror) from None
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as error:
+            raise OutputFailed(error.errno, error.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def run_app(args: list[str]) -> int:
+    """Run the Typer app; a reader that stopped reading what a command printed (`| head`) is no failure of the
+    command: no traceback, exit 0 (a command that failed said so on stderr before printing anything)."""
+    real = sys.stdout
+    if real is not None:
+        sys.stdout = _GuardedStdout(real)
     try:
         app(args=args, prog_name="mcpctl", standalone_mode=True)
     except SystemExit as exit:
         code = exit.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except OutputClosed:
+        quiet_stdout()
+        return exitcodes.OK
+    except OutputFailed as error:
+        quiet_stdout()
+        return fail(f"could not write to stdout: {error.strerror}", exitcodes.ERROR)
+    finally:
+        if real is not None:
+            sys.stdout = real
     return 0

@@ -30,10 +30,9 @@ from typing import Annotated, Any
 import typer
 
 from mcpctl import dashboard, exitcodes
-from mcpctl.actions import rpc_failure, unreachable
+from mcpctl.actions import quiet_stdout, rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
 from mcpctl.output import duration, exit_with, fancy, socket_of, usage
-from mcpctl.stream import quiet_stdout
 from mcpresd.protocol import Method
 
 MIN_INTERVAL = 0.5

@@ -1,0 +1,107 @@
+"""`mcpctl` in shell scripts and pipelines: closed stdouts, `eval` of `--env`, and output scripts can read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonProcess, as_json
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+MCPCTL = str(BIN / "mcpctl")
+TYPER_PATH = "import sys; from mcpctl.app import run_app; raise SystemExit(run_app(sys.argv[1:]))"
+ENTRY_POINTS = {"fast path": [MCPCTL], "Typer path": [sys.executable, "-c", TYPER_PATH]}
+
+
+def env_for(daemon: DaemonProcess) -> dict[str, str]:
+    return dict(os.environ, MCPRES_SOCKET=daemon.socket, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def many_events(daemon: DaemonProcess, pairs: int = 600) -> None:
+    """Enough events that their listing is far larger than a pipe's 64 KiB buffer."""
+    with daemon.client() as client:
+        for _ in range(pairs):
+            allocation = client.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": 1})
+            client.call("release", {"id": allocation["id"]})
+
+
+def run_into_closed_pipe(daemon: DaemonProcess, command: list[str], read: int) -> subprocess.CompletedProcess[bytes]:
+    """Run `command` with its stdout a pipe whose reader reads `read` bytes and then closes it, as `| head -c`."""
+    reader, writer = os.pipe()
+    try:
+        proc = subprocess.Popen(command, stdout=writer, stderr=subprocess.PIPE, env=env_for(daemon))
+    finally:
+        os.close(writer)
+    try:
+        got = b""
+        while len(got) < read:
+            chunk = os.read(reader, read - len(got))
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        os.close(reader)
+    _, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, proc.returncode, got, stderr)
+
+
+# -- 1. a closed stdout -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["events", "--limit", "10000", "--json"], ["events", "--limit", "10000"],
+                                  ["allocations", "--all", "--limit", "10000", "--json"]])
+def test_a_listing_whose_reader_stops_early_exits_0_without_a_traceback(daemon: DaemonProcess,
+                                                                        args: list[str]) -> None:
+    many_events(daemon)
+
+    result = run_into_closed_pipe(daemon, [MCPCTL, *args], read=10)
+
+    assert len(result.stdout) == 10
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+def test_a_failing_command_into_a_closed_pipe_keeps_its_own_exit_status(daemon: DaemonProcess) -> None:
+    result = run_into_closed_pipe(daemon, [MCPCTL, "allocations", "nosuch", "--json"], read=10)
+
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr and b"nosuch" in result.stderr
+
+
+def test_output_that_cannot_be_written_is_an_error_not_a_traceback(daemon: DaemonProcess) -> None:
+    many_events(daemon, 100)
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([MCPCTL, "events", "--limit", "10000"], stdout=full, stderr=subprocess.PIPE,
+                                env=env_for(daemon), timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr.decode() == "mcpctl: could not write to stdout: No space left on device\n"
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+@pytest.mark.parametrize("output", [[], ["--json"], ["--env"]])
+def test_an_allocation_whose_id_found_no_reader_is_released(daemon: DaemonProcess, path: str,
+                                                            output: list[str]) -> None:
+    result = run_into_closed_pipe(daemon, [*ENTRY_POINTS[path], "allocate", "--cpu", "1", *output], read=0)
+
+    assert result.returncode == 1, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"(its reader is gone); released it" in result.stderr
+    assert as_json(daemon, "allocations") == []
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_an_allocation_with_stdout_closed_is_released(daemon: DaemonProcess, path: str) -> None:
+    command = " ".join(f"'{part}'" for part in ENTRY_POINTS[path])
+    result = subprocess.run(["bash", "-c", f"{command} allocate --cpu 1 >&-"], capture_output=True, text=True,
+                            env=env_for(daemon), timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    assert "(stdout is closed); released it" in result.stderr
+    assert as_json(daemon, "allocations") == []
