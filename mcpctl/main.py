@@ -44,8 +44,19 @@ def _main(args: list[str]) -> int:
     from mcpctl.fast import try_fast
 
     code = try_fast(args)
-    if code is not None:
-        return code
-    from mcpctl.app import run_app
+    if code is None:
+        from mcpctl.app import run_app
 
-    return run_app(args)
+        code = run_app(args)
+    if code != 0 and _for_eval(args):
+        from mcpctl.actions import emit
+
+        emit(f"(exit {code})")
+    return code
+
+
+def _for_eval(args: list[str]) -> bool:
+    """`allocate --env`, whose output a script evals: a failure must fail the eval too, so it prints `(exit N)`
+    (bash, dash and zsh alike; under `set -e` the script stops with N), whatever the failure (usage errors too)."""
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    return command == "allocate" and "--env" in args and "--json" not in args

@@ -124,7 +124,8 @@ def allocate(
     keep_processes: KeepProcesses = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
-        bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval.")
+        bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval; "
+                                          "on failure `(exit N)`, so the eval fails with the exit code too.")
     ] = False,
 ) -> None:
     """Allocate resources atomically and print the allocation id.
@@ -133,7 +134,7 @@ def allocate(
 
       id=$(mcpctl allocate --cpu 2 --mem 8G --gpu 1 --res licence=1)
 
-      eval "$(mcpctl allocate --gpu 1 --env)"
+      eval "$(mcpctl allocate --gpu 1 --env)" || exit    # fails (exit 3, ...) when the allocation does
 
       id=$(mcpctl allocate --gpu 1 --wait 10m --ttl 2h)     # queue for up to 10 minutes
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DaemonProcess, as_json
+from tests.conftest import H100_UUID, DaemonProcess, as_json
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +105,40 @@ def test_an_allocation_with_stdout_closed_is_released(daemon: DaemonProcess, pat
     assert result.returncode == 1, result.stderr
     assert "(stdout is closed); released it" in result.stderr
     assert as_json(daemon, "allocations") == []
+
+
+# -- 2. eval "$(mcpctl allocate --env)" ------------------------------------------------------------------------
+
+SHELLS = ["bash", "dash", "zsh"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("eval_line, code", [
+    pytest.param('set -e; eval "$(mcpctl allocate --gpu 1 --env)"', 3, id="set-e-busy"),
+    pytest.param('eval "$(mcpctl allocate --gpu 1 --env)" || exit', 3, id="or-exit-busy"),
+    pytest.param('set -e; eval "$(mcpctl allocate --cpu abc --env)"', 2, id="set-e-bad-value"),
+    pytest.param('set -e; eval "$(mcpctl allocate --gpu 1 --env --bogus)"', 2, id="set-e-unknown-option"),
+])
+def test_a_failed_allocation_fails_the_eval_of_its_env_in_every_shell(daemon: DaemonProcess, shell: str,
+                                                                      eval_line: str, code: int) -> None:
+    busy = daemon.call("allocate", {"resources": [{"resource": "gpu", "amount": 1}], "holder_pid": os.getpid()})
+    script = f'{eval_line}; echo "ran with CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"'
+
+    result = subprocess.run([shell, "-c", script], capture_output=True, text=True, env=env_for(daemon), timeout=60)
+
+    assert result.returncode == code, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(("mcpctl: ", "Usage: "))
+    assert [a["id"] for a in as_json(daemon, "allocations")] == [busy["id"]]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_granted_allocation_is_exported_by_eval_in_every_shell(daemon: DaemonProcess, shell: str) -> None:
+    script = 'set -e; eval "$(mcpctl allocate --gpu 1 --env)"; echo "$CUDA_VISIBLE_DEVICES $MCPRES_ALLOCATION_ID"'
+
+    result = subprocess.run([shell, "-c", script], capture_output=True, text=True, env=env_for(daemon), timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    visible, allocation_id = result.stdout.split()
+    assert visible == H100_UUID
+    assert as_json(daemon, "allocations", "--all")[0]["id"] == allocation_id
