@@ -423,6 +423,8 @@ def rpc_failure(error: RpcError) -> int:
     hint = ""
     if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
         hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
+        if "pool " in error.message:
+            hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations` and `mcpctl pools`)"
     elif error.code == ErrorCode.UNKNOWN_RESOURCE:
         hint = " (see `mcpctl resources`)"
     elif error.code in (ErrorCode.UNKNOWN_POOL, ErrorCode.POOL_DRAINING):

@@ -55,8 +55,18 @@ def resource_row(resource: dict[str, Any]) -> list[str]:
         format_amount(resource["capacity"], unit),
         format_amount(resource["allocated"], unit),
         format_amount(resource["free"], unit),
+        pools_text(resource),
         details,
     ]
+
+
+RESOURCE_HEADERS = ("NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "POOLS", "DETAILS")
+
+
+def pools_text(resource: dict[str, Any]) -> str:
+    """What slot pools hold of it (counted in ALLOCATED): 'builds 2 cores'; '-' for none."""
+    held = resource.get("pools") or {}
+    return ", ".join(f"{pool} {format_amount(amount, resource['unit'])}" for pool, amount in held.items()) or "-"
 
 
 def age(seconds: float) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mcpctl.output import call, fancy, plain_table, print_json
-from mcpctl.view import resource_row
+from mcpctl.view import RESOURCE_HEADERS, resource_row
 from mcpresd.protocol import Method, ResourceType
 
 
@@ -18,7 +18,7 @@ def resources(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
-    """List resources: capacity, allocated and free.
+    """List resources: capacity, allocated and free; POOLS is what slot pools hold of it (part of ALLOCATED).
 
     Examples: mcpctl resources; mcpctl resources --type gpu --json
     """
@@ -30,7 +30,7 @@ def resources(
 
         render.resources(rows)
     else:
-        plain_table(("NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "DETAILS"), [resource_row(r) for r in rows])
+        plain_table(RESOURCE_HEADERS, [resource_row(r) for r in rows])
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import H100_UUID, DaemonProcess, as_json
+from tests.conftest import H100_UUID, DaemonProcess, as_json, cli, ok
 
 pytestmark = pytest.mark.e2e
 
@@ -142,3 +142,39 @@ def test_a_granted_allocation_is_exported_by_eval_in_every_shell(daemon: DaemonP
     visible, allocation_id = result.stdout.split()
     assert visible == H100_UUID
     assert as_json(daemon, "allocations", "--all")[0]["id"] == allocation_id
+
+
+# -- 3, 4. capacity errors as people read them, and the pools that hold a share ------------------------------
+
+
+def test_a_memory_shortfall_is_said_in_sizes_not_bytes(daemon: DaemonProcess) -> None:
+    [memory] = [r for r in as_json(daemon, "resources") if r["name"] == "memory"]
+    daemon.call("allocate", {"resources": [{"resource": "memory", "amount": memory["capacity"] - (3 << 29)}],
+                             "holder_pid": os.getpid()})
+
+    result = cli(daemon, "allocate", "--mem", "8G")
+
+    assert result.returncode == 3
+    assert "(memory: asked 8G, free 1.5G)" in result.stderr, result.stderr
+    assert "e+" not in result.stderr
+
+
+def test_a_pool_holding_the_cpus_is_shown_by_resources_and_named_by_the_refusal(daemon: DaemonProcess) -> None:
+    """As on a 2-core host after `pool create builds --slot-size 2 --min 1`: the slots hold every core."""
+    [cpu] = [r for r in as_json(daemon, "resources") if r["name"] == "cpu"]
+    cores = f"{cpu['capacity']:g}"
+    ok(daemon, "pool", "create", "builds", "--factory", "slots", "--parent", "cpu", "--slot-size", cores,
+       "--min", "1", "--max", "1")
+
+    refused = cli(daemon, "allocate", "--cpu", "1")
+
+    assert refused.returncode == 3
+    assert f"(cpu: asked 1, free 0, pool builds holds {cores})" in refused.stderr, refused.stderr
+    assert "`mcpctl pools`" in refused.stderr
+    assert as_json(daemon, "allocations") == []
+    [listed] = [r for r in as_json(daemon, "resources") if r["name"] == "cpu"]
+    assert listed["pools"] == {"builds": cpu["capacity"]}
+    table = ok(daemon, "resources").splitlines()
+    assert table[0].split() == ["NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "POOLS", "DETAILS"]
+    [row] = [line for line in table if line.startswith("cpu ")]
+    assert f"builds {cores} cores" in row
