@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Any
 
@@ -135,6 +136,41 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
+def example_blocks(text: str) -> str:
+    """Help text whose examples are never re-wrapped mid-command: an indented paragraph (a block of command
+    lines) gets Click's `\\b` (keep as is), and `Examples: a; b` on one line becomes such a block."""
+    paragraphs = []
+    for paragraph in text.split("\n\n"):
+        head, sep, rest = paragraph.partition(":")
+        if head in ("Example", "Examples") and sep and rest.strip():
+            commands = re.split(r";\s+(?=mcpctl\b)", " ".join(rest.split()).rstrip(";"))
+            paragraphs += [f"{head}:", "\b\n" + "\n".join(f"  {command}" for command in commands)]
+        elif paragraph.strip() and all(line.startswith(" ") for line in paragraph.splitlines()):
+            paragraphs.append("\b\n" + paragraph)
+        else:
+            paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def _keep_examples(command: Any) -> None:
+    if command.help:
+        command.help = example_blocks(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        _keep_examples(sub)
+
+
+_command: Any = None
+
+
+def cli_command() -> Any:
+    """The Click command Typer builds from `app`, its help examples kept as written (built once)."""
+    global _command
+    if _command is None:
+        _command = typer.main.get_command(app)
+        _keep_examples(_command)
+    return _command
+
+
 def run_app(args: list[str]) -> int:
     """Run the Typer app; a reader that stopped reading what a command printed (`| head`) is no failure of the
     command: no traceback, exit 0 (a command that failed said so on stderr before printing anything)."""
@@ -142,7 +178,7 @@ def run_app(args: list[str]) -> int:
     if real is not None:
         sys.stdout = _GuardedStdout(real)
     try:
-        app(args=args, prog_name="mcpctl", standalone_mode=True)
+        cli_command()(args=args, prog_name="mcpctl", standalone_mode=True)
     except SystemExit as exit:
         code = exit.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -35,7 +35,20 @@ def used_text(allocation: dict[str, Any]) -> str:
 
 
 def items_text(allocation: dict[str, Any]) -> str:
+    """What it holds; for a queued request, what it asks for: 'gpu=1, memory=8G, cpu=2..8'."""
+    if not allocation["items"] and allocation.get("request"):
+        return ", ".join(demand_text(d) for d in allocation["request"].get("resources") or ())
     return ", ".join(f"{item['resource']}={format_amount(item['amount'], item['unit'])}" for item in allocation["items"])
+
+
+def demand_text(demand: dict[str, Any]) -> str:
+    """One line of a request, sized by what its name says it is (memory, disk:*, net:*); '-' for a line unread."""
+    name = demand.get("resource")
+    if not isinstance(name, str):
+        return "-"
+    unit = "bytes" if name == "memory" or name.startswith("disk") else "bytes/s" if name.startswith("net") else ""
+    amounts = [format_amount(a, unit) for a in (demand.get("amount"), demand.get("max")) if isinstance(a, int | float)]
+    return f"{name}={'..'.join(amounts)}"
 
 
 def resource_row(resource: dict[str, Any]) -> list[str]:

@@ -81,7 +81,8 @@ ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
 class LineFormatter(logging.Formatter):
     """One line per event with a level prefix; under systemd (JOURNAL_STREAM set) also the `<N>` syslog
-    priority journald reads, so `journalctl -p warning` works. Newlines in messages are escaped."""
+    priority journald reads, so `journalctl -p warning` works. A message of several lines (a how-to-fix) keeps
+    them, each further line indented, so none can pass for an event of its own."""
 
     PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -90,10 +91,9 @@ class LineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record).replace("\n", "\\n")
-        if self.journal:
-            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{line}"
-        return line
+        first, *rest = super().format(record).split("\n")
+        prefix = f"<{self.PRIORITIES.get(record.levelno, 6)}>" if self.journal else ""
+        return "\n".join([prefix + first, *(f"{prefix}  {line}" for line in rest)])
 
 
 def configure_logging(level: str) -> None:

@@ -35,9 +35,11 @@ def events(
       mcpctl events --follow --json | jq -c 'select(.kind == "allocated")'
 
     With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon goes away.
+    --allocation with an unknown id exits 1.
     """
     params: dict[str, object] = {"limit": limit}
     if allocation:
+        call(ctx, Method.ALLOCATIONS_GET, {"id": allocation})  # an unknown id is an error, not an empty log
         params["allocation_id"] = allocation
     if follow:
         def show(event: dict[str, Any]) -> None:
@@ -58,8 +60,21 @@ def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
         event["kind"],
         event["allocation_id"] or "-",
         event["resource"] or "-",
-        " ".join(f"{k}={v}" for k, v in event["detail"].items()) or "-",
+        " ".join(f"{k}={value_text(v)}" for k, v in event["detail"].items()) or "-",
     )
+
+
+def value_text(value: Any) -> str:
+    """A detail value as a person reads it: 2, 0.5, a b, {licence=1, gpu:0=1} (no Python reprs, no 2.0)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e15 else f"{value:.0f}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={value_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    return str(value)
 
 
 def _print(event: dict[str, Any], as_json: bool) -> None:

@@ -115,8 +115,8 @@ def create(
 
       mcpctl pool create seats --factory slots --parent licence --slot-size 1 --min 1 --max 2 --cost 1.5
 
-      mcpctl pool create builders --factory command --create ./make-worker.sh --destroy ./drop-worker.sh
-      --timeout 2m --max 8 --cooldown 5m --label team=ci
+      mcpctl pool create builders --factory command --create ./make-worker.sh --destroy ./drop-worker.sh \\
+        --timeout 2m --max 8 --cooldown 5m --label team=ci
 
     Then: mcpctl allocate --pool seats, or --pool 'build-*' to take from any
     matching pool. Unset settings take the daemon's defaults.

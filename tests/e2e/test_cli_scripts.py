@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import H100_UUID, DaemonProcess, as_json, cli, ok
+from tests.conftest import H100_UUID, DaemonProcess, as_json, cli, ok, run_cli
+from tests.e2e.test_cli import _command_paths
 
 pytestmark = pytest.mark.e2e
 
@@ -178,3 +179,102 @@ def test_a_pool_holding_the_cpus_is_shown_by_resources_and_named_by_the_refusal(
     assert table[0].split() == ["NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "POOLS", "DETAILS"]
     [row] = [line for line in table if line.startswith("cpu ")]
     assert f"builds {cores} cores" in row
+
+
+# -- 5. what people read -------------------------------------------------------------------------------------
+
+
+def example_lines(path: tuple[str, ...]) -> list[str]:
+    """The command lines of a command's help examples, as its docstring writes them (a `\\` line joins the next)."""
+    from mcpctl.app import app
+    import typer
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    lines, examples = (command.help or "").splitlines(), []
+    for index, line in enumerate(lines):
+        text = line.strip()
+        starts_a_command = text.startswith(("mcpctl ", "id=$(", "eval ", "out=$("))
+        if line.startswith("  ") and starts_a_command or text.startswith(("Example: ", "Examples: ")):
+            examples.append(text)
+    return examples
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_help_examples_are_not_rewrapped_mid_command(path: tuple[str, ...]) -> None:
+    result = run_cli(*path, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    shown = [line.strip() for line in result.stdout.splitlines()]
+
+    for example in example_lines(path):
+        if example.startswith(("Example: ", "Examples: ")):
+            commands = [c for c in example.split(": ", 1)[1].rstrip(";").split("; ") if c.startswith("mcpctl")]
+            assert all(command in shown for command in commands), (commands, result.stdout)
+        else:
+            assert example in shown, (example, result.stdout)
+
+
+def test_the_man_pages_are_those_the_cli_writes(tmp_path: Path) -> None:
+    """docs/man is generated (`python -m mcpctl.man docs/man`): it may not drift from the CLI."""
+    done = subprocess.run([sys.executable, "-m", "mcpctl.man", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    committed = Path(__file__).resolve().parents[2] / "docs" / "man"
+
+    assert sorted(p.name for p in committed.glob("*.1")) == sorted(p.name for p in tmp_path.glob("*.1"))
+    for written in tmp_path.glob("*.1"):
+        assert (committed / written.name).read_text() == written.read_text(), f"regenerate {written.name}"
+    assert {"mcpctl.1", "mcpctl-allocate.1", "mcpctl-pool-create.1"} <= {p.name for p in tmp_path.glob("*.1")}
+
+
+def test_a_man_page_renders_with_its_examples_line_by_line() -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "man" / "mcpctl-allocate.1"
+    done = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, MANWIDTH="80", MANPAGER="cat", PAGER="cat"))
+    assert done.returncode == 0, done.stderr
+    shown = [line.strip() for line in done.stdout.splitlines()]
+    assert 'id=$(mcpctl allocate --res licence=1 --wait forever --no-block); mcpctl wait "$id"' in shown
+    assert any(line.startswith("--cpu") for line in shown)
+
+
+def test_a_queued_request_shows_what_it_asks_for(daemon: DaemonProcess) -> None:
+    daemon.call("allocate", {"resources": [{"resource": "licence", "amount": 2}], "holder_pid": os.getpid()})
+    queued = ok(daemon, "allocate", "--res", "licence=1", "--mem", "1G..2G", "--cpu", "0.5", "--wait", "10m",
+                "--no-block").strip()
+
+    table = ok(daemon, "allocations", "--queued").splitlines()
+
+    [row] = [line for line in table if line.startswith(queued)]
+    assert "cpu=0.5, memory=1G..2G, licence=1" in row, table
+
+
+def test_events_print_details_as_people_read_them(daemon: DaemonProcess) -> None:
+    allocation_id = ok(daemon, "allocate", "--res", "licence=1", "--res", "slot=2").strip()
+
+    table = ok(daemon, "events", "--allocation", allocation_id)
+
+    assert "items={licence=1, slot=2}" in table, table
+    assert "{'" not in table and "2.0" not in table
+
+
+def test_events_of_an_unknown_allocation_is_an_error(daemon: DaemonProcess) -> None:
+    for args in (["events", "--allocation", "nosuch"], ["events", "--allocation", "nosuch", "--json"]):
+        result = cli(daemon, *args)
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert "no allocation with id 'nosuch'" in result.stderr
+
+
+def test_a_static_pool_in_use_is_not_deleted(daemon: DaemonProcess) -> None:
+    ok(daemon, "pool", "create", "seats", "--factory", "static", "--member", "licence")
+    taken = ok(daemon, "allocate", "--pool", "seats").strip()
+
+    refused = cli(daemon, "pool", "delete", "seats")
+
+    assert refused.returncode == 1
+    assert "pool seats has 1 member(s) in use (licence)" in refused.stderr
+    assert [p["name"] for p in as_json(daemon, "pools")] == ["seats"]
+    ok(daemon, "release", taken)
+    ok(daemon, "pool", "delete", "seats")
+    assert as_json(daemon, "pools") == []
