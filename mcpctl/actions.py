@@ -439,6 +439,26 @@ def rpc_failure(error: RpcError) -> int:
     return fail(error.message + hint, exitcodes.for_error(error.code))
 
 
+def with_iso_times(data: Any) -> Any:
+    """`data` with `NAME_iso` (ISO 8601, local time with its offset) beside every epoch time `NAME`: the keys
+    ending in `_at` or `_until`, and `ts`. The epoch fields stay as they are."""
+    import datetime
+
+    if isinstance(data, list):
+        return [with_iso_times(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = with_iso_times(value)
+        if ((key.endswith(("_at", "_until")) or key == "ts") and isinstance(value, int | float)
+                and not isinstance(value, bool) and f"{key}_iso" not in data):
+            out[f"{key}_iso"] = datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="milliseconds")
+        elif (key.endswith(("_at", "_until")) or key == "ts") and value is None and f"{key}_iso" not in data:
+            out[f"{key}_iso"] = None
+    return out
+
+
 def quiet_stdout() -> None:
     """Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -560,7 +580,7 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
                     "use a new --key", exitcodes.ERROR)
     warn_risks(allocation)
     if options.output == "json":
-        text = json.dumps(allocation, indent=2)
+        text = json.dumps(with_iso_times(allocation), indent=2)
     elif options.output == "env":
         text = "\n".join(env_lines(allocation))
     else:
@@ -609,5 +629,5 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
     except DaemonUnreachable as error:
         return unreachable(error)
     if output == "json":
-        emit(json.dumps(released, indent=2))
+        emit(json.dumps(with_iso_times(released), indent=2))
     return worst

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mcpctl import stream
-from mcpctl.output import call, exit_with, fancy, plain_table, print_json, socket_of, usage
+from mcpctl.output import call, exit_with, fancy, local_time, plain_table, print_json, socket_of, usage
 from mcpctl.view import human_duration, number_text
 from mcpresd.protocol import Method
 
@@ -105,7 +105,7 @@ def event_line(event: dict[str, Any]) -> str:
     """One alert event as one line: time, kind, resource, rule, level, value and what it says."""
     detail = event.get("detail") or {}
     parts = [
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         event["kind"],
         event.get("resource") or "-",
         str(detail.get("rule", "-")),

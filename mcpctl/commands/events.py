@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Annotated, Any
 
 import typer
 
 from mcpctl import stream
-from mcpctl.output import call, exit_with, plain_table, print_json, socket_of
+from mcpctl.actions import with_iso_times
+from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of
 from mcpresd.protocol import Method
 
 
@@ -23,6 +23,8 @@ def events(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the API's JSON (with --follow: one object per line).")
     ] = False,
+    columns: Columns = None,
+    no_headers: NoHeaders = False,
 ) -> None:
     """Show the newest events, oldest first; with --follow, keep printing new ones as they happen.
 
@@ -33,6 +35,8 @@ def events(
       mcpctl events --allocation 3f9c2e1b7d4a5e6f --json
 
       mcpctl events --follow --json | jq -c 'select(.kind == "allocated")'
+
+      mcpctl events -o time,event,allocation --no-headers
 
     With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon goes away.
     --allocation with an unknown id exits 1.
@@ -51,12 +55,15 @@ def events(
     if json_output:
         print_json(rows)
         return
-    plain_table(("TIME", "EVENT", "ALLOCATION", "RESOURCE", "DETAIL"), [event_cells(e) for e in rows])
+    listing(HEADERS, [event_cells(e) for e in rows], columns=columns, no_headers=no_headers)
+
+
+HEADERS = ("TIME", "EVENT", "ALLOCATION", "RESOURCE", "DETAIL")
 
 
 def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
     return (
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         event["kind"],
         event["allocation_id"] or "-",
         event["resource"] or "-",
@@ -78,7 +85,8 @@ def value_text(value: Any) -> str:
 
 
 def _print(event: dict[str, Any], as_json: bool) -> None:
-    line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) if as_json else "  ".join(event_cells(event))
+    line = (json.dumps(with_iso_times(event), ensure_ascii=False, separators=(",", ":")) if as_json
+            else "  ".join(event_cells(event)))
     print(line, flush=True)
 
 

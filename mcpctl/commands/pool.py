@@ -7,14 +7,13 @@ command pools scale between --min and --max on utilisation.
 
 from __future__ import annotations
 
-import datetime
 import time
 from typing import Annotated, Any
 
 import typer
 
 from mcpctl.commands.pools import HEADERS, bounds_text, pool_cells
-from mcpctl.output import call, duration, fancy, plain_table, print_json, usage, when
+from mcpctl.output import call, duration, fancy, local_time, plain_table, print_json, usage, when
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
 
@@ -343,7 +342,7 @@ def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
     if event.get("allocation_id"):
         extra.insert(0, f"allocation={event['allocation_id']}")
     return (
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         str(event["kind"]),
         str(reason) if reason is not None else "-",
         " ".join(extra) or "-",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +281,59 @@ def test_a_static_pool_in_use_is_not_deleted(daemon: DaemonProcess) -> None:
     ok(daemon, "release", taken)
     ok(daemon, "pool", "delete", "seats")
     assert as_json(daemon, "pools") == []
+
+
+# -- 6. output scripts can read ---------------------------------------------------------------------------------
+
+ZONED = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} [+-]\d{4}"
+
+
+def test_allocations_print_the_columns_asked_for_without_headers(daemon: DaemonProcess) -> None:
+    first = ok(daemon, "allocate", "--res", "licence=1").strip()
+    second = ok(daemon, "allocate", "--res", "slot=1").strip()
+
+    lines = ok(daemon, "allocations", "-o", "id,state,holder,created", "--no-headers").splitlines()
+
+    assert len(lines) == 2
+    for line, allocation_id in zip(lines, [second, first]):
+        assert re.fullmatch(rf"{allocation_id}  active  {os.getpid()} +{ZONED}", line), line
+    assert ok(daemon, "allocations", "-q").split() == [second, first]
+    assert ok(daemon, "allocations", "--output", "STATE").splitlines() == ["STATE", "active", "active"]
+
+
+@pytest.mark.parametrize("args", [["allocations", "-o", "id,bogus"], ["resources", "-o", ""],
+                                  ["pools", "-o", "name,nope"], ["events", "-o", "when"],
+                                  ["allocations", "-q", "--json"], ["resources", "-q", "-o", "name"]])
+def test_unknown_columns_or_two_outputs_are_usage_errors(daemon: DaemonProcess, args: list[str]) -> None:
+    result = cli(daemon, *args)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "-o/--output takes column names" in result.stderr or "choose one of" in result.stderr
+
+
+def test_resources_pools_and_events_take_columns_and_no_headers(daemon: DaemonProcess) -> None:
+    ok(daemon, "pool", "create", "seats", "--factory", "static", "--member", "licence")
+    ok(daemon, "allocate", "--res", "slot=3")
+
+    rows = [line.split() for line in ok(daemon, "resources", "-o", "name,free", "--no-headers").splitlines()]
+    assert rows[-2:] == [["licence", "2", "seats"], ["slot", "7", "slots"]]
+    assert len(rows) == len(as_json(daemon, "resources"))
+    assert ok(daemon, "resources", "-q").split()[-2:] == ["licence", "slot"]
+    assert ok(daemon, "pools", "-o", "name,state", "--no-headers").splitlines() == ["seats  active"]
+    assert ok(daemon, "pools", "-q").split() == ["seats"]
+    events = ok(daemon, "events", "-o", "time,event", "--no-headers").splitlines()
+    assert re.fullmatch(rf"{ZONED}  allocated", events[-1]), events
+
+
+def test_json_carries_iso_times_beside_the_epoch_ones(daemon: DaemonProcess) -> None:
+    allocation = json.loads(ok(daemon, "allocate", "--res", "licence=1", "--json"))
+    [listed] = as_json(daemon, "allocations")
+    events = as_json(daemon, "events")
+
+    for shown in (allocation, listed):
+        created = datetime.datetime.fromisoformat(shown["created_at_iso"])
+        assert created.utcoffset() is not None
+        assert abs(created.timestamp() - shown["created_at"]) < 0.001
+        assert shown["released_at"] is None and shown["released_at_iso"] is None
+    assert abs(datetime.datetime.fromisoformat(events[-1]["ts_iso"]).timestamp() - events[-1]["ts"]) < 0.001
