@@ -16,6 +16,7 @@ from mcpctl.commands import (
     allocations,
     budget,
     budgets,
+    completion,
     db,
     events,
     explain,
@@ -92,7 +93,7 @@ def main(
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
-               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server, gateway):
+               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server, gateway, completion):
     module.register(app)
 app.add_typer(resource.app, name="resource")
 app.add_typer(pool.app, name="pool")
@@ -174,6 +175,10 @@ def cli_command() -> Any:
 def run_app(args: list[str]) -> int:
     """Run the Typer app; a reader that stopped reading what a command printed (`| head`) is no failure of the
     command: no traceback, exit 0 (a command that failed said so on stderr before printing anything)."""
+    from mcpctl import complete
+
+    if complete.completing():
+        complete.prepare()
     real = sys.stdout
     if real is not None:
         sys.stdout = _GuardedStdout(real)

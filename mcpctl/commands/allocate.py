@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from mcpctl import complete
 from mcpctl.actions import AllocateOptions, run_allocate
 from mcpctl.output import exit_with, retry_of, socket_of, usage
 from mcpresd.protocol import EnforceMode, Objective, Priority, Strategy
@@ -29,7 +30,8 @@ Disk = Annotated[
 Res = Annotated[
     list[str] | None,
     typer.Option("--res", metavar="NAME=AMOUNT",
-                 help="Any resource by name or GPU UUID, e.g. licence=1 or slot=1..4; repeat for more."),
+                 help="Any resource by name or GPU UUID, e.g. licence=1 or slot=1..4; repeat for more.",
+                 autocompletion=complete.resource_amounts),
 ]
 PriorityOption = Annotated[Priority, typer.Option("--priority", help="Priority of the request.")]
 Tool = Annotated[str | None, typer.Option("--tool", metavar="ID", help="Tool id, for accounting.")]
@@ -67,7 +69,7 @@ Pool = Annotated[
     str | None,
     typer.Option("--pool", metavar="NAMES",
                  help="Whole members of a pool: names, globs or selectors, comma-separated (build, 'build-*', "
-                      "'cost<1'); alone or with other resources."),
+                      "'cost<1'); alone or with other resources.", autocompletion=complete.pool_names),
 ]
 Members = Annotated[
     str | None, typer.Option("--members", metavar="N", help="How many members to take from the pool(s) (default 1).")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.output import Columns, NoHeaders, call, listing, local_time, print_json, usage
 from mcpctl.view import age, cost_text, items_text, used_text
 from mcpresd.protocol import ALLOCATIONS_PAGE, Method
@@ -14,7 +15,8 @@ from mcpresd.protocol import ALLOCATIONS_PAGE, Method
 
 def allocations(
     ctx: typer.Context,
-    ids: Annotated[list[str] | None, typer.Argument(help="Show only these allocations (any state).")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Show only these allocations (any state).",
+                                                                autocompletion=complete.allocation_ids)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Include released, withdrawn and queued allocations.")] = False,
     queued: Annotated[bool, typer.Option("--queued", help="Only queued requests, waiting to be granted.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=100_000)] = 1000,

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl import stream
 from mcpctl.actions import with_iso_times
 from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of
@@ -15,7 +16,8 @@ from mcpresd.protocol import Method
 
 def events(
     ctx: typer.Context,
-    allocation: Annotated[str | None, typer.Option("--allocation", help="Only events of this allocation.")] = None,
+    allocation: Annotated[str | None, typer.Option("--allocation", help="Only events of this allocation.",
+                                                         autocompletion=complete.allocation_ids)] = None,
     limit: Annotated[int, typer.Option(help="The newest N events.", min=1, max=10_000)] = 50,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing events as they happen, until Ctrl-C.")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.actions import format_duration
 from mcpctl.output import call, print_json, when
 from mcpresd.protocol import Method
@@ -14,7 +15,7 @@ from mcpresd.protocol import Method
 
 def explain(
     ctx: typer.Context,
-    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation.")],
+    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation.", autocompletion=complete.allocation_ids)],
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
     """Explain why a queued request waits: its place, what it lacks, who holds it, and when.

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.commands.pools import HEADERS, bounds_text, pool_cells
 from mcpctl.output import call, duration, fancy, local_time, plain_table, print_json, usage, when
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
@@ -19,7 +20,7 @@ from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amo
 
 app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True)
 
-Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.")]
+Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.", autocompletion=complete.pool_names)]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
 MEMBER_HEADERS = ("MEMBER", "STATE", "ALLOCATIONS", "PARENT", "HEALTH")
 POOL_STRATEGIES = "first-fit, best-fit, round-robin, least-loaded or locality-aware"
