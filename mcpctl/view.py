@@ -46,9 +46,14 @@ def demand_text(demand: dict[str, Any]) -> str:
     name = demand.get("resource")
     if not isinstance(name, str):
         return "-"
-    unit = "bytes" if name == "memory" or name.startswith("disk") else "bytes/s" if name.startswith("net") else ""
-    amounts = [format_amount(a, unit) for a in (demand.get("amount"), demand.get("max")) if isinstance(a, int | float)]
+    amounts = [sized(name, a) for a in (demand.get("amount"), demand.get("max")) if isinstance(a, int | float)]
     return f"{name}={'..'.join(amounts)}"
+
+
+def sized(name: str, value: float) -> str:
+    """An amount of the resource named, as the tables print it: 8G of memory or disk:*, 125M/s of net:*, else 2."""
+    unit = "bytes" if name == "memory" or name.startswith("disk") else "bytes/s" if name.startswith("net") else ""
+    return format_amount(value, unit)
 
 
 def resource_row(resource: dict[str, Any]) -> list[str]:

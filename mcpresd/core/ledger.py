@@ -384,7 +384,7 @@ class Ledger:
     def _shortfall_text(self, shortfall: dict[str, object], shares: dict[str, dict[str, float]]) -> str:
         """`memory: asked 8G, free 2.5G`, in the units the tables print; naming the pools that hold a share."""
         name = str(shortfall["resource"])
-        unit = self._unit_of(name)
+        unit = self.unit_of(name)
         requested, free = shortfall["requested"], shortfall["free"]
         assert isinstance(requested, float | int) and isinstance(free, float | int)
         text = f"{name}: asked {quantity(requested, unit)}, free {quantity(free, unit)}"
@@ -395,7 +395,8 @@ class Ledger:
             text += "".join(f", pool {pool} holds {quantity(amount, unit)}" for pool, amount in held)
         return text
 
-    def _unit_of(self, selector: str) -> str:
+    def unit_of(self, selector: str) -> str:
+        """The unit of the resource named, or of those of the type named; '' for a pool or an unknown name."""
         resource = self.find(selector)
         if resource is not None:
             return resource.unit

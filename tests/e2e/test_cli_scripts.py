@@ -337,3 +337,15 @@ def test_json_carries_iso_times_beside_the_epoch_ones(daemon: DaemonProcess) -> 
         assert abs(created.timestamp() - shown["created_at"]) < 0.001
         assert shown["released_at"] is None and shown["released_at_iso"] is None
     assert abs(datetime.datetime.fromisoformat(events[-1]["ts_iso"]).timestamp() - events[-1]["ts"]) < 0.001
+
+
+def test_explain_says_memory_in_sizes(daemon: DaemonProcess) -> None:
+    [memory] = [r for r in as_json(daemon, "resources") if r["name"] == "memory"]
+    held = daemon.call("allocate", {"resources": [{"resource": "memory", "amount": memory["capacity"] - (1 << 30)}],
+                                    "holder_pid": os.getpid()})
+    waiting = ok(daemon, "allocate", "--mem", "2G", "--wait", "10m", "--no-block").strip()
+
+    text = ok(daemon, "explain", waiting)
+
+    assert "  memory: asks 2G, free 1G of " in text, text
+    assert f"it would fit if {held['id']} (memory=" in text and "e+" not in text, text
