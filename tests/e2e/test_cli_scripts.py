@@ -349,3 +349,12 @@ def test_explain_says_memory_in_sizes(daemon: DaemonProcess) -> None:
 
     assert "  memory: asks 2G, free 1G of " in text, text
     assert f"it would fit if {held['id']} (memory=" in text and "e+" not in text, text
+
+
+def test_alerts_and_budgets_take_columns_and_no_headers(daemon: DaemonProcess) -> None:
+    ok(daemon, "budget", "set", "--tool", "train", "--limit", "5", "--period", "day")
+
+    [row] = ok(daemon, "budgets", "-o", "subject,period,resets", "--no-headers").splitlines()
+    assert re.fullmatch(rf"train\s+day\s+{ZONED}", row), row
+    assert ok(daemon, "alerts", "--all", "-o", "id,state", "--no-headers") == ""
+    assert ok(daemon, "alerts", "-o", "alert,level").splitlines() == ["ALERT  LEVEL"]
