@@ -432,6 +432,8 @@ def rpc_failure(error: RpcError) -> int:
     hint = ""
     if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
         hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
+        if "pool " in error.message:
+            hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations` and `mcpctl pools`)"
     elif error.code == ErrorCode.UNKNOWN_RESOURCE:
         hint = " (see `mcpctl resources`)"
     elif error.code in (ErrorCode.UNKNOWN_POOL, ErrorCode.POOL_DRAINING):
@@ -444,6 +446,50 @@ def rpc_failure(error: RpcError) -> int:
     if hint.strip() in error.message or (named and f"`{named}`" in error.message):
         hint = ""  # the daemon's message points there already
     return fail(error.message + hint, exitcodes.for_error(error.code))
+
+
+def with_iso_times(data: Any) -> Any:
+    """`data` with `NAME_iso` (ISO 8601, local time with its offset) beside every epoch time `NAME`: the keys
+    ending in `_at` or `_until`, and `ts`. The epoch fields stay as they are."""
+    import datetime
+
+    if isinstance(data, list):
+        return [with_iso_times(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = with_iso_times(value)
+        if ((key.endswith(("_at", "_until")) or key == "ts") and isinstance(value, int | float)
+                and not isinstance(value, bool) and f"{key}_iso" not in data):
+            out[f"{key}_iso"] = datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="milliseconds")
+        elif (key.endswith(("_at", "_until")) or key == "ts") and value is None and f"{key}_iso" not in data:
+            out[f"{key}_iso"] = None
+    return out
+
+
+def quiet_stdout() -> None:
+    """Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+    finally:
+        os.close(devnull)
+
+
+def emit(text: str) -> str | None:
+    """Write `text` and a newline on stdout and flush it; None if done, else why not: stdout closed (`>&-`),
+    its reader gone (`| head`, EPIPE) or a write error (`>/dev/full`)."""
+    out = sys.stdout
+    if out is None:
+        return "stdout is closed"
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except OSError as error:
+        quiet_stdout()
+        return "its reader is gone" if isinstance(error, BrokenPipeError) else error.strerror or str(error)
+    return None
 
 
 def warn_risks(allocation: dict[str, Any]) -> None:
@@ -559,12 +605,26 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
               f"{allocation['id']} is a reservation (advisory). Run its work with "
               f"`mcpctl run --allocation {allocation['id']} -- CMD`.", file=sys.stderr)
     if options.output == "json":
-        print(json.dumps(allocation, indent=2))
+        text = json.dumps(with_iso_times(allocation), indent=2)
     elif options.output == "env":
-        print("\n".join(env_lines(allocation)))
+        text = "\n".join(env_lines(allocation))
     else:
-        print(allocation["id"])
+        text = allocation["id"]
+    why = emit(text)
+    if why is not None:
+        return _unseen(socket_path, allocation["id"], why)
     return exitcodes.OK
+
+
+def _unseen(socket_path: str, allocation_id: str, why: str) -> int:
+    """The id could not be written: no script will ever release it, so release it now."""
+    try:
+        with Client(socket_path, timeout=30.0) as client:
+            client.call(Method.RELEASE, {"id": allocation_id})
+    except (DaemonUnreachable, RpcError) as error:
+        return fail(f"could not write allocation {allocation_id} to stdout ({why}), nor release it: {error}; "
+                    f"release it with `mcpctl release {allocation_id}`", exitcodes.ERROR)
+    return fail(f"could not write allocation {allocation_id} to stdout ({why}); released it", exitcodes.ERROR)
 
 
 def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retry_for: float = 0.0,
@@ -594,5 +654,5 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
     except DaemonUnreachable as error:
         return unreachable(error)
     if output == "json":
-        print(json.dumps(released, indent=2))
+        emit(json.dumps(with_iso_times(released), indent=2))
     return worst

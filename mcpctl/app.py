@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+import sys
+from typing import Annotated, Any
 
 import typer
 
 from mcpctl import exitcodes
-from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, configure_retry
+from mcpctl.actions import RETRY_FOR, RETRY_FOR_ENV, UsageError, configure_retry, fail, quiet_stdout
 from mcpctl.commands import (
     alerts,
     allocate,
     allocations,
     budget,
     budgets,
+    completion,
     db,
     events,
     explain,
@@ -94,7 +97,7 @@ def main(
 
 
 for module in (status, resources, allocations, allocate, run, wait, explain, renew, release, events, top, alerts,
-               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server, gateway):
+               metrics, predict, pools, budgets, usage, recommend, optimise, mcp_server, gateway, completion):
     module.register(app)
 app.add_typer(resource.app, name="resource")
 app.add_typer(pool.app, name="pool")
@@ -102,10 +105,99 @@ app.add_typer(budget.app, name="budget")
 app.add_typer(db.app, name="db")
 
 
+class OutputClosed(BrokenPipeError):
+    """Stdout's reader went away; unlike a plain EPIPE, Click lets it through (it would exit 1 on one)."""
+
+
+class OutputFailed(OSError):
+    """Stdout could not be written (a full disk, /dev/full): the output is lost, which is a failure."""
+
+
+class _GuardedStdout:
+    """sys.stdout whose EPIPE is an OutputClosed (the command stops printing, and `run_app` gives its status) and
+    whose other write errors are an OutputFailed."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            written: int = self._stream.write(text)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as error:
+            raise OutputFailed(error.errno, error.strerror) from None
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as error:
+            raise OutputFailed(error.errno, error.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def example_blocks(text: str) -> str:
+    """Help text whose examples are never re-wrapped mid-command: an indented paragraph (a block of command
+    lines) gets Click's `\\b` (keep as is), and `Examples: a; b` on one line becomes such a block."""
+    paragraphs = []
+    for paragraph in text.split("\n\n"):
+        head, sep, rest = paragraph.partition(":")
+        if head in ("Example", "Examples") and sep and rest.strip():
+            commands = re.split(r";\s+(?=mcpctl\b)", " ".join(rest.split()).rstrip(";"))
+            paragraphs += [f"{head}:", "\b\n" + "\n".join(f"  {command}" for command in commands)]
+        elif paragraph.strip() and all(line.startswith(" ") for line in paragraph.splitlines()):
+            paragraphs.append("\b\n" + paragraph)
+        else:
+            paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def _keep_examples(command: Any) -> None:
+    if command.help:
+        command.help = example_blocks(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        _keep_examples(sub)
+
+
+_command: Any = None
+
+
+def cli_command() -> Any:
+    """The Click command Typer builds from `app`, its help examples kept as written (built once)."""
+    global _command
+    if _command is None:
+        _command = typer.main.get_command(app)
+        _keep_examples(_command)
+    return _command
+
+
 def run_app(args: list[str]) -> int:
+    """Run the Typer app; a reader that stopped reading what a command printed (`| head`) is no failure of the
+    command: no traceback, exit 0 (a command that failed said so on stderr before printing anything)."""
+    from mcpctl import complete
+
+    if complete.completing():
+        complete.prepare()
+    real = sys.stdout
+    if real is not None:
+        sys.stdout = _GuardedStdout(real)
     try:
-        app(args=args, prog_name="mcpctl", standalone_mode=True)
+        cli_command()(args=args, prog_name="mcpctl", standalone_mode=True)
     except SystemExit as exit:
         code = exit.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except OutputClosed:
+        quiet_stdout()
+        return exitcodes.OK
+    except OutputFailed as error:
+        quiet_stdout()
+        return fail(f"could not write to stdout: {error.strerror}", exitcodes.ERROR)
+    finally:
+        if real is not None:
+            sys.stdout = real
     return 0

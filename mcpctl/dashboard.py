@@ -9,6 +9,9 @@ Rules:
   resources, then to firing alerts, then to allocations; what does not fit is
   counted on a "+N more" line. A wider terminal gets wider bars and more
   details and columns.
+- Queued requests come first among the allocations and are never scrolled or
+  counted away while there is room for them; the active ones follow in the
+  order asked (`SORTS`), from the scroll `offset` on.
 - A value the device does not offer reads "n/a", a failed read "?", never 0.
 """
 
@@ -42,24 +45,43 @@ class Snapshot(NamedTuple):
         return self._asdict()
 
 
+SORTS = ("newest", "oldest", "tool", "holder", "memory")
+"""The orders `s` cycles the active allocations through (memory: the largest measured peak first)."""
+
+
 def frame(snapshot: Snapshot, width: int, height: int | None, now: float, *, interval: float,
-          note: str | None = None, ascii_only: bool = False) -> list[Line]:
+          note: str | None = None, ascii_only: bool = False, sort: str = SORTS[0], offset: int = 0) -> list[Line]:
     width = max(1, width)
     firing = [a for a in snapshot.alerts if a.get("state") == "firing"]
-    lines = [header(snapshot, width, now, interval, len(firing), note)]
+    lines = [header(snapshot, width, now, interval, len(firing), note, sort)]
     room = None if height is None else max(0, height - 1)
+    active = sort_active(snapshot.active, sort)
+    offset = max(0, min(offset, len(active) - 1))
     for title, rows, noun in (
         (*resource_rows(snapshot, width, ascii_only), "resources"),
         (*alert_rows(firing, width, now), "firing alerts"),
-        (*allocation_rows(snapshot.active + snapshot.queued, width, now, firing), "allocations"),
+        (*allocation_rows(snapshot.queued + active[offset:], width, now, firing), "allocations"),
     ):
         if not rows:
             continue
-        block = _fit(title, rows, room, noun, width, len(snapshot.queued) if noun == "allocations" else 0)
+        queued = len(snapshot.queued) if noun == "allocations" else 0
+        block = _fit(title, rows, room, noun, width, queued, skipped=offset if noun == "allocations" else 0)
         lines += block
         if room is not None:
             room -= len(block)
     return lines
+
+
+def sort_active(active: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
+    if sort == "oldest":
+        return sorted(active, key=lambda a: a["created_at"])
+    if sort == "tool":
+        return sorted(active, key=lambda a: (a.get("tool_id") is None, a.get("tool_id") or "", -a["created_at"]))
+    if sort == "holder":
+        return sorted(active, key=lambda a: (a.get("holder_pid") or 0, -a["created_at"]))
+    if sort == "memory":
+        return sorted(active, key=lambda a: (-((a.get("measured") or {}).get("memory_peak") or 0), -a["created_at"]))
+    return sorted(active, key=lambda a: -a["created_at"])
 
 
 def plain(lines: list[Line]) -> str:
@@ -69,7 +91,8 @@ def plain(lines: list[Line]) -> str:
 # -- the header -------------------------------------------------------------
 
 
-def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: int, note: str | None) -> Line:
+def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: int, note: str | None,
+           sort: str = SORTS[0]) -> Line:
     metrics = snapshot.metrics
     sampled = metrics.get("ts")
     parts: list[Segment] = [(TITLE, "bold"), ("  " + datetime.datetime.fromtimestamp(now).strftime("%H:%M:%S"), "")]
@@ -83,6 +106,7 @@ def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: 
     elif now - sampled > 3 * max(interval, metrics.get("interval_s") or 0):
         parts.append((f"  samples {age(now - sampled)} old", "yellow"))
     parts.append((f"  every {interval:g}s", "dim"))
+    parts.append((f"  sorted by {sort} (s)", "dim"))
     while len(parts) > 1 and _width(parts) > width:
         parts.pop()
     return _crop(parts, width)
@@ -307,19 +331,22 @@ def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int,
 # -- fitting ----------------------------------------------------------------
 
 
-def _fit(title: Line, rows: list[Line], room: int | None, noun: str, width: int, queued: int) -> list[Line]:
-    """The block whole, or its title, the first rows and a "+N more" line; `queued` rows come last and are
-    counted apart."""
-    if room is None or 1 + len(rows) <= room:
-        return [title, *rows]
+def _fit(title: Line, rows: list[Line], room: int | None, noun: str, width: int, queued: int,
+         skipped: int = 0) -> list[Line]:
+    """The block whole, or its title, the first rows and a "+N more" line; the first `queued` rows (queued
+    requests) are shown before any other; `skipped` rows were scrolled past above."""
+    above = f" ({skipped} above: k, up)" if skipped else ""
+    if room is None or 1 + len(rows) + bool(skipped) <= room:
+        return [title, *rows, *([_crop([(f"+{skipped} more above (k, up)", "dim")], width)] if skipped else [])]
     if room <= 0:
         return []
     shown = max(0, room - 2)
     hidden = len(rows) - shown
     note = f"+{hidden} more {noun}"
     if queued:
-        waiting = min(queued, hidden)
+        waiting = max(0, queued - shown)
         note += f" ({hidden - waiting} active, {waiting} queued)"
+    note += (" (j, down)" if noun == "allocations" else "") + above
     more = _crop([(note, "dim")], width)
     return [more] if room == 1 else [title, *rows[:shown], more]
 

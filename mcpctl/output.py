@@ -7,8 +7,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -53,12 +53,19 @@ def duration(text: str | None, option: str) -> float | None:
         usage(f"{option}: {error}")
 
 
+def local_time(timestamp: float | None) -> str:
+    """A local time with its zone, as tables print it: '2025-06-01 14:03:10 +0200'; '-' for none."""
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
 def when(timestamp: float | None, now: float | None = None) -> str:
-    """A local time and how far away it is: '2025-06-01 14:03:10 (in 9m59s)'."""
+    """A local time and how far away it is: '2025-06-01 14:03:10 +0200 (in 9m59s)'."""
     if timestamp is None:
         return "-"
     now = time.time() if now is None else now
-    text = datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    text = local_time(timestamp)
     delta = timestamp - now
     return f"{text} (in {format_duration(delta)})" if delta >= 0 else f"{text} ({format_duration(-delta)} ago)"
 
@@ -72,7 +79,10 @@ def usage(message: str) -> NoReturn:
 
 
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+    """The API's JSON, with an ISO 8601 time beside each epoch time (`created_at_iso` beside `created_at`)."""
+    from mcpctl.actions import with_iso_times
+
+    print(json.dumps(with_iso_times(data), indent=2, ensure_ascii=False))
 
 
 def fancy() -> bool:
@@ -80,7 +90,37 @@ def fancy() -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
 
 
-def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    for line in [headers, *rows]:
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, show_headers: bool = True) -> None:
+    widths = [max(len(str(h)) if show_headers else 0, *(len(str(r[i])) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    for line in [headers, *rows] if show_headers else rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+Columns = Annotated[
+    str | None,
+    typer.Option("--output", "-o", metavar="COLUMNS",
+                 help="Print only these columns, comma-separated, in this order (e.g. -o id,state,holder); "
+                      "plain text, even on a terminal."),
+]
+NoHeaders = Annotated[bool, typer.Option("--no-headers", help="Leave out the header line (for scripts).")]
+
+
+def listing(headers: Sequence[str], rows: Sequence[Sequence[str]], *, columns: str | None, no_headers: bool,
+            default: Sequence[str] | None = None, rich: Callable[[], None] | None = None) -> None:
+    """A table as asked: `columns` (-o, names as the headers in lower case, any of `headers`), else `default`
+    (the headers shown when none are asked for); Rich on a terminal unless -o or --no-headers."""
+    names = [h.lower() for h in headers]
+    if columns is None:
+        if rich is not None and not no_headers and fancy():
+            rich()
+            return
+        chosen = [names.index(h.lower()) for h in (default or headers)]
+    else:
+        asked = [c.strip().lower() for c in columns.split(",")]
+        unknown = [c for c in asked if c not in names]
+        if unknown or not columns.strip():
+            usage(f"-o/--output takes column names, comma-separated, from: {','.join(names)}; got {columns!r}")
+        chosen = [names.index(c) for c in asked]
+    plain_table([headers[i] for i in chosen], [[row[i] for i in chosen] for row in rows],
+                show_headers=not no_headers)

@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 
-from mcpctl.view import LEVEL_STYLES, age, cost_text, items_text, resource_row, used_text
+from mcpctl.view import LEVEL_STYLES, RESOURCE_HEADERS, age, cost_text, items_text, resource_row, used_text
 
 console = Console()
 
@@ -78,7 +78,7 @@ def enforcement_line(enforcement: dict[str, Any]) -> str:
 
 def resources(rows: list[dict[str, Any]]) -> None:
     table = Table(title=None, header_style="bold")
-    for header in ("NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "DETAILS"):
+    for header in RESOURCE_HEADERS:
         table.add_column(header, justify="right" if header in ("CAPACITY", "ALLOCATED", "FREE") else "left")
     for resource in rows:
         cells = resource_row(resource)

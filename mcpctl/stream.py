@@ -11,15 +11,13 @@ away.
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from mcpctl import exitcodes
-from mcpctl.actions import rpc_failure, unreachable
+from mcpctl.actions import quiet_stdout, rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
 from mcpresd.protocol import ErrorCode, Method
 
@@ -86,9 +84,3 @@ def _catch_up(client: Client, show: Callable[[dict[str, Any]], None], printed: i
             printed = event["id"]
         if len(page) < PAGE:
             return printed
-
-
-def quiet_stdout() -> None:
-    """Whoever read stdout is gone; point it at /dev/null so the interpreter's last flush stays quiet."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())

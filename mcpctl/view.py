@@ -52,7 +52,25 @@ def pressure_text(measured: dict[str, Any]) -> str:
 
 
 def items_text(allocation: dict[str, Any]) -> str:
+    """What it holds; for a queued request, what it asks for: 'gpu=1, memory=8G, cpu=2..8'."""
+    if not allocation["items"] and allocation.get("request"):
+        return ", ".join(demand_text(d) for d in allocation["request"].get("resources") or ())
     return ", ".join(f"{item['resource']}={format_amount(item['amount'], item['unit'])}" for item in allocation["items"])
+
+
+def demand_text(demand: dict[str, Any]) -> str:
+    """One line of a request, sized by what its name says it is (memory, disk:*, net:*); '-' for a line unread."""
+    name = demand.get("resource")
+    if not isinstance(name, str):
+        return "-"
+    amounts = [sized(name, a) for a in (demand.get("amount"), demand.get("max")) if isinstance(a, int | float)]
+    return f"{name}={'..'.join(amounts)}"
+
+
+def sized(name: str, value: float) -> str:
+    """An amount of the resource named, as the tables print it: 8G of memory or disk:*, 125M/s of net:*, else 2."""
+    unit = "bytes" if name == "memory" or name.startswith("disk") else "bytes/s" if name.startswith("net") else ""
+    return format_amount(value, unit)
 
 
 def resource_row(resource: dict[str, Any]) -> list[str]:
@@ -72,8 +90,18 @@ def resource_row(resource: dict[str, Any]) -> list[str]:
         format_amount(resource["capacity"], unit),
         format_amount(resource["allocated"], unit),
         format_amount(resource["free"], unit),
+        pools_text(resource),
         details,
     ]
+
+
+RESOURCE_HEADERS = ("NAME", "TYPE", "CAPACITY", "ALLOCATED", "FREE", "POOLS", "DETAILS")
+
+
+def pools_text(resource: dict[str, Any]) -> str:
+    """What slot pools hold of it (counted in ALLOCATED): 'builds 2 cores'; '-' for none."""
+    held = resource.get("pools") or {}
+    return ", ".join(f"{pool} {format_amount(amount, resource['unit'])}" for pool, amount in held.items()) or "-"
 
 
 def age(seconds: float) -> str:

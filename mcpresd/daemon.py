@@ -85,9 +85,11 @@ ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
 
 class LineFormatter(logging.Formatter):
-    """One line per event: where stderr is the journal, with the `<N>` syslog priority journald reads (so
+    """One event per record: where stderr is the journal, with the `<N>` syslog priority journald reads (so
     `journalctl -p warning` works) and no time (the journal keeps its own); elsewhere, after a local ISO 8601
-    timestamp with milliseconds and the UTC offset. Newlines in messages are escaped."""
+    timestamp with milliseconds and the UTC offset. A message of several lines (a how-to-fix) keeps them, each
+    further line indented (and, for the journal, with the same priority), so none can pass for an event of its
+    own."""
 
     PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -96,12 +98,13 @@ class LineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record).replace("\n", "\\n")
+        first, *rest = super().format(record).split("\n")
         if self.journal:
-            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{line}"
+            prefix = f"<{self.PRIORITIES.get(record.levelno, 6)}>"
+            return "\n".join([prefix + first, *(f"{prefix}  {line}" for line in rest)])
         local = time.localtime(record.created)
-        return (f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(record.msecs):03d}"
-                f"{time.strftime('%z', local)} {line}")
+        stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(record.msecs):03d}{time.strftime('%z', local)}"
+        return "\n".join([f"{stamp} {first}", *(f"  {line}" for line in rest)])
 
 
 def stderr_is_the_journal() -> bool:

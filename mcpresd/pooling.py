@@ -426,6 +426,8 @@ class PoolKeeper:
         self.get(name)
         ledger = self.broker.ledger
         busy = [m for m in ledger.members(name) if ledger.used(m) > EPSILON and m in self.made]
+        if not busy:  # a static pool's members outlive it: in use means taken through this pool
+            busy = sorted({c.resource for a in self.broker.active for c in a.charges if c.pool == name})
         if busy:
             raise ResourceInUse(f"pool {name} has {len(busy)} member(s) in use ({', '.join(busy[:5])});"
                                 " drain it and wait for them, or release them", pool=name, members=busy)

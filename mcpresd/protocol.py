@@ -216,6 +216,7 @@ if TYPE_CHECKING:
         source: Literal["discovered", "config", "api", "pool"]
         allocated: float
         free: float
+        pools: dict[str, float]
         health: dict[str, Any] | None
 
 

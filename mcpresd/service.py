@@ -503,8 +503,9 @@ class Broker:
     # -- resources --------------------------------------------------------
 
     def resources_list(self, caller: Caller, command: p.ListResourcesCommand) -> list[ResourceDict]:
+        shares = self.ledger.pool_shares()
         return [
-            self.resource_dict(r)
+            self.resource_dict(r, shares)
             for r in self.ledger.resources()
             if command.type is None or r.type is command.type
         ]
@@ -578,8 +579,10 @@ class Broker:
         self._event(now, "resource.added", resource=resource.name, uid=uid,
                     detail={"capacity": resource.capacity, "unit": resource.unit})
 
-    def resource_dict(self, resource: Resource) -> ResourceDict:
+    def resource_dict(self, resource: Resource, shares: dict[str, dict[str, float]] | None = None) -> ResourceDict:
+        """`shares`: the ledger's pool_shares(), when a caller makes many of these."""
         used = self.ledger.used(resource.name)
+        pools = (self.ledger.pool_shares() if shares is None else shares).get(resource.name, {})
         return {
             "name": resource.name,
             "type": resource.type.value,
@@ -591,6 +594,7 @@ class Broker:
             "source": resource.source,
             "allocated": used,
             "free": max(0.0, resource.capacity - used),
+            "pools": dict(pools),
             "health": self.monitor.health_of(resource.name),
         }
 

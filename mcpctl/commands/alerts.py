@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from mcpctl import stream
-from mcpctl.output import call, exit_with, fancy, plain_table, print_json, socket_of, usage
+from mcpctl.output import (Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of,
+                           usage)
 from mcpctl.view import alert_value_text, human_duration, number_text
 from mcpresd.protocol import Method
 
@@ -28,6 +29,8 @@ def alerts(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the API's JSON (with --follow: one event object per line).")
     ] = False,
+    columns: Columns = None,
+    no_headers: NoHeaders = False,
 ) -> None:
     """List alerts that are firing or pending (waiting out their rule's `for`); --all adds resolved ones.
 
@@ -41,10 +44,13 @@ def alerts(
 
       mcpctl alerts --follow --json | jq -c 'select(.kind == "alert.firing")'
 
+      mcpctl alerts --all -o id,state,level,alert --no-headers
+
     HELD BY names the allocations that held the resource when the alert fired,
     largest first; for foreign-gpu-use, the allocations concerned and the pids
-    of the GPU processes their grants do not cover ("gpu pid N"). With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe,
-    and 5 if the daemon goes away.
+    of the GPU processes their grants do not cover ("gpu pid N"). With
+    --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon
+    goes away.
     """
     if follow:
         if all_:
@@ -61,15 +67,16 @@ def alerts(
         print_json(rows)
         return
     now = time.time()
-    if fancy():
+
+    def rich() -> None:
         if not rows:
             print("no alerts" if all_ else "no alerts firing or pending")
             return
         from mcpctl import render
 
         render.alerts(HEADERS, [alert_cells(a, now) for a in rows], optional=("MIN", "MAX", "AVG", "HELD BY"))
-    else:
-        plain_table(HEADERS, [alert_cells(a, now) for a in rows])
+
+    listing(HEADERS, [alert_cells(a, now) for a in rows], columns=columns, no_headers=no_headers, rich=rich)
 
 
 def alert_cells(alert: dict[str, Any], now: float) -> tuple[str, ...]:
@@ -107,7 +114,7 @@ def event_line(event: dict[str, Any]) -> str:
     """One alert event as one line: time, kind, resource, rule, level, value and what it says."""
     detail = event.get("detail") or {}
     parts = [
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         event["kind"],
         event.get("resource") or "-",
         str(detail.get("rule", "-")),

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from mcpctl import complete
 from mcpctl.actions import AllocateOptions, run_allocate
 from mcpctl.output import exit_with, retry_of, socket_of, usage
 from mcpresd.protocol import EnforceMode, Objective, Priority, Strategy
@@ -29,7 +30,8 @@ Disk = Annotated[
 Res = Annotated[
     list[str] | None,
     typer.Option("--res", metavar="NAME=AMOUNT",
-                 help="Any resource by name or GPU UUID, e.g. licence=1 or slot=1..4; repeat for more."),
+                 help="Any resource by name or GPU UUID, e.g. licence=1 or slot=1..4; repeat for more.",
+                 autocompletion=complete.resource_amounts),
 ]
 PriorityOption = Annotated[Priority, typer.Option("--priority", help="Priority of the request.")]
 Tool = Annotated[str | None, typer.Option("--tool", metavar="ID", help="Tool id, for accounting.")]
@@ -67,7 +69,7 @@ Pool = Annotated[
     str | None,
     typer.Option("--pool", metavar="NAMES",
                  help="Whole members of a pool: names, globs or selectors, comma-separated (build, 'build-*', "
-                      "'cost<1'); alone or with other resources."),
+                      "'cost<1'); alone or with other resources.", autocompletion=complete.pool_names),
 ]
 Members = Annotated[
     str | None, typer.Option("--members", metavar="N", help="How many members to take from the pool(s) (default 1).")
@@ -124,7 +126,8 @@ def allocate(
     keep_processes: KeepProcesses = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
-        bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval.")
+        bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval; "
+                                          "on failure `(exit N)`, so the eval fails with the exit code too.")
     ] = False,
 ) -> None:
     """Allocate resources atomically and print the allocation id.
@@ -133,7 +136,7 @@ def allocate(
 
       id=$(mcpctl allocate --cpu 2 --mem 8G --gpu 1 --res licence=1)
 
-      eval "$(mcpctl allocate --gpu 1 --env)"
+      eval "$(mcpctl allocate --gpu 1 --env)" || exit    # fails (exit 3, ...) when the allocation does
 
       id=$(mcpctl allocate --gpu 1 --wait 10m --ttl 2h)     # queue for up to 10 minutes
 

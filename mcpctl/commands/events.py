@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl import stream
-from mcpctl.output import call, exit_with, plain_table, print_json, socket_of
+from mcpctl.actions import with_iso_times
+from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of
 from mcpresd.protocol import Method
 
 
 def events(
     ctx: typer.Context,
-    allocation: Annotated[str | None, typer.Option("--allocation", help="Only events of this allocation.")] = None,
+    allocation: Annotated[str | None, typer.Option("--allocation", help="Only events of this allocation.",
+                                                         autocompletion=complete.allocation_ids)] = None,
     limit: Annotated[int, typer.Option(help="The newest N events.", min=1, max=10_000)] = 50,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing events as they happen, until Ctrl-C.")
@@ -23,6 +25,8 @@ def events(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the API's JSON (with --follow: one object per line).")
     ] = False,
+    columns: Columns = None,
+    no_headers: NoHeaders = False,
 ) -> None:
     """Show the newest events, oldest first; with --follow, keep printing new ones as they happen.
 
@@ -34,10 +38,14 @@ def events(
 
       mcpctl events --follow --json | jq -c 'select(.kind == "allocated")'
 
+      mcpctl events -o time,event,allocation --no-headers
+
     With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon goes away.
+    --allocation with an unknown id exits 1.
     """
     params: dict[str, object] = {"limit": limit}
     if allocation:
+        call(ctx, Method.ALLOCATIONS_GET, {"id": allocation})  # an unknown id is an error, not an empty log
         params["allocation_id"] = allocation
     if follow:
         def show(event: dict[str, Any]) -> None:
@@ -49,21 +57,38 @@ def events(
     if json_output:
         print_json(rows)
         return
-    plain_table(("TIME", "EVENT", "ALLOCATION", "RESOURCE", "DETAIL"), [event_cells(e) for e in rows])
+    listing(HEADERS, [event_cells(e) for e in rows], columns=columns, no_headers=no_headers)
+
+
+HEADERS = ("TIME", "EVENT", "ALLOCATION", "RESOURCE", "DETAIL")
 
 
 def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
     return (
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         event["kind"],
         event["allocation_id"] or "-",
         event["resource"] or "-",
-        " ".join(f"{k}={v}" for k, v in event["detail"].items()) or "-",
+        " ".join(f"{k}={value_text(v)}" for k, v in event["detail"].items()) or "-",
     )
 
 
+def value_text(value: Any) -> str:
+    """A detail value as a person reads it: 2, 0.5, a b, {licence=1, gpu:0=1} (no Python reprs, no 2.0)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e15 else f"{value:.0f}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={value_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    return str(value)
+
+
 def _print(event: dict[str, Any], as_json: bool) -> None:
-    line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) if as_json else "  ".join(event_cells(event))
+    line = (json.dumps(with_iso_times(event), ensure_ascii=False, separators=(",", ":")) if as_json
+            else "  ".join(event_cells(event)))
     print(line, flush=True)
 
 

@@ -7,14 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.actions import format_duration
 from mcpctl.output import call, print_json, when
+from mcpctl.view import sized
 from mcpresd.protocol import Method
 
 
 def explain(
     ctx: typer.Context,
-    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation.")],
+    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation.", autocompletion=complete.allocation_ids)],
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
     """Explain why a queued request waits: its place, what it lacks, who holds it, and when.
@@ -49,13 +51,14 @@ def explanation_lines(result: dict[str, Any], now: float) -> list[str]:
     if shortfalls:
         lines.append("lacks:")
         for s in shortfalls:
-            lines.append(f"  {s['resource']}: asks {s['requested']:g}, free {s['free']:g}"
-                         + (f" of {s['capacity']:g}" if s.get("capacity") is not None else ""))
+            name = str(s["resource"])
+            lines.append(f"  {name}: asks {sized(name, s['requested'])}, free {sized(name, s['free'])}"
+                         + (f" of {sized(name, s['capacity'])}" if s.get("capacity") is not None else ""))
     blockers = result.get("blockers") or []
     if blockers:
         lines.append("held by:")
         for b in blockers:
-            items = ", ".join(f"{i['resource']}={i['amount']:g}" for i in b["items"])
+            items = ", ".join(f"{i['resource']}={sized(i['resource'], i['amount'])}" for i in b["items"])
             expires = when(b["expires_at"], now) if b.get("expires_at") is not None else "no TTL"
             lines.append(f"  {b['id']}  {items}  pid {b.get('holder_pid') or '-'}  tool {b.get('tool_id') or '-'}"
                          f"  priority {b['priority']}  expires {expires}")

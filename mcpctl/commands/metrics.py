@@ -119,8 +119,8 @@ def summary_lines(name: str, metric: str, series: list[tuple[float, float | str]
         states = {v for _, v in series}
         why = "the device does not report it" if states == {UNSUPPORTED} else "the daemon could not read it"
         return [head, f"{'unsupported' if states == {UNSUPPORTED} else 'unknown'}: {why}"]
-    bounds = (0.0, 100.0) if metric_unit(metric) == "%" else None
-    spark = sparkline([v if isinstance(v, (int, float)) else None for _, v in series], max(10, width - 1), bounds)
+    # Scaled to the data (its min and max are printed below it): on 0..100 % ordinary values draw a flat line.
+    spark = sparkline([v if isinstance(v, (int, float)) else None for _, v in series], max(10, width - 1))
     latest_ts, latest = series[-1]
     return [
         head,

@@ -7,20 +7,20 @@ command pools scale between --min and --max on utilisation.
 
 from __future__ import annotations
 
-import datetime
 import time
 from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.commands.pools import HEADERS, bounds_text, pool_cells
-from mcpctl.output import call, duration, fancy, plain_table, print_json, usage, when
+from mcpctl.output import call, duration, fancy, local_time, plain_table, print_json, usage, when
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
 
 app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True)
 
-Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.")]
+Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.", autocompletion=complete.pool_names)]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
 MEMBER_HEADERS = ("MEMBER", "STATE", "ALLOCATIONS", "PARENT", "HEALTH")
 POOL_STRATEGIES = "first-fit, best-fit, round-robin, least-loaded or locality-aware"
@@ -115,8 +115,8 @@ def create(
 
       mcpctl pool create seats --factory slots --parent licence --slot-size 1 --min 1 --max 2 --cost 1.5
 
-      mcpctl pool create builders --factory command --create ./make-worker.sh --destroy ./drop-worker.sh
-      --timeout 2m --max 8 --cooldown 5m --label team=ci
+      mcpctl pool create builders --factory command --create ./make-worker.sh --destroy ./drop-worker.sh \\
+        --timeout 2m --max 8 --cooldown 5m --label team=ci
 
     Then: mcpctl allocate --pool seats, or --pool 'build-*' to take from any
     matching pool. Unset settings take the daemon's defaults.
@@ -343,7 +343,7 @@ def event_cells(event: dict[str, Any]) -> tuple[str, ...]:
     if event.get("allocation_id"):
         extra.insert(0, f"allocation={event['allocation_id']}")
     return (
-        datetime.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S"),
+        local_time(event["ts"]),
         str(event["kind"]),
         str(reason) if reason is not None else "-",
         " ".join(extra) or "-",

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mcpctl.output import call, fancy, plain_table, print_json
+from mcpctl.output import Columns, NoHeaders, call, listing, print_json, usage
 from mcpctl.view import money, percent
 from mcpresd.protocol import Method
 
@@ -18,6 +18,9 @@ STATE_STYLES = {"active": None, "draining": "yellow", "drained": "dim"}
 def pools(
     ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    columns: Columns = None,
+    no_headers: NoHeaders = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the names, one a line.")] = False,
 ) -> None:
     """List resource pools: members busy of the pool's size, queued requests, utilisation, bounds and cost.
 
@@ -27,22 +30,30 @@ def pools(
 
       mcpctl pools --json | jq '.[] | select(.state != "active") | .name'
 
+      mcpctl pools -o name,state,util --no-headers
+
     UTIL is (busy + queued) / size: above the pool's scale-up threshold it
     grows, below its scale-down threshold it shrinks, within MIN..MAX (static
     pools are fixed). See `mcpctl pool show NAME` for one pool and its members.
     """
+    if sum((json_output, quiet, columns is not None)) > 1:
+        usage("choose one of --json, -q and -o")
     rows = call(ctx, Method.POOLS_LIST)
     if json_output:
         print_json(rows)
-    elif not rows:
+    elif quiet:
+        for pool in rows:
+            print(pool["name"])
+    elif not rows and columns is None and not no_headers:
         print("no pools (create one with `mcpctl pool create`)")
-    elif fancy():
-        from mcpctl import render
-
-        render.text_table(HEADERS, [pool_cells(p) for p in rows], right=RIGHT,
-                          styles=[STATE_STYLES.get(p.get("state", "")) for p in rows])
     else:
-        plain_table(HEADERS, [pool_cells(p) for p in rows])
+        def rich() -> None:
+            from mcpctl import render
+
+            render.text_table(HEADERS, [pool_cells(p) for p in rows], right=RIGHT,
+                              styles=[STATE_STYLES.get(p.get("state", "")) for p in rows])
+
+        listing(HEADERS, [pool_cells(p) for p in rows], columns=columns, no_headers=no_headers, rich=rich)
 
 
 def pool_cells(pool: dict[str, Any]) -> tuple[str, ...]:

@@ -6,13 +6,15 @@ from typing import Annotated
 
 import typer
 
+from mcpctl import complete
 from mcpctl.actions import run_release
 from mcpctl.output import exit_with, retry_of, socket_of
 
 
 def release(
     ctx: typer.Context,
-    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Allocation ids to release.")],
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Allocation ids to release.",
+                                                              autocompletion=complete.allocation_ids)],
     measured: Annotated[
         str | None,
         typer.Option("--measured", metavar="KEY=VALUE,...",

@@ -6,13 +6,15 @@ from typing import Annotated
 
 import typer
 
+from mcpctl import complete
 from mcpctl.output import call, duration, print_json, usage, when
 from mcpresd.protocol import Method
 
 
 def renew(
     ctx: typer.Context,
-    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The allocation to renew.")],
+    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The allocation to renew.",
+                                                        autocompletion=complete.allocation_ids)],
     ttl: Annotated[
         str | None,
         typer.Option("--ttl", metavar="DURATION",

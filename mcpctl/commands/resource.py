@@ -8,6 +8,7 @@ import math
 
 import typer
 
+from mcpctl import complete
 from mcpctl.output import call, print_json, usage
 from mcpctl.view import money
 from mcpresd.protocol import Method, UnitError, format_amount, parse_amount
@@ -60,7 +61,7 @@ def add(
 @app.command()
 def remove(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Name of the resource.")],
+    name: Annotated[str, typer.Argument(help="Name of the resource.", autocompletion=complete.resource_names)],
     json_output: Annotated[bool, typer.Option("--json", help="Print the removed resource as JSON.")] = False,
 ) -> None:
     """Remove a resource added with `mcpctl resource add`; root and the admin group only.

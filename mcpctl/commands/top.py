@@ -30,10 +30,9 @@ from typing import Annotated, Any
 import typer
 
 from mcpctl import dashboard, exitcodes
-from mcpctl.actions import rpc_failure, unreachable
+from mcpctl.actions import quiet_stdout, rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
 from mcpctl.output import duration, exit_with, fancy, socket_of, usage
-from mcpctl.stream import quiet_stdout
 from mcpresd.protocol import Method
 
 MIN_INTERVAL = 0.5
@@ -59,6 +58,11 @@ def top(
         bool, typer.Option("--json", help="Print each refresh's data as JSON (one object per line; with --once, "
                                           "one indented object).")
     ] = False,
+    sort: Annotated[
+        str, typer.Option("--sort", metavar="ORDER", help=f"How to order the active allocations: "
+                                                         f"{', '.join(dashboard.SORTS)} (s cycles them live).",
+                          autocompletion=lambda: list(dashboard.SORTS))
+    ] = dashboard.SORTS[0],
 ) -> None:
     """Watch resources, allocations and alerts live: a bar of what is allocated and one of what is used.
 
@@ -72,22 +76,31 @@ def top(
 
       mcpctl top --once --json | jq '.alerts'
 
+      mcpctl top --sort memory
+
     Each resource shows two bars, ALLOCATED (granted / capacity) and MEASURED
     (sampled use), GPUs their memory, temperature and power, and a health score
     when below 100; then firing alerts, then active and queued allocations, as
-    many as the terminal has room for: USED (measured from the allocation's
-    cgroup where it has one), PRESSURE (cgroup v2: the share of the last 10 s
-    its tasks waited for CPU and memory) and ALERTS (firing alerts naming it,
-    such as "overuse memory" for a soft allocation over its grant). "n/a": the device does not report it;
-    "?": the read failed. Quit with q or Ctrl-C (exit 0); exits 5 if the
-    daemon cannot be reached at start.
+    many as the terminal has room for (queued requests first, never hidden):
+    USED (measured from the allocation's cgroup where it has one), PRESSURE
+    (cgroup v2: the share of the last 10 s its tasks waited for CPU and
+    memory) and ALERTS (firing alerts naming it, such as "overuse memory" for
+    a soft allocation over its grant). "n/a": the device does not report it;
+    "?": the read failed.
+
+    Keys: s sorts the active allocations (newest, oldest, tool, holder,
+    memory); j or down, k or up scroll them a line, space or PgDn, b or PgUp a
+    page, g back to the top; any other key refreshes now. Quit with q or
+    Ctrl-C (exit 0); exits 5 if the daemon cannot be reached at start.
     """
     every = None
     if interval is not None:
         every = duration(interval, "--interval")
         if every is None or not every >= MIN_INTERVAL:
             usage(f"--interval takes {MIN_INTERVAL:g} seconds or more, got {interval!r}")
-    exit_with(run_top(socket_of(ctx), once=once, every=every, as_json=json_output))
+    if sort not in dashboard.SORTS:
+        usage(f"--sort takes one of {', '.join(dashboard.SORTS)}; got {sort!r}")
+    exit_with(run_top(socket_of(ctx), once=once, every=every, as_json=json_output, sort=sort))
 
 
 class _Stop(BaseException):
@@ -103,7 +116,7 @@ def fetch(client: Client) -> dashboard.Snapshot:
     return dashboard.Snapshot(resources, metrics, alerts, active, queued)
 
 
-def run_top(socket_path: str, *, once: bool, every: float | None, as_json: bool) -> int:
+def run_top(socket_path: str, *, once: bool, every: float | None, as_json: bool, sort: str = "newest") -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with it ignored: Ctrl-C quits
     client = Client(socket_path, timeout=10.0)
@@ -111,15 +124,15 @@ def run_top(socket_path: str, *, once: bool, every: float | None, as_json: bool)
         snapshot = fetch(client)
         interval = every or max(MIN_INTERVAL, float(snapshot.metrics.get("interval_s") or 1.0))
         if once:
-            _print_once(snapshot, interval, as_json)
+            _print_once(snapshot, interval, as_json, sort)
             return exitcodes.OK
         if fancy() and not as_json:
-            return _live(client, snapshot, interval, aligned=every is None)
+            return _live(client, snapshot, interval, aligned=every is None, sort=dashboard.SORTS.index(sort))
         while True:
             if as_json:
                 print(json.dumps(snapshot.as_json(), ensure_ascii=False, separators=(",", ":")), flush=True)
             else:
-                print(_plain_frame(snapshot, interval) + "\n", flush=True)
+                print(_plain_frame(snapshot, interval, sort) + "\n", flush=True)
             time.sleep(max(0.0, next_refresh(time.time(), interval, snapshot.metrics, every is None) - time.time()))
             snapshot = fetch(client)
     except DaemonUnreachable as error:
@@ -146,46 +159,54 @@ def next_refresh(now: float, interval: float, metrics: dict[str, Any], aligned: 
     return target if target - now >= 0.1 else target + interval
 
 
-def _print_once(snapshot: dashboard.Snapshot, interval: float, as_json: bool) -> None:
+def _print_once(snapshot: dashboard.Snapshot, interval: float, as_json: bool, sort: str) -> None:
     if as_json:
         print(json.dumps(snapshot.as_json(), indent=2, ensure_ascii=False))
     elif fancy():
         from mcpctl import render
 
         width, height = render.console.size
-        lines = dashboard.frame(snapshot, width, height - 1, time.time(), interval=interval)
+        lines = dashboard.frame(snapshot, width, height - 1, time.time(), interval=interval, sort=sort)
         render.console.print(render.Frame(lines, end="\n"))
     else:
-        print(_plain_frame(snapshot, interval))
+        print(_plain_frame(snapshot, interval, sort))
 
 
-def _plain_frame(snapshot: dashboard.Snapshot, interval: float) -> str:
+def _plain_frame(snapshot: dashboard.Snapshot, interval: float, sort: str) -> str:
     """On a pipe: the width of $COLUMNS (else 80), every row unless $LINES says how many."""
     width = shutil.get_terminal_size((80, 24)).columns
     lines = os.environ.get("LINES", "")
     height = int(lines) if lines.isdigit() else None
-    return dashboard.plain(dashboard.frame(snapshot, width, height, time.time(), interval=interval, ascii_only=True))
+    return dashboard.plain(dashboard.frame(snapshot, width, height, time.time(), interval=interval, ascii_only=True,
+                                          sort=sort))
 
 
-def _live(client: Client, snapshot: dashboard.Snapshot, interval: float, *, aligned: bool) -> int:
+def _live(client: Client, snapshot: dashboard.Snapshot, interval: float, *, aligned: bool, sort: int) -> int:
     from rich.live import Live
 
     from mcpctl import render
 
     console = render.console
     note: str | None = None
+    offset = 0
     with _Wakeups() as wakeups, Live(console=console, auto_refresh=False, screen=True, transient=True,
                                      redirect_stdout=False, redirect_stderr=False) as live:
 
         def draw() -> None:
             width, height = console.size
-            lines = dashboard.frame(snapshot, width, height, time.time(), interval=interval, note=note)
+            lines = dashboard.frame(snapshot, width, height, time.time(), interval=interval, note=note,
+                                    sort=dashboard.SORTS[sort], offset=offset)
             live.update(render.Frame(lines), refresh=True)
 
         draw()
         while True:
             due = time.monotonic() + next_refresh(time.time(), interval, snapshot.metrics, aligned) - time.time()
-            while (why := wakeups.wait(due - time.monotonic())) == "resize":
+            while (why := wakeups.wait(due - time.monotonic())) in MOVES or why in ("resize", "sort"):
+                if why == "sort":
+                    sort, offset = (sort + 1) % len(dashboard.SORTS), 0
+                elif why in MOVES:
+                    page = max(1, console.size[1] // 2)
+                    offset = max(0, min(len(snapshot.active) - 1, MOVES[why](offset, page)))
                 draw()
             if why == "quit":
                 return exitcodes.OK
@@ -252,8 +273,19 @@ class _Wakeups:
             if not typed:
                 self._keys = None  # stdin closed: stop watching it
                 return "refresh"
-            return "quit" if typed[:1] in (b"q", b"Q", b"\x04") else "refresh"
+            return KEYS.get(typed, KEYS.get(typed[:1], "refresh"))
         return None
+
+
+KEYS = {b"q": "quit", b"Q": "quit", b"\x04": "quit", b"s": "sort", b"j": "down", b"\x1b[B": "down", b"k": "up",
+        b"\x1b[A": "up", b" ": "page-down", b"\x1b[6~": "page-down", b"b": "page-up", b"\x1b[5~": "page-up",
+        b"g": "top"}
+"""What a key press (or an arrow's escape sequence) asks of the live view."""
+MOVES: dict[str | None, Any] = {
+    "down": lambda offset, page: offset + 1, "up": lambda offset, page: offset - 1,
+    "page-down": lambda offset, page: offset + page, "page-up": lambda offset, page: offset - page,
+    "top": lambda offset, page: 0,
+}
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from mcpctl import complete
 from mcpctl import exitcodes
 from mcpctl.actions import REPLY_GRACE_S, fail
 from mcpctl.output import call, duration, exit_with, print_json
@@ -14,7 +15,8 @@ from mcpresd.protocol import Method
 
 def wait(
     ctx: typer.Context,
-    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation (from --no-block).")],
+    allocation_id: Annotated[str, typer.Argument(metavar="ID", help="The queued allocation (from --no-block).",
+                                                        autocompletion=complete.allocation_ids)],
     timeout: Annotated[
         str | None,
         typer.Option("--timeout", metavar="DURATION", help="Give up after this long (30s, 10m, forever); "

@@ -16,6 +16,12 @@ Rules:
 - `keep_firing_for`: a firing alert resolves only once the value has stayed
   cleared that long, counted from the first cleared value; a value back over
   `clear` restarts the count.
+- Levels have the same hysteresis: a pending or firing alert rises to a more severe level
+  at once, but falls to a less severe one only once the value has stayed below
+  its level's threshold for `keep_firing_for`, counted from the first value
+  below it; a value back at the level restarts the count. So a value
+  oscillating around the critical threshold stays critical rather than
+  flapping warning<->critical every sample.
 - Missing data (None or NaN) marks the alert `unknown` and changes nothing
   else: it never resolves, cancels or fires an alert, and it restarts the
   `keep_firing_for` count, since nobody saw the value stay clear.
@@ -176,6 +182,8 @@ class Alert:
     count: int = 0
     unknown: bool = False
     clear_since: float | None = None
+    lower_since: float | None = None
+    """Since when the value has been below the firing level's threshold (counts toward falling a level)."""
 
     @property
     def avg(self) -> float | None:
@@ -218,7 +226,7 @@ def evaluate(rule: AlertRule, alert: Alert | None, value: float | None, now: flo
 
 
 def _missing(alert: Alert) -> Alert:
-    return replace(alert, unknown=True, clear_since=None)
+    return replace(alert, unknown=True, clear_since=None, lower_since=None)
 
 
 def _observed(alert: Alert, value: float) -> Alert:
@@ -250,9 +258,9 @@ def _while_pending(rule: AlertRule, alert: Alert, value: float, now: float) -> t
     if level is None:
         return Alert(rule.name, alert.resource, last_value=value), []
     transitions: list[Transition] = []
-    alert = _observed(alert, value)
-    if level is not alert.level:
-        previous, alert = alert.level, replace(alert, level=level)
+    previous = alert.level
+    alert = _settle(rule, _observed(alert, value), level, now)
+    if alert.level is not previous:
         transitions.append(_transition("level", alert, value, now, previous=previous, notify=False))
     assert alert.since is not None
     if now - alert.since >= rule.pending_for:
@@ -262,19 +270,31 @@ def _while_pending(rule: AlertRule, alert: Alert, value: float, now: float) -> t
 
 
 def _while_firing(rule: AlertRule, alert: Alert, value: float, now: float) -> tuple[Alert, list[Transition]]:
+    lower_since = now if alert.lower_since is None else alert.lower_since
     if cleared(rule, value):
         clear_since = now if alert.clear_since is None else alert.clear_since
         if now - clear_since >= rule.keep_firing_for:
             resolved = replace(alert, state=State.RESOLVED, resolved_at=now, last_value=value, unknown=False,
-                               clear_since=clear_since)
+                               clear_since=clear_since, lower_since=None)
             return resolved, [_transition("resolved", resolved, value, now)]
-        return replace(_observed(alert, value), clear_since=clear_since), []
-    alert = replace(_observed(alert, value), clear_since=None)
-    level = crossed(rule, value) or rule.least_severe[0]
-    if level is alert.level:
+        return replace(_observed(alert, value), clear_since=clear_since, lower_since=lower_since), []
+    previous = alert.level
+    alert = _settle(rule, replace(_observed(alert, value), clear_since=None), crossed(rule, value)
+                    or rule.least_severe[0], now)
+    if alert.level is previous:
         return alert, []
-    previous, alert = alert.level, replace(alert, level=level)
     return alert, [_transition("level", alert, value, now, previous=previous)]
+
+
+def _settle(rule: AlertRule, alert: Alert, level: Level, now: float) -> Alert:
+    """The alert at `level`, the level the value crosses now: up at once, down only after `keep_firing_for`."""
+    assert alert.level is not None
+    if RANK[level] >= RANK[alert.level]:
+        return replace(alert, level=level, lower_since=None)
+    lower_since = now if alert.lower_since is None else alert.lower_since
+    if now - lower_since < rule.keep_firing_for:
+        return replace(alert, lower_since=lower_since)
+    return replace(alert, level=level, lower_since=None)
 
 
 def default_rules() -> tuple[AlertRule, ...]:

@@ -39,7 +39,7 @@ from mcpresd.core.errors import (
 from mcpresd.core.model import AllocationItem, Demand, Request, Resource
 from mcpresd.core.pools import Pool, PoolChoice, match_pools, rank_pools
 from mcpresd.core.strategies import Candidate, rank
-from mcpresd.protocol import POOL_PREFIX, FactoryKind, Objective, PoolState, ResourceType, Strategy
+from mcpresd.protocol import POOL_PREFIX, FactoryKind, Objective, PoolState, ResourceType, Strategy, format_amount
 
 EPSILON = 1e-9
 CACHE_SIZE = 256
@@ -58,6 +58,11 @@ class Observation:
 def _order_key(resource: Resource) -> tuple[int, str]:
     index = resource.labels.get("index")
     return (index if isinstance(index, int) and not isinstance(index, bool) else 1 << 30, resource.name)
+
+
+def quantity(value: float, unit: str) -> str:
+    """An amount as the tables print it: sizes for bytes (8G, 2.5G), else the number (2, 0.5)."""
+    return format_amount(value, unit) if unit in ("bytes", "bytes/s") else f"{value:g}"
 
 
 def parse_where(where: Sequence[str]) -> tuple[Selector, ...]:
@@ -213,6 +218,18 @@ class Ledger:
     def pool_of(self, resource: str) -> str | None:
         return self._pool_of.get(resource)
 
+    def pool_shares(self) -> dict[str, dict[str, float]]:
+        """What slot pools hold of each parent resource, by pool: {"cpu": {"builds": 2.0}}."""
+        shares: dict[str, dict[str, float]] = {}
+        for resource in self._resources.values():
+            if resource.source != "pool":
+                continue
+            parent, pool, size = (resource.labels.get(k) for k in ("parent", "pool", "slot_size"))
+            if isinstance(parent, str) and isinstance(pool, str) and isinstance(size, (int, float)):
+                held = shares.setdefault(parent, {})
+                held[pool] = held.get(pool, 0.0) + float(size)
+        return shares
+
     def set_queued_demand(self, demand: dict[str, int]) -> None:
         """Members queued requests ask of each pool (the latency objective prefers short queues)."""
         self._queued_for = demand
@@ -351,8 +368,8 @@ class Ledger:
                 tentative[item.resource] = tentative.get(item.resource, 0.0) + item.amount
                 granted.append(item)
         if shortfalls:
-            parts = ", ".join(f"{s['resource']}: asked {s['requested']:g}, free {s['free']:g}"
-                              + (f" but not granted ({s['blocked']})" if s.get("blocked") else "") for s in shortfalls)
+            shares = self.pool_shares()
+            parts = ", ".join(self._shortfall_text(s, shares) for s in shortfalls)
             raise InsufficientCapacity(f"not enough free now ({parts})", shortfalls=shortfalls)
         items = tuple(_merge(granted))
         if max_cost is not None:
@@ -364,6 +381,47 @@ class Ledger:
                 )
         return items
 
+    def _shortfall_text(self, shortfall: dict[str, object], shares: dict[str, dict[str, float]]) -> str:
+        """`memory: asked 8G, free 2.5G`, in the units the tables print; naming the pools that hold a share."""
+        name = str(shortfall["resource"])
+        unit = self.unit_of(name)
+        requested, free = shortfall["requested"], shortfall["free"]
+        assert isinstance(requested, float | int) and isinstance(free, float | int)
+        text = f"{name}: asked {quantity(requested, unit)}, free {quantity(free, unit)}"
+        if shortfall.get("blocked"):
+            text += f" but not granted ({shortfall['blocked']})"
+        held = self._held_by_pools(name, shares)
+        if held:
+            text += "".join(f", pool {pool} holds {quantity(amount, unit)}" for pool, amount in held)
+        return text
+
+    def unit_of(self, selector: str) -> str:
+        """The unit of the resource named, or of those of the type named; '' for a pool or an unknown name."""
+        resource = self.find(selector)
+        if resource is not None:
+            return resource.unit
+        try:
+            names = self._by_type.get(ResourceType(selector), [])
+        except ValueError:
+            return ""
+        return self._resources[names[0]].unit if names else ""
+
+    def _held_by_pools(self, selector: str, shares: dict[str, dict[str, float]]) -> list[tuple[str, float]]:
+        """The pools holding part of the resource named (or of those of the type named), largest first."""
+        resource = self.find(selector)
+        if resource is not None:
+            names = [resource.name]
+        else:
+            try:
+                names = self._by_type.get(ResourceType(selector), [])
+            except ValueError:
+                names = []
+        held: dict[str, float] = {}
+        for name in names:
+            for pool, amount in shares.get(name, {}).items():
+                held[pool] = held.get(pool, 0.0) + amount
+        return sorted(held.items(), key=lambda pair: (-pair[1], pair[0]))
+
     def _plan_named(self, resource: Resource, demand: Demand, room: _Room) -> list[AllocationItem] | None:
         if resource.is_device and demand.amount > resource.capacity + EPSILON:
             raise InvalidRequest(
@@ -372,7 +430,8 @@ class Ledger:
             )
         if demand.amount > resource.capacity + EPSILON:
             raise NeverFits(
-                f"{resource.name} has a capacity of {resource.capacity:g}, less than the {demand.amount:g} asked",
+                f"{resource.name} has a capacity of {quantity(resource.capacity, resource.unit)}, less than the "
+                f"{quantity(demand.amount, resource.unit)} asked",
                 shortfalls=[self._shortfall(demand, room, ())],
             )
         available = room(resource)
@@ -417,7 +476,8 @@ class Ledger:
         if kind is ResourceType.GPU:
             return self._plan_devices(candidates, demand, strategy, cursor)
         if all(demand.amount > c.resource.capacity + EPSILON for c in candidates):
-            raise NeverFits(f"no {kind.value} resource is large enough for {demand.amount:g}",
+            raise NeverFits(f"no {kind.value} resource is large enough for "
+                            f"{quantity(demand.amount, candidates[0].resource.unit)}",
                             shortfalls=[self._shortfall(demand, room, where)])
         ranked = rank(strategy, candidates, demand.amount, cursor)
         if not ranked:

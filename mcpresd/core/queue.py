@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from mcpresd.core.errors import DomainError, InsufficientCapacity
-from mcpresd.core.ledger import Ledger
+from mcpresd.core.ledger import Ledger, quantity
 from mcpresd.core.model import Allocation, AllocationItem
 from mcpresd.core.pools import Pool
 from mcpresd.protocol import POOL_PREFIX, Priority
@@ -230,11 +230,12 @@ def _smallest_change(ledger: Ledger, target: Allocation,
         ledger.unhold(allocation.items)
         try:
             if _fits(ledger, target):
-                items = ", ".join(f"{i.resource}={i.amount:g}" for i in held)
+                items = ", ".join(f"{i.resource}={quantity(i.amount, ledger.unit_of(i.resource))}" for i in held)
                 return f"it would fit if {allocation.id} ({items}) were released"
         finally:
             ledger.hold(allocation.items)
-    asks = [f"at most {float(str(s['free'])):g} of {s['resource']}" for s in shortfalls]
+    asks = [f"at most {quantity(float(str(s['free'])), ledger.unit_of(str(s['resource'])))} of {s['resource']}"
+            for s in shortfalls]
     if asks:
         return "it would fit now if it asked for " + " and ".join(asks)
     return "it does not fit within its constraints now (cost or selectors)"

@@ -590,6 +590,7 @@ OUTCOME_CASES = [
     ["--res", "licence=1", "--key="],
 ]
 VOLATILE = {"id", "idempotency_key", "requester_pid", "created_at", "granted_at", "released_at", "expires_at", "wait_until", "preempt_at"}
+VOLATILE |= {f"{key}_iso" for key in VOLATILE}
 
 
 @pytest.mark.parametrize("args", OUTCOME_CASES, ids=" ".join)

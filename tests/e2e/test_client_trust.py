@@ -83,7 +83,7 @@ def test_a_default_socket_directory_made_by_another_user_is_refused_before_conne
         received = impostor.received()
 
     assert result.returncode == exitcodes.UNTRUSTED, result
-    assert result.stdout == ""
+    assert result.stdout == ("(exit 6)\n" if "--env" in args else "")  # for eval: the eval fails too
     assert f"{planted} belongs to uid {NOBODY}" in result.stderr
     assert "MCPRES_TRUSTED_UID" in result.stderr
     assert received == b""
@@ -103,7 +103,7 @@ def test_a_socket_another_user_serves_in_a_sticky_directory_is_refused_before_a_
         received = impostor.received()
 
     assert result.returncode == exitcodes.UNTRUSTED, result
-    assert result.stdout == ""
+    assert result.stdout == ("(exit 6)\n" if "--env" in args else "")  # for eval: the eval fails too
     assert f"runs as uid {NOBODY}" in result.stderr
     assert received == b""
 

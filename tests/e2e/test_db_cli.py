@@ -81,4 +81,6 @@ def test_the_daemon_refuses_a_damaged_database_and_says_what_to_do(daemon: Daemo
     assert f"database {copy} failed its integrity check" in done.stderr
     assert "mcpctl db backup" in done.stderr and f"cp BACKUP {copy}" in done.stderr
     assert f"mv {copy} {copy}.corrupt" in done.stderr
+    assert "refusing to start on it.\n    To restore a copy made with `mcpctl db backup`:\n" in done.stderr
+    assert "\\n" not in done.stderr  # real newlines, not escaped ones
     assert not (tmp_path / "other.sock").exists()

@@ -199,10 +199,32 @@ def test_top_once_fits_the_terminal_and_keeps_the_header(busy: DaemonProcess, co
     text = "\n".join(screen)
     for resource in ("cpu", "memory", "gpu:0", "slot"):
         assert re.search(rf"^{re.escape(resource)}\s", text, re.MULTILINE), resource
-    more = re.search(r"^\+(\d+) more allocations \((\d+) active, 1 queued\)$", text, re.MULTILINE)
+    more = re.search(r"^\+(\d+) more allocations \((\d+) active, 0 queued\) \(j, down\)$", text, re.MULTILINE)
     assert allocation_rows(screen) + (int(more.group(1)) if more else 0) == 31
+    assert re.search(r"^[0-9a-f]{16}\s+queued\s+waiter", text, re.MULTILINE), "the queued request is never hidden"
     if columns == 80:
         assert more, "31 allocations cannot fit 24 lines"
+
+
+def test_top_keeps_the_queued_request_in_view_of_200_allocations(busy: DaemonProcess) -> None:
+    for index in range(170):
+        busy.call("allocate", {"resources": [{"resource": "memory", "amount": 1 << 20}], "holder_pid": os.getpid()})
+    try:
+        code, screen = on_terminal(busy, "top", "--once", columns=120, lines=30)
+        _, oldest = on_terminal(busy, "top", "--once", "--sort", "oldest", columns=120, lines=30)
+    finally:
+        for allocation in busy.call("allocations.list", {"state": "active", "limit": 170}):
+            if not allocation.get("tool_id"):
+                busy.call("release", {"id": allocation["id"]})
+
+    assert code == 0
+    text = "\n".join(screen)
+    assert re.search(r"^[0-9a-f]{16}\s+queued\s+waiter", text, re.MULTILINE), text
+    assert re.search(r"^\+\d+ more allocations \(\d+ active, 0 queued\) \(j, down\)$", text, re.MULTILINE), text
+    assert "sorted by newest" in screen[0] and "sorted by oldest" in oldest[0]
+    rows = [line.split()[2] for line in screen if re.match(r"^[0-9a-f]{16}\s+active", line)]
+    assert rows[0] == "-"  # the newest: one of the untooled memory allocations
+    assert [line.split()[2] for line in oldest if re.match(r"^[0-9a-f]{16}\s+active", line)][0] == "tool-0"
 
 
 def allocation_rows(screen: list[str]) -> int:
@@ -557,3 +579,44 @@ def test_predict_says_now_ahead_and_accuracy_in_one_line(monitored: DaemonProces
 
 def test_predict_refuses_a_horizon_of_zero(monitored: DaemonProcess) -> None:
     assert cli(monitored, "predict", "gpu:0", "--in", "0").returncode == exitcodes.USAGE
+
+
+def test_a_percentage_sparkline_is_scaled_to_its_data_not_to_0_100(monitored: DaemonProcess) -> None:
+    """Memory wavers by a fraction of a percent: on 0..100 % it drew one flat row of the same block."""
+    def varied() -> bool:
+        values = {p["value"] for p in monitored.call("metrics.history", {"resource": "memory"})["points"]
+                  if p["status"] == "ok"}
+        return len(values) >= 2 and max(values) - min(values) < 50
+
+    eventually(varied, timeout=120)
+
+    code, screen = on_terminal_plainly(monitored, "metrics", "memory", "--since", "1h")
+
+    assert code == 0
+    assert screen[0].startswith("memory utilisation, last 1h"), screen
+    assert "▁" in screen[1] and "█" in screen[1], screen[1]
+
+
+def test_top_live_view_sorts_and_scrolls_on_keys(busy: DaemonProcess) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([MCPCTL, "top", "--interval", "30"], stdin=slave, stdout=slave, stderr=slave,
+                            env=dict(os.environ, MCPRES_SOCKET=busy.socket, TERM="xterm-256color"),
+                            start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, seen, lambda: b"sorted by newest" in seen, ALERT_S)
+        os.write(master, b"s")
+        _read_until(master, seen, lambda: b"sorted by oldest" in seen, ALERT_S)
+        os.write(master, b"j")
+        _read_until(master, seen, lambda: b"1 above" in seen, ALERT_S)
+        os.write(master, b"q")
+        _read_until(master, seen, lambda: proc.poll() is not None, ALERT_S)
+        assert proc.wait(ALERT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert b"Traceback" not in seen

@@ -75,3 +75,17 @@ def test_the_pool_and_cost_examples_run(daemon: DaemonProcess) -> None:
         assert done.returncode == 0, f"{command}: {done.stderr}"
     assert daemon.call("pools.get", {"name": "builds"})["size"] >= 1
     assert [b["subject"] for b in daemon.call("budgets.list")] == ["render"]
+
+
+def test_the_readme_shows_how_to_try_the_gpu_parts_without_a_gpu(tmp_path: Path) -> None:
+    [line] = [l for l in README.splitlines() if "--gpu-replay" in l and l.startswith(".venv/bin/mcpresd")]
+    capture = line.split("--gpu-replay", 1)[1].split()[0]
+    assert (ROOT / capture).is_file()
+    daemon = DaemonProcess(tmp_path, gpu_replay=ROOT / capture)
+    daemon.start()
+    try:
+        [gpu] = daemon.call("resources.list", {"type": "gpu"})
+    finally:
+        daemon.stop()
+    assert gpu["uuid"] and "H100" in gpu["labels"]["name"]
+    assert "about 10 minutes on 2 cores" in README

@@ -281,3 +281,40 @@ def test_a_bad_config_table_is_refused_naming_the_key(changes: dict[str, object]
 def test_a_new_alert_needs_its_resource() -> None:
     with pytest.raises(ValueError):
         evaluate(hot(), None, 95.0, 0.0)
+
+
+def test_a_value_oscillating_around_the_critical_threshold_does_not_flap_the_level() -> None:
+    """The busy host: cpu-busy at 5 s samples for 18 minutes, 89 and 91 % by turns around its critical 90."""
+    [rule] = [r for r in default_rules() if r.name == "cpu-busy"]
+    trace = ticks([89.0 if i % 2 else 91.0 for i in range(18 * 60 // 5)], step=5.0)
+
+    alert, seen = replay(rule, trace)
+
+    assert [t for t in seen if t.kind == "level"] == []
+    assert kinds(seen) == [(0, "pending", "critical"), (60, "firing", "critical")]
+    assert alert is not None and alert.state is State.FIRING and alert.level is C
+
+
+def test_a_level_falls_once_the_value_stays_below_it_for_keep_firing_for() -> None:
+    alert, seen = replay(hot(keep_firing_for=3), ticks([95, 85, 85, 85, 85, 85]))
+
+    assert kinds(seen) == [(0, "pending", "critical"), (0, "firing", "critical"), (4, "level", "warning")]
+    assert alert is not None and alert.level is W and alert.lower_since is None
+
+
+def test_a_value_back_at_the_level_restarts_the_count_to_fall() -> None:
+    _, seen = replay(hot(keep_firing_for=3), ticks([95, 85, 85, 91, 85, 85, 85, 85]))
+
+    assert [(t.at, t.previous, t.level) for t in seen if t.kind == "level"] == [(7, C, W)]
+
+
+def test_missing_data_restarts_the_count_to_fall() -> None:
+    _, seen = replay(hot(keep_firing_for=2), ticks([95, 85, 85, None, 85, 85, 85]))
+
+    assert [(t.at, t.level) for t in seen if t.kind == "level"] == [(6, W)]
+
+
+def test_a_level_rises_at_once_while_firing() -> None:
+    _, seen = replay(hot(keep_firing_for=30), ticks([85, 85, 95]))
+
+    assert kinds(seen)[-1] == (2, "level", "critical")

@@ -129,16 +129,15 @@ def test_an_alert_rule_on_a_metric_that_does_not_exist_is_refused(tmp_path: Path
     assert config.load(write(tmp_path, rule.replace("temprature", "temperature"))).monitor.rules[-1].name == "hot"
 
 
-def test_log_lines_are_one_per_event_with_a_journald_priority_under_systemd() -> None:
+def test_log_lines_carry_a_journald_priority_under_systemd_and_keep_a_messages_lines_indented() -> None:
     import logging
-
     import re
 
     from mcpresd.daemon import LineFormatter
 
     record = logging.LogRecord("mcpresd.server", logging.WARNING, __file__, 1, "two\nlines", None, None)
-    assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\\nlines"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} WARNING mcpresd\.server: two\\nlines",
+    assert LineFormatter(journal=True).format(record) == "<4>WARNING mcpresd.server: two\n<4>  lines"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} WARNING mcpresd\.server: two\n  lines",
                         LineFormatter(journal=False).format(record))
 
 

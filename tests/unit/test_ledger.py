@@ -199,3 +199,35 @@ def test_a_holding_within_the_tolerance_leaves_a_pool_member_idle_everywhere() -
     ledger.hold([AllocationItem("m0", 1e-12)])
     assert [r.name for r in ledger.idle_members("all")] == ["m0", "m1"]
     assert grant(ledger, ("pool:all", 2))  # the scan agrees: both are idle
+
+
+@pytest.mark.parametrize("demands, message", [
+    ([("memory", 8 << 30)], "not enough free now (memory: asked 8G, free 2.5G)"),
+    ([("cpu", 3), ("licence", 2)], "not enough free now (cpu: asked 3, free 1, licence: asked 2, free 1)"),
+])
+def test_a_shortfall_is_written_in_the_units_the_tables_print(demands: list[tuple[str, float]],
+                                                                message: str) -> None:
+    ledger = host()
+    grant(ledger, ("memory", int(13.5 * (1 << 30))), ("cpu", 3), ("licence", 1))
+    with pytest.raises(InsufficientCapacity) as raised:
+        ledger.plan([Demand(s, a) for s, a in demands])
+    assert str(raised.value) == message
+    assert raised.value.data["shortfalls"][0]["requested"] == demands[0][1]  # the data keeps the numbers
+
+
+def test_a_request_larger_than_a_resource_says_both_sizes_in_its_units() -> None:
+    with pytest.raises(NeverFits, match=r"^memory has a capacity of 16G, less than the 800G asked$"):
+        host().plan([Demand("memory", 800 << 30)])
+
+
+def test_a_shortfall_names_the_pool_whose_slots_hold_the_resource() -> None:
+    ledger = host()
+    for index in range(2):
+        ledger.add(Resource(f"builds/{index}", T.CUSTOM, 1.0, "slot",
+                            {"pool": "builds", "parent": "cpu", "slot_size": 2.0}, source="pool"))
+        ledger.hold([AllocationItem("cpu", 2.0)])
+
+    assert ledger.pool_shares() == {"cpu": {"builds": 4.0}}
+    with pytest.raises(InsufficientCapacity, match=r"^not enough free now \(cpu: asked 1, free 0, "
+                                                   r"pool builds holds 4\)$"):
+        ledger.plan([Demand("cpu", 1)])
