@@ -7,37 +7,26 @@ Every allocate carries an idempotency key (generated when none is given), so
 resending it after a lost connection never allocates twice; a release resent
 after a lost connection that finds the allocation released counts as done.
 Both ride through a daemon restart for `--retry-for` (exit 5 only after it).
+On their common path (a grant, a release) nothing here touches the protocol's
+enums or imports `json`: each costs more than the call to the daemon. They are
+imported where a rarer path needs them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError, UntrustedDaemon, backoff_delays
-from mcpresd.protocol import (
-    POOL_PREFIX,
-    EnforceMode,
-    ErrorCode,
-    Method,
-    Objective,
-    Priority,
-    Strategy,
-    UnitError,
-    parse_amount,
-    parse_duration,
-    parse_size,
-)
+from mcpresd.protocol import ALLOCATE, POOL_PREFIX, RELEASE, UnitError, parse_amount, parse_duration, parse_size
 
 RETRY_FOR = "10s"
 """How long a command keeps trying to reach a daemon that is away (a restart), before exit 5 (--retry-for)."""
@@ -46,6 +35,7 @@ REPLY_GRACE_S = 30.0
 """How much longer than its own wait a waiting request gives the daemon to answer."""
 ANNOUNCE_AFTER_S = 0.3
 """On a terminal, say that the request is queued once no answer came in this long."""
+DEFAULT_PRIORITY = "normal"
 
 
 class UsageError(ValueError):
@@ -86,7 +76,7 @@ class AllocateOptions:
         gpu: str | None = None,
         disk: Sequence[str] = (),
         res: Sequence[str] = (),
-        priority: str = "normal",
+        priority: str = DEFAULT_PRIORITY,
         tool: str | None = None,
         exec_id: str | None = None,
         key: str | None = None,
@@ -151,7 +141,9 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
         raise UsageError("--members goes with --pool: it says how many of the pool's members to take")
     if not demands:
         raise UsageError("ask for something: --cpu, --mem, --gpu, --disk, --res or --pool")
-    if options.priority not in {p.value for p in Priority}:
+    if options.priority != DEFAULT_PRIORITY and options.priority not in closed_set_values("Priority"):
+        from mcpresd.protocol import Priority
+
         raise UsageError(f"--priority must be one of {', '.join(p.value for p in Priority)}")
     params: dict[str, Any] = {
         "resources": demands,
@@ -181,7 +173,9 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             raise UsageError(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {options.ttl!r}")
         params["ttl"] = ttl
     if options.strategy is not None:
-        if options.strategy not in {s.value for s in Strategy}:
+        if options.strategy not in closed_set_values("Strategy"):
+            from mcpresd.protocol import Strategy
+
             raise UsageError(f"--strategy must be one of {', '.join(Strategy)}, got {options.strategy!r}")
         params["strategy"] = options.strategy
     if options.where:
@@ -199,11 +193,15 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     if options.objective is not None:
         if options.pool is None:
             raise UsageError("--objective goes with --pool: it says which of the named pools to prefer")
-        if options.objective not in {o.value for o in Objective}:
+        if options.objective not in closed_set_values("Objective"):
+            from mcpresd.protocol import Objective
+
             raise UsageError(f"--objective must be one of {', '.join(Objective)}, got {options.objective!r}")
         params["objective"] = options.objective
     if options.enforce is not None:
-        if options.enforce not in {m.value for m in EnforceMode}:
+        if options.enforce not in closed_set_values("EnforceMode"):
+            from mcpresd.protocol import EnforceMode
+
             raise UsageError(f"--enforce must be one of {', '.join(EnforceMode)}, got {options.enforce!r}")
         params["enforce"] = options.enforce
         if options.holder_pid is not None:
@@ -212,6 +210,14 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     if options.keep_processes:
         params["keep_processes"] = True
     return params
+
+
+def closed_set_values(closed_set: str) -> set[str]:
+    """The values of one of the protocol's enums (Priority, Strategy, ...), loaded only when an option names one."""
+    import mcpresd.protocol
+
+    values: set[str] = {member.value for member in getattr(mcpresd.protocol, closed_set)}
+    return values
 
 
 EXEC_WRAPPERS = frozenset({"timeout", "env", "nice", "ionice", "stdbuf", "nohup", "setsid", "taskset", "chrt", "time",
@@ -420,6 +426,8 @@ def fail(message: str, code: int) -> int:
 
 
 def rpc_failure(error: RpcError) -> int:
+    from mcpresd.protocol import ErrorCode
+
     hint = ""
     if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
         hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
@@ -461,7 +469,7 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
     wait = params.get("wait", 0)
     if wait == 0 or params.get("detach"):
         with Client(socket_path, retry_for=retry_for) as client:
-            result: dict[str, Any] = client.call(Method.ALLOCATE, params)
+            result: dict[str, Any] = client.call(ALLOCATE, params)
             return result
     limit = None if wait == "forever" else float(wait)
     deadline = None if limit is None else time.monotonic() + limit
@@ -471,7 +479,7 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
     while True:
         try:
             with Client(socket_path, timeout=None if limit is None else limit + REPLY_GRACE_S) as client:
-                client.send(Method.ALLOCATE, params)
+                client.send(ALLOCATE, params)
                 failed_at = None
                 delays = backoff_delays()
                 if announce and not client.ready(ANNOUNCE_AFTER_S):
@@ -494,6 +502,8 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
 
 def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: Client) -> None:
     """Tell the person at the terminal the request is queued, with its id (found by its key on a second connection)."""
+    from mcpresd.protocol import Method
+
     found = None
     try:
         with Client(socket_path, timeout=5.0) as client:
@@ -534,6 +544,8 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
                     "use a new --key", exitcodes.ERROR)
     warn_risks(allocation)
     if options.output == "json":
+        import json
+
         print(json.dumps(allocation, indent=2))
     elif options.output == "env":
         print("\n".join(env_lines(allocation)))
@@ -559,8 +571,10 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
         with Client(socket_path, retry_for=retry_for) as client:
             for allocation_id in ids:
                 try:
-                    released.append(client.call(Method.RELEASE, {"id": allocation_id, **params}))
+                    released.append(client.call(RELEASE, {"id": allocation_id, **params}))
                 except RpcError as error:
+                    from mcpresd.protocol import ErrorCode, Method
+
                     if error.code == ErrorCode.ALREADY_RELEASED and client.resent:
                         # The first try went through; its reply was lost to a daemon restart.
                         released.append(client.call(Method.ALLOCATIONS_GET, {"id": allocation_id}))
@@ -569,5 +583,7 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
     except DaemonUnreachable as error:
         return unreachable(error)
     if output == "json":
+        import json
+
         print(json.dumps(released, indent=2))
     return worst

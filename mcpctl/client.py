@@ -23,12 +23,10 @@ make that safe (an idempotency key) or read the outcome (`resent`).
 
 from __future__ import annotations
 
+import _socket as socket  # not `socket`: its enums and selectors cost more than a whole `mcpctl allocate`
 import errno
-import json
 import os
-import select
-import socket
-import struct
+import sys
 import time
 
 TYPE_CHECKING = False
@@ -36,7 +34,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any, NoReturn
 
-from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, socket_directory_problem
+from mcpresd.protocol import (
+    EVENT_NOTIFICATION,
+    JSONRPC,
+    MAX_MESSAGE_BYTES,
+    decode_line,
+    encode_line,
+    socket_directory_problem,
+)
 
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -99,7 +104,7 @@ def check_directory(path: str) -> frozenset[int]:
 
 def check_server(path: str, sock: Any, trusted: frozenset[int]) -> None:
     """Refuse a connected socket whose server runs as an untrusted uid (SO_PEERCRED: pid, uid, gid)."""
-    _, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII")))
+    uid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
     if uid not in trusted:
         raise UntrustedDaemon(path, f"the process serving it runs as uid {uid}, not as you or root")
 
@@ -240,7 +245,7 @@ class Client:
         sock = self._sock
         assert sock is not None
         try:
-            sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            sock.sendall(encode_line(message))
         except (BrokenPipeError, ConnectionResetError) as error:
             self.close()
             raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True,
@@ -252,6 +257,8 @@ class Client:
             return True
         sock = self._sock
         assert sock is not None
+        import select
+
         readable, _, _ = select.select([sock], [], [], timeout)
         if not readable:
             return False
@@ -287,7 +294,7 @@ class Client:
             while b"\n" not in self._buffer:
                 self._fill()
             line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        return decode_line(line)
 
     def _fill(self) -> None:
         sock = self._sock
