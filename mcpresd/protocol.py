@@ -43,6 +43,8 @@ VERSION = __version__
 JSONRPC = "2.0"
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BATCH = 1000
+MAX_ADD = 10_000
+"""The most resources one `resources.add` may register (its `resources` list); a line holds at most 1 MiB."""
 MAX_NAME_LENGTH = 200
 ALLOCATIONS_PAGE = 1000
 """The most allocations one `allocations.list` returns: a longer list is read page by page (`before_id`)."""
