@@ -501,8 +501,11 @@ def _add_resources(params: dict[str, Any]) -> AddResourcesCommand:
     return AddResourcesCommand(tuple(commands))
 
 
+_RESOURCE_FIELDS = frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"})
+
+
 def _one_resource(params: Any) -> AddResourceCommand:
-    fields = _Fields(params, frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"}))
+    fields = _Fields(params, _RESOURCE_FIELDS)
     name = _required_text(fields, "name")
     check_custom_name(name)
     capacity = fields.quantity("capacity")

@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -86,6 +87,9 @@ class Caller:
 
 
 SYSTEM = Caller(uid=os.getuid(), gid=os.getgid(), pid=None)
+BULK_FREEZE = 1000
+"""A resources.add list this long ends with gc.freeze(): cycles alive then are never collected, so not after
+every small one."""
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,10 @@ class Broker:
         if self.pools.any_joins_a_pool(resources):
             self.pools.sync()
         self.schedule()
+        if len(resources) >= BULK_FREEZE:
+            # What lives on (the resources, their ledger entries) leaves the cyclic collector's sight: each full
+            # collection went over every resource added before, 0.8 of 2.1 s of CPU for 100,000.
+            gc.freeze()
         return {"added": len(resources)}
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
