@@ -5,7 +5,8 @@ Rules of this module:
   every call, so nothing here may pull in json-schema, typing machinery at
   run time, Rich or sqlite.
 - Method names, parameter and result shapes, error codes, framing limits and
-  the unit parsers used on both sides live here and nowhere else.
+  the unit parsers used on both sides live here and nowhere else (the enums
+  are written in protocol_enums.py and load from here on first use).
 - Framing: one UTF-8 JSON text per line (JSON-RPC 2.0), blank lines ignored,
   at most MAX_MESSAGE_BYTES per line.
 """
