@@ -322,8 +322,8 @@ def m007_allocations_by_state(db: Any) -> None:
     db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
 
 
-SCHEMA_V8_RESOURCE_CHECKS = """
-CREATE TABLE resources_v8 (
+SCHEMA_V10_RESOURCE_CHECKS = """
+CREATE TABLE resources_v10 (
     name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
     type TEXT NOT NULL CHECK (type = 'cpu' OR type = 'memory' OR type = 'disk' OR type = 'network' OR type = 'gpu'
                               OR type = 'custom'),
@@ -335,23 +335,24 @@ CREATE TABLE resources_v8 (
     source TEXT NOT NULL CHECK (source = 'discovered' OR source = 'config' OR source = 'api' OR source = 'pool'),
     created_at REAL NOT NULL
 );
-INSERT INTO resources_v8 SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at
+INSERT INTO resources_v10 SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at
     FROM resources;
 DROP TABLE resources;
-ALTER TABLE resources_v8 RENAME TO resources;
+ALTER TABLE resources_v10 RENAME TO resources;
 """
 
 
-def m008_resource_checks_without_in_lists(db: Any) -> None:
+def m010_resource_checks_without_in_lists(db: Any) -> None:
+    # m010: main has m009_metric_counters and the perf branch m008_usage_unflushed; this one goes after both.
     # The same rules, as ORs: SQLite builds a throwaway table for `x IN (a, b, c)` at every row it checks,
     # which was half the cost of inserting a resource (0.42 of 0.8 s of CPU for 100,000, bench_register.py).
-    db.executescript(SCHEMA_V8_RESOURCE_CHECKS)
+    db.executescript(SCHEMA_V10_RESOURCE_CHECKS)
 
 
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
               m005_allocation_counts, m006_measured_runs, m007_allocations_by_state,
-              m008_resource_checks_without_in_lists)
+              m010_resource_checks_without_in_lists)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
