@@ -1,3 +1,3 @@
 from mcpctl.main import main
 
-raise SystemExit(main())
+raise SystemExit(main(exit_at_once=True))

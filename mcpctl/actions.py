@@ -7,32 +7,29 @@ Every allocate carries an idempotency key (generated when none is given), so
 resending it after a lost connection never allocates twice; a release resent
 after a lost connection that finds the allocation released counts as done.
 Both ride through a daemon restart for `--retry-for` (exit 5 only after it).
+On their common path (a grant, a release) nothing here touches the protocol's
+enums or imports `json`: each costs more than the call to the daemon. They are
+imported where a rarer path needs them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError, UntrustedDaemon, backoff_delays
 from mcpresd.protocol import (
+    ALLOCATE,
     POOL_PREFIX,
-    EnforceMode,
-    ErrorCode,
-    Method,
-    Objective,
-    Priority,
-    Strategy,
+    RELEASE,
     UnitError,
     parse_amount,
     parse_duration,
@@ -47,6 +44,7 @@ REPLY_GRACE_S = 30.0
 """How much longer than its own wait a waiting request gives the daemon to answer."""
 ANNOUNCE_AFTER_S = 0.3
 """On a terminal, say that the request is queued once no answer came in this long."""
+DEFAULT_PRIORITY = "normal"
 
 
 class UsageError(ValueError):
@@ -95,7 +93,7 @@ class AllocateOptions:
         gpu: str | None = None,
         disk: Sequence[str] = (),
         res: Sequence[str] = (),
-        priority: str = "normal",
+        priority: str = DEFAULT_PRIORITY,
         tool: str | None = None,
         exec_id: str | None = None,
         key: str | None = None,
@@ -160,7 +158,9 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
         raise UsageError("--members goes with --pool: it says how many of the pool's members to take")
     if not demands:
         raise UsageError("ask for something: --cpu, --mem, --gpu, --disk, --res or --pool")
-    if options.priority not in {p.value for p in Priority}:
+    if options.priority != DEFAULT_PRIORITY and options.priority not in closed_set_values("Priority"):
+        from mcpresd.protocol import Priority
+
         raise UsageError(f"--priority must be one of {', '.join(p.value for p in Priority)}")
     params: dict[str, Any] = {
         "resources": demands,
@@ -190,7 +190,9 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             raise UsageError(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {options.ttl!r}")
         params["ttl"] = ttl
     if options.strategy is not None:
-        if options.strategy not in {s.value for s in Strategy}:
+        if options.strategy not in closed_set_values("Strategy"):
+            from mcpresd.protocol import Strategy
+
             raise UsageError(f"--strategy must be one of {', '.join(Strategy)}, got {options.strategy!r}")
         params["strategy"] = options.strategy
     if options.where:
@@ -208,11 +210,15 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     if options.objective is not None:
         if options.pool is None:
             raise UsageError("--objective goes with --pool: it says which of the named pools to prefer")
-        if options.objective not in {o.value for o in Objective}:
+        if options.objective not in closed_set_values("Objective"):
+            from mcpresd.protocol import Objective
+
             raise UsageError(f"--objective must be one of {', '.join(Objective)}, got {options.objective!r}")
         params["objective"] = options.objective
     if options.enforce is not None:
-        if options.enforce not in {m.value for m in EnforceMode}:
+        if options.enforce not in closed_set_values("EnforceMode"):
+            from mcpresd.protocol import EnforceMode
+
             raise UsageError(f"--enforce must be one of {', '.join(EnforceMode)}, got {options.enforce!r}")
         params["enforce"] = options.enforce
         if options.holder_pid is not None:
@@ -221,6 +227,14 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
     if options.keep_processes:
         params["keep_processes"] = True
     return params
+
+
+def closed_set_values(closed_set: str) -> set[str]:
+    """The values of one of the protocol's enums (Priority, Strategy, ...), loaded only when an option names one."""
+    import mcpresd.protocol
+
+    values: set[str] = {member.value for member in getattr(mcpresd.protocol, closed_set)}
+    return values
 
 
 EXEC_WRAPPERS = frozenset({"timeout", "env", "nice", "ionice", "stdbuf", "nohup", "setsid", "taskset", "chrt", "time",
@@ -429,6 +443,8 @@ def fail(message: str, code: int) -> int:
 
 
 def rpc_failure(error: RpcError) -> int:
+    from mcpresd.protocol import ErrorCode
+
     hint = ""
     if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
         hint = " (try later, ask for less, wait with --wait, or see `mcpctl allocations`)"
@@ -525,7 +541,7 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
     wait = params.get("wait", 0)
     if wait == 0 or params.get("detach"):
         with Client(socket_path, retry_for=retry_for) as client:
-            result: dict[str, Any] = client.call(Method.ALLOCATE, params)
+            result: dict[str, Any] = client.call(ALLOCATE, params)
             return result
     limit = None if wait == "forever" else float(wait)
     deadline = None if limit is None else time.monotonic() + limit
@@ -535,7 +551,7 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
     while True:
         try:
             with Client(socket_path, timeout=None if limit is None else limit + REPLY_GRACE_S) as client:
-                client.send(Method.ALLOCATE, params)
+                client.send(ALLOCATE, params)
                 failed_at = None
                 delays = backoff_delays()
                 if announce and not client.ready(ANNOUNCE_AFTER_S):
@@ -560,6 +576,8 @@ def request_allocation(socket_path: str, params: dict[str, Any], retry_for: floa
 
 def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: Client) -> None:
     """Tell the person at the terminal the request is queued, with its id (found by its key on a second connection)."""
+    from mcpresd.protocol import Method
+
     found = None
     try:
         with Client(socket_path, timeout=5.0) as client:
@@ -605,6 +623,8 @@ def run_allocate(socket_path: str, options: AllocateOptions, retry_for: float = 
               f"{allocation['id']} is a reservation (advisory). Run its work with "
               f"`mcpctl run --allocation {allocation['id']} -- CMD`.", file=sys.stderr)
     if options.output == "json":
+        import json
+
         text = json.dumps(with_iso_times(allocation), indent=2)
     elif options.output == "env":
         text = "\n".join(env_lines(allocation))
@@ -620,7 +640,7 @@ def _unseen(socket_path: str, allocation_id: str, why: str) -> int:
     """The id could not be written: no script will ever release it, so release it now."""
     try:
         with Client(socket_path, timeout=30.0) as client:
-            client.call(Method.RELEASE, {"id": allocation_id})
+            client.call(RELEASE, {"id": allocation_id})
     except (DaemonUnreachable, RpcError) as error:
         return fail(f"could not write allocation {allocation_id} to stdout ({why}), nor release it: {error}; "
                     f"release it with `mcpctl release {allocation_id}`", exitcodes.ERROR)
@@ -644,8 +664,10 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
         with Client(socket_path, retry_for=retry_for) as client:
             for allocation_id in ids:
                 try:
-                    released.append(client.call(Method.RELEASE, {"id": allocation_id, **params}))
+                    released.append(client.call(RELEASE, {"id": allocation_id, **params}))
                 except RpcError as error:
+                    from mcpresd.protocol import ErrorCode, Method
+
                     if error.code == ErrorCode.ALREADY_RELEASED and client.resent:
                         # The first try went through; its reply was lost to a daemon restart.
                         released.append(client.call(Method.ALLOCATIONS_GET, {"id": allocation_id}))
@@ -654,5 +676,7 @@ def run_release(socket_path: str, ids: Sequence[str], output: str = "text", retr
     except DaemonUnreachable as error:
         return unreachable(error)
     if output == "json":
+        import json
+
         emit(json.dumps(with_iso_times(released), indent=2))
     return worst

@@ -26,12 +26,9 @@ may have reached the daemon before the connection broke is sent again only by
 
 from __future__ import annotations
 
+import _socket as socket  # not `socket`: its enums and selectors cost more than a whole `mcpctl allocate`
 import errno
-import json
 import os
-import select
-import socket
-import struct
 import sys
 import time
 
@@ -40,7 +37,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any, NoReturn
 
-from mcpresd.protocol import EVENT_NOTIFICATION, JSONRPC, MAX_MESSAGE_BYTES, socket_directory_problem
+from mcpresd.protocol import (
+    EVENT_NOTIFICATION,
+    JSONRPC,
+    MAX_MESSAGE_BYTES,
+    decode_line,
+    encode_line,
+    socket_directory_problem,
+)
 
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -105,7 +109,7 @@ def check_directory(path: str) -> frozenset[int]:
 
 def check_server(path: str, sock: Any, trusted: frozenset[int]) -> None:
     """Refuse a connected socket whose server runs as an untrusted uid (SO_PEERCRED: pid, uid, gid)."""
-    _, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII")))
+    uid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
     if uid not in trusted:
         raise UntrustedDaemon(path, f"the process serving it runs as uid {uid}, not as you or root")
 
@@ -262,7 +266,7 @@ class Client:
         sock = self._sock
         assert sock is not None
         try:
-            sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            sock.sendall(encode_line(message))
         except (BrokenPipeError, ConnectionResetError) as error:
             self.close()
             raise DaemonUnreachable(self.path, f"connection lost ({error.strerror})", lost=True,
@@ -274,6 +278,8 @@ class Client:
             return True
         sock = self._sock
         assert sock is not None
+        import select
+
         readable, _, _ = select.select([sock], [], [], timeout)
         if not readable:
             return False
@@ -309,7 +315,7 @@ class Client:
             while b"\n" not in self._buffer:
                 self._fill()
             line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        return decode_line(line)
 
     def _fill(self) -> None:
         sock = self._sock

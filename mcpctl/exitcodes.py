@@ -28,7 +28,7 @@ NeverFits), 1017 UnknownPool (like 1001 UnknownResource) and 1018 PoolExists
 
 from __future__ import annotations
 
-from mcpresd.protocol import ErrorCode
+import mcpresd.protocol as protocol
 
 OK = 0
 ERROR = 1
@@ -58,6 +58,7 @@ RUN_NOTE = ("mcpctl run exits with its command's status: its exit code, 128+N if
 
 
 def for_error(code: int) -> int:
+    ErrorCode = protocol.ErrorCode  # loads the protocol's enums: only when a call failed
     if code in (ErrorCode.INSUFFICIENT_CAPACITY, ErrorCode.WAIT_TIMEOUT):
         return UNAVAILABLE
     if code == ErrorCode.PERMISSION_DENIED:

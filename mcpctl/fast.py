@@ -8,10 +8,12 @@ stays the single source of help and usage errors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
-from mcpctl.actions import AllocateOptions, UsageError, configure_retry, run_allocate, run_release
-from mcpresd.protocol import Objective, Strategy, resolve_socket
+from mcpctl.actions import AllocateOptions, UsageError, closed_set_values, configure_retry, run_allocate, run_release
+from mcpresd.protocol import resolve_socket
 
 ALLOCATE_VALUES = {
     "--cpu": "cpu",
@@ -38,6 +40,8 @@ OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
 RELEASE_VALUES = {"--measured": "measured"}
 GLOBAL_VALUES = {"--socket": "socket", "--retry-for": "retry_for"}
+CHOICES = {"priority": "Priority", "strategy": "Strategy", "objective": "Objective", "enforce": "EnforceMode"}
+"""Options Typer takes only from one of the protocol's enums (whose values load only when one is given)."""
 
 
 def try_fast(argv: Sequence[str]) -> int | None:
@@ -107,12 +111,9 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
     outputs = flags & OUTPUT_FLAGS
     if len(outputs) > 1:
         return None
-    strategy = values.get("strategy")
-    if strategy is not None and strategy not in {s.value for s in Strategy}:
-        return None
-    objective = values.get("objective")
-    if objective is not None and objective not in {o.value for o in Objective}:
-        return None
+    for option, closed_set in CHOICES.items():
+        if option in values and values[option] not in closed_set_values(closed_set):
+            return None  # Typer says which values it takes
     holder_text = values.pop("holder_pid", None)
     holder_pid = None
     if holder_text is not None:

@@ -23,6 +23,7 @@ from mcpresd.core.model import Demand, Request
 from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
     ALLOCATIONS_PAGE,
+    MAX_ADD,
     MAX_DEMANDS,
     MAX_QUANTITY,
     MIN_QUANTITY,
@@ -138,6 +139,13 @@ class AddResourceCommand:
     unit: str
     labels: dict[str, str | int | float | bool | None]
     cost_per_unit_hour: float | None
+
+
+@dataclass(frozen=True)
+class AddResourcesCommand:
+    """`resources.add` with a `resources` list: all of them are added, in one transaction, or none."""
+
+    resources: tuple[AddResourceCommand, ...]
 
 
 @dataclass(frozen=True)
@@ -464,8 +472,40 @@ def list_resources(params: Any) -> ListResourcesCommand:
         ) from None
 
 
-def add_resource(params: Any) -> AddResourceCommand:
-    fields = _Fields(params, frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"}))
+def add_resource(params: Any) -> AddResourceCommand | AddResourcesCommand:
+    """One resource (its fields as params), or several (`resources`: a list of such objects)."""
+    if isinstance(params, dict) and "resources" in params:
+        return _add_resources(params)
+    return _one_resource(params)
+
+
+def _add_resources(params: dict[str, Any]) -> AddResourcesCommand:
+    _Fields(params, frozenset({"resources"}))
+    entries = params["resources"]
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_ADD:
+        raise InvalidParams(f"resources must be a list of 1 to {MAX_ADD} resources, got {_describe(entries)}"
+                            + (f" of {len(entries)}" if isinstance(entries, list) else ""), "resources")
+    commands: list[AddResourceCommand] = []
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        try:
+            command = _one_resource(entry)
+        except InvalidParams as error:
+            raise InvalidParams(f"resources[{index}]: {error.message}",
+                                f"resources[{index}]" + (f".{error.field}" if error.field else "")) from None
+        if command.name in names:
+            raise InvalidParams(f"resources[{index}]: {command.name!r} is named twice in this request",
+                                f"resources[{index}].name")
+        names.add(command.name)
+        commands.append(command)
+    return AddResourcesCommand(tuple(commands))
+
+
+_RESOURCE_FIELDS = frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"})
+
+
+def _one_resource(params: Any) -> AddResourceCommand:
+    fields = _Fields(params, _RESOURCE_FIELDS)
     name = _required_text(fields, "name")
     check_custom_name(name)
     capacity = fields.quantity("capacity")
@@ -485,7 +525,7 @@ def check_custom_name(name: str) -> None:
         )
     if name.startswith(POOL_PREFIX):
         raise InvalidParams(f"{name!r}: names starting {POOL_PREFIX!r} name pools in requests; pick another", "name")
-    if any(c.isspace() or c in ",=" for c in name):
+    if "," in name or "=" in name or name.split() != [name]:  # split() breaks at what isspace() calls space
         raise InvalidParams(f"resource name {name!r} must not contain spaces, ',' or '='", "name")
 
 

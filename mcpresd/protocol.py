@@ -5,7 +5,8 @@ Rules of this module:
   every call, so nothing here may pull in json-schema, typing machinery at
   run time, Rich or sqlite.
 - Method names, parameter and result shapes, error codes, framing limits and
-  the unit parsers used on both sides live here and nowhere else.
+  the unit parsers used on both sides live here and nowhere else (the enums
+  are written in protocol_enums.py and load from here on first use).
 - Framing: one UTF-8 JSON text per line (JSON-RPC 2.0), blank lines ignored,
   at most MAX_MESSAGE_BYTES per line.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-from enum import IntEnum, StrEnum
 
 # The wire shapes below are for type checkers only: `typing` costs ~4 ms of import, and
 # `mcpctl allocate` imports this module on every call.
@@ -23,12 +23,29 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection
     from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
+    from mcpresd.protocol_enums import (
+        AllocationState as AllocationState,
+        BudgetScope as BudgetScope,
+        EnforceMode as EnforceMode,
+        ErrorCode as ErrorCode,
+        FactoryKind as FactoryKind,
+        Method as Method,
+        Objective as Objective,
+        Period as Period,
+        PoolState as PoolState,
+        Priority as Priority,
+        ResourceType as ResourceType,
+        Strategy as Strategy,
+    )
+
 from mcpresd import __version__
 
 VERSION = __version__
 JSONRPC = "2.0"
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BATCH = 1000
+MAX_ADD = 10_000
+"""The most resources one `resources.add` may register (its `resources` list); a line holds at most 1 MiB."""
 MAX_NAME_LENGTH = 200
 ALLOCATIONS_PAGE = 1000
 """The most allocations one `allocations.list` returns: a longer list is read page by page (`before_id`)."""
@@ -40,163 +57,36 @@ sums and products of such numbers stay finite, so every reply can be written as 
 MIN_QUANTITY = 1e-9
 """The smallest positive capacity, amount or budget limit (the ledger's tolerance; no denormals)."""
 
+# -- closed sets ------------------------------------------------------------
+# Method, ErrorCode, Priority and the other enums are defined in mcpresd/protocol_enums.py and load on
+# their first use here (`from mcpresd.protocol import Method` works as ever): `enum` costs ~4 ms to import,
+# more than a whole `mcpctl allocate` adds to Python's start-up. The two methods that command and
+# `mcpctl release` send on every call are plain strings, and Method takes them from here.
 
-class Method(StrEnum):
-    """Every JSON-RPC method the daemon serves."""
+ALLOCATE = "allocate"
+RELEASE = "release"
 
-    DAEMON_STATUS = "daemon.status"
-    RESOURCES_LIST = "resources.list"
-    RESOURCES_ADD = "resources.add"
-    RESOURCES_REMOVE = "resources.remove"
-    RESOURCES_REFRESH = "resources.refresh"
-    ALLOCATE = "allocate"
-    RELEASE = "release"
-    ALLOCATIONS_LIST = "allocations.list"
-    ALLOCATIONS_GET = "allocations.get"
-    ALLOCATIONS_WAIT = "allocations.wait"
-    ALLOCATIONS_RENEW = "allocations.renew"
-    ALLOCATIONS_EXPLAIN = "allocations.explain"
-    ALLOCATIONS_ATTACH = "allocations.attach"
-    EVENTS_LIST = "events.list"
-    EVENTS_SUBSCRIBE = "events.subscribe"
-    METRICS_CURRENT = "metrics.current"
-    METRICS_HISTORY = "metrics.history"
-    METRICS_EXPOSITION = "metrics.exposition"
-    ALERTS_LIST = "alerts.list"
-    PREDICT = "predict"
-    DB_BACKUP = "db.backup"
-    RESOURCES_SET_COST = "resources.set_cost"
-    POOLS_LIST = "pools.list"
-    POOLS_GET = "pools.get"
-    POOLS_CREATE = "pools.create"
-    POOLS_DELETE = "pools.delete"
-    POOLS_DRAIN = "pools.drain"
-    POOLS_UNDRAIN = "pools.undrain"
-    POOLS_EVENTS = "pools.events"
-    BUDGETS_SET = "budgets.set"
-    BUDGETS_LIST = "budgets.list"
-    BUDGETS_DELETE = "budgets.delete"
-    USAGE = "usage"
-    RECOMMEND = "recommend"
-    OPTIMISE = "optimise"
+ENUMS = ("Method", "ErrorCode", "Priority", "AllocationState", "EnforceMode", "Strategy", "Objective", "PoolState",
+         "FactoryKind", "Period", "BudgetScope", "ResourceType")
+"""The classes of mcpresd/protocol_enums.py, all of them (a test keeps this in step)."""
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        if name not in ENUMS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from mcpresd import protocol_enums
+
+        for enum_name in ENUMS:
+            globals()[enum_name] = getattr(protocol_enums, enum_name)
+        return globals()[name]
 
 
 EVENT_NOTIFICATION = "event"
 """Method name of the notifications a subscribed connection receives: params is one event."""
 
-
-class ErrorCode(IntEnum):
-    """JSON-RPC error codes: the reserved ones, then mcpres's own (1000-1999)."""
-
-    PARSE_ERROR = -32700
-    INVALID_REQUEST = -32600
-    METHOD_NOT_FOUND = -32601
-    INVALID_PARAMS = -32602
-    INTERNAL_ERROR = -32603
-
-    UNKNOWN_RESOURCE = 1001
-    INSUFFICIENT_CAPACITY = 1002
-    ALLOCATION_NOT_FOUND = 1003
-    ALREADY_RELEASED = 1004
-    RESOURCE_EXISTS = 1005
-    RESOURCE_IN_USE = 1006
-    IDEMPOTENCY_CONFLICT = 1007
-    PERMISSION_DENIED = 1008
-    INVALID_HOLDER = 1009
-    STORAGE_ERROR = 1010
-    NEVER_FITS = 1011
-    WAIT_TIMEOUT = 1012
-    WITHDRAWN = 1013
-    LIMIT_EXCEEDED = 1014
-    BUDGET_EXCEEDED = 1015
-    POOL_DRAINING = 1016
-    UNKNOWN_POOL = 1017
-    POOL_EXISTS = 1018
-
-
-class Priority(StrEnum):
-    LOW = "low"
-    NORMAL = "normal"
-    HIGH = "high"
-    CRITICAL = "critical"
-
-
-class AllocationState(StrEnum):
-    QUEUED = "queued"
-    ACTIVE = "active"
-    RELEASED = "released"
-    WITHDRAWN = "withdrawn"
-
-
-class EnforceMode(StrEnum):
-    """How an allocation's grant is enforced on its processes (docs/api.md, "Enforcement")."""
-
-    OFF = "off"
-    SOFT = "soft"
-    HARD = "hard"
-
-
-class Strategy(StrEnum):
-    """How the daemon chooses among resources that fit a typed demand (docs/scheduling.md)."""
-
-    FIRST_FIT = "first-fit"
-    BEST_FIT = "best-fit"
-    WORST_FIT = "worst-fit"
-    ROUND_ROBIN = "round-robin"
-    LEAST_LOADED = "least-loaded"
-    COST_OPTIMISED = "cost-optimised"
-    PERFORMANCE_OPTIMISED = "performance-optimised"
-    BALANCED = "balanced"
-    LOCALITY_AWARE = "locality-aware"
-
-
-class Objective(StrEnum):
-    """What the allocator optimises when a request may be served from several pools."""
-
-    COST = "cost"
-    PERFORMANCE = "performance"
-    LATENCY = "latency"
-    UTILISATION = "utilisation"
-    BALANCED = "balanced"
-
-
-class PoolState(StrEnum):
-    ACTIVE = "active"
-    DRAINING = "draining"
-    DRAINED = "drained"
-
-
-class FactoryKind(StrEnum):
-    """How a pool gets its members: fixed (listed or selected), carved from a parent, or made by commands."""
-
-    STATIC = "static"
-    SLOTS = "slots"
-    COMMAND = "command"
-
-
-class Period(StrEnum):
-    DAY = "day"
-    WEEK = "week"
-    MONTH = "month"
-
-
-class BudgetScope(StrEnum):
-    TOOL = "tool"
-    OWNER = "owner"
-    POOL = "pool"
-
-
 POOL_PREFIX = "pool:"
 """A demand whose resource is `pool:NAME[,NAME...]` asks for whole members of those pools."""
-
-
-class ResourceType(StrEnum):
-    CPU = "cpu"
-    MEMORY = "memory"
-    DISK = "disk"
-    NETWORK = "network"
-    GPU = "gpu"
-    CUSTOM = "custom"
 
 
 # -- wire shapes ------------------------------------------------------------
@@ -570,3 +460,61 @@ def compact_json_encoder(*, allow_nan: bool) -> Callable[[Any], str]:
         return "".join(encode_chunks(value, 0))
 
     return encode
+
+
+# -- framing for clients ----------------------------------------------------
+# CPython's C accelerator of `json` is used directly: importing `json` imports `re` (and with it `enum`),
+# ~5 ms, more than a whole `mcpctl allocate` adds to Python's start-up. The text is json.dumps's and the
+# values json.loads's; anything the accelerator does not take (no `_json`, a BOM, UTF-16, bad JSON) goes
+# to `json` itself, so the result and the error are json's own.
+
+try:
+    import _json
+except ImportError:  # another Python
+    _json = None  # type: ignore[assignment]
+
+
+def _not_serializable(value: object) -> object:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+class _LoadsContext:
+    """What the C scanner reads from its context: json.loads's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+_encode_chunks = (None if _json is None else
+                  _json.make_encoder(None, _not_serializable, _json.encode_basestring_ascii, None, ":", ",", False,
+                                     False, True))
+_scan = None if _json is None else _json.make_scanner(_LoadsContext())  # type: ignore[arg-type]
+
+
+def encode_line(message: Any) -> bytes:
+    """`message` as one line of the framing: `json.dumps(message, separators=(",", ":"))`, then a newline."""
+    if _encode_chunks is None:
+        import json
+
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return "".join(_encode_chunks(message, 0)).encode() + b"\n"
+
+
+def decode_line(line: bytes) -> Any:
+    """One line of the framing as a value, as `json.loads(line)` gives it (and its JSONDecodeError)."""
+    if _scan is not None:
+        try:
+            text = line.decode()
+            start = len(text) - len(text.lstrip(" \t\n\r"))
+            value, end = _scan(text, start)
+            if not text[end:].strip(" \t\n\r"):
+                return value
+        except (ValueError, StopIteration):
+            pass
+    import json
+
+    return json.loads(line)

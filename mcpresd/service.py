@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -89,6 +90,9 @@ class Caller:
 
 
 SYSTEM = Caller(uid=os.getuid(), gid=os.getgid(), pid=None)
+BULK_FREEZE = 1000
+"""A resources.add list this long ends with gc.freeze(): cycles alive then are never collected, so not after
+every small one."""
 
 
 @dataclass(frozen=True)
@@ -510,8 +514,11 @@ class Broker:
             if command.type is None or r.type is command.type
         ]
 
-    def resources_add(self, caller: Caller, command: p.AddResourceCommand) -> ResourceDict:
+    def resources_add(self, caller: Caller,
+                      command: p.AddResourceCommand | p.AddResourcesCommand) -> ResourceDict | dict[str, int]:
         _administer(caller, "add resources")
+        if isinstance(command, p.AddResourcesCommand):
+            return self._resources_add_many(caller, command)
         if self.ledger.find(command.name) is not None:
             raise ResourceExists(f"a resource named {command.name!r} already exists", resource=command.name)
         resource = Resource(
@@ -528,6 +535,33 @@ class Broker:
             self.pools.sync()
         self.schedule()
         return self.resource_dict(resource)
+
+    def _resources_add_many(self, caller: Caller, command: p.AddResourcesCommand) -> dict[str, int]:
+        """All of them or none, each with its resource.added event, in bulk: one sort of the ledger's order,
+        one statement for the rows and one for the events, one pool check and one pass of the queue."""
+        resources = [
+            Resource(name=one.name, type=ResourceType.CUSTOM, capacity=one.capacity, unit=one.unit,
+                     labels=one.labels, cost_per_unit_hour=one.cost_per_unit_hour, source="api")
+            for one in command.resources
+        ]
+        self.ledger.add_many(resources)  # raises ResourceExists, changing nothing, if one name is taken
+        now = self.clock()
+        self.store.insert_resources(resources, now)
+        ids = self.store.insert_events(now, "resource.added", [
+            (resource.name, {"capacity": resource.capacity, "unit": resource.unit}) for resource in resources],
+            uid=caller.uid)
+        self.outbox.events.extend(
+            {"id": event_id, "ts": now, "kind": "resource.added", "allocation_id": None, "resource": resource.name,
+             "uid": caller.uid, "detail": {"capacity": resource.capacity, "unit": resource.unit}}
+            for event_id, resource in zip(ids, resources))
+        if self.pools.any_joins_a_pool(resources):
+            self.pools.sync()
+        self.schedule()
+        if len(resources) >= BULK_FREEZE:
+            # What lives on (the resources, their ledger entries) leaves the cyclic collector's sight: each full
+            # collection went over every resource added before, 0.8 of 2.1 s of CPU for 100,000.
+            gc.freeze()
+        return {"added": len(resources)}
 
     def resources_remove(self, caller: Caller, command: p.RemoveResourceCommand) -> ResourceDict:
         _administer(caller, "remove resources")

@@ -39,10 +39,23 @@ def test_the_core_imports_no_io(path: Path) -> None:
             f"{path.name} imports {name}: the core must stay pure (no clock, sqlite, asyncio, os, psutil)")
 
 
-def test_the_protocol_is_standard_library_only() -> None:
-    for name in imports_of(ROOT / "mcpresd" / "protocol.py"):
+@pytest.mark.parametrize("module, own", [("protocol.py", {"mcpresd", "mcpresd.protocol_enums"}),
+                                         ("protocol_enums.py", {"mcpresd.protocol"})])
+def test_the_protocol_is_standard_library_only(module: str, own: set[str]) -> None:
+    for name in imports_of(ROOT / "mcpresd" / module):
         top = name.split(".")[0]
-        assert top in sys.stdlib_module_names or name == "mcpresd", f"protocol.py imports {name}"
+        assert top in sys.stdlib_module_names or name in own, f"{module} imports {name}"
+
+
+def test_the_protocol_names_every_enum_it_loads_on_first_use() -> None:
+    import enum
+
+    from mcpresd import protocol, protocol_enums
+
+    defined = {name for name, value in vars(protocol_enums).items()
+               if isinstance(value, type) and issubclass(value, enum.Enum) and value.__module__ == protocol_enums.__name__}
+    assert set(protocol.ENUMS) == defined
+    assert all(getattr(protocol, name) is getattr(protocol_enums, name) for name in defined)
 
 
 @pytest.mark.parametrize("path", modules("mcpctl"), ids=lambda p: str(p.relative_to(ROOT)))

@@ -77,6 +77,8 @@ class Ledger:
         self._by_uuid: dict[str, str] = {}
         self._used: dict[str, float] = {}
         self._by_type: dict[ResourceType, list[str]] = {}
+        self._order: dict[str, tuple[int, str]] = {}
+        """Each resource's place in its type's list (_order_key), kept so that a sort reads it, not the labels."""
         self._cursor: dict[ResourceType, int] = {}
         self.observed: dict[str, Observation] = {}
         self.blocked: dict[str, str] = {}
@@ -140,8 +142,34 @@ class Ledger:
         self._resources[resource.name] = resource
         if resource.uuid is not None:
             self._by_uuid[resource.uuid] = resource.name
-        insort(self._by_type.setdefault(resource.type, []), resource.name,
-               key=lambda name: _order_key(self._resources[name]))
+        self._order[resource.name] = _order_key(resource)
+        insort(self._by_type.setdefault(resource.type, []), resource.name, key=self._order.__getitem__)
+        self.version += 1
+        self.catalogue_version += 1
+
+    def add_many(self, resources: Sequence[Resource]) -> None:
+        """Add several resources, or none if one cannot be added: one sort of each type's order, where adding
+        them one by one inserts into a sorted list each time (100,000 took minutes)."""
+        names: set[str] = set()
+        for resource in resources:
+            if resource.name in names:
+                raise ResourceExists(f"a resource named {resource.name!r} is added twice", resource=resource.name)
+            names.add(resource.name)
+            if resource.name in self._resources or resource.name in self._by_uuid:
+                raise ResourceExists(f"a resource named {resource.name!r} already exists", resource=resource.name)
+            if resource.uuid is not None and (resource.uuid in self._by_uuid or resource.uuid in self._resources
+                                              or resource.uuid in names):
+                raise ResourceExists(f"a resource with UUID {resource.uuid!r} already exists",
+                                     resource=resource.name)
+        for resource in resources:
+            self._resources[resource.name] = resource
+            if resource.uuid is not None:
+                self._by_uuid[resource.uuid] = resource.name
+            self._order[resource.name] = _order_key(resource)
+        for kind in {resource.type for resource in resources}:
+            order = self._by_type.setdefault(kind, [])
+            order.extend(resource.name for resource in resources if resource.type is kind)
+            order.sort(key=self._order.__getitem__)  # two sorted runs, merged: linear
         self.version += 1
         self.catalogue_version += 1
 
@@ -163,6 +191,7 @@ class Ledger:
         if resource.uuid is not None:
             self._by_uuid.pop(resource.uuid, None)
         self._by_type[resource.type].remove(resource.name)
+        del self._order[resource.name]
         self.version += 1
         self.catalogue_version += 1
         return resource
@@ -182,8 +211,8 @@ class Ledger:
         if resource.uuid is not None:
             self._by_uuid[resource.uuid] = resource.name
         self._by_type[old.type].remove(old.name)
-        insort(self._by_type.setdefault(resource.type, []), resource.name,
-               key=lambda name: _order_key(self._resources[name]))
+        self._order[resource.name] = _order_key(resource)
+        insort(self._by_type.setdefault(resource.type, []), resource.name, key=self._order.__getitem__)
         self.version += 1
         self.catalogue_version += 1
 

@@ -36,6 +36,10 @@ def test_check_constraints_back_the_rules(tmp_path: Path) -> None:
     for statement in (
         "INSERT INTO resources VALUES ('x', 'custom', 0, 'u', '{}', NULL, NULL, 'api', 0)",
         "INSERT INTO resources VALUES ('x', 'bogus', 1, 'u', '{}', NULL, NULL, 'api', 0)",
+        "INSERT INTO resources VALUES ('x', 'custom', 1, 'u', '{}', NULL, NULL, 'elsewhere', 0)",
+        "INSERT INTO resources VALUES ('x', 'custom', 1, 'u', 'not json', NULL, NULL, 'api', 0)",
+        "INSERT INTO resources VALUES ('', 'custom', 1, 'u', '{}', NULL, NULL, 'api', 0)",
+        "INSERT INTO resources VALUES ('x', 'custom', 1, 'u', '{}', NULL, -1, 'api', 0)",
         "INSERT INTO allocations (id, state, priority, owner_uid, created_at) VALUES ('a', 'active', 'urgent', 0, 0)",
         "INSERT INTO allocations (id, state, priority, owner_uid, created_at, released_at)"
         " VALUES ('a', 'active', 'low', 0, 0, 1)",
@@ -118,3 +122,31 @@ def test_the_metric_counters_start_from_the_allocations_an_upgraded_database_hol
     assert counters == {"grants": 2, "releases": 1, "withdrawals": 2, "timeouts": 1, "wait_sum": 5.0}
     assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 2)]  # the one granted at once, then the 5 s wait
     assert buckets[-1] == (float("inf"), 2)
+def test_the_resource_checks_rebuilt_as_ors_keep_every_row_and_rule(tmp_path: Path) -> None:
+    from sqlite_utils import Database, Migrations
+
+    path = tmp_path / "state.db"
+    before = Migrations(MIGRATIONS_NAME)
+    for migration in MIGRATIONS[:7]:
+        before()(migration)
+    conn = sqlite3.connect(path)
+    before.apply(Database(conn))
+    conn.execute("INSERT INTO resources VALUES ('licence', 'custom', 2, 'seats', '{\"a\":1}', NULL, 1.5, 'config', 7)")
+    conn.execute("INSERT INTO resources VALUES ('gpu0', 'gpu', 1, 'gpus', '{}', 'GPU-1', NULL, 'discovered', 8)")
+    conn.commit()
+    conn.close()
+
+    store = Store(path)
+    rows = store.conn.execute("SELECT * FROM resources ORDER BY name").fetchall()
+    assert rows == [("gpu0", "gpu", 1.0, "gpus", "{}", "GPU-1", None, "discovered", 8.0),
+                    ("licence", "custom", 2.0, "seats", '{"a":1}', None, 1.5, "config", 7.0)]
+    sql = store.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'resources'").fetchone()[0]
+    assert " IN (" not in sql
+    for statement in ("INSERT INTO resources VALUES ('x', 'bogus', 1, 'u', '{}', NULL, NULL, 'api', 0)",
+                      "INSERT INTO resources VALUES ('gpu1', 'gpu', 1, 'u', '{}', 'GPU-1', NULL, 'api', 0)"):
+        try:
+            store.conn.execute(statement)
+        except sqlite3.IntegrityError:
+            continue
+        raise AssertionError(f"accepted: {statement}")
+    store.close()
