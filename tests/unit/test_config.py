@@ -192,3 +192,32 @@ def test_connections_and_holders_stay_below_the_open_file_limit_with_a_reserve_f
 def test_the_default_connection_caps_stand_where_descriptors_are_plenty() -> None:
     fitted = Limits().fitted(65_536)  # the systemd units' LimitNOFILE
     assert (fitted.max_connections, fitted.max_connections_per_uid) == (4096, 1024)
+
+
+# -- [cluster] ------------------------------------------------------------------
+
+def test_the_cluster_table_is_read_with_its_defaults(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, '[cluster]\ncommand = ["ssh", "login1"]\npartition = "gpu"\n'
+                                         'time_limit = "8h"\n'))
+    assert loaded.cluster is not None
+    assert loaded.cluster.command == ("ssh", "login1") and loaded.cluster.partition == "gpu"
+    assert loaded.cluster.time_limit == 8 * 3600 and loaded.cluster.timeout == 10.0 and loaded.cluster.account is None
+
+
+def test_without_a_cluster_table_there_is_no_cluster(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")).cluster is None
+
+
+@pytest.mark.parametrize(("table", "words"), [
+    ('backend = "pbs"', "backend must be"),
+    ('command = "ssh login1"', "command must be an array"),
+    ('command = ["ssh", ""]', "command must be an array"),
+    ('partition = "a b"', "partition must be"),
+    ('account = 3', "account must be"),
+    ('time_limit = "5s"', "time_limit must be between"),
+    ('timeout = "1h"', "timeout must be between"),
+    ('nodes = 2', "unknown key(s) nodes"),
+])
+def test_a_bad_cluster_table_is_refused_naming_the_key(tmp_path: Path, table: str, words: str) -> None:
+    with pytest.raises(config.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        config.load(write(tmp_path, f"[cluster]\n{table}\n"))
