@@ -33,7 +33,7 @@ ALLOCATE_VALUES = {
 }
 ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
 ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible",
-                  "--keep-processes": "keep_processes"}
+                  "--keep-processes": "keep_processes", "--cluster": "cluster", "--spill": "spill"}
 OUTPUT_FLAGS = frozenset({"json", "env"})
 RELEASE_FLAGS = {"--json": "json"}
 RELEASE_VALUES = {"--measured": "measured"}
@@ -129,6 +129,8 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
         no_block="no_block" in flags,
         preemptible="preemptible" in flags,
         keep_processes="keep_processes" in flags,
+        cluster="cluster" in flags,
+        spill="spill" in flags,
     )
     return run_allocate(socket_path, options, retry_for)
 

@@ -28,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
 
+from mcpresd.cluster.site import ClusterSite
+from mcpresd.cluster.slurm import SlurmCluster
 from mcpresd.config import Config, ConfigError
+from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.core.model import Resource
 from mcpresd.enforce import Enforcer, NoEnforcement, allocation_of, choose, let_go
 from mcpresd.files import (
@@ -129,6 +132,7 @@ class Daemon:
         self._database_dir: os.stat_result | None = None
         self.enforcer: Enforcer = NoEnforcement("the daemon has not started")
         self._endings: dict[str, asyncio.Task[None]] = {}
+        self.site: ClusterSite | None = None
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -303,9 +307,13 @@ class Daemon:
 
     def _holder_exited(self, pid: int, start: int | None) -> None:
         self._submit_quietly(lambda broker: broker.holder_exited(pid, start), f"releasing for holder {pid}")
+        if self.site is not None:
+            self.site.holder_exited(pid, start)
 
     def _connection_closed(self, connection: int) -> None:
         self._submit_quietly(lambda broker: broker.connection_closed(connection), "closing a connection")
+        if self.site is not None:
+            self.site.connection_closed(connection)
 
     async def _run_factory(self, run: FactoryRun) -> None:
         """Run a pool factory's command in its own process group, killed at its timeout; report the outcome."""
@@ -520,8 +528,16 @@ class Daemon:
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
+        if self.config.cluster is not None:
+            self.site = ClusterSite(SlurmCluster(self.config.cluster), self.config.cluster, committer.submit,
+                                    self.watch.add, self.clock, is_alive, resolve_holder)
+            await self.site.start()
+            server.dispatcher.router = self.site
+            cluster_poll = loop.create_task(self.site.poll_every(self.config.sample_interval, stop))
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
+        if self.site is not None:
+            background.append(cluster_poll)
         try:
             assert committer.broker is not None
             log.info(
@@ -551,6 +567,8 @@ class Daemon:
                 factory.cancel()
             for ending in list(self._endings.values()):
                 ending.cancel()  # what is left in those cgroups is stopped at the next start
+            if self.site is not None:
+                await self.site.close()
             await server.close_all(SHUTDOWN_GRACE_S)
             # Closed transports report connection_lost on a later round: let them, so the jobs they submit
             # (a waiting client's request withdrawn) run before the store closes.

@@ -16,7 +16,8 @@ import pytest
 
 from mcpresd.core.cluster import ClusterJob, parse_squeue, squeue_argv
 
-HARNESS = Path(__file__).resolve().parents[2] / "shared" / "slurm"
+HARNESS = Path(os.environ.get("MCPRES_SLURM_HARNESS") or Path(__file__).resolve().parents[2] / "shared" / "slurm")
+"""../shared/slurm beside the checkout (up.sh, down.sh); $MCPRES_SLURM_HARNESS for a checkout elsewhere."""
 D = Path(os.environ.get("D", "/tmp/mcpres-slurm"))
 NS = str(D / "ns")
 
@@ -35,8 +36,9 @@ def skip_unless_slurm() -> list[str]:
 
 
 def cluster_config(extra: str = "", interval: str = "1s", timeout: str = "10s") -> str:
-    """A daemon config with the harness as its cluster, sampling (and so polling Slurm) every `interval`."""
-    return (f'memory_reserve = "0"\n[monitor]\ninterval = "{interval}"\n[cluster]\ncommand = ["{NS}"]\n'
+    """Config tables (after tests.conftest.CONFIG) with the harness as the cluster, sampling (and so polling
+    Slurm) every `interval`; `extra` is more of the [cluster] table."""
+    return (f'\n[monitor]\ninterval = "{interval}"\n[cluster]\ncommand = ["{NS}"]\n'
             f'time_limit = "10m"\ntimeout = "{timeout}"\n{extra}')
 
 
