@@ -200,6 +200,8 @@ class ClusterSite:
                     await self._end(allocation, "cluster_job_ended", job)
                 elif job.state.holding and allocation.state is AllocationState.QUEUED:
                     await self._grant(allocation, job.id, job.nodes)
+                elif job.state.holding and not allocation.nodes and job.nodes:
+                    await self._commit(replace(allocation, nodes=job.nodes))
                 elif (job.reason, job.id) != (allocation.slurm_reason, allocation.job_id):
                     updated = replace(allocation, job_id=job.id, slurm_state=job.state.value, slurm_reason=job.reason)
                     await self._commit(updated)
@@ -305,13 +307,21 @@ class ClusterSite:
             holder_pid, holder_start = self._resolve_holder(command.holder_pid, caller.pid, caller.uid,
                                                             caller.administers)
         now = self._clock()
-        allocation_id: str = await self._submit(lambda broker: broker.new_id())
-        allocation = ClusterAllocation(
-            id=allocation_id, owner_uid=caller.uid, owner_gid=caller.gid, state=AllocationState.QUEUED,
-            created_at=now, request=replace(request, allocation_id=allocation_id), holder_pid=holder_pid,
-            holder_start=holder_start, idempotency_key=command.idempotency_key, tool_id=command.tool_id,
-            ttl_s=command.ttl, wait_until=None if not command.wait else now + command.wait)
-        await self._commit(allocation)  # before salloc: a crash from here on leaves a row the reconcile finds
+
+        def insert(broker: Any) -> ClusterAllocation:
+            allocation_id = broker.new_id()
+            row = ClusterAllocation(
+                id=allocation_id, owner_uid=caller.uid, owner_gid=caller.gid, state=AllocationState.QUEUED,
+                created_at=now, request=replace(request, allocation_id=allocation_id), holder_pid=holder_pid,
+                holder_start=holder_start, idempotency_key=command.idempotency_key, tool_id=command.tool_id,
+                ttl_s=command.ttl, wait_until=None if not command.wait else now + command.wait)
+            save(broker.store.conn, row)
+            return row
+
+        # Committed before salloc starts: a crash from here on leaves a row the reconcile finds.
+        allocation: ClusterAllocation = await self._submit(insert)
+        self.known.add(allocation.id)
+        self.live[allocation.id] = allocation
         try:
             submission = await self.cluster.submit(allocation.request, as_user)
         except ClusterError as error:
@@ -331,6 +341,20 @@ class ClusterSite:
         allocation = replace(allocation, job_id=submission.job_id, slurm_state=JobState.PENDING.value)
         if allocation.holder_pid is not None:
             self._watch_holder(allocation.holder_pid, allocation.holder_start)
+        if submission.granted and not command.detach:
+            # Granted at once (salloc's first word): straight to active, one commit, no follower.
+            self._submissions.pop(allocation.id, None)
+            try:
+                job_id = await submission.outcome()
+            except ClusterError as error:
+                async with self._lock:
+                    await self._end(allocation, "cluster_job_ended", None, why=error.message)
+                raise _failure(error) from None
+            nodes = await self._nodes_of(job_id)
+            async with self._lock:
+                if allocation.id not in self.live:
+                    raise Withdrawn(f"request {allocation.id} was withdrawn while Slurm granted it", id=allocation.id)
+                return await self._grant(allocation, job_id, nodes)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(allocation.id, []).append(waiter)
         if caller.connection is not None and not command.detach:
@@ -365,12 +389,7 @@ class ClusterSite:
                     await self._end(allocation, "cluster_job_ended", None, why=error.message)
             return
         self._submissions.pop(allocation_id, None)
-        nodes = ""
-        try:
-            jobs = await self.cluster.jobs()
-            nodes = next((job.nodes for job in jobs if job.id == job_id), "")
-        except ClusterError as error:
-            log.warning("cluster: job %s granted, its nodes unknown until the next poll: %s", job_id, error)
+        nodes = await self._nodes_of(job_id)
         allocation = self.live.get(allocation_id)
         if allocation is None:  # it ended while salloc waited
             with contextlib.suppress(ClusterError):
@@ -381,14 +400,23 @@ class ClusterSite:
             if allocation is not None and allocation.state is AllocationState.QUEUED:
                 await self._grant(allocation, job_id, nodes)
 
-    async def _grant(self, allocation: ClusterAllocation, job_id: int, nodes: str) -> None:
+    async def _nodes_of(self, job_id: int) -> str:
+        try:
+            return await self.cluster.nodes_of(job_id)
+        except ClusterError as error:
+            log.warning("cluster: job %s granted, its nodes unknown until the next poll: %s", job_id, error)
+            return ""
+
+    async def _grant(self, allocation: ClusterAllocation, job_id: int, nodes: str) -> dict[str, Any]:
         now = self._clock()
         granted = replace(allocation, state=AllocationState.ACTIVE, job_id=job_id, nodes=nodes or None,
                           granted_at=now, slurm_state=JobState.RUNNING.value, slurm_reason=None, wait_until=None,
                           expires_at=None if allocation.ttl_s is None else now + allocation.ttl_s)
         await self._commit(granted, "allocated", {"nodes": nodes})
         self._arm_timers(granted)
-        self._settle(granted.id, self.allocation_dict(granted))
+        result = self.allocation_dict(granted)
+        self._settle(granted.id, result)
+        return result
 
     def _settle(self, allocation_id: str, outcome: dict[str, Any] | DomainError) -> None:
         for waiter in self._waiters.pop(allocation_id, []):

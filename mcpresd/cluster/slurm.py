@@ -96,6 +96,8 @@ class Cluster(Protocol):
 
     async def cancel(self, job_ids: Sequence[int]) -> None: ...
 
+    async def nodes_of(self, job_id: int) -> str: ...
+
     def step_argv(self, job_id: int, argv: Sequence[str]) -> list[str]: ...
 
 
@@ -193,6 +195,10 @@ class SlurmCluster:
 
     async def jobs(self) -> list[ClusterJob]:
         return parse_squeue(await self._run(squeue_argv()))
+
+    async def nodes_of(self, job_id: int) -> str:
+        """The nodes a granted job holds (squeue's %N)."""
+        return (await self._run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%N"])).strip()
 
     async def cancel(self, job_ids: Sequence[int]) -> None:
         if job_ids:
