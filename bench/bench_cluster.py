@@ -6,7 +6,9 @@ Prints the median and p90 wall time (whole processes, as a shell script sees the
 - `mcpctl allocate --cluster --cpu 1` + `mcpctl release ID`  vs  `salloc --no-shell` + `scancel ID`;
 - `mcpctl run --cluster --cpu 1 -- true`                       vs  `srun -n1 true`.
 Rounds alternate the two sides so that a slow spell of the shared VM falls on both. The target (issue 17):
-mcpres's median at most 1.2x the direct commands' plus 10 ms.
+mcpres's median at most 1.2x the direct commands' plus 10 ms. For scale it also prints what the same mcpctl
+commands cost on a host resource (the CLI's own start-up and the daemon's round trip, no Slurm), and the
+daemon's part alone: allocate + release as two RPCs on one open connection.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from mcpctl.client import Client  # noqa: E402
 from tests.slurm import NS, skip_unless_slurm  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -44,7 +47,8 @@ def main() -> None:
         raise SystemExit(f"no Slurm harness: {error}") from None
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "mcpresd.toml"
-        config.write_text(f'memory_reserve = "0"\n[cluster]\ncommand = ["{NS}"]\ntime_limit = "10m"\n')
+        config.write_text(f'memory_reserve = "0"\n[[resources]]\nname = "licence"\ncapacity = 2\n'
+                          f'[cluster]\ncommand = ["{NS}"]\ntime_limit = "10m"\n')
         socket_path = str(Path(tmp) / "mcpresd.sock")
         env = dict(os.environ, MCPRES_SOCKET=socket_path)
         daemon = subprocess.Popen([str(BIN / "mcpresd"), "--config", str(config), "--socket", socket_path, "--db",
@@ -57,7 +61,10 @@ def main() -> None:
                 time.sleep(0.1)
             figures: dict[str, list[float]] = {name: [] for name in
                                                ("mcpctl allocate+release", "salloc+scancel", "mcpctl run -- true",
-                                                "srun -n1 true")}
+                                                "srun -n1 true", "host: mcpctl allocate+release",
+                                                "host: mcpctl run -- true", "RPC allocate+release")}
+            client = Client(socket_path, timeout=60)
+            client.__enter__()
             for _ in range(rounds):
                 elapsed, out = timed([MCPCTL, "allocate", "--cluster", "--cpu", "1"], env)
                 more, _ = timed([MCPCTL, "release", out.strip()], env)
@@ -69,6 +76,16 @@ def main() -> None:
                 figures["mcpctl run -- true"].append(timed([MCPCTL, "run", "--cluster", "--cpu", "1", "--", "true"],
                                                            env)[0])
                 figures["srun -n1 true"].append(timed([NS, "srun", "-n1", "--time=10", "true"], env)[0])
+                elapsed, out = timed([MCPCTL, "allocate", "--res", "licence=1"], env)
+                more, _ = timed([MCPCTL, "release", out.strip()], env)
+                figures["host: mcpctl allocate+release"].append(elapsed + more)
+                figures["host: mcpctl run -- true"].append(timed([MCPCTL, "run", "--res", "licence=1", "--", "true"],
+                                                                 env)[0])
+                started = time.perf_counter()
+                allocation = client.call("allocate", {"resources": [{"resource": "cpu", "amount": 1}],
+                                                      "site": "cluster", "holder_pid": os.getpid()})
+                client.call("release", {"id": allocation["id"]})
+                figures["RPC allocate+release"].append(time.perf_counter() - started)
         finally:
             daemon.terminate()
             daemon.wait(30)
@@ -78,7 +95,8 @@ def main() -> None:
         values.sort()
         medians[name] = statistics.median(values) * 1000
         print(f"  {name:26s} {medians[name]:8.1f} / {values[int(0.9 * (len(values) - 1))] * 1000:8.1f}")
-    for ours, theirs in (("mcpctl allocate+release", "salloc+scancel"), ("mcpctl run -- true", "srun -n1 true")):
+    for ours, theirs in (("mcpctl allocate+release", "salloc+scancel"), ("mcpctl run -- true", "srun -n1 true"),
+                         ("RPC allocate+release", "salloc+scancel")):
         target = 1.2 * medians[theirs] + 10
         print(f"  {ours}: {medians[ours] / medians[theirs]:.2f}x {theirs}; target <= {target:.1f} ms: "
               f"{'met' if medians[ours] <= target else 'NOT met'}")

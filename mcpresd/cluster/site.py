@@ -268,6 +268,8 @@ class ClusterSite:
             return self.allocate(caller, command, local)
         if method == Method.RESOURCES_LIST:
             return self._resources_with(command, local)
+        if method == Method.ALLOCATIONS_LIST:
+            return self._list_with(caller, command, local)
         by_id = {Method.RELEASE.value: self.release, Method.ALLOCATIONS_GET.value: self.get,
                  Method.ALLOCATIONS_WAIT.value: self.wait, Method.ALLOCATIONS_EXPLAIN.value: self.explain,
                  Method.ALLOCATIONS_ATTACH.value: self.attach}
@@ -279,6 +281,25 @@ class ClusterSite:
         rows: list[dict[str, Any]] = list(await local())
         wanted = getattr(command, "type", None)
         return rows + [r for r in self.resources() if wanted is None or r["type"] == getattr(wanted, "value", wanted)]
+
+    async def _list_with(self, caller: Any, command: Any, local: Local) -> list[dict[str, Any]]:
+        """The host's allocations and the caller's cluster ones (all of them for root and admins), newest first."""
+        rows: list[dict[str, Any]] = list(await local())
+        where, args = ["1"], []
+        if command.state is not None:
+            where.append("state = ?")
+            args.append(command.state.value)
+        if command.before_id is not None:
+            where.append("id < ?")
+            args.append(command.before_id)
+        if not (caller.uid == 0 or getattr(caller, "admin", False)):
+            where.append("owner_uid = ?")
+            args.append(caller.uid)
+        clause = f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+        found = await self._submit(lambda broker: load(broker.store.conn, clause, (*args, command.limit)))
+        rows += [self.allocation_dict(self.live.get(a.id, a)) for a in found]
+        rows.sort(key=lambda row: row["id"], reverse=True)
+        return rows[: command.limit]
 
     async def _by_id(self, serve: Callable[[Any, ClusterAllocation, Any], Awaitable[dict[str, Any]]], caller: Any,
                      command: Any) -> Any:
@@ -350,7 +371,7 @@ class ClusterSite:
                 async with self._lock:
                     await self._end(allocation, "cluster_job_ended", None, why=error.message)
                 raise _failure(error) from None
-            nodes = await self._nodes_of(job_id)
+            nodes = await self._nodes_of(job_id, allocation.request.partition)
             async with self._lock:
                 if allocation.id not in self.live:
                     raise Withdrawn(f"request {allocation.id} was withdrawn while Slurm granted it", id=allocation.id)
@@ -389,7 +410,8 @@ class ClusterSite:
                     await self._end(allocation, "cluster_job_ended", None, why=error.message)
             return
         self._submissions.pop(allocation_id, None)
-        nodes = await self._nodes_of(job_id)
+        known = self.live.get(allocation_id)
+        nodes = await self._nodes_of(job_id, known.request.partition if known else None)
         allocation = self.live.get(allocation_id)
         if allocation is None:  # it ended while salloc waited
             with contextlib.suppress(ClusterError):
@@ -400,7 +422,11 @@ class ClusterSite:
             if allocation is not None and allocation.state is AllocationState.QUEUED:
                 await self._grant(allocation, job_id, nodes)
 
-    async def _nodes_of(self, job_id: int) -> str:
+    async def _nodes_of(self, job_id: int, partition: str | None = None) -> str:
+        """The granted job's nodes: its partition's one node where it has one (no call), else squeue's."""
+        named = [p for p in self.partitions if (p.name == partition if partition else p.default)]
+        if len(named) == 1 and len(named[0].nodes) == 1:
+            return named[0].nodes[0]
         try:
             return await self.cluster.nodes_of(job_id)
         except ClusterError as error:

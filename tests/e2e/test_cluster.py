@@ -104,10 +104,11 @@ def test_run_on_the_cluster_streams_and_passes_the_exit_status(cluster_daemon: D
     assert done.returncode == 7, done.stderr
     assert done.stdout.strip() in ("0", "1")
     assert "to-stderr" in done.stderr
-    ended = [a for a in cluster_daemon.call("allocations.list", {}) if a.get("site") == "cluster"]
-    assert ended == []  # nothing of the cluster's is left on the host's list
-    assert not [job for job in jobs() if job.allocation_id and job.state.holding and job.user == "root"
-                and job.allocation_id in made]
+    (ended,) = [a for a in json.loads(ok(cluster_daemon, "allocations", "--all", "--json"))
+                if a.get("site") == "cluster"]
+    made.append(ended["id"])
+    assert ended["state"] == "released" and ended["cluster"]["slurm_state"] == "CANCELLED"
+    assert job_of(ended["id"]).state.ended  # type: ignore[union-attr]
 
 
 def test_a_step_of_a_cluster_allocation_runs_in_its_job(cluster_daemon: DaemonProcess, made: list[str]) -> None:
@@ -141,11 +142,13 @@ def test_a_third_request_waits_with_slurms_reason_and_is_granted_when_one_is_rel
 
 def test_wait_0_on_a_busy_cluster_exits_3_and_leaves_nothing(cluster_daemon: DaemonProcess,
                                                               made: list[str]) -> None:
-    allocate(cluster_daemon, made, "--cluster", "--gpu", "2")
+    held = allocate(cluster_daemon, made, "--cluster", "--gpu", "2")
+    before = _rows(cluster_daemon)
     refused = cli(cluster_daemon, "allocate", "--cluster", "--gpu", "1")
     assert refused.returncode == 3, refused.stderr
     assert "busy" in refused.stderr
-    assert len(cluster_daemon.call("allocations.list", {"state": "active"})) == 0  # the host's list, untouched
+    assert [a["id"] for a in cluster_daemon.call("allocations.list", {})] == [held["id"]]
+    assert _rows(cluster_daemon) == before
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -313,3 +316,26 @@ def _mcpctl() -> list[str]:
     import sys
 
     return [str(Path(sys.executable).parent / "mcpctl")]
+
+
+def test_a_wait_that_runs_out_cancels_the_pending_job_and_exits_3(cluster_daemon: DaemonProcess,
+                                                                   made: list[str]) -> None:
+    allocate(cluster_daemon, made, "--cluster", "--gpu", "2")
+    started = time.monotonic()
+    timed_out = cli(cluster_daemon, "allocate", "--cluster", "--gpu", "1", "--wait", "2s", "--json")
+    assert timed_out.returncode == 3, timed_out.stderr
+    assert "wait ran out" in timed_out.stderr and time.monotonic() - started >= 2
+    (withdrawn,) = [a for a in cluster_daemon.call("allocations.list", {"state": "withdrawn"})]
+    made.append(withdrawn["id"])
+    assert withdrawn["release_reason"] == "timeout"
+    job = eventually(lambda: (j := job_of(withdrawn["id"])) is None or j.state.ended, "the pending job gone")
+    assert job
+
+
+def test_a_lease_that_runs_out_cancels_the_job(cluster_daemon: DaemonProcess, made: list[str]) -> None:
+    allocation = allocate(cluster_daemon, made, "--cluster", "--cpu", "1", "--ttl", "2s")
+    wait_for_job(allocation["id"], "RUNNING")
+    wait_for_job(allocation["id"], "CANCELLED")
+    ended = eventually(lambda: (a := get(cluster_daemon, allocation["id"]))["state"] == "released" and a,
+                       "the lease ended")
+    assert ended["release_reason"] == "expired" and ended["cluster"]["slurm_state"] == "CANCELLED"
