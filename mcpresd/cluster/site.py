@@ -272,7 +272,7 @@ class ClusterSite:
             return self._list_with(caller, command, local)
         by_id = {Method.RELEASE.value: self.release, Method.ALLOCATIONS_GET.value: self.get,
                  Method.ALLOCATIONS_WAIT.value: self.wait, Method.ALLOCATIONS_EXPLAIN.value: self.explain,
-                 Method.ALLOCATIONS_ATTACH.value: self.attach}
+                 Method.ALLOCATIONS_ATTACH.value: self.attach, Method.ALLOCATIONS_RENEW.value: self.renew}
         if method in by_id and getattr(command, "id", None) in self.known:
             return self._by_id(by_id[method], caller, command)
         return None
@@ -518,6 +518,23 @@ class ClusterSite:
                                       id=allocation.id, released_at=allocation.released_at)
             reason = "released" if allocation.state is AllocationState.ACTIVE else "cancelled"
             return self.allocation_dict(await self._end(allocation, reason, None))
+
+    async def renew(self, caller: Any, allocation: ClusterAllocation, command: Any) -> dict[str, Any]:
+        """A new lease from now (the job's Slurm time limit still holds)."""
+        async with self._lock:
+            allocation = self.live.get(allocation.id, allocation)
+            if not allocation.live:
+                raise AlreadyReleased(f"allocation {allocation.id} was already {allocation.state.value}",
+                                      id=allocation.id)
+            ttl = command.ttl or allocation.ttl_s
+            if ttl is None:
+                raise InvalidRequest(f"allocation {allocation.id} has no TTL; give one to set it", field="ttl")
+            now = self._clock()
+            renewed = replace(allocation, ttl_s=ttl,
+                              expires_at=now + ttl if allocation.state is AllocationState.ACTIVE else None)
+            await self._commit(renewed, "renewed", {"ttl_s": ttl, "expires_at": renewed.expires_at})
+            self._arm_timers(renewed)
+            return self.allocation_dict(renewed)
 
     async def get(self, caller: Any, allocation: ClusterAllocation, command: Any) -> dict[str, Any]:
         return self.allocation_dict(allocation)

@@ -335,6 +335,8 @@ def test_a_wait_that_runs_out_cancels_the_pending_job_and_exits_3(cluster_daemon
 def test_a_lease_that_runs_out_cancels_the_job(cluster_daemon: DaemonProcess, made: list[str]) -> None:
     allocation = allocate(cluster_daemon, made, "--cluster", "--cpu", "1", "--ttl", "2s")
     wait_for_job(allocation["id"], "RUNNING")
+    renewed = json.loads(ok(cluster_daemon, "renew", allocation["id"], "--ttl", "3s", "--json"))
+    assert renewed["ttl_s"] == 3 and renewed["expires_at"] > allocation["expires_at"]
     wait_for_job(allocation["id"], "CANCELLED")
     ended = eventually(lambda: (a := get(cluster_daemon, allocation["id"]))["state"] == "released" and a,
                        "the lease ended")
