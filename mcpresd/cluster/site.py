@@ -403,10 +403,11 @@ class ClusterSite:
         try:
             job_id = await submission.outcome()
         except ClusterError as error:
-            self._submissions.pop(allocation_id, None)
-            allocation = self.live.get(allocation_id)
-            if allocation is not None:
-                async with self._lock:
+            if self._submissions.get(allocation_id) is submission:
+                self._submissions.pop(allocation_id, None)
+            async with self._lock:
+                allocation = self.live.get(allocation_id)  # read under the lock: an ending in flight wins
+                if allocation is not None and not submission.stopped:
                     await self._end(allocation, "cluster_job_ended", None, why=error.message)
             return
         self._submissions.pop(allocation_id, None)
@@ -455,6 +456,9 @@ class ClusterSite:
     async def _end(self, allocation: ClusterAllocation, reason: str, job: ClusterJob | None,
                    why: str | None = None) -> ClusterAllocation:
         """Cancel its job (unless Slurm ended it) and end the allocation, recording Slurm's final state."""
+        if allocation.id not in self.live:
+            return allocation  # ended already (the callers hold the lock, so not twice)
+        allocation = self.live[allocation.id]
         timer = self._timers.pop(allocation.id, None)
         if timer is not None:
             timer.cancel()

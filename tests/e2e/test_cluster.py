@@ -341,3 +341,26 @@ def test_a_lease_that_runs_out_cancels_the_job(cluster_daemon: DaemonProcess, ma
     ended = eventually(lambda: (a := get(cluster_daemon, allocation["id"]))["state"] == "released" and a,
                        "the lease ended")
     assert ended["release_reason"] == "expired" and ended["cluster"]["slurm_state"] == "CANCELLED"
+
+
+def test_ctrl_c_while_waiting_withdraws_the_request_and_cancels_its_job(cluster_daemon: DaemonProcess,
+                                                                         made: list[str]) -> None:
+    allocate(cluster_daemon, made, "--cluster", "--gpu", "2")
+    waiting = subprocess.Popen([*_mcpctl(), "allocate", "--cluster", "--gpu", "1", "--wait", "5m"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, MCPRES_SOCKET=cluster_daemon.socket))
+    try:
+        queued = eventually(lambda: [a for a in cluster_daemon.call("allocations.list", {"state": "queued"})],
+                            "the request queued")
+        made.append(queued[0]["id"])
+        wait_for_job(queued[0]["id"], "PENDING")
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(30) == 130
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        waiting.communicate()
+    ended = eventually(lambda: (a := get(cluster_daemon, queued[0]["id"]))["state"] == "withdrawn" and a,
+                       "the request withdrawn")
+    assert ended["release_reason"] == "disconnected"
+    assert eventually(lambda: (j := job_of(queued[0]["id"])) is None or j.state.ended, "the pending job gone")
