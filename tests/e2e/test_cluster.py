@@ -284,8 +284,12 @@ def test_slurm_stopped_mid_way_gives_clear_errors_and_loses_nothing_local(tmp_pa
     daemon = start(tmp_path)
     try:
         local = ok(daemon, "allocate", "--res", "licence=1").strip()
+        kept = allocate(daemon, made, "--cluster", "--cpu", "1")
+        released = allocate(daemon, made, "--cluster", "--cpu", "1")
         subprocess.run([str(HARNESS / "down.sh")], capture_output=True, timeout=120, check=True)
         try:
+            ok(daemon, "release", released["id"])  # ended here; its job is cancelled once Slurm answers again
+            assert get(daemon, released["id"])["state"] == "released"
             refused = cli(daemon, "allocate", "--cluster", "--cpu", "1")
             assert refused.returncode == 7, refused.stderr
             assert "cluster" in refused.stderr
@@ -298,6 +302,11 @@ def test_slurm_stopped_mid_way_gives_clear_errors_and_loses_nothing_local(tmp_pa
         finally:
             subprocess.run([str(HARNESS / "up.sh")], capture_output=True, timeout=300, check=True)
         skip_unless_slurm()
+        assert get(daemon, local)["state"] == "active"
+        # The harness starts afresh (its state is wiped): the kept allocation's job is gone, and it ends saying so.
+        gone = eventually(lambda: (a := get(daemon, kept["id"]))["state"] == "released" and a,
+                          "the allocation whose job Slurm lost ended")
+        assert gone["release_reason"] == "cluster_job_gone"
         assert get(daemon, local)["state"] == "active"
     finally:
         daemon.stop()
@@ -364,3 +373,22 @@ def test_ctrl_c_while_waiting_withdraws_the_request_and_cancels_its_job(cluster_
                        "the request withdrawn")
     assert ended["release_reason"] == "disconnected"
     assert eventually(lambda: (j := job_of(queued[0]["id"])) is None or j.state.ended, "the pending job gone")
+
+
+def test_after_a_restart_the_job_of_an_ended_allocation_is_cancelled(tmp_path: Path, made: list[str]) -> None:
+    daemon = start(tmp_path)
+    try:
+        allocation = allocate(daemon, made, "--cluster", "--cpu", "1")
+        wait_for_job(allocation["id"], "RUNNING")
+        daemon.kill()
+        # What a crash between the release's COMMIT and its scancel leaves: the row ended, the job running.
+        conn = sqlite3.connect(daemon.db)
+        with conn:
+            conn.execute("UPDATE cluster_allocations SET state = 'released', released_at = 1, "
+                         "release_reason = 'released' WHERE id = ?", (allocation["id"],))
+        conn.close()
+        assert job_of(allocation["id"]).state.holding  # type: ignore[union-attr]
+        daemon.start()
+        wait_for_job(allocation["id"], "CANCELLED")
+    finally:
+        daemon.stop()
