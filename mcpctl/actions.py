@@ -408,7 +408,11 @@ def gpu_uuids(allocation: dict[str, Any]) -> list[str]:
 
 
 def run_environment(allocation: dict[str, Any]) -> dict[str, str]:
-    """What a command run inside an allocation finds in its environment."""
+    """What a command run inside an allocation finds in its environment. A cluster allocation's GPUs are on its
+    node, where Slurm sets CUDA_VISIBLE_DEVICES for each step: here it names the job instead."""
+    cluster = allocation.get("cluster")
+    if isinstance(cluster, dict):
+        return {"MCPRES_ALLOCATION_ID": allocation["id"], "SLURM_JOB_ID": str(cluster.get("job_id") or "")}
     return {
         "MCPRES_ALLOCATION_ID": allocation["id"],
         "CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids(allocation)),

@@ -82,6 +82,9 @@ def test_an_allocation_on_the_cluster_is_a_slurm_job_until_released(cluster_daem
     assert allocation["cluster"]["job_id"] == job.id and allocation["cluster"]["nodes"] == job.nodes
     assert any(item["resource"] == f"cluster:{job.nodes}:job:{job.id}" for item in allocation["items"])
     assert "gpu:1" in job.gres
+    exported = ok(cluster_daemon, "allocate", "--cluster", "--cpu", "1", "--env")
+    made.append(exported.split("MCPRES_ALLOCATION_ID=")[1].split()[0].strip("'"))
+    assert "export SLURM_JOB_ID=" in exported and "CUDA_VISIBLE_DEVICES" not in exported
     released = json.loads(ok(cluster_daemon, "release", allocation["id"], "--json"))
     assert released[0]["state"] == "released" if isinstance(released, list) else released["state"] == "released"
     wait_for_job(allocation["id"], "CANCELLED")
