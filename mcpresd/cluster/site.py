@@ -129,6 +129,9 @@ class ClusterSite:
         self.partitions_at: float | None = None
         self.stale: str | None = "not read yet"
         self._submissions: dict[str, Submission] = {}
+        """The salloc each allocation's request is followed by, until it is granted or ends; the poll leaves
+        those allocations to it (and those whose salloc is starting, in `_submitting`)."""
+        self._submitting: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._attended: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -186,7 +189,7 @@ class ClusterSite:
                     by_allocation[listed.allocation_id] = listed
         async with self._lock:
             for allocation in list(self.live.values()):
-                if allocation.id in self._submissions:
+                if allocation.id in self._submissions or allocation.id in self._submitting:
                     continue  # its salloc is still ours to follow
                 job = by_allocation.get(allocation.id)
                 if allocation.holder_pid is not None and not self._is_alive(allocation.holder_pid,
@@ -343,11 +346,14 @@ class ClusterSite:
         allocation: ClusterAllocation = await self._submit(insert)
         self.known.add(allocation.id)
         self.live[allocation.id] = allocation
+        self._submitting.add(allocation.id)
         try:
             submission = await self.cluster.submit(allocation.request, as_user)
         except ClusterError as error:
             await self._forget(allocation)
             raise _failure(error) from None
+        finally:
+            self._submitting.discard(allocation.id)
         self._submissions[allocation.id] = submission
         if submission.job_id is None:  # salloc ended without naming a job: refused at once
             self._submissions.pop(allocation.id, None)
@@ -360,22 +366,29 @@ class ClusterSite:
                                                queued=0, site="cluster") from None
                 raise _failure(error) from None
         allocation = replace(allocation, job_id=submission.job_id, slurm_state=JobState.PENDING.value)
+        if allocation.id in self.live:
+            self.live[allocation.id] = allocation  # its job id known (committed with the grant or as queued)
         if allocation.holder_pid is not None:
             self._watch_holder(allocation.holder_pid, allocation.holder_start)
         if submission.granted and not command.detach:
             # Granted at once (salloc's first word): straight to active, one commit, no follower.
-            self._submissions.pop(allocation.id, None)
             try:
-                job_id = await submission.outcome()
-            except ClusterError as error:
+                try:
+                    job_id = await submission.outcome()
+                except ClusterError as error:
+                    async with self._lock:
+                        await self._end(allocation, "cluster_job_ended", None, why=error.message)
+                    raise _failure(error) from None
+                nodes = await self._nodes_of(job_id, allocation.request.partition)
                 async with self._lock:
-                    await self._end(allocation, "cluster_job_ended", None, why=error.message)
-                raise _failure(error) from None
-            nodes = await self._nodes_of(job_id, allocation.request.partition)
-            async with self._lock:
-                if allocation.id not in self.live:
-                    raise Withdrawn(f"request {allocation.id} was withdrawn while Slurm granted it", id=allocation.id)
-                return await self._grant(allocation, job_id, nodes)
+                    current = self.live.get(allocation.id)
+                    if current is None:
+                        raise Withdrawn(f"request {allocation.id} was withdrawn while Slurm granted it",
+                                        id=allocation.id)
+                    return await self._grant(current, job_id, nodes)
+            finally:
+                if self._submissions.get(allocation.id) is submission:
+                    self._submissions.pop(allocation.id, None)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(allocation.id, []).append(waiter)
         if caller.connection is not None and not command.detach:
@@ -410,18 +423,20 @@ class ClusterSite:
                 if allocation is not None and not submission.stopped:
                     await self._end(allocation, "cluster_job_ended", None, why=error.message)
             return
-        self._submissions.pop(allocation_id, None)
-        known = self.live.get(allocation_id)
-        nodes = await self._nodes_of(job_id, known.request.partition if known else None)
-        allocation = self.live.get(allocation_id)
-        if allocation is None:  # it ended while salloc waited
-            with contextlib.suppress(ClusterError):
-                await self.cluster.cancel([job_id])
-            return
-        async with self._lock:
-            allocation = self.live.get(allocation_id)
-            if allocation is not None and allocation.state is AllocationState.QUEUED:
-                await self._grant(allocation, job_id, nodes)
+        try:
+            known = self.live.get(allocation_id)
+            nodes = await self._nodes_of(job_id, known.request.partition if known else None)
+            if self.live.get(allocation_id) is None:  # it ended while salloc waited
+                with contextlib.suppress(ClusterError):
+                    await self.cluster.cancel([job_id])
+                return
+            async with self._lock:
+                allocation = self.live.get(allocation_id)
+                if allocation is not None and allocation.state is AllocationState.QUEUED:
+                    await self._grant(allocation, job_id, nodes)
+        finally:
+            if self._submissions.get(allocation_id) is submission:
+                self._submissions.pop(allocation_id, None)
 
     async def _nodes_of(self, job_id: int, partition: str | None = None) -> str:
         """The granted job's nodes: its partition's one node where it has one (no call), else squeue's."""
