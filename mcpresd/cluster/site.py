@@ -273,6 +273,8 @@ class ClusterSite:
             return self._resources_with(command, local)
         if method == Method.ALLOCATIONS_LIST:
             return self._list_with(caller, command, local)
+        if method == Method.DAEMON_STATUS:
+            return self._status_with(local)
         by_id = {Method.RELEASE.value: self.release, Method.ALLOCATIONS_GET.value: self.get,
                  Method.ALLOCATIONS_WAIT.value: self.wait, Method.ALLOCATIONS_EXPLAIN.value: self.explain,
                  Method.ALLOCATIONS_ATTACH.value: self.attach, Method.ALLOCATIONS_RENEW.value: self.renew}
@@ -284,6 +286,15 @@ class ClusterSite:
         rows: list[dict[str, Any]] = list(await local())
         wanted = getattr(command, "type", None)
         return rows + [r for r in self.resources() if wanted is None or r["type"] == getattr(wanted, "value", wanted)]
+
+    async def _status_with(self, local: Local) -> dict[str, Any]:
+        status = dict(await local())
+        states = [allocation.state for allocation in self.live.values()]
+        status["cluster"] = {"backend": self.config.backend, "command": list(self.config.command),
+                             "partition": self.config.partition, "active": states.count(AllocationState.ACTIVE),
+                             "queued": states.count(AllocationState.QUEUED), "stale": self.stale,
+                             "partitions_at": self.partitions_at}
+        return status
 
     async def _list_with(self, caller: Any, command: Any, local: Local) -> list[dict[str, Any]]:
         """The host's allocations and the caller's cluster ones (all of them for root and admins), newest first."""
@@ -513,8 +524,9 @@ class ClusterSite:
         if deadline is None:
             return
         loop = asyncio.get_running_loop()
-        self._timers[allocation.id] = loop.call_later(max(0.0, deadline - self._clock()), self._spawn,
-                                                       self._timed_out(allocation.id, reason))
+        allocation_id = allocation.id
+        self._timers[allocation_id] = loop.call_later(max(0.0, deadline - self._clock()),
+                                                       lambda: self._spawn(self._timed_out(allocation_id, reason)))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

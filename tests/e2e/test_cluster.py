@@ -98,6 +98,9 @@ def test_resources_list_the_partitions_beside_the_host(cluster_daemon: DaemonPro
     assert gpus["capacity"] == 2 and gpus["labels"]["stale"] is False
     assert {r["type"] for r in rows} == {"cpu", "memory", "gpu"}
     assert any(r["name"] == "cpu" for r in json.loads(ok(cluster_daemon, "resources", "--json")))
+    status = json.loads(ok(cluster_daemon, "status", "--json"))["cluster"]
+    assert status["backend"] == "slurm" and status["stale"] is None and status["active"] == 0
+    assert "cluster: slurm via " in ok(cluster_daemon, "status")
 
 
 def test_run_on_the_cluster_streams_and_passes_the_exit_status(cluster_daemon: DaemonProcess,
