@@ -77,7 +77,7 @@ log = logging.getLogger("mcpresd")
 SHUTDOWN_GRACE_S = 5.0
 STATUS_INTERVAL_S = 30.0
 """How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
-RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce")
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce", "cluster")
 """Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
