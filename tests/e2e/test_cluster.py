@@ -213,7 +213,7 @@ def test_kill_9_of_the_daemon_then_restart_orphans_nothing(tmp_path: Path, made:
         ok_job = job_of(active["id"])
         assert ok_job is not None and ok_job.state.holding  # the job outlives the daemon
         daemon.start()
-        # The pending request was withdrawn? No: its job is still Slurm's and the daemon follows it again.
+        # Both jobs outlived the daemon: the active one is active again, the pending one followed again (by squeue).
         assert get(daemon, active["id"])["state"] == "active"
         ok(daemon, "release", active["id"])
         wait_for_job(active["id"], "CANCELLED")
