@@ -322,12 +322,12 @@ def m007_allocations_by_state(db: Any) -> None:
     db.executescript("CREATE INDEX allocations_by_state ON allocations (state, id);")
 
 
-def m008_cluster_allocations(db: Any) -> None:
+def m010_cluster_allocations(db: Any) -> None:
     # The cluster site's allocations (mcpresd/cluster/site.py): Slurm grants them, the host's ledger never holds them.
-    db.executescript(SCHEMA_V8_CLUSTER)
+    db.executescript(SCHEMA_V10_CLUSTER)
 
 
-SCHEMA_V8_CLUSTER = """
+SCHEMA_V10_CLUSTER = """
 CREATE TABLE cluster_allocations (
     id TEXT PRIMARY KEY,
     owner_uid INTEGER NOT NULL,
@@ -354,9 +354,10 @@ CREATE INDEX cluster_allocations_live ON cluster_allocations (state) WHERE state
 """
 
 
-# Registered in order; never edit one that has shipped, add the next.
+# Registered in order; never edit one that has shipped, add the next. (m010: main's m008 and m009 were written
+# beside this branch; they go before it when the branches meet.)
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
-              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m008_cluster_allocations)
+              m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m010_cluster_allocations)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
