@@ -84,7 +84,7 @@ class AllocateOptions:
 
     __slots__ = ("cpu", "mem", "gpu", "disk", "res", "priority", "tool", "exec_id", "key", "holder_pid", "output",
                  "wait", "no_block", "ttl", "strategy", "where", "max_cost", "preemptible", "pool", "members",
-                 "objective", "enforce", "keep_processes")
+                 "objective", "enforce", "keep_processes", "cluster", "spill")
 
     def __init__(
         self,
@@ -111,6 +111,8 @@ class AllocateOptions:
         objective: str | None = None,
         enforce: str | None = None,
         keep_processes: bool = False,
+        cluster: bool = False,
+        spill: bool = False,
     ) -> None:
         self.cpu, self.mem, self.gpu = cpu, mem, gpu
         self.disk, self.res = tuple(disk), tuple(res)
@@ -120,6 +122,7 @@ class AllocateOptions:
         self.strategy, self.where, self.max_cost, self.preemptible = strategy, tuple(where), max_cost, preemptible
         self.pool, self.members, self.objective = pool, members, objective
         self.enforce, self.keep_processes = enforce, keep_processes
+        self.cluster, self.spill = cluster, spill
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -226,6 +229,12 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             params["confine_holder"] = True
     if options.keep_processes:
         params["keep_processes"] = True
+    if options.cluster and options.spill:
+        raise UsageError("choose one of --cluster (always the cluster) and --spill (the cluster when the host is full)")
+    if options.cluster:
+        params["site"] = "cluster"
+    elif options.spill:
+        params["site"] = "spill"
     return params
 
 
@@ -422,7 +431,11 @@ def gpu_uuids(allocation: dict[str, Any]) -> list[str]:
 
 
 def run_environment(allocation: dict[str, Any]) -> dict[str, str]:
-    """What a command run inside an allocation finds in its environment."""
+    """What a command run inside an allocation finds in its environment. A cluster allocation's GPUs are on its
+    node, where Slurm sets CUDA_VISIBLE_DEVICES for each step: here it names the job instead."""
+    cluster = allocation.get("cluster")
+    if isinstance(cluster, dict):
+        return {"MCPRES_ALLOCATION_ID": allocation["id"], "SLURM_JOB_ID": str(cluster.get("job_id") or "")}
     return {
         "MCPRES_ALLOCATION_ID": allocation["id"],
         "CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids(allocation)),

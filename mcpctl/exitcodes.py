@@ -12,6 +12,8 @@
 | 6    | the daemon is not trusted: another user owns the socket's directory  |
 |      | or serves the socket (yourself, root and $MCPRES_TRUSTED_UID are     |
 |      | trusted)                                                             |
+| 7    | the cluster refused the request or did not answer (Slurm's message   |
+|      | says why); nothing changed locally                                   |
 | 130  | interrupted (Ctrl-C) while waiting                                   |
 
 `mcpctl run` exits with its command's status instead: the command's own exit
@@ -23,7 +25,7 @@ requests give 2. 1013 Withdrawn and the other application errors give 1; among
 them 1015 BudgetExceeded (a spent budget is a refusal by policy: waiting or
 retrying does not help until its period ends), 1016 PoolDraining (like 1011
 NeverFits), 1017 UnknownPool (like 1001 UnknownResource) and 1018 PoolExists
-(like 1005 ResourceExists).
+(like 1005 ResourceExists). 1019 ClusterFailed gives 7.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ UNAVAILABLE = 3
 PERMISSION_DENIED = 4
 UNREACHABLE = 5
 UNTRUSTED = 6
+CLUSTER_FAILED = 7
 CANNOT_EXECUTE = 126
 NOT_FOUND = 127
 INTERRUPTED = 130
@@ -51,6 +54,8 @@ TABLE = (
     (UNREACHABLE, "the daemon is unreachable (not running, or a wrong --socket)"),
     (UNTRUSTED, "the daemon is not trusted: another user owns the socket's directory or serves the socket "
                 "(yourself, root and $MCPRES_TRUSTED_UID are trusted)"),
+    (CLUSTER_FAILED, "the cluster refused the request or did not answer (Slurm's message says why); nothing "
+                     "changed locally"),
     (INTERRUPTED, "interrupted (Ctrl-C) while waiting"),
 )
 RUN_NOTE = ("mcpctl run exits with its command's status: its exit code, 128+N if signal N killed it, "
@@ -63,6 +68,8 @@ def for_error(code: int) -> int:
         return UNAVAILABLE
     if code == ErrorCode.PERMISSION_DENIED:
         return PERMISSION_DENIED
+    if code == ErrorCode.CLUSTER_FAILED:
+        return CLUSTER_FAILED
     if code in (ErrorCode.INVALID_PARAMS, ErrorCode.INVALID_REQUEST, ErrorCode.METHOD_NOT_FOUND):
         return USAGE
     return ERROR  # refusals no wait would change: Withdrawn, BudgetExceeded, PoolDraining, UnknownPool, ...

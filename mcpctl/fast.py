@@ -1,4 +1,4 @@
-"""A fast path for `mcpctl allocate` and `mcpctl release`, the commands shell scripts run in loops.
+"""A fast path for `mcpctl allocate`, `mcpctl release` and `mcpctl run -- CMD`, the commands scripts run in loops.
 
 Importing Typer costs more than the whole allocation (see bench/). This parser
 accepts exactly the options the Typer commands define (a test keeps the two in
@@ -35,8 +35,12 @@ ALLOCATE_VALUES = {
 }
 ALLOCATE_LISTS = {"--disk": "disk", "--res": "res", "--where": "where"}
 ALLOCATE_FLAGS = {"--json": "json", "--env": "env", "--no-block": "no_block", "--preemptible": "preemptible",
-                  "--keep-processes": "keep_processes"}
+                  "--keep-processes": "keep_processes", "--cluster": "cluster", "--spill": "spill"}
 OUTPUT_FLAGS = frozenset({"json", "env"})
+RUN_VALUES = {**{name: key for name, key in ALLOCATE_VALUES.items() if name != "--holder-pid"},
+              "--allocation": "allocation"}
+RUN_LISTS = ALLOCATE_LISTS
+RUN_FLAGS = {name: key for name, key in ALLOCATE_FLAGS.items() if name not in ("--json", "--env", "--no-block")}
 RELEASE_FLAGS = {"--json": "json"}
 RELEASE_VALUES = {"--measured": "measured"}
 GLOBAL_VALUES = {"--socket": "socket", "--retry-for": "retry_for"}
@@ -130,8 +134,56 @@ def _allocate(socket_path: str, retry_for: float, args: list[str]) -> int | None
         no_block="no_block" in flags,
         preemptible="preemptible" in flags,
         keep_processes="keep_processes" in flags,
+        cluster="cluster" in flags,
+        spill="spill" in flags,
     )
     return run_allocate(socket_path, options, retry_for)
+
+
+def _run(socket_path: str, retry_for: float, args: list[str]) -> int | None:
+    """`mcpctl run [OPTIONS] -- CMD...`: only with the `--` (anything else goes to Typer)."""
+    if "--" not in args:
+        return None
+    split = args.index("--")
+    options_args, argv = args[:split], args[split + 1:]
+    if not argv:
+        return None
+    values: dict[str, str] = {}
+    lists: dict[str, list[str]] = {name: [] for name in RUN_LISTS.values()}
+    flags: set[str] = set()
+    while options_args:
+        head = options_args[0]
+        name = head.split("=", 1)[0]
+        if name in RUN_VALUES or name in RUN_LISTS:
+            value, options_args = _take_value(options_args, name)
+            if value is None:
+                return None
+            if name in RUN_LISTS:
+                lists[RUN_LISTS[name]].append(value)
+            elif RUN_VALUES[name] in values:
+                return None
+            else:
+                values[RUN_VALUES[name]] = value
+        elif head in RUN_FLAGS:
+            flags.add(RUN_FLAGS[head])
+            options_args = options_args[1:]
+        else:
+            return None
+    for option, closed_set in CHOICES.items():
+        if option in values and values[option] not in closed_set_values(closed_set):
+            return None  # Typer says which values it takes
+    from mcpctl.launch import run_command, run_step
+
+    allocation = values.pop("allocation", None)
+    if allocation is not None:
+        if values or any(lists.values()) or flags:
+            return None  # Typer says which options --allocation does not take
+        return run_step(socket_path, allocation, argv, retry_for)
+    options = AllocateOptions(**values, disk=lists["disk"], res=lists["res"], where=lists["where"], holder_pid=None,
+                              output="id", no_block=False,
+                              preemptible="preemptible" in flags, keep_processes="keep_processes" in flags,
+                              cluster="cluster" in flags, spill="spill" in flags)
+    return run_command(socket_path, options, argv, retry_for)
 
 
 def _release(socket_path: str, retry_for: float, args: list[str]) -> int | None:
@@ -170,4 +222,4 @@ def _gateway(socket: str, retry_for: float, rest: list[str]) -> int | None:
 
 
 _COMMANDS: dict[str, Callable[[str, float, list[str]], int | None]] = {
-    "allocate": _allocate, "release": _release, "gateway": _gateway}
+    "allocate": _allocate, "release": _release, "run": _run, "gateway": _gateway}

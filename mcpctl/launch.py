@@ -90,7 +90,7 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
         _stop(child)
         return code
     allocation = code
-    status, usage = _hand_over_and_wait(child, write_end, run_environment(allocation), allocation.get("scope"))
+    status, usage = _hand_over_and_wait(child, write_end, step_environment(allocation), allocation.get("scope"))
     _release(socket_path, allocation["id"], retry_for, measured_of(usage))
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
         _say_if_oom_killed(socket_path, allocation, retry_for)
@@ -141,7 +141,7 @@ def run_step(socket_path: str, allocation_id: str, argv: Sequence[str], retry_fo
         os.close(write_end)
         _stop(child)
         return unreachable(error) if isinstance(error, DaemonUnreachable) else rpc_failure(error)
-    status, _ = _hand_over_and_wait(child, write_end, run_environment(allocation), allocation.get("scope"))
+    status, _ = _hand_over_and_wait(child, write_end, step_environment(allocation), allocation.get("scope"))
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and allocation.get("enforce") == "hard":
         _say_if_oom_killed(socket_path, allocation, retry_for)
     return _exit_code(status)
@@ -151,6 +151,19 @@ def systemd_run_argv(scope: dict[str, Any], argv: Sequence[str]) -> list[str]:
     """The command line that starts `argv` in the step's transient scope (the daemon's ScopeDict)."""
     return ["systemd-run", "--user", "--scope", "--quiet", "--collect", f"--unit={scope['unit']}",
             f"--slice={scope['slice']}", *(f"--property={p}" for p in scope["properties"]), "--", *argv]
+
+
+STEP_PREFIX = "MCPRES_STEP_PREFIX"
+"""How the parent tells the child to exec the command through a prefix (a cluster job's srun), as JSON."""
+
+
+def step_environment(allocation: dict[str, Any]) -> dict[str, str]:
+    """The command's environment; for a cluster allocation, also the srun prefix the child execs it through
+    (Slurm sets CUDA_VISIBLE_DEVICES there, so the host's value is not passed)."""
+    cluster = allocation.get("cluster")
+    if not isinstance(cluster, dict) or not cluster.get("step_command"):
+        return run_environment(allocation)
+    return {"MCPRES_ALLOCATION_ID": allocation["id"], STEP_PREFIX: json.dumps(cluster["step_command"])}
 
 
 def measured_of(usage: struct_rusage) -> dict[str, float]:
@@ -199,6 +212,9 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
             os._exit(exitcodes.ERROR)  # no allocation: the parent says why
         handed = json.loads(data)
         os.environ.update(handed["environment"])
+        prefix = os.environ.pop(STEP_PREFIX, None)
+        if prefix is not None:  # a cluster job's step: srun ... -- argv
+            argv = [*json.loads(prefix), *argv]
         run = argv
         if handed.get("scope") is not None:
             import shutil

@@ -46,6 +46,7 @@ def status_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("allocations", f"{counts.get('active', 0)} active, {counts.get('released', 0)} released"),
         ("GPUs from", data["gpu_source"]),
         *([("enforcement", enforcement_line(data["enforcement"]))] if "enforcement" in data else []),
+        *([("cluster", cluster_line(data["cluster"]))] if data.get("cluster") else []),
     ]
 
 
@@ -63,6 +64,11 @@ def config_line(config: dict[str, Any]) -> str:
     if config.get("path"):
         return f"{config['path']} ({config['source']})"
     return str(config["source"])
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """`slurm via ssh login1: 2 active, 1 queued; Slurm answering` (or `stale: why`)."""
+    via = f" via {' '.join(cluster['command'])}" if cluster.get("command") else ""
+    state = f"stale: {cluster['stale']}" if cluster.get("stale") else "answering"
+    return f"{cluster['backend']}{via}: {cluster['active']} active, {cluster['queued']} queued; Slurm {state}"
 
 
 def enforcement_line(enforcement: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mcpresd.cluster.slurm import ClusterConfig
 from mcpresd.core.enforcement import EnforcePolicy
 from mcpresd.core.model import Resource
 from mcpresd.protocol import Strategy
@@ -64,6 +65,8 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen: loopback host and port; None: off
     limits: Limits = Limits()
     enforce: EnforcePolicy = EnforcePolicy()
+    cluster: ClusterConfig | None = None
+    """The `[cluster]` table; None: no cluster site."""
     config_file: str | None = field(default=None, compare=False)
     """The file read, if any (where the configuration came from is not part of it)."""
     config_source: str = field(default="embedded defaults", compare=False)
@@ -110,11 +113,12 @@ def default_database_path() -> str:
 
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention",
-         "enforce", "metrics"}
+         "enforce", "metrics", "cluster"}
 _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
                "reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid"}
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
 MIN_BUFFER = 4096
+_CLUSTER_KEYS = {"backend", "partition", "account", "time_limit", "command", "timeout"}
 _ENFORCE_KEYS = {"mode", "max_mode", "kill_grace", "tasks_max", "cgroup"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
@@ -187,6 +191,8 @@ def _apply_file(config: Config, path: Path) -> Config:
         changes["limits"] = replace(changes.get("limits", config.limits), admin_gid=_admin_gid(data["access"], path))
     if "enforce" in data:
         changes["enforce"] = _enforce(data["enforce"], path)
+    if "cluster" in data:
+        changes["cluster"] = _cluster(data["cluster"], path)
     if "monitor" in data or "alerts" in data:
         changes.update(_monitor(data.get("monitor", {}), data.get("alerts", []), path))
     if "metrics" in data:
@@ -257,6 +263,36 @@ def _enforce(table: Any, path: Path) -> EnforcePolicy:
             raise ConfigError(f"{where} cgroup must be a directory name (no '/'), e.g. mcpres")
         policy = replace(policy, cgroup=name)
     return policy
+
+
+def _cluster(table: Any, path: Path) -> ClusterConfig:
+    where = f"{path}: [cluster]"
+    _check_table(table, where, _CLUSTER_KEYS)
+    backend = table.get("backend", "slurm")
+    if backend != "slurm":
+        raise ConfigError(f"{where} backend must be \"slurm\" (the one cluster backend), got {backend!r}")
+    names: dict[str, str | None] = {}
+    for key in ("partition", "account"):
+        value = table.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 200
+                                  or any(c.isspace() or c in ",=" for c in value)):
+            raise ConfigError(f"{where} {key} must be a Slurm {key} name (no spaces or commas), got {value!r}")
+        names[key] = value or None
+    time_limit = None
+    if "time_limit" in table:
+        time_limit = _duration(table["time_limit"], f"{where} time_limit")
+        if not 60 <= time_limit <= 365 * 86400:
+            raise ConfigError(f"{where} time_limit must be between 1m and 365d")
+    command = table.get("command", [])
+    if not isinstance(command, list) or not all(isinstance(arg, str) and arg for arg in command):
+        raise ConfigError(f"{where} command must be an array of non-empty strings, e.g. [\"ssh\", \"login1\"]")
+    timeout = ClusterConfig.timeout
+    if "timeout" in table:
+        timeout = _duration(table["timeout"], f"{where} timeout")
+        if not 0.1 <= timeout <= 600:
+            raise ConfigError(f"{where} timeout must be between 100ms and 10m")
+    return ClusterConfig(backend=backend, partition=names["partition"], account=names["account"],
+                         time_limit=time_limit, command=tuple(command), timeout=timeout)
 
 
 def _admin_gid(table: Any, path: Path) -> int | None:

@@ -29,7 +29,10 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
 
+from mcpresd.cluster.site import ClusterSite
+from mcpresd.cluster.slurm import SlurmCluster
 from mcpresd.config import Config, ConfigError
+from mcpresd.holders import is_alive, resolve_holder
 from mcpresd.core.model import Resource
 from mcpresd.enforce import Enforcer, HeldFiles, NoEnforcement, allocation_of, choose, let_go
 from mcpresd.files import (
@@ -79,7 +82,7 @@ log = logging.getLogger("mcpresd")
 SHUTDOWN_GRACE_S = 5.0
 STATUS_INTERVAL_S = 30.0
 """How often systemd's STATUS= line is refreshed when no watchdog asks for more."""
-RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce", "metrics_listen")
+RESTART_ONLY = ("socket", "database", "socket_mode", "gpu_replay", "enforce", "metrics_listen", "cluster")
 """Config fields a reload cannot apply: the daemon keeps serving with the values it started with."""
 ON_NEXT_DISCOVERY = ("memory_reserve", "default_link_bytes_per_s")
 
@@ -186,6 +189,7 @@ class Daemon:
         self._database_dir: os.stat_result | None = None
         self.enforcer: Enforcer = NoEnforcement("the daemon has not started")
         self._endings: dict[str, asyncio.Task[None]] = {}
+        self.site: ClusterSite | None = None
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -371,9 +375,13 @@ class Daemon:
 
     def _holder_exited(self, pid: int, start: int | None) -> None:
         self._submit_quietly(lambda broker: broker.holder_exited(pid, start), f"releasing for holder {pid}")
+        if self.site is not None:
+            self.site.holder_exited(pid, start)
 
     def _connection_closed(self, connection: int) -> None:
         self._submit_quietly(lambda broker: broker.connection_closed(connection), "closing a connection")
+        if self.site is not None:
+            self.site.connection_closed(connection)
 
     async def _run_factory(self, run: FactoryRun) -> None:
         """Run a pool factory's command in its own process group, killed at its timeout; report the outcome."""
@@ -603,12 +611,20 @@ class Daemon:
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))
+        if self.config.cluster is not None:
+            self.site = ClusterSite(SlurmCluster(self.config.cluster), self.config.cluster, committer.submit,
+                                    self.watch.add, self.clock, is_alive, resolve_holder)
+            await self.site.start()
+            server.dispatcher.router = self.site
+            cluster_poll = loop.create_task(self.site.poll_every(self.config.sample_interval, stop))
         listener = await loop.create_unix_server(server.protocol, sock=sock, backlog=BACKLOG)
         # What start-up made (modules, config, the ledger) lives as long as the daemon: out of the cyclic
         # collector's sight, so its full collections no longer walk it under load.
         gc.freeze()
         background: list[asyncio.Task[None]] = [loop.create_task(self._reload_when_asked(stop))]
         endpoint: MetricsEndpoint | None = None
+        if self.site is not None:
+            background.append(cluster_poll)
         try:
             if self.config.metrics_listen is not None:
                 host, port = self.config.metrics_listen
@@ -649,6 +665,8 @@ class Daemon:
                 factory.cancel()
             for ending in list(self._endings.values()):
                 ending.cancel()  # what is left in those cgroups is stopped at the next start
+            if self.site is not None:
+                await self.site.close()
             await server.close_all(SHUTDOWN_GRACE_S)
             # Closed transports report connection_lost on a later round: let them, so the jobs they submit
             # (a waiting client's request withdrawn) run before the store closes.

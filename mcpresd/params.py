@@ -75,6 +75,9 @@ class AllocateCommand:
     signal_holder: bool = False
     enforce: EnforceMode | None = None
     """None: the daemon's [enforce] mode."""
+    site: str | None = None
+    """None or "host": this host; "cluster": the configured cluster; "spill": the host if it fits now, else the
+    cluster. `where` naming site=cluster means "cluster" too."""
 
     @property
     def demands(self) -> tuple[Demand, ...]:
@@ -274,7 +277,8 @@ def no_params(params: Any) -> NoParams:
 
 _ALLOCATE_FIELDS = frozenset({"resources", "priority", "tool_id", "execution_id", "idempotency_key", "holder_pid",
                               "wait", "detach", "ttl", "strategy", "where", "max_cost", "preemptible",
-                              "signal_holder", "objective", "enforce", "keep_processes", "confine_holder"})
+                              "signal_holder", "objective", "enforce", "keep_processes", "confine_holder",
+                              "site"})
 _DEMAND_FIELDS = frozenset({"resource", "amount", "max"})
 _STRATEGIES = {s.value: s for s in Strategy}
 MAX_WAIT_S = 365 * 86400.0
@@ -331,6 +335,14 @@ def allocate(params: Any) -> AllocateCommand:
     enforce = fields.text("enforce")
     if enforce is not None and enforce not in _ENFORCE_MODES:
         raise InvalidParams(f"enforce must be one of {', '.join(_ENFORCE_MODES)}, got {enforce!r}", "enforce")
+    site = fields.text("site")
+    if site is not None and site not in SITES:
+        raise InvalidParams(f"site must be one of {', '.join(SITES)}, got {site!r}", "site")
+    if CLUSTER_SELECTOR in selectors:
+        if site == "host":
+            raise InvalidParams("site host and where site=cluster contradict each other", "where")
+        site = site if site == "spill" else "cluster"
+        selectors = [text for text in selectors if text != CLUSTER_SELECTOR]
     confine_holder = fields.flag("confine_holder")
     if confine_holder and holder is None:
         raise InvalidParams("confine_holder needs a holder_pid", "confine_holder")
@@ -348,7 +360,12 @@ def allocate(params: Any) -> AllocateCommand:
         ttl=ttl,
         preemptible=fields.flag("preemptible"),
         signal_holder=fields.flag("signal_holder"),
+        site=None if site == "host" else site,
     )
+
+
+SITES = ("host", "cluster", "spill")
+CLUSTER_SELECTOR = "site=cluster"
 
 
 _OBJECTIVES = tuple(o.value for o in Objective)

@@ -80,6 +80,7 @@ class ErrorCode(IntEnum):
     POOL_DRAINING = 1016
     UNKNOWN_POOL = 1017
     POOL_EXISTS = 1018
+    CLUSTER_FAILED = 1019
 
 
 class Priority(StrEnum):

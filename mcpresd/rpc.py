@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from functools import partial
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,6 +48,13 @@ class Handler:
     subscribes: bool = False
     finish: Callable[[Any], Any] | None = None
     """A pure step the store job's result goes through on the default executor, off the store's thread."""
+
+
+class Router(Protocol):
+    """A site beside the host (the cluster) that may serve a request instead of, or as well as, the store."""
+
+    def route(self, method: str, command: Any, caller: Caller, local: Callable[..., Awaitable[Any]]) \
+            -> Coroutine[Any, Any, Any] | None: ...
 
 
 class Peer(Protocol):
@@ -126,6 +133,7 @@ ERROR_CODES: dict[type[errors.DomainError], ErrorCode] = {
     errors.PoolDraining: ErrorCode.POOL_DRAINING,
     errors.UnknownPool: ErrorCode.UNKNOWN_POOL,
     errors.PoolExists: ErrorCode.POOL_EXISTS,
+    errors.ClusterFailed: ErrorCode.CLUSTER_FAILED,
 }
 
 _NO_ID = object()
@@ -228,7 +236,8 @@ class Dispatcher:
         self._submit = submit
         self._discover = discover
         self.stats = RpcStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.router: Router | None = None
 
     def handle_line(self, line: bytes, peer: Peer, reply: Reply) -> None:
         try:
@@ -291,6 +300,18 @@ class Dispatcher:
             return
         run = handler.run
         caller = peer.caller
+        if self.router is not None:
+            def local(changed: Any = None) -> asyncio.Future[Any]:
+                return self._submit(lambda broker: run(broker, caller, command if changed is None else changed),
+                                    caller.uid)
+
+            routed = self.router.route(method, command, caller, local)
+            if routed is not None:
+                task = asyncio.get_running_loop().create_task(routed)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda t: finish(_outcome(method, t)))
+                return
         if handler.discovers:
             task = asyncio.get_running_loop().create_task(self._discover_then(method, run, caller, finish))
             self._tasks.add(task)

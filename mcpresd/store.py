@@ -414,10 +414,42 @@ def m010_resource_checks_without_in_lists(db: Any) -> None:
     db.executescript(SCHEMA_V10_RESOURCE_CHECKS)
 
 
+def m011_cluster_allocations(db: Any) -> None:
+    # The cluster site's allocations (mcpresd/cluster/site.py): Slurm grants them, the host's ledger never holds them.
+    db.executescript(SCHEMA_V11_CLUSTER)
+
+
+SCHEMA_V11_CLUSTER = """
+CREATE TABLE cluster_allocations (
+    id TEXT PRIMARY KEY,
+    owner_uid INTEGER NOT NULL,
+    owner_gid INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'released', 'withdrawn')),
+    created_at REAL NOT NULL,
+    granted_at REAL,
+    released_at REAL,
+    release_reason TEXT,
+    job_id INTEGER,
+    nodes TEXT,
+    slurm_state TEXT,
+    slurm_reason TEXT,
+    request TEXT NOT NULL,
+    holder_pid INTEGER,
+    holder_start INTEGER,
+    idempotency_key TEXT,
+    tool_id TEXT,
+    ttl_s REAL,
+    expires_at REAL,
+    wait_until REAL
+);
+CREATE INDEX cluster_allocations_live ON cluster_allocations (state) WHERE state IN ('queued', 'active');
+"""
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
               m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m008_usage_unflushed,
-              m009_metric_counters, m010_resource_checks_without_in_lists)
+              m009_metric_counters, m010_resource_checks_without_in_lists, m011_cluster_allocations)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 

@@ -89,6 +89,13 @@ KeepProcesses = Annotated[
     bool, typer.Option("--keep-processes", help="Leave the allocation's processes running when it ends (default: "
                                                 "SIGTERM, then SIGKILL after the daemon's kill_grace).")
 ]
+ClusterOption = Annotated[
+    bool, typer.Option("--cluster", help="Allocate on the daemon's Slurm cluster ([cluster] in its config), not "
+                                         "this host; the same as --where site=cluster.")
+]
+Spill = Annotated[
+    bool, typer.Option("--spill", help="This host while it has room now; the Slurm cluster when it has not.")
+]
 
 
 def allocate(
@@ -124,6 +131,8 @@ def allocate(
     objective: ObjectiveOption = None,
     enforce: EnforceOption = None,
     keep_processes: KeepProcesses = False,
+    cluster: ClusterOption = False,
+    spill: Spill = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the allocation as JSON.")] = False,
     env: Annotated[
         bool, typer.Option("--env", help="Print export lines (MCPRES_ALLOCATION_ID, CUDA_VISIBLE_DEVICES) for eval; "
@@ -146,13 +155,21 @@ def allocate(
 
       id=$(mcpctl allocate --pool 'build-*' --members 2 --objective cost --wait 5m)
 
+      id=$(mcpctl allocate --cluster --gpu 2 --mem 16G --wait 1h)    # a Slurm job (salloc)
+
+      id=$(mcpctl allocate --spill --gpu 1 --wait 10m)   # here if it fits now, else the cluster
+
     The allocation is held by the calling shell (see --holder-pid) and released when it exits.
     With --enforce and --holder-pid, the named process (and its future children) joins the allocation's
     cgroup; the calling shell never does: run steps in it with `mcpctl run --allocation ID -- cmd`.
     Any amount may be a range MIN..MAX: the daemon grants as much as fits, at least MIN.
     --pool takes whole members of a pool (see `mcpctl pools`); --objective picks among several.
+    --cluster (or --where site=cluster) forwards the request to the daemon's Slurm cluster: it is queued while
+    Slurm keeps the job pending (`mcpctl explain` shows Slurm's reason) and its items name the job and node;
+    releasing it cancels the job. --spill tries this host first, the cluster when the host is full.
     Exits 3 if the request does not fit now (or its --wait runs out); 1 if it can never fit, was withdrawn,
-    or is refused (a spent budget, a draining or unknown pool).
+    or is refused (a spent budget, a draining or unknown pool); 7 if the cluster refused it or did not answer
+    (Slurm's message says why).
     """
     if json_output and env:
         usage("choose one of --json and --env")
@@ -180,6 +197,8 @@ def allocate(
         objective=None if objective is None else objective.value,
         enforce=None if enforce is None else enforce.value,
         keep_processes=keep_processes,
+        cluster=cluster,
+        spill=spill,
     )
     exit_with(run_allocate(socket_of(ctx), options, retry_of(ctx)))
 

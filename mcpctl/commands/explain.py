@@ -38,6 +38,12 @@ def explanation_lines(result: dict[str, Any], now: float) -> list[str]:
     """The explanation as plain lines: one fact per line, blockers as an indented list."""
     if not result.get("queued"):
         return [str(result.get("summary") or f"allocation {result['id']} is {result['state']}, not queued")]
+    if result.get("site") == "cluster":
+        return [f"allocation {result['id']} is queued on the cluster: Slurm job {result.get('job_id')}",
+                f"Slurm state: {result.get('slurm_state') or 'PENDING'}, reason: {result.get('slurm_reason') or 'None'}",
+                f"waited: {format_duration(result['waited_s'])}"
+                + (f", gives up {when(result['wait_until'], now)}" if result.get("wait_until") is not None
+                   else ", with no time limit")]
     lines = [
         f"allocation {result['id']} is queued: position {result['position']} of {result['queue_length']}",
         f"effective priority: {result['effective_priority']}",

@@ -26,6 +26,8 @@ from mcpctl.commands.allocate import (
     StrategyOption,
     Tool,
     Ttl,
+    ClusterOption,
+    Spill,
     Wait,
     Where,
 )
@@ -61,6 +63,8 @@ def run(
     objective: ObjectiveOption = None,
     enforce: EnforceOption = None,
     keep_processes: KeepProcesses = False,
+    cluster: ClusterOption = False,
+    spill: Spill = False,
     allocation: Annotated[
         str | None,
         typer.Option("--allocation", metavar="ID",
@@ -79,6 +83,15 @@ def run(
       mcpctl run --res licence=1 --wait forever -- matlab -batch job
 
       mcpctl run --pool render --objective cost --tool render -- ./render.sh scene.blend
+
+      mcpctl run --cluster --gpu 1 --wait 1h -- python train.py    # a step of a Slurm job
+
+    With --cluster (or --spill when the host is full) the command runs on the
+    cluster as a step of the allocation's Slurm job (`srun --jobid=N
+    --overlap`, through the daemon's [cluster] command prefix), with stdin,
+    stdout and stderr passed through and CUDA_VISIBLE_DEVICES as Slurm sets
+    it; the job is cancelled when the command ends. --allocation ID of a
+    cluster allocation runs the command as a step of its job the same way.
 
     The command holds the allocation: the daemon releases it the moment the
     command exits, however it exits. It sees MCPRES_ALLOCATION_ID,
@@ -112,7 +125,8 @@ def run(
     if allocation is not None:
         asked = [name for name, value in (("--cpu", cpu), ("--mem", mem), ("--gpu", gpu), ("--disk", disk),
                                           ("--res", res), ("--pool", pool), ("--enforce", enforce), ("--key", key),
-                                          ("--wait", wait), ("--ttl", ttl)) if value]
+                                          ("--wait", wait), ("--ttl", ttl), ("--cluster", cluster),
+                                          ("--spill", spill)) if value]
         if asked or keep_processes:
             usage(f"--allocation runs a step of an allocation that exists; it takes no "
                   f"{', '.join(asked) or '--keep-processes'}")
@@ -138,6 +152,8 @@ def run(
         objective=None if objective is None else objective.value,
         enforce=None if enforce is None else enforce.value,
         keep_processes=keep_processes,
+        cluster=cluster,
+        spill=spill,
     )
     exit_with(run_command(socket_of(ctx), options, command or [], retry_of(ctx)))
 

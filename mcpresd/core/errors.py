@@ -88,3 +88,7 @@ class UnknownPool(DomainError):
 
 class PoolExists(DomainError):
     """A pool with that name already exists."""
+
+
+class ClusterFailed(DomainError):
+    """The cluster refused or could not take the request (Slurm's own message); nothing changed locally."""

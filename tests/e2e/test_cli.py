@@ -477,6 +477,15 @@ def test_the_fast_path_accepts_exactly_the_options_of_typer_allocate(fast_names:
     assert set(fast_names) == _typer_option_names(("allocate",), kind)
 
 
+@pytest.mark.parametrize(
+    ("fast_names", "kind"),
+    [(fast.RUN_VALUES, "value"), (fast.RUN_LISTS, "list"), (fast.RUN_FLAGS, "flag")],
+    ids=["values", "lists", "flags"],
+)
+def test_the_fast_path_accepts_exactly_the_options_of_typer_run(fast_names: dict[str, str], kind: str) -> None:
+    assert set(fast_names) == _typer_option_names(("run",), kind)
+
+
 def test_the_fast_path_accepts_exactly_the_options_of_typer_release() -> None:
     assert set(fast.RELEASE_FLAGS) == _typer_option_names(("release",), "flag")
     assert set(fast.RELEASE_VALUES) == _typer_option_names(("release",), "value")

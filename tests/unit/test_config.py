@@ -227,3 +227,30 @@ def test_a_metrics_endpoint_off_loopback_or_malformed_is_refused(tmp_path: Path,
 def test_the_metrics_table_knows_only_listen(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="unknown"):
         config.load(write(tmp_path, '[metrics]\nlisten = ""\nport = 9464\n'))
+# -- [cluster] ------------------------------------------------------------------
+
+def test_the_cluster_table_is_read_with_its_defaults(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, '[cluster]\ncommand = ["ssh", "login1"]\npartition = "gpu"\n'
+                                         'time_limit = "8h"\n'))
+    assert loaded.cluster is not None
+    assert loaded.cluster.command == ("ssh", "login1") and loaded.cluster.partition == "gpu"
+    assert loaded.cluster.time_limit == 8 * 3600 and loaded.cluster.timeout == 10.0 and loaded.cluster.account is None
+
+
+def test_without_a_cluster_table_there_is_no_cluster(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")).cluster is None
+
+
+@pytest.mark.parametrize(("table", "words"), [
+    ('backend = "pbs"', "backend must be"),
+    ('command = "ssh login1"', "command must be an array"),
+    ('command = ["ssh", ""]', "command must be an array"),
+    ('partition = "a b"', "partition must be"),
+    ('account = 3', "account must be"),
+    ('time_limit = "5s"', "time_limit must be between"),
+    ('timeout = "1h"', "timeout must be between"),
+    ('nodes = 2', "unknown key(s) nodes"),
+])
+def test_a_bad_cluster_table_is_refused_naming_the_key(tmp_path: Path, table: str, words: str) -> None:
+    with pytest.raises(config.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        config.load(write(tmp_path, f"[cluster]\n{table}\n"))
