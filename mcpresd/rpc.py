@@ -236,7 +236,8 @@ class Dispatcher:
         self._submit = submit
         self._discover = discover
         self.stats = RpcStats()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        """Work a request's reply waits for outside the store's queue (discovery, finish steps in the executor)."""
         self.router: Router | None = None
 
     def handle_line(self, line: bytes, peer: Peer, reply: Reply) -> None:
@@ -336,6 +337,8 @@ class Dispatcher:
             finish(result)
             return
         done = asyncio.get_running_loop().run_in_executor(None, then, result)
+        self._tasks.add(done)
+        done.add_done_callback(self._tasks.discard)
         done.add_done_callback(lambda f: finish(_outcome(method, f)))
 
     def _call_and_wait(self, method: str, run: Callable[..., Any], caller: Caller, command: Any,

@@ -33,5 +33,5 @@ def test_the_checker_catches_replies_sent_before_the_commit(tmp_path: Path) -> N
 
     # Replying before the COMMIT shows either way, whichever a kill catches first: an acknowledged allocation
     # missing after the restart ("lost:"), or an acknowledged release undone by it ("resurrected:").
-    assert result.violations, "the checker saw nothing wrong with a daemon that replies before its COMMIT"
-    assert all(v.startswith(("lost:", "resurrected:")) for v in result.violations), result.violations
+    # (A client's later request may fail on what was lost too, e.g. a release of a lost allocation: 1003.)
+    assert any(v.startswith(("lost:", "resurrected:")) for v in result.violations), result.violations
