@@ -80,8 +80,9 @@ def main(
             envvar=RETRY_FOR_ENV,
             metavar="DURATION",
             help=f"While the daemon is unreachable, keep retrying this long before exit 5, saying so on stderr "
-                 f"(0: do not retry; forever). Default {RETRY_FOR} for a daemon that is restarting (its socket "
-                 "refuses, or the connection broke); with no socket at all, exit 5 at once unless this is given.",
+                 f"(0: do not retry; forever). Default {RETRY_FOR} for a connection that broke once it was up "
+                 "(a daemon restarting); with no daemon at the first contact (no socket, or a refused one), exit 5 "
+                 "at once unless this is given.",
         ),
     ] = None,
     version: Annotated[

@@ -13,12 +13,13 @@ socket's directory is checked as the daemon checks it (another user must not
 be able to put a socket there); after, the server's uid (SO_PEERCRED).
 Otherwise `UntrustedDaemon`, before a single request is sent.
 
-A daemon that restarts is ridden through: with `retry_for` > 0, `call` sends
-its request again on a fresh connection while the socket is refused, or the
-connection broke before the reply, backing off from 50 ms to 1 s, until
-`retry_for` seconds after the first failure, and says on stderr that it waits.
-A socket missing from the start is waited for only when `wait_if_absent` (the
-user asked for a retry time): otherwise the call fails at once. A request that
+A daemon that restarts is ridden through: with `retry_for` > 0, once a
+connection was made, `call` sends its request again on a fresh connection while
+the socket is refused or missing, or the connection broke before the reply,
+backing off from 50 ms to 1 s, until `retry_for` seconds after the first
+failure, and says on stderr that it waits. No daemon at the first contact (no
+socket, or a refused one) is waited for only when `wait_if_absent` (the user
+asked for a retry time): otherwise the call fails at once. A request that
 may have reached the daemon before the connection broke is sent again only by
 `call`; callers make that safe (an idempotency key) or read the outcome
 (`resent`).
@@ -140,9 +141,10 @@ class Client:
     """
 
     wait_if_absent = False
-    """Whether `call` retries when there is no socket at all, as it does for one refused or a connection lost
-    (a daemon restarting). Only when asked (--retry-for, $MCPRES_RETRY_FOR): with no socket, most likely no
-    daemon was started, and waiting would only delay the exit."""
+    """Whether `call` retries when no daemon answers at the first contact (no socket, or a refused one: a stale
+    socket left by a daemon that died), as it does for a connection lost after it was up (a daemon restarting
+    under a request). Only when asked (--retry-for, $MCPRES_RETRY_FOR): most likely no daemon is running, and
+    waiting would only delay the exit 5."""
     announce_waits = True
     """Say on stderr, once per call, that it is waiting for the daemon and for how long."""
 
@@ -153,6 +155,8 @@ class Client:
         self.resent = False
         """Whether the last `call` was sent again after a connection broke with the request possibly delivered."""
         self._sock: socket.socket | None = None
+        self._reached = False
+        """Whether a connection to the daemon was ever made: until then, no daemon may be running at all."""
         self._buffer = b""
         self._next_id = 0
         self._notifications: list[dict[str, Any]] = []
@@ -187,6 +191,7 @@ class Client:
             sock.close()
             raise
         self._sock = sock
+        self._reached = True
 
     def close(self) -> None:
         if self._sock is not None:
@@ -207,7 +212,7 @@ class Client:
                 return self.reply()
             except DaemonUnreachable as error:
                 maybe_delivered = maybe_delivered or error.lost
-                if not error.transient or self.retry_for <= 0 or (error.absent and deadline is None
+                if not error.transient or self.retry_for <= 0 or (not self._reached and deadline is None
                                                                     and not self.wait_if_absent):
                     raise
                 now = time.monotonic()

@@ -1,6 +1,9 @@
 """A shell script's `mcpctl allocate` / `mcpctl release` loop rides through daemon crashes and restarts.
 
-Every mcpctl call retries a refused or broken connection (--retry-for, default 10s); an allocate always carries
+A script that must ride through restarts says so with $MCPRES_RETRY_FOR (or --retry-for): every mcpctl call then
+retries a missing or refused socket and a broken connection for that long (a call whose connection breaks under it
+retries for 10 s by default; a daemon missing at a command's first contact is waited for only when asked, since
+most likely none is running). An allocate always carries
 an idempotency key, so a resend after a lost reply returns the first allocation instead of a second one, and a
 release that finds its allocation already released after a resend counts as done.
 """
@@ -43,8 +46,8 @@ def rounds_done(progress: Path) -> int:
 
 def test_a_script_loop_survives_three_daemon_kills(daemon: DaemonProcess, tmp_path: Path) -> None:
     progress = tmp_path / "progress"
-    env = dict(os.environ, MCPRES_SOCKET=daemon.socket, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("MCPRES_RETRY_FOR", None)
+    env = dict(os.environ, MCPRES_SOCKET=daemon.socket, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               MCPRES_RETRY_FOR="10s")
     script = subprocess.Popen(["bash", "-c", SCRIPT.format(rounds=ROUNDS, progress=progress)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kills = 0

@@ -130,15 +130,22 @@ def test_the_retry_wait_is_announced_when_asked_for(runtime: Path) -> None:
     assert "gave up after retrying for 0.3s" in result.stderr
 
 
-def test_a_refused_socket_is_waited_for_by_default_and_says_so(tmp_path: Path) -> None:
-    """A socket left by a daemon that died is what a restart looks like: waited for, and announced."""
+def test_a_refused_socket_fails_at_once_unless_a_retry_time_is_asked_for(tmp_path: Path) -> None:
+    """A socket left by a daemon that died (refused): no daemon is running, so exit 5 at once, saying so; with
+    --retry-for it is waited for (a daemon being restarted by hand), and the wait is announced."""
     path = str(tmp_path / "stale.sock")
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(path)
     env = dict(os.environ, MCPRES_SOCKET=path)
     env.pop("MCPRES_RETRY_FOR", None)
     mcpctl = str(Path(sys.executable).parent / "mcpctl")
-    waiting = subprocess.Popen([mcpctl, "status"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    at_once = subprocess.run([mcpctl, "status"], env=env, capture_output=True, text=True, timeout=AT_ONCE_S)
+    assert at_once.returncode == exitcodes.UNREACHABLE, at_once.stderr
+    assert "connection refused" in at_once.stderr and "retrying" not in at_once.stderr
+
+    waiting = subprocess.Popen([mcpctl, "--retry-for", "30s", "status"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         assert waiting.stderr is not None
         line = waiting.stderr.readline()  # blocks until the announcement: no timing involved
@@ -146,4 +153,4 @@ def test_a_refused_socket_is_waited_for_by_default_and_says_so(tmp_path: Path) -
         waiting.kill()
         waiting.communicate()
 
-    assert f"cannot reach mcpresd at {path}" in line and "retrying for up to 10s" in line
+    assert f"cannot reach mcpresd at {path}" in line and "retrying for up to 30s" in line
