@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from mcpresd.core.cluster import (ClusterJob, ClusterRequest, Partition, SallocNews, parse_sinfo, parse_squeue,
-                                  salloc_argv, salloc_news, sinfo_argv, squeue_argv)
+                                  salloc_argv, salloc_news, sinfo_argv, squeue_argv, through)
 
 DEFAULT_TIMEOUT_S = 10.0
 STOP_ATTEMPTS = 20
@@ -168,7 +168,7 @@ class SlurmCluster:
         self.config = config
 
     def argv(self, slurm_argv: Sequence[str]) -> list[str]:
-        return [*self.config.command, *slurm_argv]
+        return through(self.config.command, list(slurm_argv))
 
     async def _run(self, slurm_argv: Sequence[str]) -> str:
         argv = self.argv(slurm_argv)

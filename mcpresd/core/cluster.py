@@ -14,7 +14,9 @@ Formats read here (stable across Slurm 20.11 to 24.x; recorded from 22.05 in tes
 from __future__ import annotations
 
 import math
+import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -155,6 +157,19 @@ def salloc_argv(request: ClusterRequest) -> list[str]:
         argv.append("--immediate")
     argv.extend(request.extra)
     return argv
+
+
+def through(prefix: tuple[str, ...] | list[str], slurm_argv: list[str] | tuple[str, ...]) -> list[str]:
+    """A Slurm command line behind the configured prefix.
+
+    ssh hands its command to the remote user's shell as one string (its arguments joined by spaces), so behind
+    an ssh prefix the Slurm argv is quoted for that shell: else a `|` in squeue's --format would start a pipe
+    there, and a step's `sh -c 'a; b'` would be split. Any other prefix (a namespace wrapper, sudo, env)
+    execs its arguments as they are.
+    """
+    if prefix and os.path.basename(prefix[0]) == "ssh":
+        return [*prefix, shlex.join(slurm_argv)]
+    return [*prefix, *slurm_argv]
 
 
 def sinfo_argv() -> list[str]:

@@ -91,3 +91,33 @@ def test_a_pending_submission_stopped_cancels_its_job(slurm: SlurmCluster) -> No
         assert job is None or job.state is JobState.CANCELLED
     finally:
         cancel_all(blockers)
+
+
+def test_through_an_ssh_prefix_the_commands_reach_slurm_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`command = ["ssh", "login1"]`: ssh joins its arguments into one line for the remote shell. A stand-in
+    `ssh` does just that (drops its options and host, runs the rest with sh -c), in front of the harness."""
+    import subprocess
+
+    wrapper = skip_unless_slurm()
+    fake = tmp_path / "ssh"
+    fake.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift 2; done\nshift\nexec sh -c "$*"\n')
+    fake.chmod(0o755)
+    slurm = SlurmCluster(ClusterConfig(command=(str(fake), "-o", "BatchMode=yes", "login1", *wrapper), timeout=15.0))
+
+    partitions = asyncio.run(slurm.partitions())  # sinfo's --Format holds `|`: unquoted, a pipe over there
+    assert partitions and partitions[0].gpus == 2
+    assert isinstance(asyncio.run(slurm.jobs()), list)  # squeue's --format too
+
+    name = f"adapter-ssh-{os.getpid()}"
+    try:
+        job_id = asyncio.run(_granted(slurm, ClusterRequest(name, time_limit=120)))
+        step = subprocess.run(slurm.step_argv(job_id, ["sh", "-c", "echo 'one; two'; exit 7"]),
+                              capture_output=True, text=True, timeout=60)
+        assert (step.returncode, step.stdout) == (7, "one; two\n"), step.stderr
+    finally:
+        cancel_all([name])
+
+
+async def _granted(slurm: SlurmCluster, request: ClusterRequest) -> int:
+    submission = await slurm.submit(request)
+    return await submission.outcome()

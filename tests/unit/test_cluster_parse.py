@@ -95,3 +95,16 @@ def test_durations_and_the_sinfo_command() -> None:
     assert slurm_duration(86400 * 2 + 3600 * 3 + 61) == "2-03:01:01"
     assert sinfo_argv()[-1].startswith("--Format=Partition:|,Available:|,")
     assert split_top("a(b,c),d") == ["a(b,c)", "d"]
+
+
+def test_behind_ssh_the_slurm_command_is_quoted_for_the_remote_shell_and_elsewhere_passed_as_it_is() -> None:
+    import shlex
+
+    from mcpresd.core.cluster import squeue_argv, through
+
+    argv = [*squeue_argv(), "sh", "-c", "echo $X; exit 7"]
+    over_ssh = through(("/usr/bin/ssh", "-o", "BatchMode=yes", "login1"), argv)
+    assert over_ssh[:4] == ["/usr/bin/ssh", "-o", "BatchMode=yes", "login1"] and len(over_ssh) == 5
+    assert shlex.split(over_ssh[4]) == argv  # what the remote shell reads back: the same words, `|` and `;` inert
+    assert through(("nsenter", "--net=/run/netns/x"), argv) == ["nsenter", "--net=/run/netns/x", *argv]
+    assert through((), argv) == argv
