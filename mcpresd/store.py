@@ -3,11 +3,8 @@
 Rules:
 - One connection, opened and used by one thread (the event loop's, through `mcpresd.server.GroupCommitter`).
 - WAL with synchronous=FULL: a COMMIT that returned is on disk.
-- The WAL is checkpointed off the request path: a `WalCheckpointer` thread on its own connection runs a
-  PASSIVE checkpoint every CHECKPOINT_EVERY_COMMITS commits, so no request's COMMIT waits for one. The request
-  connection's own automatic checkpoint stays as a backstop at WAL_BACKSTOP_FACTOR times WAL_CHECKPOINT_PAGES
-  (SQLite's default where the disk is short of room, see `fit_wal_to_disk`): it bounds the WAL if the thread
-  falls behind.
+- The WAL is checkpointed every WAL_CHECKPOINT_PAGES pages, not SQLite's default 1,000, where the disk has
+  room for that (see there and `fit_wal_to_disk`).
 - Transactions are explicit (`BEGIN IMMEDIATE` ... `COMMIT`); the caller groups
   requests into one transaction and replies only after it commits.
 - Schema changes are registered migrations; CHECK constraints back the core's rules.
@@ -36,7 +33,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,21 +46,17 @@ from mcpresd.protocol import POOL_PREFIX, AllocationState, Priority, ResourceTyp
 MIGRATIONS_NAME = "mcpresd"
 
 WAL_CHECKPOINT_PAGES = 4096
-"""The WAL size the request connection's backstop checkpoint is a multiple of (WAL_BACKSTOP_FACTOR).
+"""Checkpoint the WAL (copy its pages into the database file and fsync it) once it holds this many pages.
 
-A COMMIT that runs a checkpoint takes 3-8 times a plain commit (1-3 ms here): at SQLite's default mark of 1,000
-pages, checkpoints fell on 1.2 % of allocate and release commits and set the p99 of grant latency
-(bench/bench_scheduler.py); at 4,096 pages they still fell on one commit in ~700. Now the WalCheckpointer runs
-them on its own thread, and a request's COMMIT checkpoints only if the WAL reaches the backstop. On a disk with
-less than WAL_ROOM_FACTOR times the backstop's WAL free, the request connection keeps SQLite's default
-(`Store.fit_wal_to_disk`): a WAL that fills the disk before its checkpoint would fail writes, and a full disk
-cannot take the checkpoint that would free it.
+The COMMIT that crosses the mark runs the checkpoint: it takes 3-8 times a plain commit (1-3 ms here). At
+SQLite's default of 1,000 pages that was every ~170th commit of an allocate or release (about 6 pages each):
+a checkpoint and the WAL restart after it fell on 1.2 % of commits, and on about half of the slowest 1 %,
+so they set the p99 of grant latency (bench/bench_scheduler.py). At 4,096 pages it is every ~700th commit.
+The cost: the -wal file grows to about 16 MiB (4 KiB pages) and keeps that size while the daemon runs
+(SQLite removes it at a clean close). On a disk with less than WAL_ROOM_FACTOR times that free, the daemon
+keeps SQLite's default (`Store.fit_wal_to_disk`): a WAL that fills the disk before its checkpoint would fail
+writes, and a full disk cannot take the checkpoint that would free it.
 """
-CHECKPOINT_EVERY_COMMITS = 256
-"""Commits between two checkpoints by the WalCheckpointer (an allocate or release writes about 6 pages, fewer
-per request when the group committer puts several in one COMMIT)."""
-WAL_BACKSTOP_FACTOR = 4
-"""The request connection checkpoints itself only once the WAL holds this many times WAL_CHECKPOINT_PAGES."""
 WAL_SMALL_DISK_PAGES = 1000
 """SQLite's default, kept while the disk holding the database is short of room."""
 WAL_ROOM_FACTOR = 4
@@ -636,50 +628,6 @@ def apply_migrations(conn: sqlite3.Connection) -> None:
     _migrations().apply(Database(conn))
 
 
-class WalCheckpointer:
-    """PASSIVE checkpoints of a database's WAL on a thread and connection of their own, when asked.
-
-    A PASSIVE checkpoint neither waits for nor blocks the writer: the store's COMMITs go on appending to the WAL
-    while it copies pages into the database file and fsyncs it, and the writer starts the WAL over after one
-    that copied everything. sqlite3 releases the GIL while SQLite works."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.checkpoints = 0
-        """Checkpoints run (for tests and benchmarks)."""
-        self.failures = 0
-        self._wanted = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="mcpresd-wal-checkpoint", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        self._wanted.set()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            while True:
-                self._wanted.wait()
-                self._wanted.clear()
-                if self._stopping:
-                    return
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.checkpoints += 1
-                except sqlite3.Error:
-                    self.failures += 1  # the backstop (the writer's own checkpoint) bounds the WAL meanwhile
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wanted.set()
-        self._thread.join()
-
-
 class Store:
     """The daemon's SQLite database."""
 
@@ -736,11 +684,6 @@ class Store:
         self._counts = self._load_counts()
         """Allocations by state, committed; the open transaction's changes are in _counts_open."""
         self._counts_open: dict[str, int] = {}
-        self.checkpoint_every = CHECKPOINT_EVERY_COMMITS
-        """Commits between the checkpointer's checkpoints."""
-        self._commits_unchecked = 0
-        self.checkpointer: WalCheckpointer | None = None
-        """Started at the first checkpoint asked for (a file database only)."""
         self._metrics_written = MetricTally.from_row(self.conn.execute("SELECT * FROM metric_totals").fetchone()[1:])
         """What metric_totals holds, committed: the counts of allocations ended and flushed."""
         self._metrics_pending = _tally_rows(self.conn, "id IN (SELECT allocation_id FROM usage_unflushed)")
@@ -820,9 +763,6 @@ class Store:
                     self.flush_usage()
             except (sqlite3.Error, StorageError):
                 pass  # still in usage_unflushed: the next start sums it again
-        if self.checkpointer is not None:
-            self.checkpointer.stop()  # before the last connection closes (which checkpoints and removes the -wal)
-            self.checkpointer = None
         self.conn.close()
 
     # -- transactions -----------------------------------------------------
@@ -834,10 +774,6 @@ class Store:
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
-        self._commits_unchecked += 1
-        if self._commits_unchecked >= self.checkpoint_every:
-            self._commits_unchecked = 0
-            self.request_checkpoint()
         if self._usage_open:
             self._usage_kept.merge(self._usage_open)
             self._usage_open = UsageFold()
@@ -861,14 +797,6 @@ class Store:
             self.mark = self._newest_event
             if self.lock is not None:
                 self.lock.record(self.mark)
-
-    def request_checkpoint(self) -> None:
-        """Have the checkpointer thread checkpoint the WAL (now, off the caller's thread)."""
-        if self.path == ":memory:" or self.gone is not None:
-            return
-        if self.checkpointer is None:
-            self.checkpointer = WalCheckpointer(self.path)
-        self.checkpointer.request()
 
     def _note_wal(self) -> None:
         try:
@@ -904,18 +832,17 @@ class Store:
         raise DatabaseGone(self.gone)
 
     def fit_wal_to_disk(self) -> int:
-        """The request connection's backstop checkpoint at WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_PAGES pages where
-        the disk has room for WAL_ROOM_FACTOR such WALs, at SQLite's default otherwise; the daemon calls it each
-        sampling round. Returns the pages now in force.
+        """Checkpoint every WAL_CHECKPOINT_PAGES pages where the disk has room for WAL_ROOM_FACTOR such WALs, at
+        SQLite's default otherwise; the daemon calls it each sampling round. Returns the pages now in force.
 
         When the mark falls under the WAL's size, the next COMMIT checkpoints it and the WAL starts over.
         """
-        pages = WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_PAGES
+        pages = WAL_CHECKPOINT_PAGES
         if self.path != ":memory:":
             try:
                 disk = os.statvfs(Path(self.path).parent)
                 page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
-                if disk.f_bavail * disk.f_frsize < WAL_ROOM_FACTOR * pages * page_size:
+                if disk.f_bavail * disk.f_frsize < WAL_ROOM_FACTOR * WAL_CHECKPOINT_PAGES * page_size:
                     pages = WAL_SMALL_DISK_PAGES
             except (OSError, sqlite3.Error):
                 pages = WAL_SMALL_DISK_PAGES

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
-from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_BACKSTOP_FACTOR, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
-                           wal_frames,
+from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
                            m009_metric_counters, m010_metric_counters_in_memory)
 
 
@@ -29,8 +27,7 @@ def test_the_database_is_durable_wal_with_full_sync(tmp_path: Path) -> None:
 
 def test_the_wal_is_checkpointed_rarely_enough_to_stay_out_of_the_p99(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
-    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
-        WAL_BACKSTOP_FACTOR * WAL_CHECKPOINT_PAGES >= 4 * 4096
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES >= 4096
     assert store.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
     store.close()
 
@@ -161,36 +158,3 @@ def test_an_upgrade_from_the_counting_triggers_counts_each_allocation_once(tmp_p
     assert counters == {"grants": 2, "releases": 1, "withdrawals": 1, "timeouts": 1, "wait_sum": 30.0}
     assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 1)] and buckets[-1] == (float("inf"), 2)
     assert written == (1, 1, 0, 0, 30.0) and triggers == 0  # b only; the rest from the rows at each start
-
-
-def test_no_commit_checkpoints_the_wal_the_checkpointer_thread_does(tmp_path: Path) -> None:
-    """Past WAL_CHECKPOINT_PAGES the request connection's COMMITs leave the database file alone (a checkpoint
-    inside one set the p99); the checkpointer, on its own connection, copies the WAL in and it starts over."""
-    path = tmp_path / "state.db"
-    store = Store(path)
-    try:
-        store.checkpoint_every = 10**9  # not asked yet
-        store.conn.execute("CREATE TABLE filler (b BLOB)")
-        size = path.stat().st_size
-        for _ in range(30):  # ~200 pages each: 6,000 pages, past the old mark of 4,096
-            with store.transaction():
-                store.conn.executemany("INSERT INTO filler VALUES (randomblob(3000))", [()] * 250)
-        frames = wal_frames(str(path) + "-wal")
-        assert len(frames) > WAL_CHECKPOINT_PAGES and path.stat().st_size == size
-
-        store.checkpoint_every = 1
-        with store.transaction():
-            store.conn.execute("INSERT INTO filler VALUES (randomblob(3000))")
-        assert store.checkpointer is not None
-        deadline = time.monotonic() + 30
-        while store.checkpointer.checkpoints == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert store.checkpointer.checkpoints >= 1 and store.checkpointer.failures == 0
-        assert path.stat().st_size > size + 6000 * 3000
-        with store.transaction():  # the WAL starts over from its beginning after a whole checkpoint
-            store.conn.execute("INSERT INTO filler VALUES (randomblob(3000))")
-        assert len(wal_frames(str(path) + "-wal")) < 10
-    finally:
-        store.close()
-    assert not (tmp_path / "state.db-wal").exists()  # the checkpointer stopped first; the last close removed it
-    assert sqlite3.connect(path).execute("SELECT count(*) FROM filler").fetchone()[0] == 30 * 250 + 2
