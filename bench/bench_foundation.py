@@ -172,6 +172,12 @@ def load_c(loadgen: str, sock_path: str, clients: int, seconds: float, max_pairs
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its threads so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class StealMeter:
     """The share of CPU time the hypervisor gave to other guests (/proc/stat steal) between start() and percent().
 
@@ -391,11 +397,15 @@ def daemon_figures(args: argparse.Namespace, python: str, env: dict[str, str], t
         print(f"machine: {os.cpu_count()} CPUs; load client: {'loadgen (C)' if loadgen else 'Python asyncio'}")
         for clients, processes in ((1, 1), (200, 2)):
             steal = StealMeter()
+            cpu = cpu_seconds(proc.pid)
             result = load_c(loadgen, sock, clients, seconds) if loadgen else load(sock, clients, seconds, processes)
+            cpu = cpu_seconds(proc.pid) - cpu
             measured[clients] = result
+            pairs = result.get("pairs", result["pairs_per_s"] * seconds)
             print(f"persistent connections, {clients:>3} client(s): {result['pairs_per_s']:>8.0f} "
                   f"durable allocate+release/s  allocate p50 {result['p50_ms']:.3f} ms  "
-                  f"p99 {result['p99_ms']:.3f} ms  (cpu steal {steal.percent():.1f} %)")
+                  f"p99 {result['p99_ms']:.3f} ms  daemon CPU per pair {cpu / max(pairs, 1) * 1e6:.0f} us  "
+                  f"(cpu steal {steal.percent():.1f} %)")
         if args.throughput:
             return
         env["MCPRES_SOCKET"] = sock

@@ -14,13 +14,17 @@ Rules:
 - An ended allocation's hourly usage is summed in memory (`UsageFold`) and written into usage_hours at the
   next flush (each broker tick, any read of the totals, a correction, retention, close); its id waits in
   usage_unflushed, written in the transaction that ended it, so a start-up after a crash sums again what
-  the last flush had not written, and nothing is lost or counted twice.
+  the last flush had not written, and nothing is lost or counted twice. The counts by state and the
+  Prometheus counters (`MetricTally`) are kept the same way: a start counts the live allocations and those in
+  usage_unflushed from their rows, beside what the last flush wrote.
 - The newest committed event id is the commit high-water mark; the daemon's lock file remembers it
   (`mcpresd.files.DatabaseLock`), so a database that comes back behind it is seen to have lost commits.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import os
@@ -446,10 +450,26 @@ CREATE INDEX cluster_allocations_live ON cluster_allocations (state) WHERE state
 """
 
 
+def m012_metric_counters_in_memory(db: Any) -> None:
+    # The counters are kept in memory (MetricTally) and written with the usage: the triggers cost an UPDATE per
+    # grant and per end. metric_totals now holds what the allocations that ended and were flushed add; a start
+    # adds the live ones and those in usage_unflushed (Store._load_metrics), so take those out of it here.
+    db.executescript("""
+        DROP TRIGGER grants_counted_on_insert;
+        DROP TRIGGER grants_counted_on_change;
+        DROP TRIGGER ends_counted;
+    """)
+    conn = db.conn
+    written = MetricTally.from_row(conn.execute("SELECT * FROM metric_totals").fetchone()[1:])
+    written.take(_unwritten_tally(conn))
+    conn.execute(_WRITE_METRICS, written.row())
+
+
 # Registered in order; never edit one that has shipped, add the next.
 MIGRATIONS = (m001_initial_schema, m002_metrics_and_alerts, m003_pools_and_cost, m004_usage_hours,
               m005_allocation_counts, m006_measured_runs, m007_allocations_by_state, m008_usage_unflushed,
-              m009_metric_counters, m010_resource_checks_without_in_lists, m011_cluster_allocations)
+              m009_metric_counters, m010_resource_checks_without_in_lists, m011_cluster_allocations,
+              m012_metric_counters_in_memory)
 
 _RECORD_COLUMNS = "id, tool_id, owner_uid, created_at, granted_at, released_at, charges, measured"
 
@@ -468,6 +488,100 @@ def add_usage(conn: sqlite3.Connection, record: UsageRecord, sign: int) -> None:
         conn.execute("DELETE FROM usage_spans WHERE allocation_id = ?", (record.allocation_id,))
     else:
         conn.executemany(_ADD_SPAN, spans)
+
+
+class MetricTally:
+    """The Prometheus counters as values: grants, ends by kind, the wait-time sum and histogram (by bucket, not
+    cumulative: WAIT_BOUNDS then +Inf)."""
+
+    __slots__ = ("grants", "releases", "withdrawals", "timeouts", "wait_sum", "waits")
+
+    def __init__(self) -> None:
+        self.grants = self.releases = self.withdrawals = self.timeouts = 0
+        self.wait_sum = 0.0
+        self.waits = [0] * (len(WAIT_BOUNDS) + 1)
+
+    def __bool__(self) -> bool:
+        return bool(self.grants or self.releases or self.withdrawals)
+
+    @classmethod
+    def from_row(cls, row: Iterable[Any]) -> MetricTally:
+        """From metric_totals' columns after its id (cumulative buckets)."""
+        grants, releases, withdrawals, timeouts, wait_sum, *cumulative = row
+        tally = cls()
+        tally.grants, tally.releases, tally.withdrawals, tally.timeouts = grants, releases, withdrawals, timeouts
+        tally.wait_sum = wait_sum
+        below = 0
+        for index, count in enumerate([*cumulative, grants]):
+            tally.waits[index] = count - below
+            below = count
+        return tally
+
+    def row(self) -> tuple[Any, ...]:
+        """metric_totals' columns after its id."""
+        return (self.grants, self.releases, self.withdrawals, self.timeouts, self.wait_sum,
+                *itertools.accumulate(self.waits[:-1]))
+
+    def grant(self, created_at: float, granted_at: float) -> None:
+        waited = granted_at - created_at
+        if waited < 0:
+            waited = 0.0
+        self.grants += 1
+        self.wait_sum += waited
+        self.waits[bisect.bisect_left(WAIT_BOUNDS, waited)] += 1
+
+    def end(self, state: str, reason: str | None) -> None:
+        if state == "released":
+            self.releases += 1
+        else:
+            self.withdrawals += 1
+            if reason == "timeout":
+                self.timeouts += 1
+
+    def ended(self, allocation: Allocation) -> None:
+        """All an ended allocation adds: its grant, if it had one, and its end."""
+        if allocation.granted_at is not None:
+            self.grant(allocation.created_at, allocation.granted_at)
+        self.end(allocation.state.value, allocation.release_reason)
+
+    def merge(self, other: MetricTally) -> None:
+        self.grants += other.grants
+        self.releases += other.releases
+        self.withdrawals += other.withdrawals
+        self.timeouts += other.timeouts
+        self.wait_sum += other.wait_sum
+        self.waits = [mine + theirs for mine, theirs in zip(self.waits, other.waits)]
+
+    def take(self, other: MetricTally) -> None:
+        self.grants -= other.grants
+        self.releases -= other.releases
+        self.withdrawals -= other.withdrawals
+        self.timeouts -= other.timeouts
+        self.wait_sum -= other.wait_sum
+        self.waits = [mine - theirs for mine, theirs in zip(self.waits, other.waits)]
+
+
+_WRITE_METRICS = ("UPDATE metric_totals SET grants = ?, releases = ?, withdrawals = ?, timeouts = ?, wait_sum = ?, "
+                  + ", ".join(f"wait_le_{i} = ?" for i in range(len(WAIT_BOUNDS))))
+
+
+def _tally_rows(conn: sqlite3.Connection, where: str) -> MetricTally:
+    tally = MetricTally()
+    for state, created_at, granted_at, reason in conn.execute(
+            f"SELECT state, created_at, granted_at, release_reason FROM allocations WHERE {where}"):
+        if granted_at is not None:
+            tally.grant(created_at, granted_at)
+        if state in ("released", "withdrawn"):
+            tally.end(state, reason)
+    return tally
+
+
+def _unwritten_tally(conn: sqlite3.Connection) -> MetricTally:
+    """What metric_totals does not hold: the live allocations' grants and what those ended since the last flush
+    (usage_unflushed) add."""
+    tally = _tally_rows(conn, "state IN ('queued', 'active')")
+    tally.merge(_tally_rows(conn, "id IN (SELECT allocation_id FROM usage_unflushed)"))
+    return tally
 
 
 class UsageFold:
@@ -629,6 +743,23 @@ class Store:
         self._counts = self._load_counts()
         """Allocations by state, committed; the open transaction's changes are in _counts_open."""
         self._counts_open: dict[str, int] = {}
+        self._metrics_written = MetricTally.from_row(self.conn.execute("SELECT * FROM metric_totals").fetchone()[1:])
+        """What metric_totals holds, committed: the counts of allocations ended and flushed."""
+        self._metrics_pending = _tally_rows(self.conn, "id IN (SELECT allocation_id FROM usage_unflushed)")
+        """What committed ends add that metric_totals does not hold yet (written at the next flush)."""
+        self._metrics = MetricTally()
+        """The counters, committed."""
+        self._metrics.merge(self._metrics_written)
+        self._metrics.merge(self._metrics_pending)
+        self._metrics.merge(_tally_rows(self.conn, "state IN ('queued', 'active')"))
+        self._metrics_open = MetricTally()
+        """The open transaction's grants and ends."""
+        self._metrics_ended_open = MetricTally()
+        """What the open transaction's ends add, not yet written by a flush."""
+        self._metrics_writing: MetricTally | None = None
+        """What the open transaction's flush wrote into metric_totals (its whole row), and the pending tally it
+        took (kept again if it rolls back)."""
+        self._metrics_took: MetricTally | None = None
 
     def _commits_recovery_dropped(self, frames: list[tuple[int, bool]]) -> int:
         """How many commit frames of the -wal's current generation lie past what SQLite's recovery kept.
@@ -711,6 +842,15 @@ class Store:
             for state, change in self._counts_open.items():
                 self._counts[state] += change
             self._counts_open = {}
+        if self._metrics_open:
+            self._metrics.merge(self._metrics_open)
+            self._metrics_open = MetricTally()
+        if self._metrics_ended_open:
+            self._metrics_pending.merge(self._metrics_ended_open)
+            self._metrics_ended_open = MetricTally()
+        if self._metrics_writing is not None:
+            self._metrics_written = self._metrics_writing
+            self._metrics_writing = self._metrics_took = None
         self.verify_files()
         if self._newest_event != self.mark:
             self.mark = self._newest_event
@@ -779,6 +919,11 @@ class Store:
             self._usage_kept.merge(self._usage_writing)
             self._usage_writing = UsageFold()
         self._counts_open = {}
+        self._metrics_open = MetricTally()
+        self._metrics_ended_open = MetricTally()
+        if self._metrics_took is not None:
+            self._metrics_pending.merge(self._metrics_took)
+            self._metrics_writing = self._metrics_took = None
         self.verify_files()  # a failed write may be the first sign of a lost file; nothing may rebuild over one
 
     @contextmanager
@@ -843,6 +988,8 @@ class Store:
             (*_row(allocation), request_digest),
         )
         self._count(allocation.state.value, 1)
+        if allocation.state is AllocationState.ACTIVE and allocation.granted_at is not None:
+            self._metrics_open.grant(allocation.created_at, allocation.granted_at)
         if allocation.released_at is not None:  # inserted ended (an import): not in usage_unflushed, so written now
             self.conn.execute("UPDATE allocation_counts SET count = count + 1 WHERE state = ?",
                               (allocation.state.value,))
@@ -865,6 +1012,8 @@ class Store:
         )
         self._count("active" if allocation.granted_at is not None else "queued", -1)
         self._count(allocation.state.value, 1)
+        self._metrics_open.end(allocation.state.value, allocation.release_reason)
+        self._metrics_ended_open.ended(allocation)
 
     def mark_granted(self, allocation: Allocation) -> None:
         """Record a queued request's grant (`allocation` is the granted value)."""
@@ -876,6 +1025,8 @@ class Store:
         )
         self._count("queued", -1)
         self._count("active", 1)
+        if allocation.granted_at is not None:
+            self._metrics_open.grant(allocation.created_at, allocation.granted_at)
         self.insert_items(allocation.id, allocation.items)
 
     def update_lease(self, allocation: Allocation) -> None:
@@ -926,12 +1077,31 @@ class Store:
                               [(count, state) for state, count in self.count_allocations().items()])
 
     def metric_counters(self) -> tuple[dict[str, float], list[tuple[float, int]]]:
-        """The counters the triggers keep, and the wait-time histogram: (upper bound, grants that waited at most
-        that long), cumulative, +Inf last."""
-        row = self.conn.execute("SELECT * FROM metric_totals").fetchone()
-        counters = {"grants": row[1], "releases": row[2], "withdrawals": row[3], "timeouts": row[4],
-                    "wait_sum": row[5]}
-        return counters, [*zip(WAIT_BOUNDS, row[6:]), (math.inf, row[1])]
+        """The counters as the open transaction sees them (kept in memory, see MetricTally), and the wait-time
+        histogram: (upper bound, grants that waited at most that long), cumulative, +Inf last."""
+        tally = MetricTally()
+        tally.merge(self._metrics)
+        tally.merge(self._metrics_open)
+        row = tally.row()
+        counters = {"grants": row[0], "releases": row[1], "withdrawals": row[2], "timeouts": row[3],
+                    "wait_sum": row[4]}
+        return counters, [*zip(WAIT_BOUNDS, row[5:]), (math.inf, row[0])]
+
+    def _write_metrics(self) -> None:
+        """What the ends since the last flush add into metric_totals (with usage_unflushed emptied)."""
+        if not self._metrics_pending and not self._metrics_ended_open:
+            return
+        written = MetricTally()
+        written.merge(self._metrics_written if self._metrics_writing is None else self._metrics_writing)
+        written.merge(self._metrics_pending)
+        written.merge(self._metrics_ended_open)
+        self.conn.execute(_WRITE_METRICS, written.row())
+        if self._metrics_took is None:
+            self._metrics_took = MetricTally()
+        self._metrics_took.merge(self._metrics_pending)
+        self._metrics_writing = written
+        self._metrics_pending = MetricTally()
+        self._metrics_ended_open = MetricTally()
 
     def _select_allocations(self, where: str, args: tuple[Any, ...]) -> list[Allocation]:
         rows = self.conn.execute(f"SELECT {_COLUMNS} FROM allocations {where}", args).fetchall()
@@ -974,6 +1144,7 @@ class Store:
         fold.write(self.conn)
         self.conn.execute("DELETE FROM usage_unflushed")
         self._write_counts()
+        self._write_metrics()
         self._usage_writing.merge(self._usage_kept)
         self._usage_kept = UsageFold()
         self._usage_open = UsageFold()

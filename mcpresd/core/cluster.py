@@ -14,7 +14,6 @@ Formats read here (stable across Slurm 20.11 to 24.x; recorded from 22.05 in tes
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -167,7 +166,7 @@ def through(prefix: tuple[str, ...] | list[str], slurm_argv: list[str] | tuple[s
     there, and a step's `sh -c 'a; b'` would be split. Any other prefix (a namespace wrapper, sudo, env)
     execs its arguments as they are.
     """
-    if prefix and os.path.basename(prefix[0]) == "ssh":
+    if prefix and prefix[0].rsplit("/", 1)[-1] == "ssh":
         return [*prefix, shlex.join(slurm_argv)]
     return [*prefix, *slurm_argv]
 

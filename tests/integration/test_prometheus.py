@@ -9,6 +9,7 @@ import http.client
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -206,6 +207,55 @@ def test_counters_and_the_wait_histogram_survive_a_restart(tmp_path: Path) -> No
 
         after = samples(ok(daemon, "metrics", "--prometheus"))
         assert {name: value(after, name) for name in counted} == figures
+    finally:
+        daemon.stop()
+
+
+def test_counters_kept_in_memory_survive_sigkill_counted_once(tmp_path: Path) -> None:
+    """The counters are written with the usage (each tick, any usage read); a kill -9 before that loses none
+    of what was acknowledged, and what was written before it is not counted again at start-up."""
+    daemon = DaemonProcess(tmp_path, config=CONFIG + '[scheduler]\ntick_interval = "60s"\n')
+    daemon.start()
+    counted = ("mcpres_grants_total", "mcpres_releases_total", "mcpres_withdrawals_total",
+               "mcpres_wait_timeouts_total", "mcpres_wait_seconds_count", "mcpres_wait_seconds_sum")
+
+    def figures() -> dict[str, float]:
+        found = samples(ok(daemon, "metrics", "--prometheus"))
+        return {**{name: value(found, name) for name in counted},
+                **{f"le={le}": value(found, "mcpres_wait_seconds_bucket", le=le) for le in ("0.01", "10.0", "+Inf")}}
+
+    def written_grants() -> int:
+        with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT grants FROM metric_totals").fetchone()[0])
+
+    try:
+        first = ok(daemon, "allocate", "--res", "licence=2").strip()
+        assert cli(daemon, "allocate", "--res", "licence=1", "--wait", "1s").returncode == 3  # a timeout
+        ok(daemon, "release", ok(daemon, "allocate", "--res", "slot=1").strip())
+        ok(daemon, "usage")  # the read writes what the ended ones add (a held one is counted from its row at start)
+        assert written_grants() == 1
+        queued = ok(daemon, "allocate", "--res", "licence=1", "--wait", "1h", "--no-block").strip()
+        ok(daemon, "release", queued)  # a withdrawal
+        waiting = ok(daemon, "allocate", "--res", "licence=2", "--wait", "1h", "--no-block").strip()
+        ok(daemon, "release", first)
+        eventually("the waiting request granted",
+                   lambda: daemon.call("allocations.get", {"id": waiting})["state"] == "active")
+        ok(daemon, "release", ok(daemon, "allocate", "--res", "slot=1").strip())
+        ok(daemon, "allocate", "--res", "slot=1")  # still held at the kill
+        before = figures()
+        assert before["mcpres_grants_total"] == 5 and before["mcpres_releases_total"] == 3
+        assert before["mcpres_withdrawals_total"] == 2 and before["mcpres_wait_timeouts_total"] == 1
+        assert before["le=0.01"] == 4 and before["le=+Inf"] == 5  # the waiting one waited longer
+        assert written_grants() == 1  # no tick and no read since: the rest is only in memory
+
+        daemon.kill()
+        daemon.start()
+        assert figures() == before
+        ok(daemon, "usage")
+        assert written_grants() == 3  # the ended ones; the two held are counted from their rows at start
+        daemon.kill()
+        daemon.start()
+        assert figures() == before
     finally:
         daemon.stop()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mcpresd.store import MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store, m009_metric_counters
+from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
+                           m009_metric_counters, m012_metric_counters_in_memory)
 
 
 def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
@@ -150,3 +151,42 @@ def test_the_resource_checks_rebuilt_as_ors_keep_every_row_and_rule(tmp_path: Pa
             continue
         raise AssertionError(f"accepted: {statement}")
     store.close()
+
+
+def test_an_upgrade_from_the_counting_triggers_counts_each_allocation_once(tmp_path: Path) -> None:
+    """m012 drops m009's triggers: metric_totals keeps what the flushed ended allocations add, and a start adds the
+    live ones and those ended since the last flush (usage_unflushed) from their rows."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    path = tmp_path / "state.db"
+    earlier = Migrations(MIGRATIONS_NAME)
+    for migration in MIGRATIONS[:MIGRATIONS.index(m012_metric_counters_in_memory)]:
+        earlier()(migration)
+    conn = sqlite3.connect(path)
+    earlier.apply(Database(conn))
+    with conn:  # as the daemon wrote them, with the triggers counting
+        conn.executemany("INSERT INTO allocations (id, state, priority, owner_uid, created_at, granted_at)"
+                         " VALUES (?, ?, 'normal', 0, 100.0, ?)",
+                         [("a", "active", 100.0), ("b", "active", 130.0), ("c", "queued", None),
+                          ("d", "queued", None)])
+        conn.execute("UPDATE allocations SET state = 'released', released_at = 200.0, release_reason = 'released'"
+                     " WHERE id = 'b'")
+        conn.execute("UPDATE allocations SET state = 'withdrawn', released_at = 200.0, release_reason = 'timeout'"
+                     " WHERE id = 'c'")
+        conn.execute("INSERT INTO usage_unflushed VALUES ('c')")  # b was flushed, c not yet
+    conn.close()
+
+    store = Store(path)
+    counters, buckets = store.metric_counters()
+    written = store.conn.execute("SELECT grants, releases, withdrawals, timeouts, wait_sum FROM metric_totals"
+                                 ).fetchone()
+    triggers = store.conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0]
+    store.close()
+    again = Store(path)
+    assert again.metric_counters() == (counters, buckets)
+    again.close()
+
+    assert counters == {"grants": 2, "releases": 1, "withdrawals": 1, "timeouts": 1, "wait_sum": 30.0}
+    assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 1)] and buckets[-1] == (float("inf"), 2)
+    assert written == (1, 1, 0, 0, 30.0) and triggers == 0  # b only; the rest from the rows at each start

@@ -344,14 +344,18 @@ def test_usage_summed_in_memory_follows_the_transactions_that_commit(tmp_path: A
         end(1)
         store.rollback()
         assert store.count_allocations()["released"] == 1
+        assert store.metric_counters()[0] == {"grants": 1, "releases": 1, "withdrawals": 0, "timeouts": 0,
+                                              "wait_sum": 2.0}
         store.begin()
         store.flush_usage()
         assert sum(row[2] for row in store.usage_totals("tool", 0)) == 1
         store.rollback()
+        assert store.conn.execute("SELECT grants, releases FROM metric_totals").fetchone() == (0, 0)
         with store.transaction():
             end(2)
         assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
         assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
+        assert store.conn.execute("SELECT grants, releases, wait_sum FROM metric_totals").fetchone() == (2, 2, 4.0)
         assert store.conn.execute("SELECT count(*) FROM usage_unflushed").fetchone()[0] == 0
     finally:
         store.close()
@@ -359,5 +363,8 @@ def test_usage_summed_in_memory_follows_the_transactions_that_commit(tmp_path: A
     try:
         assert sum(row[2] for row in store.usage_totals("tool", 0)) == 2
         assert store.count_allocations() == {"queued": 0, "active": 0, "released": 2, "withdrawn": 0}
+        counters, buckets = store.metric_counters()
+        assert counters == {"grants": 2, "releases": 2, "withdrawals": 0, "timeouts": 0, "wait_sum": 4.0}
+        assert buckets[2:4] == [(1.0, 0), (10.0, 2)]  # each waited 2 s
     finally:
         store.close()
