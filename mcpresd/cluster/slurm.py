@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from mcpresd.core.cluster import (ClusterJob, ClusterRequest, Partition, SallocNews, parse_sinfo, parse_squeue,
-                                  salloc_argv, salloc_news, sinfo_argv, squeue_argv, through)
+                                  salloc_argv, salloc_news, sinfo_argv, squeue_argv)
 
 DEFAULT_TIMEOUT_S = 10.0
 STOP_ATTEMPTS = 20
@@ -159,6 +160,19 @@ class Submission:
                 self.process.send_signal(signal.SIGTERM if attempt < STOP_ATTEMPTS else signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._reader), STOP_INTERVAL_S)
+
+
+def through(prefix: tuple[str, ...] | list[str], slurm_argv: list[str] | tuple[str, ...]) -> list[str]:
+    """A Slurm command line behind the configured prefix.
+
+    ssh hands its command to the remote user's shell as one string (its arguments joined by spaces), so behind
+    an ssh prefix the Slurm argv is quoted for that shell: else a `|` in squeue's --format would start a pipe
+    there, and a step's `sh -c 'a; b'` would be split. Any other prefix (a namespace wrapper, sudo, env)
+    execs its arguments as they are.
+    """
+    if prefix and os.path.basename(prefix[0]) == "ssh":
+        return [*prefix, shlex.join(slurm_argv)]
+    return [*prefix, *slurm_argv]
 
 
 class SlurmCluster:

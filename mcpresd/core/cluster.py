@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -156,19 +155,6 @@ def salloc_argv(request: ClusterRequest) -> list[str]:
         argv.append("--immediate")
     argv.extend(request.extra)
     return argv
-
-
-def through(prefix: tuple[str, ...] | list[str], slurm_argv: list[str] | tuple[str, ...]) -> list[str]:
-    """A Slurm command line behind the configured prefix.
-
-    ssh hands its command to the remote user's shell as one string (its arguments joined by spaces), so behind
-    an ssh prefix the Slurm argv is quoted for that shell: else a `|` in squeue's --format would start a pipe
-    there, and a step's `sh -c 'a; b'` would be split. Any other prefix (a namespace wrapper, sudo, env)
-    execs its arguments as they are.
-    """
-    if prefix and prefix[0].rsplit("/", 1)[-1] == "ssh":
-        return [*prefix, shlex.join(slurm_argv)]
-    return [*prefix, *slurm_argv]
 
 
 def sinfo_argv() -> list[str]:

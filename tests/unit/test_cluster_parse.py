@@ -100,7 +100,8 @@ def test_durations_and_the_sinfo_command() -> None:
 def test_behind_ssh_the_slurm_command_is_quoted_for_the_remote_shell_and_elsewhere_passed_as_it_is() -> None:
     import shlex
 
-    from mcpresd.core.cluster import squeue_argv, through
+    from mcpresd.cluster.slurm import through
+    from mcpresd.core.cluster import squeue_argv
 
     argv = [*squeue_argv(), "sh", "-c", "echo $X; exit 7"]
     over_ssh = through(("/usr/bin/ssh", "-o", "BatchMode=yes", "login1"), argv)
