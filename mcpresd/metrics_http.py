@@ -95,8 +95,7 @@ class MetricsEndpoint:
         if method != "GET":
             return 405, b"only GET is served\n"
         try:
-            text = await self._produce()
-        except Exception as error:  # noqa: BLE001 - a failed store job is a 503 for this scrape, never a crash
+            return 200, (await self._produce()).encode("utf-8")
+        except Exception as error:  # noqa: BLE001 - a failed store job (or text) is a 503 for this scrape, never a crash
             log.warning("metrics endpoint: the exposition failed: %s", error)
             return 503, b"the daemon could not build the exposition; see its log\n"
-        return 200, text.encode("utf-8")

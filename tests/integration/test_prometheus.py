@@ -318,6 +318,35 @@ def test_a_client_that_never_reads_its_reply_is_dropped_while_others_are_served(
     assert status == 404
 
 
+def test_an_exposition_that_cannot_be_sent_is_a_503_not_a_connection_left_open() -> None:
+    import asyncio
+
+    from mcpresd.metrics_http import MetricsEndpoint
+
+    async def produce() -> str:
+        return "mcpres_x{mount=\"\udcff\"} 1\n"  # not encodable: whatever renders it, the scrape is answered
+
+    async def scenario() -> tuple[bytes, int]:
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0)
+        port = free_port()
+        await endpoint.start("127.0.0.1", port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 60)
+            writer.close()
+            deadline = asyncio.get_running_loop().time() + 60
+            while endpoint.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            return answer, endpoint.connections
+        finally:
+            await endpoint.close()
+
+    answer, left = asyncio.run(scenario())
+
+    assert answer.startswith(b"HTTP/1.1 503 ") and left == 0
+
+
 def test_connections_past_the_limit_are_closed_at_once() -> None:
     import asyncio
 
