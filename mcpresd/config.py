@@ -622,6 +622,15 @@ def as_table(config: Config) -> dict[str, Any]:
     enforce = config.enforce
     table["enforce"] = {"mode": enforce.mode.value, "max_mode": enforce.max_mode.value,
                         "kill_grace": enforce.kill_grace, "tasks_max": enforce.tasks_max, "cgroup": enforce.cgroup}
+    if config.metrics_listen is not None:
+        host, port = config.metrics_listen
+        table["metrics"] = {"listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if config.cluster is not None:
+        cluster = config.cluster
+        table["cluster"] = {"backend": cluster.backend, "command": list(cluster.command), "timeout": cluster.timeout,
+                            **{key: value for key, value in (("partition", cluster.partition),
+                                                             ("account", cluster.account),
+                                                             ("time_limit", cluster.time_limit)) if value is not None}}
     if config.resources:
         table["resources"] = [_resource_table(resource) for resource in config.resources]
     if config.pools:

@@ -105,7 +105,20 @@ def shared_tmp() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.parametrize("text", ["", FULL], ids=["defaults", "full"])
+SITES = """
+[metrics]
+listen = "[::1]:9464"
+
+[cluster]
+partition = "de\\"bug"
+account = "a'b\\\\c"
+time_limit = "2h"
+timeout = "30s"
+command = ["ssh", "-o", "ProxyCommand=nc %h 22", "lo\\"gin\\nnode"]
+"""
+
+
+@pytest.mark.parametrize("text", ["", FULL, SITES], ids=["defaults", "full", "metrics-and-cluster"])
 def test_config_show_round_trips(tmp_path: Path, text: str) -> None:
     given = tmp_path / "given.toml"
     given.write_text(text)
