@@ -78,7 +78,8 @@ class Config:
 
 
 def user_config_path() -> str:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    given = os.environ.get("XDG_CONFIG_HOME", "")
+    base = given if os.path.isabs(given) else os.path.join(os.path.expanduser("~"), ".config")  # XDG: relative is invalid
     return os.path.join(base, "mcpres", "mcpresd.toml")
 
 
