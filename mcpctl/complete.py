@@ -1,13 +1,18 @@
 """Shell completion: the scripts for bash, zsh and fish, and the values only the daemon knows.
 
 Rules: imported by the Typer commands only, never by the fast path (`mcpctl allocate` and `release`
-in a script never pay for it). Asking the daemon takes at most TIMEOUT_S and says nothing when it fails:
-a completion offers what it can, never an error in the middle of a command line.
+in a script never pay for it). Asking the daemon takes at most TIMEOUT_S in all (however slowly a daemon
+dribbles its reply) and says nothing when it fails: a completion offers what it can, never an error in the
+middle of a command line. What the daemon names reaches the user's shell (zsh's script evals it twice), so
+a value is offered only when it is made of plain characters (letters, digits, `._:/@+%,=-`), and its help
+shows anything else as `?`: no quote, `$`, backslash, space, glob or control character gets through.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from typing import Any
 
 import typer
@@ -18,6 +23,21 @@ from mcpresd.protocol import Method, default_socket_path
 COMPLETE_VAR = "_MCPCTL_COMPLETE"
 SHELLS = ("bash", "zsh", "fish")
 TIMEOUT_S = 0.5
+_PLAIN = frozenset("._:/@+%,=-")
+_deadline: float | None = None
+
+
+class _TooSlow(Exception):
+    """The daemon did not answer within what was left of TIMEOUT_S."""
+
+
+def plain(text: str) -> bool:
+    """Whether `text` may be offered to a shell as it is."""
+    return bool(text) and all((c.isalnum() and c.isascii()) or c in _PLAIN for c in text)
+
+
+def _shown(text: str) -> str:
+    return "".join(c if (c.isalnum() and c.isascii()) or c in _PLAIN or c == " " else "?" for c in text)
 
 
 def script(shell: str) -> str:
@@ -39,14 +59,30 @@ def prepare() -> None:
 
 
 def _ask(ctx: typer.Context, method: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    global _deadline
     root = ctx.find_root()
     path = root.params.get("socket") or os.environ.get("MCPRES_SOCKET") or default_socket_path()
+    now = time.monotonic()
+    if _deadline is None:
+        _deadline = now + TIMEOUT_S  # one budget for every question of this completion
+    left = _deadline - now
+    if left <= 0:
+        return []
+
+    def too_slow(signum: int, frame: object) -> None:
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, left)
     try:
-        with Client(path, timeout=TIMEOUT_S) as client:
+        with Client(path, timeout=left) as client:
             rows = client.call(method, params)
     except Exception:  # no daemon, an untrusted one, a slow one: offer nothing
         return []
-    return rows if isinstance(rows, list) else []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def allocation_ids(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
@@ -54,14 +90,16 @@ def allocation_ids(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]
     found = []
     for state in ("active", "queued"):
         for row in _ask(ctx, Method.ALLOCATIONS_LIST, {"state": state, "limit": 200}):
-            if str(row.get("id", "")).startswith(incomplete):
-                items = ", ".join(f"{i['resource']}={i['amount']:g}" for i in row.get("items") or ())
-                found.append((row["id"], f"{state} {items}".strip()))
+            ident = row.get("id")
+            if isinstance(ident, str) and plain(ident) and ident.startswith(incomplete):
+                items = ", ".join(f"{i.get('resource')}={_amount(i.get('amount'))}" for i in row.get("items") or ()
+                                  if isinstance(i, dict))
+                found.append((ident, _shown(f"{state} {items}".strip())))
     return found
 
 
 def resource_names(ctx: typer.Context, incomplete: str) -> list[str]:
-    return [r["name"] for r in _ask(ctx, Method.RESOURCES_LIST) if str(r.get("name", "")).startswith(incomplete)]
+    return _names(_ask(ctx, Method.RESOURCES_LIST), incomplete)
 
 
 def resource_amounts(ctx: typer.Context, incomplete: str) -> list[str]:
@@ -70,4 +108,13 @@ def resource_amounts(ctx: typer.Context, incomplete: str) -> list[str]:
 
 
 def pool_names(ctx: typer.Context, incomplete: str) -> list[str]:
-    return [p["name"] for p in _ask(ctx, Method.POOLS_LIST) if str(p.get("name", "")).startswith(incomplete)]
+    return _names(_ask(ctx, Method.POOLS_LIST), incomplete)
+
+
+def _amount(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else "?"
+
+
+def _names(rows: list[dict[str, Any]], incomplete: str) -> list[str]:
+    return [name for row in rows if isinstance(name := row.get("name"), str) and plain(name)
+            and name.startswith(incomplete)]

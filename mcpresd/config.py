@@ -78,7 +78,8 @@ class Config:
 
 
 def user_config_path() -> str:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    given = os.environ.get("XDG_CONFIG_HOME", "")
+    base = given if os.path.isabs(given) else os.path.join(os.path.expanduser("~"), ".config")  # XDG: relative is invalid
     return os.path.join(base, "mcpres", "mcpresd.toml")
 
 
@@ -622,6 +623,15 @@ def as_table(config: Config) -> dict[str, Any]:
     enforce = config.enforce
     table["enforce"] = {"mode": enforce.mode.value, "max_mode": enforce.max_mode.value,
                         "kill_grace": enforce.kill_grace, "tasks_max": enforce.tasks_max, "cgroup": enforce.cgroup}
+    if config.metrics_listen is not None:
+        host, port = config.metrics_listen
+        table["metrics"] = {"listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if config.cluster is not None:
+        cluster = config.cluster
+        table["cluster"] = {"backend": cluster.backend, "command": list(cluster.command), "timeout": cluster.timeout,
+                            **{key: value for key, value in (("partition", cluster.partition),
+                                                             ("account", cluster.account),
+                                                             ("time_limit", cluster.time_limit)) if value is not None}}
     if config.resources:
         table["resources"] = [_resource_table(resource) for resource in config.resources]
     if config.pools:

@@ -321,6 +321,8 @@ def _escape_help(text: str) -> str:
 
 
 def _escape_label(text: str) -> str:
+    if not text.isascii():  # a mount point's undecodable bytes reach here as lone surrogates: not UTF-8
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "\\" not in text and '"' not in text and "\n" not in text:
         return text
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

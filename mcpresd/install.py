@@ -7,6 +7,9 @@ Rules:
 - An existing config file is kept; a missing one is written from the sample. Uninstalling keeps it too.
 - With --root DIR every path is written under DIR and systemctl is not run (packaging, tests).
 - Bad input changes nothing: everything is checked before the first file is written.
+- A unit file is replaced, never written through: a symlink found in its place (planted, or a dotfiles
+  manager's) is replaced by the file, not followed. The config is created only where nothing is, not even
+  a dangling symlink. ExecStart= quotes the program as systemd reads it back (spaces, quotes, % and $).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def target(mode: str) -> Target:
     if mode == "system":
         return Target("system", {"mcpresd.service": "mcpresd.service", "mcpresd.socket": "mcpresd.socket"},
                       SYSTEM_UNITS, SYSTEM_CONFIG, str(SYSTEM_CONFIG), "mcpresd.socket", ("systemctl",))
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    given = os.environ.get("XDG_CONFIG_HOME", "")
+    config_home = Path(given) if os.path.isabs(given) else Path.home() / ".config"  # the spec ignores a relative one
     return Target("user", {"mcpresd.service": "user/mcpresd.service"}, config_home / "systemd" / "user",
                   config_home / "mcpres" / "mcpresd.toml", "%E/mcpres/mcpresd.toml", "mcpresd.service",
                   ("systemctl", "--user"))
@@ -69,12 +73,25 @@ def mcpresd_program() -> str:
     """The `mcpresd` beside the running interpreter (a venv's, pipx's, uv's), else the one on PATH."""
     beside = Path(sys.executable).parent / "mcpresd"
     if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside.absolute())
-    found = shutil.which("mcpresd")
-    if found is None:
-        raise InstallError(f"no mcpresd program beside {sys.executable} nor on PATH: install the package "
-                           "(pipx install mcpres, uv tool install mcpres, or pip install into a venv) first")
-    return str(Path(found).absolute())
+        program = str(beside.absolute())
+    else:
+        found = shutil.which("mcpresd")
+        if found is None:
+            raise InstallError(f"no mcpresd program beside {sys.executable} nor on PATH: install the package "
+                               "(pipx install mcpres, uv tool install mcpres, or pip install into a venv) first")
+        program = str(Path(found).absolute())
+    if not program.isprintable():
+        raise InstallError(f"the mcpresd program's path {program!r} has a control character a unit cannot hold")
+    return program
+
+
+def exec_program(word: str) -> str:
+    """A program's path as systemd's Exec*= reads it back as one word: % doubled (a specifier otherwise; $ is
+    not expanded in the program), quoted where it has a blank, a quote, a backslash or a ';'."""
+    text = word.replace("%", "%%")
+    if any(c in text for c in " \t\"'\\;"):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def unit_text(packaged: str, program: str, config_in_unit: str) -> str:
@@ -84,7 +101,7 @@ def unit_text(packaged: str, program: str, config_in_unit: str) -> str:
         key, _, value = line.partition("=")
         if key.strip() == "ExecStart" and value.strip():
             words = value.split()
-            words[0] = program
+            words[0] = exec_program(program)
             if "--config" in words[:-1]:
                 words[words.index("--config") + 1] = config_in_unit
             line = "ExecStart=" + " ".join(words)
@@ -111,15 +128,13 @@ def install(mode: str, root: Path | None, start: bool) -> dict[str, object]:
     written = []
     for name, text in texts.items():
         path = unit_dir / name
-        path.write_text(text, encoding="utf-8")
-        path.chmod(0o644)
+        replace_file(path, text)
         written.append(str(path))
     config = under(root, place.config)
-    config_written = not config.exists()
+    config_written = not (config.exists() or config.is_symlink())
     if config_written:
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(sample, encoding="utf-8")
-        config.chmod(0o644)
+        config_written = create_file(config, sample)
     ran = []
     group_created = False
     if root is None:
@@ -132,6 +147,30 @@ def install(mode: str, root: Path | None, start: bool) -> dict[str, object]:
     return {"mode": mode, "root": None if root is None else str(root), "exec": program, "units": written,
             "config": str(config), "config_written": config_written, "group_created": group_created,
             "systemctl": ran}
+
+
+def create_file(path: Path, text: str) -> bool:
+    """Write `path` only where nothing is (O_EXCL, so not through a symlink); whether it was written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), 0o644)
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    return True
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Put `text` at `path` by renaming a new file over it: whatever was there (a symlink too) is replaced,
+    never written through, and a reader sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    temporary.unlink(missing_ok=True)
+    if not create_file(temporary, text):
+        raise InstallError(f"cannot create {temporary}: something is in the way")
+    os.replace(temporary, path)
 
 
 def uninstall(mode: str, root: Path | None, stop: bool) -> dict[str, object]:

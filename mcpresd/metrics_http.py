@@ -3,7 +3,10 @@
 Rules:
 - Served on the daemon's asyncio loop, so no client may hold it: a request's head must arrive whole within
   `read_timeout` and fit in `max_request` bytes; a reply not taken by the client within `write_timeout`
-  is dropped; at most `max_connections` at once (more are closed at once). One request per connection.
+  is dropped; at most `max_connections` at once: past that, the connection that has waited longest for its
+  request is dropped to make room (so a local user holding every slot with silent connections cannot keep
+  Prometheus out), and where every one has sent its request, the new one is closed at once. One request
+  per connection.
 - GET /metrics (any query string) answers 200 with the exposition; another path 404; another method 405;
   a request that is not HTTP/1.x 400; too large 431; too slow 408. No new dependency: a request line and
   headers are all it reads, and it ignores the headers.
@@ -34,6 +37,7 @@ class MetricsEndpoint:
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[asyncio.Task[None], None] = {}  # those still reading their request, oldest first
 
     @property
     def connections(self) -> int:
@@ -54,12 +58,18 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._tasks) >= self.max_connections and self._waiting:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self._tasks.discard(oldest)
+            oldest.cancel()
         if len(self._tasks) >= self.max_connections or task is None:
             writer.transport.abort()
             return
         self._tasks.add(task)
+        self._waiting[task] = None
         try:
-            status, body = await self._answer(reader)
+            status, body = await self._answer(reader, task)
             head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                     f"Content-Type: {CONTENT_TYPE if status == 200 else 'text/plain; charset=utf-8'}\r\n"
                     f"Content-Length: {len(body)}\r\n"
@@ -75,10 +85,12 @@ class MetricsEndpoint:
             raise
         finally:
             self._tasks.discard(task)
+            self._waiting.pop(task, None)
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    async def _answer(self, reader: asyncio.StreamReader, task: asyncio.Task[None]) -> tuple[int, bytes]:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+            self._waiting.pop(task, None)
         except TimeoutError:
             return 408, b"the request did not arrive in time\n"
         except asyncio.LimitOverrunError:
@@ -95,8 +107,7 @@ class MetricsEndpoint:
         if method != "GET":
             return 405, b"only GET is served\n"
         try:
-            text = await self._produce()
-        except Exception as error:  # noqa: BLE001 - a failed store job is a 503 for this scrape, never a crash
+            return 200, (await self._produce()).encode("utf-8")
+        except Exception as error:  # noqa: BLE001 - a failed store job (or text) is a 503 for this scrape, never a crash
             log.warning("metrics endpoint: the exposition failed: %s", error)
             return 503, b"the daemon could not build the exposition; see its log\n"
-        return 200, text.encode("utf-8")

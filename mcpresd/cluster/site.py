@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
@@ -181,17 +182,15 @@ class ClusterSite:
 
     async def reconcile(self, jobs: list[ClusterJob]) -> None:
         """Bring the live allocations in step with Slurm's jobs; cancel the jobs of ended allocations."""
-        by_allocation: dict[str, ClusterJob] = {}
+        named: dict[str, list[ClusterJob]] = {}
         for listed in jobs:
             if listed.allocation_id is not None:
-                known = by_allocation.get(listed.allocation_id)
-                if known is None or not listed.state.ended or known.state.ended:
-                    by_allocation[listed.allocation_id] = listed
+                named.setdefault(listed.allocation_id, []).append(listed)
         async with self._lock:
             for allocation in list(self.live.values()):
                 if allocation.id in self._submissions or allocation.id in self._submitting:
                     continue  # its salloc is still ours to follow
-                job = by_allocation.get(allocation.id)
+                job = _job_of(allocation, named.get(allocation.id, []))
                 if allocation.holder_pid is not None and not self._is_alive(allocation.holder_pid,
                                                                             allocation.holder_start):
                     await self._end(allocation, "holder_exited", job)
@@ -208,11 +207,11 @@ class ClusterSite:
                 elif (job.reason, job.id) != (allocation.slurm_reason, allocation.job_id):
                     updated = replace(allocation, job_id=job.id, slurm_state=job.state.value, slurm_reason=job.reason)
                     await self._commit(updated)
-            ended = await self._submit(lambda broker: {a.id for a in load(
+            ended: list[ClusterAllocation] = await self._submit(lambda broker: load(
                 broker.store.conn, "WHERE state IN ('released', 'withdrawn') AND id IN (%s)" % ",".join(
-                    "?" * len(by_allocation)), tuple(by_allocation))} if by_allocation else set())
-            orphans = [job.id for allocation_id, job in by_allocation.items()
-                       if allocation_id in ended and not job.state.ended]
+                    "?" * len(named)), tuple(named)) if named else [])
+            orphans = [job.id for allocation in ended
+                       if (job := _job_of(allocation, named[allocation.id])) is not None and not job.state.ended]
             if orphans:
                 log.info("cluster: cancelling jobs %s of ended allocations", orphans)
                 with contextlib.suppress(ClusterError):
@@ -700,6 +699,20 @@ class ClusterSite:
 
 def _failure(error: ClusterError) -> ClusterFailed:
     return ClusterFailed(f"the cluster refused the request: {error.message}", kind=error.kind.value, site="cluster")
+
+
+def _job_of(allocation: ClusterAllocation, named: list[ClusterJob]) -> ClusterJob | None:
+    """The job behind `allocation` among the jobs carrying its name: the one whose id it recorded; before salloc
+    named one, a job of its owner's (a job name is anyone's to choose: another user's job named
+    mcpres-<id> is neither granted to the allocation nor cancelled with it)."""
+    if allocation.job_id is not None:
+        return next((job for job in named if job.id == allocation.job_id), None)
+    try:
+        owner = pwd.getpwuid(allocation.owner_uid).pw_name
+    except KeyError:
+        return None
+    mine = [job for job in named if job.user == owner]
+    return next((job for job in mine if not job.state.ended), mine[0] if mine else None)
 
 
 def _may_manage(caller: Any, allocation: ClusterAllocation) -> bool:

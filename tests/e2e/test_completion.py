@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,3 +116,97 @@ def test_the_fast_path_imports_no_completion_code(daemon: DaemonProcess) -> None
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "0 []"
+
+
+HOSTILE_DAEMON = r"""
+import json, socket, sys, threading, time
+path, mode = sys.argv[1], sys.argv[2]
+names = json.loads(sys.argv[3]) if len(sys.argv) > 3 else []
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(8)
+print("listening", flush=True)
+
+def serve(conn):
+    lines = conn.makefile("rb")
+    for line in lines:
+        request = json.loads(line)
+        if mode == "dribble":
+            while True:
+                conn.sendall(b" ")
+                time.sleep(0.1)
+        if request.get("method") == "allocations.list":
+            rows = [{"id": n, "items": [{"resource": n, "amount": 1}]} for n in names]
+        else:
+            rows = [{"name": n} for n in names]
+        conn.sendall(json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "result": rows}).encode() + b"\n")
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+HOSTILE_NAMES = ["licence:ok-1", 'a\\"*(e+{touch,PWNED}+)\\"', "b$(touch PWNED)", "c`touch PWNED`",
+                 "d'; touch PWNED; '", "e\x1b[31mred", "f\nnewline", "g with space", "h*", "i\\"]
+
+
+@pytest.fixture
+def hostile_daemon(tmp_path: Path):
+    """A process serving the socket as the daemon would, answering what the test tells it to."""
+    started: list[subprocess.Popen[str]] = []
+    (tmp_path / "hostile.py").write_text(HOSTILE_DAEMON)
+
+    def start(mode: str, names: list[str] = []) -> str:
+        path = str(tmp_path / f"{mode}.sock")
+        process = subprocess.Popen([sys.executable, str(tmp_path / "hostile.py"), path, mode, json.dumps(names)],
+                                   stdout=subprocess.PIPE, text=True)
+        started.append(process)
+        assert process.stdout is not None and process.stdout.readline() == "listening\n"
+        return path
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("words", [("mcpctl", "resource", "remove", ""), ("mcpctl", "release", ""),
+                                   ("mcpctl", "allocate", "--res", "")])
+def test_completion_offers_only_plain_names_from_a_daemon(hostile_daemon, tmp_path: Path,
+                                                          words: tuple[str, ...]) -> None:
+    socket_path = hostile_daemon("names", HOSTILE_NAMES)
+    zsh = subprocess.run(["mcpctl"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env=dict(env_for(socket_path), _MCPCTL_COMPLETE="complete_zsh",
+                                  _TYPER_COMPLETE_ARGS=" ".join(words)))
+    bash = bash_complete(socket_path, *words)
+    offered = zsh.stdout.replace("\\\\:", ":")  # Typer's own escape of ':' for zsh
+
+    assert zsh.returncode == 0 and "licence:ok-1" in offered
+    values = offered.removeprefix("_arguments '*: :((").removesuffix("))'\n")
+    assert all(re.fullmatch(r'"[\w.:/@+%,=-]+"(:"[\w.:/@+%,=? -]*")?', line, re.ASCII)
+               for line in values.split("\n")), values
+    assert {line.removesuffix("=") for line in bash.stdout.splitlines()} == {"licence:ok-1"}
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_runs_no_code_a_daemon_names(hostile_daemon, tmp_path: Path) -> None:
+    socket_path = hostile_daemon("names", HOSTILE_NAMES)
+    driver = tmp_path / "drive.zsh"
+    driver.write_text(ZSH_DRIVER.replace("mcpctl rele\\t", "mcpctl resource remove \\t")
+                      .replace("'*release*'", "'*remove*'"))
+
+    done = subprocess.run(["zsh", "-f", str(driver), "licence:ok-1"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env_for(socket_path), timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert "licence:ok-1" in done.stdout.split("DONE:", 1)[1]
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_completion_gives_up_on_a_daemon_that_dribbles_its_reply(hostile_daemon) -> None:
+    socket_path = hostile_daemon("dribble")
+
+    done = bash_complete(socket_path, "mcpctl", "release", "")  # without a bound on the whole answer: never returns
+
+    assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr == ""

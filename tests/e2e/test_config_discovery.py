@@ -105,7 +105,20 @@ def shared_tmp() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.parametrize("text", ["", FULL], ids=["defaults", "full"])
+SITES = """
+[metrics]
+listen = "[::1]:9464"
+
+[cluster]
+partition = "de\\"bug"
+account = "a'b\\\\c"
+time_limit = "2h"
+timeout = "30s"
+command = ["ssh", "-o", "ProxyCommand=nc %h 22", "lo\\"gin\\nnode"]
+"""
+
+
+@pytest.mark.parametrize("text", ["", FULL, SITES], ids=["defaults", "full", "metrics-and-cluster"])
 def test_config_show_round_trips(tmp_path: Path, text: str) -> None:
     given = tmp_path / "given.toml"
     given.write_text(text)
@@ -180,6 +193,25 @@ def test_check_config_without_a_file_checks_the_users_file(shared_tmp: Path) -> 
 
     assert bad.returncode == 2 and f"{config_file}: log_level: expected one of" in bad.stderr, bad.stderr
     assert good.returncode == 0 and good.stdout.strip() == f"{config_file}: valid", good.stderr
+
+
+def test_a_relative_xdg_config_home_is_ignored_not_read_from_the_working_directory(shared_tmp: Path) -> None:
+    """The XDG spec: a relative path is invalid and ignored; read from the cwd, it is whoever owns the cwd's file."""
+    home = shared_tmp / "home"
+    config_file = home / ".config" / "mcpres" / "mcpresd.toml"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text('log_level = "debug"\n')
+    planted = shared_tmp / "cfg" / "mcpres" / "mcpresd.toml"
+    planted.parent.mkdir(parents=True)
+    planted.write_text('[metrics]\nlisten = "127.0.0.1:1"\n')
+    for path in (home, home / ".config", config_file.parent, config_file):
+        os.chown(path, NOBODY, NOBODY)
+
+    done = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", MCPRESD,
+                           "--check-config"], capture_output=True, text=True, timeout=BOUND_S, cwd=shared_tmp,
+                          env={"HOME": str(home), "XDG_CONFIG_HOME": "cfg"})
+
+    assert done.returncode == 0 and done.stdout.strip() == f"{config_file}: valid", done.stdout + done.stderr
 
 
 def test_a_daemon_names_its_config_file_first_and_in_status(tmp_path: Path) -> None:

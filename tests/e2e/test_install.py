@@ -130,3 +130,64 @@ def test_the_installed_user_unit_verifies(tmp_path: Path) -> None:
     done = analyze("--user", "verify", str(unit), env={"HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)})
 
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+
+
+def venv_at(place: Path) -> Path:
+    """This venv's interpreter seen from `place` (a path a careless operator chose), with an mcpresd beside it."""
+    real = Path(sys.executable).parent.parent
+    (place / "bin").mkdir(parents=True)
+    (place / "bin/python").symlink_to(Path(sys.executable))
+    (place / "lib").symlink_to(real / "lib")
+    shutil.copy(real / "pyvenv.cfg", place / "pyvenv.cfg")
+    stub(place / "bin/mcpresd")
+    return place / "bin/python"
+
+
+@needs_analyze
+def test_execstart_runs_a_program_whose_path_has_spaces_percent_and_dollar(tmp_path: Path) -> None:
+    python = venv_at(tmp_path / "my tools 100%$HOME")
+    root = tmp_path / "root"
+    host_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
+    shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
+
+    done = subprocess.run([str(python), "-m", "mcpresd", "install", "--system", "--root", str(root), "--json"],
+                          capture_output=True, text=True, timeout=BOUND_S)
+    assert done.returncode == 0, done.stderr
+    program = tmp_path / "my tools 100%$HOME/bin/mcpresd"
+    assert json.loads(done.stdout)["exec"] == str(program)
+    for path in [str(program), "/bin/kill", "/usr/bin/kill"]:
+        stub(root / path.lstrip("/"))  # verify checks ExecStart= against the image, not the host
+    verified = analyze("verify", f"--root={root}", "mcpresd.service")
+
+    assert verified.returncode == 0 and not (verified.stdout + verified.stderr).strip(), \
+        verified.stdout + verified.stderr
+
+
+def test_install_replaces_a_symlink_planted_at_a_unit_and_writes_nothing_through_it(tmp_path: Path) -> None:
+    units = tmp_path / "etc/systemd/system"
+    units.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's file\n")
+    (units / "mcpresd.service").symlink_to(victim)
+    (tmp_path / "etc/mcpres").mkdir()
+    (tmp_path / "etc/mcpres/mcpresd.toml").symlink_to(tmp_path / "nowhere")  # dangling: a config to keep
+
+    report = installed(tmp_path, "--system")
+
+    assert victim.read_text() == "someone else's file\n"
+    assert not (units / "mcpresd.service").is_symlink()
+    assert directives(units / "mcpresd.service")["ExecStart"][0].startswith(MCPRESD)
+    assert report["config_written"] is False and not (tmp_path / "nowhere").exists()
+
+
+def test_a_relative_xdg_config_home_is_ignored_as_the_spec_says(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    env = dict(os.environ, XDG_CONFIG_HOME="relative/cfg", HOME="/home/ann")
+
+    done = subprocess.run([MCPRESD, "install", "--user", "--root", str(root), "--json"], capture_output=True,
+                          text=True, timeout=BOUND_S, env=env, cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert files(root) == {"home/ann/.config/systemd/user/mcpresd.service", "home/ann/.config/mcpres/mcpresd.toml"}
+    assert not (tmp_path / "relative").exists()

@@ -368,7 +368,37 @@ def test_a_client_that_never_reads_its_reply_is_dropped_while_others_are_served(
     assert status == 404
 
 
-def test_connections_past_the_limit_are_closed_at_once() -> None:
+def test_an_exposition_that_cannot_be_sent_is_a_503_not_a_connection_left_open() -> None:
+    import asyncio
+
+    from mcpresd.metrics_http import MetricsEndpoint
+
+    async def produce() -> str:
+        return "mcpres_x{mount=\"\udcff\"} 1\n"  # not encodable: whatever renders it, the scrape is answered
+
+    async def scenario() -> tuple[bytes, int]:
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0)
+        port = free_port()
+        await endpoint.start("127.0.0.1", port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 60)
+            writer.close()
+            deadline = asyncio.get_running_loop().time() + 60
+            while endpoint.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            return answer, endpoint.connections
+        finally:
+            await endpoint.close()
+
+    answer, left = asyncio.run(scenario())
+
+    assert answer.startswith(b"HTTP/1.1 503 ") and left == 0
+
+
+def test_past_the_limit_the_longest_silent_connection_makes_room_for_a_scrape() -> None:
+    """A local user holding every slot with connections that never send a request cannot keep Prometheus out."""
     import asyncio
 
     from mcpresd.metrics_http import MetricsEndpoint
@@ -376,14 +406,62 @@ def test_connections_past_the_limit_are_closed_at_once() -> None:
     async def produce() -> str:
         return "# nothing\n"
 
-    async def scenario() -> tuple[bytes, bytes]:
+    async def scenario() -> tuple[list[bytes], bytes]:
+        endpoint = MetricsEndpoint(produce, read_timeout=30.0, max_connections=2)
+        port = free_port()
+        await endpoint.start("127.0.0.1", port)
+        try:
+            held = []
+            for count in (1, 2):
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+                deadline = asyncio.get_running_loop().time() + 30
+                while endpoint.connections < count and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            answered = await asyncio.wait_for(reader.read(), 30)
+            dropped = []
+            for held_reader, _ in held[:1]:
+                try:
+                    dropped.append(await asyncio.wait_for(held_reader.read(), 30))
+                except ConnectionResetError:
+                    dropped.append(b"")
+            for _, w in held:
+                w.close()
+            writer.close()
+            return dropped, answered
+        finally:
+            await endpoint.close()
+
+    dropped, answered = asyncio.run(scenario())
+
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"# nothing\n")
+    assert dropped == [b""]  # the oldest silent one, closed without a reply
+
+
+def test_past_the_limit_a_new_connection_is_closed_at_once_while_every_slot_is_being_answered() -> None:
+    import asyncio
+
+    from mcpresd.metrics_http import MetricsEndpoint
+
+    release = asyncio.Event()
+    producing: list[int] = []
+
+    async def produce() -> str:
+        producing.append(1)
+        await release.wait()
+        return "# nothing\n"
+
+    async def scenario() -> tuple[bytes, list[bytes]]:
         endpoint = MetricsEndpoint(produce, read_timeout=30.0, max_connections=2)
         port = free_port()
         await endpoint.start("127.0.0.1", port)
         try:
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            for _, w in held:
+                w.write(b"GET /metrics HTTP/1.1\r\n\r\n")
             deadline = asyncio.get_running_loop().time() + 30
-            while endpoint.connections < 2 and asyncio.get_running_loop().time() < deadline:
+            while len(producing) < 2 and asyncio.get_running_loop().time() < deadline:  # both requests read
                 await asyncio.sleep(0.01)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
@@ -391,8 +469,8 @@ def test_connections_past_the_limit_are_closed_at_once() -> None:
                 refused = await asyncio.wait_for(reader.read(), 30)
             except ConnectionResetError:
                 refused = b""
-            held[0][1].write(b"GET /metrics HTTP/1.1\r\n\r\n")
-            answered = await asyncio.wait_for(held[0][0].read(), 30)
+            release.set()
+            answered = [await asyncio.wait_for(r.read(), 30) for r, _ in held]
             for _, w in held:
                 w.close()
             writer.close()
@@ -403,4 +481,4 @@ def test_connections_past_the_limit_are_closed_at_once() -> None:
     refused, answered = asyncio.run(scenario())
 
     assert refused == b""
-    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"# nothing\n")
+    assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(b"# nothing\n") for a in answered)

@@ -59,6 +59,20 @@ def test_any_resource_name_reads_back_as_written(name: str) -> None:
     assert [(s.labels, s.value) for s in family.samples] == [({"resource": name, "unit": "seats"}, 2.0)]
 
 
+def test_a_mount_point_that_is_not_utf_8_is_written_as_utf_8() -> None:
+    """psutil decodes a mount point's undecodable bytes as lone surrogates (a USB stick's label, say)."""
+    name = "disk:/media/ann/stick\udcff"
+    resource = Resource(name=name, type=ResourceType.DISK, capacity=3.0, unit="bytes",
+                        labels={"mountpoint": "/media/ann/stick\udcff"})
+
+    text = exposition(snapshot(resources=(resource,), in_use={name: 1.0}))
+
+    [family] = [f for f in text_string_to_metric_families(text.encode("utf-8").decode("utf-8"))
+                if f.name == "mcpres_disk_free_bytes"]
+    assert [s.labels for s in family.samples] == [{"resource": "disk:/media/ann/stick\ufffd",
+                                                   "mount": "/media/ann/stick\ufffd"}]
+
+
 def test_values_that_are_not_numbers_are_left_out_never_written_as_0() -> None:
     cpu = Resource(name="cpu", type=ResourceType.CPU, capacity=2.0, unit="cores")
     readings = {"cpu": {"utilisation": math.nan, "load1": "unsupported", "core0": None, "core1": 50.0}}

@@ -1,0 +1,119 @@
+"""The cluster site's reconcile against a real store and a fake Slurm whose squeue lists other users' jobs too:
+a job name is anyone's to choose, so only the job an allocation recorded (or, before salloc named one, a job of
+its owner's) is granted to it or cancelled for it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mcpresd.cluster.site import ClusterAllocation, ClusterSite, load, save
+from mcpresd.cluster.slurm import ClusterConfig
+from mcpresd.core.cluster import ClusterJob, ClusterRequest, JobState, Partition, job_name
+from mcpresd.protocol import AllocationState
+from mcpresd.store import Store
+
+ME = pwd.getpwuid(os.geteuid()).pw_name
+
+
+class ListingCluster:
+    """squeue answers `listed`; what scancel is asked is kept in `cancelled`."""
+
+    def __init__(self, listed: list[ClusterJob]) -> None:
+        self.listed = listed
+        self.cancelled: list[int] = []
+
+    async def partitions(self) -> list[Partition]:
+        return []
+
+    async def jobs(self) -> list[ClusterJob]:
+        return self.listed
+
+    async def submit(self, request: ClusterRequest, as_user: tuple[int, int] | None = None) -> Any:
+        raise AssertionError("nothing is submitted here")
+
+    async def cancel(self, job_ids: Sequence[int]) -> None:
+        self.cancelled.extend(job_ids)
+
+    async def nodes_of(self, job_id: int) -> str:
+        return "node1"
+
+    def step_argv(self, job_id: int, argv: Sequence[str]) -> list[str]:
+        return []
+
+
+class Broker:
+    def __init__(self, path: Path) -> None:
+        self.store = Store(path)
+        self.events: list[str] = []
+
+    def _event(self, now: float, kind: str, **fields: Any) -> None:
+        self.events.append(kind)
+
+
+def job(job_id: int, allocation_id: str, state: JobState, user: str) -> ClusterJob:
+    return ClusterJob(job_id, job_name(allocation_id), state, "None", "node1", user, "")
+
+
+def poll_once(tmp_path: Path, rows: list[ClusterAllocation], listed: list[ClusterJob]) \
+        -> tuple[ListingCluster, dict[str, ClusterAllocation]]:
+    broker = Broker(tmp_path / "db.sqlite")
+    for row in rows:
+        save(broker.store.conn, row)
+    cluster = ListingCluster(listed)
+
+    async def submit(work: Any) -> Any:
+        return work(broker)
+
+    site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+
+    async def main() -> None:
+        await site.start()
+        await site.poll()
+
+    asyncio.run(main())
+    return cluster, {a.id: a for a in load(broker.store.conn)}
+
+
+def allocation(allocation_id: str, state: AllocationState, job_id: int | None) -> ClusterAllocation:
+    return ClusterAllocation(id=allocation_id, owner_uid=os.geteuid(), owner_gid=os.getegid(), state=state,
+                             created_at=999.0, request=ClusterRequest(allocation_id), job_id=job_id,
+                             released_at=999.5 if state is AllocationState.RELEASED else None,
+                             release_reason="released" if state is AllocationState.RELEASED else None)
+
+
+def test_another_users_job_named_after_an_ended_allocation_is_not_cancelled(tmp_path: Path) -> None:
+    ended = allocation("a1", AllocationState.RELEASED, job_id=101)
+
+    cluster, _ = poll_once(tmp_path, [ended], [job(101, "a1", JobState.RUNNING, ME),
+                                               job(202, "a1", JobState.RUNNING, "mallory")])
+
+    assert cluster.cancelled == [101]
+
+
+def test_another_users_running_job_named_after_a_queued_allocation_does_not_grant_it(tmp_path: Path) -> None:
+    queued = allocation("a2", AllocationState.QUEUED, job_id=303)
+
+    cluster, rows = poll_once(tmp_path, [queued], [job(303, "a2", JobState.PENDING, ME),
+                                                   job(404, "a2", JobState.RUNNING, "mallory")])
+
+    assert rows["a2"].state is AllocationState.QUEUED and rows["a2"].job_id == 303
+    assert cluster.cancelled == []
+
+
+def test_before_salloc_named_its_job_only_a_job_of_the_owners_is_taken(tmp_path: Path) -> None:
+    unnamed = allocation("a3", AllocationState.QUEUED, job_id=None)
+    ended = allocation("a4", AllocationState.RELEASED, job_id=None)
+
+    cluster, rows = poll_once(tmp_path, [unnamed, ended], [job(506, "a3", JobState.PENDING, ME),
+                                                           job(505, "a3", JobState.RUNNING, "mallory"),
+                                                           job(508, "a4", JobState.RUNNING, ME),
+                                                           job(507, "a4", JobState.RUNNING, "mallory")])
+
+    assert rows["a3"].state is AllocationState.QUEUED and rows["a3"].job_id == 506
+    assert cluster.cancelled == [508]
