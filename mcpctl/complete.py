@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from mcpctl.client import Client
-from mcpresd.protocol import Method, default_socket_path
+from mcpresd.protocol import Method, resolve_socket
 
 COMPLETE_VAR = "_MCPCTL_COMPLETE"
 SHELLS = ("bash", "zsh", "fish")
@@ -61,7 +61,7 @@ def prepare() -> None:
 def _ask(ctx: typer.Context, method: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     global _deadline
     root = ctx.find_root()
-    path = root.params.get("socket") or os.environ.get("MCPRES_SOCKET") or default_socket_path()
+    path = resolve_socket(root.params.get("socket")).path  # the one rule every client follows
     now = time.monotonic()
     if _deadline is None:
         _deadline = now + TIMEOUT_S  # one budget for every question of this completion
