@@ -99,6 +99,14 @@ class CgroupUsage:
         return shown
 
 
+def procs_in(directory: Path) -> list[int]:
+    """The pids in a cgroup directory (its cgroup.procs); none where it is gone or unreadable."""
+    try:
+        return [int(line) for line in (directory / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
 class HeldFiles:
     """The cgroup files each sampling round reads, kept open from one round to the next, up to `budget`
     descriptors (the daemon gives what its open-file limit spares; 0 keeps none). A held file is read again with

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
-from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles
+from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles, procs_in
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices")
 NVIDIA_MAJOR = 195
@@ -153,13 +153,7 @@ class CgroupV1:
         return usage
 
     def pids(self, allocation_id: str) -> set[int]:
-        found: set[int] = set()
-        for directory in self._dirs(allocation_id):
-            try:
-                found.update(int(line) for line in (directory / "cgroup.procs").read_text().split())
-            except (OSError, ValueError):
-                continue
-        return found
+        return {pid for directory in self._dirs(allocation_id) for pid in procs_in(directory)}
 
     def remove(self, allocation_id: str) -> bool:
         self.files.forget(allocation_id)
@@ -179,7 +173,7 @@ class CgroupV1:
     def evict(self, allocation_id: str) -> int:
         moved = 0
         for root, directory in zip(self._roots, self._dirs(allocation_id)):
-            for pid in _procs(directory):
+            for pid in procs_in(directory):
                 try:
                     _write(root / "cgroup.procs", pid)
                     moved += 1
@@ -203,13 +197,6 @@ class CgroupV1:
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
                 "cgroup": {c: str(self._base(c)) for c in self.controllers}}
-
-
-def _procs(directory: Path) -> list[int]:
-    try:
-        return [int(line) for line in (directory / "cgroup.procs").read_text().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def _inherit_cpuset(directory: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
-from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles, Pressure
+from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles, Pressure, procs_in
 
 WANTED = ("cpu", "cpuset", "memory", "pids")
 
@@ -110,10 +110,7 @@ class CgroupV2:
         return usage
 
     def pids(self, allocation_id: str) -> set[int]:
-        try:
-            return {int(line) for line in (self._dir(allocation_id) / "cgroup.procs").read_text().split()}
-        except (OSError, ValueError):
-            return set()
+        return set(procs_in(self._dir(allocation_id)))
 
     def remove(self, allocation_id: str) -> bool:
         self.files.forget(allocation_id)

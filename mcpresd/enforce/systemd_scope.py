@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mcpresd.core.enforcement import Limits
-from mcpresd.enforce import PREFIX, CgroupUsage
+from mcpresd.enforce import PREFIX, CgroupUsage, procs_in
 
 if TYPE_CHECKING:
     from mcpresd.protocol import ScopeDict
@@ -183,12 +183,8 @@ class SystemdScope:
         found: set[int] = set()
         for pid, unit in list(self._units(allocation_id).items()):
             directory = self._dir(unit, pid)
-            if directory is None:
-                continue
-            try:
-                found.update(int(line) for line in (directory / "cgroup.procs").read_text().split())
-            except (OSError, ValueError):
-                continue
+            if directory is not None:
+                found.update(procs_in(directory))
         return found
 
     def remove(self, allocation_id: str) -> bool:
