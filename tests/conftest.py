@@ -148,9 +148,12 @@ class DaemonProcess:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(timeout)
             sock.connect(self.socket)
-            sock.sendall(data)
-            if shutdown:
-                sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.sendall(data)
+                if shutdown:
+                    sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a connection refused at accept is answered and closed before the request is written: read it
             chunks = []
             while True:
                 try:
