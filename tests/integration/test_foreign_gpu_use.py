@@ -146,7 +146,7 @@ def test_a_process_of_an_allocation_not_granted_the_gpu_is_foreign_and_a_holders
     cleanup.append(daemon)
 
     on_gpu = allocate(daemon, "gpu:0", holder.pid)
-    eventually(lambda: daemon.call("metrics.current")["resources"]["gpu:0"].get("processes") == 1,
+    eventually(lambda: daemon.call("metrics.current")["resources"].get("gpu:0", {}).get("processes") == 1,
                what="the replayed process on gpu:0")
     rounds_pass(daemon, 12)
     assert foreign_events(daemon) == [] and foreign_alert(daemon) is None  # the holder's child uses its GPU
