@@ -79,7 +79,8 @@ def enforcement_line(enforcement: dict[str, Any]) -> str:
             f"{', '.join(enforcement['controllers']) or 'controllers unknown'}")
     line = f"{line} ({enforcement['why_not']})" if enforcement.get("why_not") else line
     # The systemd-scope backend says why it was chosen and what it leaves advisory.
-    return "; ".join([line, *(str(enforcement[key]) for key in ("why", "advisory") if enforcement.get(key))])
+    return "; ".join([line, *(str(enforcement[key]) for key in ("why", "advisory") if enforcement.get(key)),
+                      *([f"favordynmods {enforcement['favordynmods']}"] if enforcement.get("favordynmods") else [])])
 
 
 def resources(rows: list[dict[str, Any]]) -> None:

@@ -120,7 +120,7 @@ _LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "ma
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
 MIN_BUFFER = 4096
 _CLUSTER_KEYS = {"backend", "partition", "account", "time_limit", "command", "timeout"}
-_ENFORCE_KEYS = {"mode", "max_mode", "kill_grace", "tasks_max", "cgroup"}
+_ENFORCE_KEYS = {"mode", "max_mode", "kill_grace", "tasks_max", "cgroup", "favordynmods"}
 _MONITOR_DURATIONS = {"interval", "raw_max_age", "rollup_max_age", "health_interval", "forecast_window",
                       "forecast_horizon"}
 _MONITOR_KEYS = _MONITOR_DURATIONS | {"raw_points", "health_threshold", "prometheus_file", "default_alerts"}
@@ -263,6 +263,10 @@ def _enforce(table: Any, path: Path) -> EnforcePolicy:
         if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or len(name) > 64:
             raise ConfigError(f"{where} cgroup must be a directory name (no '/'), e.g. mcpres")
         policy = replace(policy, cgroup=name)
+    if "favordynmods" in table:
+        if not isinstance(table["favordynmods"], bool):
+            raise ConfigError(f"{where} favordynmods must be true or false")
+        policy = replace(policy, favordynmods=table["favordynmods"])
     return policy
 
 
@@ -622,7 +626,8 @@ def as_table(config: Config) -> dict[str, Any]:
     table["access"] = {"admin_group": _group_name(limits.admin_gid)}
     enforce = config.enforce
     table["enforce"] = {"mode": enforce.mode.value, "max_mode": enforce.max_mode.value,
-                        "kill_grace": enforce.kill_grace, "tasks_max": enforce.tasks_max, "cgroup": enforce.cgroup}
+                        "kill_grace": enforce.kill_grace, "tasks_max": enforce.tasks_max, "cgroup": enforce.cgroup,
+                        "favordynmods": enforce.favordynmods}
     if config.metrics_listen is not None:
         host, port = config.metrics_listen
         table["metrics"] = {"listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}

@@ -599,6 +599,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.nvml = self.open_gpus()
         self.enforcer = choose(self.config.enforce.cgroup)
+        from mcpresd.enforce import dynmods
+        from mcpresd.enforce.cgroup_v1 import CgroupV1
+        from mcpresd.enforce.cgroup_v2 import CgroupV2
+
+        if isinstance(self.enforcer, (CgroupV1, CgroupV2)):
+            self.enforcer.favordynmods = dynmods.ensure() if self.config.enforce.favordynmods else \
+                f"{dynmods.state()[1]}; not changed ([enforce] favordynmods = false)"
+            log.info("enforcement: favordynmods %s", self.enforcer.favordynmods)
         log.info("enforcement: %s%s", self.enforcer.name,
                  f" ({self.enforcer.why_not})" if self.enforcer.why_not else f" ({', '.join(self.enforcer.controllers)})")
         limits = self.config.limits.fitted(open_file_limit())

@@ -141,6 +141,8 @@ class EnforcePolicy:
     tasks_max: int = DEFAULT_TASKS_MAX
     cgroup: str = "mcpres"
     """The daemon's subtree under each cgroup controller (v1) or the unified hierarchy (v2)."""
+    favordynmods: bool = True
+    """Set the cgroup2 mount option favordynmods at start (mcpresd.enforce.dynmods), as root with cgroups."""
 
 
 class Overuse:

@@ -43,6 +43,8 @@ class CgroupV1:
                            "GPUs are fenced by CUDA_VISIBLE_DEVICES only")
         self.why_not: str | None = "; ".join(reasons) or None
         self._roots = sorted({p for p in self.mounts.values()})
+        self.favordynmods: str | None = None
+        """What the daemon found or did about the favordynmods mount option (mcpresd.enforce.dynmods)."""
         self.files = HeldFiles()
         self._last: dict[str, tuple[tuple[bytes, ...], CgroupUsage]] = {}
         """Per allocation, the raw files of its last read and what they gave."""
@@ -196,7 +198,7 @@ class CgroupV1:
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
-                "cgroup": {c: str(self._base(c)) for c in self.controllers}}
+                "cgroup": {c: str(self._base(c)) for c in self.controllers}, "favordynmods": self.favordynmods}
 
 
 def _inherit_cpuset(directory: Path) -> None:

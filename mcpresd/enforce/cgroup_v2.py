@@ -35,6 +35,8 @@ class CgroupV2:
         missing = [c for c in WANTED if c not in self.controllers]
         self.why_not: str | None = f"no {', '.join(missing)} controller" if missing else None
         self.enabled = set(self.controllers)
+        self.favordynmods: str | None = None
+        """What the daemon found or did about the favordynmods mount option (mcpresd.enforce.dynmods)."""
         """The controllers the subtree's children have (set when the subtree is prepared)."""
         self.files = HeldFiles()
         self._last: dict[str, tuple[tuple[bytes | None, ...], CgroupUsage]] = {}
@@ -148,7 +150,7 @@ class CgroupV2:
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
-                "cgroup": str(self.root)}
+                "cgroup": str(self.root), "favordynmods": self.favordynmods}
 
 
 def _bytes(value: int | None) -> str:

@@ -273,6 +273,14 @@ def test_status_shows_the_backend_and_its_controllers(enforced: DaemonProcess):
     assert {"cpu", "memory"} <= set(status["enforcement"]["controllers"])
     assert status["enforcement"]["mode"] == "soft"
     assert "soft (max hard) by cgroup-v1: cpu" in ok(enforced, "status")
+    # A hybrid layout's cgroup2 mount takes favordynmods at start (set by default: mcpresd.enforce.dynmods).
+    from mcpresd.enforce.dynmods import cgroup2_mounts
+
+    if cgroup2_mounts(Path("/proc/self/mountinfo").read_text()):
+        assert status["enforcement"]["favordynmods"].startswith("on (")
+        assert "favordynmods on (" in ok(enforced, "status")
+    else:
+        assert "cgroup_favordynmods=true" in status["enforcement"]["favordynmods"]
 
 
 def test_at_start_empty_cgroups_the_database_does_not_know_are_removed_busy_ones_kept(tmp_path: Path,

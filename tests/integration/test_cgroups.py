@@ -589,3 +589,25 @@ def test_an_overuse_alert_whose_allocation_ended_while_the_daemon_was_down_resol
         assert resolved["detail"]["why"] == "the allocation ended"
     finally:
         live.close()
+
+
+def test_favordynmods_is_set_on_the_real_cgroup2_mount_keeping_every_option_it_had():
+    from mcpresd.enforce import dynmods
+
+    mounts = dynmods.cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+    if os.geteuid() != 0 or not mounts:
+        pytest.skip("needs root and a cgroup2 mount")
+    path, before = mounts[0].path, list(mounts[0].options)
+    try:
+        # As systemd mounts it: nsdelegate (and on most hosts memory_recursiveprot), without favordynmods.
+        dynmods.reconfigure(path, [*[o for o in before if o != dynmods.OPTION], "nsdelegate"])
+        assert "favordynmods" not in dynmods.cgroup2_mounts(Path("/proc/self/mountinfo").read_text())[0].options
+        assert dynmods.ensure() == f"on ({path}, set at start)"
+        after = dynmods.cgroup2_mounts(Path("/proc/self/mountinfo").read_text())[0].options
+        assert "favordynmods" in after and "nsdelegate" in after
+        assert dynmods.ensure() == f"on ({path})"  # once on, left alone
+        with pytest.raises(OSError, match="cgroup2 option bogus"):
+            dynmods.reconfigure(path, ["bogus"])  # refused: nothing changed
+        assert dynmods.cgroup2_mounts(Path("/proc/self/mountinfo").read_text())[0].options == after
+    finally:
+        dynmods.reconfigure(path, before)

@@ -21,6 +21,13 @@ def test_the_shipped_config_states_the_defaults():
     assert config.load(ROOT / "config" / "mcpresd.toml").enforce == EnforcePolicy()
 
 
+def test_favordynmods_is_set_at_start_unless_the_config_says_false(tmp_path: Path):
+    assert config.load(None).enforce.favordynmods is True
+    path = tmp_path / "c.toml"
+    path.write_text("[enforce]\nfavordynmods = false\n")
+    assert config.load(path).enforce.favordynmods is False
+
+
 def test_the_enforce_table_sets_modes_grace_tasks_and_subtree(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text('[enforce]\nmode = "hard"\nmax_mode = "hard"\nkill_grace = "500ms"\ntasks_max = 10\n'
@@ -34,6 +41,7 @@ def test_the_enforce_table_sets_modes_grace_tasks_and_subtree(tmp_path: Path):
     ('tasks_max = 0', "[enforce] tasks_max must be a whole number"),
     ('cgroup = "../x"', "[enforce] cgroup must be a directory name"),
     ('limit = 1', "[enforce]: unknown key(s) limit"),
+    ('favordynmods = "yes"', "[enforce] favordynmods must be true or false"),
 ])
 def test_a_bad_enforce_value_is_refused_naming_the_key(tmp_path: Path, table: str, message: str):
     path = tmp_path / "c.toml"

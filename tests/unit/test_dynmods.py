@@ -1,0 +1,47 @@
+"""favordynmods (mcpresd.enforce.dynmods): which cgroup2 mounts there are, and what a user is told."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcpresd.enforce.dynmods import Cgroup2Mount, cgroup2_mounts, ensure, state
+
+HYBRID = """\
+25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 31 0:30 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:14 - cgroup cgroup rw,memory
+"""
+UNIFIED = ("29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
+           "rw,nsdelegate,favordynmods,memory_recursiveprot\n")
+ESCAPED = "40 31 0:38 / /run/my\\040cgroups rw,relatime - cgroup2 none rw\n"
+
+
+def test_the_cgroup2_mounts_are_read_with_their_superblock_options_without_rw():
+    assert cgroup2_mounts(HYBRID) == [Cgroup2Mount("/sys/fs/cgroup/unified", ("nsdelegate",))]
+    [unified] = cgroup2_mounts(UNIFIED)
+    assert unified.options == ("nsdelegate", "favordynmods", "memory_recursiveprot") and unified.favoured
+
+
+def test_a_mount_point_with_an_escaped_space_is_read_as_its_path():
+    assert cgroup2_mounts(ESCAPED) == [Cgroup2Mount("/run/my cgroups", ())]
+
+
+def test_state_says_on_off_or_why_it_cannot_be_set(tmp_path: Path):
+    info = tmp_path / "mountinfo"
+    info.write_text(UNIFIED)
+    assert state(str(info)) == (True, "on (/sys/fs/cgroup)")
+    info.write_text(HYBRID)
+    assert state(str(info)) == (False, "off (/sys/fs/cgroup/unified)")
+    info.write_text(HYBRID.replace("cgroup2 cgroup2", "tmpfs tmpfs"))
+    on, said = state(str(info))
+    assert not on and "cgroup_favordynmods=true" in said
+    assert state(str(tmp_path / "missing"))[1].startswith("cannot read")
+
+
+def test_ensure_changes_nothing_where_it_is_on_or_cannot_be_set(tmp_path: Path):
+    info = tmp_path / "mountinfo"
+    info.write_text(UNIFIED)
+    assert ensure(str(info)) == "on (/sys/fs/cgroup)"
+    info.write_text(HYBRID.replace("cgroup2 cgroup2", "tmpfs tmpfs"))
+    assert "boot with cgroup_favordynmods=true" in ensure(str(info))
