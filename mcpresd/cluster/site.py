@@ -47,6 +47,7 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM cluster_allocations"
 
 _WHY = {"timeout": "its wait ran out", "cancelled": "it was cancelled", "holder_exited": "its holder process exited",
         "disconnected": "the waiting client disconnected", "cluster_job_gone": "its Slurm job is gone",
+        "connection_closed": "the connection that held it closed",
         "cluster_job_ended": "Slurm ended its job"}
 
 
@@ -135,6 +136,13 @@ class ClusterSite:
         self._submitting: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._attended: dict[str, int] = {}
+        self._held: dict[int, set[str]] = {}
+        """Allocations made without holder_pid, by the connection that holds them (ended when it closes)."""
+        self._allocating: dict[int, int] = {}
+        """Holder-less allocate requests in flight, per connection; one that closes meanwhile is in _closed_early."""
+        self._closed_early: set[int] = set()
+        self._restarted: set[str] = set()
+        """Connection-held allocations found at start: their connections died with the old daemon."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._starting = False
@@ -177,6 +185,8 @@ class ClusterSite:
             self.live[allocation.id] = allocation
             if allocation.holder_pid is not None:
                 self._watch_holder(allocation.holder_pid, allocation.holder_start)
+            else:
+                self._restarted.add(allocation.id)
             self._arm_timers(allocation)
         self._starting = True
 
@@ -187,12 +197,16 @@ class ClusterSite:
             if listed.allocation_id is not None:
                 named.setdefault(listed.allocation_id, []).append(listed)
         async with self._lock:
+            live_before = set(self.live)
             for allocation in list(self.live.values()):
                 if allocation.id in self._submissions or allocation.id in self._submitting:
                     continue  # its salloc is still ours to follow
                 job = _job_of(allocation, named.get(allocation.id, []))
-                if allocation.holder_pid is not None and not self._is_alive(allocation.holder_pid,
-                                                                            allocation.holder_start):
+                if allocation.id in self._restarted:
+                    self._restarted.discard(allocation.id)
+                    await self._end(allocation, "connection_closed", job, note="the daemon restarted")
+                elif allocation.holder_pid is not None and not self._is_alive(allocation.holder_pid,
+                                                                              allocation.holder_start):
                     await self._end(allocation, "holder_exited", job)
                 elif job is None:
                     if allocation.job_id is None or self._starting or allocation.state is AllocationState.ACTIVE \
@@ -210,8 +224,9 @@ class ClusterSite:
             ended: list[ClusterAllocation] = await self._submit(lambda broker: load(
                 broker.store.conn, "WHERE state IN ('released', 'withdrawn') AND id IN (%s)" % ",".join(
                     "?" * len(named)), tuple(named)) if named else [])
-            orphans = [job.id for allocation in ended
-                       if (job := _job_of(allocation, named[allocation.id])) is not None and not job.state.ended]
+            # Those this pass ended had their jobs cancelled by _end (the listing predates it): not twice.
+            orphans = [job.id for allocation in ended if allocation.id not in live_before
+                       and (job := _job_of(allocation, named[allocation.id])) is not None and not job.state.ended]
             if orphans:
                 log.info("cluster: cancelling jobs %s of ended allocations", orphans)
                 with contextlib.suppress(ClusterError):
@@ -321,7 +336,21 @@ class ClusterSite:
             raise AllocationNotFound(f"no allocation with id {command.id!r}", id=command.id)
         return await serve(caller, allocation, command)
 
-    async def allocate(self, caller: Any, command: p.AllocateCommand, local: Local) \
+    async def allocate(self, caller: Any, command: p.AllocateCommand, local: Local) -> dict[str, Any]:
+        """A cluster allocation; without holder_pid its connection holds it, as on the host (docs/api.md)."""
+        connection = caller.connection if command.holder_pid is None else None
+        if connection is None:
+            return await self._allocate(caller, command, local, None)
+        self._allocating[connection] = self._allocating.get(connection, 0) + 1
+        try:
+            return await self._allocate(caller, command, local, connection)
+        finally:
+            self._allocating[connection] -= 1
+            if not self._allocating[connection]:
+                del self._allocating[connection]
+                self._closed_early.discard(connection)
+
+    async def _allocate(self, caller: Any, command: p.AllocateCommand, local: Local, held_by: int | None) \
             -> dict[str, Any]:
         request = self._request_of(command)
         as_user = self._submitter(caller)
@@ -356,6 +385,10 @@ class ClusterSite:
         allocation: ClusterAllocation = await self._submit(insert)
         self.known.add(allocation.id)
         self.live[allocation.id] = allocation
+        if held_by is not None:
+            self._held.setdefault(held_by, set()).add(allocation.id)
+            if held_by in self._closed_early:  # it closed while the row was written: nothing will say so again
+                self._spawn(self._end_live(allocation.id, "connection_closed"))
         self._submitting.add(allocation.id)
         try:
             submission = await self.cluster.submit(allocation.request, as_user)
@@ -479,8 +512,9 @@ class ClusterSite:
                     waiter.set_result(outcome)
 
     async def _end(self, allocation: ClusterAllocation, reason: str, job: ClusterJob | None,
-                   why: str | None = None) -> ClusterAllocation:
-        """Cancel its job (unless Slurm ended it) and end the allocation, recording Slurm's final state."""
+                   why: str | None = None, note: str | None = None) -> ClusterAllocation:
+        """Cancel its job (unless Slurm ended it) and end the allocation, recording Slurm's final state. `why`
+        is Slurm's reason where it gave one; `note` the daemon's own (the event's `detail.why`)."""
         if allocation.id not in self.live:
             return allocation  # ended already (the callers hold the lock, so not twice)
         allocation = self.live[allocation.id]
@@ -504,7 +538,8 @@ class ClusterSite:
         ended = replace(allocation, state=state, released_at=self._clock(), release_reason=reason,
                         slurm_state=slurm_state, slurm_reason=slurm_reason)
         kind = "released" if reason == "released" else reason if state is AllocationState.RELEASED else "withdrawn"
-        await self._commit(ended, kind, {"reason": reason, "slurm_state": slurm_state, "slurm_reason": slurm_reason})
+        await self._commit(ended, kind, {"reason": reason, "slurm_state": slurm_state, "slurm_reason": slurm_reason,
+                                         **({"why": note} if note else {})})
         if state is AllocationState.WITHDRAWN:
             error_class = WaitTimeout if reason == "timeout" else Withdrawn
             message = f"request {allocation.id} was withdrawn: {_WHY.get(reason, reason)}"
@@ -616,10 +651,15 @@ class ClusterSite:
                 self._spawn(self._end_live(allocation.id, "holder_exited"))
 
     def connection_closed(self, connection: int) -> None:
+        """Withdraw what only it waited for ("disconnected"), then end what it held ("connection_closed")."""
         for allocation_id, attending in list(self._attended.items()):
             if attending == connection:
                 self._attended.pop(allocation_id, None)
                 self._spawn(self._end_live(allocation_id, "disconnected", queued_only=True))
+        for allocation_id in sorted(self._held.pop(connection, ())):
+            self._spawn(self._end_live(allocation_id, "connection_closed"))
+        if connection in self._allocating:
+            self._closed_early.add(connection)
 
     async def _end_live(self, allocation_id: str, reason: str, queued_only: bool = False) -> None:
         async with self._lock:
@@ -682,7 +722,7 @@ class ClusterSite:
             "id": allocation.id, "state": allocation.state.value, "items": items, "priority": "normal",
             "tool_id": allocation.tool_id, "execution_id": None, "idempotency_key": allocation.idempotency_key,
             "owner_uid": allocation.owner_uid, "requester_pid": None, "holder_pid": allocation.holder_pid,
-            "holder": "pid" if allocation.holder_pid is not None else "none", "created_at": allocation.created_at,
+            "holder": "pid" if allocation.holder_pid is not None else "connection", "created_at": allocation.created_at,
             "granted_at": allocation.granted_at, "released_at": allocation.released_at,
             "release_reason": allocation.release_reason, "wait_until": allocation.wait_until,
             "ttl_s": allocation.ttl_s, "expires_at": allocation.expires_at, "preemptible": False,

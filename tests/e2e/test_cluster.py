@@ -91,6 +91,28 @@ def test_an_allocation_on_the_cluster_is_a_slurm_job_until_released(cluster_daem
     assert get(cluster_daemon, allocation["id"])["cluster"]["slurm_state"] == "CANCELLED"
 
 
+def test_a_cluster_allocation_without_holder_pid_is_held_by_its_connection(cluster_daemon: DaemonProcess,
+                                                                          made: list[str]) -> None:
+    # As on the host (docs/api.md, "holder"): a raw client's allocation lasts as long as its connection.
+    params = {"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster"}
+    with cluster_daemon.client() as client:
+        allocation = client.call("allocate", params)
+        made.append(allocation["id"])
+        assert allocation["state"] == "active" and allocation["holder"] == "connection"
+        wait_for_job(allocation["id"], "RUNNING")
+        assert get(cluster_daemon, allocation["id"])["state"] == "active"  # another connection's look: kept
+    ended = eventually(lambda: (a := get(cluster_daemon, allocation["id"]))["state"] == "released" and a,
+                       "the allocation released when its connection closed")
+    assert ended["release_reason"] == "connection_closed"
+    wait_for_job(allocation["id"], "CANCELLED")
+    # Held by a pid instead, it outlives the connection.
+    with cluster_daemon.client() as client:
+        kept = client.call("allocate", {**params, "holder_pid": os.getpid()})
+        made.append(kept["id"])
+    wait_for_job(kept["id"], "RUNNING")
+    assert get(cluster_daemon, kept["id"])["state"] == "active"
+
+
 def test_resources_list_the_partitions_beside_the_host(cluster_daemon: DaemonProcess) -> None:
     rows = eventually(lambda: [r for r in json.loads(ok(cluster_daemon, "resources", "--json"))
                                if r["labels"].get("site") == "cluster"], "the partitions listed")

@@ -80,11 +80,30 @@ def poll_once(tmp_path: Path, rows: list[ClusterAllocation], listed: list[Cluste
     return cluster, {a.id: a for a in load(broker.store.conn)}
 
 
-def allocation(allocation_id: str, state: AllocationState, job_id: int | None) -> ClusterAllocation:
+def allocation(allocation_id: str, state: AllocationState, job_id: int | None,
+               holder_pid: int | None = os.getpid()) -> ClusterAllocation:
+    """A row as the daemon saved it; held by this (live) process unless `holder_pid` is None: then by the
+    connection that made it, which a restart closed."""
     return ClusterAllocation(id=allocation_id, owner_uid=os.geteuid(), owner_gid=os.getegid(), state=state,
                              created_at=999.0, request=ClusterRequest(allocation_id), job_id=job_id,
                              released_at=999.5 if state is AllocationState.RELEASED else None,
-                             release_reason="released" if state is AllocationState.RELEASED else None)
+                             release_reason="released" if state is AllocationState.RELEASED else None,
+                             holder_pid=holder_pid)
+
+
+def test_a_connection_held_allocation_found_at_start_ends_and_its_job_is_cancelled(tmp_path: Path) -> None:
+    active = allocation("a5", AllocationState.ACTIVE, job_id=505, holder_pid=None)
+    queued = allocation("a6", AllocationState.QUEUED, job_id=606, holder_pid=None)
+    kept = allocation("a7", AllocationState.ACTIVE, job_id=707)
+
+    cluster, rows = poll_once(tmp_path, [active, queued, kept], [job(505, "a5", JobState.RUNNING, ME),
+                                                                 job(606, "a6", JobState.PENDING, ME),
+                                                                 job(707, "a7", JobState.RUNNING, ME)])
+
+    assert sorted(cluster.cancelled) == [505, 606]
+    assert (rows["a5"].state, rows["a5"].release_reason) == (AllocationState.RELEASED, "connection_closed")
+    assert (rows["a6"].state, rows["a6"].release_reason) == (AllocationState.WITHDRAWN, "connection_closed")
+    assert rows["a7"].state is AllocationState.ACTIVE
 
 
 def test_another_users_job_named_after_an_ended_allocation_is_not_cancelled(tmp_path: Path) -> None:
