@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 OPTION = "favordynmods"
 
@@ -60,7 +61,7 @@ def cgroup2_mounts(mountinfo: str) -> list[Cgroup2Mount]:
 def state(mountinfo_path: str = "/proc/self/mountinfo") -> tuple[bool, str]:
     """(on, what to tell a user): whether a cgroup2 mount has favordynmods, or why it cannot be known or set."""
     try:
-        mounts = cgroup2_mounts(open(mountinfo_path).read())
+        mounts = cgroup2_mounts(Path(mountinfo_path).read_text())
     except OSError as error:
         return False, f"cannot read {mountinfo_path}: {error.strerror}"
     if not mounts:
@@ -105,12 +106,12 @@ def ensure(mountinfo_path: str = "/proc/self/mountinfo") -> str:
     on, said = state(mountinfo_path)
     if on or said.startswith(("no cgroup2", "cannot read")):
         return said
-    mount = cgroup2_mounts(open(mountinfo_path).read())[0]
+    mount = cgroup2_mounts(Path(mountinfo_path).read_text())[0]
     try:
         enable(mount)
     except OSError as error:
         return f"off ({mount.path}: {error.strerror}); task migrations wait for an RCU grace period"
-    after = next((m for m in cgroup2_mounts(open(mountinfo_path).read()) if m.path == mount.path), None)
+    after = next((m for m in cgroup2_mounts(Path(mountinfo_path).read_text()) if m.path == mount.path), None)
     if after is None or not after.favoured or not set(mount.options) <= set(after.options):
         return f"off ({mount.path}: the kernel did not keep it)"
     return f"on ({mount.path}, set at start)"
