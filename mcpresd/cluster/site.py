@@ -138,6 +138,8 @@ class ClusterSite:
         self._attended: dict[str, int] = {}
         self._held: dict[int, set[str]] = {}
         """Allocations made without holder_pid, by the connection that holds them (ended when it closes)."""
+        self._holding: dict[str, int] = {}
+        """The same, by allocation: an allocation that ends otherwise leaves its connection's set at once."""
         self._allocating: dict[int, int] = {}
         """Holder-less allocate requests in flight, per connection; one that closes meanwhile is in _closed_early."""
         self._closed_early: set[int] = set()
@@ -387,6 +389,7 @@ class ClusterSite:
         self.live[allocation.id] = allocation
         if held_by is not None:
             self._held.setdefault(held_by, set()).add(allocation.id)
+            self._holding[allocation.id] = held_by
             if held_by in self._closed_early:  # it closed while the row was written: nothing will say so again
                 self._spawn(self._end_live(allocation.id, "connection_closed"))
         self._submitting.add(allocation.id)
@@ -518,6 +521,11 @@ class ClusterSite:
         if allocation.id not in self.live:
             return allocation  # ended already (the callers hold the lock, so not twice)
         allocation = self.live[allocation.id]
+        connection = self._holding.pop(allocation.id, None)
+        if connection is not None and connection in self._held:
+            self._held[connection].discard(allocation.id)
+            if not self._held[connection]:
+                del self._held[connection]
         timer = self._timers.pop(allocation.id, None)
         if timer is not None:
             timer.cancel()
@@ -657,6 +665,7 @@ class ClusterSite:
                 self._attended.pop(allocation_id, None)
                 self._spawn(self._end_live(allocation_id, "disconnected", queued_only=True))
         for allocation_id in sorted(self._held.pop(connection, ())):
+            self._holding.pop(allocation_id, None)
             self._spawn(self._end_live(allocation_id, "connection_closed"))
         if connection in self._allocating:
             self._closed_early.add(connection)
