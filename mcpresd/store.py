@@ -964,10 +964,13 @@ class Store:
         )
 
     def insert_resources(self, resources: Iterable[Resource], now: float) -> None:
+        # The row built inline, not by _resource_row: a call and a tuple unpacked per row were a third of
+        # this statement's CPU for 100,000 resources.
         self.conn.executemany(
             "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((*_resource_row(resource), now) for resource in resources),
+            [(r.name, r.type.value, r.capacity, r.unit, _compact(dict(r.labels)) if r.labels else "{}", r.uuid,
+              r.cost_per_unit_hour, r.source, now) for r in resources],
         )
 
     def update_resource(self, resource: Resource) -> None:
@@ -1304,10 +1307,15 @@ class Store:
 
     def insert_events(self, now: float, kind: str, rows: list[tuple[str | None, dict[str, Any]]],
                       uid: int | None = None) -> range:
-        """Events of one kind at one time, one per (resource, detail) row, none for an allocation; their ids."""
+        """Events of one kind at one time, one per (resource, detail) row, none for an allocation; their ids.
+        Rows that share one detail object share its JSON: it is encoded once."""
+        texts: dict[int, str] = {}  # by id(): the rows hold each detail alive until the statement is done
+        for _, detail in rows:
+            if id(detail) not in texts:
+                texts[id(detail)] = _compact(detail) if detail else "{}"
         self.conn.executemany(
             "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, NULL, ?, ?, ?)",
-            ((now, kind, resource, uid, _compact(detail) if detail else "{}") for resource, detail in rows),
+            [(now, kind, resource, uid, texts[id(detail)]) for resource, detail in rows],
         )
         # One statement in this transaction wrote them all, each with the next rowid: the last is the newest.
         last = int(self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0)
