@@ -965,10 +965,10 @@ class Store:
 
     def insert_resources(self, resources: Iterable[Resource], now: float) -> None:
         # The row built inline, not by _resource_row: a call and a tuple unpacked per row were a third of
-        # this statement's CPU for 100,000 resources.
-        self.conn.executemany(
-            "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        # building them for 100,000 resources.
+        _insert_rows(
+            self.conn,
+            "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)",
             [(r.name, r.type.value, r.capacity, r.unit, _compact(dict(r.labels)) if r.labels else "{}", r.uuid,
               r.cost_per_unit_hour, r.source, now) for r in resources],
         )
@@ -1313,11 +1313,9 @@ class Store:
         for _, detail in rows:
             if id(detail) not in texts:
                 texts[id(detail)] = _compact(detail) if detail else "{}"
-        self.conn.executemany(
-            "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, NULL, ?, ?, ?)",
-            [(now, kind, resource, uid, texts[id(detail)]) for resource, detail in rows],
-        )
-        # One statement in this transaction wrote them all, each with the next rowid: the last is the newest.
+        _insert_rows(self.conn, "INSERT INTO events (ts, kind, resource, uid, detail)",
+                     [(now, kind, resource, uid, texts[id(detail)]) for resource, detail in rows])
+        # This transaction wrote them all in order, each with the next rowid: the last is the newest.
         last = int(self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0)
         self._newest_event = last
         return range(last - len(rows) + 1, last + 1)
@@ -1536,6 +1534,28 @@ def _request_from_json(text: str) -> Request:
         keep_processes=data.get("keep_processes", False),
         confine_holder=data.get("confine_holder", False),
     )
+
+
+ROWS_PER_INSERT = 100
+"""Rows one INSERT statement carries in its VALUES list (see _insert_rows)."""
+
+
+def _insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
+    """`insert` ("INSERT INTO t (a, b)") of `rows` in order: ROWS_PER_INSERT rows a statement, the rest one by
+    one. One statement a row (executemany) pays a statement's start, step and reset for each: 100,000
+    resources and their events took 0.78 s of CPU that way, 0.40 a hundred rows a statement. A list's last
+    rows (under a hundred) take the one-row statement, so that odd lengths fill no cache with statements."""
+    if not rows:
+        return
+    one = "(" + ", ".join("?" * len(rows[0])) + ")"
+    whole = len(rows) - len(rows) % ROWS_PER_INSERT
+    if whole:
+        many = f"{insert} VALUES {', '.join([one] * ROWS_PER_INSERT)}"
+        chain = itertools.chain.from_iterable
+        for start in range(0, whole, ROWS_PER_INSERT):
+            conn.execute(many, list(chain(rows[start:start + ROWS_PER_INSERT])))
+    if whole < len(rows):
+        conn.executemany(f"{insert} VALUES {one}", rows[whole:])
 
 
 def _resource_row(resource: Resource) -> tuple[Any, ...]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from mcpresd.core.model import Resource
+from mcpresd.protocol import ResourceType
 from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
                            m009_metric_counters, m012_metric_counters_in_memory)
 
@@ -190,3 +195,27 @@ def test_an_upgrade_from_the_counting_triggers_counts_each_allocation_once(tmp_p
     assert counters == {"grants": 2, "releases": 1, "withdrawals": 1, "timeouts": 1, "wait_sum": 30.0}
     assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 1)] and buckets[-1] == (float("inf"), 2)
     assert written == (1, 1, 0, 0, 30.0) and triggers == 0  # b only; the rest from the rows at each start
+
+
+@pytest.mark.parametrize("count", [1, 99, 100, 101, 250, 1000])
+def test_resources_and_events_inserted_in_bulk_land_whole_in_order_with_consecutive_ids(tmp_path: Path,
+                                                                                        count: int) -> None:
+    store = Store(tmp_path / "state.db")
+    store.begin()
+    store.insert_event(1.0, "resource.added", resource="before")
+    resources = [Resource(name=f"r{i}", type=ResourceType.CUSTOM, capacity=i + 0.5, unit="seats",
+                          labels={"rack": "a"} if i % 7 == 0 else {}, cost_per_unit_hour=None if i % 3 else 2.0)
+                 for i in range(count)]
+    store.insert_resources(resources, 2.0)
+    details = [{"capacity": 1.0, "unit": "seats"}, {"capacity": 2.0, "unit": "GiB"}]
+    ids = store.insert_events(3.0, "resource.added", [(r.name, details[i % 2]) for i, r in enumerate(resources)],
+                              uid=7)
+    store.commit()
+    assert store.conn.execute("SELECT count(*) FROM resources").fetchone()[0] == count
+    assert sorted(store.load_resources(), key=lambda r: int(r.name[1:])) == resources
+    rows = store.conn.execute("SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events"
+                              " WHERE resource != 'before' ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == list(ids) == list(range(2, count + 2))
+    assert [(row[4], json.loads(row[6])) for row in rows] == [(r.name, details[i % 2]) for i, r in enumerate(resources)]
+    assert {(row[1], row[2], row[3], row[5]) for row in rows} == {(3.0, "resource.added", None, 7)}
+    store.close()
