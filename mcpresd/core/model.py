@@ -34,18 +34,12 @@ class Resource:
         return self.type is ResourceType.GPU
 
 
-_new = object.__new__
-
-
 def custom_resource(name: str, capacity: float, unit: str, labels: Mapping[str, LabelValue],
                     cost_per_unit_hour: float | None) -> Resource:
-    """Resource(name, CUSTOM, capacity, unit, labels, None, cost_per_unit_hour, "api"), the same value, made
-    for resources.add lists: a frozen dataclass's __init__ sets each field through object.__setattr__, 2.3 us
-    a resource where filling its __dict__ takes 0.6 (100,000 registered in one go)."""
-    resource = _new(Resource)
-    resource.__dict__.update(name=name, type=ResourceType.CUSTOM, capacity=capacity, unit=unit, labels=labels,
-                             uuid=None, cost_per_unit_hour=cost_per_unit_hour, source="api")
-    return resource
+    """A custom resource added through the API. By position, which takes 1.6 us where keywords take 2.1
+    (resources.add lists make 100,000 at once); filling its __dict__ directly took 0.5 us but 400 bytes a
+    resource where the constructor's shared attribute keys take 216."""
+    return Resource(name, ResourceType.CUSTOM, capacity, unit, labels, None, cost_per_unit_hour, "api")
 
 
 @dataclass(frozen=True)
