@@ -44,7 +44,7 @@ def fully_checked(entry: Any) -> Resource | params.InvalidParams:
                     labels=one.labels, cost_per_unit_hour=one.cost_per_unit_hour, source="api")
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(entries)
 def test_the_quick_check_accepts_only_what_the_full_checks_accept_and_reads_it_the_same(entry: Any) -> None:
     quick = params._plain_resource(entry)
