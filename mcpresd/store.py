@@ -964,14 +964,22 @@ class Store:
         )
 
     def insert_resources(self, resources: Iterable[Resource], now: float) -> None:
-        # The row built inline, not by _resource_row: a call and a tuple unpacked per row were a third of
-        # building them for 100,000 resources.
-        _insert_rows(
-            self.conn,
-            "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)",
-            [(r.name, r.type.value, r.capacity, r.unit, _compact(dict(r.labels)) if r.labels else "{}", r.uuid,
-              r.cost_per_unit_hour, r.source, now) for r in resources],
-        )
+        """In order. A run of resources alike but for their names goes in one statement (see RUN_BY_NAME)."""
+        columns = "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)"
+        by_name = columns + " SELECT value, ?, ?, ?, '{}', NULL, ?, ?, ? FROM json_each(?) ORDER BY key"
+        rows: list[tuple[Any, ...]] = []
+        for shape, run in itertools.groupby(resources, _shape):
+            alike = list(run)
+            if shape is None or len(alike) < RUN_BY_NAME:
+                # The row built inline, not by _resource_row: a call and a tuple unpacked per row were a third of
+                # building them for 100,000 resources.
+                rows.extend((r.name, r.type.value, r.capacity, r.unit, _compact(dict(r.labels)) if r.labels else "{}",
+                             r.uuid, r.cost_per_unit_hour, r.source, now) for r in alike)
+            else:
+                _insert_rows(self.conn, columns, rows)
+                rows = []
+                self.conn.execute(by_name, (*shape, now, _names([r.name for r in alike])))
+        _insert_rows(self.conn, columns, rows)
 
     def update_resource(self, resource: Resource) -> None:
         self.conn.execute(
@@ -1307,14 +1315,26 @@ class Store:
 
     def insert_events(self, now: float, kind: str, rows: list[tuple[str | None, dict[str, Any]]],
                       uid: int | None = None) -> range:
-        """Events of one kind at one time, one per (resource, detail) row, none for an allocation; their ids.
-        Rows that share one detail object share its JSON: it is encoded once."""
-        texts: dict[int, str] = {}  # by id(): the rows hold each detail alive until the statement is done
-        for _, detail in rows:
-            if id(detail) not in texts:
-                texts[id(detail)] = _compact(detail) if detail else "{}"
-        _insert_rows(self.conn, "INSERT INTO events (ts, kind, resource, uid, detail)",
-                     [(now, kind, resource, uid, texts[id(detail)]) for resource, detail in rows])
+        """Events of one kind at one time, one per (resource, detail) row in order, none for an allocation; their
+        ids. Rows that share one detail object share its JSON, encoded once, and a run of them goes in one
+        statement (see RUN_BY_NAME)."""
+        columns = "INSERT INTO events (ts, kind, resource, uid, detail)"
+        by_name = columns + " SELECT ?, ?, value, ?, ? FROM json_each(?) ORDER BY key"
+        values: list[tuple[Any, ...]] = []
+        texts: dict[int, str] = {}  # by id(): the rows hold each detail alive meanwhile
+        for key, run in itertools.groupby(rows, lambda row: id(row[1])):
+            alike = list(run)
+            text = texts.get(key)
+            if text is None:
+                detail = alike[0][1]
+                text = texts[key] = _compact(detail) if detail else "{}"
+            if len(alike) < RUN_BY_NAME:
+                values.extend((now, kind, resource, uid, text) for resource, _ in alike)
+            else:
+                _insert_rows(self.conn, columns, values)
+                values = []
+                self.conn.execute(by_name, (now, kind, uid, text, _names([resource for resource, _ in alike])))
+        _insert_rows(self.conn, columns, values)
         # This transaction wrote them all in order, each with the next rowid: the last is the newest.
         last = int(self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0)
         self._newest_event = last
@@ -1538,6 +1558,22 @@ def _request_from_json(text: str) -> Request:
 
 ROWS_PER_INSERT = 100
 """Rows one INSERT statement carries in its VALUES list (see _insert_rows)."""
+RUN_BY_NAME = 100
+"""Consecutive rows alike but for their names, this many or more, go in one statement. A resources.add list's
+rows differ by name alone (same type, capacity and unit, no labels), and so do their resource.added events:
+one INSERT ... SELECT over json_each() of a JSON array of the names, the other values bound as parameters
+(the numbers exactly, where json_each would parse them from text), ORDER BY key keeping the list's order (and
+so the event ids': json_each promises no order, so SQLite sorts, 40 ms of the 275). 100,000 resources and their
+events: 466 ms of CPU a hundred rows a statement, 275 by name."""
+_names = json.JSONEncoder(ensure_ascii=False, check_circular=False, allow_nan=False).encode
+
+
+def _shape(resource: Resource) -> tuple[str, float, str, float | None, str] | None:
+    """What a resource's row holds besides its name and time, where that is the same for a run of them: no
+    labels and no UUID (a GPU's)."""
+    if resource.labels or resource.uuid is not None:
+        return None
+    return (resource.type.value, resource.capacity, resource.unit, resource.cost_per_unit_hour, resource.source)
 
 
 def _insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,4 +219,42 @@ def test_resources_and_events_inserted_in_bulk_land_whole_in_order_with_consecut
     assert [row[0] for row in rows] == list(ids) == list(range(2, count + 2))
     assert [(row[4], json.loads(row[6])) for row in rows] == [(r.name, details[i % 2]) for i, r in enumerate(resources)]
     assert {(row[1], row[2], row[3], row[5]) for row in rows} == {(3.0, "resource.added", None, 7)}
+    store.close()
+
+
+TRICKY = ['qu"ote', "back\\slash", "emoji-\U0001F600", "cjk-資源", "sep-\u2028", "nbsp\u00a0x", "tab-like-\u0085",
+          "[1]", "null", "{}", "é-combining-e\u0301"]
+
+
+def test_runs_alike_but_for_their_names_land_exact_in_order(tmp_path: Path) -> None:
+    """Runs of resources and events that differ only by name go in one statement each: the same rows as one by one."""
+    def run(prefix: str, count: int, capacity: float, **fields: Any) -> list[Resource]:
+        return [Resource(name=f"{prefix}{i}", type=ResourceType.CUSTOM, capacity=capacity, unit="seats", **fields)
+                for i in range(count)]
+    resources = (run("a", 150, 0.1 + 0.2)
+                 + [Resource(name=f"{n}-{i}", type=ResourceType.CUSTOM, capacity=2.0 ** 63, unit="u",
+                             cost_per_unit_hour=1 / 3) for i in range(10) for n in TRICKY]
+                 + run("l", 3, 1.0, labels={"index": 2}) + run("b", 99, 1e-9) + run("c", 250, 7.0, source="pool")
+                 + [Resource(name="gpu", type=ResourceType.GPU, capacity=1.0, unit="gpus", uuid="GPU-1")]
+                 + run("d", 100, 4.0))
+    store = Store(tmp_path / "state.db")
+    store.begin()
+    store.insert_resources(resources, 2.5)
+    one, other = {"capacity": 1.0, "unit": "seats"}, {"why": 'a "quoted" \\ detail'}
+    rows: list[tuple[str | None, dict[str, Any]]] = [(r.name, one if i < 300 or i > 400 else other)
+                                                     for i, r in enumerate(resources)]
+    rows[350] = (None, other)
+    ids = store.insert_events(3.0, "resource.added", rows, uid=None)
+    store.commit()
+
+    stored = store.conn.execute("SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source,"
+                                " created_at FROM resources ORDER BY rowid").fetchall()
+    assert stored == [(r.name, r.type.value, r.capacity, r.unit, json.dumps(dict(r.labels), separators=(",", ":"))
+                       if r.labels else "{}", r.uuid, r.cost_per_unit_hour, r.source, 2.5) for r in resources]
+    assert store.load_resources() == resources
+    events = store.conn.execute("SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events"
+                                " ORDER BY id").fetchall()
+    assert [e[0] for e in events] == list(ids) == list(range(1, len(resources) + 1))
+    assert [(e[4], json.loads(e[6])) for e in events] == rows
+    assert {(e[1], e[2], e[3], e[5]) for e in events} == {(3.0, "resource.added", None, None)}
     store.close()
