@@ -538,7 +538,7 @@ class Broker:
 
     def _resources_add_many(self, caller: Caller, command: p.AddResourcesCommand) -> dict[str, int]:
         """All of them or none, each with its resource.added event, in bulk: one sort of the ledger's order,
-        a hundred rows an INSERT for the resources and for the events, one pool check and one pass of the queue."""
+        few INSERTs for the rows and the events (see store.RUN_BY_NAME), one pool check and one pass of the queue."""
         resources = command.resources
         self.ledger.add_many(resources)  # raises ResourceExists, changing nothing, if one name is taken
         now = self.clock()
