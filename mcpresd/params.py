@@ -19,7 +19,7 @@ from typing import Any
 
 from mcpresd.core.constraints import parse_selector
 from mcpresd.core.errors import DomainError
-from mcpresd.core.model import Demand, Request
+from mcpresd.core.model import Demand, Request, Resource, custom_resource
 from mcpresd.core.pools import PoolSpec, ScalePolicy
 from mcpresd.protocol import (
     ALLOCATIONS_PAGE,
@@ -146,9 +146,10 @@ class AddResourceCommand:
 
 @dataclass(frozen=True)
 class AddResourcesCommand:
-    """`resources.add` with a `resources` list: all of them are added, in one transaction, or none."""
+    """`resources.add` with a `resources` list: all of them are added, in one transaction, or none. Made here
+    as the custom resources they add (100,000 at once: a second value for each costs)."""
 
-    resources: tuple[AddResourceCommand, ...]
+    resources: tuple[Resource, ...]
 
 
 @dataclass(frozen=True)
@@ -502,20 +503,49 @@ def _add_resources(params: dict[str, Any]) -> AddResourcesCommand:
     if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_ADD:
         raise InvalidParams(f"resources must be a list of 1 to {MAX_ADD} resources, got {_describe(entries)}"
                             + (f" of {len(entries)}" if isinstance(entries, list) else ""), "resources")
-    commands: list[AddResourceCommand] = []
+    resources: list[Resource] = []
     names: set[str] = set()
     for index, entry in enumerate(entries):
-        try:
-            command = _one_resource(entry)
-        except InvalidParams as error:
-            raise InvalidParams(f"resources[{index}]: {error.message}",
-                                f"resources[{index}]" + (f".{error.field}" if error.field else "")) from None
-        if command.name in names:
-            raise InvalidParams(f"resources[{index}]: {command.name!r} is named twice in this request",
+        resource = _plain_resource(entry)
+        if resource is None:
+            try:
+                command = _one_resource(entry)
+            except InvalidParams as error:
+                raise InvalidParams(f"resources[{index}]: {error.message}",
+                                    f"resources[{index}]" + (f".{error.field}" if error.field else "")) from None
+            resource = custom_resource(command.name, command.capacity, command.unit, command.labels,
+                                       command.cost_per_unit_hour)
+        if resource.name in names:
+            raise InvalidParams(f"resources[{index}]: {resource.name!r} is named twice in this request",
                                 f"resources[{index}].name")
-        names.add(command.name)
-        commands.append(command)
-    return AddResourcesCommand(tuple(commands))
+        names.add(resource.name)
+        resources.append(resource)
+    return AddResourcesCommand(tuple(resources))
+
+
+_PLAIN_FIELDS = frozenset({"name", "capacity", "unit"})
+_TAKEN_STARTS = (*RESERVED_PREFIXES, POOL_PREFIX)
+
+
+def _plain_resource(entry: Any) -> Resource | None:
+    """The entry's resource when it is plainly valid: a printable name that is not reserved, a capacity in
+    range, at most a printable unit. Else None, and _one_resource's checks decide, with their messages.
+    A fifth of the cost of those checks (100,000 in one go); it accepts nothing they refuse: a printable
+    string is valid Unicode with no control character, and the only space isprintable() allows is ' '."""
+    if type(entry) is not dict or not _PLAIN_FIELDS.issuperset(entry):
+        return None
+    name, capacity, unit = entry.get("name"), entry.get("capacity"), entry.get("unit")
+    if (type(name) is not str or not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable()
+            or name in RESERVED_NAMES or name.startswith(_TAKEN_STARTS)
+            or " " in name or "," in name or "=" in name):
+        return None
+    if (type(capacity) is not float and type(capacity) is not int) or not MIN_QUANTITY <= capacity <= MAX_QUANTITY:
+        return None
+    if unit is None:
+        unit = "units"
+    elif type(unit) is not str or not 0 < len(unit) <= MAX_NAME_LENGTH or not unit.isprintable():
+        return None
+    return custom_resource(name, float(capacity), unit, {}, None)
 
 
 _RESOURCE_FIELDS = frozenset({"name", "capacity", "unit", "labels", "cost_per_unit_hour"})

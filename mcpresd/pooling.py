@@ -119,7 +119,7 @@ class PoolKeeper:
         self.broker.ledger.set_pools(self.pools.values(), {name: self._members_of(pool)
                                                           for name, pool in self.pools.items()}, closed)
 
-    def any_joins_a_pool(self, resources: list[Resource]) -> bool:
+    def any_joins_a_pool(self, resources: Iterable[Resource]) -> bool:
         """Whether any of these resources, just registered, is a member of some pool (see joins_a_pool)."""
         static = [pool for pool in self.pools.values() if pool.spec.factory is FactoryKind.STATIC]
         return bool(static) and any(StaticFactory.takes(pool, resource) for resource in resources for pool in static)

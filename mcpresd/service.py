@@ -538,22 +538,26 @@ class Broker:
 
     def _resources_add_many(self, caller: Caller, command: p.AddResourcesCommand) -> dict[str, int]:
         """All of them or none, each with its resource.added event, in bulk: one sort of the ledger's order,
-        one statement for the rows and one for the events, one pool check and one pass of the queue."""
-        resources = [
-            Resource(name=one.name, type=ResourceType.CUSTOM, capacity=one.capacity, unit=one.unit,
-                     labels=one.labels, cost_per_unit_hour=one.cost_per_unit_hour, source="api")
-            for one in command.resources
-        ]
+        few INSERTs for the rows and the events (see store.RUN_BY_NAME), one pool check and one pass of the queue."""
+        resources = command.resources
         self.ledger.add_many(resources)  # raises ResourceExists, changing nothing, if one name is taken
         now = self.clock()
         self.store.insert_resources(resources, now)
-        ids = self.store.insert_events(now, "resource.added", [
-            (resource.name, {"capacity": resource.capacity, "unit": resource.unit}) for resource in resources],
-            uid=caller.uid)
+        # Resources of one capacity and unit share one detail (read-only from here on): encoded once.
+        details: dict[tuple[float, str], dict[str, Any]] = {}
+        rows: list[tuple[str | None, dict[str, Any]]] = []
+        for resource in resources:
+            detail = details.get((resource.capacity, resource.unit))
+            if detail is None:
+                detail = details[resource.capacity, resource.unit] = {"capacity": resource.capacity,
+                                                                       "unit": resource.unit}
+            rows.append((resource.name, detail))
+        ids = self.store.insert_events(now, "resource.added", rows, uid=caller.uid)
+        uid = caller.uid
         self.outbox.events.extend(
-            {"id": event_id, "ts": now, "kind": "resource.added", "allocation_id": None, "resource": resource.name,
-             "uid": caller.uid, "detail": {"capacity": resource.capacity, "unit": resource.unit}}
-            for event_id, resource in zip(ids, resources))
+            {"id": event_id, "ts": now, "kind": "resource.added", "allocation_id": None, "resource": name,
+             "uid": uid, "detail": detail}
+            for event_id, (name, detail) in zip(ids, rows))
         if self.pools.any_joins_a_pool(resources):
             self.pools.sync()
         self.schedule()

@@ -964,11 +964,29 @@ class Store:
         )
 
     def insert_resources(self, resources: Iterable[Resource], now: float) -> None:
-        self.conn.executemany(
-            "INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((*_resource_row(resource), now) for resource in resources),
-        )
+        """In order. A run of resources alike but for their names goes in one statement (see RUN_BY_NAME)."""
+        columns = ("INSERT INTO resources (name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source,"
+                   " created_at)")
+        by_name = ("INSERT INTO resources (rowid, name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source,"
+                   " created_at) SELECT ? + key, value, ?, ?, ?, '{}', NULL, ?, ?, ? FROM json_each(?)")
+        rows: list[tuple[Any, ...]] = []
+        for shape, run in itertools.groupby(resources, _shape):
+            alike = list(run)
+            if shape is None or len(alike) < RUN_BY_NAME:
+                # The row built inline, not by _resource_row: a call and a tuple unpacked per row were a third of
+                # building them for 100,000 resources.
+                rows.extend((r.name, r.type.value, r.capacity, r.unit, _compact(dict(r.labels)) if r.labels else "{}",
+                             r.uuid, r.cost_per_unit_hour, r.source, now) for r in alike)
+            else:
+                _insert_rows(self.conn, columns, rows)
+                rows = []
+                self.conn.execute(by_name, (self._next_rowid("resources"), *shape, now,
+                                            _names([r.name for r in alike])))
+        _insert_rows(self.conn, columns, rows)
+
+    def _next_rowid(self, table: str) -> int:
+        """The rowid SQLite would give the next row of `table` (one past the largest: none is ever near 2**63)."""
+        return int(self.conn.execute(f"SELECT coalesce(max(rowid), 0) + 1 FROM {table}").fetchone()[0])
 
     def update_resource(self, resource: Resource) -> None:
         self.conn.execute(
@@ -1304,12 +1322,29 @@ class Store:
 
     def insert_events(self, now: float, kind: str, rows: list[tuple[str | None, dict[str, Any]]],
                       uid: int | None = None) -> range:
-        """Events of one kind at one time, one per (resource, detail) row, none for an allocation; their ids."""
-        self.conn.executemany(
-            "INSERT INTO events (ts, kind, allocation_id, resource, uid, detail) VALUES (?, ?, NULL, ?, ?, ?)",
-            ((now, kind, resource, uid, _compact(detail) if detail else "{}") for resource, detail in rows),
-        )
-        # One statement in this transaction wrote them all, each with the next rowid: the last is the newest.
+        """Events of one kind at one time, one per (resource, detail) row in order, none for an allocation; their
+        ids. Rows that share one detail object share its JSON, encoded once, and a run of them goes in one
+        statement (see RUN_BY_NAME)."""
+        columns = "INSERT INTO events (ts, kind, resource, uid, detail)"
+        by_name = ("INSERT INTO events (id, ts, kind, resource, uid, detail)"
+                   " SELECT ? + key, ?, ?, value, ?, ? FROM json_each(?)")
+        values: list[tuple[Any, ...]] = []
+        texts: dict[int, str] = {}  # by id(): the rows hold each detail alive meanwhile
+        for key, run in itertools.groupby(rows, lambda row: id(row[1])):
+            alike = list(run)
+            text = texts.get(key)
+            if text is None:
+                detail = alike[0][1]
+                text = texts[key] = _compact(detail) if detail else "{}"
+            if len(alike) < RUN_BY_NAME:
+                values.extend((now, kind, resource, uid, text) for resource, _ in alike)
+            else:
+                _insert_rows(self.conn, columns, values)
+                values = []
+                self.conn.execute(by_name, (self._next_rowid("events"), now, kind, uid, text,
+                                            _names([resource for resource, _ in alike])))
+        _insert_rows(self.conn, columns, values)
+        # This transaction wrote them all in order, each with the next rowid: the last is the newest.
         last = int(self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0)
         self._newest_event = last
         return range(last - len(rows) + 1, last + 1)
@@ -1528,6 +1563,45 @@ def _request_from_json(text: str) -> Request:
         keep_processes=data.get("keep_processes", False),
         confine_holder=data.get("confine_holder", False),
     )
+
+
+ROWS_PER_INSERT = 100
+"""Rows one INSERT statement carries in its VALUES list (see _insert_rows)."""
+RUN_BY_NAME = 100
+"""Consecutive rows alike but for their names, this many or more, go in one statement. A resources.add list's
+rows differ by name alone (same type, capacity and unit, no labels), and so do their resource.added events:
+one INSERT ... SELECT over json_each() of a JSON array of the names, the other values bound as parameters
+(the numbers exactly, where json_each would parse them from text). Each row's rowid (an event's id) is given,
+the next one plus its place in the list, as SQLite would number them inserted one by one: the list's order
+whatever order json_each yields them in, without ORDER BY key's sort. 100,000 resources and their events: 466 ms
+of CPU a hundred rows a statement, 275 by name with ORDER BY, about 200 with the rowids given."""
+_names = json.JSONEncoder(ensure_ascii=False, check_circular=False, allow_nan=False).encode
+
+
+def _shape(resource: Resource) -> tuple[str, float, str, float | None, str] | None:
+    """What a resource's row holds besides its name and time, where that is the same for a run of them: no
+    labels and no UUID (a GPU's)."""
+    if resource.labels or resource.uuid is not None:
+        return None
+    return (resource.type.value, resource.capacity, resource.unit, resource.cost_per_unit_hour, resource.source)
+
+
+def _insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
+    """`insert` ("INSERT INTO t (a, b)") of `rows` in order: ROWS_PER_INSERT rows a statement, the rest one by
+    one. One statement a row (executemany) pays a statement's start, step and reset for each: 100,000
+    resources and their events took 0.78 s of CPU that way, 0.40 a hundred rows a statement. A list's last
+    rows (under a hundred) take the one-row statement, so that odd lengths fill no cache with statements."""
+    if not rows:
+        return
+    one = "(" + ", ".join("?" * len(rows[0])) + ")"
+    whole = len(rows) - len(rows) % ROWS_PER_INSERT
+    if whole:
+        many = f"{insert} VALUES {', '.join([one] * ROWS_PER_INSERT)}"
+        chain = itertools.chain.from_iterable
+        for start in range(0, whole, ROWS_PER_INSERT):
+            conn.execute(many, list(chain(rows[start:start + ROWS_PER_INSERT])))
+    if whole < len(rows):
+        conn.executemany(f"{insert} VALUES {one}", rows[whole:])
 
 
 def _resource_row(resource: Resource) -> tuple[Any, ...]:

@@ -34,6 +34,14 @@ class Resource:
         return self.type is ResourceType.GPU
 
 
+def custom_resource(name: str, capacity: float, unit: str, labels: Mapping[str, LabelValue],
+                    cost_per_unit_hour: float | None) -> Resource:
+    """A custom resource added through the API. By position, which takes 1.6 us where keywords take 2.1
+    (resources.add lists make 100,000 at once); filling its __dict__ directly took 0.5 us but 400 bytes a
+    resource where the constructor's shared attribute keys take 216."""
+    return Resource(name, ResourceType.CUSTOM, capacity, unit, labels, None, cost_per_unit_hour, "api")
+
+
 @dataclass(frozen=True)
 class Demand:
     """What a request asks of one resource: by name, by GPU UUID, or by type (`gpu`).

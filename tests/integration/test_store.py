@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from mcpresd.core.model import Resource
+from mcpresd.protocol import ResourceType
 from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
                            m009_metric_counters, m012_metric_counters_in_memory)
 
@@ -190,3 +196,65 @@ def test_an_upgrade_from_the_counting_triggers_counts_each_allocation_once(tmp_p
     assert counters == {"grants": 2, "releases": 1, "withdrawals": 1, "timeouts": 1, "wait_sum": 30.0}
     assert buckets[:4] == [(0.01, 1), (0.1, 1), (1.0, 1), (10.0, 1)] and buckets[-1] == (float("inf"), 2)
     assert written == (1, 1, 0, 0, 30.0) and triggers == 0  # b only; the rest from the rows at each start
+
+
+@pytest.mark.parametrize("count", [1, 99, 100, 101, 250, 1000])
+def test_resources_and_events_inserted_in_bulk_land_whole_in_order_with_consecutive_ids(tmp_path: Path,
+                                                                                        count: int) -> None:
+    store = Store(tmp_path / "state.db")
+    store.begin()
+    store.insert_event(1.0, "resource.added", resource="before")
+    resources = [Resource(name=f"r{i}", type=ResourceType.CUSTOM, capacity=i + 0.5, unit="seats",
+                          labels={"rack": "a"} if i % 7 == 0 else {}, cost_per_unit_hour=None if i % 3 else 2.0)
+                 for i in range(count)]
+    store.insert_resources(resources, 2.0)
+    details = [{"capacity": 1.0, "unit": "seats"}, {"capacity": 2.0, "unit": "GiB"}]
+    ids = store.insert_events(3.0, "resource.added", [(r.name, details[i % 2]) for i, r in enumerate(resources)],
+                              uid=7)
+    store.commit()
+    assert store.conn.execute("SELECT count(*) FROM resources").fetchone()[0] == count
+    assert sorted(store.load_resources(), key=lambda r: int(r.name[1:])) == resources
+    rows = store.conn.execute("SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events"
+                              " WHERE resource != 'before' ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == list(ids) == list(range(2, count + 2))
+    assert [(row[4], json.loads(row[6])) for row in rows] == [(r.name, details[i % 2]) for i, r in enumerate(resources)]
+    assert {(row[1], row[2], row[3], row[5]) for row in rows} == {(3.0, "resource.added", None, 7)}
+    store.close()
+
+
+TRICKY = ['qu"ote', "back\\slash", "emoji-\U0001F600", "cjk-資源", "sep-\u2028", "nbsp\u00a0x", "tab-like-\u0085",
+          "[1]", "null", "{}", "é-combining-e\u0301"]
+
+
+def test_runs_alike_but_for_their_names_land_exact_in_order(tmp_path: Path) -> None:
+    """Runs of resources and events that differ only by name go in one statement each: the same rows as one by one."""
+    def run(prefix: str, count: int, capacity: float, **fields: Any) -> list[Resource]:
+        return [Resource(name=f"{prefix}{i}", type=ResourceType.CUSTOM, capacity=capacity, unit="seats", **fields)
+                for i in range(count)]
+    resources = (run("a", 150, 0.1 + 0.2)
+                 + [Resource(name=f"{n}-{i}", type=ResourceType.CUSTOM, capacity=2.0 ** 63, unit="u",
+                             cost_per_unit_hour=1 / 3) for i in range(10) for n in TRICKY]
+                 + run("l", 3, 1.0, labels={"index": 2}) + run("b", 99, 1e-9) + run("c", 250, 7.0, source="pool")
+                 + [Resource(name="gpu", type=ResourceType.GPU, capacity=1.0, unit="gpus", uuid="GPU-1")]
+                 + run("d", 100, 4.0))
+    store = Store(tmp_path / "state.db")
+    store.begin()
+    store.insert_resources(resources, 2.5)
+    one, other = {"capacity": 1.0, "unit": "seats"}, {"why": 'a "quoted" \\ detail'}
+    rows: list[tuple[str | None, dict[str, Any]]] = [(r.name, one if i < 300 or i > 400 else other)
+                                                     for i, r in enumerate(resources)]
+    rows[350] = (None, other)
+    ids = store.insert_events(3.0, "resource.added", rows, uid=None)
+    store.commit()
+
+    stored = store.conn.execute("SELECT name, type, capacity, unit, labels, uuid, cost_per_unit_hour, source,"
+                                " created_at FROM resources ORDER BY rowid").fetchall()
+    assert stored == [(r.name, r.type.value, r.capacity, r.unit, json.dumps(dict(r.labels), separators=(",", ":"))
+                       if r.labels else "{}", r.uuid, r.cost_per_unit_hour, r.source, 2.5) for r in resources]
+    assert store.load_resources() == resources
+    events = store.conn.execute("SELECT id, ts, kind, allocation_id, resource, uid, detail FROM events"
+                                " ORDER BY id").fetchall()
+    assert [e[0] for e in events] == list(ids) == list(range(1, len(resources) + 1))
+    assert [(e[4], json.loads(e[6])) for e in events] == rows
+    assert {(e[1], e[2], e[3], e[5]) for e in events} == {(3.0, "resource.added", None, None)}
+    store.close()

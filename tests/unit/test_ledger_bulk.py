@@ -53,3 +53,18 @@ def test_one_name_taken_adds_none(clash: str) -> None:
 
     assert (ledger.resources(), ledger.version) == before
     assert "new" not in ledger
+
+
+@pytest.mark.parametrize("first, second", [("none", "none"), ("none", "some"), ("some", "none"), ("some", "some")])
+def test_batches_with_and_without_indexed_resources_keep_the_one_by_one_order(first: str, second: str) -> None:
+    def batch(start: int, indexed: str) -> list[Resource]:
+        return [Resource(name=f"r{i}", type=T.CUSTOM, capacity=1, unit="units",
+                         labels={"index": (-1, 3, 1 << 40)[i % 3]} if indexed == "some" and i % 4 == 0 else {})
+                for i in range(start, start + 50)]
+    made = batch(0, first) + batch(50, second)  # r10 sorts before r2 by name, after it by number
+    one_by_one, at_once = Ledger(), Ledger()
+    for resource in made:
+        one_by_one.add(resource)
+    at_once.add_many(made[:50])
+    at_once.add_many(made[50:])
+    assert at_once._by_type[T.CUSTOM] == one_by_one._by_type[T.CUSTOM]
