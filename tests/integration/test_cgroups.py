@@ -589,3 +589,43 @@ def test_an_overuse_alert_whose_allocation_ended_while_the_daemon_was_down_resol
         assert resolved["detail"]["why"] == "the allocation ended"
     finally:
         live.close()
+
+
+def fake_v1(tmp_path: Path, allocation_id: str) -> tuple[CgroupV1, Path, Path]:
+    """A v1 backend over a fake tree (memory and cpuacct hierarchies), with one allocation's files as a cgroup that
+    has run a while shows them: (backend, its memory directory, its cpuacct directory)."""
+    mounts = {"memory": tmp_path / "memory", "cpuacct": tmp_path / "cpuacct", "cpu": tmp_path / "cpu"}
+    memory, cpuacct = (mounts[c] / "mcpres" / f"alloc-{allocation_id}" for c in ("memory", "cpuacct"))
+    memory.mkdir(parents=True)
+    cpuacct.mkdir(parents=True)
+    (memory / "memory.usage_in_bytes").write_text(f"{10 * MIB}\n")
+    (memory / "memory.max_usage_in_bytes").write_text(f"{20 * MIB}\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (cpuacct / "cpuacct.usage").write_text("2500000000\n")
+    backend = CgroupV1(mounts, "mcpres")
+    backend.files.budget = 100
+    return backend, memory, cpuacct
+
+
+def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_path: Path):
+    backend, memory, cpuacct = fake_v1(tmp_path, "q1")
+    first = backend.usage("q1")
+    assert first is not None and (first.cpu_seconds, first.memory_current, first.memory_peak) == (2.5, 10 * MIB,
+                                                                                                  20 * MIB)
+    # The kernel could not show these without a task of the cgroup running (its CPU time moving): not read.
+    (memory / "memory.max_usage_in_bytes").write_text(f"{30 * MIB}\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    assert backend.usage("q1") is first, "nothing it reads changed: the same figures"
+    (memory / "memory.usage_in_bytes").write_text(f"{4 * MIB}\n")  # reclaimed from outside: no CPU of its own
+    fallen = backend.usage("q1")
+    assert fallen is not None and (fallen.cpu_seconds, fallen.memory_current, fallen.memory_peak,
+                                   fallen.oom_kills) == (2.5, 4 * MIB, 20 * MIB, 0)
+    assert backend.usage("q1") is fallen
+    (memory / "memory.usage_in_bytes").write_text(f"{25 * MIB}\n")  # above the peak read: all four read again
+    above = backend.usage("q1")
+    assert above is not None and (above.memory_current, above.memory_peak, above.oom_kills) == (25 * MIB, 30 * MIB, 1)
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (cpuacct / "cpuacct.usage").write_text("2600000000\n")  # a task ran: all four read
+    ran = backend.usage("q1")
+    assert ran is not None and (ran.cpu_seconds, ran.memory_current, ran.oom_kills) == (2.6, 25 * MIB, 2)
+    assert backend.files.held == 4
