@@ -332,7 +332,7 @@ class Daemon:
         """Off the loop: the allocations that have a cgroup (one listing) read from it, the rest from /proc in one
         pass. Asking the enforcer about each allocation cost a failed open per one without a cgroup (10,000
         `mcpctl allocate` holders: 80 ms of CPU a round)."""
-        confined = self.enforcer.existing()
+        confined = self.enforcer.measurable()
         return holder_usage(holders, gpu_processes,
                             (lambda allocation_id: self._cgroup_figures(allocation_id) if allocation_id in confined
                              else None) if confined else None, kept=self._trees)

@@ -207,6 +207,11 @@ class Enforcer(Protocol):
 
     def existing(self) -> set[str]: ...
 
+    def measurable(self) -> set[str]:
+        """The allocations whose cgroup `usage` can read now, as cheaply as one listing allows (a sampling round
+        asks this: `existing` may list every hierarchy); lets go of what it kept for cgroups gone."""
+        ...
+
     def describe(self) -> dict[str, object]: ...
 
 
@@ -254,6 +259,9 @@ class NoEnforcement:
         return 0
 
     def existing(self) -> set[str]:
+        return set()
+
+    def measurable(self) -> set[str]:
         return set()
 
     def describe(self) -> dict[str, object]:

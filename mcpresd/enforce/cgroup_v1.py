@@ -212,6 +212,14 @@ class CgroupV1:
         self._keep_only(found)
         return found
 
+    def measurable(self) -> set[str]:
+        try:  # usage() reads the memory hierarchy (and cpuacct, made with it): one listing, not one per hierarchy
+            found = {name[len(PREFIX):] for name in os.listdir(self._base("memory")) if name.startswith(PREFIX)}
+        except OSError:
+            found = set()
+        self._keep_only(found)
+        return found
+
     def _keep_only(self, found: set[str]) -> None:
         self.files.keep_only(found)
         for gone in self._last.keys() - found:

@@ -629,3 +629,17 @@ def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_
     ran = backend.usage("q1")
     assert ran is not None and (ran.cpu_seconds, ran.memory_current, ran.oom_kills) == (2.6, 25 * MIB, 2)
     assert backend.files.held == 4
+
+
+def test_v1_measurable_lists_the_memory_hierarchy_and_lets_go_of_cgroups_gone(v1: CgroupV1, cgroup_subtree: str):
+    from tests.cgroups import remove_subtree
+
+    v1.files.budget = 100
+    for allocation_id in ("l1", "l2"):
+        v1.create(allocation_id, limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+        assert v1.usage(allocation_id) is not None
+    assert v1.measurable() == v1.existing() == {"l1", "l2"} and v1.files.held == 8
+    assert v1.remove("l1")
+    assert v1.measurable() == {"l2"} and v1.files.held == 4
+    remove_subtree(v1_mounts(), cgroup_subtree)
+    assert v1.measurable() == set() and v1.files.held == 0
