@@ -142,26 +142,26 @@ class CgroupV1:
                 # then. Its memory now may still fall (reclaimed from outside): always read.
                 quick = self.files.read_all(allocation_id, (cpu, memory + "memory.usage_in_bytes"))
                 raw = last[0]
-                if quick[0] == raw[3]:
-                    if quick[1] == raw[0]:
+                if quick[0] == raw[0]:
+                    if quick[1] == raw[1]:
                         return last[1]
                     if int(quick[1]) <= last[1].memory_peak:
-                        return self._keep(allocation_id, (quick[1], *raw[1:]),
+                        return self._keep(allocation_id, (*quick, *raw[2:]),
                                           replace(last[1], memory_current=int(quick[1])))
-            paths: tuple[str, ...] = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
-                                      memory + "memory.oom_control")
-            raw = self.files.read_all(allocation_id, paths + ((cpu,) if cpu is not None else ()))
+            # The CPU time first: whatever runs after it was read moves it, so the next read reads all four again.
+            paths = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
+                     memory + "memory.oom_control")
+            raw = self.files.read_all(allocation_id, (cpu, *paths)) if cpu is not None \
+                else (b"0", *self.files.read_all(allocation_id, paths))
         except (OSError, ValueError):
             self._last.pop(allocation_id, None)  # gone (one made again counts afresh) or unreadable
             return None
-        if len(raw) == 3:
-            raw += (b"0",)
         if last is not None and last[0] == raw:
             return last[1]
         try:
-            oom_control = raw[2]
+            oom_control = raw[3]
             at = oom_control.find(b"oom_kill ")
-            usage = CgroupUsage(cpu_seconds=int(raw[3]) / 1e9, memory_current=int(raw[0]), memory_peak=int(raw[1]),
+            usage = CgroupUsage(cpu_seconds=int(raw[0]) / 1e9, memory_current=int(raw[1]), memory_peak=int(raw[2]),
                                 oom_kills=int(oom_control[at + 9:].split(b"\n", 1)[0]) if at >= 0 else 0)
         except ValueError:
             return None

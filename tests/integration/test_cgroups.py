@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mcpresd.core.enforcement import Grant, limits_for
-from mcpresd.enforce import NoEnforcement, Pressure, choose, stop_processes
+from mcpresd.enforce import HeldFiles, NoEnforcement, Pressure, choose, stop_processes
 from mcpresd.enforce.cgroup_v1 import CgroupV1
 from mcpresd.enforce.cgroup_v2 import CgroupV2
 from mcpresd.protocol import EnforceMode
@@ -591,6 +591,23 @@ def test_an_overuse_alert_whose_allocation_ended_while_the_daemon_was_down_resol
         live.close()
 
 
+class RecordingFiles(HeldFiles):
+    """Held files that note which files each read asks for, in order."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.asked: list[tuple[str, ...]] = []
+
+    def read_all(self, allocation_id: str, paths: tuple[str, ...]) -> tuple[bytes, ...]:
+        self.asked.append(tuple(Path(path).name for path in paths))
+        return super().read_all(allocation_id, paths)
+
+
+ALL_FOUR = ("cpuacct.usage", "memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control")
+"""A v1 cgroup's files as a round reads them: the CPU time first, so anything that runs after it moves it."""
+TWO = ("cpuacct.usage", "memory.usage_in_bytes")
+
+
 def fake_v1(tmp_path: Path, allocation_id: str) -> tuple[CgroupV1, Path, Path]:
     """A v1 backend over a fake tree (memory and cpuacct hierarchies), with one allocation's files as a cgroup that
     has run a while shows them: (backend, its memory directory, its cpuacct directory)."""
@@ -603,15 +620,17 @@ def fake_v1(tmp_path: Path, allocation_id: str) -> tuple[CgroupV1, Path, Path]:
     (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     (cpuacct / "cpuacct.usage").write_text("2500000000\n")
     backend = CgroupV1(mounts, "mcpres")
-    backend.files.budget = 100
+    backend.files = RecordingFiles(100)
     return backend, memory, cpuacct
 
 
 def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_path: Path):
     backend, memory, cpuacct = fake_v1(tmp_path, "q1")
+    asked = getattr(backend.files, "asked")
     first = backend.usage("q1")
     assert first is not None and (first.cpu_seconds, first.memory_current, first.memory_peak) == (2.5, 10 * MIB,
                                                                                                   20 * MIB)
+    assert asked == [ALL_FOUR]
     # The kernel could not show these without a task of the cgroup running (its CPU time moving): not read.
     (memory / "memory.max_usage_in_bytes").write_text(f"{30 * MIB}\n")
     (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
@@ -621,6 +640,7 @@ def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_
     assert fallen is not None and (fallen.cpu_seconds, fallen.memory_current, fallen.memory_peak,
                                    fallen.oom_kills) == (2.5, 4 * MIB, 20 * MIB, 0)
     assert backend.usage("q1") is fallen
+    assert asked == [ALL_FOUR, TWO, TWO, TWO]
     (memory / "memory.usage_in_bytes").write_text(f"{25 * MIB}\n")  # above the peak read: all four read again
     above = backend.usage("q1")
     assert above is not None and (above.memory_current, above.memory_peak, above.oom_kills) == (25 * MIB, 30 * MIB, 1)
@@ -628,6 +648,7 @@ def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_
     (cpuacct / "cpuacct.usage").write_text("2600000000\n")  # a task ran: all four read
     ran = backend.usage("q1")
     assert ran is not None and (ran.cpu_seconds, ran.memory_current, ran.oom_kills) == (2.6, 25 * MIB, 2)
+    assert asked[4:] == [TWO, ALL_FOUR, TWO, ALL_FOUR]
     assert backend.files.held == 4
 
 
