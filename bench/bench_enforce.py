@@ -17,6 +17,11 @@ prints:
 --sampling-only prints only the last; --profile FILE also records the daemon with py-spy (if installed beside
 this interpreter) over those rounds, as collapsed stacks in FILE.
 Every loop is bounded in count and time.
+
+CPU per sampling round with 1,000 enforced allocations on this machine (cgroup v1, 2 shared cores; --sampling-only,
+3 runs interleaved, median; ticks of 10 ms over 10 rounds, so 1 ms steps):
+  main (89c449e):  26 ms (30/25/26) = 0.52 % of a core at 5 s
+  3300700:         16 ms (16/16/13) = 0.32 % (two preads for a cgroup whose CPU did not move; one listing)
 """
 
 from __future__ import annotations
