@@ -21,6 +21,11 @@ The daemon sets the cgroup2 mount option favordynmods at start (mcpresd.enforce.
 grace period at each first migration (+5-20 ms per hard run); Linux 6.18 keeps the option until reboot once set,
 so a "without" figure is only measurable on a kernel that never had it.
 Every loop is bounded in count and time.
+
+CPU per sampling round with 1,000 enforced allocations on this machine (cgroup v1, 2 shared cores; --sampling-only,
+3 runs interleaved, median; ticks of 10 ms over 10 rounds, so 1 ms steps):
+  main (89c449e):  26 ms (30/25/26) = 0.52 % of a core at 5 s
+  3300700:         16 ms (16/16/13) = 0.32 % (two preads for a cgroup whose CPU did not move; one listing)
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Figures on this machine (2 shared cores), median of 3:
   main (c6e9ef2):  idle CPU 78.63 % of a core (steal 0.07 %), RSS 50.7 MiB, SIGTERM to exit 41.48 s
   0dd5205:         idle CPU  0.97 % of a core (steal 0.01 %), RSS 48.8 MiB, SIGTERM to exit  0.27 s
   (f74c803, which also sent the broker only changed walked figures: 0.37 and 0.40 % in two runs; dropped in 0dd5205)
+  3 runs interleaved with main (89c449e, 0.92 %, RSS 49.7 MiB, SIGTERM 0.32 s):
+  8f2cf20:         idle CPU  0.30 % of a core (steal 0.01 %), RSS 49.3 MiB, SIGTERM to exit  0.27 s
 """
 
 from __future__ import annotations

@@ -190,6 +190,8 @@ class Daemon:
         self.enforcer: Enforcer = NoEnforcement("the daemon has not started")
         self._endings: dict[str, asyncio.Task[None]] = {}
         self.site: ClusterSite | None = None
+        self._trees: dict[int, dict[str, float]] = {}
+        """Each walked holder's figures of the last round (holder_usage's `kept`: unchanged ones keep their dict)."""
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
@@ -330,10 +332,10 @@ class Daemon:
         """Off the loop: the allocations that have a cgroup (one listing) read from it, the rest from /proc in one
         pass. Asking the enforcer about each allocation cost a failed open per one without a cgroup (10,000
         `mcpctl allocate` holders: 80 ms of CPU a round)."""
-        confined = self.enforcer.existing()
+        confined = self.enforcer.measurable()
         return holder_usage(holders, gpu_processes,
                             (lambda allocation_id: self._cgroup_figures(allocation_id) if allocation_id in confined
-                             else None) if confined else None)
+                             else None) if confined else None, kept=self._trees)
 
     def _keep_cgroup_files(self, limits: Limits) -> None:
         """The enforcer may keep open, between sampling rounds, the descriptors that connections, holders' pidfds

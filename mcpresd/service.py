@@ -885,9 +885,11 @@ class Broker:
         alert, resolved once use is back under the grant or the allocation ended)."""
         seen = self._figures_seen
         for allocation_id, figures in usage.items():
-            allocation = self.live.get(allocation_id)
-            if allocation is None or not allocation.is_active or "memory_current" not in figures:
+            if "memory_current" not in figures:
                 continue  # only cgroups report memory_current
+            allocation = self.live.get(allocation_id)
+            if allocation is None or not allocation.is_active:
+                continue
             cpu = figures.get("cpu_seconds", 0.0)
             if seen.get(allocation_id) is figures and self.overuse.quiet(allocation_id):
                 # The same figures as the round before (the backend hands back what it read then), and nothing

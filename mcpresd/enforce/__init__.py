@@ -144,13 +144,16 @@ class HeldFiles:
             return os.pread(fd, 4096, 0)
 
     def read_all(self, allocation_id: str, paths: tuple[str, ...]) -> tuple[bytes, ...]:
-        """Each of the allocation's files in `paths`, in one go (one lock, one lookup, while all are held)."""
+        """Each of the allocation's files in `paths` (all its files or some), in one go (one lock, one lookup, while
+        all of them are held)."""
         with self._lock:
             files = self._held.get(allocation_id)
-            if files is not None and len(files) == len(paths):
+            if files is not None:
                 try:
                     return tuple(os.pread(files[path], 4096, 0) for path in paths)
-                except (OSError, KeyError):
+                except KeyError:
+                    pass  # not all of them held (past the budget, or not read yet): file by file
+                except OSError:
                     self._forget(allocation_id)
         return tuple(self.read(allocation_id, path) for path in paths)
 
@@ -204,6 +207,11 @@ class Enforcer(Protocol):
 
     def existing(self) -> set[str]: ...
 
+    def measurable(self) -> set[str]:
+        """The allocations whose cgroup `usage` can read now, as cheaply as one listing allows (a sampling round
+        asks this: `existing` may list every hierarchy); lets go of what it kept for cgroups gone."""
+        ...
+
     def describe(self) -> dict[str, object]: ...
 
 
@@ -251,6 +259,9 @@ class NoEnforcement:
         return 0
 
     def existing(self) -> set[str]:
+        return set()
+
+    def measurable(self) -> set[str]:
         return set()
 
     def describe(self) -> dict[str, object]:

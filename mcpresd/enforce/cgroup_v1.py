@@ -5,7 +5,9 @@ the parent, which v1 requires before a task may join; the granted cores in hard 
 (soft), memory.limit_in_bytes and memory.memsw.limit_in_bytes (hard, where swap accounting is on); pids.max.
 Files read: cpuacct.usage, memory.usage_in_bytes, memory.max_usage_in_bytes, memory.oom_control (oom_kill), kept
 open between sampling rounds (`HeldFiles`); a cgroup whose four files read as the round before gives back the same
-CgroupUsage, so nothing downstream redoes its work for an idle allocation.
+CgroupUsage, so nothing downstream redoes its work for an idle allocation. A cgroup whose CPU time did not move
+since its last read is read for its memory now only (two files, not four): no task in it ran, so none charged
+memory or was OOM-killed (peak and OOM kills are cumulative: the next read after a task ran finds them).
 
 Devices (hard mode): where the allocation is denied GPUs' device nodes (`Limits.gpu_devices_denied`), a
 directory in the devices hierarchy too, with `c 195:N rwm` written to devices.deny for each; the kernel then
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
@@ -131,26 +134,43 @@ class CgroupV1:
 
     def usage(self, allocation_id: str) -> CgroupUsage | None:
         memory = f"{self.mounts['memory']}/{self.subtree}/{PREFIX}{allocation_id}/"
-        paths: tuple[str, ...] = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
-                                  memory + "memory.oom_control")
-        if "cpuacct" in self.mounts:
-            paths += (f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage",)
-        try:
-            raw = self.files.read_all(allocation_id, paths)
-        except OSError:
-            return None
-        if len(raw) == 3:
-            raw += (b"0",)
+        cpu = f"{self.mounts['cpuacct']}/{self.subtree}/{PREFIX}{allocation_id}/cpuacct.usage" \
+            if "cpuacct" in self.mounts else None
         last = self._last.get(allocation_id)
+        try:
+            if cpu is not None and last is not None:
+                # No task of the cgroup ran since the last read (its CPU time, in ns, did not move): nothing in it
+                # charged memory or was OOM-killed (a victim runs its exit), so its peak and OOM kills are as read
+                # then. Its memory now may still fall (reclaimed from outside): always read.
+                quick = self.files.read_all(allocation_id, (cpu, memory + "memory.usage_in_bytes"))
+                raw = last[0]
+                if quick[0] == raw[0]:
+                    if quick[1] == raw[1]:
+                        return last[1]
+                    if int(quick[1]) <= last[1].memory_peak:
+                        return self._keep(allocation_id, (*quick, *raw[2:]),
+                                          replace(last[1], memory_current=int(quick[1])))
+            # The CPU time first: whatever runs after it was read moves it, so the next read reads all four again.
+            paths = (memory + "memory.usage_in_bytes", memory + "memory.max_usage_in_bytes",
+                     memory + "memory.oom_control")
+            raw = self.files.read_all(allocation_id, (cpu, *paths)) if cpu is not None \
+                else (b"0", *self.files.read_all(allocation_id, paths))
+        except (OSError, ValueError):
+            self._last.pop(allocation_id, None)  # gone (one made again counts afresh) or unreadable
+            return None
         if last is not None and last[0] == raw:
             return last[1]
         try:
-            oom_control = raw[2]
+            oom_control = raw[3]
             at = oom_control.find(b"oom_kill ")
-            usage = CgroupUsage(cpu_seconds=int(raw[3]) / 1e9, memory_current=int(raw[0]), memory_peak=int(raw[1]),
+            usage = CgroupUsage(cpu_seconds=int(raw[0]) / 1e9, memory_current=int(raw[1]), memory_peak=int(raw[2]),
                                 oom_kills=int(oom_control[at + 9:].split(b"\n", 1)[0]) if at >= 0 else 0)
         except ValueError:
             return None
+        return self._keep(allocation_id, raw, usage)
+
+    def _keep(self, allocation_id: str, raw: tuple[bytes, ...], usage: CgroupUsage) -> CgroupUsage:
+        """Remember what these files gave (the next read that finds them unchanged gives back the same usage)."""
         self._last[allocation_id] = (raw, usage)
         return usage
 
@@ -191,10 +211,21 @@ class CgroupV1:
                              if name.startswith(PREFIX))
             except OSError:
                 continue
+        self._keep_only(found)
+        return found
+
+    def measurable(self) -> set[str]:
+        try:  # usage() reads the memory hierarchy (and cpuacct, made with it): one listing, not one per hierarchy
+            found = {name[len(PREFIX):] for name in os.listdir(self._base("memory")) if name.startswith(PREFIX)}
+        except OSError:
+            found = set()
+        self._keep_only(found)
+        return found
+
+    def _keep_only(self, found: set[str]) -> None:
         self.files.keep_only(found)
         for gone in self._last.keys() - found:
             self._last.pop(gone, None)
-        return found
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,

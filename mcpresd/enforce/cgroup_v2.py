@@ -148,6 +148,9 @@ class CgroupV2:
             self._last.pop(gone, None)
         return found
 
+    def measurable(self) -> set[str]:
+        return self.existing()  # one directory to list
+
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
                 "cgroup": str(self.root), "favordynmods": self.favordynmods}

@@ -205,6 +205,9 @@ class SystemdScope:
     def existing(self) -> set[str]:
         return set(self._steps) | set(self._scanned())
 
+    def measurable(self) -> set[str]:
+        return self.existing()
+
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "controllers": list(self.controllers), "why_not": self.why_not,
                 "why": self.why, "advisory": ADVISORY, "slice": self.slice,

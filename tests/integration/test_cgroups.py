@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mcpresd.core.enforcement import Grant, limits_for
-from mcpresd.enforce import NoEnforcement, Pressure, choose, stop_processes
+from mcpresd.enforce import HeldFiles, NoEnforcement, Pressure, choose, stop_processes
 from mcpresd.enforce.cgroup_v1 import CgroupV1
 from mcpresd.enforce.cgroup_v2 import CgroupV2
 from mcpresd.protocol import EnforceMode
@@ -611,3 +611,78 @@ def test_favordynmods_is_set_on_the_real_cgroup2_mount_keeping_every_option_it_h
         assert dynmods.cgroup2_mounts(Path("/proc/self/mountinfo").read_text())[0].options == after
     finally:
         dynmods.reconfigure(path, before)
+
+
+class RecordingFiles(HeldFiles):
+    """Held files that note which files each read asks for, in order."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.asked: list[tuple[str, ...]] = []
+
+    def read_all(self, allocation_id: str, paths: tuple[str, ...]) -> tuple[bytes, ...]:
+        self.asked.append(tuple(Path(path).name for path in paths))
+        return super().read_all(allocation_id, paths)
+
+
+ALL_FOUR = ("cpuacct.usage", "memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control")
+"""A v1 cgroup's files as a round reads them: the CPU time first, so anything that runs after it moves it."""
+TWO = ("cpuacct.usage", "memory.usage_in_bytes")
+
+
+def fake_v1(tmp_path: Path, allocation_id: str) -> tuple[CgroupV1, Path, Path]:
+    """A v1 backend over a fake tree (memory and cpuacct hierarchies), with one allocation's files as a cgroup that
+    has run a while shows them: (backend, its memory directory, its cpuacct directory)."""
+    mounts = {"memory": tmp_path / "memory", "cpuacct": tmp_path / "cpuacct", "cpu": tmp_path / "cpu"}
+    memory, cpuacct = (mounts[c] / "mcpres" / f"alloc-{allocation_id}" for c in ("memory", "cpuacct"))
+    memory.mkdir(parents=True)
+    cpuacct.mkdir(parents=True)
+    (memory / "memory.usage_in_bytes").write_text(f"{10 * MIB}\n")
+    (memory / "memory.max_usage_in_bytes").write_text(f"{20 * MIB}\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (cpuacct / "cpuacct.usage").write_text("2500000000\n")
+    backend = CgroupV1(mounts, "mcpres")
+    backend.files = RecordingFiles(100)
+    return backend, memory, cpuacct
+
+
+def test_v1_a_cgroup_whose_cpu_did_not_move_is_read_for_its_memory_now_only(tmp_path: Path):
+    backend, memory, cpuacct = fake_v1(tmp_path, "q1")
+    asked = getattr(backend.files, "asked")
+    first = backend.usage("q1")
+    assert first is not None and (first.cpu_seconds, first.memory_current, first.memory_peak) == (2.5, 10 * MIB,
+                                                                                                  20 * MIB)
+    assert asked == [ALL_FOUR]
+    # The kernel could not show these without a task of the cgroup running (its CPU time moving): not read.
+    (memory / "memory.max_usage_in_bytes").write_text(f"{30 * MIB}\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    assert backend.usage("q1") is first, "nothing it reads changed: the same figures"
+    (memory / "memory.usage_in_bytes").write_text(f"{4 * MIB}\n")  # reclaimed from outside: no CPU of its own
+    fallen = backend.usage("q1")
+    assert fallen is not None and (fallen.cpu_seconds, fallen.memory_current, fallen.memory_peak,
+                                   fallen.oom_kills) == (2.5, 4 * MIB, 20 * MIB, 0)
+    assert backend.usage("q1") is fallen
+    assert asked == [ALL_FOUR, TWO, TWO, TWO]
+    (memory / "memory.usage_in_bytes").write_text(f"{25 * MIB}\n")  # above the peak read: all four read again
+    above = backend.usage("q1")
+    assert above is not None and (above.memory_current, above.memory_peak, above.oom_kills) == (25 * MIB, 30 * MIB, 1)
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (cpuacct / "cpuacct.usage").write_text("2600000000\n")  # a task ran: all four read
+    ran = backend.usage("q1")
+    assert ran is not None and (ran.cpu_seconds, ran.memory_current, ran.oom_kills) == (2.6, 25 * MIB, 2)
+    assert asked[4:] == [TWO, ALL_FOUR, TWO, ALL_FOUR]
+    assert backend.files.held == 4
+
+
+def test_v1_measurable_lists_the_memory_hierarchy_and_lets_go_of_cgroups_gone(v1: CgroupV1, cgroup_subtree: str):
+    from tests.cgroups import remove_subtree
+
+    v1.files.budget = 100
+    for allocation_id in ("l1", "l2"):
+        v1.create(allocation_id, limits_for(EnforceMode.SOFT, Grant(cpu=1)))
+        assert v1.usage(allocation_id) is not None
+    assert v1.measurable() == v1.existing() == {"l1", "l2"} and v1.files.held == 8
+    assert v1.remove("l1")
+    assert v1.measurable() == {"l2"} and v1.files.held == 4
+    remove_subtree(v1_mounts(), cgroup_subtree)
+    assert v1.measurable() == set() and v1.files.held == 0

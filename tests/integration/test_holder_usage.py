@@ -104,6 +104,25 @@ def test_a_cgroup_replaces_the_walk_and_gpu_memory_follows_the_lineage(holders: 
     assert usage["walked"]["gpu_memory_peak"] == 1000.0
 
 
+def test_a_tree_whose_figures_did_not_change_gives_back_the_same_figures(holders: list[int]) -> None:
+    first, second = holders
+    kept: dict[int, dict[str, float]] = {}
+    before = holder_usage({"a": first, "b": first, "c": second}, {})
+    for _ in range(50):  # settled: the trees sleep (a holder may still be on its way from print to sleep)
+        settled, before = before, holder_usage({"a": first, "b": first, "c": second}, {}, kept=kept)
+        if settled == before:
+            break
+    kept[second] = {**kept[second], "memory_peak": kept[second]["memory_peak"] - 1.0}  # as if it grew since
+
+    after = holder_usage({"a": first, "b": first, "c": second, "new": first}, {}, kept=kept)
+
+    assert after["a"] is before["a"] and after["b"] is before["a"] and after["new"] is before["a"]
+    assert after["c"] is not before["c"] and after["c"] == before["c"]  # changed since the kept figures: afresh
+    assert kept == {first: before["a"], second: after["c"]}
+    assert holder_usage({"a": first}, {}, kept=kept) == {"a": before["a"]}
+    assert set(kept) == {first}  # a holder no longer sampled is forgotten
+
+
 OPENED: list[str] | None = None
 
 
