@@ -88,4 +88,4 @@ def test_the_readme_shows_how_to_try_the_gpu_parts_without_a_gpu(tmp_path: Path)
     finally:
         daemon.stop()
     assert gpu["uuid"] and "H100" in gpu["labels"]["name"]
-    assert "about 10 minutes on 2 cores" in README
+    assert "about 15 minutes on 2 cores" in README
