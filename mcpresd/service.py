@@ -665,7 +665,10 @@ class Broker:
         mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
         if not self.enforcer.enforces:
             mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says
-        request = replace(command.request, enforce=None if mode is EnforceMode.OFF else mode.value)
+        enforce = None if mode is EnforceMode.OFF else mode.value
+        request = command.request  # dataclasses.replace walks every field: only where the mode changes it
+        if request.enforce != enforce:
+            request = replace(request, enforce=enforce)
         now = self.clock()
         allocation = Allocation(
             id=self.new_id(),
