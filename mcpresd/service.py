@@ -314,8 +314,17 @@ class Broker:
             self._held_by_pid[allocation.id] = allocation.holder_pid
         else:
             self._held_by_pid.pop(allocation.id, None)
-        if any(item.resource.startswith("gpu:") for item in allocation.items) \
-                or any(charge.kind == "gpu" for charge in allocation.charges):
+        on_gpus = False  # loops, not any() over generators: this is on every grant
+        for item in allocation.items:
+            if item.resource.startswith("gpu:"):
+                on_gpus = True
+                break
+        else:
+            for charge in allocation.charges:
+                if charge.kind == "gpu":
+                    on_gpus = True
+                    break
+        if on_gpus:
             self._on_gpus.add(allocation.id)
         else:
             self._on_gpus.discard(allocation.id)
