@@ -616,8 +616,8 @@ class Daemon:
         self.watch = HolderWatch(loop, self._holder_exited, max_fds=limits.holder_fds)
         self.committer = committer = GroupCommitter(self._make_broker, self._committed,
                                                     on_broken=lambda error: stop.set())
-        self.server = server = Server(Dispatcher(committer.submit, self.discover), on_close=self._connection_closed,
-                                      limits=limits)
+        self.server = server = Server(Dispatcher(committer.submit, self.discover, committer.call),
+                                      on_close=self._connection_closed, limits=limits)
         committer.start(loop)  # opens and recovers the store before anything is served
         ticker = loop.create_task(self._tick(stop))
         sampler = loop.create_task(self._sample(stop))

@@ -37,6 +37,20 @@ Submit = Callable[[StoreJob, object], "asyncio.Future[Any]"]
 """Run a store job; the second argument is who submits it (the caller's uid): submitters take turns."""
 
 
+class Outcome(Protocol):
+    """A store job's settled outcome, as an asyncio future gives it (or the committer's `Then`)."""
+
+    def cancelled(self) -> bool: ...
+
+    def exception(self) -> BaseException | None: ...
+
+    def result(self) -> Any: ...
+
+
+Call = Callable[[StoreJob, object, Callable[[Any], None]], None]
+"""As Submit, with a callback given the job's Outcome once it has committed (no future, no loop round)."""
+
+
 @dataclass(frozen=True)
 class Handler:
     """How one method is served: parse its params, run it on the store; optionally wait or subscribe."""
@@ -232,8 +246,10 @@ class Dispatcher:
     `reply` is called exactly once per line, with None when nothing is to be sent.
     """
 
-    def __init__(self, submit: Submit, discover: Callable[[], list[Resource]]) -> None:
+    def __init__(self, submit: Submit, discover: Callable[[], list[Resource]], call: Call | None = None) -> None:
         self._submit = submit
+        self._call_job: Call = call if call is not None else \
+            (lambda job, submitter, then: submit(job, submitter).add_done_callback(then))
         self._discover = discover
         self.stats = RpcStats()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -321,14 +337,14 @@ class Dispatcher:
         if handler.waits:
             self._call_and_wait(method, run, caller, command, finish)
             return
-        future = self._submit(lambda broker: run(broker, caller, command), caller.uid)
         if handler.finish is not None:
             then = handler.finish
+            future = self._submit(lambda broker: run(broker, caller, command), caller.uid)
             future.add_done_callback(lambda f: self._finish_off_store(method, f, then, finish))
             return
         if handler.subscribes:
             peer.subscribe()  # before the reply: no event committed after the reply's snapshot is missed
-        future.add_done_callback(lambda f: finish(_outcome(method, f)))
+        self._call_job(lambda broker: run(broker, caller, command), caller.uid, lambda f: finish(_outcome(method, f)))
 
     def _finish_off_store(self, method: str, future: asyncio.Future[Any], then: Callable[[Any], Any],
                           finish: Callable[[Any], None]) -> None:
@@ -346,9 +362,8 @@ class Dispatcher:
         """Run a job that may leave the request queued; then answer when it settles (or the wait times out)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        future = self._submit(lambda broker: run(broker, caller, command, waiter), caller.uid)
 
-        def first(f: asyncio.Future[Any]) -> None:
+        def first(f: Outcome) -> None:
             result = _outcome(method, f)
             if (isinstance(result, _Failure) or result.get("state") != "queued" or getattr(command, "detach", False)
                     or getattr(command, "wait", None) == 0):
@@ -364,7 +379,7 @@ class Dispatcher:
 
             waiter.add_done_callback(settled)
 
-        future.add_done_callback(first)
+        self._call_job(lambda broker: run(broker, caller, command, waiter), caller.uid, first)
 
     async def _discover_then(self, method: str, run: Callable[[Broker, Caller, Any], Any], caller: Caller,
                              finish: Callable[[Any], None]) -> None:
@@ -422,7 +437,7 @@ class _Batch:
             self._reply(b"[" + b",".join(replies) + b"]\n" if replies else None)
 
 
-def _outcome(method: str, future: asyncio.Future[Any]) -> Any:
+def _outcome(method: str, future: Outcome) -> Any:
     """A committed job's result, or its error translated at this one place."""
     if future.cancelled():
         return _Failure(error_object(ErrorCode.INTERNAL_ERROR, "the daemon is shutting down", {"type": "InternalError"}))

@@ -75,8 +75,58 @@ GROUP_BUDGET_S = 0.05
 HALF_CLOSED_CHECK_S = 0.5
 # asyncio re-listens with its own default of 100 unless told: a burst of clients would be refused.
 BACKLOG = 4096
-_Outcome = tuple["asyncio.Future[Any]", bool, Any]
-_Entry = tuple[StoreJob, "asyncio.Future[Any]"]
+_Outcome = tuple["asyncio.Future[Any] | Then", bool, Any]
+_Entry = tuple[StoreJob, "asyncio.Future[Any] | Then"]
+
+
+class Then:
+    """A store job's outcome handed straight to a callback once its transaction has committed.
+
+    It answers what `rpc` asks of an asyncio future (`cancelled`, `exception`, `result`), without one: no
+    future, no done-callback scheduled on the loop and run on a later round. The committer calls it after the
+    commit's outbox has been handed on (`on_commit`), as the loop ran the futures' callbacks after it.
+    """
+
+    __slots__ = ("_callback", "_value", "_error", "_state")
+
+    def __init__(self, callback: Callable[[Then], None]) -> None:
+        self._callback = callback
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._state = 0  # 0 pending, 1 done, 2 cancelled
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        return self._state == 2
+
+    def result(self) -> Any:
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def set_result(self, value: Any) -> None:
+        self._value, self._state = value, 1
+        self._call()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error, self._state = error, 1
+        self._call()
+
+    def cancel(self) -> bool:
+        if self._state:
+            return False
+        self._state = 2
+        self._call()
+        return True
+
+    def _call(self) -> None:
+        try:
+            self._callback(self)
+        except Exception:  # as the loop does with a callback's error: logged, and the group's other outcomes go on
+            log.exception("a committed job's callback failed")
 
 
 class GroupCommitter:
@@ -115,12 +165,21 @@ class GroupCommitter:
         """Run `job` in a coming group; `submitter` (a caller's uid; None: the daemon) takes turns with the others."""
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
+        self._enqueue(job, submitter, future)
+        return future
+
+    def call(self, job: StoreJob, submitter: object, then: Callable[[Then], None]) -> None:
+        """As `submit`, with `then` called once the job's outcome is known (committed, or never to run)."""
+        self._enqueue(job, submitter, Then(then))
+
+    def _enqueue(self, job: StoreJob, submitter: object, future: asyncio.Future[Any] | Then) -> None:
+        assert self._loop is not None
         if self.broken is not None:
             future.set_exception(StorageError(f"the store failed ({self.broken}); the daemon is stopping"))
-            return future
+            return
         if self.broker is None:
             future.cancel()  # the daemon is stopping and the store is closed: nothing more runs
-            return future
+            return
         queue = self._queues.get(submitter)
         if queue is None:
             queue = self._queues[submitter] = deque()
@@ -130,7 +189,6 @@ class GroupCommitter:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
-        return future
 
     def stop(self) -> None:
         """Run what is still pending, then close the store (what cannot run is cancelled)."""
@@ -239,10 +297,12 @@ class GroupCommitter:
         broker.reload()
 
     def _committed(self, outcomes: list[_Outcome], outbox: Outbox) -> None:
-        _resolve(outcomes)
+        # The outbox first: a Then answers at once, and a reply must not leave before what the commit hands
+        # on (a holder confined to its cgroup before the reply that starts its command).
         if outbox:
             _resolve([(waiter, not isinstance(outcome, BaseException), outcome) for waiter, outcome in outbox.settled])
             self._on_commit(outbox)
+        _resolve(outcomes)
 
 
 def _took(batch: list[_Entry], more: Callable[[], _Entry | None]) -> bool:

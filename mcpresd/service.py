@@ -172,6 +172,9 @@ class AllocationIds:
         return f"{self._last_ms & ((1 << 44) - 1):011x}{self._sequence:05x}"
 
 
+_OFF = EnforceMode.OFF.value
+
+
 class Broker:
     """The resource manager's state and operations, bound to one store."""
 
@@ -311,8 +314,17 @@ class Broker:
             self._held_by_pid[allocation.id] = allocation.holder_pid
         else:
             self._held_by_pid.pop(allocation.id, None)
-        if any(item.resource.startswith("gpu:") for item in allocation.items) \
-                or any(charge.kind == "gpu" for charge in allocation.charges):
+        on_gpus = False  # loops, not any() over generators: this is on every grant
+        for item in allocation.items:
+            if item.resource.startswith("gpu:"):
+                on_gpus = True
+                break
+        else:
+            for charge in allocation.charges:
+                if charge.kind == "gpu":
+                    on_gpus = True
+                    break
+        if on_gpus:
             self._on_gpus.add(allocation.id)
         else:
             self._on_gpus.discard(allocation.id)
@@ -666,7 +678,10 @@ class Broker:
         mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
         if not self.enforcer.enforces:
             mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says
-        request = replace(command.request, enforce=None if mode is EnforceMode.OFF else mode.value)
+        enforce = None if mode is EnforceMode.OFF else mode.value
+        request = command.request  # dataclasses.replace walks every field: only where the mode changes it
+        if request.enforce != enforce:
+            request = replace(request, enforce=enforce)
         now = self.clock()
         allocation = Allocation(
             id=self.new_id(),
@@ -1261,41 +1276,54 @@ class Broker:
 
     def _risks_of(self, allocation: Allocation) -> list[str]:
         """What NVML saw (foreign use, throttling) and poor health, for the resources this allocation holds."""
-        notes = [note for item in allocation.items for note in self.risks.get(item.resource, ())]
+        risks, health_of = self.risks, self.monitor.health
+        notes = [note for item in allocation.items for note in risks.get(item.resource, ())] if risks else []
         for over in self.overuse.current(allocation.id):
             notes.append(_overuse_note(over))
-        for item in allocation.items:
-            health = self.monitor.health.get(item.resource)
-            if health is not None and health.score < 100:
-                notes.append(f"{item.resource}: health {health.score}/100 ({'; '.join(health.reasons)})")
+        if health_of:
+            for item in allocation.items:
+                health = health_of.get(item.resource)
+                if health is not None and health.score < 100:
+                    notes.append(f"{item.resource}: health {health.score}/100 ({'; '.join(health.reasons)})")
         return notes
 
     def allocation_dict(self, allocation: Allocation) -> AllocationDict:
+        # On every allocate and release reply: an enum member's `_value_` is a plain attribute, where `.value`
+        # is a descriptor call each (the member itself would not do: a StrEnum hashes by its name).
+        find = self.ledger.find
         items: list[ItemDict] = []
         for item in allocation.items:
-            resource = self.ledger.find(item.resource)
+            resource = find(item.resource)
             items.append(
                 {
                     "resource": item.resource,
-                    "type": resource.type.value if resource else "unknown",
+                    "type": resource.type._value_ if resource else "unknown",
                     "amount": item.amount,
                     "unit": resource.unit if resource else "",
                     "uuid": resource.uuid if resource else None,
                 }
             )
         request = allocation.request
+        charges = allocation.charges
+        active = allocation.state is AllocationState.ACTIVE
+        measured = allocation.measured
+        if measured is None:
+            sampled = self.accounts.measured.get(allocation.id)
+            measured_copy = None if sampled is None else dict(sampled)
+        else:
+            measured_copy = dict(measured)
         result: AllocationDict = {
             "id": allocation.id,
-            "state": allocation.state.value,
+            "state": allocation.state._value_,
             "items": items,
-            "priority": allocation.priority.value,
+            "priority": allocation.priority._value_,
             "tool_id": allocation.tool_id,
             "execution_id": allocation.execution_id,
             "idempotency_key": allocation.idempotency_key,
             "owner_uid": allocation.owner_uid,
             "requester_pid": allocation.requester_pid,
             "holder_pid": allocation.holder_pid,
-            "holder": allocation.holder_kind.value,
+            "holder": allocation.holder_kind._value_,
             "created_at": allocation.created_at,
             "granted_at": allocation.granted_at,
             "released_at": allocation.released_at,
@@ -1305,13 +1333,12 @@ class Broker:
             "expires_at": allocation.expires_at,
             "preemptible": allocation.preemptible,
             "preempt_at": allocation.preempt_at,
-            "risks": self._risks_of(allocation) if allocation.is_active else [],
+            "risks": self._risks_of(allocation) if active else [],
             "cost": self.accounts.cost_of(allocation, self.clock()),
-            "cost_per_hour": round(sum(c.rate for c in allocation.charges), 6) if allocation.charges else None,
-            "pools": sorted({c.pool for c in allocation.charges if c.pool is not None}),
-            "measured": dict(allocation.measured) if allocation.measured is not None
-            else dict(self.accounts.measured[allocation.id]) if allocation.id in self.accounts.measured else None,
-            "enforce": request.enforce if request is not None and request.enforce else EnforceMode.OFF.value,
+            "cost_per_hour": round(sum(c.rate for c in charges), 6) if charges else None,
+            "pools": sorted({c.pool for c in charges if c.pool is not None}) if charges else [],
+            "measured": measured_copy,
+            "enforce": request.enforce if request is not None and request.enforce else _OFF,
             "request": None if request is None else {
                 "resources": [{"resource": d.selector, "amount": d.amount, **({"max": d.most} if d.most else {})}
                               for d in request.demands],
@@ -1321,8 +1348,7 @@ class Broker:
                 "objective": request.objective,
             },
         }
-        if (allocation.is_active and request is not None and request.confine_holder
-                and allocation.holder_pid is not None):
+        if active and request is not None and request.confine_holder and allocation.holder_pid is not None:
             self._add_scope(result, allocation, allocation.holder_pid)
         return result
 

@@ -12,7 +12,7 @@ import pytest
 from mcpresd.core.model import Resource
 from mcpresd.protocol import ResourceType
 from mcpresd.store import (MIGRATIONS, MIGRATIONS_NAME, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT, Store,
-                           m009_metric_counters, m012_metric_counters_in_memory)
+                           m009_metric_counters, m012_metric_counters_in_memory, m013_live_and_withdrawn_by_id)
 
 
 def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
@@ -257,4 +257,50 @@ def test_runs_alike_but_for_their_names_land_exact_in_order(tmp_path: Path) -> N
     assert [e[0] for e in events] == list(ids) == list(range(1, len(resources) + 1))
     assert [(e[4], json.loads(e[6])) for e in events] == rows
     assert {(e[1], e[2], e[3], e[5]) for e in events} == {(3.0, "resource.added", None, None)}
+    store.close()
+
+
+def test_a_list_of_one_state_reads_that_states_rows_only_after_m013_dropped_the_index_every_release_moved(
+        tmp_path: Path) -> None:
+    """m007's (state, id) index cost every release a b-tree move (and each COMMIT a page); m013 keeps indexes
+    for the rare states only. A list of the few live or withdrawn allocations among 20,000 released ones
+    still reads those few (SQLite's VM steps counted, not time), newest first, paged by before_id."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    path = tmp_path / "state.db"
+    earlier = Migrations(MIGRATIONS_NAME)
+    for migration in MIGRATIONS[:MIGRATIONS.index(m013_live_and_withdrawn_by_id)]:
+        earlier()(migration)
+    conn = sqlite3.connect(path)
+    earlier.apply(Database(conn))
+    released = [(f"{n:016x}", "released", 100.0, 100.0, 200.0, "released") for n in range(0, 40_000, 2)]
+    rare = [(f"{n:016x}", state, 100.0, granted, ended, reason) for n, (state, granted, ended, reason) in
+            zip(range(10_001, 10_031, 2), [("queued", None, None, None), ("active", 100.0, None, None),
+                                           ("withdrawn", None, 150.0, "cancelled")] * 5)]
+    with conn:
+        conn.executemany("INSERT INTO allocations (id, state, priority, owner_uid, created_at, granted_at, released_at,"
+                         " release_reason) VALUES (?, ?, 'normal', 0, ?, ?, ?, ?)", released + rare)
+    conn.close()
+
+    store = Store(path)  # applies m013 to a database that has rows
+    indexes = {row[0] for row in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "allocations_by_state" not in indexes and {"allocations_live", "allocations_withdrawn"} <= indexes
+    steps = [0]
+
+    def counted() -> int:
+        steps[0] += 1
+        return 0
+
+    store.conn.set_progress_handler(counted, 100)
+    for state in ("queued", "active", "withdrawn"):
+        steps[0] = 0
+        listed = store.list_allocations(state, 3)
+        assert steps[0] < 20, f"{state}: {steps[0] * 100} VM steps, a read of the released rows"
+        expected = sorted((row[0] for row in rare if row[1] == state), reverse=True)
+        assert [a.id for a in listed] == expected[:3] and all(a.state == state for a in listed)
+        assert [a.id for a in store.list_allocations(state, 10, before_id=expected[1])] == expected[2:]
+    newest = store.list_allocations("released", 2)
+    assert [a.id for a in newest] == [f"{n:016x}" for n in (39_998, 39_996)]
+    assert [a.id for a in store.list_allocations(None, 1)] == [f"{39_998:016x}"]
     store.close()

@@ -107,6 +107,33 @@ def test_jobs_submitted_in_one_round_share_one_transaction_and_resolve_after_its
     assert rig.delivered == [{"kind": "a"}, {"kind": "b"}, {"kind": "c"}]
 
 
+def test_a_call_is_answered_in_the_committing_round_after_the_outbox_is_handed_on(rig: Rig) -> None:
+    """`call` (the dispatcher's path) hands the outcome to its callback right after the commit's outbox: no
+    future, no callback left for a later round of the loop, and never before what the commit hands on."""
+    seen: list[tuple[str, Any, int]] = []
+    for name in ("a", "b"):
+        rig.committer.call(rig.job(name), 1000, lambda outcome: seen.append(
+            ("answered", outcome.result(), len(rig.delivered))))
+    rig.committer.call(rig.job("bad", fails=ValueError("boom")), 1000,
+                       lambda outcome: seen.append(("failed", outcome.exception(), len(rig.delivered))))
+    assert seen == [] and rig.broker.store.log == []  # nothing runs inside call
+
+    rig.loop.run_until_complete(asyncio.sleep(0))  # one round: the group's flush
+
+    assert rig.broker.store.log[:5] == ["BEGIN", "a", "b", "bad", "ROLLBACK"]
+    assert [(what, getattr(value, "args", value)) for what, value, _ in seen] == \
+        [("answered", "a"), ("answered", "b"), ("failed", ("boom",))]
+    assert all(delivered >= 1 for what, _, delivered in seen if what == "answered")  # after its own outbox
+
+
+def test_a_call_refused_or_cancelled_is_still_answered(rig: Rig) -> None:
+    seen: list[Any] = []
+    rig.committer.call(rig.job("last"), None, lambda outcome: seen.append(outcome.result()))
+    rig.committer.stop()
+    rig.committer.call(rig.job("after"), None, lambda outcome: seen.append(outcome.cancelled()))
+    assert seen == ["last", True]
+
+
 def test_a_failed_group_is_retried_one_by_one_and_what_committed_keeps_its_outbox(rig: Rig) -> None:
     good = rig.committer.submit(rig.job("good"))
     bad = rig.committer.submit(rig.job("bad", fails=sqlite3.OperationalError("no such table: x")))
