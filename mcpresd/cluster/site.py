@@ -373,7 +373,14 @@ class ClusterSite:
                                                             caller.administers)
         now = self._clock()
 
-        def insert(broker: Any) -> ClusterAllocation:
+        def insert(broker: Any) -> tuple[ClusterAllocation, bool]:
+            if command.idempotency_key is not None:
+                # Again, in the job that writes the row: the same key sent on another connection at once had its
+                # look-up above in the same group, before either row was written (two Slurm jobs for one key).
+                earlier = load(broker.store.conn, "WHERE owner_uid = ? AND idempotency_key = ?",
+                               (caller.uid, command.idempotency_key))
+                if earlier:
+                    return earlier[0], False
             allocation_id = broker.new_id()
             row = ClusterAllocation(
                 id=allocation_id, owner_uid=caller.uid, owner_gid=caller.gid, state=AllocationState.QUEUED,
@@ -381,10 +388,12 @@ class ClusterSite:
                 holder_start=holder_start, idempotency_key=command.idempotency_key, tool_id=command.tool_id,
                 ttl_s=command.ttl, wait_until=None if not command.wait else now + command.wait)
             save(broker.store.conn, row)
-            return row
+            return row, True
 
         # Committed before salloc starts: a crash from here on leaves a row the reconcile finds.
-        allocation: ClusterAllocation = await self._submit(insert)
+        allocation, new = await self._submit(insert)
+        if not new:
+            return self.allocation_dict(self.live.get(allocation.id, allocation))
         self.known.add(allocation.id)
         self.live[allocation.id] = allocation
         if held_by is not None:

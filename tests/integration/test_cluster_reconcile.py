@@ -136,3 +136,54 @@ def test_before_salloc_named_its_job_only_a_job_of_the_owners_is_taken(tmp_path:
 
     assert rows["a3"].state is AllocationState.QUEUED and rows["a3"].job_id == 506
     assert cluster.cancelled == [508]
+
+
+class SubmitOnce(ListingCluster):
+    """salloc for the first request only: it stays pending (never granted, never refused); a second is a failure."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.submitted: list[str] = []
+
+    async def submit(self, request: ClusterRequest, as_user: tuple[int, int] | None = None) -> Any:
+        self.submitted.append(request.allocation_id)
+        if len(self.submitted) > 1:
+            raise AssertionError(f"salloc started twice: {self.submitted}")
+        await asyncio.Event().wait()  # pending until the test ends
+
+
+def test_one_idempotency_key_sent_on_two_connections_at_once_makes_one_allocation(tmp_path: Path) -> None:
+    # Two connections of one user send the same keyed request in the same loop round: their key look-ups ran in
+    # one group, before either row was written, and each made an allocation (two Slurm jobs for one key).
+    from mcpresd import params
+    from mcpresd.service import Caller
+
+    broker = Broker(tmp_path / "db.sqlite")
+    ids = iter(["k1", "k2"])
+    broker.new_id = lambda: next(ids)  # type: ignore[attr-defined]
+    cluster = SubmitOnce()
+
+    async def submit(work: Any) -> Any:
+        await asyncio.sleep(0)  # the committer runs jobs in a later loop round, several in one group
+        return work(broker)
+
+    site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+    command = params.allocate({"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster",
+                               "idempotency_key": "once", "detach": True})
+
+    async def main() -> dict[str, Any]:
+        first = asyncio.create_task(site.allocate(Caller(os.geteuid(), os.getegid(), os.getpid(), 1), command, None))
+        second = asyncio.create_task(site.allocate(Caller(os.geteuid(), os.getegid(), os.getpid(), 2), command,
+                                                   None))
+        done, _ = await asyncio.wait({first, second}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "neither request was answered"
+        result = done.pop().result()
+        first.cancel()
+        second.cancel()
+        return result
+
+    replayed = asyncio.run(main())
+    assert cluster.submitted == ["k1"]
+    assert replayed["id"] == "k1"
+    assert [(a.id, a.idempotency_key) for a in load(broker.store.conn)] == [("k1", "once")]
