@@ -338,14 +338,19 @@ class ClusterSite:
             raise AllocationNotFound(f"no allocation with id {command.id!r}", id=command.id)
         return await serve(caller, allocation, command)
 
-    async def allocate(self, caller: Any, command: p.AllocateCommand, local: Local) -> dict[str, Any]:
-        """A cluster allocation; without holder_pid its connection holds it, as on the host (docs/api.md)."""
+    def allocate(self, caller: Any, command: p.AllocateCommand, local: Local) -> Coroutine[Any, Any, dict[str, Any]]:
+        """A cluster allocation; without holder_pid its connection holds it, as on the host (docs/api.md). Counted
+        in flight at once, not when the coroutine first runs (a later loop round): the connection may close
+        before then, and the allocation it goes on to make must still be ended."""
         connection = caller.connection if command.holder_pid is None else None
         if connection is None:
-            return await self._allocate(caller, command, local, None)
+            return self._allocate(caller, command, local, None)
         self._allocating[connection] = self._allocating.get(connection, 0) + 1
+        return self._counted(connection, self._allocate(caller, command, local, connection))
+
+    async def _counted(self, connection: int, allocating: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
         try:
-            return await self._allocate(caller, command, local, connection)
+            return await allocating
         finally:
             self._allocating[connection] -= 1
             if not self._allocating[connection]:

@@ -187,3 +187,41 @@ def test_one_idempotency_key_sent_on_two_connections_at_once_makes_one_allocatio
     assert cluster.submitted == ["k1"]
     assert replayed["id"] == "k1"
     assert [(a.id, a.idempotency_key) for a in load(broker.store.conn)] == [("k1", "once")]
+
+
+def test_a_connection_that_closes_before_its_allocate_starts_to_run_still_ends_what_it_made(tmp_path: Path) -> None:
+    # The dispatcher makes a task of the routed request; the connection can close before that task first runs.
+    # The close must still be seen by the allocation it goes on to make (no connection is left to end it).
+    from mcpresd import params
+    from mcpresd.service import Caller
+
+    broker = Broker(tmp_path / "db.sqlite")
+    broker.new_id = lambda: "c1"  # type: ignore[attr-defined]
+    cluster = SubmitOnce()
+    submitted = asyncio.Event()
+
+    async def submit(work: Any) -> Any:
+        await asyncio.sleep(0)
+        return work(broker)
+
+    async def pending(request: ClusterRequest, as_user: tuple[int, int] | None = None) -> Any:
+        submitted.set()
+        return await SubmitOnce.submit(cluster, request, as_user)
+
+    cluster.submit = pending  # type: ignore[method-assign]
+    site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+    command = params.allocate({"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster", "detach": True})
+
+    async def main() -> None:
+        routed = site.route("allocate", command, Caller(os.geteuid(), os.getegid(), os.getpid(), 7), None)
+        assert routed is not None
+        task = asyncio.ensure_future(routed)  # as the dispatcher: it first runs in a later loop round
+        site.connection_closed(7)
+        await asyncio.wait_for(submitted.wait(), 60)
+        await asyncio.wait_for(asyncio.gather(*site._tasks), 60)  # the ending spawned for it, if any
+        task.cancel()
+
+    asyncio.run(main())
+    [row] = load(broker.store.conn)
+    assert (row.id, row.state, row.release_reason) == ("c1", AllocationState.WITHDRAWN, "connection_closed")
