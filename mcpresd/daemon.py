@@ -53,6 +53,7 @@ from mcpresd import __version__
 from mcpresd.exposition import Snapshot, exposition
 from mcpresd.metrics_http import MetricsEndpoint
 from mcpresd.rpc import Dispatcher
+from mcpresd.protocol import EnforceMode
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.usage import GpuProcesses, holder_usage
@@ -606,8 +607,13 @@ class Daemon:
         from mcpresd.enforce.cgroup_v2 import CgroupV2
 
         if isinstance(self.enforcer, (CgroupV1, CgroupV2)):
-            self.enforcer.favordynmods = dynmods.ensure() if self.config.enforce.favordynmods else \
-                f"{dynmods.state()[1]}; not changed ([enforce] favordynmods = false)"
+            # A host-wide option: only where a task may ever be moved into a cgroup (max_mode off: none is).
+            if self.config.enforce.max_mode is EnforceMode.OFF:
+                self.enforcer.favordynmods = f"{dynmods.state()[1]}; not changed ([enforce] max_mode = off)"
+            elif self.config.enforce.favordynmods:
+                self.enforcer.favordynmods = dynmods.ensure()
+            else:
+                self.enforcer.favordynmods = f"{dynmods.state()[1]}; not changed ([enforce] favordynmods = false)"
             log.info("enforcement: favordynmods %s", self.enforcer.favordynmods)
         log.info("enforcement: %s%s", self.enforcer.name,
                  f" ({self.enforcer.why_not})" if self.enforcer.why_not else f" ({', '.join(self.enforcer.controllers)})")

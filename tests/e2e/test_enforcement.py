@@ -283,6 +283,19 @@ def test_status_shows_the_backend_and_its_controllers(enforced: DaemonProcess):
         assert "cgroup_favordynmods=true" in status["enforcement"]["favordynmods"]
 
 
+def test_a_daemon_that_never_enforces_leaves_the_cgroup2_mount_alone(tmp_path: Path, cgroup_subtree: str):
+    # max_mode = "off": no allocation ever gets a cgroup, so no task is ever moved; favordynmods (a host-wide
+    # option that makes every fork and exit take another lock, and that Linux 6.18 cannot unset) buys nothing.
+    config = CONFIG + f'\n[enforce]\ncgroup = "{cgroup_subtree}"\nmode = "off"\nmax_mode = "off"\n'
+    daemon = DaemonProcess(tmp_path, config=config)
+    daemon.start()
+    try:
+        said = json.loads(ok(daemon, "status", "--json"))["enforcement"]["favordynmods"]
+        assert "not changed" in said and "max_mode" in said, said
+    finally:
+        daemon.stop()
+
+
 def test_at_start_empty_cgroups_the_database_does_not_know_are_removed_busy_ones_kept(tmp_path: Path,
                                                                                      cgroup_subtree: str):
     from mcpresd.core.enforcement import Limits
