@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 OPTION = "favordynmods"
+_OCTAL = re.compile(r"\\([0-7]{3})")
+"""mountinfo's escapes (space, tab, newline, backslash); the rest of a path is as it is, UTF-8 included."""
 
 # The new mount API's syscalls have one number on every architecture (424 and above are shared).
 _SYS_FSCONFIG = 431
@@ -53,15 +56,21 @@ def cgroup2_mounts(mountinfo: str) -> list[Cgroup2Mount]:
         fields, rest = head.split(), tail.split()
         if not separator or len(fields) < 5 or len(rest) < 3 or rest[0] != "cgroup2":
             continue
-        path = fields[4].encode().decode("unicode_escape") if "\\" in fields[4] else fields[4]
+        path = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4]) if "\\" in fields[4] else fields[4]
         found.append(Cgroup2Mount(path, tuple(o for o in rest[2].split(",") if o and o not in ("rw", "ro"))))
     return found
+
+
+def _read(mountinfo_path: str) -> str:
+    """The mountinfo text; paths are bytes, not always UTF-8 (a disk's label): undecodable ones as os.fsdecode
+    gives them, so that os.fsencode gives back the exact path."""
+    return os.fsdecode(Path(mountinfo_path).read_bytes())
 
 
 def state(mountinfo_path: str = "/proc/self/mountinfo") -> tuple[bool, str]:
     """(on, what to tell a user): whether a cgroup2 mount has favordynmods, or why it cannot be known or set."""
     try:
-        mounts = cgroup2_mounts(Path(mountinfo_path).read_text())
+        mounts = cgroup2_mounts(_read(mountinfo_path))
     except OSError as error:
         return False, f"cannot read {mountinfo_path}: {error.strerror}"
     if not mounts:
@@ -89,7 +98,7 @@ def reconfigure(path: str, options: list[str]) -> None:
             raise OSError(errno, f"{what}: {os.strerror(errno)}")
         return result
 
-    fd = check(libc.syscall(ctypes.c_long(_SYS_FSPICK), ctypes.c_int(-100), path.encode(),
+    fd = check(libc.syscall(ctypes.c_long(_SYS_FSPICK), ctypes.c_int(-100), os.fsencode(path),
                             ctypes.c_uint(_FSPICK_CLOEXEC)), f"fspick {path}")
     try:
         for option in options:
@@ -106,12 +115,12 @@ def ensure(mountinfo_path: str = "/proc/self/mountinfo") -> str:
     on, said = state(mountinfo_path)
     if on or said.startswith(("no cgroup2", "cannot read")):
         return said
-    mount = cgroup2_mounts(Path(mountinfo_path).read_text())[0]
+    mount = cgroup2_mounts(_read(mountinfo_path))[0]
     try:
         enable(mount)
     except OSError as error:
         return f"off ({mount.path}: {error.strerror}); task migrations wait for an RCU grace period"
-    after = next((m for m in cgroup2_mounts(Path(mountinfo_path).read_text()) if m.path == mount.path), None)
+    after = next((m for m in cgroup2_mounts(_read(mountinfo_path)) if m.path == mount.path), None)
     if after is None or not after.favoured or not set(mount.options) <= set(after.options):
         return f"off ({mount.path}: the kernel did not keep it)"
     return f"on ({mount.path}, set at start)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mcpresd.enforce.dynmods import Cgroup2Mount, cgroup2_mounts, ensure, state
@@ -45,3 +46,21 @@ def test_ensure_changes_nothing_where_it_is_on_or_cannot_be_set(tmp_path: Path):
     assert ensure(str(info)) == "on (/sys/fs/cgroup)"
     info.write_text(HYBRID.replace("cgroup2 cgroup2", "tmpfs tmpfs"))
     assert "boot with cgroup_favordynmods=true" in ensure(str(info))
+
+
+def test_a_mount_point_with_non_ascii_characters_and_an_escape_is_read_as_its_path():
+    # mountinfo escapes a space, tab, newline and backslash in octal and leaves UTF-8 as it is: undoing the
+    # escapes must not read the UTF-8 bytes as Latin-1 (fspick would be given a path that does not exist).
+    line = "40 31 0:38 / /run/cgröups\\040de\\134l'équipe rw,relatime - cgroup2 none rw,nsdelegate\n"
+    assert cgroup2_mounts(line) == [Cgroup2Mount("/run/cgröups de\\l'équipe", ("nsdelegate",))]
+
+
+def test_a_mount_point_that_is_not_utf8_neither_stops_the_reading_nor_is_misread(tmp_path: Path):
+    # Any mount's path is bytes (a disk labelled in Latin-1, say): one line that is not UTF-8 must not make the
+    # file unreadable (the daemon reads it at start), and a cgroup2 mount there keeps its exact bytes.
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"50 25 8:1 / /media/caf\xe9 rw,relatime - vfat /dev/sdb1 rw\n" + HYBRID.encode()
+                     + b"41 31 0:38 / /run/cg\xe9\\040x rw - cgroup2 cgroup2 rw\n")
+    assert state(str(info)) == (False, "off (/sys/fs/cgroup/unified)")
+    assert [os.fsencode(m.path) for m in cgroup2_mounts(info.read_bytes().decode(errors="surrogateescape"))] == \
+        [b"/sys/fs/cgroup/unified", b"/run/cg\xe9 x"]
