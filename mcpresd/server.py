@@ -558,6 +558,8 @@ class Server:
                  limits: Limits = Limits()) -> None:
         self.dispatcher = dispatcher
         self.connections: set[Connection] = set()
+        self.open_ids: set[int] = set()
+        """The ids of the admitted connections not yet closed."""
         self.subscribers: set[Connection] = set()
         self.closing = False
         self.on_close = on_close
@@ -695,6 +697,7 @@ class Connection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
         self._server.connections.add(self)
+        self._server.open_ids.add(self.id)
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
         self._server.of_uid.setdefault(self.caller.uid, set()).add(self)
         self._admitted = True
@@ -833,6 +836,7 @@ class Connection(asyncio.Protocol):
         else:
             self._server.per_uid.pop(self.caller.uid, None)
         self._server.connections.discard(self)
+        self._server.open_ids.discard(self.id)
         self._server.subscribers.discard(self)
         same = self._server.of_uid.get(self.caller.uid)
         if same is not None:

@@ -193,6 +193,10 @@ class Broker:
         config_origin: tuple[str | None, str] = (None, "embedded defaults"),
     ) -> None:
         self.store = store
+        self.connection_open: Callable[[int], bool] = lambda connection: True
+        """Whether a client connection is still open (the server's; the daemon sets it). A connection's close
+        is a job of the daemon's own, which the committer may run before a job of that connection's still
+        waiting its turn (submitters take turns)."""
         self.config_origin = config_origin
         """The config file read (None: none) and how it was chosen, for daemon.status."""
         self.enforce = enforce
@@ -675,6 +679,10 @@ class Broker:
             holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)
         if command.signal_holder and command.holder_pid is None:
             raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
+        if command.holder_pid is None and caller.connection is not None and not self.connection_open(caller.connection):
+            # Its holder closed before the request had its turn, and that close has been handled already: an
+            # allocation made now would be held by no one (until a restart).
+            raise Withdrawn("the connection that sent this request closed before it ran; nothing was allocated")
         mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
         if not self.enforcer.enforces:
             mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says

@@ -359,6 +359,29 @@ def test_a_connection_held_allocation_lives_while_its_connection_is_open(daemon:
     assert kinds(daemon, granted["id"]) == ["allocated", "connection_closed"]
 
 
+def test_an_allocate_still_waiting_its_turn_when_its_connection_closes_leaves_nothing_held(
+        daemon: DaemonProcess) -> None:
+    """A client sends thousands of requests, an allocate held by its connection behind them, then closes at once.
+    The close is the daemon's own job and the committer takes submitters in turn: it ran while this uid's jobs
+    still waited, and the allocate, run after it, was held by a connection already gone (until a restart)."""
+    reads = [{"jsonrpc": "2.0", "id": n, "method": Method.ALLOCATIONS_LIST, "params": {"limit": 1}}
+             for n in range(1000)]
+    last = [{"jsonrpc": "2.0", "id": "allocate", "method": Method.ALLOCATE, "params": demand("licence", 1)},
+            {"jsonrpc": "2.0", "id": "after", "method": Method.RESOURCES_ADD,
+             "params": {"name": "served", "capacity": 1}}]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(daemon.socket)
+        sock.sendall(b"".join(json.dumps(batch).encode() + b"\n" for batch in [reads] * 5 + [last]))
+
+    def served() -> bool:
+        """the connection's last job ran (one uid's jobs run in the order sent): the allocate before it too"""
+        return any(r["name"] == "served" for r in daemon.call(Method.RESOURCES_LIST))
+
+    eventually(served)
+    assert daemon.call(Method.ALLOCATIONS_LIST, {"state": "active"}) == []
+    assert free(daemon, "licence") == 2
+
+
 def test_an_allocation_is_released_when_its_ttl_runs_out(daemon: DaemonProcess) -> None:
     allocation_id = hold(daemon, "licence", 1, ttl=0.5)
     assert get(daemon, allocation_id)["expires_at"] is not None
