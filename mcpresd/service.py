@@ -656,6 +656,13 @@ class Broker:
 
     def allocate(self, caller: Caller, command: p.AllocateCommand, waiter: Any = None) -> AllocationDict:
         """Grant now, queue, or refuse. A queued, attended request answers `waiter` when it settles."""
+        if (caller.connection is not None
+                and (command.holder_pid is None or (waiter is not None and not command.detach and command.wait != 0))
+                and not self.connection_open(caller.connection)):
+            # Its connection closed before the request had its turn, and that close has been handled already: an
+            # allocation made now would be held by no one (until a restart), or wait attended by no one (never
+            # withdrawn as "disconnected", granted later with no client to know); a repeated key's too.
+            raise Withdrawn("the connection that sent this request closed before it ran; nothing was allocated")
         digest = None
         if command.idempotency_key is not None:
             digest = _digest(command)
@@ -679,10 +686,6 @@ class Broker:
             holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)
         if command.signal_holder and command.holder_pid is None:
             raise InvalidRequest("signal_holder needs a holder_pid", field="signal_holder")
-        if command.holder_pid is None and caller.connection is not None and not self.connection_open(caller.connection):
-            # Its holder closed before the request had its turn, and that close has been handled already: an
-            # allocation made now would be held by no one (until a restart).
-            raise Withdrawn("the connection that sent this request closed before it ran; nothing was allocated")
         mode = effective_mode(command.enforce, self.enforce.mode, self.enforce.max_mode)
         if not self.enforcer.enforces:
             mode = EnforceMode.OFF  # no usable cgroup controller: a reservation, as `mcpctl status` says

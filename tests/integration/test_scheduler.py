@@ -359,16 +359,23 @@ def test_a_connection_held_allocation_lives_while_its_connection_is_open(daemon:
     assert kinds(daemon, granted["id"]) == ["allocated", "connection_closed"]
 
 
+@pytest.mark.parametrize("busy", [False, True])
 def test_an_allocate_still_waiting_its_turn_when_its_connection_closes_leaves_nothing_held(
-        daemon: DaemonProcess) -> None:
+        daemon: DaemonProcess, busy: bool) -> None:
     """A client sends thousands of requests, an allocate held by its connection behind them, then closes at once.
     The close is the daemon's own job and the committer takes submitters in turn: it ran while this uid's jobs
-    still waited, and the allocate, run after it, was held by a connection already gone (until a restart)."""
+    still waited, and the allocate, run after it, was held by a connection already gone (until a restart); one
+    that queued (busy) was attended by it, so never withdrawn, and granted later with no client to know."""
     reads = [{"jsonrpc": "2.0", "id": n, "method": Method.ALLOCATIONS_LIST, "params": {"limit": 1}}
              for n in range(1000)]
     last = [{"jsonrpc": "2.0", "id": "allocate", "method": Method.ALLOCATE, "params": demand("licence", 1)},
             {"jsonrpc": "2.0", "id": "after", "method": Method.RESOURCES_ADD,
              "params": {"name": "served", "capacity": 1}}]
+    if busy:  # both wait in the queue, the connection attending them: withdrawn ("disconnected") when it closes
+        held = hold(daemon, "licence", 2)
+        last[:1] = [{"jsonrpc": "2.0", "id": "held", "method": Method.ALLOCATE, "params": demand("licence", 1, wait=60)},
+                    {"jsonrpc": "2.0", "id": "pid", "method": Method.ALLOCATE,
+                     "params": demand("licence", 1, wait=60, holder_pid=os.getpid())}]
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(daemon.socket)
         sock.sendall(b"".join(json.dumps(batch).encode() + b"\n" for batch in [reads] * 5 + [last]))
@@ -378,8 +385,9 @@ def test_an_allocate_still_waiting_its_turn_when_its_connection_closes_leaves_no
         return any(r["name"] == "served" for r in daemon.call(Method.RESOURCES_LIST))
 
     eventually(served)
-    assert daemon.call(Method.ALLOCATIONS_LIST, {"state": "active"}) == []
-    assert free(daemon, "licence") == 2
+    assert daemon.call(Method.ALLOCATIONS_LIST, {"state": "queued"}) == []
+    assert [a["id"] for a in daemon.call(Method.ALLOCATIONS_LIST, {"state": "active"})] == ([held] if busy else [])
+    assert free(daemon, "licence") == (0 if busy else 2)
 
 
 def test_an_allocation_is_released_when_its_ttl_runs_out(daemon: DaemonProcess) -> None:
