@@ -35,9 +35,9 @@ class CgroupV2:
         missing = [c for c in WANTED if c not in self.controllers]
         self.why_not: str | None = f"no {', '.join(missing)} controller" if missing else None
         self.enabled = set(self.controllers)
+        """The controllers the subtree's children have (set when the subtree is prepared)."""
         self.favordynmods: str | None = None
         """What the daemon found or did about the favordynmods mount option (mcpresd.enforce.dynmods)."""
-        """The controllers the subtree's children have (set when the subtree is prepared)."""
         self.files = HeldFiles()
         self._last: dict[str, tuple[tuple[bytes | None, ...], CgroupUsage]] = {}
         """Per allocation, the raw files of its last read and what they gave."""
