@@ -414,6 +414,14 @@ class ClusterSite:
             raise _failure(error) from None
         finally:
             self._submitting.discard(allocation.id)
+        if allocation.id not in self.live:
+            # Ended while salloc started (its connection closed, or a release or cancel by id): nothing follows
+            # it now, and what comes next would save it again (queued, held by no one). Its job is not wanted.
+            submission.stop()
+            if submission.job_id is not None:
+                with contextlib.suppress(ClusterError):
+                    await self.cluster.cancel([submission.job_id])
+            raise Withdrawn(f"request {allocation.id} was withdrawn while Slurm started it", id=allocation.id)
         self._submissions[allocation.id] = submission
         if submission.job_id is None:  # salloc ended without naming a job: refused at once
             self._submissions.pop(allocation.id, None)

@@ -225,3 +225,77 @@ def test_a_connection_that_closes_before_its_allocate_starts_to_run_still_ends_w
     asyncio.run(main())
     [row] = load(broker.store.conn)
     assert (row.id, row.state, row.release_reason) == ("c1", AllocationState.WITHDRAWN, "connection_closed")
+
+
+class PendingSubmission:
+    """A salloc that named job 77 and waits (pending) until stopped; then it fails, as salloc does."""
+
+    def __init__(self) -> None:
+        self.job_id: int | None = 77
+        self.granted = False
+        self.stopped = False
+        self._ended = asyncio.Event()
+
+    async def outcome(self) -> int:
+        from mcpresd.cluster.slurm import ClusterError, ClusterErrorKind
+
+        await self._ended.wait()
+        raise ClusterError(ClusterErrorKind.REFUSED, "salloc was stopped while job 77 was pending")
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._ended.set()
+
+
+class SlowSalloc(ListingCluster):
+    """salloc takes its time to name the job: `started` is set when it is run, `go` lets it answer."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+        self.submission = PendingSubmission()
+
+    async def submit(self, request: ClusterRequest, as_user: tuple[int, int] | None = None) -> Any:
+        self.started.set()
+        await self.go.wait()
+        return self.submission
+
+
+def test_a_connection_that_closes_while_salloc_starts_leaves_no_job_and_no_allocation(tmp_path: Path) -> None:
+    # The close ends the allocation at once (withdrawn, connection_closed); salloc then answers with its job.
+    # That answer must not bring the allocation back (queued again, held by no one, its job left to run).
+    from mcpresd import params
+    from mcpresd.core.errors import DomainError
+    from mcpresd.service import Caller
+
+    broker = Broker(tmp_path / "db.sqlite")
+    broker.new_id = lambda: "s1"  # type: ignore[attr-defined]
+    cluster = SlowSalloc()
+
+    async def submit(work: Any) -> Any:
+        await asyncio.sleep(0)
+        return work(broker)
+
+    site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+    command = params.allocate({"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster", "detach": True})
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(site.allocate(Caller(os.geteuid(), os.getegid(), os.getpid(), 9), command, None))
+        await asyncio.wait_for(cluster.started.wait(), 60)
+        site.connection_closed(9)
+        await asyncio.wait_for(asyncio.gather(*site._tasks), 60)  # the ending it spawned
+        cluster.go.set()
+        try:
+            return await asyncio.wait_for(task, 60)
+        except DomainError as error:
+            return error
+        finally:
+            await site.close()  # a follower of its salloc, if one was started, is stopped here
+
+    answer = asyncio.run(main())
+    [row] = load(broker.store.conn)
+    assert (row.state, row.release_reason) == (AllocationState.WITHDRAWN, "connection_closed"), answer
+    assert "s1" not in site.live
+    assert cluster.submission.stopped or 77 in cluster.cancelled
