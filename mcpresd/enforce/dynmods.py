@@ -69,15 +69,20 @@ def _read(mountinfo_path: str) -> str:
 
 def state(mountinfo_path: str = "/proc/self/mountinfo") -> tuple[bool, str]:
     """(on, what to tell a user): whether a cgroup2 mount has favordynmods, or why it cannot be known or set."""
+    return _judge(mountinfo_path)[:2]
+
+
+def _judge(mountinfo_path: str) -> tuple[bool, str, Cgroup2Mount | None]:
+    """`state`, and the mount to set it on where it is off (None where it is on or cannot be set)."""
     try:
         mounts = cgroup2_mounts(_read(mountinfo_path))
     except OSError as error:
-        return False, f"cannot read {mountinfo_path}: {error.strerror}"
+        return False, f"cannot read {mountinfo_path}: {error.strerror}", None
     if not mounts:
-        return False, "no cgroup2 mount to set it on (pure cgroup v1): boot with cgroup_favordynmods=true"
+        return False, "no cgroup2 mount to set it on (pure cgroup v1): boot with cgroup_favordynmods=true", None
     if any(mount.favoured for mount in mounts):
-        return True, f"on ({next(m.path for m in mounts if m.favoured)})"
-    return False, f"off ({mounts[0].path})"
+        return True, f"on ({next(m.path for m in mounts if m.favoured)})", None
+    return False, f"off ({mounts[0].path})", mounts[0]
 
 
 def enable(mount: Cgroup2Mount) -> None:
@@ -111,16 +116,16 @@ def reconfigure(path: str, options: list[str]) -> None:
 
 
 def ensure(mountinfo_path: str = "/proc/self/mountinfo") -> str:
-    """Turn favordynmods on where it is off and a cgroup2 mount allows it; returns what to log and show."""
-    on, said = state(mountinfo_path)
-    if on or said.startswith(("no cgroup2", "cannot read")):
+    """Turn favordynmods on where it is off and a cgroup2 mount allows it; returns what to log and show. Never
+    raises: whatever goes wrong (a mount gone meanwhile, mountinfo unreadable) is said, and nothing else changes."""
+    _, said, mount = _judge(mountinfo_path)
+    if mount is None:
         return said
-    mount = cgroup2_mounts(_read(mountinfo_path))[0]
     try:
         enable(mount)
+        after = next((m for m in cgroup2_mounts(_read(mountinfo_path)) if m.path == mount.path), None)
     except OSError as error:
         return f"off ({mount.path}: {error.strerror}); task migrations wait for an RCU grace period"
-    after = next((m for m in cgroup2_mounts(_read(mountinfo_path)) if m.path == mount.path), None)
     if after is None or not after.favoured or not set(mount.options) <= set(after.options):
         return f"off ({mount.path}: the kernel did not keep it)"
     return f"on ({mount.path}, set at start)"

@@ -64,3 +64,13 @@ def test_a_mount_point_that_is_not_utf8_neither_stops_the_reading_nor_is_misread
     assert state(str(info)) == (False, "off (/sys/fs/cgroup/unified)")
     assert [os.fsencode(m.path) for m in cgroup2_mounts(info.read_bytes().decode(errors="surrogateescape"))] == \
         [b"/sys/fs/cgroup/unified", b"/run/cg\xe9 x"]
+
+
+def test_ensure_says_why_and_raises_nothing_where_the_mount_is_gone(tmp_path: Path):
+    # A cgroup2 mount that mountinfo lists but that is gone by the time it is set (or never was): the daemon
+    # starts and says why, with nothing changed.
+    info = tmp_path / "mountinfo"
+    gone = tmp_path / "no-such-cgroup2"
+    info.write_text(f"40 31 0:38 / {gone} rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n")
+    said = ensure(str(info))
+    assert said.startswith(f"off ({gone}: ") and "RCU grace period" in said
