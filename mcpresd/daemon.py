@@ -263,7 +263,7 @@ class Daemon:
         )
         if self.server is not None:
             broker.rpc_totals = self.server.dispatcher.stats.totals
-            broker.connection_open = self.server.open_ids.__contains__
+            broker.connection_open = self.server.connections.__contains__
         with store.transaction():
             if lost is not None:
                 store.insert_event(self.clock(), "database.lost_commits",

@@ -557,9 +557,8 @@ class Server:
     def __init__(self, dispatcher: Dispatcher, on_close: Callable[[int], None] = lambda connection: None,
                  limits: Limits = Limits()) -> None:
         self.dispatcher = dispatcher
-        self.connections: set[Connection] = set()
-        self.open_ids: set[int] = set()
-        """The ids of the admitted connections not yet closed."""
+        self.connections: dict[int, Connection] = {}
+        """The admitted connections not yet closed, by id (the broker asks whether one is still open)."""
         self.subscribers: set[Connection] = set()
         self.closing = False
         self.on_close = on_close
@@ -646,12 +645,12 @@ class Server:
     async def close_all(self, timeout: float) -> None:
         """Stop reading everywhere, let requests in flight finish for up to `timeout` seconds, then close."""
         self.closing = True
-        for connection in list(self.connections):
+        for connection in list(self.connections.values()):
             connection.stop_reading()
         deadline = asyncio.get_running_loop().time() + timeout
-        while any(c.in_flight for c in self.connections) and asyncio.get_running_loop().time() < deadline:
+        while any(c.in_flight for c in self.connections.values()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
-        for connection in list(self.connections):
+        for connection in list(self.connections.values()):
             connection.close()
 
 
@@ -696,8 +695,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=self._server.limits.reply_buffer)
-        self._server.connections.add(self)
-        self._server.open_ids.add(self.id)
+        self._server.connections[self.id] = self
         self._server.per_uid[self.caller.uid] = self._server.per_uid.get(self.caller.uid, 0) + 1
         self._server.of_uid.setdefault(self.caller.uid, set()).add(self)
         self._admitted = True
@@ -835,8 +833,7 @@ class Connection(asyncio.Protocol):
             self._server.per_uid[self.caller.uid] = left
         else:
             self._server.per_uid.pop(self.caller.uid, None)
-        self._server.connections.discard(self)
-        self._server.open_ids.discard(self.id)
+        self._server.connections.pop(self.id, None)
         self._server.subscribers.discard(self)
         same = self._server.of_uid.get(self.caller.uid)
         if same is not None:

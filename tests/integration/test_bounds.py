@@ -199,7 +199,7 @@ def connection_state(live: LiveDaemon) -> list[tuple[int, int, bool]]:
 
     def read(broker: Any) -> list[tuple[int, int, bool]]:
         return [(c.in_flight, c._transport.get_write_buffer_size() if c._transport is not None else 0,
-                 c in server.subscribers) for c in server.connections]
+                 c in server.subscribers) for c in server.connections.values()]
 
     state: list[tuple[int, int, bool]] = live.on_store(read)
     return state
