@@ -630,7 +630,8 @@ class Daemon:
         sampler = loop.create_task(self._sample(stop))
         if self.config.cluster is not None:
             self.site = ClusterSite(SlurmCluster(self.config.cluster), self.config.cluster, committer.submit,
-                                    self.watch.add, self.clock, is_alive, resolve_holder)
+                                    self.watch.add, self.clock, is_alive, resolve_holder,
+                                    connection_open=server.connections.__contains__)
             await self.site.start()
             server.dispatcher.router = self.site
             cluster_poll = loop.create_task(self.site.poll_every(self.config.sample_interval, stop))

@@ -115,8 +115,11 @@ class ClusterSite:
     def __init__(self, cluster: Cluster, config: ClusterConfig, submit: Submit,
                  watch_holder: Callable[[int, int | None], None], clock: Callable[[], float],
                  is_alive: Callable[[int, int | None], bool], resolve_holder: Callable[..., tuple[int, int | None]],
-                 daemon_uid: int | None = None) -> None:
+                 daemon_uid: int | None = None, connection_open: Callable[[int], bool] = lambda connection: True) \
+            -> None:
         self.cluster = cluster
+        self._connection_open = connection_open
+        """Whether a client connection is still open (the server's, as the broker asks it)."""
         self.config = config
         self._submit = submit
         self._watch_holder = watch_holder
@@ -140,9 +143,6 @@ class ClusterSite:
         """Allocations made without holder_pid, by the connection that holds them (ended when it closes)."""
         self._holding: dict[str, int] = {}
         """The same, by allocation: an allocation that ends otherwise leaves its connection's set at once."""
-        self._allocating: dict[int, int] = {}
-        """Holder-less allocate requests in flight, per connection; one that closes meanwhile is in _closed_early."""
-        self._closed_early: set[int] = set()
         self._restarted: set[str] = set()
         """Connection-held allocations found at start: their connections died with the old daemon."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -339,23 +339,8 @@ class ClusterSite:
         return await serve(caller, allocation, command)
 
     def allocate(self, caller: Any, command: p.AllocateCommand, local: Local) -> Coroutine[Any, Any, dict[str, Any]]:
-        """A cluster allocation; without holder_pid its connection holds it, as on the host (docs/api.md). Counted
-        in flight at once, not when the coroutine first runs (a later loop round): the connection may close
-        before then, and the allocation it goes on to make must still be ended."""
-        connection = caller.connection if command.holder_pid is None else None
-        if connection is None:
-            return self._allocate(caller, command, local, None)
-        self._allocating[connection] = self._allocating.get(connection, 0) + 1
-        return self._counted(connection, self._allocate(caller, command, local, connection))
-
-    async def _counted(self, connection: int, allocating: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
-        try:
-            return await allocating
-        finally:
-            self._allocating[connection] -= 1
-            if not self._allocating[connection]:
-                del self._allocating[connection]
-                self._closed_early.discard(connection)
+        """A cluster allocation; without holder_pid its connection holds it, as on the host (docs/api.md)."""
+        return self._allocate(caller, command, local, caller.connection if command.holder_pid is None else None)
 
     async def _allocate(self, caller: Any, command: p.AllocateCommand, local: Local, held_by: int | None) \
             -> dict[str, Any]:
@@ -404,7 +389,7 @@ class ClusterSite:
         if held_by is not None:
             self._held.setdefault(held_by, set()).add(allocation.id)
             self._holding[allocation.id] = held_by
-            if held_by in self._closed_early:  # it closed while the row was written: nothing will say so again
+            if not self._connection_open(held_by):  # it closed before this (its close found nothing to end)
                 self._spawn(self._end_live(allocation.id, "connection_closed"))
         self._submitting.add(allocation.id)
         try:
@@ -689,8 +674,6 @@ class ClusterSite:
         for allocation_id in sorted(self._held.pop(connection, ())):
             self._holding.pop(allocation_id, None)
             self._spawn(self._end_live(allocation_id, "connection_closed"))
-        if connection in self._allocating:
-            self._closed_early.add(connection)
 
     async def _end_live(self, allocation_id: str, reason: str, queued_only: bool = False) -> None:
         async with self._lock:

@@ -209,14 +209,17 @@ def test_a_connection_that_closes_before_its_allocate_starts_to_run_still_ends_w
         return await SubmitOnce.submit(cluster, request, as_user)
 
     cluster.submit = pending  # type: ignore[method-assign]
+    closed: set[int] = set()  # the server's view: a connection closed is no longer open
     site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
-                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid(),
+                       connection_open=lambda connection: connection not in closed)
     command = params.allocate({"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster", "detach": True})
 
     async def main() -> None:
         routed = site.route("allocate", command, Caller(os.geteuid(), os.getegid(), os.getpid(), 7), None)
         assert routed is not None
         task = asyncio.ensure_future(routed)  # as the dispatcher: it first runs in a later loop round
+        closed.add(7)
         site.connection_closed(7)
         await asyncio.wait_for(submitted.wait(), 60)
         await asyncio.wait_for(asyncio.gather(*site._tasks), 60)  # the ending spawned for it, if any
@@ -277,13 +280,16 @@ def test_a_connection_that_closes_while_salloc_starts_leaves_no_job_and_no_alloc
         await asyncio.sleep(0)
         return work(broker)
 
+    closed: set[int] = set()
     site = ClusterSite(cluster, ClusterConfig(), submit, lambda pid, start: None, lambda: 1000.0,
-                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid())
+                       lambda pid, start: True, lambda *args: (1, None), daemon_uid=os.geteuid(),
+                       connection_open=lambda connection: connection not in closed)
     command = params.allocate({"resources": [{"resource": "cpu", "amount": 1}], "site": "cluster", "detach": True})
 
     async def main() -> Any:
         task = asyncio.ensure_future(site.allocate(Caller(os.geteuid(), os.getegid(), os.getpid(), 9), command, None))
         await asyncio.wait_for(cluster.started.wait(), 60)
+        closed.add(9)
         site.connection_closed(9)
         await asyncio.wait_for(asyncio.gather(*site._tasks), 60)  # the ending it spawned
         cluster.go.set()
