@@ -253,3 +253,14 @@ class DatabaseLock:
         if self._handle >= 0:
             os.close(self._handle)
             self._handle = -1
+
+
+def read_small(path: str) -> bytes:
+    """A small kernel file (/proc, cgroupfs: at most 4 KiB) in one read. os.open, os.read and os.close cost half
+    of open()'s file object and a fraction of pathlib's read_text, which counts where every process or cgroup is
+    read each sampling round."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)

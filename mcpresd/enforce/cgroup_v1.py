@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mcpresd.core.enforcement import Limits
 from mcpresd.enforce import PREFIX, CgroupUsage, HeldFiles, procs_in
+from mcpresd.files import read_small as _read
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices")
 NVIDIA_MAJOR = 195
@@ -237,15 +238,6 @@ def _inherit_cpuset(directory: Path) -> None:
     for name in ("cpuset.cpus", "cpuset.mems"):
         if not (directory / name).read_text().strip():
             _write(directory / name, (directory.parent / name).read_text().strip())
-
-
-def _read(path: str) -> bytes:
-    """A small cgroup file in one read (pathlib's read_text costs several times more, 1,000 times a round)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, value: object) -> None:

@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mcpresd.files import read_small as _read
+
 GpuProcesses = dict[str, list[tuple[int | None, int | None, tuple[int, ...]]]]
 
 PROC = "/proc"
@@ -47,16 +49,6 @@ def parse_stat(data: bytes) -> ProcessStat | None:
                            children_ticks=int(fields[13]) + int(fields[14]), start_ticks=int(fields[19]))
     except (IndexError, ValueError):
         return None
-
-
-def _read(path: str) -> bytes:
-    """A small /proc file in one read: os.open, os.read, os.close cost half of open()'s file object, which counts
-    when every process is read each round."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
 
 
 def read_stat(pid: int, proc: str = PROC) -> ProcessStat | None:
