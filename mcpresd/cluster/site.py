@@ -139,10 +139,9 @@ class ClusterSite:
         self._submitting: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._attended: dict[str, int] = {}
-        self._held: dict[int, set[str]] = {}
-        """Allocations made without holder_pid, by the connection that holds them (ended when it closes)."""
         self._holding: dict[str, int] = {}
-        """The same, by allocation: an allocation that ends otherwise leaves its connection's set at once."""
+        """The live allocations made without holder_pid, and the connection that holds each (ended when it
+        closes; an allocation that ends otherwise leaves at once)."""
         self._restarted: set[str] = set()
         """Connection-held allocations found at start: their connections died with the old daemon."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -387,7 +386,6 @@ class ClusterSite:
         self.known.add(allocation.id)
         self.live[allocation.id] = allocation
         if held_by is not None:
-            self._held.setdefault(held_by, set()).add(allocation.id)
             self._holding[allocation.id] = held_by
             if not self._connection_open(held_by):  # it closed before this (its close found nothing to end)
                 self._spawn(self._end_live(allocation.id, "connection_closed"))
@@ -528,11 +526,7 @@ class ClusterSite:
         if allocation.id not in self.live:
             return allocation  # ended already (the callers hold the lock, so not twice)
         allocation = self.live[allocation.id]
-        connection = self._holding.pop(allocation.id, None)
-        if connection is not None and connection in self._held:
-            self._held[connection].discard(allocation.id)
-            if not self._held[connection]:
-                del self._held[connection]
+        self._holding.pop(allocation.id, None)
         timer = self._timers.pop(allocation.id, None)
         if timer is not None:
             timer.cancel()
@@ -671,8 +665,8 @@ class ClusterSite:
             if attending == connection:
                 self._attended.pop(allocation_id, None)
                 self._spawn(self._end_live(allocation_id, "disconnected", queued_only=True))
-        for allocation_id in sorted(self._held.pop(connection, ())):
-            self._holding.pop(allocation_id, None)
+        for allocation_id in sorted(a for a, holding in self._holding.items() if holding == connection):
+            self._holding.pop(allocation_id)
             self._spawn(self._end_live(allocation_id, "connection_closed"))
 
     async def _end_live(self, allocation_id: str, reason: str, queued_only: bool = False) -> None:
