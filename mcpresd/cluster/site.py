@@ -199,22 +199,23 @@ class ClusterSite:
                 named.setdefault(listed.allocation_id, []).append(listed)
         async with self._lock:
             live_before = set(self.live)
+            ending: list[tuple[ClusterAllocation, str, ClusterJob | None, str | None]] = []
             for allocation in list(self.live.values()):
                 if allocation.id in self._submissions or allocation.id in self._submitting:
                     continue  # its salloc is still ours to follow
                 job = _job_of(allocation, named.get(allocation.id, []))
                 if allocation.id in self._restarted:
                     self._restarted.discard(allocation.id)
-                    await self._end(allocation, "connection_closed", job, note="the daemon restarted")
+                    ending.append((allocation, "connection_closed", job, "the daemon restarted"))
                 elif allocation.holder_pid is not None and not self._is_alive(allocation.holder_pid,
                                                                               allocation.holder_start):
-                    await self._end(allocation, "holder_exited", job)
+                    ending.append((allocation, "holder_exited", job, None))
                 elif job is None:
                     if allocation.job_id is None or self._starting or allocation.state is AllocationState.ACTIVE \
                             or self.clock() - allocation.created_at > 10:
-                        await self._end(allocation, "cluster_job_gone", None)
+                        ending.append((allocation, "cluster_job_gone", None, None))
                 elif job.state.ended:
-                    await self._end(allocation, "cluster_job_ended", job)
+                    ending.append((allocation, "cluster_job_ended", job, None))
                 elif job.state.holding and allocation.state is AllocationState.QUEUED:
                     await self._grant(allocation, job.id, job.nodes)
                 elif job.state.holding and not allocation.nodes and job.nodes:
@@ -222,6 +223,12 @@ class ClusterSite:
                 elif (job.reason, job.id) != (allocation.slurm_reason, allocation.job_id):
                     updated = replace(allocation, job_id=job.id, slurm_state=job.state.value, slurm_reason=job.reason)
                     await self._commit(updated)
+            # One scancel for every job this pass ends (after a restart that may be many), not one each while
+            # the lock keeps releases and grants waiting.
+            cancelled = await self._cancel([allocation.job_id for allocation, reason, job, _ in ending
+                                            if allocation.job_id is not None and _to_cancel(reason, job)])
+            for allocation, reason, job, note in ending:
+                await self._end(allocation, reason, job, note=note, cancelled=cancelled)
             ended: list[ClusterAllocation] = await self._submit(lambda broker: load(
                 broker.store.conn, "WHERE state IN ('released', 'withdrawn') AND id IN (%s)" % ",".join(
                     "?" * len(named)), tuple(named)) if named else [])
@@ -519,10 +526,25 @@ class ClusterSite:
                 else:
                     waiter.set_result(outcome)
 
+    async def _cancel(self, job_ids: list[int]) -> bool:
+        """scancel `job_ids` in one call; False (logged) where Slurm did not do it: the next reconcile cancels
+        the jobs of ended allocations."""
+        if not job_ids:
+            return True
+        try:
+            await self.cluster.cancel(job_ids)
+            return True
+        except ClusterError as error:
+            log.warning("cluster: cannot cancel jobs %s (%s); the next reconcile cancels them", job_ids,
+                        error.message)
+            return False
+
     async def _end(self, allocation: ClusterAllocation, reason: str, job: ClusterJob | None,
-                   why: str | None = None, note: str | None = None) -> ClusterAllocation:
+                   why: str | None = None, note: str | None = None, cancelled: bool | None = None) \
+            -> ClusterAllocation:
         """Cancel its job (unless Slurm ended it) and end the allocation, recording Slurm's final state. `why`
-        is Slurm's reason where it gave one; `note` the daemon's own (the event's `detail.why`)."""
+        is Slurm's reason where it gave one; `note` the daemon's own (the event's `detail.why`). `cancelled`:
+        whether the caller's scancel of the job (with others) was done; None: this cancels it."""
         if allocation.id not in self.live:
             return allocation  # ended already (the callers hold the lock, so not twice)
         allocation = self.live[allocation.id]
@@ -536,13 +558,11 @@ class ClusterSite:
         slurm_state, slurm_reason = allocation.slurm_state, why or allocation.slurm_reason
         if job is not None:
             slurm_state, slurm_reason = job.state.value, why or job.reason
-        if (job is None or not job.state.ended) and allocation.job_id is not None and reason != "cluster_job_gone":
-            try:
-                await self.cluster.cancel([allocation.job_id])
+        if allocation.job_id is not None and _to_cancel(reason, job):
+            if cancelled is None:
+                cancelled = await self._cancel([allocation.job_id])
+            if cancelled:
                 slurm_state = JobState.CANCELLED.value
-            except ClusterError as error:
-                log.warning("cluster: cannot cancel job %s of %s (%s); the next reconcile cancels it",
-                            allocation.job_id, allocation.id, error.message)
         state = AllocationState.RELEASED if allocation.state is AllocationState.ACTIVE else AllocationState.WITHDRAWN
         ended = replace(allocation, state=state, released_at=self._clock(), release_reason=reason,
                         slurm_state=slurm_state, slurm_reason=slurm_reason)
@@ -747,6 +767,11 @@ class ClusterSite:
 
 def _failure(error: ClusterError) -> ClusterFailed:
     return ClusterFailed(f"the cluster refused the request: {error.message}", kind=error.kind.value, site="cluster")
+
+
+def _to_cancel(reason: str, job: ClusterJob | None) -> bool:
+    """Whether ending an allocation for `reason` cancels its job: not one Slurm ended or no longer lists."""
+    return (job is None or not job.state.ended) and reason != "cluster_job_gone"
 
 
 def _job_of(allocation: ClusterAllocation, named: list[ClusterJob]) -> ClusterJob | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpresd.cluster.site import ClusterAllocation, ClusterSite, load, save
-from mcpresd.cluster.slurm import ClusterConfig
+from mcpresd.cluster.slurm import ClusterConfig, ClusterError, ClusterErrorKind
 from mcpresd.core.cluster import ClusterJob, ClusterRequest, JobState, Partition, job_name
 from mcpresd.protocol import AllocationState
 from mcpresd.store import Store
@@ -21,11 +21,14 @@ ME = pwd.getpwuid(os.geteuid()).pw_name
 
 
 class ListingCluster:
-    """squeue answers `listed`; what scancel is asked is kept in `cancelled`."""
+    """squeue answers `listed`; what scancel is asked is kept in `cancelled`, each call's jobs in `calls`; with
+    `refuse`, scancel fails as when Slurm does not answer."""
 
-    def __init__(self, listed: list[ClusterJob]) -> None:
+    def __init__(self, listed: list[ClusterJob], refuse: bool = False) -> None:
         self.listed = listed
+        self.refuse = refuse
         self.cancelled: list[int] = []
+        self.calls: list[list[int]] = []
 
     async def partitions(self) -> list[Partition]:
         return []
@@ -37,6 +40,9 @@ class ListingCluster:
         raise AssertionError("nothing is submitted here")
 
     async def cancel(self, job_ids: Sequence[int]) -> None:
+        self.calls.append(list(job_ids))
+        if self.refuse:
+            raise ClusterError(ClusterErrorKind.UNREACHABLE, "scancel: Unable to contact slurm controller")
         self.cancelled.extend(job_ids)
 
     async def nodes_of(self, job_id: int) -> str:
@@ -59,12 +65,12 @@ def job(job_id: int, allocation_id: str, state: JobState, user: str) -> ClusterJ
     return ClusterJob(job_id, job_name(allocation_id), state, "None", "node1", user, "")
 
 
-def poll_once(tmp_path: Path, rows: list[ClusterAllocation], listed: list[ClusterJob]) \
+def poll_once(tmp_path: Path, rows: list[ClusterAllocation], listed: list[ClusterJob], refuse: bool = False) \
         -> tuple[ListingCluster, dict[str, ClusterAllocation]]:
     broker = Broker(tmp_path / "db.sqlite")
     for row in rows:
         save(broker.store.conn, row)
-    cluster = ListingCluster(listed)
+    cluster = ListingCluster(listed, refuse)
 
     async def submit(work: Any) -> Any:
         return work(broker)
@@ -104,6 +110,33 @@ def test_a_connection_held_allocation_found_at_start_ends_and_its_job_is_cancell
     assert (rows["a5"].state, rows["a5"].release_reason) == (AllocationState.RELEASED, "connection_closed")
     assert (rows["a6"].state, rows["a6"].release_reason) == (AllocationState.WITHDRAWN, "connection_closed")
     assert rows["a7"].state is AllocationState.ACTIVE
+
+
+def test_the_jobs_a_reconcile_ends_are_cancelled_in_one_scancel(tmp_path: Path) -> None:
+    # After a restart every connection-held allocation ends: one scancel for all, not one each under the lock.
+    rows = [allocation(f"c{n}", AllocationState.ACTIVE, job_id=800 + n, holder_pid=None) for n in range(5)]
+    listed = [job(800 + n, f"c{n}", JobState.RUNNING, ME) for n in range(5)]
+
+    cluster, ended = poll_once(tmp_path, rows, listed)
+
+    assert [sorted(call) for call in cluster.calls] == [[800, 801, 802, 803, 804]]
+    assert all((ended[f"c{n}"].state, ended[f"c{n}"].slurm_state) == (AllocationState.RELEASED, "CANCELLED")
+               for n in range(5))
+
+
+def test_allocations_a_reconcile_ends_while_scancel_fails_still_end_and_their_jobs_are_cancelled_later(
+        tmp_path: Path) -> None:
+    rows = [allocation(f"d{n}", AllocationState.ACTIVE, job_id=900 + n, holder_pid=None) for n in range(3)]
+    listed = [job(900 + n, f"d{n}", JobState.RUNNING, ME) for n in range(3)]
+
+    cluster, ended = poll_once(tmp_path, rows, listed, refuse=True)
+
+    assert [sorted(call) for call in cluster.calls] == [[900, 901, 902]]
+    assert all(ended[f"d{n}"].state is AllocationState.RELEASED and ended[f"d{n}"].slurm_state != "CANCELLED"
+               for n in range(3))
+    # The next pass (Slurm back; the same database) finds the jobs of ended allocations running and cancels them.
+    cluster, _ = poll_once(tmp_path, [], listed)
+    assert sorted(cluster.cancelled) == [900, 901, 902]
 
 
 def test_another_users_job_named_after_an_ended_allocation_is_not_cancelled(tmp_path: Path) -> None:
