@@ -156,8 +156,9 @@ int main(int argc, char **argv) {
     double elapsed = now() - start;
     qsort(lat, count, sizeof *lat, cmp);
     printf("{\"clients\":%d,\"pairs\":%ld,\"seconds\":%.3f,\"pairs_per_s\":%.1f,"
-           "\"p50_ms\":%.4f,\"p99_ms\":%.4f,\"max_ms\":%.4f}\n",
+           "\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,\"max_ms\":%.4f}\n",
            clients, pairs, elapsed, pairs / elapsed, count ? lat[count / 2] * 1e3 : 0.0,
-           count ? lat[(size_t)(count * 0.99)] * 1e3 : 0.0, count ? lat[count - 1] * 1e3 : 0.0);
+           count ? lat[(size_t)(count * 0.90)] * 1e3 : 0.0, count ? lat[(size_t)(count * 0.99)] * 1e3 : 0.0,
+           count ? lat[(size_t)(count * 0.999)] * 1e3 : 0.0, count ? lat[count - 1] * 1e3 : 0.0);
     return 0;
 }
