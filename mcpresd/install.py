@@ -256,6 +256,14 @@ def main(argv: list[str]) -> int:
         return 2
     if root is not None:
         root = root.absolute()
+    sudo_user = os.environ.get("SUDO_USER", "")
+    if mode == "user" and root is None and os.geteuid() == 0 and sudo_user not in ("", "root"):
+        # sudo keeps the caller's HOME on some systems and not on others: either way the units would be root's
+        # (or root-owned files in the caller's home), and root's user manager would run them, not the caller's.
+        print(f"mcpresd {command}: --user under sudo means root's own user daemon (units in {target(mode).unit_dir}), not "
+              f"{sudo_user}'s; as {sudo_user}, run `mcpresd {command} --user` without sudo, or for the machine's "
+              f"daemon `sudo mcpresd {command} --system`", file=sys.stderr)
+        return 2
     try:
         if command == "install":
             report = install(mode, root, start=not args.no_start)

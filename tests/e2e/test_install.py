@@ -93,6 +93,19 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path: Path, args: list[str]
     assert files(tmp_path) == set()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="sudo's case: root with SUDO_USER set")
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_user_mode_under_sudo_is_refused_and_writes_nothing(tmp_path: Path, command: str) -> None:
+    env = dict(os.environ, HOME=str(tmp_path), SUDO_USER="ann", SUDO_UID="1000")
+    env.pop("XDG_CONFIG_HOME", None)
+
+    done = subprocess.run([MCPRESD, command, "--user"], capture_output=True, text=True, timeout=BOUND_S, env=env)
+
+    assert done.returncode == 2
+    assert "as ann, run `mcpresd " + command + " --user` without sudo" in done.stderr
+    assert files(tmp_path) == set()
+
+
 def test_install_help_has_examples() -> None:
     for command in ("install", "uninstall"):
         done = mcpresd(command, "--help")
