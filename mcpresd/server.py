@@ -464,12 +464,33 @@ def peer_credentials(sock: socket.socket | None, connection: int, admin_gid: int
         return Caller(uid=-1, gid=-1, pid=None, connection=connection)
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
-    admin = uid == 0 or (admin_gid is not None and (gid == admin_gid or admin_gid in _groups_of(pid)))
+    admin = uid == 0 or (admin_gid is not None and (gid == admin_gid or admin_gid in _peer_groups(sock, pid)))
     return Caller(uid=uid, gid=gid, pid=pid or None, connection=connection, admin=admin)
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+"""Linux's option number (since 4.13); Python's socket module names it only on some builds."""
+PEERGROUPS_BYTES = 1024
+"""The most socket.getsockopt reads: 256 groups."""
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> set[int]:
+    """The supplementary groups the connecting process had when it connected (SO_PEERCRED gives only the primary
+    gid). SO_PEERGROUPS records them at connect(), as SO_PEERCRED does the uid: /proc/<pid>/status, read later,
+    could belong to another process by then (the client exited, or forked and left its child the connection,
+    and the pid was reused). Kernels before 4.13, and a process in more than 256 groups (more than
+    socket.getsockopt can read), fall back to /proc."""
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_BYTES)
+    except OSError as error:
+        if error.errno in (errno.ERANGE, errno.ENOPROTOOPT):
+            return _groups_of(pid)
+        return set()
+    return set(struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4]))
+
+
 def _groups_of(pid: int) -> set[int]:
-    """The supplementary groups of a connecting process (SO_PEERCRED gives only its primary gid)."""
+    """The supplementary groups of a process, from /proc (for kernels without SO_PEERGROUPS)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
             for line in status:

@@ -12,6 +12,7 @@ import grp
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,3 +145,49 @@ def test_admin_rights_come_through_a_supplementary_group(
     assert set_cost["result"]["cost_per_unit_hour"] == 0.25, set_cost
     assert get["result"]["tool_id"] == "secret-tool", get
     assert release["result"]["state"] == "released", release
+
+
+FORKING_CLIENT = """
+import json, os, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+sock.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "resources.set_cost",
+                         "params": {"name": "licence", "cost_per_unit_hour": 0.5}}).encode() + b"\\n")
+if os.fork():
+    os._exit(0)  # the process that connected is gone; its child keeps the connection and reads the reply
+sys.stdout.write(sock.makefile("rb").readline().decode())
+"""
+
+
+def test_admin_rights_are_the_groups_the_connecting_process_had_even_after_it_exited(
+        shared: DaemonProcess, throwaway_group: grp.struct_group) -> None:
+    # The daemon is stopped while the client connects, so by the time it accepts, the process that connected
+    # has exited (and its pid could name another process): the groups are the ones it connected with
+    # (SO_PEERGROUPS), not whatever /proc/<pid> says later.
+    assert shared.proc is not None
+    os.kill(shared.proc.pid, signal.SIGSTOP)
+    try:
+        client = subprocess.Popen(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}",
+                                   f"--groups={throwaway_group.gr_gid}", sys.executable, "-I", "-c", FORKING_CLIENT,
+                                   shared.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        assert client.wait(timeout=60) == 0, client.stderr.read() if client.stderr else ""
+        assert not Path(f"/proc/{client.pid}").exists()
+    finally:
+        os.kill(shared.proc.pid, signal.SIGCONT)
+    out, _ = client.communicate(timeout=60)
+
+    reply = json.loads(out)
+    assert reply["result"]["cost_per_unit_hour"] == 0.5, reply
+
+
+@pytest.mark.parametrize("others", [100, 300])
+def test_admin_rights_come_through_a_supplementary_group_among_hundreds(
+        shared: DaemonProcess, throwaway_group: grp.struct_group, others: int) -> None:
+    # 300 groups are more than SO_PEERGROUPS can hand Python's getsockopt (256): those come from /proc.
+    many = (*range(70_000, 70_000 + others), throwaway_group.gr_gid)
+
+    [set_cost] = as_other_user(shared.socket, [
+        {"method": "resources.set_cost", "params": {"name": "licence", "cost_per_unit_hour": 0.75}}], groups=many)
+
+    assert set_cost["result"]["cost_per_unit_hour"] == 0.75, set_cost
