@@ -73,7 +73,7 @@ from mcpresd.server import (
 )
 from mcpresd.service import Broker, Confine, Outbox
 from mcpresd.watch import HolderWatch, send_signal
-from mcpresd.store import CorruptDatabase, MigrationFailed, Store
+from mcpresd.store import MIGRATION_HEARTBEAT_S, CorruptDatabase, MigrationFailed, Store
 
 FACTORY_OUTPUT_LIMIT = 64 * 1024
 """The most of a factory command's stdout that is kept (its description is the last line)."""
@@ -209,9 +209,16 @@ class Daemon:
         self._links = [r.name[4:] for r in found if r.name.startswith("net:")]
         return found
 
+    def _migrating(self, elapsed: float) -> None:
+        """A migration still runs: say so, and keep systemd from killing the start for taking long."""
+        log.info("still migrating the database (%.0f s)", elapsed)
+        self.notifier.extend_start(3 * MIGRATION_HEARTBEAT_S, f"migrating the database ({elapsed:.0f} s so far)")
+
     def _open_store(self) -> Store:
         """Open (create, migrate) the database; the lock and the socket are already ours."""
         Store.migrate_in_child = True
+        if self.notifier.enabled:
+            Store.migration_heartbeat = self._migrating
         database = self.config.database
         identity = None
         if self.lock is not None and self._database_dir is not None:

@@ -56,6 +56,12 @@ class Notifier:
     def reloading(self) -> bool:
         return self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
+    def extend_start(self, seconds: float, status: str) -> bool:
+        """Ask for `seconds` more of the start timeout from now (EXTEND_TIMEOUT_USEC, systemd >= 236): a start
+        that is slow but progressing (a long migration) is not killed by TimeoutStartSec; the next extension
+        must come within `seconds`."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", *_status(status))
+
     def stopping(self) -> bool:
         return self.send("STOPPING=1", "STATUS=shutting down")
 

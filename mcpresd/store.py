@@ -33,7 +33,8 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -699,6 +700,10 @@ class DatabaseGone(StorageError):
     """The database's path no longer names the file the daemon writes (deleted or replaced)."""
 
 
+MIGRATION_HEARTBEAT_S = 10.0
+"""How often a running migration is reported (Store.migration_heartbeat)."""
+
+
 def apply_migrations(conn: sqlite3.Connection) -> None:
     from sqlite_utils import Database
 
@@ -710,6 +715,9 @@ class Store:
 
     migrate_in_child = False
     """Set by the daemon: apply pending migrations in a child process (keeps sqlite-utils out of its memory)."""
+    migration_heartbeat: Callable[[float], None] | None = None
+    """Set by the daemon: called with the seconds so far every MIGRATION_HEARTBEAT_S while that child runs (it
+    asks systemd to extend its start timeout: a large database's migration may outlast TimeoutStartSec)."""
 
     def __init__(self, path: str | Path, *, check_integrity: bool = False, lock: DatabaseLock | None = None,
                  identity: tuple[int, int] | None = None) -> None:
@@ -799,11 +807,20 @@ class Store:
             return  # nothing to do: skip importing sqlite_utils (~5 MiB of RSS and ~60 ms of start-up)
         if self.path != ":memory:" and self.migrate_in_child:
             # A short-lived child applies them, so the long-running daemon never carries sqlite-utils.
-            done = subprocess.run([sys.executable, "-m", "mcpresd.store", self.path], capture_output=True, text=True)
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            child = subprocess.Popen([sys.executable, "-m", "mcpresd.store", self.path], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+            started = time.monotonic()
+            while True:
+                try:
+                    _, stderr = child.communicate(timeout=MIGRATION_HEARTBEAT_S)
+                    break
+                except subprocess.TimeoutExpired:  # communicate() again loses no output
+                    if Store.migration_heartbeat is not None:
+                        Store.migration_heartbeat(time.monotonic() - started)
+            if child.returncode != 0:
+                lines = stderr.strip().splitlines() or [f"exit status {child.returncode}"]
                 failure = MigrationFailed(f"migrating {self.path} failed: {lines[-1]}")
-                failure.sqlite_errorcode = done.returncode
+                failure.sqlite_errorcode = child.returncode
                 raise failure
             return
         apply_migrations(self.conn)

@@ -143,3 +143,32 @@ def test_a_vanished_notify_socket_never_stops_the_daemon(tmp_path: Path) -> None
 
     assert notifier.enabled
     assert not notifier.ready() and not notifier.stopping()
+
+
+def test_a_start_that_is_slow_but_progressing_asks_for_more_time(notify: NotifySocket) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": notify.path})
+
+    assert notifier.extend_start(30, "migrating the database (10 s so far)")
+
+    [message] = notify.wait_for(lambda got: len(got) >= 1)
+    assert message == {"EXTEND_TIMEOUT_USEC": "30000000", "STATUS": "migrating the database (10 s so far)"}
+
+
+def test_a_migration_run_in_a_child_is_reported_while_it_runs(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon migrates in a child process and hears every MIGRATION_HEARTBEAT_S how long it has run (and
+    # extends systemd's start timeout with it); the child's start alone outlasts this test's interval.
+    import mcpresd.store
+    from mcpresd.store import MIGRATIONS, Store
+
+    beats: list[float] = []
+    monkeypatch.setattr(mcpresd.store, "MIGRATION_HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(Store, "migrate_in_child", True)
+    monkeypatch.setattr(Store, "migration_heartbeat", beats.append)
+
+    store = Store(tmp_path / "db.sqlite")
+    try:
+        assert store._applied_migrations() == {m.__name__ for m in MIGRATIONS}
+    finally:
+        store.close()
+    assert beats and beats == sorted(beats) and beats[0] > 0
