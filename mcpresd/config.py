@@ -115,7 +115,8 @@ def default_database_path() -> str:
 _KEYS = {"socket", "database", "socket_mode", "gpu_replay", "memory_reserve", "default_link_speed",
          "log_level", "resources", "scheduler", "monitor", "alerts", "limits", "access", "pools", "retention",
          "enforce", "metrics", "cluster"}
-_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid", "max_pipelined",
+_LIMIT_KEYS = {"max_connections", "max_connections_per_uid", "idle_timeout", "max_queued_per_uid",
+               "max_allocations_per_uid", "max_pipelined",
                "reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid"}
 _LIMIT_SIZES = ("reply_buffer", "batch_reply", "subscriber_buffer", "unread_per_uid")
 MIN_BUFFER = 4096
@@ -320,7 +321,8 @@ def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
     where = f"{path}: [limits]"
     _check_table(table, where, _LIMIT_KEYS)
     counts = {}
-    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid", "max_pipelined"):
+    for key in ("max_connections", "max_connections_per_uid", "max_queued_per_uid", "max_allocations_per_uid",
+                "max_pipelined"):
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
@@ -341,8 +343,10 @@ def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:
         **sizes,
     )
     changes: dict[str, Any] = {"limits": limits}
-    if "max_queued_per_uid" in counts:
-        changes["policy"] = replace(policy, max_queued_per_uid=counts["max_queued_per_uid"])
+    if "max_queued_per_uid" in counts or "max_allocations_per_uid" in counts:
+        changes["policy"] = replace(
+            policy, max_queued_per_uid=counts.get("max_queued_per_uid", policy.max_queued_per_uid),
+            max_allocations_per_uid=counts.get("max_allocations_per_uid", policy.max_allocations_per_uid))
     return changes
 
 
@@ -618,6 +622,7 @@ def as_table(config: Config) -> dict[str, Any]:
     table["limits"] = {"max_connections": limits.max_connections,
                        "max_connections_per_uid": limits.max_connections_per_uid,
                        "idle_timeout": limits.idle_timeout, "max_queued_per_uid": policy.max_queued_per_uid,
+                       "max_allocations_per_uid": policy.max_allocations_per_uid,
                        "max_pipelined": limits.max_pipelined,
                        **{key: getattr(limits, key) for key in _LIMIT_SIZES}}
     table["retention"] = {"events_days": retention.events_days,

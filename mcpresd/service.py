@@ -104,6 +104,9 @@ class Policy:
     preempt_grace: float = 10.0
     default_strategy: str = "first-fit"
     max_queued_per_uid: int = 256
+    max_allocations_per_uid: int = 10_000
+    """Allocations one uid may have queued or active at once (root: no limit): each costs the daemon memory, a
+    holder watch, often a cgroup, and every sampling round's work."""
     pool_interval: float = 1.0
     """How often pools are evaluated for scaling (their tick)."""
     retention: Retention = Retention()
@@ -240,6 +243,7 @@ class Broker:
         """Rebuild the in-memory state from committed state; forget what the rolled-back work meant to send."""
         live = self.store.load_live()
         self.live = {}
+        self._live_by_uid: dict[int, int] = {}  # live allocations per owner: max_allocations_per_uid
         self._queued: dict[str, Allocation] = {}
         self._by_connection: dict[int, set[str]] = {}
         self._by_holder: dict[int, set[str]] = {}
@@ -301,6 +305,8 @@ class Broker:
 
     def _put(self, allocation: Allocation) -> None:
         """Keep `live` (queued and active) and `_queued` in step with an allocation's new value."""
+        if allocation.id not in self.live:
+            self._live_by_uid[allocation.owner_uid] = self._live_by_uid.get(allocation.owner_uid, 0) + 1
         self.live[allocation.id] = allocation
         if allocation.is_queued:
             self._queued[allocation.id] = allocation
@@ -334,7 +340,12 @@ class Broker:
             self._on_gpus.discard(allocation.id)
 
     def _drop(self, allocation: Allocation) -> None:
-        self.live.pop(allocation.id, None)
+        if self.live.pop(allocation.id, None) is not None:
+            left = self._live_by_uid[allocation.owner_uid] - 1
+            if left:
+                self._live_by_uid[allocation.owner_uid] = left
+            else:
+                del self._live_by_uid[allocation.owner_uid]
         self._queued.pop(allocation.id, None)
         self._timed.discard(allocation.id)
         self._on_gpus.discard(allocation.id)
@@ -681,6 +692,11 @@ class Broker:
                     self._attend(earlier.id, caller, waiter)
                 return self.allocation_dict(earlier)
         self.accounts.check(caller.uid, command.tool_id, command.demands)
+        held = self._live_by_uid.get(caller.uid, 0)
+        if held >= self.policy.max_allocations_per_uid and caller.uid != 0:
+            raise LimitExceeded(f"uid {caller.uid} already has {held} allocations queued or active (the limit,"
+                                " [limits] max_allocations_per_uid); release some first",
+                                limit=self.policy.max_allocations_per_uid)
         holder_pid = holder_start = None
         if command.holder_pid is not None:
             holder_pid, holder_start = resolve_holder(command.holder_pid, caller.pid, caller.uid, caller.administers)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,17 @@ def as_other_user(socket_path: str, requests: list[dict[str, Any]], *, groups: t
 def shared(tmp_path: Path, throwaway_group: grp.struct_group) -> Iterator[DaemonProcess]:
     """A root daemon whose socket (0666, in a directory others may enter) uid 65534 can reach; the throwaway
     group is its admin group."""
+    with shared_daemon(tmp_path, f'\n[access]\nadmin_group = "{throwaway_group.gr_name}"\n') as daemon:
+        yield daemon
+
+
+@contextmanager
+def shared_daemon(tmp_path: Path, config: str) -> Iterator[DaemonProcess]:
+    """A root daemon with CONFIG and `config` whose socket (0666, in a directory others may enter) uid 65534
+    can reach."""
     reachable = Path(tempfile.mkdtemp(prefix="permissions-test-"))  # pytest's own tmp dirs are 0700
     reachable.chmod(0o755)
-    daemon = DaemonProcess(tmp_path, config=CONFIG + f'\n[access]\nadmin_group = "{throwaway_group.gr_name}"\n',
-                           extra_args=("--socket-mode", "0666"))
+    daemon = DaemonProcess(tmp_path, config=CONFIG + config, extra_args=("--socket-mode", "0666"))
     daemon.socket = str(reachable / "mcpresd.sock")
     daemon.args[daemon.args.index("--socket") + 1] = daemon.socket
     daemon.start()
@@ -191,3 +199,39 @@ def test_admin_rights_come_through_a_supplementary_group_among_hundreds(
         {"method": "resources.set_cost", "params": {"name": "licence", "cost_per_unit_hour": 0.75}}], groups=many)
 
     assert set_cost["result"]["cost_per_unit_hour"] == 0.75, set_cost
+
+
+LIMITED_CLIENT = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+stream = sock.makefile("rwb")
+def call(method, params):
+    stream.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\\n")
+    stream.flush()
+    return json.loads(stream.readline())
+one = {"resources": [{"resource": "licence", "amount": 0.5}]}
+first, second, third = call("allocate", one), call("allocate", one), call("allocate", one)
+released = call("release", {"id": first["result"]["id"]})
+json.dump([first, second, third, released, call("allocate", one)], sys.stdout)
+"""
+
+
+def test_allocations_per_uid_are_limited_and_root_is_not(tmp_path: Path) -> None:
+    with shared_daemon(tmp_path, "\n[limits]\nmax_allocations_per_uid = 2\n") as daemon:
+        done = subprocess.run(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", sys.executable,
+                               "-I", "-c", LIMITED_CLIENT, daemon.socket], capture_output=True, text=True, timeout=60,
+                              cwd="/")
+        assert done.returncode == 0, done.stderr
+        first, second, third, released, fourth = json.loads(done.stdout)
+
+        assert first["result"]["state"] == second["result"]["state"] == "active"
+        assert third["error"]["code"] == ErrorCode.LIMIT_EXCEEDED, third
+        assert "2 allocations queued or active" in third["error"]["message"]
+        assert "max_allocations_per_uid" in third["error"]["message"]
+        assert released["result"]["state"] == "released" and fourth["result"]["state"] == "active"
+        for _ in range(3):  # root: no limit
+            granted = daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}],
+                                               "holder_pid": os.getpid()})
+            assert granted["state"] == "active"

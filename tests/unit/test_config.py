@@ -78,6 +78,8 @@ def test_options_override_the_file(tmp_path: Path) -> None:
     ("[limits]\nreply_buffer = '1K'", "reply_buffer must be at least 4096"),
     ("[limits]\nsubscriber_buffer = 0", "subscriber_buffer"),
     ("[limits]\nmax_pipelined = 0", "max_pipelined must be a whole number"),
+    ("[limits]\nmax_allocations_per_uid = 0", "max_allocations_per_uid must be a whole number from 1"),
+    ("[limits]\nmax_allocations_per_uid = true", "max_allocations_per_uid must be a whole number from 1"),
 ])
 def test_bad_config_is_refused_with_a_message_naming_the_problem(tmp_path: Path, text: str, complaint: str) -> None:
     with pytest.raises(config.ConfigError, match=complaint):

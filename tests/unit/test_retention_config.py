@@ -23,9 +23,12 @@ def test_retention_defaults_keep_90_days_and_keys_for_a_day(tmp_path: Path) -> N
 
 def test_retention_is_read_beside_the_scheduler_settings(tmp_path: Path) -> None:
     loaded = load(tmp_path, '[scheduler]\naging_interval = "1m"\n[retention]\nevents_days = 7\n'
-                            'ended_allocations_days = 0\nkey_expiry = "30m"\n[limits]\nmax_queued_per_uid = 9\n')
+                            'ended_allocations_days = 0\nkey_expiry = "30m"\n[limits]\nmax_queued_per_uid = 9\n'
+                            'max_allocations_per_uid = 50\n')
     assert loaded.policy.retention == Retention(events_days=7, ended_allocations_days=0, key_expiry=1800)
     assert loaded.policy.aging_interval == 60 and loaded.policy.max_queued_per_uid == 9
+    assert loaded.policy.max_allocations_per_uid == 50
+    assert load(tmp_path, "").policy.max_allocations_per_uid == 10_000
     assert loaded.policy.retention.allocations_before(1e9) is None, "0 keeps for ever"
 
 
