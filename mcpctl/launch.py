@@ -26,17 +26,20 @@ Standard library and `mcpresd.protocol` only.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
-from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
+    from collections.abc import Sequence
     from resource import struct_rusage
     from types import FrameType
     from typing import Any
+else:
+    # `signal` without its enums: `import signal` imports `enum` (with `collections`, `functools`, ...), ~5 ms of
+    # every `mcpctl run`; its C half has the same functions and constants (as plain ints) and is all run needs.
+    import _signal as signal
 
 from mcpctl import exitcodes
 from mcpctl.actions import (
@@ -51,7 +54,7 @@ from mcpctl.actions import (
     warn_risks,
 )
 from mcpctl.client import Client, DaemonUnreachable, RpcError
-from mcpresd.protocol import ErrorCode, Method
+from mcpresd.protocol import ALLOCATION_NOT_FOUND, ALREADY_RELEASED, RELEASE, decode_line, encode_line
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 RESET_IN_CHILD = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores SIGPIPE/SIGXFSZ; exec keeps that
@@ -99,6 +102,8 @@ def run_command(socket_path: str, options: AllocateOptions, argv: Sequence[str],
 
 def _say_if_oom_killed(socket_path: str, allocation: dict[str, Any], retry_for: float) -> None:
     """The command was SIGKILLed in a hard allocation: if it was for memory, say so and by how much."""
+    from mcpresd.protocol import Method
+
     try:
         with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
             client.call(Method.ALLOCATIONS_GET, {"id": allocation["id"]})  # a step's OOM kill is recorded now
@@ -134,6 +139,8 @@ def run_step(socket_path: str, allocation_id: str, argv: Sequence[str], retry_fo
     if child == 0:
         _become_command(read_end, write_end, list(argv))
     os.close(read_end)
+    from mcpresd.protocol import Method
+
     try:
         with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
             allocation: dict[str, Any] = client.call(Method.ALLOCATIONS_ATTACH, {"id": allocation_id, "pid": child})
@@ -163,7 +170,12 @@ def step_environment(allocation: dict[str, Any]) -> dict[str, str]:
     cluster = allocation.get("cluster")
     if not isinstance(cluster, dict) or not cluster.get("step_command"):
         return run_environment(allocation)
-    return {"MCPRES_ALLOCATION_ID": allocation["id"], STEP_PREFIX: json.dumps(cluster["step_command"])}
+    return {"MCPRES_ALLOCATION_ID": allocation["id"], STEP_PREFIX: _dumps(cluster["step_command"])}
+
+
+def _dumps(value: Any) -> str:
+    """`value` as JSON text, without importing `json` (and with it `re` and `enum`: several ms of every run)."""
+    return encode_line(value)[:-1].decode()
 
 
 def measured_of(usage: struct_rusage) -> dict[str, float]:
@@ -210,11 +222,11 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
         os.close(read_end)
         if not data:
             os._exit(exitcodes.ERROR)  # no allocation: the parent says why
-        handed = json.loads(data)
+        handed = decode_line(data)
         os.environ.update(handed["environment"])
         prefix = os.environ.pop(STEP_PREFIX, None)
         if prefix is not None:  # a cluster job's step: srun ... -- argv
-            argv = [*json.loads(prefix), *argv]
+            argv = [*decode_line(prefix.encode()), *argv]
         run = argv
         if handed.get("scope") is not None:
             import shutil
@@ -248,7 +260,7 @@ def _hand_over_and_wait(child: int, write_end: int, environment: dict[str, str],
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
         try:
-            os.write(write_end, json.dumps({"environment": environment, "scope": scope}).encode())
+            os.write(write_end, encode_line({"environment": environment, "scope": scope}))
         except BrokenPipeError:
             pass  # the child is gone already; waitpid says how
         finally:
@@ -280,9 +292,9 @@ def _release(socket_path: str, allocation_id: str, retry_for: float, measured: d
     """Release after the command, with what it used; the daemon may have seen the holder exit and released it."""
     try:
         with Client(socket_path, timeout=10.0, retry_for=retry_for) as client:
-            client.call(Method.RELEASE, {"id": allocation_id, "measured": measured})
+            client.call(RELEASE, {"id": allocation_id, "measured": measured})
     except RpcError as error:
-        if error.code not in (ErrorCode.ALREADY_RELEASED, ErrorCode.ALLOCATION_NOT_FOUND):
+        if error.code not in (ALREADY_RELEASED, ALLOCATION_NOT_FOUND):
             rpc_failure(error)
     except DaemonUnreachable as error:
         print(f"mcpctl: could not release {allocation_id}: {error}", file=sys.stderr)

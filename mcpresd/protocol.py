@@ -61,10 +61,15 @@ MIN_QUANTITY = 1e-9
 # Method, ErrorCode, Priority and the other enums are defined in mcpresd/protocol_enums.py and load on
 # their first use here (`from mcpresd.protocol import Method` works as ever): `enum` costs ~4 ms to import,
 # more than a whole `mcpctl allocate` adds to Python's start-up. The two methods that command and
-# `mcpctl release` send on every call are plain strings, and Method takes them from here.
+# `mcpctl release` send on every call are plain strings, and Method takes them from here (as ErrorCode does
+# the two codes `mcpctl run` expects).
 
 ALLOCATE = "allocate"
 RELEASE = "release"
+ALLOCATION_NOT_FOUND = 1003
+ALREADY_RELEASED = 1004
+"""The codes `mcpctl run`'s closing release expects (the daemon saw the command exit first); ErrorCode takes
+them from here."""
 
 ENUMS = ("Method", "ErrorCode", "Priority", "AllocationState", "EnforceMode", "Strategy", "Objective", "PoolState",
          "FactoryKind", "Period", "BudgetScope", "ResourceType")

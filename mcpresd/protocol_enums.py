@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-from mcpresd.protocol import ALLOCATE, RELEASE
+from mcpresd.protocol import ALLOCATE, ALLOCATION_NOT_FOUND, ALREADY_RELEASED, RELEASE
 
 
 class Method(StrEnum):
@@ -64,8 +64,8 @@ class ErrorCode(IntEnum):
 
     UNKNOWN_RESOURCE = 1001
     INSUFFICIENT_CAPACITY = 1002
-    ALLOCATION_NOT_FOUND = 1003
-    ALREADY_RELEASED = 1004
+    ALLOCATION_NOT_FOUND = ALLOCATION_NOT_FOUND
+    ALREADY_RELEASED = ALREADY_RELEASED
     RESOURCE_EXISTS = 1005
     RESOURCE_IN_USE = 1006
     IDEMPOTENCY_CONFLICT = 1007

@@ -162,6 +162,22 @@ def test_the_installed_allocate_and_release_import_nothing_slow(daemon: DaemonPr
     assert by_release & SLOW_IMPORTS == set()
 
 
+def test_the_installed_run_imports_nothing_slow(daemon: DaemonProcess) -> None:
+    """`mcpctl run -- CMD`, the command an agent's every tool call may go through: no `json`, `signal` (its enums)
+    or `collections` either; also when the closing release finds the allocation released already (as usual)."""
+    env = dict(os.environ, MCPRES_SOCKET=daemon.socket, PYTHONPATH=str(ROOT))
+    mcpctl = str(Path(sys.executable).parent / "mcpctl")
+
+    done = subprocess.run([sys.executable, "-S", "-X", "importtime", mcpctl, "run", "--res", "slot=1", "--", "sh",
+                           "-c", "exit 7"], capture_output=True, text=True, env=env, timeout=60)
+
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert done.returncode == 7, done.stderr
+    assert "mcpctl.launch" in imported
+    assert imported & (SLOW_IMPORTS | {"signal", "mcpresd.protocol_enums"}) == set()
+
+
 @pytest.mark.parametrize("args", [["--res", "slot=1", "--priority", "urgent"], ["--res", "slot=1", "--enforce", "tight"],
                                   ["--res", "slot=1", "--strategy", "fastest"], ["--res", "slot=1", "--holder-pid", "0"],
                                   ["--res", "slot=1", "--json", "--env"], ["--res", "slot=1", "--bogus"],
