@@ -1,4 +1,5 @@
-"""Whole-process `mcpctl allocate` and `mcpctl release`, beside `python -c pass` from the same interpreter.
+"""Whole-process `mcpctl allocate`, `mcpctl release` and `mcpctl run`, beside `python -c pass` from the same
+interpreter.
 
 Run:  .venv/bin/python bench/bench_cli.py [--runs 30] [--before REF]
 
@@ -7,7 +8,8 @@ once at install), starts mcpresd on temporary paths with one custom resource, an
 so that the machine's noisy neighbours weigh on every command alike:
 - `python -c pass` (the floor: the interpreter's own start-up, site and .pth files included),
 - `mcpctl allocate --res slots=1` (prints the id) and `mcpctl release ID`,
-- with --before REF, the same two commands from REF (`git archive`), installed into a second virtualenv.
+- `mcpctl run --res slots=1 -- true` (allocate, fork, exec, wait, release: what wraps an agent's tool call),
+- with --before REF, the same commands from REF (`git archive`), installed into a second virtualenv.
 Each figure is the median of --runs whole processes (wall clock, and CPU time from the children's rusage),
 with its ratio to the floor; issue 15's target is at most 1.5x. PYTHONDONTWRITEBYTECODE is dropped.
 """
@@ -100,6 +102,8 @@ def main() -> None:
                     allocation = timings.run(f"mcpctl allocate{suffix}",
                                              [str(bindir / "mcpctl"), "allocate", "--res", "slots=1"])
                     timings.run(f"mcpctl release{suffix}", [str(bindir / "mcpctl"), "release", allocation])
+                    timings.run(f"mcpctl run -- true{suffix}",
+                                [str(bindir / "mcpctl"), "run", "--res", "slots=1", "--", "true"])
                 if warm:
                     timings.wall.clear()
                     timings.cpu.clear()
