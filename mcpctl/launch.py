@@ -51,6 +51,7 @@ from mcpctl.actions import (
     warn_risks,
 )
 from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpctl.escape import printable
 from mcpresd.protocol import ErrorCode, Method
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -285,7 +286,7 @@ def _release(socket_path: str, allocation_id: str, retry_for: float, measured: d
         if error.code not in (ErrorCode.ALREADY_RELEASED, ErrorCode.ALLOCATION_NOT_FOUND):
             rpc_failure(error)
     except DaemonUnreachable as error:
-        print(f"mcpctl: could not release {allocation_id}: {error}", file=sys.stderr)
+        print(f"mcpctl: could not release {allocation_id}: {printable(error)}", file=sys.stderr)
 
 
 def _exit_code(status: int) -> int:

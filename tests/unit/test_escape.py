@@ -40,3 +40,10 @@ def test_an_escape_reads_back_as_the_string_it_shows() -> None:
 
 def test_values_other_than_strings_are_shown_as_str_gives_them() -> None:
     assert (printable(None), printable(3), printable(2.5)) == ("None", "3", "2.5")
+
+
+def test_an_error_message_keeps_its_lines_and_shows_the_controls_in_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcpctl.actions import fail
+
+    assert fail("no pool named 'p\u202e\x9b'\n  looked for: here", 3) == 3
+    assert capsys.readouterr().err == "mcpctl: no pool named 'p\\u202e\\x9b'\n  looked for: here\n"
