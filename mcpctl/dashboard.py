@@ -89,7 +89,7 @@ def sort_active(active: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]
 
 
 def plain(lines: list[Line]) -> str:
-    return "\n".join("".join(text for text, _ in line).rstrip() for line in lines)
+    return "\n".join(printable("".join(text for text, _ in line).rstrip()) for line in lines)
 
 
 # -- the header -------------------------------------------------------------
@@ -200,9 +200,10 @@ def details(resource: dict[str, Any], values: dict[str, Any], room: int,
         parts.append((f"{amount_text(resource['allocated'], resource['unit'])} of "
                       f"{amount_text(resource['capacity'], resource['unit'])}", ""))
     if wide and health.get("reasons") and isinstance(score, (int, float)) and score < 100:
-        parts.append(("why: " + printable("; ".join(map(str, health["reasons"]))), "dim"))
+        parts.append(("why: " + "; ".join(health["reasons"]), "dim"))
     line: Line = []
-    for part in parts:
+    for text, style in parts:
+        part = (printable(text), style)  # a custom resource's unit is an admin's
         if _width(line) + (2 if line else 0) + _width([part]) > room:
             break
         if line:

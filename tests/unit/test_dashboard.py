@@ -77,8 +77,10 @@ def hostile_snapshot() -> Snapshot:
     disk = {"name": "disk:/mnt/\x1b[2Jx", "type": "disk", "capacity": 100.0, "allocated": 0.0, "free": 100.0,
             "unit": "bytes", "labels": {}, "uuid": None,
             "health": {"score": 40, "reasons": ["\x1b]8;;http://evil.example/\x1b\\click\x1b]8;;\x1b\\"]}}
+    seats = {"name": "seats", "type": "custom", "capacity": 4.0, "allocated": 1.0, "free": 3.0,
+             "unit": "[b]u\x9b\u202e", "labels": {}, "uuid": None}
     active = allocation(1, tool=HOSTILE_TOOL) | {"execution_id": "run\u2066é\u2069"}
-    return Snapshot(resources=[disk], metrics={}, alerts=[], active=[active], queued=[])
+    return Snapshot(resources=[disk, seats], metrics={}, alerts=[], active=[active], queued=[])
 
 
 def test_top_shows_hostile_strings_escaped_and_ordinary_text_as_it_is() -> None:
@@ -89,6 +91,7 @@ def test_top_shows_hostile_strings_escaped_and_ordinary_text_as_it_is() -> None:
     assert "\\x1b]8;;http://evil.example/\\x1b\\click" in text
     assert "[b]x[/b]\\x9b\\u202eé中" in text
     assert "run\\u2066é\\u2069" in text
+    assert "1 [b]u\\x9b\\u202e of 4 [b]u\\x9b\\u202e" in text
 
 
 def test_top_on_a_terminal_prints_no_escape_sequence_from_the_data() -> None:
