@@ -56,7 +56,7 @@ def hostile(tmp_path: Path) -> Iterator[DaemonProcess]:
     daemon.start()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        ok(daemon, "allocate", "--res", "slot=1", "--tool", TOOL, "--exec", EXECUTION, "--holder-pid", str(holder.pid))
+        ok(daemon, "allocate", "--res", "slot=1", "--res", "licence=2", "--tool", TOOL, "--exec", EXECUTION, "--holder-pid", str(holder.pid))
         ok(daemon, "resource", "add", RESOURCE, "--capacity", "3", "--unit", UNIT, "--label", f"k={LABEL}")
         ok(daemon, "pool", "create", POOL, "--factory", "slots", "--parent", "slot", "--slot-size", "1", "--max", "2")
         yield daemon
@@ -101,6 +101,15 @@ def test_events_show_the_admins_unit_and_label_escaped_and_the_markup_as_typed(h
     assert "lic:[reverse]R[/]\\x9b\\u202eé中文" in out
 
 
+def test_explain_names_the_blocking_tool_escaped(hostile: DaemonProcess) -> None:
+    queued = ok(hostile, "allocate", "--res", "licence=1", "--wait", "forever", "--no-block").strip()
+
+    out = ok(hostile, "explain", queued)
+
+    assert_safe(out)
+    assert f"tool {MARKUP} :thumbs_up: \\x9b31mC1\\u202eRTL\\x85 é中文" in out
+
+
 def test_json_keeps_every_string_exact(hostile: DaemonProcess) -> None:
     allocations = ok(hostile, "allocations", "--json")
     resources = json.loads(ok(hostile, "resources", "--json"))
@@ -141,3 +150,7 @@ def test_alerts_follow_shows_the_holders_tool_id_escaped(monitored_hostile: Daem
     assert line is not None
     assert_safe(line)
     assert f"tool {MARKUP} :thumbs_up: \\x9b31mC1\\u202eRTL\\x85 é中文" in line
+    code, screen = on_terminal_raw(monitored_hostile, "alerts", "--all", columns=250, lines=50)
+    assert code == 0
+    assert_safe(screen)
+    assert f"tool {MARKUP} :thumbs_up: \\x9b31mC1\\u202eRTL\\x85 é中文" in shown(screen)
