@@ -131,8 +131,8 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: 
           footer: Sequence[str] | None = None) -> None:
     """A plain Rich table of text cells: `right` names the right-aligned columns, `styles` gives each row's style,
     `footer` is a last row set apart (totals)."""
-    grid = Table(header_style="bold", box=box.SIMPLE_HEAD, title=None if title is None else printable(title), title_justify="left",
-                 title_style="bold", show_footer=footer is not None)
+    grid = Table(header_style="bold", box=box.SIMPLE_HEAD, title=None if title is None else printable(title),
+                 title_justify="left", title_style="bold", show_footer=footer is not None)
     for index, header in enumerate(headers):
         grid.add_column(header, justify="right" if header in right else "left",
                         footer=printable(footer[index]) if footer is not None else "")

@@ -56,7 +56,8 @@ def hostile(tmp_path: Path) -> Iterator[DaemonProcess]:
     daemon.start()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        ok(daemon, "allocate", "--res", "slot=1", "--res", "licence=2", "--tool", TOOL, "--exec", EXECUTION, "--holder-pid", str(holder.pid))
+        ok(daemon, "allocate", "--res", "slot=1", "--res", "licence=2", "--tool", TOOL, "--exec", EXECUTION,
+           "--holder-pid", str(holder.pid))
         ok(daemon, "resource", "add", RESOURCE, "--capacity", "3", "--unit", UNIT, "--label", f"k={LABEL}")
         ok(daemon, "pool", "create", POOL, "--factory", "slots", "--parent", "slot", "--slot-size", "1", "--max", "2")
         yield daemon
