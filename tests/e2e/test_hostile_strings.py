@@ -85,6 +85,14 @@ def test_resources_and_pools_on_a_terminal_show_names_units_and_labels_escaped(h
     assert "p\\x9b\\u202eé中文" in shown(on_terminal_raw(hostile, "pools", columns=250, lines=50)[1])
 
 
+def test_top_on_a_terminal_shows_the_execution_id_escaped(hostile: DaemonProcess) -> None:
+    code, screen = on_terminal_raw(hostile, "top", "--once", columns=250, lines=50)
+
+    assert code == 0
+    assert_safe(screen)
+    assert "run[bold]\\u2066é中文" in shown(screen)
+
+
 @pytest.mark.parametrize("args", [("allocations",), ("allocations", "-o", "id,tool"), ("events",), ("resources",),
                                   ("pools",), ("pool", "show", POOL)],
                          ids=["allocations", "allocations -o", "events", "resources", "pools", "pool show"])
