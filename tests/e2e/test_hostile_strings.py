@@ -10,15 +10,19 @@ controls as their escapes, and ordinary Unicode (é, 中文) as it is. `--json` 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DaemonProcess, cli, ok
+from tests.integration.test_access import NOBODY, nobodys_process  # noqa: F401 - a fixture
 from tests.e2e.test_monitor_cli import ALERT_S, CONFIG as MONITOR_CONFIG, Lines, ended, follower, on_terminal_raw
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +95,34 @@ def test_top_on_a_terminal_shows_the_execution_id_escaped(hostile: DaemonProcess
     assert code == 0
     assert_safe(screen)
     assert "run[bold]\\u2066é中文" in shown(screen)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: another user allocates (setpriv)")
+def test_another_users_tool_id_reaches_roots_terminal_escaped(nobodys_process: int) -> None:
+    """The report as found: nobody (uid 65534) allocates with a hostile tool id; root lists allocations."""
+    base = Path(tempfile.mkdtemp(prefix="hostile-strings-"))  # pytest's own temporary directory is root's alone
+    base.chmod(0o755)
+    daemon = DaemonProcess(base, extra_args=("--socket-mode", "0666"))
+    try:
+        daemon.start()
+        theirs = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                 str(Path(sys.executable).parent / "mcpctl"), "allocate", "--res", "slot=1",
+                                 "--tool", TOOL, "--holder-pid", str(nobodys_process)],
+                                capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, MCPRES_SOCKET=daemon.socket))
+        assert theirs.returncode == 0, theirs.stderr
+        [listed] = json.loads(ok(daemon, "allocations", "--json"))
+        assert (listed["id"], listed["owner_uid"], listed["tool_id"]) == (theirs.stdout.strip(), NOBODY, TOOL)
+
+        code, screen = on_terminal_raw(daemon, "allocations", columns=250, lines=50)
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    assert code == 0
+    assert_safe(screen)
+    assert f"{MARKUP} :thumbs_up: \\x9b31mC1\\u202eRTL\\x85 é中文" in shown(screen)
 
 
 @pytest.mark.parametrize("args", [("allocations",), ("allocations", "-o", "id,tool"), ("events",), ("resources",),
