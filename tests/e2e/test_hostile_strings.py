@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DaemonProcess, cli, ok
-from tests.integration.test_access import NOBODY, nobodys_process  # noqa: F401 - a fixture
+from tests.conftest import DaemonProcess, ok
 from tests.e2e.test_monitor_cli import ALERT_S, CONFIG as MONITOR_CONFIG, Lines, ended, follower, on_terminal_raw
+from tests.integration.test_access import NOBODY, nobodys_process  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.e2e
 
