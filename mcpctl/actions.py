@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from mcpctl import exitcodes
 from mcpctl.client import Client, DaemonUnreachable, RpcError, UntrustedDaemon, backoff_delays
+from mcpctl.escape import printable
 from mcpresd.protocol import (
     ALLOCATE,
     POOL_PREFIX,
@@ -451,7 +452,8 @@ def env_lines(allocation: dict[str, Any]) -> list[str]:
 
 
 def fail(message: str, code: int) -> int:
-    print(f"mcpctl: {message}", file=sys.stderr)
+    """`message` on stderr, its lines `printable` (names in it come from the daemon), and `code` to exit with."""
+    print("mcpctl: " + "\n".join(map(printable, message.split("\n"))), file=sys.stderr)
     return code
 
 
@@ -474,7 +476,7 @@ def rpc_failure(error: RpcError) -> int:
     named = hint.partition("`")[2].partition("`")[0]
     if hint.strip() in error.message or (named and f"`{named}`" in error.message):
         hint = ""  # the daemon's message points there already
-    return fail(error.message + hint, exitcodes.for_error(error.code))
+    return fail(printable(error.message) + hint, exitcodes.for_error(error.code))
 
 
 def with_iso_times(data: Any) -> Any:
@@ -525,7 +527,7 @@ def warn_risks(allocation: dict[str, Any]) -> None:
     """On a terminal, the daemon's risk notes on a grant (a GPU busy outside mcpres, throttling) as warnings."""
     if sys.stderr.isatty():
         for note in allocation.get("risks") or ():
-            print(f"mcpctl: warning: {note}", file=sys.stderr)
+            print(f"mcpctl: warning: {printable(note)}", file=sys.stderr)
 
 
 def unreachable(error: DaemonUnreachable) -> int:
@@ -605,7 +607,7 @@ def _announce_queued(socket_path: str, key: str, limit: float | None, waiting: C
     if found is None and waiting.ready(0):
         return
     how_long = "with no time limit" if limit is None else f"up to {format_duration(limit)}"
-    name = f" as {found}" if found else ""
+    name = f" as {printable(found)}" if found else ""
     print(f"mcpctl: queued{name}, waiting ({how_long})...", file=sys.stderr, flush=True)
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any, NoReturn
 
+from mcpctl.escape import printable
 from mcpresd.protocol import (
     EVENT_NOTIFICATION,
     JSONRPC,
@@ -227,8 +228,8 @@ class Client:
     def say_waiting(self, error: DaemonUnreachable) -> None:
         if self.announce_waits:
             how_long = "with no time limit" if self.retry_for == float("inf") else f"for up to {self.retry_for:g}s"
-            print(f"mcpctl: cannot reach mcpresd at {self.path} ({error.reason}); retrying {how_long} "
-                  "(--retry-for, $MCPRES_RETRY_FOR; 0 fails at once)", file=sys.stderr, flush=True)
+            print(f"mcpctl: cannot reach mcpresd at {printable(self.path)} ({printable(error.reason)}); "
+                  f"retrying {how_long} (--retry-for, $MCPRES_RETRY_FOR; 0 fails at once)", file=sys.stderr, flush=True)
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one request; read its answer with `reply`."""

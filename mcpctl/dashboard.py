@@ -13,6 +13,9 @@ Rules:
   counted away while there is room for them; the active ones follow in the
   order asked (`SORTS`), from the scroll `offset` on.
 - A value the device does not offer reads "n/a", a failed read "?", never 0.
+- Every string from the daemon is `printable` before it is measured: a control
+  character in a name or a reason is shown escaped, and counted as wide as
+  its escape.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import unicodedata
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from mcpctl.escape import printable
 from mcpctl.view import (LEVEL_STYLES, UNSUPPORTED, age, alert_value_text, amount_text, metric_text, number_text,
                          pressure_text, used_text)
 
@@ -85,7 +89,7 @@ def sort_active(active: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]
 
 
 def plain(lines: list[Line]) -> str:
-    return "\n".join("".join(text for text, _ in line).rstrip() for line in lines)
+    return "\n".join(printable("".join(text for text, _ in line).rstrip()) for line in lines)
 
 
 # -- the header -------------------------------------------------------------
@@ -97,7 +101,7 @@ def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: 
     sampled = metrics.get("ts")
     parts: list[Segment] = [(TITLE, "bold"), ("  " + datetime.datetime.fromtimestamp(now).strftime("%H:%M:%S"), "")]
     if note:
-        parts.append(("  " + note, "bold red"))
+        parts.append(("  " + printable(note), "bold red"))
     parts.append((f"  {firing} firing" if firing else "  no alerts", "bold red" if firing else "green"))
     parts.append((f"  {len(snapshot.active)} active, {len(snapshot.queued)} queued", ""))
     parts.append((f"  {len(snapshot.resources)} resources", "dim"))
@@ -118,7 +122,7 @@ def header(snapshot: Snapshot, width: int, now: float, interval: float, firing: 
 def resource_rows(snapshot: Snapshot, width: int, ascii_only: bool) -> tuple[Line, list[Line]]:
     readings: dict[str, dict[str, Any]] = snapshot.metrics.get("resources") or {}
     processes: dict[str, list[dict[str, Any]]] = snapshot.metrics.get("processes") or {}
-    name_w = max(8, min(width // 5, max((len(r["name"]) for r in snapshot.resources), default=8)))
+    name_w = max(8, min(width // 5, max((len(printable(r["name"])) for r in snapshot.resources), default=8)))
     fixed = name_w + 1 + 1 + 4 + 2 + 1 + 4 + 2
     bar_w = max(4, min(24, (width - fixed - 30) // 2))
     detail_w = width - fixed - 2 * bar_w
@@ -128,7 +132,7 @@ def resource_rows(snapshot: Snapshot, width: int, ascii_only: bool) -> tuple[Lin
     for resource in snapshot.resources:
         values = readings.get(resource["name"], {})
         allocated = 100.0 * resource["allocated"] / resource["capacity"] if resource["capacity"] else 0.0
-        line: Line = [(_cell(resource["name"], name_w) + " ", "bold")]
+        line: Line = [(_cell(printable(resource["name"]), name_w) + " ", "bold")]
         line += _bar(allocated, bar_w, "cyan", ascii_only)
         line.append(("  ", ""))
         line += _bar(measured(resource, values), bar_w, None, ascii_only)
@@ -198,7 +202,8 @@ def details(resource: dict[str, Any], values: dict[str, Any], room: int,
     if wide and health.get("reasons") and isinstance(score, (int, float)) and score < 100:
         parts.append(("why: " + "; ".join(health["reasons"]), "dim"))
     line: Line = []
-    for part in parts:
+    for text, style in parts:
+        part = (printable(text), style)  # a custom resource's unit is an admin's
         if _width(line) + (2 if line else 0) + _width([part]) > room:
             break
         if line:
@@ -309,6 +314,7 @@ def _table(headers: list[str], rows: list[list[Segment]], width: int, flex: int,
            caps: dict[int, int] | None = None) -> tuple[Line, list[Line]]:
     """Columns as wide as their cells (capped at 24, or `caps` by index), the `flex` one giving way first, then
     cells cropped."""
+    rows = [[(printable(text), style) for text, style in row] for row in rows]
     widths = [min((caps or {}).get(i, 24), max([len(h), *(_width([row[i]]) for row in rows)]))
               for i, h in enumerate(headers)]
     widths[flex] = max([len(headers[flex]), *(_width([row[flex]]) for row in rows)])

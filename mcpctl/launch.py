@@ -54,6 +54,7 @@ from mcpctl.actions import (
     warn_risks,
 )
 from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpctl.escape import printable
 from mcpresd.protocol import ALLOCATION_NOT_FOUND, ALREADY_RELEASED, RELEASE, decode_line, encode_line
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -297,7 +298,7 @@ def _release(socket_path: str, allocation_id: str, retry_for: float, measured: d
         if error.code not in (ALREADY_RELEASED, ALLOCATION_NOT_FOUND):
             rpc_failure(error)
     except DaemonUnreachable as error:
-        print(f"mcpctl: could not release {allocation_id}: {error}", file=sys.stderr)
+        print(f"mcpctl: could not release {allocation_id}: {printable(error)}", file=sys.stderr)
 
 
 def _exit_code(status: int) -> int:

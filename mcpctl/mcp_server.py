@@ -45,6 +45,7 @@ from typing_extensions import TypedDict
 from mcpctl.actions import format_duration, run_environment
 from mcpctl.client import DaemonUnreachable, RpcError
 from mcpctl.commands.explain import explanation_lines
+from mcpctl.escape import printable
 from mcpresd.protocol import (
     JSONRPC,
     MAX_BATCH,
@@ -590,15 +591,22 @@ def refusal(error: RpcError | DaemonUnreachable) -> CallToolResult:
         if error.code == ErrorCode.INSUFFICIENT_CAPACITY:
             text += ("\nnothing was allocated: ask for less, pass wait (seconds) to queue for it, "
                      "or see host_status for what is free")
-    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+    return CallToolResult(content=[shown(text)], is_error=True)
 
 
 def mistake(text: str) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+    return CallToolResult(content=[shown(text)], is_error=True)
 
 
 def result(text: str, structured: Any) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=dict(structured))
+    return CallToolResult(content=[shown(text)], structured_content=dict(structured))
+
+
+def shown(text: str) -> TextContent:
+    """A tool's text, each line `printable`: what other users named (tool ids, resources, pools) can carry bidi
+    overrides, C1 controls and invisible tag characters, meant for whoever reads the text; the structured
+    content keeps them exact."""
+    return TextContent(type="text", text="\n".join(map(printable, text.split("\n"))))
 
 
 def demands(cpu: float | None, mem: str | int | None, gpu: float | None,

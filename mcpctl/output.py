@@ -15,6 +15,7 @@ import typer
 from mcpctl import exitcodes
 from mcpctl.actions import fail, format_duration, rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpctl.escape import printable
 from mcpresd.protocol import UnitError, parse_duration
 
 
@@ -91,6 +92,9 @@ def fancy() -> bool:
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, show_headers: bool = True) -> None:
+    """Columns of text for a pipe, each cell `printable`: a control character in a name is shown escaped."""
+    headers = [printable(h) for h in headers]
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(h)) if show_headers else 0, *(len(str(r[i])) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     for line in [headers, *rows] if show_headers else rows:

@@ -1,4 +1,12 @@
-"""Rich renderables built from the API's result dicts. Imported only when printing to a terminal."""
+"""Rich renderables built from the API's result dicts. Imported only when printing to a terminal.
+
+Rules:
+- The console reads no markup and no emoji codes: a tool id such as `[link=http://evil.example/]x[/link]` or
+  `:thumbs_up:` is shown as it is written, never turned into a hyperlink, a style or an emoji. mcpctl styles with
+  `style=` alone.
+- Every cell and title goes through `mcpctl.escape.printable` here, so no string from the daemon reaches the
+  terminal with its control characters.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,10 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 
+from mcpctl.escape import printable
 from mcpctl.view import LEVEL_STYLES, RESOURCE_HEADERS, age, cost_text, items_text, resource_row, used_text
 
-console = Console()
+console = Console(markup=False, emoji=False)
 
 
 def status(data: dict[str, Any]) -> None:
@@ -26,7 +35,7 @@ def pairs(rows: Sequence[tuple[str, str]]) -> None:
     table.add_column(style="bold")
     table.add_column()
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(printable(label), printable(value))
     console.print(table)
 
 
@@ -88,7 +97,7 @@ def resources(rows: list[dict[str, Any]]) -> None:
     for header in RESOURCE_HEADERS:
         table.add_column(header, justify="right" if header in ("CAPACITY", "ALLOCATED", "FREE") else "left")
     for resource in rows:
-        cells = resource_row(resource)
+        cells = [printable(cell) for cell in resource_row(resource)]
         style = "yellow" if resource["free"] <= 0 else None
         table.add_row(*cells, style=style)
     console.print(table)
@@ -101,15 +110,17 @@ def allocations(rows: list[dict[str, Any]]) -> None:
     now = time.time()
     for allocation in rows:
         grid.add_row(
-            allocation["id"],
-            allocation["state"],
-            allocation["priority"],
-            items_text(allocation),
-            allocation["tool_id"] or "",
-            str(allocation["holder_pid"] or ""),
-            used_text(allocation),
-            age(now - allocation["created_at"]),
-            cost_text(allocation),
+            *(printable(cell) for cell in (
+                allocation["id"],
+                allocation["state"],
+                allocation["priority"],
+                items_text(allocation),
+                allocation["tool_id"] or "",
+                str(allocation["holder_pid"] or ""),
+                used_text(allocation),
+                age(now - allocation["created_at"]),
+                cost_text(allocation),
+            )),
             style="dim" if allocation["state"] != "active" else None,
         )
     console.print(grid)
@@ -120,18 +131,19 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: 
           footer: Sequence[str] | None = None) -> None:
     """A plain Rich table of text cells: `right` names the right-aligned columns, `styles` gives each row's style,
     `footer` is a last row set apart (totals)."""
-    grid = Table(header_style="bold", box=box.SIMPLE_HEAD, title=title, title_justify="left",
-                 title_style="bold", show_footer=footer is not None)
+    grid = Table(header_style="bold", box=box.SIMPLE_HEAD, title=None if title is None else printable(title),
+                 title_justify="left", title_style="bold", show_footer=footer is not None)
     for index, header in enumerate(headers):
         grid.add_column(header, justify="right" if header in right else "left",
-                        footer=footer[index] if footer is not None else "")
+                        footer=printable(footer[index]) if footer is not None else "")
     for index, cells in enumerate(rows):
-        grid.add_row(*cells, style=styles[index] if styles is not None else None)
+        grid.add_row(*(printable(cell) for cell in cells), style=styles[index] if styles is not None else None)
     console.print(grid)
 
 
 def alerts(headers: tuple[str, ...], rows: list[tuple[str, ...]], optional: tuple[str, ...] = ()) -> None:
     """The alerts table; the `optional` columns are left out, last first, while it is wider than the terminal."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     keep = list(range(len(headers)))
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in keep]
     for name in reversed(optional):
@@ -165,6 +177,6 @@ class Frame:
             if index:
                 yield newline
             for text, name in line:
-                yield Segment(text, style(name) if name else None)
+                yield Segment(printable(text), style(name) if name else None)
         if self.end:
             yield Segment(self.end)

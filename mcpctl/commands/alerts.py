@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mcpctl import stream
+from mcpctl.escape import printable
 from mcpctl.output import (Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of,
                            usage)
 from mcpctl.view import alert_value_text, human_duration, number_text
@@ -59,7 +60,7 @@ def alerts(
         def show(event: dict[str, Any]) -> None:
             if str(event.get("kind", "")).startswith("alert."):
                 print(json.dumps(event, ensure_ascii=False, separators=(",", ":")) if json_output
-                      else event_line(event), flush=True)
+                      else printable(event_line(event)), flush=True)
 
         exit_with(stream.follow(socket_of(ctx), show))
     rows = call(ctx, Method.ALERTS_LIST, {"all": all_})

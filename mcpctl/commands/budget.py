@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, print_json, usage
 from mcpctl.view import money, percent
 from mcpresd.protocol import BudgetScope, Method, Period
@@ -95,8 +96,9 @@ def set_budget(
     if json_output:
         print_json(budget)
     else:
-        print(f"budget {budget_name(budget)}: {money(budget['limit'])} per {budget['period']}, "
-              f"spent {money(budget.get('spent'))} ({percent(budget.get('fraction'))}), {budget.get('state', '-')}")
+        print(printable(f"budget {budget_name(budget)}: {money(budget['limit'])} per {budget['period']}, "
+                        f"spent {money(budget.get('spent'))} ({percent(budget.get('fraction'))}), "
+                        f"{budget.get('state', '-')}"))
 
 
 @app.command()
@@ -117,7 +119,7 @@ def delete(
     if json_output:
         print_json(result)
     else:
-        print(f"deleted budget {scope} {subject} per {period.value}")
+        print(printable(f"deleted budget {scope} {subject} per {period.value}"))
 
 
 def budget_name(budget: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, print_json
 from mcpresd.protocol import Method, format_size
 
@@ -37,4 +38,4 @@ def backup(
     if json_output:
         print_json(result)
     else:
-        print(f"backed up to {result['path']} ({format_size(result['bytes'])}B, {result['pages']} pages)")
+        print(printable(f"backed up to {result['path']} ({format_size(result['bytes'])}B, {result['pages']} pages)"))

@@ -10,6 +10,7 @@ import typer
 from mcpctl import complete
 from mcpctl import stream
 from mcpctl.actions import with_iso_times
+from mcpctl.escape import printable
 from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of
 from mcpresd.protocol import Method
 
@@ -88,7 +89,7 @@ def value_text(value: Any) -> str:
 
 def _print(event: dict[str, Any], as_json: bool) -> None:
     line = (json.dumps(with_iso_times(event), ensure_ascii=False, separators=(",", ":")) if as_json
-            else "  ".join(event_cells(event)))
+            else printable("  ".join(event_cells(event))))
     print(line, flush=True)
 
 

@@ -9,6 +9,7 @@ import typer
 
 from mcpctl import complete
 from mcpctl.actions import format_duration
+from mcpctl.escape import printable
 from mcpctl.output import call, print_json, when
 from mcpctl.view import sized
 from mcpresd.protocol import Method
@@ -31,7 +32,7 @@ def explain(
     if json_output:
         print_json(result)
     else:
-        print("\n".join(explanation_lines(result, time.time())))
+        print("\n".join(map(printable, explanation_lines(result, time.time()))))
 
 
 def explanation_lines(result: dict[str, Any], now: float) -> list[str]:

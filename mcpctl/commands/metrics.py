@@ -10,6 +10,7 @@ import typer
 
 from mcpctl import exitcodes
 from mcpctl.actions import fail
+from mcpctl.escape import printable
 from mcpctl.output import call, duration, exit_with, fancy, plain_table, print_json, usage
 from mcpctl.view import UNSUPPORTED, age, human_duration, metric_text, metric_unit, sparkline
 from mcpresd.protocol import Method
@@ -89,12 +90,12 @@ def metrics(
         return
     series = series_of(history)
     if not series:
-        print(f"no history yet for {name}: the daemon has not sampled it" if not known
-              else f"no samples of {name} {metric} in the last {human_duration(seconds)}")
+        print(printable(f"no history yet for {name}: the daemon has not sampled it" if not known
+                        else f"no samples of {name} {metric} in the last {human_duration(seconds)}"))
         return
     if fancy():
-        print("\n".join(summary_lines(name, metric, series, seconds, time.time(),
-                                      shutil.get_terminal_size().columns)))
+        print("\n".join(map(printable, summary_lines(name, metric, series, seconds, time.time(),
+                                                   shutil.get_terminal_size().columns))))
     else:
         for ts, value in series:
             print(f"{ts:.3f} {_plain(value)}")

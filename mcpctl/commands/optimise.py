@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, fancy, plain_table, print_json
 from mcpctl.view import age, kind_amount, percent
 from mcpresd.protocol import Method
@@ -53,7 +54,7 @@ def optimise(
             render.text_table(headers, rows, title=title, right=("HELD", "USED", "USED/HELD", "SIZE", "BUSY", "IDLE",
                                                                  "COULD REMOVE"))
         else:
-            print(f"{title}:")
+            print(printable(f"{title}:"))
             plain_table(headers, rows)
             print()
     print(REPORT_ONLY)

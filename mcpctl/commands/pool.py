@@ -14,6 +14,7 @@ import typer
 
 from mcpctl import complete
 from mcpctl.commands.pools import HEADERS, bounds_text, pool_cells
+from mcpctl.escape import printable
 from mcpctl.output import call, duration, fancy, local_time, plain_table, print_json, usage, when
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
@@ -157,8 +158,8 @@ def create(
     if json_output:
         print_json(pool)
     else:
-        print(f"created pool {pool['name']} ({pool.get('factory', factory.value)}, "
-              f"{bounds_text(pool)} members, {pool.get('size', 0)} now)")
+        print(printable(f"created pool {pool['name']} ({pool.get('factory', factory.value)}, "
+                        f"{bounds_text(pool)} members, {pool.get('size', 0)} now)"))
 
 
 def labels_of(entries: list[str]) -> dict[str, str]:
@@ -196,7 +197,7 @@ def show(ctx: typer.Context, name: Name, json_output: Json = False) -> None:
     else:
         width = max(len(label) for label, _ in settings)
         for label, value in settings:
-            print(f"{label.ljust(width)}  {value}")
+            print(printable(f"{label.ljust(width)}  {value}"))
         if members:
             print()
             plain_table(MEMBER_HEADERS, [member_cells(m) for m in members])
@@ -276,7 +277,7 @@ def _changed(ctx: typer.Context, method: str, name: str, json_output: bool, stat
     if json_output:
         print_json(pool)
     else:
-        print(f"pool {pool.get('name', name)}: {pool.get('state') or state}")
+        print(printable(f"pool {pool.get('name', name)}: {pool.get('state') or state}"))
 
 
 @app.command()
@@ -307,7 +308,7 @@ def delete(ctx: typer.Context, name: Name, json_output: Json = False) -> None:
     if json_output:
         print_json(pool)
     else:
-        print(f"deleted pool {pool.get('name', name) if isinstance(pool, dict) else name}")
+        print(printable(f"deleted pool {pool.get('name', name) if isinstance(pool, dict) else name}"))
 
 
 @app.command()
@@ -330,7 +331,7 @@ def events(
     if json_output:
         print_json(rows)
     elif not rows:
-        print(f"no events for pool {name}")
+        print(printable(f"no events for pool {name}"))
     else:
         plain_table(("TIME", "EVENT", "REASON", "DETAIL"), [event_cells(e) for e in rows])
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, duration, print_json, usage
 from mcpctl.view import human_duration, metric_text
 from mcpresd.protocol import Method
@@ -46,7 +47,7 @@ def predict(
     if json_output:
         print_json(result)
     else:
-        print(forecast_line(result))
+        print(printable(forecast_line(result)))
 
 
 def forecast_line(result: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, fancy, plain_table, print_json
 from mcpctl.view import human_duration, kind_amount
 from mcpresd.protocol import Method
@@ -46,12 +47,12 @@ def recommend(
     if json_output:
         print_json(result)
         return
-    print(suggestion_line(result))
+    print(printable(suggestion_line(result)))
     if not result.get("enough"):
-        print(f"note: only {result.get('runs', 0)} measured run(s) of {result.get('tool_id', tool)}: too few to be "
-              "sure; the suggestion is a guess")
+        print(printable(f"note: only {result.get('runs', 0)} measured run(s) of {result.get('tool_id', tool)}: "
+                        "too few to be sure; the suggestion is a guess"))
     if result.get("basis"):
-        print(f"basis: {result['basis']}")
+        print(printable(f"basis: {result['basis']}"))
     rows = [evidence_cells(kind, facts) for kind, facts in sorted((result.get("evidence") or {}).items())]
     if not rows:
         return

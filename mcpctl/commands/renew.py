@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from mcpctl import complete
+from mcpctl.escape import printable
 from mcpctl.output import call, duration, print_json, usage, when
 from mcpresd.protocol import Method
 
@@ -45,9 +46,9 @@ def renew(
     if json_output:
         print_json(allocation)
     elif allocation["expires_at"] is None:
-        print(f"{allocation['id']} is {allocation['state']}: its TTL counts from the grant")
+        print(printable(f"{allocation['id']} is {allocation['state']}: its TTL counts from the grant"))
     else:
-        print(f"{allocation['id']} expires {when(allocation['expires_at'])}")
+        print(printable(f"{allocation['id']} expires {when(allocation['expires_at'])}"))
 
 
 def register(app: typer.Typer) -> None:

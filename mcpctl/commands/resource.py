@@ -13,6 +13,7 @@ import typer
 from mcpctl import complete, exitcodes
 from mcpctl.actions import rpc_failure, unreachable
 from mcpctl.client import Client, DaemonUnreachable, RpcError
+from mcpctl.escape import printable
 from mcpctl.output import call, exit_with, print_json, retry_of, socket_of, usage
 from mcpctl.view import money
 from mcpresd.protocol import MAX_ADD, MAX_MESSAGE_BYTES, Method, UnitError, format_amount, parse_amount
@@ -88,7 +89,7 @@ def add(
     if json_output:
         print_json(resource)
     else:
-        print(f"added {resource['name']} ({format_amount(resource['capacity'], resource['unit'])})")
+        print(printable(f"added {resource['name']} ({format_amount(resource['capacity'], resource['unit'])})"))
 
 
 def read_resources(path: str) -> list[Any]:
@@ -178,7 +179,7 @@ def remove(
     if json_output:
         print_json(resource)
     else:
-        print(f"removed {resource['name']}")
+        print(printable(f"removed {resource['name']}"))
 
 
 @app.command()
@@ -194,7 +195,7 @@ def refresh(
     if json_output:
         print_json(result)
     else:
-        print("\n".join(result["changes"]) or "no changes")
+        print("\n".join(map(printable, result["changes"])) or "no changes")
 
 
 @app.command("set-cost")
@@ -232,8 +233,8 @@ def set_cost(
     if json_output:
         print_json(resource)
     elif resource.get("cost_per_unit_hour") is None:
-        print(f"{resource['name']}: no cost")
+        print(printable(f"{resource['name']}: no cost"))
     else:
         unit = str(resource.get("unit") or "unit")
         one = unit[:-1] if unit.endswith("s") and "/" not in unit and len(unit) > 1 else unit
-        print(f"{resource['name']}: {money(resource['cost_per_unit_hour'])} per {one}-hour")
+        print(printable(f"{resource['name']}: {money(resource['cost_per_unit_hour'])} per {one}-hour"))

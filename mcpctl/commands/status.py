@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from mcpctl.escape import printable
 from mcpctl.output import call, fancy, print_json
 from mcpresd.protocol import Method
 
@@ -32,7 +33,7 @@ def status(
         render.status(data)
     else:
         for label, value in render.status_rows(data):
-            print(f"{label}: {value}")
+            print(printable(f"{label}: {value}"))
 
 
 def register(app: typer.Typer) -> None:

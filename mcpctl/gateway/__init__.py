@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+from mcpctl.escape import printable
 from mcpctl.gateway.tools import ToolsFileError, load, server_name
 
 LAUNCHERS = frozenset({"uvx", "uv", "npx", "pnpm", "bunx", "bun", "pipx", "python", "python3", "node", "deno",
@@ -21,7 +22,7 @@ LAUNCHERS = frozenset({"uvx", "uv", "npx", "pnpm", "bunx", "bun", "pipx", "pytho
 def log(message: str) -> None:
     """One line on stderr, the gateway's only log."""
     try:
-        sys.stderr.write(f"mcpctl gateway: {message}\n")
+        sys.stderr.write(f"mcpctl gateway: {printable(message)}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass

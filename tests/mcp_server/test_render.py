@@ -158,3 +158,16 @@ def test_an_allocation_line_says_who_holds_it(extra: dict[str, Any], holder: str
                                       expires_at=700.0, **extra), ["1a2b"], now=160.0)
     shown_id = extra.get("id", "1a2b")
     assert line == f"{shown_id} active high: licence 1 seats; tool ci; {holder}; 1m old; lease ends in 9m"
+
+
+def test_a_tools_text_shows_what_others_named_escaped_and_its_structured_content_exact() -> None:
+    from mcpctl.mcp_server import result
+
+    tool = "ci\u202e\U000e0041\x9b é中文"
+    answer = result(f"granted: tool {tool}\nline two", {"tool_id": tool})
+    refused = refusal(RpcError(ErrorCode.UNKNOWN_POOL, "no pool named 'p\u202e'"))
+
+    assert [block.text for block in answer.content if block.type == "text"] == [
+        "granted: tool ci\\u202e\\U000e0041\\x9b é中文\nline two"]
+    assert answer.structured_content == {"tool_id": tool}
+    assert [block.text for block in refused.content if block.type == "text"] == ["no pool named 'p\\u202e'"]

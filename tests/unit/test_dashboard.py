@@ -66,3 +66,46 @@ def test_the_active_allocations_are_sorted_as_asked(sort: str, first: int) -> No
 def test_a_sparkline_uses_the_height_of_its_data() -> None:
     line = sparkline([3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5], 8)
     assert line == "▁▂▃▄▅▆▇█"
+
+
+HOSTILE_TOOL = "[b]x[/b]\x9b\u202eé中"
+
+
+def hostile_snapshot() -> Snapshot:
+    """Strings another user or the system chose: a tool id with markup, C1 and a bidi override; a mount's
+    name and a health reason with ESC (an OSC 8 hyperlink, a screen clear)."""
+    disk = {"name": "disk:/mnt/\x1b[2Jx", "type": "disk", "capacity": 100.0, "allocated": 0.0, "free": 100.0,
+            "unit": "bytes", "labels": {}, "uuid": None,
+            "health": {"score": 40, "reasons": ["\x1b]8;;http://evil.example/\x1b\\click\x1b]8;;\x1b\\"]}}
+    seats = {"name": "seats", "type": "custom", "capacity": 4.0, "allocated": 1.0, "free": 3.0,
+             "unit": "[b]u\x9b\u202e", "labels": {}, "uuid": None}
+    active = allocation(1, tool=HOSTILE_TOOL) | {"execution_id": "run\u2066é\u2069"}
+    return Snapshot(resources=[disk, seats], metrics={}, alerts=[], active=[active], queued=[])
+
+
+def test_top_shows_hostile_strings_escaped_and_ordinary_text_as_it_is() -> None:
+    text = plain(frame(hostile_snapshot(), 250, None, NOW, interval=5))
+
+    assert not {"\x1b", "\x9b", "\u202e", "\u2066", "\u2069"} & set(text)
+    assert "disk:/mnt/\\x1b[2Jx" in text
+    assert "\\x1b]8;;http://evil.example/\\x1b\\click" in text
+    assert "[b]x[/b]\\x9b\\u202eé中" in text
+    assert "run\\u2066é\\u2069" in text
+    assert "1 [b]u\\x9b\\u202e of 4 [b]u\\x9b\\u202e" in text
+
+
+def test_top_on_a_terminal_prints_no_escape_sequence_from_the_data() -> None:
+    import io
+    import re
+
+    from rich.console import Console
+
+    from mcpctl import render
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, color_system="standard", width=250, markup=False)
+    console.print(render.Frame(frame(hostile_snapshot(), 250, None, NOW, interval=5), end="\n"))
+
+    styles_removed = re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())
+    assert "\x1b" not in styles_removed and "\x9b" not in styles_removed and "\u202e" not in styles_removed
+    assert "[b]x[/b]\\x9b\\u202eé中" in styles_removed
