@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from typing import Annotated, Any
@@ -47,6 +48,7 @@ app = typer.Typer(
     help="Allocate, release and inspect this machine's resources through mcpresd.",
     epilog=f"Exit codes:\n\n{EXIT_CODES}\n\n{exitcodes.RUN_NOTE}",
     no_args_is_help=True,
+    suggest_commands=False,  # Click 8.2+ says "Did you mean" itself: Typer's own made it twice
     add_completion=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -165,16 +167,55 @@ def _keep_examples(command: Any) -> None:
         _keep_examples(sub)
 
 
-_command: Any = None
+_commands: dict[str | None, Any] = {}
+GLOBAL_VALUES = ("--socket", "--retry-for")
+"""The callback's options that take a value (skipped to find the command a command line names)."""
 
 
-def cli_command() -> Any:
-    """The Click command Typer builds from `app`, its help examples kept as written (built once)."""
-    global _command
-    if _command is None:
-        _command = typer.main.get_command(app)
-        _keep_examples(_command)
-    return _command
+def cli_command(args: list[str] | None = None) -> Any:
+    """The Click command Typer builds from `app`, its help examples kept as written (built once).
+
+    Given a command line that names a command, only that command is built: Typer reads every command's
+    signature (its type hints) to make its Click options, ~70 ms for all of them against a few for one, and
+    that was most of a `mcpctl status`. Anything else (no command, `--help` first, a misspelt name that Click
+    answers with the names it knows, completion, the man pages) gets the whole app."""
+    target = None if args is None else _named_command(args)
+    command = _commands.get(target)
+    if command is None:
+        command = _commands[target] = typer.main.get_command(app if target is None else _only(target))
+        _keep_examples(command)
+    return command
+
+
+def _named_command(args: list[str]) -> str | None:
+    """The command `args` names after the global options, if it is one of the app's; else None."""
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg in GLOBAL_VALUES:
+            index += 2
+        elif arg.startswith(tuple(f"{name}=" for name in GLOBAL_VALUES)):
+            index += 1
+        elif arg.startswith("-"):
+            return None  # --help, --version, or something Click should judge with the whole app
+        else:
+            return arg if arg in _names() else None
+    return None
+
+
+def _names() -> set[str]:
+    return ({info.name or typer.main.get_command_name(info.callback.__name__)
+             for info in app.registered_commands if info.callback is not None}
+            | {info.name for info in app.registered_groups if info.name})
+
+
+def _only(name: str) -> typer.Typer:
+    """`app` with its callback and the one command (or group of commands) called `name`."""
+    lean = copy.copy(app)
+    lean.registered_commands = [info for info in app.registered_commands if info.callback is not None
+                                and (info.name or typer.main.get_command_name(info.callback.__name__)) == name]
+    lean.registered_groups = [info for info in app.registered_groups if info.name == name]
+    return lean
 
 
 def run_app(args: list[str]) -> int:
@@ -188,7 +229,7 @@ def run_app(args: list[str]) -> int:
     if real is not None:
         sys.stdout = _GuardedStdout(real)
     try:
-        cli_command()(args=args, prog_name="mcpctl", standalone_mode=True)
+        cli_command(args)(args=args, prog_name="mcpctl", standalone_mode=True)
     except SystemExit as exit:
         code = exit.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -19,7 +19,8 @@ from mcpctl.output import call, duration, fancy, local_time, plain_table, print_
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
 
-app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True)
+app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True,
+                  suggest_commands=False)  # Click suggests itself
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.", autocompletion=complete.pool_names)]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]

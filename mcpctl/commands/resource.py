@@ -19,7 +19,7 @@ from mcpctl.view import money
 from mcpresd.protocol import MAX_ADD, MAX_MESSAGE_BYTES, Method, UnitError, format_amount, parse_amount
 
 app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, suggest_commands=False)  # Click suggests itself
 
 
 @app.command()

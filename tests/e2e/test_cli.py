@@ -615,3 +615,36 @@ def test_the_fast_path_and_typer_give_the_same_outcome(daemon: DaemonProcess, ar
         assert {k: v for k, v in fast_result.items() if k not in VOLATILE} == {
             k: v for k, v in typer_result.items() if k not in VOLATILE
         }
+
+
+@pytest.mark.parametrize("args, typo, suggestion", [(["statsu"], "statsu", "status"),
+                                                    (["pool", "creat"], "creat", "create")])
+def test_a_misspelt_command_is_refused_with_one_suggestion(args: list[str], typo: str, suggestion: str) -> None:
+    done = run_cli(*args)
+
+    assert done.returncode == 2
+    assert f"No such command '{typo}'" in done.stderr
+    assert done.stderr.count("Did you mean") == 1 and f"'{suggestion}'" in done.stderr
+
+
+def test_the_command_a_line_names_is_built_alone_with_the_same_help_and_options() -> None:
+    # run_app builds only the command its arguments name (Typer's reading of every signature was most of a
+    # `mcpctl status`); that command must read exactly as in the whole app, global options before it included.
+    import click
+
+    from mcpctl.app import cli_command
+
+    def help_of(group: click.Group, name: str) -> str:
+        root = click.Context(group, info_name="mcpctl", **group.context_settings)  # as make_context does
+        command = group.commands[name]
+        return str(command.get_help(click.Context(command, info_name=name, parent=root)))
+
+    full = cli_command()
+    for name in full.commands:
+        for args in ([name, "--help"], ["--socket", "/x", name], ["--retry-for=0", name], ["--socket=/x", name]):
+            lean = cli_command(args)
+            assert list(lean.commands) == [name], args
+            assert help_of(lean, name) == help_of(full, name), name
+            assert "-h, --help" in help_of(lean, name)
+    for args in (["--help"], [], ["statsu"], ["--version"], ["--socket"]):
+        assert cli_command(args) is full, args
