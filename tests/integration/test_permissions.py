@@ -168,16 +168,19 @@ sys.stdout.write(sock.makefile("rb").readline().decode())
 """
 
 
+@pytest.mark.parametrize("others", [0, 300])
 def test_admin_rights_are_the_groups_the_connecting_process_had_even_after_it_exited(
-        shared: DaemonProcess, throwaway_group: grp.struct_group) -> None:
+        shared: DaemonProcess, throwaway_group: grp.struct_group, others: int) -> None:
     # The daemon is stopped while the client connects, so by the time it accepts, the process that connected
     # has exited (and its pid could name another process): the groups are the ones it connected with
-    # (SO_PEERGROUPS), not whatever /proc/<pid> says later.
+    # (SO_PEERGROUPS), not whatever /proc/<pid> says later; in 300 groups too, more than socket.getsockopt
+    # can read.
+    groups = ",".join(map(str, (*range(70_000, 70_000 + others), throwaway_group.gr_gid)))
     assert shared.proc is not None
     os.kill(shared.proc.pid, signal.SIGSTOP)
     try:
         client = subprocess.Popen(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}",
-                                   f"--groups={throwaway_group.gr_gid}", sys.executable, "-I", "-c", FORKING_CLIENT,
+                                   f"--groups={groups}", sys.executable, "-I", "-c", FORKING_CLIENT,
                                    shared.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
         assert client.wait(timeout=60) == 0, client.stderr.read() if client.stderr else ""
         assert not Path(f"/proc/{client.pid}").exists()
