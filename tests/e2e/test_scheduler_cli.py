@@ -167,6 +167,82 @@ def test_run_forwards_sigterm_to_the_command(daemon: DaemonProcess) -> None:
     assert eventually(lambda: active(daemon) == [])
 
 
+@pytest.mark.parametrize("name", ["HUP", "INT", "QUIT", "USR1", "USR2"])
+def test_run_forwards_every_signal_it_forwards_to_the_command(daemon: DaemonProcess, name: str) -> None:
+    proc = start(daemon, "run", "--res", "licence=1", "--", "sh", "-c",
+                 f'trap "exit 42" {name}; echo ready; while :; do sleep 0.02; done')
+    try:
+        assert Lines(proc).next().strip() == "ready"
+        proc.send_signal(getattr(signal, f"SIG{name}"))
+        assert proc.wait(STEP_S) == 42
+    finally:
+        stop(proc)
+    assert eventually(lambda: active(daemon) == [])
+
+
+def _read_until(master: int, needle: bytes, seen: bytes = b"") -> bytes:
+    import select
+
+    deadline = time.monotonic() + STEP_S
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not seen in {STEP_S}s: {seen!r}"
+        if select.select([master], [], [], left)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"the terminal closed before {needle!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_run_on_a_terminal_ctrl_c_reaches_the_command_and_mcpctl_waits_for_it(daemon: DaemonProcess) -> None:
+    # Ctrl-C: the kernel signals the terminal's foreground process group, mcpctl and its command alike; mcpctl
+    # lives on, sends no second SIGINT (one sent at once would merge with the kernel's, so "int 2" is only
+    # seen when it comes late), and exits with the command's status.
+    import fcntl
+    import termios
+
+    master, slave = pty.openpty()
+    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; trap \'echo "count $n"; exit 42\' USR1; echo ready; '
+              'while :; do sleep 0.02; done')
+    try:
+        proc = start(daemon, "run", "--res", "licence=1", "--", "sh", "-c", script, stdin=slave, stdout=slave,
+                     stderr=slave, start_new_session=True,
+                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        slave = -1
+        try:
+            seen = _read_until(master, b"ready")
+            os.write(master, b"\x03")  # the terminal's interrupt character
+            seen = _read_until(master, b"int 1", seen)
+            proc.send_signal(signal.SIGUSR1)  # forwarded after any SIGINT mcpctl would have forwarded
+            seen = _read_until(master, b"count", seen)
+            assert proc.wait(STEP_S) == 42
+        finally:
+            stop(proc)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+    assert b"count 1" in seen and b"int 2" not in seen, seen
+    assert eventually(lambda: active(daemon) == [])
+
+
+def test_run_of_a_file_that_is_not_executable_exits_126_and_releases(daemon: DaemonProcess, tmp_path: Path) -> None:
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+
+    result = cli(daemon, "run", "--res", "licence=1", "--", str(script))
+
+    assert result.returncode == 126, result.stderr
+    assert "not-executable" in result.stderr
+    assert eventually(lambda: active(daemon) == [])
+
+
 def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: DaemonProcess) -> None:
     result = cli(daemon, "run", "--res", "licence=1", "--", "no-such-command-here")
 
