@@ -243,6 +243,16 @@ def test_run_of_a_file_that_is_not_executable_exits_126_and_releases(daemon: Dae
     assert eventually(lambda: active(daemon) == [])
 
 
+def test_run_on_the_host_ignores_a_step_prefix_in_the_callers_environment(daemon: DaemonProcess) -> None:
+    # MCPRES_STEP_PREFIX is how mcpctl tells its own child to run a cluster step through srun; one the caller's
+    # environment happens to carry must not put another program before the command.
+    result = cli(daemon, "run", "--res", "licence=1", "--", "echo", "command",
+                 env={"MCPRES_STEP_PREFIX": '["echo", "injected"]'})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "command\n"
+
+
 def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: DaemonProcess) -> None:
     result = cli(daemon, "run", "--res", "licence=1", "--", "no-such-command-here")
 
