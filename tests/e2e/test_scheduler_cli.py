@@ -253,6 +253,19 @@ def test_run_on_the_host_ignores_a_step_prefix_in_the_callers_environment(daemon
     assert result.stdout == "command\n"
 
 
+def test_run_passes_the_callers_environment_byte_for_byte(daemon: DaemonProcess) -> None:
+    # Values that are not UTF-8, or not ASCII, and a large environment reach the command as they were.
+    environment = {os.fsencode(k): os.fsencode(v) for k, v in user_env(daemon).items()}
+    environment.update({b"NOT_UTF8": b"\xff\xfe-\x80", b"ACCENTED": "é中".encode(), **{f"LARGE{n}".encode(): b"x" * 100_000 for n in range(10)}})
+    script = 'printf "%s|%s|" "$NOT_UTF8" "$ACCENTED"; printf "%s" "$LARGE0$LARGE9" | wc -c'
+    result = subprocess.run([MCPCTL, "run", "--res", "licence=1", "--", "sh", "-c", script], capture_output=True,
+                            env=environment, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(b"|")[:2] == [b"\xff\xfe-\x80", "é中".encode()]
+    assert int(result.stdout.split(b"|")[2]) == 200_000  # of 1 MB in all
+
+
 def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: DaemonProcess) -> None:
     result = cli(daemon, "run", "--res", "licence=1", "--", "no-such-command-here")
 
