@@ -267,12 +267,13 @@ def demand(resource, amount, **more):
 main, other, waiter = Connection(), Connection(), Connection()
 holder = subprocess.Popen(["sleep", "300"])
 first = {"holder": demand("licence", 2, holder_pid=holder.pid), "lease": demand("licence", 2, ttl=1),
-         "key": demand("licence", 2, idempotency_key="k")}.get(how, demand("licence", 2))
+         "key": demand("licence", 2, idempotency_key="k"),
+         "preempt": demand("licence", 2, preemptible=True, priority="low")}.get(how, demand("licence", 2))
 out = {"first": (other if how == "close" else main).call("allocate", first)}
 # Each way leaves exactly one allocation of this user's live: the first one, or the queued request granted
 # when the first one ended.
-if how in ("release", "holder", "close", "lease"):
-    waiter.send("allocate", demand("licence", 1, wait="forever"))
+if how in ("release", "holder", "close", "lease", "preempt"):
+    waiter.send("allocate", demand("licence", 1, wait="forever", priority="high" if how == "preempt" else "normal"))
     if how == "release":
         main.call("release", {"id": out["first"]["result"]["id"]})
     elif how == "holder":
@@ -294,11 +295,12 @@ json.dump(out, sys.stdout)
 """
 
 
-@pytest.mark.parametrize("how", ["release", "holder", "close", "lease", "timeout", "withdraw", "key"])
+@pytest.mark.parametrize("how", ["release", "holder", "close", "lease", "preempt", "timeout", "withdraw", "key"])
 def test_an_allocation_ended_any_way_frees_its_place_under_the_per_uid_limit(tmp_path: Path, how: str) -> None:
     # max_allocations_per_uid = 2: after the first allocation ends (or a retry repeats it), the user has one
     # live; one more is granted and the next is refused, so the count neither stays up nor falls too far.
-    with shared_daemon(tmp_path, "\n[limits]\nmax_allocations_per_uid = 2\n") as daemon:
+    preemption = '\n[scheduler]\npreemption = true\npreempt_grace = "0.1s"\n' if how == "preempt" else ""
+    with shared_daemon(tmp_path, preemption + "\n[limits]\nmax_allocations_per_uid = 2\n") as daemon:
         done = subprocess.run(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", sys.executable,
                                "-I", "-c", CAPPED_CLIENT, daemon.socket, how], capture_output=True, text=True,
                               timeout=120, cwd="/")
@@ -307,7 +309,7 @@ def test_an_allocation_ended_any_way_frees_its_place_under_the_per_uid_limit(tmp
 
     assert out["first"]["result"]["state"] == "active", out
     second = out["second"]
-    if how in ("release", "holder", "close", "lease"):
+    if how in ("release", "holder", "close", "lease", "preempt"):
         assert second["result"]["state"] == "active", out
     elif how == "timeout":
         assert second["error"]["code"] == ErrorCode.WAIT_TIMEOUT, out
