@@ -29,8 +29,10 @@ reorder nothing; beside ASCII (or at either end) they only hide a difference, an
 _BLANK = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0")
 """Characters Python counts printable that show nothing (fillers, the combining grapheme joiner, Mongolian
 selectors, the blank braille pattern): 'a\u3164b' would look like 'ab', or 'a b'."""
-_SELECTORS = frozenset(chr(code) for code in (*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)))
-"""Variation selectors: an emoji's presentation after emoji and the keycap bases, invisible after other ASCII."""
+_SELECTORS = frozenset("\ufe00\ufe01\ufe02\ufe03\ufe04\ufe05\ufe06\ufe07\ufe08\ufe09\ufe0a\ufe0b\ufe0c\ufe0d\ufe0e\ufe0f")
+"""Variation selectors: an emoji's presentation after emoji and the keycap bases, invisible after other ASCII
+(and so are U+E0100-U+E01EF, the supplement: every printable character from U+E0100 up is one of them)."""
+_SUPPLEMENT = "\U000e0100"
 _KEYCAPS = frozenset("0123456789#*")
 _SHOWS_NOTHING = _BLANK | _SELECTORS
 
@@ -41,14 +43,14 @@ def printable(text: object) -> str:
     'a\\x1b[2J' for a, ESC, [2J; so no character that shows nothing makes two names look the same (letters of
     other scripts that look like Latin ones still can). `None` and other values are shown as `str` gives them."""
     text = str(text)
-    if text.isprintable() and (text.isascii() or _SHOWS_NOTHING.isdisjoint(text)):
+    if text.isprintable() and (text.isascii() or (_SHOWS_NOTHING.isdisjoint(text) and max(text) < _SUPPLEMENT)):
         return text
     last = len(text) - 1
     shown = []
     for index, char in enumerate(text):
         if char in _JOINERS:
             hide = index == 0 or index == last or text[index - 1].isascii() or text[index + 1].isascii()
-        elif char in _SELECTORS:
+        elif char in _SELECTORS or _SUPPLEMENT <= char <= "\U000e01ef":
             hide = index == 0 or (text[index - 1].isascii() and text[index - 1] not in _KEYCAPS)
         else:
             hide = char in _BLANK or (not char.isprintable() and _hidden(char))
