@@ -290,6 +290,8 @@ elif how == "key":
     out["second"] = main.call("allocate", first)
 out["under"] = main.call("allocate", demand("slot", 1))
 out["over"] = main.call("allocate", demand("slot", 1))
+if how == "key":
+    out["retried_at_the_limit"] = main.call("allocate", first)
 holder.kill()
 json.dump(out, sys.stdout)
 """
@@ -317,6 +319,7 @@ def test_an_allocation_ended_any_way_frees_its_place_under_the_per_uid_limit(tmp
         assert second["result"]["state"] == "withdrawn", out
     else:
         assert second["result"]["id"] == out["first"]["result"]["id"], out
+        assert out["retried_at_the_limit"]["result"]["id"] == out["first"]["result"]["id"], out
     assert out["under"]["result"]["state"] == "active", out
     assert out["over"]["error"]["code"] == ErrorCode.LIMIT_EXCEEDED, out
 
