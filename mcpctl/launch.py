@@ -224,8 +224,10 @@ def _become_command(read_end: int, write_end: int, argv: list[str]) -> None:
         if not data:
             os._exit(exitcodes.ERROR)  # no allocation: the parent says why
         handed = decode_line(data)
-        os.environ.update(handed["environment"])
-        prefix = os.environ.pop(STEP_PREFIX, None)
+        environment = handed["environment"]
+        prefix = environment.pop(STEP_PREFIX, None)  # only the parent's: not one this process inherited
+        os.environ.pop(STEP_PREFIX, None)
+        os.environ.update(environment)
         if prefix is not None:  # a cluster job's step: srun ... -- argv
             argv = [*decode_line(prefix.encode()), *argv]
         run = argv

@@ -209,16 +209,21 @@ class Daemon:
         self._links = [r.name[4:] for r in found if r.name.startswith("net:")]
         return found
 
-    def _migrating(self, elapsed: float) -> None:
-        """A migration still runs: say so, and keep systemd from killing the start for taking long."""
+    def _migrating(self, elapsed: float, progressing: bool) -> None:
+        """A migration still runs: say so, and while it progresses keep systemd from killing the start for taking
+        long. One that used no CPU for a whole heartbeat (a hung disk or file system) gets no more time: systemd's
+        start timeout ends it, as it would any start that hangs."""
+        if not progressing:
+            log.warning("the database migration used no CPU in the last %.0f s (%.0f s so far); not asking systemd"
+                        " for more time", MIGRATION_HEARTBEAT_S, elapsed)
+            return
         log.info("still migrating the database (%.0f s)", elapsed)
         self.notifier.extend_start(3 * MIGRATION_HEARTBEAT_S, f"migrating the database ({elapsed:.0f} s so far)")
 
     def _open_store(self) -> Store:
         """Open (create, migrate) the database; the lock and the socket are already ours."""
         Store.migrate_in_child = True
-        if self.notifier.enabled:
-            Store.migration_heartbeat = self._migrating
+        Store.migration_heartbeat = self._migrating  # its log lines too, not only systemd's timeout
         database = self.config.database
         identity = None
         if self.lock is not None and self._database_dir is not None:

@@ -246,6 +246,23 @@ def parser(command: str) -> argparse.ArgumentParser:
     return cli
 
 
+def _elevated_from() -> str:
+    """The user who became root through sudo (or run0: SUDO_USER), doas (DOAS_USER) or pkexec (PKEXEC_UID), or
+    ''."""
+    named = os.environ.get("SUDO_USER") or os.environ.get("DOAS_USER")
+    if named:
+        return named
+    uid = os.environ.get("PKEXEC_UID", "")
+    if not uid.isdigit():
+        return ""
+    import pwd
+
+    try:
+        return pwd.getpwuid(int(uid)).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     args = parser(command).parse_args(rest)
@@ -256,7 +273,7 @@ def main(argv: list[str]) -> int:
         return 2
     if root is not None:
         root = root.absolute()
-    sudo_user = os.environ.get("SUDO_USER", "")
+    sudo_user = _elevated_from()
     if mode == "user" and root is None and os.geteuid() == 0 and sudo_user not in ("", "root"):
         # sudo keeps the caller's HOME on some systems and not on others: either way the units would be root's
         # (or root-owned files in the caller's home), and root's user manager would run them, not the caller's.

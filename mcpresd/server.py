@@ -478,15 +478,37 @@ def _peer_groups(sock: socket.socket, pid: int) -> set[int]:
     """The supplementary groups the connecting process had when it connected (SO_PEERCRED gives only the primary
     gid). SO_PEERGROUPS records them at connect(), as SO_PEERCRED does the uid: /proc/<pid>/status, read later,
     could belong to another process by then (the client exited, or forked and left its child the connection,
-    and the pid was reused). Kernels before 4.13, and a process in more than 256 groups (more than
-    socket.getsockopt can read), fall back to /proc."""
+    and the pid was reused). The groups of a process in more than 256 (more than socket.getsockopt can read)
+    are read through libc, with room for the most a process may have; only kernels before 4.13 fall back to
+    /proc."""
     try:
         data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_BYTES)
     except OSError as error:
-        if error.errno in (errno.ERANGE, errno.ENOPROTOOPT):
+        if error.errno == errno.ENOPROTOOPT:
             return _groups_of(pid)
-        return set()
+        if error.errno != errno.ERANGE:
+            return set()
+        try:
+            data = _many_peer_groups(sock.fileno())
+        except OSError:
+            return set()
     return set(struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4]))
+
+
+def _many_peer_groups(fd: int) -> bytes:
+    """SO_PEERGROUPS for a process in more groups than socket.getsockopt has room for (its buffer is at most
+    1024 bytes), through libc's getsockopt with room for NGROUPS_MAX."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = 4 * max(os.sysconf("SC_NGROUPS_MAX"), 65536)
+    buffer = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint(size)
+    if libc.getsockopt(ctypes.c_int(fd), ctypes.c_int(socket.SOL_SOCKET), ctypes.c_int(SO_PEERGROUPS), buffer,
+                       ctypes.byref(length)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return buffer.raw[: length.value]
 
 
 def _groups_of(pid: int) -> set[int]:

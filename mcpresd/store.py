@@ -704,6 +704,16 @@ MIGRATION_HEARTBEAT_S = 10.0
 """How often a running migration is reported (Store.migration_heartbeat)."""
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """The user and system CPU time process `pid` has used, in clock ticks (None where /proc does not say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime and stime: the 14th and 15th fields
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def apply_migrations(conn: sqlite3.Connection) -> None:
     from sqlite_utils import Database
 
@@ -715,9 +725,10 @@ class Store:
 
     migrate_in_child = False
     """Set by the daemon: apply pending migrations in a child process (keeps sqlite-utils out of its memory)."""
-    migration_heartbeat: Callable[[float], None] | None = None
-    """Set by the daemon: called with the seconds so far every MIGRATION_HEARTBEAT_S while that child runs (it
-    asks systemd to extend its start timeout: a large database's migration may outlast TimeoutStartSec)."""
+    migration_heartbeat: Callable[[float, bool], None] | None = None
+    """Set by the daemon: called every MIGRATION_HEARTBEAT_S while that child runs, with the seconds so far and
+    whether the child used CPU since the last call (it asks systemd to extend its start timeout while the
+    child progresses: a large database's migration may outlast TimeoutStartSec; a stalled one may not)."""
 
     def __init__(self, path: str | Path, *, check_integrity: bool = False, lock: DatabaseLock | None = None,
                  identity: tuple[int, int] | None = None) -> None:
@@ -810,13 +821,16 @@ class Store:
             child = subprocess.Popen([sys.executable, "-m", "mcpresd.store", self.path], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
             started = time.monotonic()
+            used = _cpu_ticks(child.pid)
             while True:
                 try:
                     _, stderr = child.communicate(timeout=MIGRATION_HEARTBEAT_S)
                     break
                 except subprocess.TimeoutExpired:  # communicate() again loses no output
+                    now_used = _cpu_ticks(child.pid)
                     if Store.migration_heartbeat is not None:
-                        Store.migration_heartbeat(time.monotonic() - started)
+                        Store.migration_heartbeat(time.monotonic() - started, now_used is None or now_used != used)
+                    used = now_used
             if child.returncode != 0:
                 lines = stderr.strip().splitlines() or [f"exit status {child.returncode}"]
                 failure = MigrationFailed(f"migrating {self.path} failed: {lines[-1]}")

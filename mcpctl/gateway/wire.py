@@ -113,7 +113,15 @@ def encode(message: dict[str, Any]) -> bytes:
 def tool_error(request_id: Any, text: str) -> bytes:
     """A `tools/call` result that tells the agent, in words, why its call did not run."""
     return encode({"jsonrpc": "2.0", "id": request_id,
-                   "result": {"content": [{"type": "text", "text": PREFIX + text}], "isError": True}})
+                   "result": {"content": [{"type": "text", "text": PREFIX + _shown(text)}], "isError": True}})
+
+
+def _shown(text: str) -> str:
+    """The gateway's words, each line `printable`, for whoever reads them in an MCP client: they quote what
+    others named (tool ids of the allocations a call waits for, resources, the daemon's messages)."""
+    from mcpctl.escape import printable
+
+    return "\n".join(map(printable, text.split("\n")))
 
 
 def error_response(request_id: Any, code: GatewayErrorCode, message: str, data: dict[str, Any] | None = None) -> bytes:
@@ -126,7 +134,7 @@ def error_response(request_id: Any, code: GatewayErrorCode, message: str, data: 
 def progress(token: Any, value: float, message: str | None = None) -> bytes:
     params: dict[str, Any] = {"progressToken": token, "progress": value}
     if message:
-        params["message"] = message
+        params["message"] = _shown(message)
     return encode({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
 
 

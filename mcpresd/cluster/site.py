@@ -33,8 +33,8 @@ from mcpresd import params as p
 from mcpresd.cluster.slurm import Cluster, ClusterConfig, ClusterError, ClusterErrorKind, Submission
 from mcpresd.core.cluster import JOB_PREFIX, ClusterJob, ClusterRequest, JobState, Partition
 from mcpresd.core.errors import (AllocationNotFound, AlreadyReleased, ClusterFailed, DomainError,
-                                 InsufficientCapacity, InvalidRequest, NeverFits, PermissionDenied, WaitTimeout,
-                                 Withdrawn)
+                                 InsufficientCapacity, InvalidRequest, LimitExceeded, NeverFits, PermissionDenied,
+                                 WaitTimeout, Withdrawn)
 from mcpresd.protocol import AllocationState, Method
 
 log = logging.getLogger("mcpresd.cluster")
@@ -85,6 +85,19 @@ def save(conn: sqlite3.Connection, allocation: ClusterAllocation) -> None:
     values[_COLUMNS.index("request")] = json.dumps(asdict(allocation.request))
     conn.execute(f"INSERT OR REPLACE INTO cluster_allocations ({', '.join(_COLUMNS)}) VALUES "
                  f"({', '.join('?' * len(_COLUMNS))})", values)
+
+
+def _check_limit(broker: Any, uid: int) -> None:
+    """[limits] max_allocations_per_uid for the cluster, as on the host (root has no limit): each queued or
+    active cluster allocation is an salloc the daemon runs and follows, and a Slurm job."""
+    if uid == 0:
+        return
+    limit = broker.policy.max_allocations_per_uid
+    (held,), = broker.store.conn.execute(  # the states as written: the live rows' partial index serves it
+        "SELECT count(*) FROM cluster_allocations WHERE state IN ('queued', 'active') AND owner_uid = ?", (uid,))
+    if held >= limit:
+        raise LimitExceeded(f"uid {uid} already has {held} cluster allocations queued or active (the limit,"
+                            " [limits] max_allocations_per_uid); release some first", limit=limit)
 
 
 def forget(conn: sqlite3.Connection, allocation_id: str) -> None:
@@ -377,6 +390,7 @@ class ClusterSite:
                                (caller.uid, command.idempotency_key))
                 if earlier:
                     return earlier[0], False
+            _check_limit(broker, caller.uid)
             allocation_id = broker.new_id()
             row = ClusterAllocation(
                 id=allocation_id, owner_uid=caller.uid, owner_gid=caller.gid, state=AllocationState.QUEUED,

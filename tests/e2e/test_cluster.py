@@ -306,6 +306,41 @@ def test_jobs_belong_to_the_user_who_asked(tmp_path: Path, shared_dir: Path, nob
         daemon.stop()
 
 
+def test_cluster_allocations_per_uid_are_limited_too(tmp_path: Path, shared_dir: Path, nobodys_process: int,
+                                                    made: list[str]) -> None:
+    # Each queued or active cluster allocation is an salloc the daemon runs and a Slurm job: one user may not
+    # start them without bound, as on the host (root may).
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a second user, and a system daemon submitting for it")
+    from tests.integration.test_access import shared_daemon
+
+    skip_unless_slurm()
+    daemon = shared_daemon(tmp_path, shared_dir, cluster_config() + "\n[limits]\nmax_allocations_per_uid = 1\n")
+    try:
+        env = dict(os.environ, MCPRES_SOCKET=daemon.socket, HOME="/nonexistent")
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*AS_NOBODY, *_mcpctl(), *args], capture_output=True, text=True, env=env,
+                                  timeout=60)
+
+        allocate_one = ("allocate", "--cluster", "--cpu", "1", "--holder-pid", str(nobodys_process), "--json")
+        first = as_nobody(*allocate_one)
+        assert first.returncode == 0, first.stderr
+        made.append(json.loads(first.stdout)["id"])
+        over = as_nobody(*allocate_one)
+        assert over.returncode != 0 and "1 cluster allocations queued or active" in over.stderr, over
+        assert "max_allocations_per_uid" in over.stderr
+        roots = json.loads(ok(daemon, "allocate", "--cluster", "--cpu", "1", "--json"))  # root: no limit
+        made.append(roots["id"])
+        released = as_nobody("release", made[0])
+        assert released.returncode == 0, released.stderr
+        again = as_nobody(*allocate_one)
+        assert again.returncode == 0, again.stderr
+        made.append(json.loads(again.stdout)["id"])
+    finally:
+        daemon.stop()
+
+
 def test_slurm_stopped_mid_way_gives_clear_errors_and_loses_nothing_local(tmp_path: Path, made: list[str]) -> None:
     if os.geteuid() != 0 or not (HARNESS / "down.sh").exists():
         pytest.skip("needs root and ../shared/slurm to stop and start Slurm")

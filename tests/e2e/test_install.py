@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -94,15 +95,30 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path: Path, args: list[str]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sudo's case: root with SUDO_USER set")
-@pytest.mark.parametrize("command", ["install", "uninstall"])
-def test_user_mode_under_sudo_is_refused_and_writes_nothing(tmp_path: Path, command: str) -> None:
-    env = dict(os.environ, HOME=str(tmp_path), SUDO_USER="ann", SUDO_UID="1000")
+@pytest.mark.parametrize("command, how", [("install", {"SUDO_USER": "ann", "SUDO_UID": "1000"}),
+                                          ("uninstall", {"SUDO_USER": "ann", "SUDO_UID": "1000"}),
+                                          ("install", {"DOAS_USER": "ann"})], ids=["sudo", "sudo-uninstall", "doas"])
+def test_user_mode_under_sudo_is_refused_and_writes_nothing(tmp_path: Path, command: str, how: dict[str, str]) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), **how}
     env.pop("XDG_CONFIG_HOME", None)
 
     done = subprocess.run([MCPRESD, command, "--user"], capture_output=True, text=True, timeout=BOUND_S, env=env)
 
     assert done.returncode == 2
     assert "as ann, run `mcpresd " + command + " --user` without sudo" in done.stderr
+    assert files(tmp_path) == set()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pkexec's case: root with PKEXEC_UID set")
+def test_user_mode_under_pkexec_is_refused_and_names_the_caller(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "PKEXEC_UID": "65534"}
+    env.pop("XDG_CONFIG_HOME", None)
+    env.pop("SUDO_USER", None)
+
+    done = subprocess.run([MCPRESD, "install", "--user"], capture_output=True, text=True, timeout=BOUND_S, env=env)
+
+    assert done.returncode == 2
+    assert f"as {pwd.getpwuid(65534).pw_name}, run `mcpresd install --user`" in done.stderr
     assert files(tmp_path) == set()
 
 

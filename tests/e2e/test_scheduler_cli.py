@@ -167,6 +167,105 @@ def test_run_forwards_sigterm_to_the_command(daemon: DaemonProcess) -> None:
     assert eventually(lambda: active(daemon) == [])
 
 
+@pytest.mark.parametrize("name", ["HUP", "INT", "QUIT", "USR1", "USR2"])
+def test_run_forwards_every_signal_it_forwards_to_the_command(daemon: DaemonProcess, name: str) -> None:
+    proc = start(daemon, "run", "--res", "licence=1", "--", "sh", "-c",
+                 f'trap "exit 42" {name}; echo ready; while :; do sleep 0.02; done')
+    try:
+        assert Lines(proc).next().strip() == "ready"
+        proc.send_signal(getattr(signal, f"SIG{name}"))
+        assert proc.wait(STEP_S) == 42
+    finally:
+        stop(proc)
+    assert eventually(lambda: active(daemon) == [])
+
+
+def _read_until(master: int, needle: bytes, seen: bytes = b"") -> bytes:
+    import select
+
+    deadline = time.monotonic() + STEP_S
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not seen in {STEP_S}s: {seen!r}"
+        if select.select([master], [], [], left)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"the terminal closed before {needle!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_run_on_a_terminal_ctrl_c_reaches_the_command_and_mcpctl_waits_for_it(daemon: DaemonProcess) -> None:
+    # Ctrl-C: the kernel signals the terminal's foreground process group, mcpctl and its command alike; mcpctl
+    # lives on, sends no second SIGINT (one sent at once would merge with the kernel's, so "int 2" is only
+    # seen when it comes late), and exits with the command's status.
+    import fcntl
+    import termios
+
+    master, slave = pty.openpty()
+    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; trap \'echo "count $n"; exit 42\' USR1; echo ready; '
+              'while :; do sleep 0.02; done')
+    try:
+        proc = start(daemon, "run", "--res", "licence=1", "--", "sh", "-c", script, stdin=slave, stdout=slave,
+                     stderr=slave, start_new_session=True,
+                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        slave = -1
+        try:
+            seen = _read_until(master, b"ready")
+            os.write(master, b"\x03")  # the terminal's interrupt character
+            seen = _read_until(master, b"int 1", seen)
+            proc.send_signal(signal.SIGUSR1)  # forwarded after any SIGINT mcpctl would have forwarded
+            seen = _read_until(master, b"count", seen)
+            assert proc.wait(STEP_S) == 42
+        finally:
+            stop(proc)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+    assert b"count 1" in seen and b"int 2" not in seen, seen
+    assert eventually(lambda: active(daemon) == [])
+
+
+def test_run_of_a_file_that_is_not_executable_exits_126_and_releases(daemon: DaemonProcess, tmp_path: Path) -> None:
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+
+    result = cli(daemon, "run", "--res", "licence=1", "--", str(script))
+
+    assert result.returncode == 126, result.stderr
+    assert "not-executable" in result.stderr
+    assert eventually(lambda: active(daemon) == [])
+
+
+def test_run_on_the_host_ignores_a_step_prefix_in_the_callers_environment(daemon: DaemonProcess) -> None:
+    # MCPRES_STEP_PREFIX is how mcpctl tells its own child to run a cluster step through srun; one the caller's
+    # environment happens to carry must not put another program before the command.
+    result = cli(daemon, "run", "--res", "licence=1", "--", "echo", "command",
+                 env={"MCPRES_STEP_PREFIX": '["echo", "injected"]'})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "command\n"
+
+
+def test_run_passes_the_callers_environment_byte_for_byte(daemon: DaemonProcess) -> None:
+    # Values that are not UTF-8, or not ASCII, and a large environment reach the command as they were.
+    environment = {os.fsencode(k): os.fsencode(v) for k, v in user_env(daemon).items()}
+    environment.update({b"NOT_UTF8": b"\xff\xfe-\x80", b"ACCENTED": "é中".encode(), **{f"LARGE{n}".encode(): b"x" * 100_000 for n in range(10)}})
+    script = 'printf "%s|%s|" "$NOT_UTF8" "$ACCENTED"; printf "%s" "$LARGE0$LARGE9" | wc -c'
+    result = subprocess.run([MCPCTL, "run", "--res", "licence=1", "--", "sh", "-c", script], capture_output=True,
+                            env=environment, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(b"|")[:2] == [b"\xff\xfe-\x80", "é中".encode()]
+    assert int(result.stdout.split(b"|")[2]) == 200_000  # of 1 MB in all
+
+
 def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: DaemonProcess) -> None:
     result = cli(daemon, "run", "--res", "licence=1", "--", "no-such-command-here")
 

@@ -263,12 +263,13 @@ def gateways(tmp_path: Path, mcpresd: DaemonProcess) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def holding(daemon: DaemonProcess, resource: str = "gpu", amount: float = 1) -> Iterator[dict[str, Any]]:
+def holding(daemon: DaemonProcess, resource: str = "gpu", amount: float = 1,
+            tool_id: str = "test/holder") -> Iterator[dict[str, Any]]:
     """Hold a resource on a connection of the test's own, for the length of the block."""
     client = Client(daemon.socket, timeout=10.0)
     try:
         yield client.call("allocate", {"resources": [{"resource": resource, "amount": amount}],
-                                       "tool_id": "test/holder"})
+                                       "tool_id": tool_id})
     finally:
         client.close()
 

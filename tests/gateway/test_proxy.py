@@ -156,6 +156,20 @@ def test_a_queued_call_gets_progress_that_strictly_increases_into_the_servers_ow
     assert [(p["progress"], p["total"]) for p in server] == [(n + 1 + k, n + 1 + 2) for k in range(3)]
 
 
+def test_a_queued_calls_progress_shows_what_others_named_escaped(gateways: Any, mcpresd: DaemonProcess) -> None:
+    # The tool id of the allocation a call waits for is another's (an admin's gateway sees it): a bidi override
+    # or an 8-bit CSI in it reaches the MCP client's reader as its escape, not obeyed.
+    gateway = gateways(gated())
+    gateway.initialize()
+    with holding(mcpresd, tool_id="evil\u202e\x9b2Jtool"):
+        gateway.send(tool_call(1, "slow", {"seconds": 0.1}, token="tok"))
+        gateway.quiet(0.7)
+    assert text_of(gateway.response(1)) == "slow done"
+    injected = [m["params"]["message"] for m in gateway.messages()
+                if m.get("method") == "notifications/progress" and m["params"].get("message", "").startswith("mcpres: ")]
+    assert injected and "held by evil\\u202e\\x9b2Jtool" in injected[0], injected
+
+
 def test_no_progress_is_injected_without_a_progress_token(gateways: Any, mcpresd: DaemonProcess) -> None:
     gateway = gateways(gated())
     gateway.initialize()

@@ -7,10 +7,14 @@ The broker runs on a real SQLite store; the daemon's recovery after a failed tra
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mcpresd import params as p
+from mcpresd.core.errors import LimitExceeded
 from mcpresd.service import Broker, Caller
 from mcpresd.store import Store
 
@@ -103,3 +107,35 @@ def test_a_wait_retried_after_a_rollback_is_answered_once(tmp_path: Path) -> Non
     with broker.store.transaction():
         broker.release(ME, p.release({"id": held["id"]}))
     assert [w for w, _ in broker.take_outbox().settled] == [first, second]
+
+
+def test_a_rolled_back_allocate_or_release_leaves_the_per_uid_limit_as_committed(tmp_path: Path) -> None:
+    broker = rig(tmp_path)
+    broker.policy = replace(broker.policy, max_allocations_per_uid=2)
+    user = Caller(uid=1000, gid=1000, pid=os.getpid(), connection=3)
+    with broker.store.transaction():
+        broker.resources_add(ME, p.add_resource({"name": "many", "capacity": 10}))
+    many = p.allocate({"resources": [{"resource": "many", "amount": 1}]})
+
+    def allocate_many() -> dict[str, Any]:
+        with broker.store.transaction():
+            return dict(broker.allocate(user, many))
+
+    first = allocate_many()
+    broker.store.begin()
+    broker.allocate(user, many)  # the second, and the limit reached...
+    with pytest.raises(LimitExceeded):
+        broker.allocate(user, many)
+    fail_and_recover(broker)  # ...but none of it happened
+
+    second = allocate_many()  # one live: one more fits, and then no more
+    with pytest.raises(LimitExceeded):
+        allocate_many()
+    broker.store.begin()
+    broker.release(user, p.release({"id": first["id"]}))
+    fail_and_recover(broker)  # a release rolled back: both are live still
+    with pytest.raises(LimitExceeded):
+        allocate_many()
+    with broker.store.transaction():
+        broker.release(user, p.release({"id": second["id"]}))
+    allocate_many()

@@ -164,7 +164,7 @@ def test_a_migration_run_in_a_child_is_reported_while_it_runs(tmp_path: Path,
     beats: list[float] = []
     monkeypatch.setattr(mcpresd.store, "MIGRATION_HEARTBEAT_S", 0.01)
     monkeypatch.setattr(Store, "migrate_in_child", True)
-    monkeypatch.setattr(Store, "migration_heartbeat", beats.append)
+    monkeypatch.setattr(Store, "migration_heartbeat", lambda elapsed, progressing: beats.append(elapsed))
 
     store = Store(tmp_path / "db.sqlite")
     try:
@@ -172,3 +172,34 @@ def test_a_migration_run_in_a_child_is_reported_while_it_runs(tmp_path: Path,
     finally:
         store.close()
     assert beats and beats == sorted(beats) and beats[0] > 0
+
+
+def test_a_migration_that_stops_progressing_is_reported_as_stalled(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child that uses no CPU for a heartbeat (here: stopped; in life, a hung disk) is reported as not
+    # progressing, so the daemon stops extending systemd's start timeout; once it runs again, it progresses.
+    import psutil
+
+    import mcpresd.store
+    from mcpresd.store import MIGRATIONS, Store
+
+    beats: list[bool] = []
+
+    def heartbeat(elapsed: float, progressing: bool) -> None:
+        [child] = psutil.Process().children()
+        beats.append(progressing)
+        if len(beats) == 1:
+            child.suspend()
+        elif not progressing or len(beats) > 20:  # bounded: a child reported progressing while stopped fails below
+            child.resume()
+
+    monkeypatch.setattr(mcpresd.store, "MIGRATION_HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(Store, "migrate_in_child", True)
+    monkeypatch.setattr(Store, "migration_heartbeat", heartbeat)
+
+    store = Store(tmp_path / "db.sqlite")
+    try:
+        assert store._applied_migrations() == {m.__name__ for m in MIGRATIONS}
+    finally:
+        store.close()
+    assert False in beats[1:3], beats  # the beat after it stopped (or the next, if a tick was still counting)

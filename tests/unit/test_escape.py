@@ -27,10 +27,22 @@ def test_control_and_format_characters_are_shown_as_their_escapes(text: str, sho
 
 @pytest.mark.parametrize("text", [
     "plain ascii, [link=x]markup[/link] and \\x9b typed", "é à ß ñ Ω", "中文 日本語 한국어", "😀 👍🏽 👨‍👩‍👧 🇫🇷",
-    "नमस्ते", "\u00a0no-break space", "",
+    "नमस्ते", "क्\u200dष", "❤\ufe0f 1\ufe0f\u20e3", "",
 ])
 def test_ordinary_text_is_left_as_it_is(text: str) -> None:
     assert printable(text) == text
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("gpu\u00a00", "gpu\\xa00"), ("a\u2003b\u3000c", "a\\u2003b\\u3000c"),
+    ("cla\u200dude", "cla\\u200dude"), ("\u200cclaude\u200d", "\\u200cclaude\\u200d"),
+    ("tool\u3164", "tool\\u3164"), ("a\u115fb\uffa0c\u2800d", "a\\u115fb\\uffa0c\\u2800d"),
+    ("claude\ufe00", "claude\\ufe00"), ("c\u034flaude", "c\\u034flaude"), ("\U000e0100x", "\\U000e0100x"),
+], ids=["no-break-space", "wide-spaces", "joiner-in-ascii", "joiners-at-ends", "hangul-filler", "fillers",
+        "selector", "grapheme-joiner", "selector-supplement"])
+def test_a_character_that_shows_nothing_cannot_make_two_names_look_the_same(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert eval(f"'{shown}'") == text  # noqa: S307 - what is seen can be typed back
 
 
 def test_an_escape_reads_back_as_the_string_it_shows() -> None:
