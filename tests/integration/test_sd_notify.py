@@ -185,8 +185,20 @@ def test_a_migration_that_stops_progressing_is_reported_as_stalled(tmp_path: Pat
 
     beats: list[bool] = []
 
+    def migrating_child() -> psutil.Process:
+        # This process's other children (a session's daemons, servers) are not the one migrating.
+        children = []
+        for process in psutil.Process().children():
+            try:
+                if "mcpresd.store" in process.cmdline():
+                    children.append(process)
+            except psutil.Error:
+                continue
+        [child] = children
+        return child
+
     def heartbeat(elapsed: float, progressing: bool) -> None:
-        [child] = psutil.Process().children()
+        child = migrating_child()
         beats.append(progressing)
         if len(beats) == 1:
             child.suspend()
