@@ -175,6 +175,23 @@ def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: Dae
     assert eventually(lambda: active(daemon) == [])
 
 
+def test_run_of_a_file_that_cannot_be_executed_exits_126_as_its_help_says(daemon: DaemonProcess,
+                                                                          tmp_path: Path) -> None:
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+
+    result = cli(daemon, "run", "--res", "licence=1", "--", str(script))
+
+    assert result.returncode == exitcodes.CANNOT_EXECUTE == 126
+    assert "cannot run" in result.stderr
+    assert eventually(lambda: active(daemon) == [])
+    for args in (("--help",), ("run", "--help")):
+        text = " ".join(run_cli(*args).stdout.split())
+        assert "127 if it was not found, 126 if it could not be run" in text or \
+            "127 if the command was not found, 126 if it could not be run" in text, args
+
+
 def test_run_that_cannot_allocate_runs_nothing_and_exits_like_allocate(daemon: DaemonProcess,
                                                                       tmp_path: Path) -> None:
     marker = tmp_path / "ran"
