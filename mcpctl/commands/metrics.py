@@ -73,7 +73,7 @@ def metrics(
                 (name, key, metric_text(key, value))
                 for name, values in current["resources"].items() for key, value in values.items()])
         return
-    seconds = duration(since, "--since")
+    seconds = duration(since, "--since", forever=False)
     if seconds is None or seconds <= 0:
         usage(f"--since takes a duration greater than zero, e.g. 10m, 1h or 1d; got {since!r}")
     params: dict[str, Any] = {"resource": resource, "since": seconds}

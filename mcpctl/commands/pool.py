@@ -139,7 +139,7 @@ def create(
         params["destroy"] = destroy_command
     for option, text, key in (("--timeout", timeout, "timeout"), ("--cooldown", cooldown, "cooldown")):
         if text is not None:
-            seconds = duration(text, option)
+            seconds = duration(text, option, forever=False)
             if seconds is None:
                 usage(f"{option} takes a duration, e.g. 30s or 5m; got {text!r}")
             params[key] = seconds

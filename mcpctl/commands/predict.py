@@ -39,7 +39,7 @@ def predict(
     utilisation ahead once a minute and scores those forecasts when their time
     comes (MAPE: mean absolute percentage error).
     """
-    seconds = duration(within, "--in")
+    seconds = duration(within, "--in", forever=False)
     if seconds is None or seconds <= 0:
         usage(f"--in takes a duration greater than zero, e.g. 5m, 30m or 2h; got {within!r}")
     result = call(ctx, Method.PREDICT, {"resource": resource, "metric": metric, "in": seconds})

@@ -37,7 +37,7 @@ def renew(
     """
     params: dict[str, object] = {"id": allocation_id}
     if ttl is not None:
-        seconds = duration(ttl, "--ttl")
+        seconds = duration(ttl, "--ttl", forever=False)
         if seconds is None or seconds <= 0:
             usage(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {ttl!r}")
         params["ttl"] = seconds

@@ -255,6 +255,35 @@ def test_retry_for_takes_a_duration(tmp_path: Path) -> None:
         assert "--retry-for" in result.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ("usage", "--since", "{}"),
+    ("metrics", "memory", "--since", "{}"),
+    ("predict", "memory", "--in", "{}"),
+    ("renew", "0123456789abcdef", "--ttl", "{}"),
+    ("allocate", "--cpu", "1", "--ttl", "{}"),
+    ("top", "--once", "--interval", "{}"),
+    ("pool", "create", "p", "--factory", "slots", "--parent", "cpu", "--slot-size", "1", "--cooldown", "{}"),
+])
+def test_an_option_that_needs_a_finite_duration_does_not_offer_forever(daemon: DaemonProcess,
+                                                                         args: tuple[str, ...]) -> None:
+    option = args[-2]
+    for value in ("soon", "forever"):
+        result = cli(daemon, *(a.format(value) for a in args))
+
+        assert result.returncode == exitcodes.USAGE, result.stderr
+        assert option in result.stderr and repr(value) in result.stderr
+        assert "forever" not in result.stderr.replace(repr(value), ""), result.stderr
+    assert daemon.call("allocations.list", {"state": "active"}) == []
+    assert daemon.call("pools.list") == []
+
+
+def test_an_option_that_takes_forever_still_offers_it(daemon: DaemonProcess) -> None:
+    result = cli(daemon, "allocate", "--cpu", "1", "--wait", "soon")
+
+    assert result.returncode == exitcodes.USAGE
+    assert "'forever'" in result.stderr
+
+
 def test_help_documents_every_exit_code() -> None:
     result = run_cli("--help")
 
