@@ -389,8 +389,10 @@ def test_events_follow_json_prints_an_event_made_after_it_started(daemon: Daemon
         stop(follower)
 
 
-def test_events_follow_exits_5_when_the_daemon_goes_away(daemon: DaemonProcess) -> None:
-    follower = start(daemon, "events", "--follow", "--limit", "1")
+@pytest.mark.parametrize("retry_for", ["0", "1s"])
+def test_events_follow_exits_5_when_the_daemon_stays_away_past_retry_for(daemon: DaemonProcess,
+                                                                         retry_for: str) -> None:
+    follower = start(daemon, "--retry-for", retry_for, "events", "--follow", "--limit", "1")
     try:
         Lines(follower).next()
         daemon.stop()
