@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mcpctl import exitcodes
+from mcpctl import complete, exitcodes
 from mcpctl.actions import fail
 from mcpctl.output import call, duration, exit_with, fancy, plain_table, print_json, usage
 from mcpctl.view import UNSUPPORTED, age, human_duration, metric_text, metric_unit, sparkline
@@ -20,7 +20,8 @@ def metrics(
     resource: Annotated[
         str | None,
         typer.Argument(help="A resource name (gpu:0, cpu, disk:/) or a GPU UUID. Without one: every "
-                            "resource's current values.", show_default=False),
+                            "resource's current values.", show_default=False,
+                       autocompletion=complete.resource_names),
     ] = None,
     metric: Annotated[
         str | None,

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.output import call, duration, print_json, usage
 from mcpctl.view import human_duration, metric_text
 from mcpresd.protocol import Method
@@ -13,7 +14,8 @@ from mcpresd.protocol import Method
 
 def predict(
     ctx: typer.Context,
-    resource: Annotated[str, typer.Argument(help="A resource name (gpu:0, cpu, memory) or a GPU UUID.")],
+    resource: Annotated[str, typer.Argument(help="A resource name (gpu:0, cpu, memory) or a GPU UUID.",
+                                            autocompletion=complete.resource_names)],
     metric: Annotated[
         str, typer.Option("--metric", "-m", metavar="M", help="Which metric to forecast (utilisation, "
                                                              "utilisation_rate, memory_used, ...).")

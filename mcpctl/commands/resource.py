@@ -200,7 +200,8 @@ def refresh(
 @app.command("set-cost")
 def set_cost(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Name of the resource (or a GPU UUID).")],
+    name: Annotated[str, typer.Argument(help="Name of the resource (or a GPU UUID).",
+                                        autocompletion=complete.resource_names)],
     cost: Annotated[
         str, typer.Argument(metavar="COST", help="Cost per unit-hour: a number of zero or more, or 'none' to clear.")
     ],
