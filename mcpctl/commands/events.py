@@ -79,7 +79,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "no", None: "-"}[value]
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) < 1e15 else f"{value:.0f}"
+        return f"{value:.10g}" if abs(value) < 1e15 else f"{value:.0f}"  # not :g, which made 67108864 6.71089e+07
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}={value_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):

@@ -284,6 +284,17 @@ def test_an_option_that_takes_forever_still_offers_it(daemon: DaemonProcess) -> 
     assert "'forever'" in result.stderr
 
 
+def test_the_event_table_shows_amounts_and_times_in_full(daemon: DaemonProcess) -> None:
+    held = ok(daemon, "allocate", "--mem", "64M").strip()
+    renewed = as_json(daemon, "renew", held, "--ttl", "20m")["expires_at"]
+
+    table = ok(daemon, "events", "--allocation", held)
+
+    assert "items={memory=67108864}" in table
+    assert f"expires_at={renewed:.0f}" in table
+    assert "e+" not in table
+
+
 def test_help_documents_every_exit_code() -> None:
     result = run_cli("--help")
 
