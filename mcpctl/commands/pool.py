@@ -18,7 +18,10 @@ from mcpctl.output import call, duration, fancy, local_time, plain_table, print_
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
 
-app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True)
+app = typer.Typer(help="Create, inspect, drain and delete resource pools.\n\nExamples:"
+                       "\n\n  mcpctl pool create builds --factory slots --parent cpu --slot-size 2 --min 1 --max 4"
+                       "\n\n  mcpctl pool show builds\n\n  mcpctl pool drain builds && mcpctl pool delete builds",
+                  no_args_is_help=True)
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.", autocompletion=complete.pool_names)]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]

@@ -17,7 +17,9 @@ from mcpctl.output import call, exit_with, print_json, retry_of, socket_of, usag
 from mcpctl.view import money
 from mcpresd.protocol import MAX_ADD, MAX_MESSAGE_BYTES, Method, UnitError, format_amount, parse_amount
 
-app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's.",
+app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's."
+                       "\n\nExamples:\n\n  mcpctl resource add licence:matlab --capacity 4 --unit seats"
+                       "\n\n  mcpctl resource set-cost gpu:0 2.5\n\n  mcpctl resource remove licence:matlab",
                   no_args_is_help=True)
 
 

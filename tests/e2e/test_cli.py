@@ -476,6 +476,15 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
     assert " ".join(first_paragraph.split()) in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize("path", [p for p in _command_paths() if not _command(p).hidden], ids=" ".join)
+def test_every_command_help_shows_an_example(path: tuple[str, ...]) -> None:
+    result = run_cli(*path, "--help")
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert any(line.startswith(("mcpctl ", "source <(mcpctl ", "id=$(mcpctl ")) for line in lines), result.stdout
+
+
 @pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
 def test_every_option_and_argument_has_help_text(path: tuple[str, ...]) -> None:
     command = _command(path)
