@@ -277,6 +277,15 @@ def test_an_option_that_needs_a_finite_duration_does_not_offer_forever(daemon: D
     assert daemon.call("pools.list") == []
 
 
+@pytest.mark.parametrize("option", ["--wait", "--ttl"])
+def test_a_wait_or_lease_past_a_year_is_refused_in_days_not_exponents(daemon: DaemonProcess, option: str) -> None:
+    result = cli(daemon, "allocate", "--cpu", "1", option, "400d")
+
+    assert result.returncode == exitcodes.USAGE
+    assert "31536000 (365 days)" in result.stderr and "e+07" not in result.stderr
+    assert daemon.call("allocations.list") == []
+
+
 def test_an_option_that_takes_forever_still_offers_it(daemon: DaemonProcess) -> None:
     result = cli(daemon, "allocate", "--cpu", "1", "--wait", "soon")
 
