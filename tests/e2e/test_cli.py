@@ -304,6 +304,24 @@ def test_the_event_table_shows_amounts_and_times_in_full(daemon: DaemonProcess) 
     assert "e+" not in table
 
 
+@pytest.mark.parametrize("args", [["allocate", "--cluster", "--res", "licence=1"],
+                                  ["allocate", "--where", "site=cluster", "--res", "licence=1"],
+                                  ["run", "--cluster", "--res", "licence=1", "--", "touch", "{marker}"]])
+def test_a_cluster_request_to_a_daemon_without_a_cluster_is_refused_not_served_here(
+        daemon: DaemonProcess, tmp_path: Path, args: list[str]) -> None:
+    marker = tmp_path / "ran"
+    result = cli(daemon, *(a.format(marker=marker) for a in args))
+
+    assert result.returncode == exitcodes.ERROR, result.stdout
+    assert "this daemon has no cluster" in result.stderr and result.stdout == ""
+    assert daemon.call("allocations.list", {"state": "all"}) == []
+    assert not marker.exists()
+
+
+def test_spill_to_a_daemon_without_a_cluster_is_served_by_the_host(daemon: DaemonProcess) -> None:
+    assert ok(daemon, "run", "--spill", "--res", "licence=1", "--", "echo", "here") == "here\n"
+
+
 def test_help_documents_every_exit_code() -> None:
     result = run_cli("--help")
 
