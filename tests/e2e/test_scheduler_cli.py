@@ -333,6 +333,16 @@ def test_wait_on_an_active_allocation_prints_it_at_once(daemon: DaemonProcess) -
     assert as_json(daemon, "wait", allocation_id)["id"] == allocation_id
 
 
+def test_wait_on_an_ended_allocation_exits_1_saying_how_it_ended_once(daemon: DaemonProcess) -> None:
+    allocation_id = ok(daemon, "allocate", "--res", "slot=1").strip()
+    ok(daemon, "release", allocation_id)
+
+    result = cli(daemon, "wait", allocation_id)
+
+    assert result.returncode == exitcodes.ERROR
+    assert result.stderr.strip() == f"mcpctl: allocation {allocation_id} was released"
+
+
 def test_explain_names_the_allocation_that_blocks_the_request(daemon: DaemonProcess, tmp_path: Path) -> None:
     with holding(daemon, tmp_path, "--res", "licence=2", "--tool", "matlab") as holder:
         blocker = holder.allocation_id  # type: ignore[attr-defined]
