@@ -343,6 +343,16 @@ def test_wait_on_an_ended_allocation_exits_1_saying_how_it_ended_once(daemon: Da
     assert result.stderr.strip() == f"mcpctl: allocation {allocation_id} was released"
 
 
+def test_renew_without_a_ttl_of_an_allocation_that_has_none_exits_as_its_help_says(daemon: DaemonProcess) -> None:
+    allocation_id = ok(daemon, "allocate", "--res", "slot=1").strip()
+
+    result = cli(daemon, "renew", allocation_id)
+
+    assert result.returncode == exitcodes.USAGE and "has no TTL" in result.stderr
+    assert "2 if it has no TTL and none is given" in " ".join(run_cli("renew", "--help").stdout.split())
+    assert daemon.call("allocations.get", {"id": allocation_id})["ttl_s"] is None
+
+
 def test_explain_names_the_allocation_that_blocks_the_request(daemon: DaemonProcess, tmp_path: Path) -> None:
     with holding(daemon, tmp_path, "--res", "licence=2", "--tool", "matlab") as holder:
         blocker = holder.allocation_id  # type: ignore[attr-defined]
