@@ -330,7 +330,7 @@ def test_recommend_with_too_few_runs_says_so(daemon: DaemonProcess) -> None:
 
     assert (result["runs"], result["enough"]) == (1, False)
     assert "too few" in text
-    assert "no measured runs" in ok(daemon, "recommend", "never-ran")
+    assert ok(daemon, "recommend", "never-ran") == "no recommendation for never-ran: no measured runs\n"
 
 
 # -- optimise --------------------------------------------------------------------------------------
