@@ -160,8 +160,10 @@ def create(
     if json_output:
         print_json(pool)
     else:
+        making = pool.get("creating") or 0  # a command pool's first members are made in the background
         print(f"created pool {pool['name']} ({pool.get('factory', factory.value)}, "
-              f"{bounds_text(pool)} members, {pool.get('size', 0)} now)")
+              f"{bounds_text(pool)} members, {pool.get('size', 0) - making} now"
+              + (f", {making} being made)" if making else ")"))
 
 
 def labels_of(entries: list[str]) -> dict[str, str]:

@@ -127,6 +127,14 @@ def test_a_refused_pool_is_explained_in_the_names_its_options_and_the_api_use(da
     assert daemon.call("pools.list") == []
 
 
+def test_creating_a_command_pool_says_its_first_members_are_still_being_made(daemon: DaemonProcess) -> None:
+    said = ok(daemon, "pool", "create", "workers", "--factory", "command", "--create", "sleep 30; echo {}",
+              "--min", "1", "--max", "1")
+
+    assert said == "created pool workers (command, 1..1 members, 0 now, 1 being made)\n"
+    assert pool(daemon, "workers")["members"] == []
+
+
 def test_a_slots_pool_of_an_unknown_parent_exits_1(daemon: DaemonProcess) -> None:
     result = cli(daemon, "pool", "create", "p", "--factory", "slots", "--parent", "nosuch", "--slot-size", "1",
                  "--max", "2")
