@@ -322,6 +322,21 @@ def test_spill_to_a_daemon_without_a_cluster_is_served_by_the_host(daemon: Daemo
     assert ok(daemon, "run", "--spill", "--res", "licence=1", "--", "echo", "here") == "here\n"
 
 
+def test_the_release_everything_example_of_allocations_help_works_with_none_and_with_some(
+        daemon: DaemonProcess) -> None:
+    [example] = [line.strip() for line in run_cli("allocations", "--help").stdout.splitlines()
+                 if line.strip().startswith("mcpctl") and "release" in line]
+    env = dict(os.environ, MCPRES_SOCKET=daemon.socket,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for held in (0, 2):
+        for _ in range(held):
+            daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()})
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", example], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, (example, done.stderr)
+        assert daemon.call("allocations.list") == []
+
+
 def test_help_documents_every_exit_code() -> None:
     result = run_cli("--help")
 
