@@ -189,7 +189,7 @@ def allocate_params(options: AllocateOptions) -> dict[str, Any]:
             raise UsageError("--env needs the granted devices; it cannot go with --no-block")
         params["detach"] = True
     if options.ttl is not None:
-        ttl = _duration(options.ttl, "--ttl")
+        ttl = _duration(options.ttl, "--ttl", forever=False)
         if ttl is None or ttl <= 0:
             raise UsageError(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {options.ttl!r}")
         params["ttl"] = ttl
@@ -393,9 +393,9 @@ def _amount(text: str, option: str) -> float:
     return parse_amount(text)
 
 
-def _duration(text: str, option: str) -> float | None:
+def _duration(text: str, option: str, *, forever: bool = True) -> float | None:
     try:
-        return parse_duration(text)
+        return parse_duration(text, forever=forever)
     except UnitError as error:
         raise UsageError(f"{option}: {error}") from None
 

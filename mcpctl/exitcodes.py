@@ -17,7 +17,8 @@
 | 130  | interrupted (Ctrl-C) while waiting                                   |
 
 `mcpctl run` exits with its command's status instead: the command's own exit
-code, 128+N if a signal N killed it, 127 if it could not be started.
+code, 128+N if a signal N killed it, 127 if it was not found, 126 if it could not
+be run (as a shell does).
 
 JSON-RPC errors map to exit codes in `for_error`: 1002 InsufficientCapacity and
 1012 WaitTimeout give 3, 1008 PermissionDenied gives 4, invalid params or
@@ -59,7 +60,7 @@ TABLE = (
     (INTERRUPTED, "interrupted (Ctrl-C) while waiting"),
 )
 RUN_NOTE = ("mcpctl run exits with its command's status: its exit code, 128+N if signal N killed it, "
-            "127 if it could not be started.")
+            "127 if the command was not found, 126 if it could not be run.")
 
 
 def for_error(code: int) -> int:

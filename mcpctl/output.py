@@ -44,12 +44,13 @@ def call(ctx: typer.Context, method: str, params: dict[str, Any] | None = None, 
         exit_with(exitcodes.INTERRUPTED)
 
 
-def duration(text: str | None, option: str) -> float | None:
-    """Seconds from a --timeout/--ttl value; None for `forever` (or no value)."""
+def duration(text: str | None, option: str, *, forever: bool = True) -> float | None:
+    """Seconds from a --timeout/--ttl value; None for `forever` (or no value). An option that needs a finite
+    time passes `forever=False`: its error then offers no `forever`, which it would refuse."""
     if text is None:
         return None
     try:
-        return parse_duration(text)
+        return parse_duration(text, forever=forever)
     except UnitError as error:
         usage(f"{option}: {error}")
 

@@ -4,9 +4,11 @@ Rules: subscribe first, then read any backlog on the same connection, so no
 event falls between the two; each event is printed and flushed at once. A
 reader that fell behind (stdout blocked on a full pipe) is unsubscribed by the
 daemon: it subscribes again and pages through what it missed with
-`events.list`, so no event is lost or shown twice. Exits 0 on Ctrl-C, SIGTERM
+`events.list`, so no event is lost or shown twice. A daemon that restarts is
+ridden through the same way, for as long as --retry-for allows (10 s by
+default), as every other command rides through it. Exits 0 on Ctrl-C, SIGTERM
 or a closed stdout (a `| head` that has read enough), 5 when the daemon goes
-away.
+away for longer.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def follow(socket_path: str, show: Callable[[dict[str, Any]], None], *,
-           backlog: dict[str, object] | None = None) -> int:
+           backlog: dict[str, object] | None = None, retry_for: float = 0.0) -> int:
     """Call `show` with every event from now on (after the `events.list` backlog, if `backlog` params are given);
-    return the exit code."""
+    return the exit code. A connection lost once it was up is made again for up to `retry_for` seconds."""
     signal.signal(signal.SIGTERM, _stop)
     printed = 0
     try:
-        with Client(socket_path, timeout=None) as client:
-            client.call(Method.EVENTS_SUBSCRIBE, {})
+        with Client(socket_path, timeout=None, retry_for=retry_for) as client:
+            subscribed = client.call(Method.EVENTS_SUBSCRIBE, {})
+            newest_then = int(subscribed["last_id"]) if isinstance(subscribed, dict) else 0
             if backlog is not None:
                 for event in client.call(Method.EVENTS_LIST, backlog):
                     show(event)
@@ -56,6 +59,11 @@ def follow(socket_path: str, show: Callable[[dict[str, Any]], None], *,
                     if not _lagged(error):
                         raise
                     printed = _catch_up(client, show, printed or int(error.data["after_id"] or 0))
+                except DaemonUnreachable as error:
+                    if not error.transient or retry_for <= 0:
+                        raise
+                    client.close()  # a daemon restarting: connect again (client.call waits for it)
+                    printed = _catch_up(client, show, max(printed, newest_then))
     except DaemonUnreachable as error:
         return unreachable(error)
     except RpcError as error:

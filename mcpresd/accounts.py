@@ -293,7 +293,14 @@ class Accounts:
         tallies, since = self._ended_usage({}, by, now - command.since, now, owner)
         live = [self.record(a) for a in self.broker.live.values() if owner is None or a.owner_uid == owner]
         rows = accounting.rows_of(accounting.usage_tallies(live, by, since, now, tallies))
-        return {"by": command.by, "since": since, "until": now, "rows": rows, "totals": accounting.usage_totals(rows)}
+        totals = accounting.usage_totals(rows)
+        if by == "resource":
+            # An allocation is in the row of every resource it holds: counted once, as its tool's row counts it.
+            per_tool = self._ended_usage({}, "tool", now - command.since, now, owner)[0]
+            once = accounting.usage_totals(accounting.rows_of(accounting.usage_tallies(live, "tool", since, now,
+                                                                                       per_tool)))
+            totals.update({field: once[field] for field in ("allocations", "active", "waited_s", "mean_wait_s")})
+        return {"by": command.by, "since": since, "until": now, "rows": rows, "totals": totals}
 
     def _ended_usage(self, tallies: dict[str, Any], by: str, since: float, now: float, owner: int | None = None,
                      key: str | None = None) -> tuple[dict[str, Any], float]:

@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mcpresd: {error}", file=sys.stderr)
         return 2
+    if config.gpu_replay:
+        from mcpresd.samplers.nvml import ReplayError, ReplayNvml
+
+        try:  # a capture that cannot be replayed is a bad option, as a bad config file is: exit 2, before anything
+            ReplayNvml(config.gpu_replay).close()
+        except ReplayError as error:
+            print(f"mcpresd: --gpu-replay (gpu_replay): {error}", file=sys.stderr)
+            return 2
     if args.check_config is not None:
         print(f"{path}: valid" if path else f"no config file ({source}): the embedded defaults are valid")
         return 0

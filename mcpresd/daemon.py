@@ -57,7 +57,7 @@ from mcpresd.protocol import EnforceMode
 from mcpresd.samplers.metrics import HostSampler
 from mcpresd.samplers.host import discover
 from mcpresd.samplers.usage import GpuProcesses, holder_usage
-from mcpresd.samplers.nvml import Nvml, ReplayNvml, open_nvml
+from mcpresd.samplers.nvml import Nvml, ReplayError, ReplayNvml, open_nvml
 from mcpresd.server import (
     BACKLOG,
     FD_OVERHEAD,
@@ -196,7 +196,10 @@ class Daemon:
 
     def open_gpus(self) -> Nvml | None:
         if self.config.gpu_replay:
-            return ReplayNvml(self.config.gpu_replay)
+            try:
+                return ReplayNvml(self.config.gpu_replay)
+            except ReplayError as error:
+                raise StartupConfigError(f"--gpu-replay (gpu_replay): {error}") from None
         return open_nvml(log)
 
     def discover(self) -> list[Resource]:

@@ -329,7 +329,8 @@ def allocate(params: Any) -> AllocateCommand:
             raise InvalidParams(error.message, f"where[{index}]") from None
     ttl = fields.number("ttl")
     if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
-        raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
+        raise InvalidParams(f"ttl must be more than 0 seconds and at most {MAX_WAIT_S:.0f} (365 days), got "
+                            f"{_describe(ttl)}", "ttl")
     objective = fields.text("objective")
     if objective is not None and objective not in _OBJECTIVES:
         raise InvalidParams(f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}", "objective")
@@ -389,7 +390,8 @@ def _wait(fields: _Fields, name: str) -> float | None:
     if value == "forever":
         return None
     if not is_valid_number(value) or not 0 <= value <= MAX_WAIT_S:
-        raise InvalidParams(f'{name} must be seconds between 0 and {MAX_WAIT_S:g}, or "forever"; got {_describe(value)}',
+        raise InvalidParams(f'{name} must be seconds between 0 and {MAX_WAIT_S:.0f} (365 days), or "forever"; got '
+                            f'{_describe(value)}',
                             name)
     return float(value)
 
@@ -404,7 +406,8 @@ def renew(params: Any) -> RenewCommand:
     fields = _Fields(params, frozenset({"id", "ttl"}))
     ttl = fields.number("ttl")
     if ttl is not None and not 0 < ttl <= MAX_WAIT_S:
-        raise InvalidParams(f"ttl must be between 0 and {MAX_WAIT_S:g} seconds, got {ttl:g}", "ttl")
+        raise InvalidParams(f"ttl must be more than 0 seconds and at most {MAX_WAIT_S:.0f} (365 days), got "
+                            f"{_describe(ttl)}", "ttl")
     return RenewCommand(id=_required_text(fields, "id"), ttl=ttl)
 
 

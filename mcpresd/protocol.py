@@ -385,10 +385,11 @@ def parse_amount(text: str) -> float:
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(text: str) -> float | None:
-    """Seconds from `30`, `30s`, `10m`, `2h`, `1h30m`, `500ms`, `1d`; `forever` gives None (no limit)."""
+def parse_duration(text: str, *, forever: bool = True) -> float | None:
+    """Seconds from `30`, `30s`, `10m`, `2h`, `1h30m`, `500ms`, `1d`; `forever` gives None (no limit), unless
+    `forever` is false (a setting that needs a finite time): then it is refused like any other word."""
     raw = text.strip().lower()
-    if raw in ("forever", "inf", "infinite", "none"):
+    if forever and raw in ("forever", "inf", "infinite", "none"):
         return None
     try:
         value = float(raw)
@@ -404,8 +405,8 @@ def parse_duration(text: str) -> float | None:
             unit = "ms" if rest.startswith("ms") else rest[:1]
             if not number or unit not in _DURATION_UNITS:
                 raise UnitError(
-                    f"not a duration: {text!r} (use seconds or a number with ms, s, m, h or d, e.g. 30s, 10m, 1h30m,"
-                    " or 'forever')"
+                    f"not a duration: {text!r} (use seconds or a number with ms, s, m, h or d, e.g. 30s, 10m, 1h30m"
+                    + (", or 'forever')" if forever else ")")
                 ) from None
             try:
                 value += float(number) * _DURATION_UNITS[unit]
@@ -413,7 +414,7 @@ def parse_duration(text: str) -> float | None:
                 raise UnitError(f"not a duration: {text!r}") from None
             rest = rest[len(unit):]
     if not math.isfinite(value) or value < 0:
-        raise UnitError(f"a duration must be zero or more seconds, got {text!r}")
+        raise UnitError(f"a duration must be a finite number of seconds, zero or more, got {text!r}")
     return value
 
 

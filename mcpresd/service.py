@@ -37,6 +37,7 @@ from mcpresd.core.errors import (
     InsufficientCapacity,
     InvalidRequest,
     LimitExceeded,
+    NeverFits,
     PermissionDenied,
     ResourceExists,
     ResourceInUse,
@@ -667,6 +668,12 @@ class Broker:
 
     def allocate(self, caller: Caller, command: p.AllocateCommand, waiter: Any = None) -> AllocationDict:
         """Grant now, queue, or refuse. A queued, attended request answers `waiter` when it settles."""
+        if command.site is not None:  # the cluster site routes its requests before they come here: there is none
+            if command.site == "cluster":
+                raise NeverFits("this daemon has no cluster ([cluster] in its config), so a cluster request can "
+                                "never be granted here; ask the host (no --cluster), or configure the cluster",
+                                site="cluster")
+            command = replace(command, site=None)  # spill: the host, as when the cluster is there but not needed
         if (caller.connection is not None
                 and (command.holder_pid is None or (waiter is not None and not command.detach and command.wait != 0))
                 and not self.connection_open(caller.connection)):

@@ -11,8 +11,8 @@ import typer
 
 from mcpctl import stream
 from mcpctl.escape import printable
-from mcpctl.output import (Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of,
-                           usage)
+from mcpctl.output import (Columns, NoHeaders, call, exit_with, listing, local_time, print_json, retry_of,
+                           socket_of, usage)
 from mcpctl.view import alert_value_text, human_duration, number_text
 from mcpresd.protocol import Method
 
@@ -50,8 +50,9 @@ def alerts(
     HELD BY names the allocations that held the resource when the alert fired,
     largest first; for foreign-gpu-use, the allocations concerned and the pids
     of the GPU processes their grants do not cover ("gpu pid N"). With
-    --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon
-    goes away.
+    --follow, a daemon restart is ridden through (--retry-for, 10s by default),
+    missing nothing; exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the
+    daemon stays away.
     """
     if follow:
         if all_:
@@ -62,7 +63,7 @@ def alerts(
                 print(json.dumps(event, ensure_ascii=False, separators=(",", ":")) if json_output
                       else printable(event_line(event)), flush=True)
 
-        exit_with(stream.follow(socket_of(ctx), show))
+        exit_with(stream.follow(socket_of(ctx), show, retry_for=retry_of(ctx)))
     rows = call(ctx, Method.ALERTS_LIST, {"all": all_})
     if json_output:
         print_json(rows)

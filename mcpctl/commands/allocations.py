@@ -28,7 +28,7 @@ def allocations(
     """List allocations (active ones unless --all or --queued), or the ones named.
 
     Examples: mcpctl allocations; mcpctl allocations --queued; mcpctl allocations --all --json;
-    mcpctl allocations -o id,state,holder,created --no-headers; mcpctl release $(mcpctl allocations -q)
+    mcpctl allocations -o id,state,holder,created --no-headers; mcpctl allocations -q | xargs -r mcpctl release
 
     -o takes any of the columns shown and owner, created, granted, expires (local times with their zone).
     """

@@ -16,8 +16,10 @@ from mcpctl.output import call, print_json, usage
 from mcpctl.view import money, percent
 from mcpresd.protocol import BudgetScope, Method, Period
 
-app = typer.Typer(help="Set or delete spending limits per tool, owner or pool.", no_args_is_help=True,
-                  suggest_commands=False)  # Click suggests itself
+app = typer.Typer(help="Set or delete spending limits per tool, owner or pool.\n\nExamples:"
+                       "\n\n  mcpctl budget set --tool render --limit 20 --period day"
+                       "\n\n  mcpctl budget delete --tool render --period day",
+                  no_args_is_help=True, suggest_commands=False)  # Click suggests itself
 
 ToolOption = Annotated[str | None, typer.Option("--tool", metavar="ID", help="The budget covers this tool id.")]
 OwnerOption = Annotated[

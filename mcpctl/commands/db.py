@@ -11,8 +11,8 @@ from mcpctl.escape import printable
 from mcpctl.output import call, print_json
 from mcpresd.protocol import Method, format_size
 
-app = typer.Typer(help="Look after the daemon's database.", no_args_is_help=True,
-                  suggest_commands=False)  # Click suggests itself
+app = typer.Typer(help="Look after the daemon's database.\n\nExample:\n\n  mcpctl db backup ~/mcpresd-backup.db",
+                  no_args_is_help=True, suggest_commands=False)  # Click suggests itself
 
 BACKUP_TIMEOUT_S = 600.0
 """A large history takes a while to copy; the daemon answers once the copy is on disk."""

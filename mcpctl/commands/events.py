@@ -11,7 +11,7 @@ from mcpctl import complete
 from mcpctl import stream
 from mcpctl.actions import with_iso_times
 from mcpctl.escape import printable
-from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, socket_of
+from mcpctl.output import Columns, NoHeaders, call, exit_with, listing, local_time, print_json, retry_of, socket_of
 from mcpresd.protocol import Method
 
 
@@ -41,7 +41,8 @@ def events(
 
       mcpctl events -o time,event,allocation --no-headers
 
-    With --follow, exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon goes away.
+    With --follow, a daemon restart is ridden through (--retry-for, 10s by default) and the events written
+    meanwhile are shown; exits 0 on Ctrl-C, SIGTERM or a closed pipe, and 5 if the daemon stays away.
     --allocation with an unknown id exits 1.
     """
     params: dict[str, object] = {"limit": limit}
@@ -53,7 +54,7 @@ def events(
             if allocation is None or event.get("allocation_id") == allocation:
                 _print(event, json_output)
 
-        exit_with(stream.follow(socket_of(ctx), show, backlog=params))
+        exit_with(stream.follow(socket_of(ctx), show, backlog=params, retry_for=retry_of(ctx)))
     rows = call(ctx, Method.EVENTS_LIST, params)
     if json_output:
         print_json(rows)
@@ -79,7 +80,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "no", None: "-"}[value]
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) < 1e15 else f"{value:.0f}"
+        return f"{value:.10g}" if abs(value) < 1e15 else f"{value:.0f}"  # not :g, which made 67108864 6.71089e+07
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}={value_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):

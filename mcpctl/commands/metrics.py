@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mcpctl import exitcodes
+from mcpctl import complete, exitcodes
 from mcpctl.actions import fail
 from mcpctl.escape import printable
 from mcpctl.output import call, duration, exit_with, fancy, plain_table, print_json, usage
@@ -21,7 +21,8 @@ def metrics(
     resource: Annotated[
         str | None,
         typer.Argument(help="A resource name (gpu:0, cpu, disk:/) or a GPU UUID. Without one: every "
-                            "resource's current values.", show_default=False),
+                            "resource's current values.", show_default=False,
+                       autocompletion=complete.resource_names),
     ] = None,
     metric: Annotated[
         str | None,
@@ -74,7 +75,7 @@ def metrics(
                 (name, key, metric_text(key, value))
                 for name, values in current["resources"].items() for key, value in values.items()])
         return
-    seconds = duration(since, "--since")
+    seconds = duration(since, "--since", forever=False)
     if seconds is None or seconds <= 0:
         usage(f"--since takes a duration greater than zero, e.g. 10m, 1h or 1d; got {since!r}")
     params: dict[str, Any] = {"resource": resource, "since": seconds}

@@ -19,8 +19,10 @@ from mcpctl.output import call, duration, fancy, local_time, plain_table, print_
 from mcpctl.view import human_duration, kind_amount, money, number_text, percent
 from mcpresd.protocol import FactoryKind, Method, Strategy, UnitError, parse_amount
 
-app = typer.Typer(help="Create, inspect, drain and delete resource pools.", no_args_is_help=True,
-                  suggest_commands=False)  # Click suggests itself
+app = typer.Typer(help="Create, inspect, drain and delete resource pools.\n\nExamples:"
+                       "\n\n  mcpctl pool create builds --factory slots --parent cpu --slot-size 2 --min 1 --max 4"
+                       "\n\n  mcpctl pool show builds\n\n  mcpctl pool drain builds && mcpctl pool delete builds",
+                  no_args_is_help=True, suggest_commands=False)  # Click suggests itself
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The pool's name.", autocompletion=complete.pool_names)]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
@@ -141,7 +143,7 @@ def create(
         params["destroy"] = destroy_command
     for option, text, key in (("--timeout", timeout, "timeout"), ("--cooldown", cooldown, "cooldown")):
         if text is not None:
-            seconds = duration(text, option)
+            seconds = duration(text, option, forever=False)
             if seconds is None:
                 usage(f"{option} takes a duration, e.g. 30s or 5m; got {text!r}")
             params[key] = seconds
@@ -159,8 +161,10 @@ def create(
     if json_output:
         print_json(pool)
     else:
+        making = pool.get("creating") or 0  # a command pool's first members are made in the background
         print(printable(f"created pool {pool['name']} ({pool.get('factory', factory.value)}, "
-                        f"{bounds_text(pool)} members, {pool.get('size', 0)} now)"))
+                        f"{bounds_text(pool)} members, {pool.get('size', 0) - making} now"
+                        + (f", {making} being made)" if making else ")")))
 
 
 def labels_of(entries: list[str]) -> dict[str, str]:

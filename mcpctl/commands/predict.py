@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mcpctl import complete
 from mcpctl.escape import printable
 from mcpctl.output import call, duration, print_json, usage
 from mcpctl.view import human_duration, metric_text
@@ -14,7 +15,8 @@ from mcpresd.protocol import Method
 
 def predict(
     ctx: typer.Context,
-    resource: Annotated[str, typer.Argument(help="A resource name (gpu:0, cpu, memory) or a GPU UUID.")],
+    resource: Annotated[str, typer.Argument(help="A resource name (gpu:0, cpu, memory) or a GPU UUID.",
+                                            autocompletion=complete.resource_names)],
     metric: Annotated[
         str, typer.Option("--metric", "-m", metavar="M", help="Which metric to forecast (utilisation, "
                                                              "utilisation_rate, memory_used, ...).")
@@ -40,7 +42,7 @@ def predict(
     utilisation ahead once a minute and scores those forecasts when their time
     comes (MAPE: mean absolute percentage error).
     """
-    seconds = duration(within, "--in")
+    seconds = duration(within, "--in", forever=False)
     if seconds is None or seconds <= 0:
         usage(f"--in takes a duration greater than zero, e.g. 5m, 30m or 2h; got {within!r}")
     result = call(ctx, Method.PREDICT, {"resource": resource, "metric": metric, "in": seconds})

@@ -48,6 +48,8 @@ def recommend(
         print_json(result)
         return
     print(printable(suggestion_line(result)))
+    if not result.get("args"):
+        return  # no runs: that line says so, and there is no guess to warn of nor any basis to name
     if not result.get("enough"):
         print(printable(f"note: only {result.get('runs', 0)} measured run(s) of {result.get('tool_id', tool)}: "
                         "too few to be sure; the suggestion is a guess"))

@@ -34,11 +34,11 @@ def renew(
       while sleep 60; do mcpctl renew "$id" --ttl 5m >/dev/null || break; done &
 
     For a queued request, the TTL is set and counts from the grant. Exits 1 if
-    the allocation was released already, or has no TTL and none is given.
+    the allocation was released already, 2 if it has no TTL and none is given.
     """
     params: dict[str, object] = {"id": allocation_id}
     if ttl is not None:
-        seconds = duration(ttl, "--ttl")
+        seconds = duration(ttl, "--ttl", forever=False)
         if seconds is None or seconds <= 0:
             usage(f"--ttl takes a duration greater than zero, e.g. 30s, 10m or 2h; got {ttl!r}")
         params["ttl"] = seconds

@@ -18,7 +18,9 @@ from mcpctl.output import call, exit_with, print_json, retry_of, socket_of, usag
 from mcpctl.view import money
 from mcpresd.protocol import MAX_ADD, MAX_MESSAGE_BYTES, Method, UnitError, format_amount, parse_amount
 
-app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's.",
+app = typer.Typer(help="Register or remove custom resources, set what resources cost; rediscover the host's."
+                       "\n\nExamples:\n\n  mcpctl resource add licence:matlab --capacity 4 --unit seats"
+                       "\n\n  mcpctl resource set-cost gpu:0 2.5\n\n  mcpctl resource remove licence:matlab",
                   no_args_is_help=True, suggest_commands=False)  # Click suggests itself
 
 
@@ -201,7 +203,8 @@ def refresh(
 @app.command("set-cost")
 def set_cost(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Name of the resource (or a GPU UUID).")],
+    name: Annotated[str, typer.Argument(help="Name of the resource (or a GPU UUID).",
+                                        autocompletion=complete.resource_names)],
     cost: Annotated[
         str, typer.Argument(metavar="COST", help="Cost per unit-hour: a number of zero or more, or 'none' to clear.")
     ],

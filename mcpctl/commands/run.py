@@ -119,7 +119,7 @@ def run(
     the step ends.
 
     Exits with the command's exit code, 128+N if signal N killed it, 127 if it
-    could not be started; or, when nothing ran, with allocate's exit code (3:
+    was not found, 126 if it could not be run; or, when nothing ran, with allocate's exit code (3:
     does not fit now or the --wait ran out).
     """
     if allocation is not None:

@@ -95,7 +95,7 @@ def top(
     """
     every = None
     if interval is not None:
-        every = duration(interval, "--interval")
+        every = duration(interval, "--interval", forever=False)
         if every is None or not every >= MIN_INTERVAL:
             usage(f"--interval takes {MIN_INTERVAL:g} seconds or more, got {interval!r}")
     if sort not in dashboard.SORTS:

@@ -46,7 +46,7 @@ def usage(
     kind, from runs that reported it (`mcpctl run` does; see `mcpctl release
     --measured`). Allocations still active count up to now.
     """
-    seconds = duration(since, "--since")
+    seconds = duration(since, "--since", forever=False)
     if seconds is None or seconds <= 0:
         usage_error(f"--since takes a duration greater than zero, e.g. 1h, 7d or 30d; got {since!r}")
     result = call(ctx, Method.USAGE, {"by": by.value, "since": seconds})

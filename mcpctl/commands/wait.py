@@ -47,7 +47,8 @@ def wait(
         exit_with(fail(f"allocation {allocation_id} is still queued", exitcodes.UNAVAILABLE))
     if state != "active":
         reason = allocation.get("release_reason")
-        exit_with(fail(f"allocation {allocation_id} was {state}" + (f" ({reason})" if reason else ""),
+        why = f" ({reason})" if reason not in (None, state) else ""  # not "was released (released)"
+        exit_with(fail(f"allocation {allocation_id} was {state}{why}",
                        exitcodes.ERROR))
     if json_output:
         print_json(allocation)

@@ -119,13 +119,14 @@ class PoolSpec:
             raise self._invalid(name, message)
 
     def validate(self) -> None:
-        """Raise InvalidRequest naming the first bad field (data `field`)."""
+        """Raise InvalidRequest naming the first bad field (data `field`) as pools.create and a config [[pools]]
+        table spell it (`max`, `cooldown`), not as this class does (`max_size`, `scale.cooldown_s`)."""
         need = self._require
         need(_valid_name(self.name, _NAME_FORBIDDEN), "name", f"must be 1..{MAX_NAME_LENGTH} characters without "
              f"spaces or any of {' '.join(sorted(_NAME_FORBIDDEN))}, got {self.name!r}")
-        need(_whole(self.min_size, 0), "min_size", f"must be a whole number >= 0, got {self.min_size!r}")
-        need(self.max_size is None or _whole(self.max_size, max(self.min_size, 1)), "max_size",
-             f"must be a whole number >= 1 and >= min_size ({self.min_size}), got {self.max_size!r}")
+        need(_whole(self.min_size, 0), "min", f"must be a whole number >= 0, got {self.min_size!r}")
+        need(self.max_size is None or _whole(self.max_size, max(self.min_size, 1)), "max",
+             f"must be a whole number >= 1 and >= min ({self.min_size}), got {self.max_size!r}")
         owned = {FactoryKind.STATIC: ("members", "select"), FactoryKind.SLOTS: ("parent", "slot_size"),
                  FactoryKind.COMMAND: ("create", "destroy")}
         for kind, names in owned.items():
@@ -142,7 +143,7 @@ class PoolSpec:
                 except InvalidRequest as exc:
                     raise self._invalid("select", exc.message) from None
         else:
-            need(self.max_size is not None, "max_size", f"is required for {self.factory.value} pools")
+            need(self.max_size is not None, "max", f"is required for {self.factory.value} pools")
         if self.factory is FactoryKind.SLOTS:
             need(isinstance(self.parent, str) and bool(self.parent.strip()), "parent",
                  "is required for slots pools: a resource name or type")
@@ -153,18 +154,19 @@ class PoolSpec:
         if self.factory is FactoryKind.COMMAND:
             need(isinstance(self.create, str) and bool(self.create.strip()), "create",
                  "is required for command pools: a command that prints a member's JSON")
-        need(_finite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S, "timeout_s",
+        need(_finite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S, "timeout",
              f"must be > 0 and <= {MAX_TIMEOUT_S:g}, got {self.timeout_s!r}")
         need(self.cost_per_unit_hour is None or (_finite(self.cost_per_unit_hour) and self.cost_per_unit_hour >= 0),
              "cost_per_unit_hour", f"must be a finite number >= 0, got {self.cost_per_unit_hour!r}")
         need(_valid_labels(self.labels), "labels", "must map names to strings, finite numbers, booleans or null")
         scale = self.scale
-        for name in ("down_at", "target", "up_at", "cooldown_s", "pause_s"):
+        for name, wire in (("down_at", "scale_down_at"), ("target", "target"), ("up_at", "scale_up_at"),
+                           ("cooldown_s", "cooldown"), ("pause_s", "scale.pause_s")):
             value = getattr(scale, name)
-            need(_finite(value) and value >= 0, f"scale.{name}", f"must be a finite number >= 0, got {value!r}")
-        need(scale.up_at <= 1, "scale.up_at", f"must be at most 1, got {scale.up_at!r}")
-        need(scale.target < scale.up_at, "scale.target", f"must be below up_at ({scale.up_at}), got {scale.target}")
-        need(scale.down_at < scale.target, "scale.down_at",
+            need(_finite(value) and value >= 0, wire, f"must be a finite number >= 0, got {value!r}")
+        need(scale.up_at <= 1, "scale_up_at", f"must be at most 1, got {scale.up_at!r}")
+        need(scale.target < scale.up_at, "target", f"must be below scale_up_at ({scale.up_at}), got {scale.target}")
+        need(scale.down_at < scale.target, "scale_down_at",
              f"must be below target ({scale.target}), got {scale.down_at}")
         need(_whole(scale.failure_limit, 1), "scale.failure_limit",
              f"must be a whole number >= 1, got {scale.failure_limit!r}")

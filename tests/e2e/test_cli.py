@@ -255,6 +255,88 @@ def test_retry_for_takes_a_duration(tmp_path: Path) -> None:
         assert "--retry-for" in result.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ("usage", "--since", "{}"),
+    ("metrics", "memory", "--since", "{}"),
+    ("predict", "memory", "--in", "{}"),
+    ("renew", "0123456789abcdef", "--ttl", "{}"),
+    ("allocate", "--cpu", "1", "--ttl", "{}"),
+    ("top", "--once", "--interval", "{}"),
+    ("pool", "create", "p", "--factory", "slots", "--parent", "cpu", "--slot-size", "1", "--cooldown", "{}"),
+])
+def test_an_option_that_needs_a_finite_duration_does_not_offer_forever(daemon: DaemonProcess,
+                                                                         args: tuple[str, ...]) -> None:
+    option = args[-2]
+    for value in ("soon", "forever"):
+        result = cli(daemon, *(a.format(value) for a in args))
+
+        assert result.returncode == exitcodes.USAGE, result.stderr
+        assert option in result.stderr and repr(value) in result.stderr
+        assert "forever" not in result.stderr.replace(repr(value), ""), result.stderr
+    assert daemon.call("allocations.list", {"state": "active"}) == []
+    assert daemon.call("pools.list") == []
+
+
+@pytest.mark.parametrize("option", ["--wait", "--ttl"])
+def test_a_wait_or_lease_past_a_year_is_refused_in_days_not_exponents(daemon: DaemonProcess, option: str) -> None:
+    result = cli(daemon, "allocate", "--cpu", "1", option, "400d")
+
+    assert result.returncode == exitcodes.USAGE
+    assert "31536000 (365 days)" in result.stderr and "e+07" not in result.stderr
+    assert daemon.call("allocations.list") == []
+
+
+def test_an_option_that_takes_forever_still_offers_it(daemon: DaemonProcess) -> None:
+    result = cli(daemon, "allocate", "--cpu", "1", "--wait", "soon")
+
+    assert result.returncode == exitcodes.USAGE
+    assert "'forever'" in result.stderr
+
+
+def test_the_event_table_shows_amounts_and_times_in_full(daemon: DaemonProcess) -> None:
+    held = ok(daemon, "allocate", "--mem", "64M").strip()
+    renewed = as_json(daemon, "renew", held, "--ttl", "20m")["expires_at"]
+
+    table = ok(daemon, "events", "--allocation", held)
+
+    assert "items={memory=67108864}" in table
+    assert f"expires_at={renewed:.0f}" in table
+    assert "e+" not in table
+
+
+@pytest.mark.parametrize("args", [["allocate", "--cluster", "--res", "licence=1"],
+                                  ["allocate", "--where", "site=cluster", "--res", "licence=1"],
+                                  ["run", "--cluster", "--res", "licence=1", "--", "touch", "{marker}"]])
+def test_a_cluster_request_to_a_daemon_without_a_cluster_is_refused_not_served_here(
+        daemon: DaemonProcess, tmp_path: Path, args: list[str]) -> None:
+    marker = tmp_path / "ran"
+    result = cli(daemon, *(a.format(marker=marker) for a in args))
+
+    assert result.returncode == exitcodes.ERROR, result.stdout
+    assert "this daemon has no cluster" in result.stderr and result.stdout == ""
+    assert daemon.call("allocations.list", {"state": "all"}) == []
+    assert not marker.exists()
+
+
+def test_spill_to_a_daemon_without_a_cluster_is_served_by_the_host(daemon: DaemonProcess) -> None:
+    assert ok(daemon, "run", "--spill", "--res", "licence=1", "--", "echo", "here") == "here\n"
+
+
+def test_the_release_everything_example_of_allocations_help_works_with_none_and_with_some(
+        daemon: DaemonProcess) -> None:
+    [example] = [line.strip() for line in run_cli("allocations", "--help").stdout.splitlines()
+                 if line.strip().startswith("mcpctl") and "release" in line]
+    env = dict(os.environ, MCPRES_SOCKET=daemon.socket,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for held in (0, 2):
+        for _ in range(held):
+            daemon.call("allocate", {"resources": [{"resource": "slot", "amount": 1}], "holder_pid": os.getpid()})
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", example], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, (example, done.stderr)
+        assert daemon.call("allocations.list") == []
+
+
 def test_help_documents_every_exit_code() -> None:
     result = run_cli("--help")
 
@@ -434,6 +516,15 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
     assert result.returncode == 0, result.stderr
     first_paragraph = description.split("\n\n")[0]
     assert " ".join(first_paragraph.split()) in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("path", [p for p in _command_paths() if not _command(p).hidden], ids=" ".join)
+def test_every_command_help_shows_an_example(path: tuple[str, ...]) -> None:
+    result = run_cli(*path, "--help")
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert any(line.startswith(("mcpctl ", "source <(mcpctl ", "id=$(mcpctl ")) for line in lines), result.stdout
 
 
 @pytest.mark.parametrize("path", _command_paths(), ids=" ".join)

@@ -56,6 +56,13 @@ def test_bash_completes_allocation_ids_and_resource_names_from_the_daemon(daemon
     assert "slot" in bash_complete(daemon.socket, "mcpctl", "resource", "remove", "").stdout.split()
 
 
+@pytest.mark.parametrize("words", [("mcpctl", "metrics", "mem"), ("mcpctl", "predict", "mem"),
+                                   ("mcpctl", "resource", "set-cost", "mem")])
+def test_bash_completes_the_resource_argument_of_every_command_that_takes_one(daemon: DaemonProcess,
+                                                                              words: tuple[str, ...]) -> None:
+    assert bash_complete(daemon.socket, *words).stdout.split() == ["memory"]
+
+
 def test_completion_without_a_daemon_offers_what_it_can_and_says_nothing(tmp_path: Path) -> None:
     absent = str(tmp_path / "none.sock")
 

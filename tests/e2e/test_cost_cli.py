@@ -233,6 +233,17 @@ def test_usage_by_resource_and_by_pool(daemon: DaemonProcess, by: str, key: str)
     assert key in keys
 
 
+def test_usage_by_resource_counts_an_allocation_once_in_its_total(daemon: DaemonProcess) -> None:
+    held_briefly(daemon, "--res", "licence=1", "--res", "slot=1", "--cpu", "1")
+    held_briefly(daemon, "--res", "licence=1", "--res", "slot=1")
+
+    result = as_json(daemon, "usage", "--by", "resource")
+
+    assert sorted((r["key"], r["allocations"]) for r in result["rows"]) == [("cpu", 1), ("licence", 2), ("slot", 2)]
+    assert result["totals"]["allocations"] == 2
+    assert ok(daemon, "usage", "--by", "resource").splitlines()[-1].split()[:2] == ["TOTAL", "2"]
+
+
 def test_usage_with_nothing_says_so(daemon: DaemonProcess) -> None:
     assert ok(daemon, "usage").startswith("no allocations in the last")
     assert as_json(daemon, "usage")["rows"] == []
@@ -319,7 +330,7 @@ def test_recommend_with_too_few_runs_says_so(daemon: DaemonProcess) -> None:
 
     assert (result["runs"], result["enough"]) == (1, False)
     assert "too few" in text
-    assert "no measured runs" in ok(daemon, "recommend", "never-ran")
+    assert ok(daemon, "recommend", "never-ran") == "no recommendation for never-ran: no measured runs\n"
 
 
 # -- optimise --------------------------------------------------------------------------------------

@@ -111,6 +111,30 @@ def test_a_pool_the_daemon_refuses_exits_2_and_is_not_created(daemon: DaemonProc
     assert as_json(daemon, "pools") == []
 
 
+@pytest.mark.parametrize(("options", "said"), [
+    (["--slot-size", "1"], "pool 'p': max is required for slots pools"),
+    (["--slot-size", "1", "--min", "3", "--max", "2"], "pool 'p': max must be a whole number >= 1 and >= min (3)"),
+    (["--slot-size", "1", "--max", "2", "--scale-up-at", "0.5", "--target", "0.7"],
+     "pool 'p': target must be below scale_up_at (0.5)"),
+])
+def test_a_refused_pool_is_explained_in_the_names_its_options_and_the_api_use(daemon: DaemonProcess,
+                                                                             options: list[str], said: str) -> None:
+    result = cli(daemon, "pool", "create", "p", "--factory", "slots", "--parent", "licence", *options)
+
+    assert result.returncode == exitcodes.USAGE
+    assert said in result.stderr
+    assert not re.search(r"max_size|min_size|scale\.", result.stderr), result.stderr
+    assert daemon.call("pools.list") == []
+
+
+def test_creating_a_command_pool_says_its_first_members_are_still_being_made(daemon: DaemonProcess) -> None:
+    said = ok(daemon, "pool", "create", "workers", "--factory", "command", "--create", "sleep 30; echo {}",
+              "--min", "1", "--max", "1")
+
+    assert said == "created pool workers (command, 1..1 members, 0 now, 1 being made)\n"
+    assert pool(daemon, "workers")["members"] == []
+
+
 def test_a_slots_pool_of_an_unknown_parent_exits_1(daemon: DaemonProcess) -> None:
     result = cli(daemon, "pool", "create", "p", "--factory", "slots", "--parent", "nosuch", "--slot-size", "1",
                  "--max", "2")

@@ -10,11 +10,14 @@ release that finds its allocation already released after a resend counts as done
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,3 +100,39 @@ def _columns(daemon: DaemonProcess) -> list[tuple[object, ...]]:
         return conn.execute("PRAGMA table_info(allocations)").fetchall()
     finally:
         conn.close()
+
+
+
+def _lines_until(lines: "queue.Queue[str]", wanted: str, timeout: float = 30.0) -> list[str]:
+    """The follower's lines up to the first that holds `wanted` ("" once it exits); fails after `timeout` s."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any(wanted in line for line in seen):
+        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        assert line, f"the follower exited before {wanted!r}, after {seen}"
+        seen.append(line)
+    return seen
+
+
+def test_events_follow_rides_through_a_daemon_restart_without_losing_or_repeating_an_event(
+        daemon: DaemonProcess) -> None:
+    follower = subprocess.Popen([str(Path(sys.executable).parent / "mcpctl"), "events", "--follow", "--json",
+                                 "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, MCPRES_SOCKET=daemon.socket))
+    lines: queue.Queue[str] = queue.Queue()
+    assert follower.stdout is not None
+    threading.Thread(target=lambda: [*map(lines.put, follower.stdout), lines.put("")], daemon=True).start()
+    try:
+        before = daemon.call("resources.add", {"name": "licence:before", "capacity": 1})["name"]
+        shown = _lines_until(lines, before)
+        daemon.restart()
+        daemon.call("resources.add", {"name": "licence:during", "capacity": 1})  # likely before it is back
+        after = daemon.call("resources.add", {"name": "licence:after", "capacity": 1})["name"]
+        shown += _lines_until(lines, after)
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    ids = [json.loads(line)["id"] for line in shown]
+    assert ids == sorted(set(ids))
+    assert [line for line in shown if "licence:during" in line]
+    assert follower.returncode == 0

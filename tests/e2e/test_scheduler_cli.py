@@ -274,6 +274,23 @@ def test_run_of_a_command_that_does_not_exist_exits_127_and_releases(daemon: Dae
     assert eventually(lambda: active(daemon) == [])
 
 
+def test_run_of_a_file_that_cannot_be_executed_exits_126_as_its_help_says(daemon: DaemonProcess,
+                                                                          tmp_path: Path) -> None:
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+
+    result = cli(daemon, "run", "--res", "licence=1", "--", str(script))
+
+    assert result.returncode == exitcodes.CANNOT_EXECUTE == 126
+    assert "cannot run" in result.stderr
+    assert eventually(lambda: active(daemon) == [])
+    for args in (("--help",), ("run", "--help")):
+        text = " ".join(run_cli(*args).stdout.split())
+        assert "127 if it was not found, 126 if it could not be run" in text or \
+            "127 if the command was not found, 126 if it could not be run" in text, args
+
+
 def test_run_that_cannot_allocate_runs_nothing_and_exits_like_allocate(daemon: DaemonProcess,
                                                                       tmp_path: Path) -> None:
     marker = tmp_path / "ran"
@@ -415,6 +432,26 @@ def test_wait_on_an_active_allocation_prints_it_at_once(daemon: DaemonProcess) -
     assert as_json(daemon, "wait", allocation_id)["id"] == allocation_id
 
 
+def test_wait_on_an_ended_allocation_exits_1_saying_how_it_ended_once(daemon: DaemonProcess) -> None:
+    allocation_id = ok(daemon, "allocate", "--res", "slot=1").strip()
+    ok(daemon, "release", allocation_id)
+
+    result = cli(daemon, "wait", allocation_id)
+
+    assert result.returncode == exitcodes.ERROR
+    assert result.stderr.strip() == f"mcpctl: allocation {allocation_id} was released"
+
+
+def test_renew_without_a_ttl_of_an_allocation_that_has_none_exits_as_its_help_says(daemon: DaemonProcess) -> None:
+    allocation_id = ok(daemon, "allocate", "--res", "slot=1").strip()
+
+    result = cli(daemon, "renew", allocation_id)
+
+    assert result.returncode == exitcodes.USAGE and "has no TTL" in result.stderr
+    assert "2 if it has no TTL and none is given" in " ".join(run_cli("renew", "--help").stdout.split())
+    assert daemon.call("allocations.get", {"id": allocation_id})["ttl_s"] is None
+
+
 def test_explain_names_the_allocation_that_blocks_the_request(daemon: DaemonProcess, tmp_path: Path) -> None:
     with holding(daemon, tmp_path, "--res", "licence=2", "--tool", "matlab") as holder:
         blocker = holder.allocation_id  # type: ignore[attr-defined]
@@ -471,8 +508,10 @@ def test_events_follow_json_prints_an_event_made_after_it_started(daemon: Daemon
         stop(follower)
 
 
-def test_events_follow_exits_5_when_the_daemon_goes_away(daemon: DaemonProcess) -> None:
-    follower = start(daemon, "events", "--follow", "--limit", "1")
+@pytest.mark.parametrize("retry_for", ["0", "1s"])
+def test_events_follow_exits_5_when_the_daemon_stays_away_past_retry_for(daemon: DaemonProcess,
+                                                                         retry_for: str) -> None:
+    follower = start(daemon, "--retry-for", retry_for, "events", "--follow", "--limit", "1")
     try:
         Lines(follower).next()
         daemon.stop()

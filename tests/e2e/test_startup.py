@@ -102,6 +102,18 @@ def test_mcpresd_help_lists_the_exit_statuses() -> None:
 # -- 1. one daemon per database ----------------------------------------------
 
 
+@pytest.mark.parametrize("capture", ["missing.json", "broken.json"])
+def test_a_gpu_capture_that_cannot_be_replayed_is_a_bad_option_status_2(tmp_path: Path, capture: str) -> None:
+    (tmp_path / "broken.json").write_text("{")
+    path = str(tmp_path / capture)
+    for args in (["--socket", str(tmp_path / "s.sock"), "--db", str(tmp_path / "db")], ["--check-config"]):
+        result = mcpresd(*args, "--gpu-replay", path)
+
+        assert result.returncode == 2, result.stderr
+        assert "--gpu-replay (gpu_replay): " in error_line(result) and path in error_line(result)
+    assert not (tmp_path / "db").exists()
+
+
 @pytest.mark.parametrize("same_socket", [False, True])
 def test_a_second_daemon_on_the_same_database_is_refused_with_status_3(
         daemon: DaemonProcess, same_socket: bool) -> None:

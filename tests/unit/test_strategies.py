@@ -210,3 +210,16 @@ def test_locality_aware_groups_by_numa_node_with_unknown_nodes_last() -> None:
 
     pool = [on("x", None, 0), on("y", 1, 1), on("z", 0, 2), on("w", 1, 3)]
     assert names(rank(Strategy.LOCALITY_AWARE, pool, 1.0)) == ["z", "y", "w", "x"]
+
+
+def test_every_strategy_an_allocate_takes_is_documented() -> None:
+    from tests.conftest import ROOT
+
+    api_row = next(line for line in (ROOT / "docs" / "api.md").read_text().splitlines()
+                   if line.startswith("| `strategy` | string | the config's `default_strategy`"))
+    choosing = (ROOT / "docs" / "scheduling.md").read_text().split("## Choosing resources", 1)[1].split("\n## ")[0]
+    config = (ROOT / "config" / "mcpresd.toml").read_text().split("default_strategy =", 1)[0].rsplit("[scheduler]")[1]
+    for strategy in Strategy:
+        assert f"`{strategy.value}`" in api_row, strategy
+        assert f"`{strategy.value}`" in choosing, strategy
+        assert strategy.value in config, strategy
