@@ -64,7 +64,9 @@ def socket_line(data: dict[str, Any]) -> str:
     found = data.get("found")
     if not found:
         return str(data["socket"])
-    line = f"{data['socket']} ({found['source']}: {found['why']})"
+    source, why = found["source"], found["why"]
+    # "$MCPRES_SOCKET is set" says its source already: not "($MCPRES_SOCKET: $MCPRES_SOCKET is set)".
+    line = f"{data['socket']} ({why if source in why else f'{source}: {why}'})"
     return line if found["path"] == data["socket"] else f"{line}; reached through {found['path']}"
 
 

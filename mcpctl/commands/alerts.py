@@ -13,7 +13,7 @@ from mcpctl import stream
 from mcpctl.escape import printable
 from mcpctl.output import (Columns, NoHeaders, call, exit_with, listing, local_time, print_json, retry_of,
                            socket_of, usage)
-from mcpctl.view import alert_value_text, human_duration, number_text
+from mcpctl.view import alert_value_text, human_duration
 from mcpresd.protocol import Method
 
 HEADERS = ("ID", "STATE", "LEVEL", "ALERT", "RESOURCE", "VALUE", "SINCE", "DURATION", "MIN", "MAX", "AVG", "HELD BY")
@@ -97,9 +97,9 @@ def alert_cells(alert: dict[str, Any], now: float) -> tuple[str, ...]:
         alert_value_text(alert["resource"], alert.get("last_value")) + (" (unknown)" if alert.get("unknown") else ""),
         _clock(started, now),
         "-" if lasted is None else human_duration(lasted),
-        number_text(alert.get("min")),
-        number_text(alert.get("max")),
-        number_text(alert.get("avg")),
+        alert_value_text(alert["resource"], alert.get("min")),  # in VALUE's unit (an overuse's memory: MiB)
+        alert_value_text(alert["resource"], alert.get("max")),
+        alert_value_text(alert["resource"], alert.get("avg")),
         holders or "-",
     )
 
@@ -125,9 +125,11 @@ def event_line(event: dict[str, Any]) -> str:
     ]
     if event["kind"] == "alert.resolved":
         lasted = detail.get("duration_s")
+        resource = event.get("resource")
         parts.append(("after " + human_duration(lasted) if isinstance(lasted, (int, float)) else "")
-                     + f" (min {number_text(detail.get('min'))}, max {number_text(detail.get('max'))},"
-                       f" avg {number_text(detail.get('avg'))})")
+                     + f" (min {alert_value_text(resource, detail.get('min'))},"
+                       f" max {alert_value_text(resource, detail.get('max'))},"
+                       f" avg {alert_value_text(resource, detail.get('avg'))})")
     if detail.get("allocations"):
         parts.append("held by " + ", ".join(holder_text(h) for h in detail["allocations"]))
     return "  ".join(parts)

@@ -154,3 +154,10 @@ def test_a_refused_socket_fails_at_once_unless_a_retry_time_is_asked_for(tmp_pat
         waiting.communicate()
 
     assert f"cannot reach mcpresd at {path}" in line and "retrying for up to 30s" in line
+
+
+def test_status_says_once_that_mcpres_socket_chose_the_socket(user_daemon: DaemonProcess, runtime: Path) -> None:
+    text = run_cli("status", socket_path=user_daemon.socket, env={"XDG_RUNTIME_DIR": str(runtime)})
+
+    assert text.returncode == 0, text.stderr
+    assert f"socket: {user_daemon.socket} ($MCPRES_SOCKET is set)" in text.stdout
