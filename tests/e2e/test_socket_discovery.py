@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,17 @@ def runtime(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def user_daemon(tmp_path: Path, runtime: Path) -> DaemonProcess:
-    """A daemon serving this user's socket, $XDG_RUNTIME_DIR/mcpres/mcpresd.sock, as `mcpresd` alone does."""
+def user_daemon(tmp_path: Path, runtime: Path) -> Iterator[DaemonProcess]:
+    """A daemon serving this user's socket, $XDG_RUNTIME_DIR/mcpres/mcpresd.sock, as `mcpresd` alone does;
+    stopped after the test (if the test has not stopped it)."""
     (runtime / "mcpres").mkdir(mode=0o700)
     process = DaemonProcess(tmp_path, extra_args=("--socket", str(runtime / "mcpres" / "mcpresd.sock")))
     process.socket = str(runtime / "mcpres" / "mcpresd.sock")
     process.start()
-    return process
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def test_status_finds_the_user_socket_and_says_why(user_daemon: DaemonProcess, runtime: Path) -> None:
