@@ -204,8 +204,9 @@ class ClusterSite:
             self._arm_timers(allocation)
         self._starting = True
 
-    async def reconcile(self, jobs: list[ClusterJob]) -> None:
-        """Bring the live allocations in step with Slurm's jobs; cancel the jobs of ended allocations."""
+    async def reconcile(self, jobs: list[ClusterJob], listed_at: float | None = None) -> None:
+        """Bring the live allocations in step with Slurm's jobs (as squeue listed them at `listed_at`); cancel the
+        jobs of ended allocations."""
         named: dict[str, list[ClusterJob]] = {}
         for listed in jobs:
             if listed.allocation_id is not None:
@@ -216,6 +217,10 @@ class ClusterSite:
             for allocation in list(self.live.values()):
                 if allocation.id in self._submissions or allocation.id in self._submitting:
                     continue  # its salloc is still ours to follow
+                if listed_at is not None and (allocation.granted_at or allocation.created_at) >= listed_at:
+                    # Granted (or made) after squeue ran: the listing predates its job, which would look gone
+                    # (ended as cluster_job_gone, its job left running). The next poll judges it.
+                    continue
                 job = _job_of(allocation, named.get(allocation.id, []))
                 if allocation.id in self._restarted:
                     self._restarted.discard(allocation.id)
@@ -263,12 +268,13 @@ class ClusterSite:
             self.partitions = await self.cluster.partitions()
             self.partitions_at = self._clock()
             self.stale = None
+            listed_at = self._clock()
             jobs = await self.cluster.jobs()
         except ClusterError as error:
             self.stale = error.message
             log.warning("cluster: Slurm did not answer: %s", error.message)
             return
-        await self.reconcile(jobs)
+        await self.reconcile(jobs, listed_at)
         self._starting = False
 
     async def poll_every(self, interval: float, stop: asyncio.Event) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import pwd
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,18 @@ def test_allocations_a_reconcile_ends_while_scancel_fails_still_end_and_their_jo
     # The next pass (Slurm back; the same database) finds the jobs of ended allocations running and cancels them.
     cluster, _ = poll_once(tmp_path, [], listed)
     assert sorted(cluster.cancelled) == [900, 901, 902]
+
+
+def test_an_allocation_granted_after_squeue_listed_the_jobs_is_judged_at_the_next_poll(tmp_path: Path) -> None:
+    # squeue ran (at the clock's 1000.0), then salloc granted this one (at 1000.0 too): the listing predates its
+    # job. It must not look gone: that ended it as cluster_job_gone and left its job running.
+    granted_late = replace(allocation("g1", AllocationState.ACTIVE, job_id=707), granted_at=1000.0)
+    earlier = replace(allocation("g2", AllocationState.ACTIVE, job_id=808), granted_at=999.0)
+
+    cluster, rows = poll_once(tmp_path, [granted_late, earlier], [])
+
+    assert rows["g1"].state is AllocationState.ACTIVE and cluster.cancelled == []
+    assert (rows["g2"].state, rows["g2"].release_reason) == (AllocationState.RELEASED, "cluster_job_gone")
 
 
 def test_another_users_job_named_after_an_ended_allocation_is_not_cancelled(tmp_path: Path) -> None:

@@ -185,16 +185,12 @@ def test_a_migration_that_stops_progressing_is_reported_as_stalled(tmp_path: Pat
 
     beats: list[bool] = []
 
+    others = {process.pid for process in psutil.Process().children()}
+
     def migrating_child() -> psutil.Process:
-        # This process's other children (a session's daemons, servers) are not the one migrating.
-        children = []
-        for process in psutil.Process().children():
-            try:
-                if "mcpresd.store" in process.cmdline():
-                    children.append(process)
-            except psutil.Error:
-                continue
-        [child] = children
+        # The one child Store() started: this process's others (a session's daemons, servers) were there
+        # before; not by its command line, which is still pytest's until the child has exec'd.
+        [child] = [process for process in psutil.Process().children() if process.pid not in others]
         return child
 
     def heartbeat(elapsed: float, progressing: bool) -> None:
