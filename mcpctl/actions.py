@@ -476,7 +476,16 @@ def rpc_failure(error: RpcError) -> int:
     named = hint.partition("`")[2].partition("`")[0]
     if hint.strip() in error.message or (named and f"`{named}`" in error.message):
         hint = ""  # the daemon's message points there already
-    return fail(printable(error.message) + hint, exitcodes.for_error(error.code))
+    message = error.message
+    field = error.data.get("field") if isinstance(error.data, dict) else None
+    option = OPTION_OF_FIELD.get(field) if isinstance(field, str) else None
+    if option is not None and isinstance(field, str) and message.startswith(field + " "):
+        message = f"{option} ({field}){message[len(field):]}"  # the option the user typed, then the API's name
+    return fail(printable(message) + hint, exitcodes.for_error(error.code))
+
+
+OPTION_OF_FIELD = {"tool_id": "--tool", "execution_id": "--exec", "idempotency_key": "--key"}
+"""The mcpctl options whose daemon field has another name, for the daemon's errors about them."""
 
 
 def with_iso_times(data: Any) -> Any:

@@ -739,3 +739,11 @@ def test_the_command_a_line_names_is_built_alone_with_the_same_help_and_options(
             assert "-h, --help" in help_of(lean, name)
     for args in (["--help"], [], ["statsu"], ["--version"], ["--socket"]):
         assert cli_command(args) is full, args
+
+
+@pytest.mark.parametrize("option, field", [("--tool", "tool_id"), ("--key", "idempotency_key")])
+def test_a_refused_value_is_named_by_the_option_that_gave_it(daemon: DaemonProcess, option: str, field: str) -> None:
+    done = cli(daemon, "allocate", "--res", "slot=1", option, "x" * 300)
+
+    assert done.returncode == 2
+    assert done.stderr == f"mcpctl: {option} ({field}) is longer than 200 characters\n"
