@@ -704,16 +704,6 @@ MIGRATION_HEARTBEAT_S = 10.0
 """How often a running migration is reported (Store.migration_heartbeat)."""
 
 
-def _cpu_ticks(pid: int) -> int | None:
-    """The user and system CPU time process `pid` has used, in clock ticks (None where /proc does not say)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-        return int(fields[11]) + int(fields[12])  # utime and stime: the 14th and 15th fields
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def apply_migrations(conn: sqlite3.Connection) -> None:
     from sqlite_utils import Database
 
@@ -820,14 +810,20 @@ class Store:
             # A short-lived child applies them, so the long-running daemon never carries sqlite-utils.
             child = subprocess.Popen([sys.executable, "-m", "mcpresd.store", self.path], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+            from mcpresd.samplers.usage import read_stat  # only while migrating in a child
+
+            def cpu_ticks() -> int | None:
+                stat = read_stat(child.pid)
+                return None if stat is None else stat.cpu_ticks
+
             started = time.monotonic()
-            used = _cpu_ticks(child.pid)
+            used = cpu_ticks()
             while True:
                 try:
                     _, stderr = child.communicate(timeout=MIGRATION_HEARTBEAT_S)
                     break
                 except subprocess.TimeoutExpired:  # communicate() again loses no output
-                    now_used = _cpu_ticks(child.pid)
+                    now_used = cpu_ticks()
                     if Store.migration_heartbeat is not None:
                         Store.migration_heartbeat(time.monotonic() - started, now_used is None or now_used != used)
                     used = now_used
