@@ -312,9 +312,24 @@ def _admin_gid(table: Any, path: Path) -> int | None:
     import grp
 
     try:
-        return grp.getgrnam(name).gr_gid
+        gid = grp.getgrnam(name).gr_gid
     except KeyError:
         raise ConfigError(f"{path}: [access] admin_group {name!r} is not a group on this host") from None
+    if gid == overflow_gid():
+        # A client in another user namespace (a container on a shared socket) is seen with this gid for every
+        # group the daemon's namespace does not map: it would be an admin.
+        raise ConfigError(f"{path}: [access] admin_group {name!r} is gid {gid}, the kernel's overflow gid that "
+                          "every unmapped group of a container's client shows as; choose a group of its own")
+    return gid
+
+
+def overflow_gid(path: str = "/proc/sys/kernel/overflowgid") -> int:
+    """The gid the kernel reports for a group that the reader's user namespace does not map (65534 by default)."""
+    try:
+        with open(path, encoding="ascii") as value:
+            return int(value.read())
+    except (OSError, ValueError):
+        return 65534
 
 
 def _limits(table: Any, path: Path, policy: Policy) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Two real uids, as in test_access.py: the daemon runs as root and a forked child 
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 from dataclasses import replace
@@ -69,13 +70,15 @@ def test_another_user_may_not_add_remove_refresh_or_reprice_resources(tmp_path: 
         daemon.stop()
 
 
-def test_a_member_of_the_admin_group_adds_and_removes_api_resources(tmp_path: Path, shared_dir: Path) -> None:
-    daemon = shared_daemon(tmp_path, shared_dir, '\n[access]\nadmin_group = "nogroup"\n')
+def test_a_member_of_the_admin_group_adds_and_removes_api_resources(tmp_path: Path, shared_dir: Path,
+                                                                     throwaway_group: grp.struct_group) -> None:
+    # Not "nogroup" (nobody's own): that is the kernel's overflow gid, which the daemon refuses as admin_group.
+    daemon = shared_daemon(tmp_path, shared_dir, f'\n[access]\nadmin_group = "{throwaway_group.gr_name}"\n')
     try:
         added, removed = as_nobody(daemon.socket, [
             {"method": "resources.add", "params": {"name": "licence:cad", "capacity": 3}},
             {"method": "resources.remove", "params": {"name": "licence:cad"}},
-        ])
+        ], groups=(throwaway_group.gr_gid,))
         assert added["result"]["source"] == "api"
         assert removed["result"]["name"] == "licence:cad"
         assert "licence:cad" not in {r["name"] for r in daemon.call("resources.list")}

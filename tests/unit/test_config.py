@@ -256,3 +256,18 @@ def test_without_a_cluster_table_there_is_no_cluster(tmp_path: Path) -> None:
 def test_a_bad_cluster_table_is_refused_naming_the_key(tmp_path: Path, table: str, words: str) -> None:
     with pytest.raises(config.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         config.load(write(tmp_path, f"[cluster]\n{table}\n"))
+
+
+def test_the_kernels_overflow_group_cannot_be_the_admin_group(tmp_path: Path) -> None:
+    # Every group a container's client has that the daemon's namespace does not map reads as this gid.
+    import grp
+
+    try:
+        overflow = grp.getgrgid(config.overflow_gid()).gr_name
+    except KeyError:
+        pytest.skip("no group named for the overflow gid here")
+    path = tmp_path / "mcpresd.toml"
+    path.write_text(f'[access]\nadmin_group = "{overflow}"\n')
+
+    with pytest.raises(config.ConfigError, match="overflow gid"):
+        config.load(path)
