@@ -66,7 +66,7 @@ def socket_line(data: dict[str, Any]) -> str:
         return str(data["socket"])
     source, why = found["source"], found["why"]
     # "$MCPRES_SOCKET is set" says its source already: not "($MCPRES_SOCKET: $MCPRES_SOCKET is set)".
-    line = f"{data['socket']} ({why if source in why else f'{source}: {why}'})"
+    line = f"{data['socket']} ({why if why.startswith(source) else f'{source}: {why}'})"
     return line if found["path"] == data["socket"] else f"{line}; reached through {found['path']}"
 
 

@@ -166,3 +166,14 @@ def test_status_says_once_that_mcpres_socket_chose_the_socket(user_daemon: Daemo
 
     assert text.returncode == 0, text.stderr
     assert f"socket: {user_daemon.socket} ($MCPRES_SOCKET is set)" in text.stdout
+
+
+def test_status_names_the_user_socket_as_its_source_where_the_reason_mentions_run_user() -> None:
+    # No $XDG_RUNTIME_DIR: the reason names /run/user/UID, which holds the word "user"; the source is still said.
+    from mcpctl.render import socket_line
+
+    found = {"path": "/tmp/mcpres-0/mcpresd.sock", "source": "user",
+             "why": "your daemon's socket exists (in no runtime directory (no $XDG_RUNTIME_DIR, no /run/user/0))"}
+
+    assert socket_line({"socket": found["path"], "found": found}).startswith(
+        "/tmp/mcpres-0/mcpresd.sock (user: your daemon's socket exists")
