@@ -51,7 +51,12 @@ def remove_subtree(mounts: dict[str, Path], subtree: str) -> None:
             base = root / subtree
             if not base.exists():
                 continue
-            for directory in sorted((d for d in base.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [base]:
+            try:
+                found = [d for d in base.rglob("*") if d.is_dir()]
+            except FileNotFoundError:  # a directory went while the walk was in it (the daemon removes its own)
+                left = True
+                continue
+            for directory in sorted(found, key=lambda d: -len(d.parts)) + [base]:
                 try:
                     pids = [int(p) for p in (directory / "cgroup.procs").read_text().split()]
                 except OSError:
